@@ -1,0 +1,217 @@
+"""The rank loops of a pipeline.
+
+- stage-0 leader: owns the scheduler; pulls requests from its source, sends each micro-batch's plan and
+  activations down the pipeline, keeps up to P micro-batches in flight, applies sampled ids coming back.
+- leaders of later stages: receive plan + hidden from the previous leader, share them with their TP group,
+  run their layers, pass on; the last one samples, emits outputs to its sink and returns ids to stage 0.
+- followers (TP ranks other than the leader): receive plan + hidden from their leader and run the layers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hexgen.config import EngineConfig, Layout
+from hexgen.engine.kv_cache import BlockManager
+from hexgen.engine.output import OutputProcessor
+from hexgen.engine.plan import StepPlan, StepResult
+from hexgen.engine.runner import ModelSpec, StageRunner
+from hexgen.engine.sampler import sample
+from hexgen.engine.scheduler import Scheduler
+from hexgen.engine.types import OutputSink, Request, RequestSource, SamplingParams, StepOutput
+from hexgen.logutil import setup_logging
+from hexgen.parallel.groups import PipelineGroups
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    rank: int
+    layout: Layout
+    model: ModelSpec
+    engine: EngineConfig
+    init_method: str  # tcp://host:port of the rendezvous
+    device_index: int | None = None
+
+
+def load_tokenizer(model: ModelSpec):
+    """The model's Hugging Face tokenizer, or None (random-weight presets, directories without one)."""
+    if model.model_dir is None or not any(os.path.exists(os.path.join(model.model_dir, f))
+                                          for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model.model_dir, local_files_only=True)
+
+
+class LastStage:
+    """Sampling and output processing on the last stage's leader."""
+
+    def __init__(self, runner: StageRunner, model: ModelSpec, sink: OutputSink, collect_logits: bool) -> None:
+        self.runner = runner
+        self.sink = sink
+        self.collect_logits = collect_logits
+        self.processor = OutputProcessor(load_tokenizer(model), runner.cfg.eos_token_ids)
+        self.requests: dict[int, Request] = {}  # seq_id -> request
+
+    def _aborted(self, notice: dict) -> StepOutput:
+        req = self.requests.pop(notice["seq_id"], None)
+        if req is not None and notice["reason"] == "cancelled" and req.request_id in self.processor:
+            return self.processor.cancel(req.request_id)
+        req = req or Request.from_dict(notice["request"])
+        n = len(req.output_ids)
+        return StepOutput(req.request_id, n, [], "", notice["reason"], len(req.prompt_ids), n, req.meta)
+
+    def finish_step(self, plan: StepPlan, hidden: torch.Tensor) -> StepResult:
+        for item in plan.new_requests:
+            req = Request.from_dict(item["request"])
+            self.requests[item["seq_id"]] = req
+            self.processor.add(req)
+        outputs = [self._aborted(n) for n in plan.cancelled]
+        result = StepResult(plan.step_id)
+        sampled = [i for i, s in enumerate(plan.sample) if s]
+        if sampled:
+            logits = self.runner.logits(plan, hidden)  # [n_sampled, vocab]
+            params: list[SamplingParams] = [self.requests[plan.seq_ids[i]].params for i in sampled]
+            tokens = sample(logits, params, [plan.out_lens[i] for i in sampled]).tolist()
+            for row, (i, tok) in enumerate(zip(sampled, tokens)):
+                sid = plan.seq_ids[i]
+                out = self.processor.step(self.requests[sid].request_id, tok)
+                if self.collect_logits:
+                    out.logits = logits[row].cpu()
+                if out.finish_reason is not None:
+                    del self.requests[sid]
+                outputs.append(out)
+                result.seq_ids.append(sid)
+                result.tokens.append(tok)
+                result.finished.append(out.finish_reason is not None)
+        if outputs:
+            self.sink.emit(outputs)
+        return result
+
+
+class FirstLeader:
+    """The stage-0 leader's scheduling loop."""
+
+    def __init__(self, groups: PipelineGroups, runner: StageRunner, engine: EngineConfig,
+                 source: RequestSource, last: LastStage | None) -> None:
+        self.groups, self.runner, self.source, self.last = groups, runner, source, last
+        blocks = BlockManager(runner.num_blocks, engine.block_size)
+        self.scheduler = Scheduler(blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len)
+        self.max_in_flight = engine.micro_batches or groups.layout.num_stages
+
+    def _launch(self, plan: StepPlan) -> StepResult | None:
+        data = plan.encode()
+        self.groups.broadcast_bytes(data)
+        ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.runner.device)
+        hidden = self.runner.forward(plan, ids) if plan.num_tokens else None
+        if self.last is not None:
+            return self.last.finish_step(plan, hidden)
+        nxt = self.groups.next_leader
+        self.groups.send_bytes(data, nxt)
+        if hidden is not None:
+            self.groups.send_hidden(hidden, nxt)
+        return None
+
+    def _apply(self, plan: StepPlan, result: StepResult) -> None:
+        for rid in self.scheduler.update(plan, result):
+            self.source.finished(rid)
+
+    def run(self) -> None:
+        in_flight: deque[StepPlan] = deque()
+        step = 0
+        while True:
+            for rid in self.source.poll_cancelled():
+                self.scheduler.cancel(rid)
+            idle = self.scheduler.idle and not in_flight
+            cap = self.scheduler.free_capacity
+            if cap and not self.source.exhausted():
+                for req in self.source.poll(cap, IDLE_POLL_S if idle else 0.0):
+                    self.scheduler.add(req)
+            if self.source.exhausted() and self.scheduler.idle and not in_flight:
+                break
+            plan = self.scheduler.schedule(step) if len(in_flight) < self.max_in_flight else None
+            if plan is not None:
+                step += 1
+                result = self._launch(plan)
+                if result is not None:
+                    self._apply(plan, result)
+                else:
+                    in_flight.append(plan)
+            if in_flight and (plan is None or len(in_flight) >= self.max_in_flight):
+                result = StepResult.decode(self.groups.recv_bytes(self.groups.last_leader))
+                self._apply(in_flight.popleft(), result)
+        shutdown = StepPlan(step, shutdown=True).encode()
+        self.groups.broadcast_bytes(shutdown)
+        if self.last is None:
+            self.groups.send_bytes(shutdown, self.groups.next_leader)
+
+
+def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | None) -> None:
+    """Loop of every rank except the stage-0 leader."""
+    g, cfg = groups, runner.cfg
+    while True:
+        data = g.recv_bytes(g.prev_leader) if g.is_leader else None
+        data = g.broadcast_bytes(data)
+        plan = StepPlan.decode(data)
+        if plan.shutdown:
+            if g.is_leader and not g.stage.is_last:
+                g.send_bytes(data, g.next_leader)
+            return
+        hidden = None
+        if plan.num_tokens:
+            if g.stage.is_first:
+                x = torch.tensor(plan.input_ids, dtype=torch.long, device=runner.device)
+            else:
+                shape = (plan.num_tokens, cfg.hidden_size)
+                x = g.recv_hidden(shape, runner.dtype, g.prev_leader) if g.is_leader else \
+                    torch.empty(shape, dtype=runner.dtype, device=runner.device)
+                x = g.broadcast_hidden(x)
+            hidden = runner.forward(plan, x)
+        if not g.is_leader:
+            continue
+        if last is not None:
+            g.send_bytes(last.finish_step(plan, hidden).encode(), g.first_leader)
+        else:
+            g.send_bytes(data, g.next_leader)
+            if hidden is not None:
+                g.send_hidden(hidden, g.next_leader)
+
+
+def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
+             sink_factory: Callable[[], OutputSink] | None) -> None:
+    """Run one rank of a pipeline until stage 0's source is exhausted and all work is done."""
+    stage = spec.layout.stage_of_rank(spec.rank)
+    setup_logging(spec.rank, stage.index)
+    if spec.engine.device == "cuda":
+        device = torch.device("cuda", spec.device_index if spec.device_index is not None else spec.rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.layout.world_size))
+    groups = PipelineGroups(spec.layout, spec.rank, spec.init_method, device)
+    source = sink = None
+    try:
+        runner = StageRunner(spec.model, spec.engine, groups)
+        last = None
+        if stage.is_last and groups.is_leader:
+            sink = sink_factory()
+            last = LastStage(runner, spec.model, sink, spec.engine.collect_logits)
+        if spec.rank == 0:
+            source = source_factory()
+            FirstLeader(groups, runner, spec.engine, source, last).run()
+        else:
+            _stage_loop(groups, runner, last)
+    finally:
+        if sink is not None:
+            sink.close()
+        if source is not None:
+            source.close()
+        groups.close()

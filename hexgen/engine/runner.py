@@ -1,0 +1,101 @@
+"""One rank's model runner: builds its stage, loads its weights, sizes its KV cache, runs a step."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from hexgen.config import EngineConfig, ModelConfig, preset
+from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
+from hexgen.engine.plan import StepPlan
+from hexgen.errors import ConfigError
+from hexgen.model.attention import build_meta
+from hexgen.model.loader import build_stage, init_random, load_stage
+from hexgen.model.rope import RotaryCache
+from hexgen.parallel.groups import PipelineGroups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the weights come from: a Hugging Face directory, or a preset shape with random weights."""
+
+    model_dir: str | None = None
+    preset: str | None = None
+    random_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.model_dir is None) == (self.preset is None):
+            raise ConfigError("model: give exactly one of a model directory or a preset")
+        if self.preset is not None and not self.random_weights:
+            raise ConfigError(f"preset {self.preset!r}: presets have no checkpoint; add --random-weights")
+
+    def config(self) -> ModelConfig:
+        return preset(self.preset) if self.preset else ModelConfig.from_dir(self.model_dir)
+
+
+class StageRunner:
+    def __init__(self, model: ModelSpec, engine: EngineConfig, groups: PipelineGroups) -> None:
+        self.cfg = model.config()
+        self.engine = engine
+        self.groups = groups
+        self.device = groups.device
+        self.dtype = getattr(torch, engine.dtype)
+        stage = groups.stage
+        self.model = build_stage(self.cfg, stage, groups.tp, self.dtype, self.device,
+                                 with_head=groups.is_leader)
+        if model.random_weights:
+            init_random(self.model, engine.seed, groups.tp.rank)
+        else:
+            load_stage(self.model, model.model_dir, progress=groups.is_leader)
+        self.max_len = engine.max_model_len or self.cfg.max_position_embeddings
+        self.rotary = RotaryCache(self.cfg, self.max_len, self.device)
+        self.n_kv_local = self.model.layers[0].attn.n_kv
+        self.num_blocks = groups.world_min(self._blocks_that_fit())
+        self.kv = allocate_cache(stage.num_layers, self.num_blocks, engine.block_size, self.n_kv_local,
+                                 self.cfg.head_dim, self.dtype, self.device)
+        log.info("stage %d: %d KV blocks (%d tokens)", stage.index, self.num_blocks,
+                 self.num_blocks * engine.block_size)
+
+    def _blocks_that_fit(self) -> int:
+        e = self.engine
+        if e.num_kv_blocks:
+            return e.num_kv_blocks
+        per_block = kv_bytes_per_block(self.cfg, self.groups.stage, self.n_kv_local, e.block_size, self.dtype)
+        if self.device.type != "cuda":
+            return max(1, e.cpu_kv_tokens // e.block_size)
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Everything already on the device (our weights included) counts against the fraction.
+        budget = total * e.gpu_memory_fraction - (total - free) - self._activation_reserve()
+        return max(1, int(budget // per_block))
+
+    def _activation_reserve(self) -> int:
+        """Peak activation bytes of one step at the token budget (MLP intermediate dominates) + logits."""
+        t = self.engine.max_num_batched_tokens
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        mlp = 3 * t * (self.cfg.intermediate_size // self.groups.tp.size + 1) * elem
+        logits = self.engine.max_num_seqs * self.cfg.vocab_size * 4 * 2
+        return mlp + 4 * t * self.cfg.hidden_size * elem + logits + (256 << 20)
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
+        """x: token ids [tokens] (first stage) or hidden [tokens, hidden]. Returns hidden [tokens, hidden]."""
+        positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)
+        meta = build_meta(plan.positions, plan.q_lens, plan.ctx_lens, plan.block_tables, self.engine.block_size,
+                          self.device)
+        cos, sin = self.rotary.lookup(positions, self.dtype)
+        return self.model(x, cos, sin, self.kv, meta)
+
+    @torch.inference_mode()
+    def logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [sampled sequences, vocab] at the last token of each sequence that samples."""
+        rows, end = [], 0
+        for n, s in zip(plan.q_lens, plan.sample):
+            end += n
+            if s:
+                rows.append(end - 1)
+        idx = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+        return self.model.logits(hidden.index_select(0, idx))

@@ -1,0 +1,191 @@
+"""Continuous-batching scheduler of the stage-0 leader.
+
+Each step mixes decodes of running sequences with (chunked) prefills of new ones under a token budget.
+A sequence has at most one chunk in flight, so with P stages up to P micro-batches of different sequences
+travel the pipeline at once. When the KV cache runs out, the youngest idle sequence is preempted (its blocks
+freed; it is recomputed later from prompt + generated tokens).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from hexgen.engine.kv_cache import BlockManager
+from hexgen.engine.plan import StepPlan, StepResult
+from hexgen.engine.types import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request: Request
+    tokens: list[int]  # prompt + completion so far
+    num_prompt: int
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    in_flight: int = 0  # tokens of the chunk now in the pipeline (0: idle)
+    announced: bool = False  # the last stage knows this request
+    cancel_requested: bool = False
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int,
+                 max_model_len: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.max_len = min(max_model_len, blocks.num_blocks * blocks.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.by_request: dict[str, Sequence] = {}
+        self._next_id = 0
+        self._notices: list[dict] = []  # aborted sequences the last stage must report
+
+    # -- admission ------------------------------------------------------------------------------------
+    @property
+    def free_capacity(self) -> int:
+        """How many more requests may be queued here without exceeding max_num_seqs."""
+        return max(0, self.max_num_seqs - len(self.running) - len(self.waiting))
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting and not self._notices
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(1 for s in self.running if s.in_flight)
+
+    def add(self, req: Request) -> None:
+        tokens = list(req.prompt_ids) + list(req.output_ids)
+        room = self.max_len - len(tokens)
+        remaining = req.params.max_new_tokens - len(req.output_ids)
+        seq = Sequence(self._next_id, req, tokens, len(req.prompt_ids))
+        self._next_id += 1
+        if room < 1 or remaining < 1 or not tokens:
+            self._notices.append({"seq_id": seq.seq_id, "request_id": req.request_id, "reason": "length",
+                                  "request": req.to_dict()})
+            return
+        if remaining > room:  # cap the completion so prompt + completion fit the context and the cache
+            cap = len(req.output_ids) + room
+            req.params = dataclasses.replace(req.params, max_new_tokens=cap)
+        self.waiting.append(seq)
+        self.by_request[req.request_id] = seq
+
+    def cancel(self, request_id: str) -> bool:
+        seq = self.by_request.get(request_id)
+        if seq is None:
+            return False
+        if seq.in_flight:
+            seq.cancel_requested = True
+        else:
+            self._abort(seq, "cancelled")
+        return True
+
+    def _abort(self, seq: Sequence, reason: str) -> None:
+        self._remove(seq)
+        self._notices.append({"seq_id": seq.seq_id, "request_id": seq.request.request_id, "reason": reason,
+                              "request": None if seq.announced else seq.request.to_dict()})
+
+    def _remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.blocks = []
+        self.by_request.pop(seq.request.request_id, None)
+
+    # -- one step -------------------------------------------------------------------------------------
+    def _ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.blocks.blocks_for(num_tokens) - len(seq.blocks)
+        if need <= 0:
+            return True
+        if not self.blocks.can_allocate(need):
+            return False
+        seq.blocks += self.blocks.allocate(need)
+        return True
+
+    def _preempt_one(self, keep: Sequence) -> bool:
+        for victim in reversed(self.running):
+            if victim is not keep and not victim.in_flight:
+                log.info("KV cache full: preempting request %s", victim.request.request_id)
+                self.running.remove(victim)
+                self.blocks.free(victim.blocks)
+                victim.blocks, victim.num_computed = [], 0
+                self.waiting.appendleft(victim)
+                return True
+        return False
+
+    def _add_chunk(self, plan: StepPlan, seq: Sequence, chunk: int) -> None:
+        start = seq.num_computed
+        plan.seq_ids.append(seq.seq_id)
+        plan.input_ids += seq.tokens[start:start + chunk]
+        plan.positions += list(range(start, start + chunk))
+        plan.q_lens.append(chunk)
+        plan.ctx_lens.append(start + chunk)
+        plan.block_tables.append(list(seq.blocks))
+        plan.sample.append(start + chunk == len(seq.tokens))
+        plan.out_lens.append(seq.num_output)
+        if not seq.announced:
+            plan.new_requests.append({"seq_id": seq.seq_id, "request": seq.request.to_dict()})
+            seq.announced = True
+        seq.in_flight = chunk
+
+    def schedule(self, step_id: int) -> StepPlan | None:
+        """The next micro-batch from idle sequences, or None when there is nothing to send."""
+        plan = StepPlan(step_id)
+        plan.cancelled, self._notices = self._notices, []
+        budget = self.max_batched_tokens
+        for seq in list(self.running):
+            if seq.in_flight or budget <= 0 or seq not in self.running:
+                continue
+            chunk = min(len(seq.tokens) - seq.num_computed, budget)
+            while not self._ensure_blocks(seq, seq.num_computed + chunk):
+                if not self._preempt_one(keep=seq):
+                    break
+            else:
+                self._add_chunk(plan, seq, chunk)
+                budget -= chunk
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            chunk = min(len(seq.tokens) - seq.num_computed, budget)
+            if not self._ensure_blocks(seq, seq.num_computed + chunk):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            self._add_chunk(plan, seq, chunk)
+            budget -= chunk
+        if not plan.seq_ids and not plan.cancelled:
+            return None
+        return plan
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[str]:
+        """Apply the last stage's result; returns request ids released by this step."""
+        by_id = {s.seq_id: s for s in self.running}
+        for sid, chunk in zip(plan.seq_ids, plan.q_lens):
+            seq = by_id.get(sid)
+            if seq is not None:
+                seq.num_computed += chunk
+                seq.in_flight = 0
+        released = [n["request_id"] for n in plan.cancelled]
+        for sid, token, finished in zip(result.seq_ids, result.tokens, result.finished):
+            seq = by_id.get(sid)
+            if seq is None:
+                continue
+            seq.tokens.append(token)
+            if finished:
+                self._remove(seq)
+                released.append(seq.request.request_id)
+        for sid in plan.seq_ids:
+            seq = by_id.get(sid)
+            if seq is not None and seq.cancel_requested and seq in self.running:
+                self._abort(seq, "cancelled")
+        return released

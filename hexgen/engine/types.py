@@ -1,0 +1,132 @@
+"""Request-side types shared by the engine, its request sources and its output sinks."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hexgen.errors import ConfigError
+
+FINISH_REASONS = ("length", "stop", "eos", "cancelled")
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request; validated on construction (ConfigError names the field)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 0 < top_p <= 1
+    seed: int | None = None  # same seed -> same tokens
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: {self.max_new_tokens!r} must be an integer ≥ 1")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0 or t > 100:
+            raise ConfigError(f"temperature: {t!r} must be a finite number in [0, 100]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k: {self.top_k!r} must be an integer ≥ 0 (0 = off)")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
+            raise ConfigError(f"top_p: {p!r} must be a number with 0 < top_p ≤ 1")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise ConfigError(f"seed: {self.seed!r} must be an integer in [0, {MAX_SEED}]")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ConfigError(f"stop: {s!r} must be a non-empty string")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": float(self.temperature),
+                "top_k": self.top_k, "top_p": float(self.top_p), "seed": self.seed,
+                "stop": list(self.stop), "ignore_eos": self.ignore_eos}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        return cls(max_new_tokens=d["max_new_tokens"], temperature=d["temperature"], top_k=d["top_k"],
+                   top_p=d["top_p"], seed=d.get("seed"), stop=tuple(d.get("stop") or ()),
+                   ignore_eos=bool(d.get("ignore_eos", False)))
+
+
+@dataclass
+class Request:
+    """One generation request as the engine sees it.
+
+    ``output_ids`` holds tokens already emitted to the client (a request resumed after its pipeline died):
+    the engine prefills prompt + output_ids and continues with the next token. ``meta`` is opaque to the
+    engine (msgpack-able values only) and travels to the output sink, e.g. the Redis stream entry id.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "prompt_ids": list(self.prompt_ids),
+                "params": self.params.to_dict(), "output_ids": list(self.output_ids), "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Request":
+        return cls(request_id=d["request_id"], prompt_ids=list(d["prompt_ids"]),
+                   params=SamplingParams.from_dict(d["params"]), output_ids=list(d.get("output_ids") or []),
+                   meta=dict(d.get("meta") or {}))
+
+
+@dataclass
+class StepOutput:
+    """What the last stage produced for one request in one step.
+
+    ``seq`` is the index of this token among the request's completion tokens (0-based, continuing after
+    resumed ``output_ids``). ``text`` is a UTF-8-safe delta (may be empty while bytes or a possible stop
+    string are held back). ``finish_reason`` is set on the request's final output. A cancelled request gets
+    one output with no ids and finish_reason "cancelled".
+    """
+
+    request_id: str
+    seq: int
+    ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    logits: Any = None  # float32 tensor [vocab] when the engine collects logits (tests)
+
+
+class RequestSource(Protocol):
+    """Feeds the stage-0 leader. Implementations: a fixed list (offline), Redis streams (serving)."""
+
+    def poll(self, max_requests: int, timeout_s: float) -> list[Request]:
+        """Up to ``max_requests`` new requests; wait up to ``timeout_s`` when none is ready (0: don't wait)."""
+
+    def poll_cancelled(self) -> list[str]:
+        """Request ids cancelled since the last call (cheap; called every step)."""
+
+    def finished(self, request_id: str) -> None:
+        """The engine has released this request (its final output was handed to the sink)."""
+
+    def exhausted(self) -> bool:
+        """True when no more requests will come: the pipeline shuts down once idle."""
+
+    def close(self) -> None:
+        """Release connections and threads."""
+
+
+class OutputSink(Protocol):
+    """Receives outputs on the last-stage leader. Implementations: collector/printer, Redis result streams."""
+
+    def emit(self, outputs: list[StepOutput]) -> None:
+        """One call per step with every request's output of that step; must not block the GPU loop long."""
+
+    def close(self) -> None:
+        """Flush pending writes and release resources."""

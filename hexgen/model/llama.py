@@ -1,0 +1,109 @@
+"""Llama model math for one pipeline stage. No torch.distributed here: the parallel layers handed in by
+``hexgen.parallel`` do the communication.
+
+A stage owns layers [layer_start, layer_end); the first stage also owns the token embedding, the last the
+final norm and the LM head. Inputs are ragged: all sequences of a step flattened into one token axis.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hexgen.config import ModelConfig, StageSpec
+from hexgen.model.attention import AttnMeta, paged_attention
+from hexgen.model.rope import apply_rotary
+from hexgen.parallel.groups import TPContext
+from hexgen.parallel.layers import ReplicatedLinear, RowParallelLinear, gate_up_linear, qkv_linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.qkv_proj, self.n_q, self.n_kv = qkv_linear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                                                        cfg.head_dim, tp)
+        q_start = tp.rank * self.n_q * cfg.head_dim
+        self.o_proj = RowParallelLinear(q_start, self.n_q * cfg.head_dim, cfg.hidden_size, tp)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [tokens, (n_q + 2 n_kv) * d]
+        q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim,
+                             self.n_kv * self.head_dim], dim=-1)
+        q = q.view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
+        k = k.view(t, self.n_kv, self.head_dim)  # [tokens, n_kv, d]
+        v = v.view(t, self.n_kv, self.head_dim)
+        q, k = apply_rotary(q, k, cos, sin)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [tokens, n_q, d]
+        return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
+        super().__init__()
+        self.gate_up, start, size = gate_up_linear(cfg.hidden_size, cfg.intermediate_size, tp)
+        self.size = size
+        self.down = RowParallelLinear(start, size, cfg.hidden_size, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.size, dim=-1)  # [tokens, local_inter] each
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, tp)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, tp)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        h = x + self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, meta)
+        return h + self.mlp(self.post_norm(h))
+
+
+class LlamaStage(nn.Module):
+    """The layers of one stage, plus embedding (first stage) and norm + LM head (last stage)."""
+
+    def __init__(self, cfg: ModelConfig, stage: StageSpec, tp: TPContext, with_head: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stage = stage
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if stage.is_first else None
+        if self.embed is not None:
+            self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(stage.num_layers))
+        has_head = stage.is_last and with_head
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if has_head else None
+        self.lm_head = ReplicatedLinear(cfg.hidden_size, cfg.vocab_size) if has_head else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttnMeta) -> torch.Tensor:
+        """x: token ids [tokens] on the first stage, else hidden states [tokens, hidden].
+        kv_cache: [layers, 2, slots, n_kv_local, d]. Returns hidden states [tokens, hidden]."""
+        if self.embed is not None:
+            x = self.embed(x)  # [tokens, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, hidden] (the rows to sample) → float32 logits [n, vocab]."""
+        return self.lm_head(self.norm(hidden)).float()

@@ -1,0 +1,146 @@
+"""Fill one stage's parameters straight from a Hugging Face checkpoint, reading only its slices.
+
+The stage module is built on the meta device, given real storage with ``to_empty``, then each parameter is
+filled from safetensors slices (``safe_open(...).get_slice(name)[rows]``): a rank never materialises a
+tensor it doesn't own, and never reads another stage's layers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from hexgen.config import ModelConfig, StageSpec
+from hexgen.errors import LoadError
+from hexgen.model.llama import LlamaStage
+from hexgen.parallel.groups import TPContext
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointReader:
+    """Maps tensor names to safetensors files (single or sharded) and reads slices lazily."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+        index = os.path.join(model_dir, INDEX_FILE)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+        elif os.path.isfile(os.path.join(model_dir, SINGLE_FILE)):
+            with safe_open(os.path.join(model_dir, SINGLE_FILE), framework="pt") as f:
+                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            raise LoadError(f"model: {model_dir!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        self._handles: dict[str, object] = {}
+        self.read: list[str] = []  # names of tensors touched, in order (for tests and logging)
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _handle(self, name: str):
+        if name not in self.weight_map:
+            raise LoadError(f"checkpoint {self.model_dir!r} has no tensor {name!r}")
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            path = os.path.join(self.model_dir, fname)
+            try:
+                self._handles[fname] = safe_open(path, framework="pt")
+            except OSError as e:
+                raise LoadError(f"cannot open checkpoint shard {path!r}: {e}") from e
+        self.read.append(name)
+        return self._handles[fname]
+
+    def slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        sl = self._handle(name).get_slice(name)
+        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+    def full(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _stage_loaders(model: LlamaStage, reader: CheckpointReader, cfg: ModelConfig
+                   ) -> list[tuple[str, Callable[[], None]]]:
+    """(checkpoint tensor name, fill function) for every tensor this stage needs."""
+    out: list[tuple[str, Callable[[], None]]] = []
+    st = model.stage
+
+    def sl(name: str):
+        return lambda dim, a, b: reader.slice(name, dim, a, b)
+
+    if model.embed is not None:
+        name = "model.embed_tokens.weight"
+        out.append((name, lambda: model.embed.weight.copy_(reader.full(name))))
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{st.layer_start + i}."
+        out += [
+            (p + "input_layernorm.weight", lambda l=layer, n=p + "input_layernorm.weight":
+                l.input_norm.weight.copy_(reader.full(n))),
+            (p + "post_attention_layernorm.weight", lambda l=layer, n=p + "post_attention_layernorm.weight":
+                l.post_norm.weight.copy_(reader.full(n))),
+        ]
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            n = p + f"self_attn.{proj}.weight"
+            out.append((n, lambda l=layer, j=j, n=n: l.attn.qkv_proj.load_section(j, sl(n))))
+        n = p + "self_attn.o_proj.weight"
+        out.append((n, lambda l=layer, n=n: l.attn.o_proj.load(sl(n))))
+        for j, proj in enumerate(("gate_proj", "up_proj")):
+            n = p + f"mlp.{proj}.weight"
+            out.append((n, lambda l=layer, j=j, n=n: l.mlp.gate_up.load_section(j, sl(n))))
+        n = p + "mlp.down_proj.weight"
+        out.append((n, lambda l=layer, n=n: l.mlp.down.load(sl(n))))
+    if model.lm_head is not None:
+        out.append(("model.norm.weight", lambda: model.norm.weight.copy_(reader.full("model.norm.weight"))))
+        head = "lm_head.weight"
+        if cfg.tie_word_embeddings or not reader.has(head):
+            head = "model.embed_tokens.weight"
+        out.append((head, lambda: model.lm_head.load(None, lambda: reader.full(head))))
+    return out
+
+
+def build_stage(cfg: ModelConfig, stage: StageSpec, tp: TPContext, dtype: torch.dtype,
+                device: torch.device, with_head: bool = True) -> LlamaStage:
+    """The stage module with uninitialised storage on ``device`` (built on meta: no full-size init)."""
+    with torch.device("meta"):
+        model = LlamaStage(cfg, stage, tp, with_head=with_head)
+    return model.to_empty(device=device).to(dtype).eval()
+
+
+def load_stage(model: LlamaStage, model_dir: str, progress: bool = True) -> list[str]:
+    """Fill ``model`` from the checkpoint; returns the checkpoint tensor names read."""
+    reader = CheckpointReader(model_dir)
+    loaders = _stage_loaders(model, reader, model.cfg)
+    missing = [n for n, _ in loaders if not reader.has(n)]
+    if missing:
+        raise LoadError(f"checkpoint {model_dir!r} lacks {len(missing)} tensor(s) this stage needs, "
+                        f"e.g. {missing[0]!r}")
+    desc = f"stage {model.stage.index} layers {model.stage.layer_start}-{model.stage.layer_end - 1}"
+    with torch.no_grad():
+        for _, fill in tqdm(loaders, desc=desc, unit="tensor", disable=not progress, leave=False):
+            fill()
+    reader.close()
+    return reader.read
+
+
+def init_random(model: LlamaStage, seed: int, tp_rank: int) -> None:
+    """Deterministic random weights (benchmarks at real sizes without a checkpoint)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            g = torch.Generator(device=param.device)
+            g.manual_seed(zlib.crc32(f"{seed}/{model.stage.index}/{tp_rank}/{name}".encode()))
+            param.normal_(0.0, 0.02, generator=g)

@@ -1,0 +1,148 @@
+"""Process groups of one pipeline: world, per-stage TP groups, and the CPU (gloo) side channels.
+
+Every collective and point-to-point call of HexGen lives in this package. Tensors that carry activations
+travel on the device group (NCCL on GPUs, gloo on CPUs); small metadata (step plans, sampled ids) travels
+on gloo CPU groups so it never forces a device synchronisation.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from hexgen.config import Layout, StageSpec
+
+log = logging.getLogger(__name__)
+
+# Idle pipelines wait in recv for as long as no request comes; failures are detected by heartbeats.
+_IDLE_TIMEOUT = timedelta(days=7)
+
+
+@dataclass
+class TPContext:
+    """A stage's tensor-parallel group as seen by one rank; handed to the parallel layers."""
+
+    rank: int  # rank inside the TP group
+    size: int
+    group: object | None = None  # device process group (None when size == 1)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` across the TP group in place and return it."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+class PipelineGroups:
+    """The process groups one rank needs; constructed collectively by every rank of the pipeline."""
+
+    def __init__(self, layout: Layout, rank: int, init_method: str, device: torch.device) -> None:
+        self.layout = layout
+        self.rank = rank
+        self.device = device
+        self.stage: StageSpec = layout.stage_of_rank(rank)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, world_size=layout.world_size, rank=rank,
+                                timeout=_IDLE_TIMEOUT)
+        self._device_world_is_cpu = backend == "gloo"
+        self.cpu_world = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo",
+                                                                                 timeout=_IDLE_TIMEOUT)
+        tp_group = tp_cpu = None
+        for spec in layout.stages():  # every rank must create every group, in the same order
+            ranks = spec.ranks
+            g = dist.new_group(ranks, timeout=_IDLE_TIMEOUT) if len(ranks) > 1 else None
+            gc = (g if backend == "gloo" else dist.new_group(ranks, backend="gloo", timeout=_IDLE_TIMEOUT)) \
+                if len(ranks) > 1 else None
+            if spec.index == self.stage.index:
+                tp_group, tp_cpu = g, gc
+        self.tp = TPContext(rank - self.stage.first_rank, self.stage.tp, tp_group)
+        self._tp_cpu = tp_cpu
+        log.info("rank %d: stage %d tp %d/%d on %s (%s)", rank, self.stage.index, self.tp.rank,
+                 self.tp.size, device, backend)
+
+    # -- properties -------------------------------------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.stage.leader
+
+    @property
+    def next_leader(self) -> int | None:
+        stages = self.layout.stages()
+        return None if self.stage.is_last else stages[self.stage.index + 1].leader
+
+    @property
+    def prev_leader(self) -> int | None:
+        stages = self.layout.stages()
+        return None if self.stage.is_first else stages[self.stage.index - 1].leader
+
+    @property
+    def first_leader(self) -> int:
+        return 0
+
+    @property
+    def last_leader(self) -> int:
+        return self.layout.stages()[-1].leader
+
+    # -- metadata (CPU, gloo) ---------------------------------------------------------------------------
+    def send_bytes(self, payload: bytes, dst: int) -> None:
+        """Send a byte string to ``dst`` (length first, then the bytes)."""
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+        dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst, group=self.cpu_world)
+        if data.numel():
+            dist.send(data, dst, group=self.cpu_world)
+
+    def recv_bytes(self, src: int) -> bytes:
+        n = torch.empty(1, dtype=torch.int64)
+        dist.recv(n, src, group=self.cpu_world)
+        data = torch.empty(int(n.item()), dtype=torch.uint8)
+        if data.numel():
+            dist.recv(data, src, group=self.cpu_world)
+        return data.numpy().tobytes()
+
+    def broadcast_bytes(self, payload: bytes | None) -> bytes:
+        """Leader → every rank of this stage; returns the payload on every rank."""
+        if self.tp.size == 1:
+            return payload if payload is not None else b""
+        src = self.stage.leader
+        n = torch.tensor([len(payload) if self.is_leader else 0], dtype=torch.int64)
+        dist.broadcast(n, src, group=self._tp_cpu)
+        if self.is_leader:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+        else:
+            data = torch.empty(int(n.item()), dtype=torch.uint8)
+        if data.numel():
+            dist.broadcast(data, src, group=self._tp_cpu)
+        return payload if self.is_leader else data.numpy().tobytes()
+
+    # -- activations (device group) ---------------------------------------------------------------------
+    def send_hidden(self, hidden: torch.Tensor, dst: int) -> None:
+        if hidden.numel():
+            dist.send(hidden.contiguous(), dst)
+
+    def recv_hidden(self, shape: tuple[int, int], dtype: torch.dtype, src: int) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        if out.numel():
+            dist.recv(out, src)
+        return out
+
+    def broadcast_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Leader's hidden states to every rank of this stage (``hidden`` pre-allocated on followers)."""
+        if self.tp.size > 1 and hidden.numel():
+            dist.broadcast(hidden, self.stage.leader, group=self.tp.group)
+        return hidden
+
+    def world_min(self, value: int) -> int:
+        """Minimum of an integer over every rank of the pipeline (e.g. KV blocks that fit everywhere)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_world)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.cpu_world)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,119 @@
+"""Tensor-parallel linear layers. Each parameter carries a ``weight_loader`` that fills its shard.
+
+Column-parallel layers split output features across the TP group (no communication); row-parallel layers
+split input features and all-reduce their partial sums. Shards may be uneven (e.g. an intermediate size
+that the TP degree does not divide); attention heads are never split across ranks.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hexgen.errors import LoadError
+from hexgen.parallel.groups import TPContext
+
+# A loaded-slice getter: takes (dim, start, stop) and returns that slice of the checkpoint tensor.
+SliceFn = Callable[[int, int, int], torch.Tensor]
+FullFn = Callable[[], torch.Tensor]
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """Near-equal split of ``n`` into ``parts`` (the first ``n % parts`` get one more)."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    sizes = split_sizes(n, parts)
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+def _copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise LoadError(f"{what}: checkpoint slice has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value.to(dtype=param.dtype))
+
+
+class ReplicatedLinear(nn.Module):
+    """A full linear layer on every rank (the LM head)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def load(self, get_slice: SliceFn, full: FullFn) -> None:
+        _copy(self.weight, full(), "replicated linear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split into named sections, each sharded across the TP group.
+
+    ``sections`` lists (total_out, local_out, local_start) per logical sub-matrix, e.g. q, k, v.
+    """
+
+    def __init__(self, in_features: int, sections: list[tuple[int, int, int]], tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.sections = sections
+        local_out = sum(s[1] for s in sections)
+        self.weight = nn.Parameter(torch.empty(local_out, in_features), requires_grad=False)
+
+    def load_section(self, index: int, get_slice: SliceFn) -> None:
+        offset = sum(s[1] for s in self.sections[:index])
+        total, local, start = self.sections[index]
+        _copy(self.weight[offset:offset + local], get_slice(0, start, start + local), f"section {index}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # [tokens, local_out]
+
+
+class RowParallelLinear(nn.Module):
+    """Input features sharded across the TP group; partial outputs summed with one all-reduce."""
+
+    def __init__(self, in_start: int, in_local: int, out_features: int, tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_start = in_start
+        self.weight = nn.Parameter(torch.empty(out_features, in_local), requires_grad=False)
+
+    def load(self, get_slice: SliceFn) -> None:
+        n = self.weight.shape[1]
+        _copy(self.weight, get_slice(1, self.in_start, self.in_start + n), "row-parallel linear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight))  # [tokens, out_features]
+
+
+def qkv_linear(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: TPContext
+               ) -> tuple[ColumnParallelLinear, int, int]:
+    """Fused QKV projection for one TP rank: query heads split evenly; KV heads split when the TP degree
+    is at most the KV head count, else each rank holds one replicated KV head. Returns the layer and the
+    local query and KV head counts."""
+    local_q = num_heads // tp.size
+    if tp.size <= num_kv_heads:
+        local_kv = num_kv_heads // tp.size
+        kv_head0 = tp.rank * local_kv
+    else:
+        local_kv = 1
+        kv_head0 = tp.rank // (tp.size // num_kv_heads)
+    sections = [
+        (num_heads * head_dim, local_q * head_dim, tp.rank * local_q * head_dim),
+        (num_kv_heads * head_dim, local_kv * head_dim, kv_head0 * head_dim),
+        (num_kv_heads * head_dim, local_kv * head_dim, kv_head0 * head_dim),
+    ]
+    return ColumnParallelLinear(hidden, sections, tp), local_q, local_kv
+
+
+def gate_up_linear(hidden: int, intermediate: int, tp: TPContext) -> tuple[ColumnParallelLinear, int, int]:
+    """Fused gate/up projection; returns the layer and this rank's intermediate (start, size)."""
+    start, stop = shard_range(intermediate, tp.size, tp.rank)
+    sections = [(intermediate, stop - start, start), (intermediate, stop - start, start)]
+    return ColumnParallelLinear(hidden, sections, tp), start, stop - start
