@@ -105,10 +105,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequen
     if len(params) != logits.shape[0] or len(steps) != logits.shape[0]:
         raise ValueError(f"sample: {logits.shape[0]} logit rows but {len(params)} params and "
                          f"{len(steps)} steps")
-    greedy = logits.argmax(dim=-1)  # [batch]
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
-        return greedy
+        return logits.argmax(dim=-1)  # [batch]
     device = logits.device
     picked = [params[i] for i in rows]
     if len(rows) == logits.shape[0]:
@@ -125,4 +124,4 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequen
     sampled = order.gather(1, pos[:, None])[:, 0]  # [n]
     if len(rows) == logits.shape[0]:
         return sampled
-    return greedy.index_copy(0, torch.tensor(rows, device=device), sampled)
+    return logits.argmax(dim=-1).index_copy_(0, torch.tensor(rows, device=device), sampled)  # [batch]

@@ -1,0 +1,37 @@
+# `make demo` and `make test` each work on a fresh clone as the only command.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-fast model redis clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first (a local CPU build on our machines) so the project's `torch` range pulls nothing more
+	$(PY) -m pip install -q $(TORCH) || $(PY) -m pip install -q "torch>=2.4,<3"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server missing: installing Debian's package"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi; }
+
+model: install
+	$(PY) -m hexgen.cli.fetch_model
+
+demo: install redis model
+	$(PY) -m hexgen.cli demo
+
+test: install redis
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
