@@ -104,8 +104,9 @@ class FirstLeader:
                  source: RequestSource, last: LastStage | None) -> None:
         self.groups, self.runner, self.source, self.last = groups, runner, source, last
         blocks = BlockManager(runner.num_blocks, engine.block_size)
-        self.scheduler = Scheduler(blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len)
         self.max_in_flight = engine.micro_batches or groups.layout.num_stages
+        self.scheduler = Scheduler(blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len,
+                                   self.max_in_flight)
 
     def _launch(self, plan: StepPlan) -> StepResult | None:
         data = plan.encode()

@@ -38,8 +38,9 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, micro_batches: int = 1) -> None:
         self.blocks = blocks
+        self.micro_batches = max(1, micro_batches)
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.max_len = min(max_model_len, blocks.num_blocks * blocks.block_size)
@@ -144,7 +145,11 @@ class Scheduler:
         plan = StepPlan(step_id)
         plan.cancelled, self._notices = self._notices, []
         budget = self.max_batched_tokens
+        # With P micro-batches in flight, each takes about 1/P of the sequences so every stage stays busy.
+        share = -(-(len(self.running) + len(self.waiting)) // self.micro_batches)
         for seq in list(self.running):
+            if len(plan.seq_ids) >= share:
+                break
             if seq.in_flight or budget <= 0 or seq not in self.running:
                 continue
             chunk = min(len(seq.tokens) - seq.num_computed, budget)
@@ -154,7 +159,8 @@ class Scheduler:
             else:
                 self._add_chunk(plan, seq, chunk)
                 budget -= chunk
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
+                and len(plan.seq_ids) < share:
             seq = self.waiting[0]
             chunk = min(len(seq.tokens) - seq.num_computed, budget)
             if not self._ensure_blocks(seq, seq.num_computed + chunk):

@@ -60,6 +60,10 @@ class PipelineGroups:
                 tp_group, tp_cpu = g, gc
         self.tp = TPContext(rank - self.stage.first_rank, self.stage.tp, tp_group)
         self._tp_cpu = tp_cpu
+        # Sends are asynchronous: a stage must never block on a send while its peer sends to it (stage 0
+        # sending micro-batch k+1 while the last stage returns the ids of micro-batch k). Buffers stay
+        # referenced here until their send completes.
+        self._sends: list[tuple[object, tuple[torch.Tensor, ...]]] = []
         log.info("rank %d: stage %d tp %d/%d on %s (%s)", rank, self.stage.index, self.tp.rank,
                  self.tp.size, device, backend)
 
@@ -87,12 +91,21 @@ class PipelineGroups:
         return self.layout.stages()[-1].leader
 
     # -- metadata (CPU, gloo) ---------------------------------------------------------------------------
+    def _isend(self, t: torch.Tensor, dst: int, group=None) -> None:
+        self._sends = [(w, b) for w, b in self._sends if not w.is_completed()]
+        self._sends.append((dist.isend(t, dst, group=group), (t,)))
+
+    def wait_sends(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+
     def send_bytes(self, payload: bytes, dst: int) -> None:
-        """Send a byte string to ``dst`` (length first, then the bytes)."""
+        """Send a byte string to ``dst`` (length first, then the bytes); returns without waiting."""
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-        dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst, group=self.cpu_world)
+        self._isend(torch.tensor([data.numel()], dtype=torch.int64), dst, self.cpu_world)
         if data.numel():
-            dist.send(data, dst, group=self.cpu_world)
+            self._isend(data, dst, self.cpu_world)
 
     def recv_bytes(self, src: int) -> bytes:
         n = torch.empty(1, dtype=torch.int64)
@@ -120,7 +133,7 @@ class PipelineGroups:
     # -- activations (device group) ---------------------------------------------------------------------
     def send_hidden(self, hidden: torch.Tensor, dst: int) -> None:
         if hidden.numel():
-            dist.send(hidden.contiguous(), dst)
+            self._isend(hidden.contiguous(), dst)
 
     def recv_hidden(self, shape: tuple[int, int], dtype: torch.dtype, src: int) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=self.device)
@@ -144,5 +157,6 @@ class PipelineGroups:
         dist.barrier(group=self.cpu_world)
 
     def close(self) -> None:
+        self.wait_sends()
         if dist.is_initialized():
             dist.destroy_process_group()
