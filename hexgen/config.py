@@ -70,6 +70,11 @@ class ModelConfig:
         arch = d.get("model_type", "llama")
         if arch not in ("llama", "mistral"):
             raise ConfigError(f"model config model_type {arch!r} is not supported; expected 'llama'")
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise ConfigError(f"model config {flag}: true is not supported (Llama checkpoints have no biases)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"model config hidden_act {d['hidden_act']!r} is not supported; expected 'silu'")
         rope_params = d.get("rope_parameters") or {}
         rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         scaling = d.get("rope_scaling") or {}

@@ -11,7 +11,7 @@ import torch
 from hexgen.config import EngineConfig, Layout
 from hexgen.engine.launcher import start_ranks, wait_ranks
 from hexgen.engine.runner import ModelSpec
-from hexgen.engine.types import Request, StepOutput
+from hexgen.engine.types import Request, RequestSource, StepOutput
 
 
 class ListSource:
@@ -84,10 +84,15 @@ class Completion:
 
 def run_offline(layout: Layout, model: ModelSpec, engine: EngineConfig, requests: list[Request],
                 on_output: Callable[[StepOutput], None] | None = None,
-                devices: list[int] | None = None) -> dict[str, Completion]:
-    """Generate every request on a local pipeline; returns completions by request id."""
+                devices: list[int] | None = None, source: RequestSource | None = None
+                ) -> dict[str, Completion]:
+    """Generate every request on a local pipeline; returns completions by request id.
+
+    ``source`` (picklable) replaces the default ListSource of ``requests``, e.g. to release them in phases
+    (benchmarks); ``requests`` must still list every request it will hand out.
+    """
     recv, send = mp.get_context("spawn").Pipe(duplex=False)
-    source = ListSource([r.to_dict() for r in requests])
+    source = source if source is not None else ListSource([r.to_dict() for r in requests])
     results = {r.request_id: Completion(r.request_id) for r in requests}
     procs = start_ranks(layout, model, engine, _Factory(source), _Factory(PipeSink(send)), devices)
     send.close()

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from hexgen.config import EngineConfig, ModelConfig, preset
+from hexgen.engine.cuda_graph import DecodeGraphs
 from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
 from hexgen.engine.plan import StepPlan
 from hexgen.errors import ConfigError
-from hexgen.model.attention import build_meta
+from hexgen.model.attention import build_meta, decode_meta
 from hexgen.model.loader import build_stage, init_random, load_stage
 from hexgen.model.rope import RotaryCache
 from hexgen.parallel.groups import PipelineGroups
@@ -53,9 +54,14 @@ class StageRunner:
         self.max_len = engine.max_model_len or self.cfg.max_position_embeddings
         self.rotary = RotaryCache(self.cfg, self.max_len, self.device)
         self.n_kv_local = self.model.layers[0].attn.n_kv
-        self.num_blocks = groups.world_min(self._blocks_that_fit())
-        self.kv = allocate_cache(stage.num_layers, self.num_blocks, engine.block_size, self.n_kv_local,
+        # With decode graphs one extra block (index num_blocks, never handed out) takes padding rows' writes.
+        spare = 1 if engine.cuda_graphs else 0
+        self.num_blocks = groups.world_min(self._blocks_that_fit() - spare)
+        self.kv = allocate_cache(stage.num_layers, self.num_blocks + spare, engine.block_size, self.n_kv_local,
                                  self.cfg.head_dim, self.dtype, self.device)
+        self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,
+                                   self.device, engine.block_size, engine.max_num_seqs, self.max_len,
+                                   scratch_block=self.num_blocks) if engine.cuda_graphs else None
         log.info("stage %d: %d KV blocks (%d tokens)", stage.index, self.num_blocks,
                  self.num_blocks * engine.block_size)
 
@@ -70,7 +76,7 @@ class StageRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         # Everything already on the device (our weights included) counts against the fraction.
         budget = total * e.gpu_memory_fraction - (total - free) - self._activation_reserve()
-        return max(1, int(budget // per_block))
+        return max(2, int(budget // per_block))
 
     def _activation_reserve(self) -> int:
         """Peak activation bytes of one step at the token budget (MLP intermediate dominates) + logits."""
@@ -82,12 +88,27 @@ class StageRunner:
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
-        """x: token ids [tokens] (first stage) or hidden [tokens, hidden]. Returns hidden [tokens, hidden]."""
+        """x: token ids [tokens] (first stage) or hidden [tokens, hidden]. Returns hidden [tokens, hidden].
+
+        Decode steps go through the captured graphs when ``cuda_graphs`` is on; everything else (and
+        decode steps no bucket covers) takes the reference path below."""
+        if self.graphs is not None:
+            out = self.graphs.run(plan, x)
+            if out is not None:
+                return out
         positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)
         meta = build_meta(plan.positions, plan.q_lens, plan.ctx_lens, plan.block_tables, self.engine.block_size,
                           self.device)
         cos, sin = self.rotary.lookup(positions, self.dtype)
         return self.model(x, cos, sin, self.kv, meta)
+
+    def _decode_forward(self, x: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor) -> torch.Tensor:
+        """A decode step from device tensors only (graph-capturable): x [batch] ids or [batch, hidden];
+        block_tables [batch, n_blocks]; ctx_lens [batch]. Returns hidden [batch, hidden]."""
+        with torch.inference_mode():
+            meta = decode_meta(block_tables, ctx_lens, self.engine.block_size)
+            cos, sin = self.rotary.lookup(ctx_lens - 1, self.dtype)
+            return self.model(x, cos, sin, self.kv, meta)
 
     @torch.inference_mode()
     def logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor:

@@ -85,3 +85,18 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     qb = q[:, :, None, :]  # [batch, n_q, 1, d]
     o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
     return o[:, :, 0, :]  # [batch, n_q, d]
+
+
+def decode_meta(block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int) -> AttnMeta:
+    """Decode layout (every sequence one new token) computed on the device from tensors, with no host work
+    and fixed shapes: safe to capture in a CUDA graph. Produces the same fields ``_decode`` reads.
+
+    block_tables: [batch, n_blocks] long, each row a sequence's blocks padded with any valid block;
+    ctx_lens: [batch] long ≥ 1, cached tokens after this step. The context width is n_blocks * block_size.
+    """
+    width = block_tables.shape[1] * block_size
+    j = torch.arange(width, device=block_tables.device)  # [width]
+    slots = block_tables[:, j // block_size] * block_size + j % block_size  # [batch, width]
+    mask = j[None, :] < ctx_lens[:, None]  # [batch, width]
+    slot_mapping = slots.gather(1, (ctx_lens - 1)[:, None])[:, 0]  # [batch]
+    return AttnMeta(slot_mapping, [], [], [], [], decode_slots=slots, decode_mask=mask[:, None, None, :])
