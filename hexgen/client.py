@@ -1,0 +1,180 @@
+"""Async Python client for HexGen over redis.asyncio (works under asyncio and uvloop).
+
+::
+
+    async with HexGenClient(url="redis://localhost:6379/0") as client:
+        result = await client.generate(prompt="Hello", max_new_tokens=32)
+        print(result.text)
+
+        stream = client.stream(messages=[{"role": "user", "content": "Hi"}])
+        async for delta in stream:          # TokenEvent(seq, ids, text)
+            print(delta.text, end="")
+        print(stream.done.finish_reason)
+
+        await client.cancel(stream.id)      # same as: redis-cli XADD hexgen:cancel '*' id <id>
+
+A request is an XADD to ``hexgen:requests`` with a fresh uuid4-hex ``id``; its events are read from
+``hexgen:result:<id>`` with XREAD BLOCK. Refusals and failures raise :class:`HexGenRequestError`
+subclasses carrying the server's ``code`` and ``message``.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from hexgen.errors import HexGenError
+from hexgen.serving import constants as C
+from hexgen.serving.protocol import (DoneEvent, ErrorEvent, InternalError, InvalidRequest, NotFound,
+                                     Overloaded, TokenEvent, cancel_fields, parse_event, request_fields)
+from hexgen.serving.protocol import RequestError as HexGenRequestError
+from hexgen.serving.settings import RedisSettings, async_redis
+
+__all__ = ["HexGenClient", "Result", "GenerationStream", "TokenEvent", "DoneEvent", "HexGenRequestError",
+           "InvalidRequest", "Overloaded", "NotFound", "InternalError", "GenerationTimeout"]
+
+
+class GenerationTimeout(HexGenError, TimeoutError):
+    """No ``done`` or ``error`` event arrived within the client's timeout."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation."""
+
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerationStream:
+    """One request's token deltas: iterate it with ``async for``; ``done`` is set once it has finished.
+
+    The request is sent when iteration starts. Token events with a ``seq`` already seen are skipped, so a
+    resumed request never shows a token twice.
+    """
+
+    def __init__(self, client: "HexGenClient", fields: dict[str, str], request_id: str,
+                 timeout_s: float | None) -> None:
+        self._client = client
+        self._fields = fields
+        self.id = request_id
+        self.timeout_s = timeout_s
+        self.done: DoneEvent | None = None
+        self._started = False
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        if self._started:
+            raise RuntimeError(f"stream {self.id}: can be iterated only once")
+        self._started = True
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[TokenEvent]:
+        r = self._client.redis
+        stream = C.result_stream(self.id)
+        await r.xadd(C.REQUESTS_STREAM, self._fields)
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        last_id, next_seq = "0-0", 0
+        while True:
+            block = self._client.block_ms
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GenerationTimeout(f"request {self.id}: no result within {self.timeout_s}s")
+                block = max(1, min(block, int(left * 1000)))
+            reply = await r.xread({stream: last_id}, block=block, count=256)
+            for _name, entries in reply or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    ev = parse_event(fields)
+                    if isinstance(ev, TokenEvent):
+                        if ev.seq < next_seq:
+                            continue  # already seen (a resumed request re-posting)
+                        next_seq = ev.seq + len(ev.ids)
+                        yield ev
+                    elif isinstance(ev, DoneEvent):
+                        self.done = ev
+                        return
+                    elif isinstance(ev, ErrorEvent):
+                        raise ev.to_exception()
+
+    async def cancel(self) -> None:
+        """Ask the pipeline to stop this request (it then ends with finish_reason ``cancelled``)."""
+        await self._client.cancel(self.id)
+
+
+class HexGenClient:
+    """Connection to a HexGen deployment's Redis. Use ``async with`` or call :meth:`aclose`.
+
+    ``block_ms`` is the XREAD BLOCK per read (the socket timeout is set longer); ``timeout_s`` bounds a
+    whole generation (None: wait as long as it takes). ``model`` is sent with every request when set.
+    """
+
+    def __init__(self, url: str = C.DEFAULT_REDIS_URL, *, model: str | None = None,
+                 block_ms: int = C.BLOCK_MS, timeout_s: float | None = None, redis: Any | None = None) -> None:
+        if block_ms < 1:
+            raise ValueError(f"block_ms: {block_ms} must be ≥ 1")
+        self.url = RedisSettings(url).url
+        self.model = model
+        self.block_ms = block_ms
+        self.timeout_s = timeout_s
+        self._own = redis is None
+        self.redis = redis if redis is not None else async_redis(
+            self.url, socket_timeout=C.socket_timeout_for(block_ms))
+
+    async def __aenter__(self) -> "HexGenClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (only when this client created it)."""
+        if self._own:
+            await self.redis.aclose()
+
+    def stream(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, *,
+               request_id: str | None = None, timeout_s: float | None = None,
+               **params: Any) -> GenerationStream:
+        """A request whose token deltas are read by iterating the returned stream.
+
+        ``params``: max_new_tokens, temperature, top_k, top_p, seed, stop, model, ignore_eos (the server
+        validates them; see hexgen.serving.validation).
+        """
+        request_id = request_id or uuid.uuid4().hex
+        params.setdefault("model", self.model)
+        try:
+            fields = request_fields(prompt, messages, request_id=request_id, **params)
+        except TypeError as e:
+            raise InvalidRequest(f"client: {e}") from e
+        return GenerationStream(self, fields, request_id, timeout_s if timeout_s is not None else self.timeout_s)
+
+    async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+                       **params: Any) -> Result:
+        """Run one request to completion; raises HexGenRequestError subclasses on refusal or failure."""
+        s = self.stream(prompt, messages, **params)
+        ids: list[int] = []
+        parts: list[str] = []
+        async for ev in s:
+            ids.extend(ev.ids)
+            parts.append(ev.text)
+        done = s.done
+        if done is None:  # the iterator only ends normally after done
+            raise InternalError(f"request {s.id}: stream ended without a done event")
+        return Result(id=s.id, text="".join(parts), token_ids=ids, finish_reason=done.finish_reason,
+                      prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+
+    async def cancel(self, request_id: str) -> None:
+        """Cancel a request by id (any client may cancel any id)."""
+        await self.redis.xadd(C.CANCEL_STREAM, cancel_fields(request_id), maxlen=C.CANCEL_STREAM_MAXLEN,
+                              approximate=True)
+
+
+async def generate(prompt: str | None = None, *, url: str = C.DEFAULT_REDIS_URL, **params: Any) -> Result:
+    """One-shot helper: connect, generate, close."""
+    async with HexGenClient(url) as client:
+        return await client.generate(prompt, **params)

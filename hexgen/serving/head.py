@@ -1,0 +1,354 @@
+"""The head: turns raw ``hexgen:requests`` entries into validated, tokenized work items.
+
+For each entry (consumer group ``heads``; several heads may share it):
+
+1. The request id is its ``id`` field when valid, else the entry id; every event for it goes to
+   ``hexgen:result:<id>``.
+2. **Duplicates** — the id is reserved with ``SET hexgen:dedupe:<id> <entry id> NX EX``. An entry whose id is
+   already reserved by another entry is acked, logged and dropped: nothing is written, so the original's
+   result stream is untouched and is the answer to both. (A redelivery of the same entry finds its own entry
+   id in the key and carries on.) A refused or failed id stays spent; retry with a new id.
+3. Validate (:mod:`hexgen.serving.validation`); unknown model → ``not_found``; tokenize (chat template with
+   ``add_generation_prompt=True`` for ``messages``); prompt + max_new_tokens must fit the model's context.
+4. Back-pressure: when the work stream's pending + queued depth has reached ``limits.max_queue_depth``, the
+   request is refused at once with ``overloaded``.
+5. The work item is written and the request acked in one MULTI; an error event is written (with EXPIRE) and
+   acked in one MULTI. Entries left pending by a dead head are reclaimed with XAUTOCLAIM after
+   ``limits.lease_s``; after ``limits.max_deliveries`` they go to ``hexgen:deadletter`` with an ``internal``
+   error event.
+
+Cancellation is not the head's business: ``XADD hexgen:cancel '*' id <id>`` is read by the pipelines.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from hexgen.config import ModelConfig, preset
+from hexgen.engine.types import Request
+from hexgen.errors import ConfigError
+from hexgen.serving import constants as C
+from hexgen.serving.protocol import (InternalError, InvalidRequest, NotFound, Overloaded, RequestError,
+                                     encode_work_item, error_event)
+from hexgen.serving.settings import Settings, async_redis
+from hexgen.serving.status import StatusReport, collect_status, queue_status
+from hexgen.serving.validation import ParsedRequest, check_context, parse_request, peek_request_id
+
+log = logging.getLogger(__name__)
+
+READ_COUNT = 16
+TOKENIZER_ERRORS = (ValueError, TypeError, KeyError, IndexError, RuntimeError)
+
+
+def load_tokenizer(settings: Settings) -> Any:
+    """The model's Hugging Face tokenizer (``model.tokenizer``, defaulting to ``model.path``)."""
+    path = settings.model.tokenizer
+    if not path:
+        raise ConfigError("model.tokenizer: the head needs a tokenizer; set model.path or model.tokenizer "
+                          "(a preset has none)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
+
+
+def model_context_len(settings: Settings) -> int:
+    """Tokens a sequence may hold: ``model.max_model_len`` or the model's max_position_embeddings."""
+    if settings.model.max_model_len:
+        return settings.model.max_model_len
+    if settings.model.preset:
+        return preset(settings.model.preset).max_position_embeddings
+    return ModelConfig.from_dir(settings.model.path).max_position_embeddings
+
+
+def tokenize(tokenizer: Any, parsed: ParsedRequest) -> list[int]:
+    """Token ids of the prompt, or of the chat-templated messages with the generation prompt appended."""
+    try:
+        if parsed.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise InvalidRequest("messages: this model's tokenizer has no chat template; send prompt instead")
+            text = tokenizer.apply_chat_template(list(parsed.messages), add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(parsed.prompt, add_special_tokens=True)["input_ids"]
+    except TemplateError as e:  # the model's chat template refuses these messages (e.g. role order)
+        raise InvalidRequest(f"messages: the model's chat template rejected them: {e}") from e
+    except TOKENIZER_ERRORS as e:
+        field = "messages" if parsed.messages is not None else "prompt"
+        raise InternalError(f"{field}: tokenizing failed: {type(e).__name__}: {e}") from e
+    return [int(i) for i in ids]
+
+
+def _s(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+class Head:
+    """One head process. ``run()`` loops until ``stop()``; ``handle_entry`` is the per-request logic."""
+
+    def __init__(self, settings: Settings, tokenizer: Any, max_model_len: int, *, redis: Any,
+                 reader: Any | None = None, consumer: str | None = None) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.request_limits = settings.limits.request_limits()
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.redis = redis
+        self.reader = reader if reader is not None else redis  # blocking XREADGROUP: its own connection
+        self.consumer = consumer or f"{C.HEAD_CONSUMER_PREFIX}{socket.gethostname()}-{os.getpid()}"
+        self.work_stream = settings.work_stream
+        self.health: StatusReport | None = None
+        self._stopping = asyncio.Event()
+        self._last_reclaim = 0.0
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Create the ``heads`` and ``pipelines`` groups (MKSTREAM, from the start of the stream)."""
+        for stream, group in ((C.REQUESTS_STREAM, C.HEADS_GROUP), (self.work_stream, C.PIPELINES_GROUP)):
+            try:
+                await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def stop(self) -> None:
+        """Stop reading; the entry being handled is finished first."""
+        if not self._stopping.is_set():
+            log.info("head %s: stopping", self.consumer)
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> None:
+        """Set up groups, then read, handle and ack entries until ``stop()``; watch worker health meanwhile."""
+        await self.setup()
+        log.info("head %s: serving model %r from %s into %s", self.consumer, self.settings.model.name,
+                 C.REQUESTS_STREAM, self.work_stream)
+        watcher = asyncio.create_task(self.watch_health(), name="hexgen-head-health")
+        backoff = 0.1
+        try:
+            while not self.stopping:
+                try:
+                    await self.step()
+                    backoff = 0.1
+                except (RedisConnectionError, RedisTimeoutError) as e:
+                    log.warning("head %s: redis unavailable (%s); retrying in %.1fs", self.consumer, e, backoff)
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await self._leave_group()
+        log.info("head %s: stopped", self.consumer)
+
+    async def step(self) -> int:
+        """Reclaim stale entries when due, then read and handle one batch; returns entries handled."""
+        handled = 0
+        if time.monotonic() - self._last_reclaim >= self.limits.lease_s / 2:
+            self._last_reclaim = time.monotonic()
+            handled += await self.reclaim()
+        for entry_id, fields in await self._read():
+            await self.handle_entry(entry_id, fields)
+            handled += 1
+        return handled
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _read(self) -> list[tuple[str, dict]]:
+        read = asyncio.ensure_future(self.reader.xreadgroup(
+            C.HEADS_GROUP, self.consumer, {C.REQUESTS_STREAM: ">"}, count=READ_COUNT,
+            block=self.limits.block_ms))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this task is cancelled: leave no orphaned read behind
+            stop.cancel()
+            if not read.done():  # stopping: entries already delivered stay pending, reclaimed later
+                read.cancel()
+                await asyncio.gather(read, return_exceptions=True)
+        if read not in done:
+            return []
+        out = []
+        for _stream, entries in read.result() or []:
+            out += [(_s(eid), fields) for eid, fields in entries]
+        return out
+
+    async def _leave_group(self) -> None:
+        """Remove this head's consumer from the group when it holds no pending entries."""
+        try:
+            for c in await self.redis.xinfo_consumers(C.REQUESTS_STREAM, C.HEADS_GROUP):
+                if _s(c["name"]) == self.consumer and int(c["pending"]) == 0:
+                    await self.redis.xgroup_delconsumer(C.REQUESTS_STREAM, C.HEADS_GROUP, self.consumer)
+        except (RedisConnectionError, RedisTimeoutError, ResponseError) as e:
+            log.debug("head %s: could not leave the group: %s", self.consumer, e)
+
+    # ---- per-entry logic ---------------------------------------------------------------------------------
+
+    async def handle_entry(self, entry_id: str, fields: dict) -> str:
+        """Handle one request entry; returns ``queued``, ``duplicate`` or the error code written."""
+        request_id = peek_request_id(fields, entry_id)
+        dkey = C.dedupe_key(request_id)
+        if not await self.redis.set(dkey, entry_id, nx=True, ex=self.limits.dedupe_ttl_s):
+            owner = await self.redis.get(dkey)
+            if owner is not None and _s(owner) != entry_id:
+                log.warning("head: dropped duplicate request id %r (entry %s; first seen in entry %s)",
+                            request_id, entry_id, _s(owner))
+                await asyncio.shield(self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id))
+                return "duplicate"
+        try:
+            req, model = await self._prepare(entry_id, request_id, fields)
+            depth = await self.queue_depth()
+            if depth >= self.limits.max_queue_depth:
+                raise Overloaded(f"the work queue of model {model!r} holds {depth} requests (limit "
+                                 f"{self.limits.max_queue_depth}); retry later with a new id")
+        except RequestError as e:
+            await self.fail(request_id, entry_id, e)
+            return e.code
+        async with self.redis.pipeline(transaction=True) as p:
+            p.xadd(self.work_stream, encode_work_item(req, model))
+            p.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
+            await asyncio.shield(p.execute())
+        log.debug("head: queued %r (%d prompt tokens)", request_id, len(req.prompt_ids))
+        return "queued"
+
+    async def _prepare(self, entry_id: str, request_id: str, fields: dict) -> tuple[Request, str]:
+        parsed = parse_request(fields, entry_id, self.request_limits)
+        model = parsed.model or self.settings.model.name
+        if model != self.settings.model.name:
+            raise NotFound(f"model: {model!r} is not served here; available: {self.settings.model.name}")
+        ids = await asyncio.to_thread(tokenize, self.tokenizer, parsed)
+        check_context(len(ids), parsed.params.max_new_tokens, self.max_model_len)
+        meta = {"request_entry": entry_id, "head": self.consumer, "received_at": time.time()}
+        return Request(request_id, ids, parsed.params, meta=meta), model
+
+    async def queue_depth(self) -> int:
+        """Work items queued or pending in this model's work stream."""
+        return (await queue_status(self.redis, self.work_stream, C.PIPELINES_GROUP)).depth
+
+    async def fail(self, request_id: str, entry_id: str, error: RequestError) -> None:
+        """Write an error event to the request's result stream (with EXPIRE) and ack the entry, atomically."""
+        log.info("head: request %r refused: %s", request_id, error)
+        stream = C.result_stream(request_id)
+        async with self.redis.pipeline(transaction=True) as p:
+            p.xadd(stream, error_event(error.code, error.message))
+            p.expire(stream, self.limits.result_ttl_s)
+            p.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
+            await asyncio.shield(p.execute())
+
+    async def reclaim(self) -> int:
+        """Take over entries another head left pending longer than the lease; dead-letter repeat failures."""
+        handled, start = 0, "0-0"
+        idle_ms = int(self.limits.lease_s * 1000)
+        while True:
+            reply = await self.redis.xautoclaim(C.REQUESTS_STREAM, C.HEADS_GROUP, self.consumer, idle_ms,
+                                                start_id=start, count=READ_COUNT)
+            start, entries = _s(reply[0]), reply[1]
+            for eid, fields in entries:
+                eid = _s(eid)
+                if fields is None:
+                    continue
+                if await self._deliveries(eid) > self.limits.max_deliveries:
+                    await self.dead_letter(eid, fields)
+                else:
+                    log.info("head %s: reclaimed stale entry %s", self.consumer, eid)
+                    await self.handle_entry(eid, fields)
+                handled += 1
+            if start == "0-0" or not entries:
+                return handled
+
+    async def _deliveries(self, entry_id: str) -> int:
+        rows = await self.redis.xpending_range(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id, entry_id, 1)
+        return int(rows[0]["times_delivered"]) if rows else 0
+
+    async def dead_letter(self, entry_id: str, fields: dict) -> None:
+        """Move an entry that keeps failing to ``hexgen:deadletter`` and tell the client."""
+        request_id = peek_request_id(fields, entry_id)
+        reason = f"request entry {entry_id} failed {self.limits.max_deliveries} times in the head"
+        log.error("head: dead-lettering %r: %s", request_id, reason)
+        dl = {"source": C.REQUESTS_STREAM, "entry": entry_id, "id": request_id, "reason": reason}
+        async with self.redis.pipeline(transaction=True) as p:
+            p.xadd(C.DEADLETTER_STREAM, dl, maxlen=C.DEADLETTER_MAXLEN, approximate=True)
+            await asyncio.shield(p.execute())
+        owner = await self.redis.get(C.dedupe_key(request_id))
+        if owner is not None and _s(owner) != entry_id:  # a duplicate: the id's stream is the original's
+            await self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
+            return
+        await self.fail(request_id, entry_id, InternalError(reason))
+
+    # ---- health --------------------------------------------------------------------------------------------
+
+    async def check_health(self) -> StatusReport:
+        """Read the registry; log workers that died or came back and pipelines that changed state."""
+        report = await collect_status(self.redis, self.limits.heartbeat_ttl_s)
+        before = self.health
+        if before is not None:
+            was_alive = {w.id: w.alive for w in before.workers}
+            for w in report.workers:
+                if was_alive.get(w.id, not w.alive) != w.alive:
+                    (log.info if w.alive else log.warning)(
+                        "worker %s (pipeline %s stage %d rank %d on %s %s) is %s", w.id, w.record.pipeline,
+                        w.record.stage, w.record.tp_rank, w.record.host, w.record.device,
+                        "alive" if w.alive else "dead: heartbeat expired")
+            states = {p.id: p.state for p in before.pipelines}
+            for p in report.pipelines:
+                if states.get(p.id) != p.state:
+                    log.info("pipeline %s is %s (%s)", p.id, p.state, p.layout)
+        for p in report.pipelines:
+            if p.state == "ready" and p.alive_workers < p.workers:
+                log.warning("pipeline %s is ready but %d of its %d workers have no heartbeat", p.id,
+                            p.workers - p.alive_workers, p.workers)
+        self.health = report
+        return report
+
+    async def watch_health(self) -> None:
+        """Check health every half heartbeat TTL until stopped."""
+        while not self.stopping:
+            try:
+                await self.check_health()
+            except (RedisConnectionError, RedisTimeoutError, ResponseError) as e:
+                log.warning("head: health check failed: %s", e)
+            await self._sleep(self.limits.heartbeat_ttl_s / 2)
+
+
+async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_signals: bool = True) -> None:
+    """Run a head until SIGTERM/SIGINT: load the tokenizer, connect, serve, close connections."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings)
+    max_len = model_context_len(settings)
+    url = settings.redis.url
+    redis = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
+    reader = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
+    head = Head(settings, tokenizer, max_len, redis=redis, reader=reader)
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, head.stop)
+    log.info("head: redis %s, model %s (context %d tokens)", settings.redis.display_url,
+             settings.model.name, max_len)
+    try:
+        await head.run()
+    finally:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        await reader.aclose()
+        await redis.aclose()

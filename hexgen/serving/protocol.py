@@ -1,0 +1,326 @@
+"""Typed codecs for everything HexGen puts in Redis; the only module that touches msgpack.
+
+- Work items (``hexgen:work:<model>``): fields ``id`` (readable request id), ``model`` (readable) and ``data``
+  (msgpack of ``Request.to_dict()`` plus ``model``).
+- Result events (``hexgen:result:<id>``): flat string fields exactly as DESIGN.md's wire protocol::
+
+      event token seq <n> ids <comma-separated ids> text <delta>
+      event done finish_reason length|stop|eos|cancelled prompt_tokens <n> completion_tokens <n>
+      event error code invalid_request|overloaded|not_found|internal message <text naming the field>
+
+- Requests (``hexgen:requests``): flat string fields; :func:`request_fields` builds them for clients,
+  :mod:`hexgen.serving.validation` parses them.
+- Cancels (``hexgen:cancel``): ``id <request id>``.
+- Registry records (``hexgen:worker:<id>``, ``hexgen:pipeline:<pid>``): hashes of plain strings so that
+  ``redis-cli HGETALL`` stays readable.
+
+Field names and values may arrive as ``bytes`` (redis-py default) or ``str`` (``decode_responses=True``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+import msgpack
+
+from hexgen.engine.types import FINISH_REASONS, Request
+from hexgen.errors import HexGenError
+
+INVALID_REQUEST = "invalid_request"
+OVERLOADED = "overloaded"
+NOT_FOUND = "not_found"
+INTERNAL = "internal"
+ERROR_CODES = (INVALID_REQUEST, OVERLOADED, NOT_FOUND, INTERNAL)
+
+Fields = Mapping[Union[str, bytes], Union[str, bytes, int, float]]
+
+
+class ProtocolError(HexGenError, ValueError):
+    """A Redis entry does not follow HexGen's wire format (corrupt or foreign data)."""
+
+
+class RequestError(HexGenError):
+    """A request was refused or failed; ``code`` is one of ERROR_CODES, ``message`` names the field."""
+
+    code: str = INTERNAL
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InvalidRequest(RequestError):
+    """A request field is missing, malformed or out of range (code ``invalid_request``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(INVALID_REQUEST, message)
+
+
+class Overloaded(RequestError):
+    """The work queue is too deep; retry later with a new id (code ``overloaded``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(OVERLOADED, message)
+
+
+class NotFound(RequestError):
+    """The requested model is not served here (code ``not_found``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(NOT_FOUND, message)
+
+
+class InternalError(RequestError):
+    """The server failed while handling the request (code ``internal``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(INTERNAL, message)
+
+
+_ERROR_CLASSES: dict[str, type[RequestError]] = {
+    INVALID_REQUEST: InvalidRequest, OVERLOADED: Overloaded, NOT_FOUND: NotFound, INTERNAL: InternalError}
+
+
+def request_error(code: str, message: str) -> RequestError:
+    """The RequestError subclass for ``code`` (unknown codes give a plain RequestError carrying that code)."""
+    cls = _ERROR_CLASSES.get(code)
+    return cls(message) if cls is not None else RequestError(code, message)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+def _s(v: Any) -> str:
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"field value is not valid UTF-8: {v[:40]!r}") from e
+    return str(v)
+
+
+def str_fields(fields: Fields) -> dict[str, str]:
+    """Decode an entry's field names and values to ``str`` (ProtocolError on bad UTF-8)."""
+    return {_s(k): _s(v) for k, v in fields.items()}
+
+
+def _get(fields: Mapping[str, str], name: str, kind: str) -> str:
+    try:
+        return fields[name]
+    except KeyError:
+        raise ProtocolError(f"{kind}: field {name!r} is missing (fields: {sorted(fields)})") from None
+
+
+def _int(fields: Mapping[str, str], name: str, kind: str) -> int:
+    raw = _get(fields, name, kind)
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ProtocolError(f"{kind}: field {name!r} = {raw!r} is not an integer") from e
+
+
+def _opt_int(fields: Mapping[str, str], name: str) -> int:
+    raw = fields.get(name, "")
+    return int(raw) if raw.strip().isdigit() else 0
+
+
+# ---- work items ------------------------------------------------------------------------------------------
+
+def encode_work_item(req: Request, model: str) -> dict[str, bytes]:
+    """Fields of one work-stream entry for ``req`` on ``model``."""
+    payload = req.to_dict()
+    payload["model"] = model
+    try:
+        data = msgpack.packb(payload, use_bin_type=True)
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"work item {req.request_id!r}: meta/params are not msgpack-able: {e}") from e
+    return {"id": req.request_id.encode("utf-8"), "model": model.encode("utf-8"), "data": data}
+
+
+def decode_work_item(fields: Fields) -> tuple[Request, str]:
+    """Inverse of :func:`encode_work_item`: ``(Request, model)``; ProtocolError on anything malformed."""
+    data = fields.get("data", fields.get(b"data"))  # type: ignore[call-overload]
+    if data is None:
+        raise ProtocolError(f"work item: field 'data' is missing (fields: {sorted(map(_s, fields))})")
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    try:
+        payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        model = payload.pop("model")
+        req = Request.from_dict(payload)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError, KeyError,
+            AttributeError) as e:
+        raise ProtocolError(f"work item: 'data' is not a valid msgpack request: {e!r}") from e
+    return req, str(model)
+
+
+# ---- result events ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """``event token``: completion tokens ``ids`` starting at index ``seq``, and their UTF-8-safe text delta."""
+
+    seq: int
+    ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """``event done``: the request finished; no more events follow."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """``event error``: the request failed; no more events follow."""
+
+    code: str
+    message: str
+
+    def to_exception(self) -> RequestError:
+        return request_error(self.code, self.message)
+
+
+Event = Union[TokenEvent, DoneEvent, ErrorEvent]
+
+
+def token_event(seq: int, ids: list[int] | tuple[int, ...], text: str) -> dict[str, str]:
+    """Fields of a token event."""
+    if seq < 0:
+        raise ProtocolError(f"token event: seq {seq} must be ≥ 0")
+    return {"event": "token", "seq": str(int(seq)), "ids": ",".join(str(int(i)) for i in ids), "text": text}
+
+
+def done_event(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, str]:
+    """Fields of a done event; ``finish_reason`` is one of length, stop, eos, cancelled."""
+    if finish_reason not in FINISH_REASONS:
+        raise ProtocolError(f"done event: finish_reason {finish_reason!r} must be one of "
+                            f"{', '.join(FINISH_REASONS)}")
+    return {"event": "done", "finish_reason": finish_reason, "prompt_tokens": str(int(prompt_tokens)),
+            "completion_tokens": str(int(completion_tokens))}
+
+
+def error_event(code: str, message: str) -> dict[str, str]:
+    """Fields of an error event; ``code`` is one of invalid_request, overloaded, not_found, internal."""
+    if code not in ERROR_CODES:
+        raise ProtocolError(f"error event: code {code!r} must be one of {', '.join(ERROR_CODES)}")
+    return {"event": "error", "code": code, "message": message}
+
+
+def parse_event(fields: Fields) -> Event:
+    """Decode one result-stream entry into a TokenEvent, DoneEvent or ErrorEvent."""
+    f = str_fields(fields)
+    kind = _get(f, "event", "result event")
+    if kind == "token":
+        raw_ids = f.get("ids", "")
+        try:
+            ids = tuple(int(x) for x in raw_ids.split(",")) if raw_ids else ()
+        except ValueError as e:
+            raise ProtocolError(f"token event: ids {raw_ids[:80]!r} must be comma-separated integers") from e
+        return TokenEvent(seq=_int(f, "seq", "token event"), ids=ids, text=f.get("text", ""))
+    if kind == "done":
+        return DoneEvent(finish_reason=_get(f, "finish_reason", "done event"),
+                         prompt_tokens=_int(f, "prompt_tokens", "done event"),
+                         completion_tokens=_int(f, "completion_tokens", "done event"))
+    if kind == "error":
+        return ErrorEvent(code=_get(f, "code", "error event"), message=f.get("message", ""))
+    raise ProtocolError(f"result event: event {kind!r} must be token, done or error")
+
+
+# ---- requests and cancels --------------------------------------------------------------------------------
+
+def request_fields(prompt: str | None = None, messages: list[dict[str, str]] | None = None, *,
+                   request_id: str | None = None, model: str | None = None, max_new_tokens: int | None = None,
+                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None, stop: str | list[str] | tuple[str, ...] | None = None,
+                   ignore_eos: bool | None = None) -> dict[str, str]:
+    """Flat fields of a ``hexgen:requests`` entry; parameters left as None are omitted (server defaults).
+
+    The head validates every field; this helper only serializes (JSON for ``messages`` and a ``stop`` list).
+    """
+    out: dict[str, str] = {}
+    if prompt is not None:
+        out["prompt"] = prompt
+    if messages is not None:
+        out["messages"] = json.dumps(list(messages), ensure_ascii=False)
+    for name, value in (("id", request_id), ("model", model), ("max_new_tokens", max_new_tokens),
+                        ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            out[name] = repr(float(value)) if isinstance(value, float) else str(value)
+    if stop is not None:
+        out["stop"] = stop if isinstance(stop, str) else json.dumps(list(stop), ensure_ascii=False)
+    if ignore_eos is not None:
+        out["ignore_eos"] = "1" if ignore_eos else "0"
+    return out
+
+
+def cancel_fields(request_id: str) -> dict[str, str]:
+    """Fields of a ``hexgen:cancel`` entry (same as ``redis-cli XADD hexgen:cancel '*' id <id>``)."""
+    return {"id": request_id}
+
+
+def parse_cancel(fields: Fields) -> str:
+    """Request id of a ``hexgen:cancel`` entry."""
+    return _get(str_fields(fields), "id", "cancel entry")
+
+
+# ---- registry records ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """One TP rank of one stage, as registered in ``hexgen:worker:<id>`` (a hash of plain strings)."""
+
+    pipeline: str
+    stage: int
+    tp_rank: int
+    host: str
+    device: str
+    memory: int  # bytes of device memory
+    pid: int
+    version: str
+    model: str
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def to_fields(self) -> dict[str, str]:
+        out = {"pipeline": self.pipeline, "stage": str(self.stage), "tp_rank": str(self.tp_rank),
+               "host": self.host, "device": self.device, "memory": str(self.memory), "pid": str(self.pid),
+               "version": self.version, "model": self.model}
+        out.update({k: v for k, v in self.extra.items() if k not in out})
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> "WorkerRecord":
+        f = str_fields(fields)
+        known = ("pipeline", "stage", "tp_rank", "host", "device", "memory", "pid", "version", "model")
+        return cls(pipeline=_get(f, "pipeline", "worker record"), stage=_int(f, "stage", "worker record"),
+                   tp_rank=_int(f, "tp_rank", "worker record"), host=f.get("host", ""),
+                   device=f.get("device", ""), memory=_opt_int(f, "memory"), pid=_opt_int(f, "pid"),
+                   version=f.get("version", ""), model=f.get("model", ""),
+                   extra={k: v for k, v in f.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class PipelineRecord:
+    """One pipeline, as published in ``hexgen:pipeline:<pid>`` (state, layout, rendezvous address)."""
+
+    state: str
+    layout: str = ""
+    rendezvous: str = ""
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def to_fields(self) -> dict[str, str]:
+        out = {"state": self.state, "layout": self.layout, "rendezvous": self.rendezvous}
+        out.update({k: v for k, v in self.extra.items() if k not in out})
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> "PipelineRecord":
+        f = str_fields(fields)
+        return cls(state=f.get("state", "unknown"), layout=f.get("layout", ""),
+                   rendezvous=f.get("rendezvous", ""),
+                   extra={k: v for k, v in f.items() if k not in ("state", "layout", "rendezvous")})

@@ -1,0 +1,363 @@
+"""Deployment settings: a frozen dataclass tree loaded from TOML, then the environment, then flags.
+
+Precedence, highest first: command-line flags, ``HEXGEN_REDIS_URL`` (Redis URL only), the TOML file, the
+defaults here. Unknown keys are a ConfigError naming the key (a typo must not silently fall back to a
+default). Example file::
+
+    dtype = "bf16"                 # fp32 | fp16 | bf16
+    device = "cuda"                # cpu | cuda
+
+    [redis]
+    url = "rediss://:secret@redis.example:6380/0"   # redis://, rediss:// (TLS) or unix://; passwords ok
+
+    [model]
+    name = "smollm2-135m-instruct" # used in stream names: hexgen:work:<name>
+    path = ".models/smollm2-135m-instruct"          # Hugging Face directory; or preset = "tiny"
+    # tokenizer = "..."            # defaults to path
+    # max_model_len = 2048         # defaults to the model's max_position_embeddings
+
+    [[pipelines]]
+    id = "p0"
+    hetero_config = [2, 1]
+    pp_partition = [20, 10]        # optional: layers in proportion to TP
+    devices = ["cuda:0", "cuda:1", "cuda:2"]        # optional: one per rank
+
+    [limits]
+    max_queue_depth = 1024
+    max_new_tokens = 4096
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+
+from hexgen.config import PRESETS, Layout, normalize_dtype
+from hexgen.errors import ConfigError
+from hexgen.serving import constants as C
+from hexgen.serving.validation import RequestLimits
+
+REDIS_URL_ENV = "HEXGEN_REDIS_URL"
+_NAME_RE = re.compile(C.ID_PATTERN)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for logs and status output)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where Redis is. ``url`` is kept out of repr because it may hold a password; see ``display_url``."""
+
+    url: str = field(default=C.DEFAULT_REDIS_URL, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as e:
+            raise ConfigError(f"redis.url: {redact_url(self.url)!r} is not a valid URL ({e})") from e
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"redis.url: scheme {parts.scheme!r} is not supported; use redis://, rediss:// "
+                              "or unix://")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ConfigError(f"redis.url: {redact_url(self.url)!r} has no host (e.g. redis://localhost:6379/0)")
+
+    @property
+    def display_url(self) -> str:
+        return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"RedisSettings(url={self.display_url!r})"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The served model: its name (stream names use it) and its weights (``path``) or a ``preset`` shape."""
+
+    name: str = ""
+    path: str = ""
+    preset: str = ""
+    tokenizer: str = ""  # defaults to path
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if bool(self.path) == bool(self.preset):
+            raise ConfigError("model.path, model.preset: set exactly one (path: a Hugging Face model directory; "
+                              f"preset: one of {', '.join(sorted(PRESETS))})")
+        if self.preset and self.preset not in PRESETS:
+            raise ConfigError(f"model.preset: {self.preset!r} is unknown; choose one of "
+                              f"{', '.join(sorted(PRESETS))}")
+        if not self.name:
+            base = self.preset or os.path.basename(os.path.normpath(self.path))
+            object.__setattr__(self, "name", base)
+        if not _NAME_RE.fullmatch(self.name):
+            raise ConfigError(f"model.name: {self.name!r} is not allowed; use {C.ID_ALLOWED_CHARS}")
+        if not self.tokenizer and self.path:
+            object.__setattr__(self, "tokenizer", self.path)
+        _check_int("model.max_model_len", self.max_model_len, 0)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """One pipeline: TP degree per stage, layers per stage (empty: proportional to TP), devices per rank."""
+
+    id: str
+    hetero_config: tuple[int, ...]
+    pp_partition: tuple[int, ...] = ()
+    devices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        key = f"pipelines[{self.id!r}]"
+        if not isinstance(self.id, str) or not _NAME_RE.fullmatch(self.id):
+            raise ConfigError(f"pipelines.id: {self.id!r} is not allowed; use {C.ID_ALLOWED_CHARS}")
+        for name in ("hetero_config", "pp_partition", "devices"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}.{name}: {value!r} must be a list")
+            object.__setattr__(self, name, tuple(value))
+        if self.pp_partition:
+            try:
+                Layout(self.hetero_config, self.pp_partition)
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from e
+        elif not self.hetero_config or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
+                                               for t in self.hetero_config):
+            raise ConfigError(f"{key}.hetero_config: {list(self.hetero_config)!r} must be a non-empty list of "
+                              "TP degrees ≥ 1")
+        world = sum(self.hetero_config)
+        if self.devices and len(self.devices) != world:
+            raise ConfigError(f"{key}.devices: {len(self.devices)} devices given but the pipeline has "
+                              f"{world} ranks (sum of hetero_config); give one device per rank or none")
+
+    @property
+    def layout_text(self) -> str:
+        part = " ".join(map(str, self.pp_partition)) or "auto"
+        return f"hetero-config {' '.join(map(str, self.hetero_config))} / pp-partition {part}"
+
+
+def _check_int(key: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{key}: {value!r} must be an integer ≥ {lo}")
+
+
+def _check_pos(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or value == float("inf"):
+        raise ConfigError(f"{key}: {value!r} must be a finite number > 0")
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Back-pressure, payload caps and timings shared by head, workers and clients."""
+
+    max_queue_depth: int = C.MAX_QUEUE_DEPTH
+    max_new_tokens: int = C.MAX_NEW_TOKENS_CAP
+    default_max_new_tokens: int = C.DEFAULT_MAX_NEW_TOKENS
+    max_field_bytes: int = C.MAX_FIELD_BYTES
+    max_request_bytes: int = C.MAX_REQUEST_BYTES
+    result_ttl_s: int = C.RESULT_TTL_S
+    dedupe_ttl_s: int = C.DEDUPE_TTL_S
+    lease_s: float = C.LEASE_S
+    max_deliveries: int = C.MAX_DELIVERIES
+    heartbeat_ttl_s: int = C.HEARTBEAT_TTL_S
+    heartbeat_interval_s: float = C.HEARTBEAT_INTERVAL_S
+    block_ms: int = C.BLOCK_MS
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue_depth", "max_new_tokens", "default_max_new_tokens", "max_field_bytes",
+                     "max_request_bytes", "result_ttl_s", "dedupe_ttl_s", "max_deliveries", "heartbeat_ttl_s",
+                     "block_ms"):
+            _check_int(f"limits.{name}", getattr(self, name), 1)
+        for name in ("lease_s", "heartbeat_interval_s"):
+            _check_pos(f"limits.{name}", getattr(self, name))
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"limits.default_max_new_tokens: {self.default_max_new_tokens} must be ≤ "
+                              f"limits.max_new_tokens ({self.max_new_tokens})")
+        if self.max_field_bytes > self.max_request_bytes:
+            raise ConfigError(f"limits.max_field_bytes: {self.max_field_bytes} must be ≤ "
+                              f"limits.max_request_bytes ({self.max_request_bytes})")
+        if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
+            raise ConfigError(f"limits.heartbeat_interval_s: {self.heartbeat_interval_s} must be < "
+                              f"limits.heartbeat_ttl_s ({self.heartbeat_ttl_s})")
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(max_new_tokens=self.max_new_tokens,
+                             default_max_new_tokens=self.default_max_new_tokens,
+                             max_field_bytes=self.max_field_bytes, max_request_bytes=self.max_request_bytes)
+
+    @property
+    def socket_timeout_s(self) -> float:
+        """Socket timeout for a connection that blocks ``block_ms``: longer than the BLOCK."""
+        return C.socket_timeout_for(self.block_ms)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One deployment: Redis, the model, its pipelines and the serving limits."""
+
+    model: ModelSettings
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    dtype: str = "float32"
+    device: str = "cpu"
+    pipelines: tuple[PipelineSettings, ...] = ()
+    limits: LimitSettings = field(default_factory=LimitSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
+        object.__setattr__(self, "pipelines", tuple(self.pipelines))
+        ids = [p.id for p in self.pipelines]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ConfigError(f"pipelines.id: {dup[0]!r} is used by more than one pipeline; ids must be unique")
+
+    @property
+    def work_stream(self) -> str:
+        return C.work_stream(self.model.name)
+
+    def pipeline(self, pipeline_id: str) -> PipelineSettings:
+        for p in self.pipelines:
+            if p.id == pipeline_id:
+                return p
+        raise ConfigError(f"pipeline: {pipeline_id!r} is not in the config; known: "
+                          f"{', '.join(p.id for p in self.pipelines) or '(none)'}")
+
+
+_SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings}
+_TOP_KEYS = ("redis", "model", "limits", "pipelines", "dtype", "device")
+
+
+def _build(cls: type, key: str, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: must be a table ([{key}])")
+    names = {f.name for f in fields(cls)}
+    for k in table:
+        if k not in names:
+            raise ConfigError(f"{key}.{k}: unknown key; allowed: {', '.join(sorted(names))}")
+    try:
+        return cls(**table)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"{key}: {e}") from e
+
+
+def settings_from_dict(data: Mapping[str, Any]) -> Settings:
+    """Build Settings from a parsed TOML document (unknown keys are errors)."""
+    for k in data:
+        if k not in _TOP_KEYS:
+            raise ConfigError(f"{k}: unknown key; allowed top-level keys: {', '.join(_TOP_KEYS)}")
+    if "model" not in data:
+        raise ConfigError("model: missing; set [model] path (or preset) in the config file or pass --model-path")
+    kw: dict[str, Any] = {name: _build(cls, name, data[name]) for name, cls in _SECTIONS.items() if name in data}
+    pipes = data.get("pipelines", [])
+    if not isinstance(pipes, list):
+        raise ConfigError("pipelines: must be an array of tables ([[pipelines]])")
+    kw["pipelines"] = tuple(_build(PipelineSettings, f"pipelines[{i}]", p) for i, p in enumerate(pipes))
+    for k in ("dtype", "device"):
+        if k in data:
+            kw[k] = data[k]
+    return Settings(**kw)
+
+
+def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Load a deployment: TOML file (optional), then ``HEXGEN_REDIS_URL``, then ``overrides``.
+
+    ``overrides`` uses dotted keys (``"redis.url"``, ``"model.path"``, ``"limits.max_queue_depth"``,
+    ``"dtype"``); None values are ignored so argparse defaults can be passed straight through.
+    """
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path!r}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path!r} is not valid TOML: {e}") from e
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    if env.get(REDIS_URL_ENV):
+        merged["redis.url"] = env[REDIS_URL_ENV]
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    model_keys = {"model.path", "model.preset"} & set(merged)
+    if model_keys and isinstance(data.get("model"), dict):  # a flag's model source replaces the file's
+        data["model"] = {k: v for k, v in data["model"].items() if k not in ("path", "preset", "tokenizer")}
+    for dotted, value in merged.items():
+        section, _, key = dotted.rpartition(".")
+        if section:
+            if section not in _SECTIONS:
+                raise ConfigError(f"{dotted}: unknown setting")
+            data.setdefault(section, {})[key] = value
+        else:
+            data[key] = value
+    return settings_from_dict(data)
+
+
+def load_redis_url(path: str | None = None, flag: str | None = None,
+                   env: Mapping[str, str] | None = None) -> str:
+    """Just the Redis URL (for tools like ``hexgen status`` that need no model): flag, env, file, default."""
+    env = os.environ if env is None else env
+    url = flag or env.get(REDIS_URL_ENV)
+    if not url and path:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f).get("redis", {})
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path!r}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path!r} is not valid TOML: {e}") from e
+        url = table.get("url") if isinstance(table, dict) else None
+    return RedisSettings(url or C.DEFAULT_REDIS_URL).url
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every HexGen process shares: --config, --redis-url, --model, --model-path, --preset, --dtype."""
+    g = parser.add_argument_group("deployment")
+    g.add_argument("--config", help="deployment TOML file")
+    g.add_argument("--redis-url", help=f"Redis URL (overrides ${REDIS_URL_ENV} and the file)")
+    g.add_argument("--model", dest="model_name", help="model name (used in stream names)")
+    g.add_argument("--model-path", help="Hugging Face model directory")
+    g.add_argument("--preset", help=f"model shape preset with random weights: {', '.join(sorted(PRESETS))}")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model path)")
+    g.add_argument("--dtype", help="fp32, fp16 or bf16")
+
+
+def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed :func:`add_settings_args` flags."""
+    return load_settings(ns.config, env=env, overrides={
+        "redis.url": ns.redis_url, "model.name": ns.model_name, "model.path": ns.model_path,
+        "model.preset": ns.preset, "model.tokenizer": ns.tokenizer, "dtype": ns.dtype})
+
+
+def with_redis_url(settings: Settings, url: str) -> Settings:
+    """A copy of ``settings`` pointing at another Redis (tests)."""
+    return replace(settings, redis=RedisSettings(url))
+
+
+def sync_redis(url: str, *, socket_timeout: float | None = None, **kwargs: Any) -> redis.Redis:
+    """A redis-py client (sync) for ``url``; give blocking readers ``socket_timeout`` > their BLOCK."""
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout, **kwargs)
+
+
+def async_redis(url: str, *, socket_timeout: float | None = None, **kwargs: Any) -> redis.asyncio.Redis:
+    """A redis.asyncio client for ``url``; give blocking readers ``socket_timeout`` > their BLOCK."""
+    return redis.asyncio.Redis.from_url(url, socket_timeout=socket_timeout, **kwargs)

@@ -1,0 +1,286 @@
+"""Parse and validate one raw ``hexgen:requests`` entry (flat fields from XADD, ``bytes`` or ``str``).
+
+Every problem raises :class:`~hexgen.serving.protocol.InvalidRequest` whose message names the wire field and
+what is allowed. Sizes are checked before anything is decoded or parsed: the whole entry against
+``max_request_bytes``, then each field against its own cap.
+
+Policies:
+
+- **Unknown fields are rejected** (``invalid_request`` naming the field and listing the allowed ones): a typo
+  such as ``max_tokens`` would otherwise silently run with the default length.
+- Accepted fields: ``prompt`` | ``messages`` (exactly one), ``max_new_tokens``, ``temperature``, ``top_k``,
+  ``top_p``, ``seed``, ``stop``, ``model``, ``id`` and the extension ``ignore_eos`` (0/1/true/false, for
+  fixed-length benchmarks).
+- ``stop`` is a JSON list of strings when its value starts with ``[``, else one literal stop string (so a
+  stop string that itself starts with ``[`` must be sent as a JSON list).
+- ``id`` defaults to the entry id XADD returned; an explicit id uses the characters in ``ID_ALLOWED_CHARS``.
+- Numbers are plain decimal literals; NaN and infinities are rejected.
+- ``messages`` items are objects with exactly the keys ``role`` (system, user, assistant, tool) and
+  ``content`` (a string).
+
+The prompt-length check needs the tokenizer, so it lives in :func:`check_context`, called after tokenizing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from hexgen.engine.types import MAX_SEED, SamplingParams
+from hexgen.errors import ConfigError
+from hexgen.serving import constants as C
+from hexgen.serving.protocol import Fields, InvalidRequest
+
+ROLES = ("system", "user", "assistant", "tool")
+FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "model",
+          "id", "ignore_eos")
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1
+
+_ID_RE = re.compile(C.ID_PATTERN)
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps the head enforces on every request (from the deployment's ``[limits]``)."""
+
+    max_new_tokens: int = C.MAX_NEW_TOKENS_CAP
+    default_max_new_tokens: int = C.DEFAULT_MAX_NEW_TOKENS
+    max_field_bytes: int = C.MAX_FIELD_BYTES
+    max_request_bytes: int = C.MAX_REQUEST_BYTES
+    max_messages: int = C.MAX_MESSAGES
+    max_stop_strings: int = C.MAX_STOP_STRINGS
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request before tokenizing: exactly one of ``prompt`` / ``messages`` is set."""
+
+    request_id: str
+    prompt: str | None
+    messages: tuple[dict[str, str], ...] | None
+    params: SamplingParams
+    model: str | None
+
+
+def _field_cap(name: str, limits: RequestLimits) -> int:
+    if name in ("prompt", "messages"):
+        return limits.max_field_bytes
+    if name == "stop":
+        return C.MAX_STOP_BYTES
+    return C.MAX_SMALL_FIELD_BYTES
+
+
+def _decode(name: str, value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequest(f"{name}: value is not valid UTF-8 (byte {e.start})") from e
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidRequest(f"{name}: value must be a string")
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    return len(str(value).encode("utf-8", "surrogatepass"))
+
+
+def check_sizes(fields: Fields, limits: RequestLimits) -> None:
+    """Byte caps on the whole entry and on every field; runs before any decoding or parsing."""
+    total = 0
+    for k, v in fields.items():
+        total += _size(k) + _size(v)
+    if total > limits.max_request_bytes:
+        raise InvalidRequest(f"request: {total} bytes exceeds the limit of {limits.max_request_bytes} bytes "
+                             "for all fields together")
+    for k, v in fields.items():
+        if _size(k) > 64:
+            raise InvalidRequest(f"field name of {_size(k)} bytes: unknown field; allowed fields: "
+                                 f"{', '.join(FIELDS)}")
+        name = _decode("field name", k)
+        cap = _field_cap(name, limits)
+        if _size(v) > cap:
+            raise InvalidRequest(f"{name}: {_size(v)} bytes exceeds the limit of {cap} bytes")
+
+
+def _int(name: str, raw: str, lo: int, hi: int) -> int:
+    text = raw.strip()
+    if not _INT_RE.fullmatch(text):
+        raise InvalidRequest(f"{name}: {raw[:40]!r} must be an integer in [{lo}, {hi}]")
+    value = int(text)
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"{name}: {value} is out of range; allowed: [{lo}, {hi}]")
+    return value
+
+
+def _float(name: str, raw: str, allowed: str) -> float:
+    text = raw.strip()
+    if not _FLOAT_RE.fullmatch(text):
+        raise InvalidRequest(f"{name}: {raw[:40]!r} must be a finite number in {allowed} (no NaN/inf)")
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name}: {raw[:40]!r} is not finite; allowed: {allowed}")
+    return value
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not allowed")
+
+
+def _json(name: str, raw: str) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise InvalidRequest(f"{name}: not valid JSON ({e})") from e
+
+
+def parse_request_id(fields: Mapping[str, str], entry_id: str) -> str:
+    """The request id: the ``id`` field (checked against ID_ALLOWED_CHARS) or the entry id."""
+    raw = fields.get("id")
+    if raw is None:
+        return entry_id
+    if not _ID_RE.fullmatch(raw):
+        raise InvalidRequest(f"id: {raw[:40]!r} is not allowed; use {C.ID_ALLOWED_CHARS}")
+    return raw
+
+
+def peek_request_id(fields: Fields, entry_id: str) -> str:
+    """Where a request's events go, even when the rest of it is invalid: its ``id`` field when that is a
+    valid id, else the entry id. Never raises."""
+    raw = fields.get("id", fields.get(b"id"))  # type: ignore[call-overload]
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return entry_id
+    if isinstance(raw, str) and _ID_RE.fullmatch(raw):
+        return raw
+    return entry_id
+
+
+def parse_messages(raw: str, limits: RequestLimits) -> tuple[dict[str, str], ...]:
+    """Parse ``messages``: a non-empty JSON list of ``{"role": ..., "content": ...}`` objects."""
+    value = _json("messages", raw)
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest('messages: must be a non-empty JSON list of {"role", "content"} objects')
+    if len(value) > limits.max_messages:
+        raise InvalidRequest(f"messages: {len(value)} messages exceeds the limit of {limits.max_messages}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f'messages[{i}]: must be an object {{"role": ..., "content": ...}}')
+        extra = sorted(set(m) - {"role", "content"})
+        if extra:
+            raise InvalidRequest(f"messages[{i}].{extra[0]}: unknown key; allowed keys: role, content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role: {role!r} must be one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content: must be a string")
+        out.append({"role": role, "content": content})
+    return tuple(out)
+
+
+def parse_stop(raw: str, limits: RequestLimits) -> tuple[str, ...]:
+    """Parse ``stop``: a JSON list of non-empty strings when it starts with ``[``, else one literal string."""
+    if not raw.lstrip().startswith("["):
+        if not raw:
+            raise InvalidRequest("stop: must be a non-empty string or a JSON list of non-empty strings")
+        return (raw,)
+    value = _json("stop", raw)
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise InvalidRequest("stop: a value starting with '[' must be a JSON list of non-empty strings")
+    if len(value) > limits.max_stop_strings:
+        raise InvalidRequest(f"stop: {len(value)} strings exceeds the limit of {limits.max_stop_strings}")
+    return tuple(value)
+
+
+def _bool(name: str, raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes"):
+        return True
+    if low in ("0", "false", "no"):
+        return False
+    raise InvalidRequest(f"{name}: {raw[:40]!r} must be one of 0, 1, true, false")
+
+
+def parse_params(f: Mapping[str, str], limits: RequestLimits) -> SamplingParams:
+    """SamplingParams from the request's fields; messages name the wire field and its range."""
+    kw: dict[str, Any] = {"max_new_tokens": limits.default_max_new_tokens}
+    if "max_new_tokens" in f:
+        kw["max_new_tokens"] = _int("max_new_tokens", f["max_new_tokens"], 1, limits.max_new_tokens)
+    if "temperature" in f:
+        t = _float("temperature", f["temperature"], f"[0, {MAX_TEMPERATURE:g}] (0 = greedy)")
+        if not 0 <= t <= MAX_TEMPERATURE:
+            raise InvalidRequest(f"temperature: {t:g} is out of range; allowed: [0, {MAX_TEMPERATURE:g}] "
+                                 "(0 = greedy)")
+        kw["temperature"] = t
+    if "top_k" in f:
+        kw["top_k"] = _int("top_k", f["top_k"], 0, MAX_TOP_K)
+    if "top_p" in f:
+        p = _float("top_p", f["top_p"], "0 < top_p ≤ 1")
+        if not 0 < p <= 1:
+            raise InvalidRequest(f"top_p: {p:g} is out of range; allowed: 0 < top_p ≤ 1")
+        kw["top_p"] = p
+    if "seed" in f:
+        kw["seed"] = _int("seed", f["seed"], 0, MAX_SEED)
+    if "stop" in f:
+        kw["stop"] = parse_stop(f["stop"], limits)
+    if "ignore_eos" in f:
+        kw["ignore_eos"] = _bool("ignore_eos", f["ignore_eos"])
+    try:
+        return SamplingParams(**kw)
+    except ConfigError as e:  # a rule SamplingParams has that the checks above don't
+        raise InvalidRequest(str(e)) from e
+
+
+def decode_fields(fields: Fields, limits: RequestLimits) -> dict[str, str]:
+    """Size-check, decode to ``str`` and reject unknown fields."""
+    check_sizes(fields, limits)
+    out: dict[str, str] = {}
+    for k, v in fields.items():
+        name = _decode("field name", k)
+        if name not in FIELDS:
+            raise InvalidRequest(f"{name[:64]}: unknown field; allowed fields: {', '.join(FIELDS)}")
+        out[name] = _decode(name, v)
+    return out
+
+
+def parse_request(fields: Fields, entry_id: str, limits: RequestLimits | None = None) -> ParsedRequest:
+    """Validate a raw request entry; raise InvalidRequest naming the field and the allowed values."""
+    limits = limits or RequestLimits()
+    f = decode_fields(fields, limits)
+    request_id = parse_request_id(f, entry_id)
+    has_prompt, has_messages = "prompt" in f, "messages" in f
+    if has_prompt == has_messages:
+        raise InvalidRequest("prompt, messages: give exactly one of them"
+                             + (" (both were given)" if has_prompt else " (neither was given)"))
+    prompt = messages = None
+    if has_prompt:
+        prompt = f["prompt"]
+        if not prompt:
+            raise InvalidRequest("prompt: must be a non-empty string")
+    else:
+        messages = parse_messages(f["messages"], limits)
+    model = f.get("model")
+    if model is not None and not _ID_RE.fullmatch(model):
+        raise InvalidRequest(f"model: {model[:40]!r} is not a valid model name; use {C.ID_ALLOWED_CHARS}")
+    return ParsedRequest(request_id=request_id, prompt=prompt, messages=messages,
+                         params=parse_params(f, limits), model=model)
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, max_model_len: int) -> None:
+    """Reject a request whose prompt plus ``max_new_tokens`` does not fit the model's context."""
+    if prompt_tokens < 1:
+        raise InvalidRequest("prompt: tokenizes to 0 tokens; give some text")
+    if prompt_tokens + max_new_tokens > max_model_len:
+        raise InvalidRequest(f"prompt, max_new_tokens: prompt of {prompt_tokens} tokens + max_new_tokens "
+                             f"{max_new_tokens} = {prompt_tokens + max_new_tokens} exceeds the model's "
+                             f"context of {max_model_len} tokens")
