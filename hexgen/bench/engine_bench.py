@@ -1,0 +1,44 @@
+"""Time the engine through ``run_offline``: stamps taken in the parent as each token's output arrives."""
+from __future__ import annotations
+
+import sys
+import time
+
+from hexgen.bench.stats import RequestTiming
+from hexgen.bench.workload import T_OFFERED, PhasedSource
+from hexgen.config import EngineConfig, Layout
+from hexgen.engine.offline import run_offline
+from hexgen.engine.runner import ModelSpec
+from hexgen.engine.types import Request, StepOutput
+
+
+def run_engine(layout: Layout, model: ModelSpec, engine: EngineConfig, phases: list[list[Request]],
+               devices: list[int] | None = None) -> tuple[dict[str, RequestTiming], float]:
+    """Run every phase (the first is usually a warm-up) in one pipeline; returns timings by request id
+    and the wall time of the whole run (process start and weight loading included)."""
+    timings: dict[str, RequestTiming] = {}
+    progress = {"tokens": 0, "next": time.monotonic() + 30.0}
+
+    def on_output(o: StepOutput) -> None:
+        now = time.monotonic()
+        progress["tokens"] += len(o.ids)
+        if now >= progress["next"]:  # a heartbeat on stderr for long runs
+            progress["next"] = now + 30.0
+            print(f"bench: {progress['tokens']} tokens, {len(timings)} requests started", file=sys.stderr,
+                  flush=True)
+        t = timings.get(o.request_id)
+        if t is None:
+            t = timings[o.request_id] = RequestTiming(float(o.meta[T_OFFERED]))
+        t.tokens.extend([now] * len(o.ids))
+
+    all_requests = [r for p in phases for r in p]
+    t0 = time.monotonic()
+    results = run_offline(layout, model, engine, all_requests, on_output=on_output, devices=devices,
+                          source=PhasedSource(phases))
+    wall = time.monotonic() - t0
+    for r in all_requests:
+        got = len(results[r.request_id].token_ids)
+        if got != r.params.max_new_tokens:
+            raise RuntimeError(f"bench: request {r.request_id} produced {got} tokens, expected "
+                               f"{r.params.max_new_tokens} ({results[r.request_id].finish_reason})")
+    return timings, wall

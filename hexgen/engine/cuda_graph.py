@@ -1,0 +1,127 @@
+"""CUDA graphs of decode steps: one graph per (batch bucket, context-width bucket), captured on first use.
+
+A decode step (every sequence of the plan adds one token) runs on static buffers: input ids or hidden
+states, block tables padded to the width bucket, and context lengths. Slot indices, the attention mask and
+positions are derived on the device inside the graph (``attention.decode_meta``), so a replay needs one
+small host-to-device copy and no host-side tensor building. Padding rows point at a scratch KV block that
+no sequence owns. Without CUDA (tests on CPU) the same static, padded path runs eagerly, uncaptured.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+
+from hexgen.engine.plan import StepPlan
+
+log = logging.getLogger(__name__)
+
+# forward(x [batch] ids or [batch, hidden], block_tables [batch, n_blocks], ctx_lens [batch]) -> [batch, hidden]
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    out = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if b < max_batch]
+    return out + [max_batch]
+
+
+def width_buckets(max_blocks: int, smallest: int = 16) -> list[int]:
+    """Context widths in blocks: powers of two from ``smallest``, ending at ``max_blocks``."""
+    out, w = [], smallest
+    while w < max_blocks:
+        out.append(w)
+        w *= 2
+    return out + [max_blocks]
+
+
+def _bucket(n: int, buckets: list[int]) -> int | None:
+    for b in buckets:
+        if n <= b:
+            return b
+    return None
+
+
+class DecodeGraphs:
+    """Captured decode steps for one stage; ``run`` returns None for plans it does not cover."""
+
+    def __init__(self, fn: DecodeFn, first_stage: bool, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device, block_size: int, max_batch: int, max_len: int, scratch_block: int) -> None:
+        self.fn = fn
+        self.first_stage = first_stage
+        self.device = device
+        self.block_size = block_size
+        self.scratch = scratch_block
+        self.capture = device.type == "cuda"
+        max_blocks = -(-max_len // block_size)
+        self.batches = batch_buckets(max_batch)
+        self.widths = width_buckets(max_blocks, smallest=max(1, min(max_blocks, 256 // block_size)))
+        mb = self.batches[-1]
+        self.ids = torch.zeros(mb, dtype=torch.long, device=device)  # [batch]
+        self.hidden = None if first_stage else torch.zeros(mb, hidden_size, dtype=dtype, device=device)
+        self.tables = torch.full((mb, self.widths[-1]), scratch_block, dtype=torch.long, device=device)
+        self.ctx = torch.ones(mb, dtype=torch.long, device=device)  # [batch]
+        # host staging: [ctx (mb) | tables (mb * max_width)], pinned so the copy is asynchronous
+        self._stage = torch.empty(mb * (1 + self.widths[-1]), dtype=torch.long, pin_memory=self.capture)
+        self._copied = torch.cuda.Event() if self.capture else None
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def covers(self, plan: StepPlan) -> bool:
+        return (bool(plan.q_lens) and all(n == 1 for n in plan.q_lens) and len(plan.q_lens) <= self.batches[-1]
+                and max(len(t) for t in plan.block_tables) <= self.widths[-1])
+
+    def _inputs(self, b: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.ids[:b] if self.first_stage else self.hidden[:b]
+        return x, self.tables[:b, :w], self.ctx[:b]
+
+    def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        x, tables, ctx = self._inputs(b, w)
+        tables.fill_(self.scratch)  # warm-up and capture touch only the scratch block
+        ctx.fill_(1)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.fn(x, tables, ctx)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(x, tables, ctx)
+        log.info("captured decode graph: batch %d, context %d tokens", b, w * self.block_size)
+        return graph, out
+
+    def run(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor | None:
+        """Hidden states [batch, hidden] of a decode plan, or None when no bucket covers it."""
+        if not self.covers(plan):
+            return None
+        n = len(plan.q_lens)
+        b = _bucket(n, self.batches)
+        w = _bucket(max(len(t) for t in plan.block_tables), self.widths)
+        key = (b, w)
+        if self.capture and key not in self.graphs:
+            self.graphs[key] = self._capture(b, w)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has left the staging buffer
+        stage = self._stage.numpy()
+        ctx = stage[:b]
+        ctx[:] = 1
+        ctx[:n] = plan.ctx_lens
+        tables = stage[b:b + b * w].reshape(b, w)
+        tables[:] = self.scratch
+        for i, t in enumerate(plan.block_tables):
+            tables[i, :len(t)] = t
+        xs, tables_d, ctx_d = self._inputs(b, w)
+        flat = torch.from_numpy(np.ascontiguousarray(stage[:b + b * w])) if not self.capture \
+            else self._stage[:b + b * w]
+        ctx_d.copy_(flat[:b], non_blocking=True)
+        tables_d.copy_(flat[b:].view(b, w), non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        xs[:n].copy_(x)
+        if not self.capture:
+            return self.fn(xs, tables_d, ctx_d)[:n]
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out[:n].clone()  # the pool is shared: the next replay may overwrite ``out``
