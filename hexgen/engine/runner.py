@@ -54,14 +54,19 @@ class StageRunner:
         self.max_len = engine.max_model_len or self.cfg.max_position_embeddings
         self.rotary = RotaryCache(self.cfg, self.max_len, self.device)
         self.n_kv_local = self.model.layers[0].attn.n_kv
+        # NCCL all-reduces inside captured graphs hung on two H100s (docs/benchmarks.md): TP > 1 stages
+        # run decode eagerly until the all-reduce is made capture-safe.
+        use_graphs = engine.cuda_graphs and groups.tp.size == 1
+        if engine.cuda_graphs and not use_graphs:
+            log.warning("stage %d: CUDA graphs are off for TP %d stages", stage.index, groups.tp.size)
         # With decode graphs one extra block (index num_blocks, never handed out) takes padding rows' writes.
-        spare = 1 if engine.cuda_graphs else 0
+        spare = 1 if use_graphs else 0
         self.num_blocks = groups.world_min(self._blocks_that_fit() - spare)
         self.kv = allocate_cache(stage.num_layers, self.num_blocks + spare, engine.block_size, self.n_kv_local,
                                  self.cfg.head_dim, self.dtype, self.device)
         self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,
                                    self.device, engine.block_size, engine.max_num_seqs, self.max_len,
-                                   scratch_block=self.num_blocks) if engine.cuda_graphs else None
+                                   scratch_block=self.num_blocks) if use_graphs else None
         log.info("stage %d: %d KV blocks (%d tokens)", stage.index, self.num_blocks,
                  self.num_blocks * engine.block_size)
 
