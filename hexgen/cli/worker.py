@@ -1,0 +1,75 @@
+"""``bin/worker``: parse flags → WorkerOptions → :class:`workers.worker.Worker` (the TP ranks of one stage).
+
+    bin/worker --config config/demo.toml --stage 1 [--pipeline p0] [--devices 0,1] [--redis-url URL]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hexgen.errors import HexGenError
+from hexgen.logutil import setup_logging
+from hexgen.serving.settings import add_settings_args, settings_from_args
+
+ADVERTISE_HOST_ENV = "HEXGEN_ADVERTISE_HOST"
+
+
+def _devices(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated device indices, e.g. 0,1") from e
+    if not out or any(d < 0 for d in out):
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated device indices ≥ 0, e.g. 0,1")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="worker", description="HexGen worker: start the TP ranks of one stage "
+                                "of one pipeline; they register in Redis and form the pipeline with the "
+                                "other stages' workers.")
+    add_settings_args(p)
+    p.add_argument("--stage", type=int, required=True, help="stage index of this worker (0 = first)")
+    p.add_argument("--pipeline", help="pipeline id from the config (default: its only pipeline)")
+    p.add_argument("--devices", type=_devices, default=(), help="CUDA device index per rank, e.g. 0,1")
+    p.add_argument("--advertise-host", default=os.environ.get(ADVERTISE_HOST_ENV),
+                   help=f"rendezvous address other hosts reach stage 0 rank 0 at (stage 0 only; default "
+                        f"${ADVERTISE_HOST_ENV}, else 127.0.0.1 when all ranks share a host, else the address "
+                        "on the route to Redis)")
+    p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to finish in-flight work on "
+                   "SIGTERM (default 120)")
+    p.add_argument("--form-timeout", type=float, default=0.0, help="seconds to wait for the other stages "
+                   "(default 0: forever)")
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="exit instead of restarting ranks when the pipeline breaks")
+    p.add_argument("--max-restarts", type=int, default=10, help="restarts allowed within 10 minutes")
+    p.add_argument("--max-num-seqs", type=int, help="requests in flight per pipeline (engine default 64)")
+    p.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens per rank on CPU")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("parent", args.stage, args.log_level)
+    from workers.worker import Worker, WorkerOptions, pick_pipeline
+
+    engine = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("cpu_kv_tokens", args.kv_tokens))
+              if v is not None}
+    try:
+        settings = settings_from_args(args)
+        opts = WorkerOptions(settings=settings, pipeline_id=pick_pipeline(settings, args.pipeline),
+                             stage=args.stage, devices=args.devices, advertise_host=args.advertise_host or None,
+                             drain_timeout_s=args.drain_timeout, form_timeout_s=args.form_timeout,
+                             restart=args.restart, max_restarts=args.max_restarts, engine_overrides=engine,
+                             log_level=args.log_level)
+        worker = Worker(opts)
+    except HexGenError as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return 2
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""RedisSink: the last-stage leader's output sink; posts token/done events off the engine loop.
+
+See :mod:`hexgen.serving.worker_io` for the posting rules (explicit event ids, ack after done).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import redis
+
+from hexgen.engine.types import StepOutput
+from hexgen.serving.protocol import INTERNAL, ProtocolError, done_event, error_event, token_event
+from hexgen.serving.worker_io import (REDIS_ERRORS, REFUSED, Backoff, ClientFactory, IOConfig, Post, Poster,
+                                      connect)
+
+log = logging.getLogger(__name__)
+
+_MAX_STEPS_PER_WRITE = 256  # steps that piled up while Redis was slow go out together
+_MAX_REFUSALS = 5  # error replies (not connection errors) before a batch is dropped
+
+
+@dataclass(frozen=True)
+class _Out:
+    """The part of a StepOutput that goes to Redis (no tensors)."""
+
+    request_id: str
+    seq: int
+    ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    entry: str | None
+
+
+class RedisSink:
+    """Output sink of the last-stage leader.
+
+    :meth:`emit` only queues; a writer thread sends everything queued in one atomic script call (token and
+    done events at explicit ids, EXPIRE, XACK of each finished request's work entry). Redis errors are
+    retried with backoff (retries are idempotent); :meth:`close` flushes for up to ``flush_timeout_s``.
+    """
+
+    def __init__(self, cfg: IOConfig, *, client_factory: ClientFactory | None = None) -> None:
+        self.cfg = cfg
+        factory = client_factory or partial(connect, cfg.redis_url)
+        self._r = factory(10.0)
+        self._poster = Poster(self._r, cfg.work_stream, cfg.result_ttl_s)
+        self._q: queue.SimpleQueue[list[_Out] | threading.Event | None] = queue.SimpleQueue()
+        self._lost: set[str] = set()  # requests another pipeline posts: we stop posting them
+        self._closing_deadline: float | None = None
+        self._backoff = Backoff()
+        self.steps_written = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, outputs: list[StepOutput]) -> None:
+        if outputs:
+            self._q.put([_Out(o.request_id, o.seq, tuple(o.ids), o.text, o.finish_reason, o.prompt_tokens,
+                              o.completion_tokens, (o.meta or {}).get("entry")) for o in outputs])
+
+    def close(self) -> None:
+        """Flush queued events (up to ``flush_timeout_s``), then release the connection."""
+        self._closing_deadline = time.monotonic() + self.cfg.flush_timeout_s
+        self._q.put(None)
+        self._thread.join(self.cfg.flush_timeout_s + 5)
+        self._r.close()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything emitted so far is written; True when it was (tests, shutdown)."""
+        marker = threading.Event()
+        self._q.put(marker)
+        return marker.wait(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            steps: list[list[_Out]] = []
+            markers: list[threading.Event] = []
+            stop = False
+            while True:
+                if item is None:
+                    stop = True
+                elif isinstance(item, threading.Event):
+                    markers.append(item)
+                else:
+                    steps.append(item)
+                if stop or len(steps) >= _MAX_STEPS_PER_WRITE:
+                    break
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+            outs = [o for step in steps for o in step]
+            if outs:
+                self._write_retrying(outs)
+            self.steps_written += len(steps)
+            for m in markers:
+                m.set()
+            if stop:
+                return
+
+    def _write_retrying(self, outs: list[_Out]) -> None:
+        refusals = 0
+        while True:
+            try:
+                self._write(outs)
+                self._backoff.ok()
+                return
+            except (*REDIS_ERRORS, redis.ResponseError) as e:
+                self._backoff.fail("result writer", e)
+                refusals += isinstance(e, redis.ResponseError)  # Redis answered: retrying may never help
+                closing = self._closing_deadline is not None and time.monotonic() > self._closing_deadline
+                if closing or refusals >= _MAX_REFUSALS:
+                    self.dropped += len(outs)
+                    log.error("result writer: dropped %d outputs (%s); their entries stay pending and are "
+                              "resumed from the posted tokens after the lease", len(outs), e)
+                    return
+                time.sleep(self._backoff.delay)
+
+    def _write(self, outs: list[_Out]) -> None:
+        posts: list[Post] = []
+        for o in outs:
+            if o.request_id in self._lost:
+                continue
+            if o.ids:
+                posts.append(Post(o.request_id, o.seq, token_event(o.seq, list(o.ids), o.text)))
+            if o.finish_reason is not None:
+                try:
+                    final = done_event(o.finish_reason, o.prompt_tokens, o.completion_tokens)
+                except ProtocolError as e:  # an engine bug must not stop the writer: tell the client instead
+                    log.error("request %s: %s", o.request_id, e)
+                    final = error_event(INTERNAL, f"the engine ended the request with {o.finish_reason!r}")
+                posts.append(Post(o.request_id, o.seq + len(o.ids), final, o.entry or ""))
+        for post, status in zip(posts, self._poster.post(posts)):
+            if status == REFUSED and post.request_id not in self._lost:
+                log.warning("request %s: position %d is taken; another pipeline is posting this request, so "
+                            "this one stops posting it", post.request_id, post.position)
+                self._lost.add(post.request_id)
+        for o in outs:  # a request's final output ends our interest in it
+            if o.finish_reason is not None:
+                self._lost.discard(o.request_id)
