@@ -99,6 +99,11 @@ class ModelSettings:
     max_model_len: int = 0  # 0: the model's max_position_embeddings
 
     def __post_init__(self) -> None:
+        if self.path == "default":  # the embedded default model's cache folder (bin/hexgen fetch-model fills it)
+            from hexgen.model.fetch import default_model_dir
+            object.__setattr__(self, "path", default_model_dir())
+        elif self.path:
+            object.__setattr__(self, "path", os.path.expandvars(os.path.expanduser(self.path)))
         if bool(self.path) == bool(self.preset):
             raise ConfigError("model.path, model.preset: set exactly one (path: a Hugging Face model directory; "
                               f"preset: one of {', '.join(sorted(PRESETS))})")
