@@ -307,6 +307,11 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs: {self.max_num_seqs} must be ≥ 1")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens: {self.max_num_batched_tokens} must be ≥ 1")
+        for name in ("num_kv_blocks", "max_model_len", "micro_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be ≥ 0 (0: automatic)")
+        if self.cpu_kv_tokens < 1:
+            raise ConfigError(f"cpu_kv_tokens: {self.cpu_kv_tokens} must be ≥ 1")
         if not 0.05 <= self.gpu_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} must be in [0.05, 1.0]")
         if self.attention_backend not in ("auto", "torch", "sdpa"):
