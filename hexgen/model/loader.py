@@ -103,9 +103,7 @@ def _stage_loaders(model: LlamaStage, reader: CheckpointReader, cfg: ModelConfig
         out.append((n, lambda l=layer, n=n: l.mlp.down.load(sl(n))))
     if model.lm_head is not None:
         out.append(("model.norm.weight", lambda: model.norm.weight.copy_(reader.full("model.norm.weight"))))
-        head = "lm_head.weight"
-        if cfg.tie_word_embeddings or not reader.has(head):
-            head = "model.embed_tokens.weight"
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         out.append((head, lambda: model.lm_head.load(None, lambda: reader.full(head))))
     return out
 
