@@ -1,6 +1,8 @@
 """Shared pytest fixtures. Append new fixtures below; don't remove others' code."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.redis_server import RedisServer, redis_server_binary
@@ -48,3 +50,16 @@ def tiny_tokenizer_dir(tmp_path_factory):
     from tests.tiny_tokenizer import save_tiny_tokenizer
 
     return save_tiny_tokenizer(str(tmp_path_factory.mktemp("tiny-tokenizer")))
+
+
+def _interpret_triton_without_cuda() -> None:
+    """Without CUDA, Triton kernels run under Triton's interpreter (tests/test_paged_decode.py). The switch
+    counts only if set before triton is first imported, and transformers imports it through torch, so it
+    is set here, while pytest loads this file, before any test module is imported."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_cuda()

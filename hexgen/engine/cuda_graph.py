@@ -1,10 +1,12 @@
 """CUDA graphs of decode steps: one graph per (batch bucket, context-width bucket), captured on first use.
 
 A decode step (every sequence of the plan adds one token) runs on static buffers: input ids or hidden
-states, block tables padded to the width bucket, and context lengths. Slot indices, the attention mask and
-positions are derived on the device inside the graph (``attention.decode_meta``), so a replay needs one
-small host-to-device copy and no host-side tensor building. Padding rows point at a scratch KV block that
-no sequence owns. Without CUDA (tests on CPU) the same static, padded path runs eagerly, uncaptured.
+states, block tables padded to the width bucket, and context lengths. Everything else (write slots,
+positions, and for the gather fallback the padded slots and mask) is derived on the device inside the graph
+(``attention.decode_meta``), so a replay needs one small host-to-device copy and no host-side tensor
+building; with the Triton paged kernel the tables go to attention as they are. Padding rows point at a
+scratch KV block that no sequence owns. Without CUDA (tests on CPU) the same static, padded path runs
+eagerly, uncaptured.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from hexgen.engine.plan import StepPlan
+from hexgen.model.attention import use_decode_kernel
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,10 @@ class DecodeGraphs:
         self.capture = device.type == "cuda"
         max_blocks = -(-max_len // block_size)
         self.batches = batch_buckets(max_batch)
-        self.widths = width_buckets(max_blocks, smallest=max(1, min(max_blocks, 256 // block_size)))
+        # The paged kernel reads only each sequence's live context, so one width (all blocks) serves every
+        # step; the gather fallback reads the whole width, so it gets width buckets.
+        self.widths = [max_blocks] if use_decode_kernel(device) else \
+            width_buckets(max_blocks, smallest=max(1, min(max_blocks, 256 // block_size)))
         mb = self.batches[-1]
         self.ids = torch.zeros(mb, dtype=torch.long, device=device)  # [batch]
         self.hidden = None if first_stage else torch.zeros(mb, hidden_size, dtype=dtype, device=device)

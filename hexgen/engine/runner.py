@@ -101,10 +101,9 @@ class StageRunner:
             out = self.graphs.run(plan, x)
             if out is not None:
                 return out
-        positions = torch.tensor(plan.positions, dtype=torch.long, device=self.device)
         meta = build_meta(plan.positions, plan.q_lens, plan.ctx_lens, plan.block_tables, self.engine.block_size,
                           self.device)
-        cos, sin = self.rotary.lookup(positions, self.dtype)
+        cos, sin = self.rotary.lookup(meta.positions, self.dtype)
         return self.model(x, cos, sin, self.kv, meta)
 
     def _decode_forward(self, x: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor) -> torch.Tensor:

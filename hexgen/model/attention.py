@@ -1,57 +1,171 @@
-"""Attention over a paged KV cache: the pure-PyTorch reference path (CPU and GPU).
+"""Attention over a paged KV cache.
 
 The cache of one layer is two tensors [num_slots, n_kv, head_dim]; slot = block * block_size + offset.
 A step's tokens are flattened across sequences ("ragged"); ``AttnMeta`` says where each sequence's
 queries sit and which cache slots hold its context.
+
+A step is split in two: every sequence with one query token (a decode row) is attended in one batched call
+— the Triton paged kernel (``hexgen.model.paged_decode``) on CUDA, else the PyTorch reference that gathers
+the padded context. The prefill sequences (several query tokens) take one call of the Triton prefill
+kernel on CUDA, else a loop of SDPA calls, one per sequence.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hexgen.model import paged_decode
+
+
+@dataclass
+class PrefillSeq:
+    """One sequence of a step with several query tokens."""
+
+    q_start: int  # offset of its first query token in the step
+    q_len: int
+    ctx_len: int  # cached tokens after this step (including this step's)
+    ctx_slots: torch.Tensor | None  # [ctx_len] slots of its context; None when ctx_len == q_len
+
+
+@dataclass
+class PrefillBatch:
+    """Every prefill sequence of a step, for one call of the Triton prefill kernel."""
+
+    tables: torch.Tensor  # [n_pre, max_blocks] long, rows padded with block 0
+    q_starts: torch.Tensor  # [n_pre] long: first query token in the step
+    q_lens: torch.Tensor  # [n_pre] long
+    ctx_lens: torch.Tensor  # [n_pre] long: cached tokens after this step
+    tile_seq: torch.Tensor  # [n_tiles] long: prefill sequence of each PREFILL_BLOCK_M-token query tile
+    tile_m: torch.Tensor  # [n_tiles] long: the tile's index within its sequence
 
 
 @dataclass
 class AttnMeta:
-    """Per-step attention layout, built once per step and shared by every layer."""
+    """Per-step attention layout, built once per step and shared by every layer.
+
+    Decode rows are described either by block tables + lengths (kernel path) or by padded slots + a mask
+    (reference path); exactly one of the two pairs is set when the step has decode rows. Prefill sequences
+    are either one ``prefill_batch`` (kernel path) or a list looped over (reference path).
+    """
 
     slot_mapping: torch.Tensor  # [tokens] long: where each new token's K/V is written
-    q_starts: list[int]  # per sequence: offset of its first query token in the step
-    q_lens: list[int]
-    ctx_lens: list[int]  # per sequence: cached tokens after this step (including this step's)
-    ctx_slots: list[torch.Tensor]  # per sequence: [ctx_len] slots of its whole context
-    decode_slots: torch.Tensor | None = None  # [batch, max_ctx] slots, padded (all q_lens == 1)
-    decode_mask: torch.Tensor | None = None  # [batch, 1, 1, max_ctx] bool: key is valid
+    positions: torch.Tensor | None = None  # [tokens] long (build_meta only)
+    decode_rows: torch.Tensor | None = None  # [n_dec] token index of each decode row; None: every token is one
+    decode_tables: torch.Tensor | None = None  # [n_dec, max_blocks] long, rows padded with block 0
+    decode_ctx: torch.Tensor | None = None  # [n_dec] long: context length of each decode row
+    decode_slots: torch.Tensor | None = None  # [n_dec, max_ctx] long slots, padded with slot 0
+    decode_mask: torch.Tensor | None = None  # [n_dec, 1, 1, max_ctx] bool: key is valid
+    block_size: int = 0
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    prefill_batch: PrefillBatch | None = None
+
+    @property
+    def has_decode(self) -> bool:
+        return self.decode_tables is not None or self.decode_slots is not None
+
+
+def use_decode_kernel(device: torch.device) -> bool:
+    """Whether decode rows on ``device`` take the Triton paged kernel."""
+    return device.type == "cuda" and paged_decode.available()
+
+
+def use_prefill_kernel(device: torch.device) -> bool:
+    """Whether prefill sequences on ``device`` take the Triton paged prefill kernel."""
+    return device.type == "cuda" and paged_decode.prefill_available()
+
+
+def _starts(lens: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lens), dtype=np.int64)
+    np.cumsum(lens[:-1], out=out[1:])
+    return out
 
 
 def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
-               block_size: int, device: torch.device) -> AttnMeta:
-    """Derive slot indices from block tables. ``positions`` are the step's flattened token positions."""
-    q_starts, start = [], 0
-    for n in q_lens:
-        q_starts.append(start)
-        start += n
-    offsets = torch.arange(block_size)
-    ctx_cpu = []
-    for table, n in zip(block_tables, ctx_lens):
-        blocks = torch.tensor(table, dtype=torch.long)
-        ctx_cpu.append((blocks[:, None] * block_size + offsets[None, :]).reshape(-1)[:n])  # [ctx_len]
-    slot_cpu = torch.empty(len(positions), dtype=torch.long)
-    for b, (qs, ql, cl) in enumerate(zip(q_starts, q_lens, ctx_lens)):
-        slot_cpu[qs:qs + ql] = ctx_cpu[b][cl - ql:cl]
-    meta = AttnMeta(slot_cpu.to(device), q_starts, list(q_lens), list(ctx_lens), [])
-    if q_lens and all(n == 1 for n in q_lens):
-        max_ctx = max(ctx_lens)
-        padded = torch.zeros(len(q_lens), max_ctx, dtype=torch.long)  # [batch, max_ctx]
-        mask = torch.zeros(len(q_lens), max_ctx, dtype=torch.bool)
-        for b, s in enumerate(ctx_cpu):
-            padded[b, :s.numel()] = s
-            mask[b, :s.numel()] = True
-        meta.decode_slots = padded.to(device)
-        meta.decode_mask = mask[:, None, None, :].to(device)
-    else:
-        meta.ctx_slots = [s.to(device) for s in ctx_cpu]
+               block_size: int, device: torch.device, kernel: bool | None = None,
+               prefill_kernel: bool | None = None) -> AttnMeta:
+    """Derive slot indices from block tables. ``positions`` are the step's flattened token positions.
+
+    Host work is vectorized (numpy) and every index tensor reaches the device in one copy. ``kernel`` and
+    ``prefill_kernel`` pick the layouts of decode rows and of prefill sequences (default:
+    ``use_decode_kernel(device)``, ``use_prefill_kernel(device)``).
+    """
+    if kernel is None:
+        kernel = use_decode_kernel(device)
+    if prefill_kernel is None:
+        prefill_kernel = use_prefill_kernel(device)
+    bs = block_size
+    ql = np.asarray(q_lens, dtype=np.int64)  # [batch]
+    cl = np.asarray(ctx_lens, dtype=np.int64)
+    n_seq, n_tok = len(ql), len(positions)
+    q_starts = _starts(ql)
+    n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n_seq)
+    flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64, count=int(n_blocks.sum()))
+    t_starts = _starts(n_blocks)  # [batch] index of each table's first block in ``flat``
+
+    def slots_of(seq: np.ndarray, pos: np.ndarray) -> np.ndarray:  # slots of (sequence, position) pairs
+        return flat[t_starts[seq] + pos // bs] * bs + pos % bs
+
+    def tables_of(seqs: np.ndarray) -> np.ndarray:  # [len(seqs) * width] tables padded with block 0
+        j = np.arange(int(-(-cl[seqs].max() // bs)))
+        ok = j[None, :] < n_blocks[seqs][:, None]
+        idx = np.minimum(t_starts[seqs][:, None] + j[None, :], len(flat) - 1)
+        return np.where(ok, flat[idx], 0).reshape(-1)
+
+    tok_seq = np.repeat(np.arange(n_seq), ql)  # [tokens]
+    tok_pos = np.arange(n_tok) - q_starts[tok_seq] + (cl - ql)[tok_seq]
+    parts = [slots_of(tok_seq, tok_pos), np.asarray(positions, dtype=np.int64)]
+
+    dec = np.flatnonzero(ql == 1)
+    all_decode = len(dec) == n_seq
+    if len(dec) and not all_decode:
+        parts.append(q_starts[dec])
+    dec_ctx = cl[dec]
+    if len(dec) and kernel:
+        parts += [tables_of(dec), dec_ctx]
+    elif len(dec):
+        width = int(dec_ctx.max())  # tokens
+        j = np.arange(width)
+        ok = j[None, :] < dec_ctx[:, None]
+        seq = np.broadcast_to(dec[:, None], ok.shape)
+        parts += [np.where(ok, slots_of(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1), dec_ctx]
+
+    pre = np.flatnonzero(ql != 1)
+    chunked = pre[ql[pre] < cl[pre]] if not prefill_kernel else pre[:0]  # continuing a cached context
+    if len(pre) and prefill_kernel:
+        n_tiles = -(-ql[pre] // paged_decode.PREFILL_BLOCK_M)
+        tile_seq = np.repeat(np.arange(len(pre)), n_tiles)
+        tile_m = np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles)
+        parts += [tables_of(pre), q_starts[pre], ql[pre], cl[pre], tile_seq, tile_m]
+    if len(chunked):
+        lens = cl[chunked]
+        seq = np.repeat(chunked, lens)
+        parts.append(slots_of(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens)))
+
+    sizes = [len(p) for p in parts]
+    buf = torch.from_numpy(np.concatenate(parts)).to(device, non_blocking=True)
+    views = iter(buf.split(sizes))
+    meta = AttnMeta(next(views), next(views), block_size=bs)
+    if len(dec):
+        meta.decode_rows = None if all_decode else next(views)
+        table_or_slots, ctx = next(views).view(len(dec), -1), next(views)
+        if kernel:
+            meta.decode_tables, meta.decode_ctx = table_or_slots, ctx
+        else:
+            width = table_or_slots.shape[1]
+            meta.decode_slots = table_or_slots
+            meta.decode_mask = (torch.arange(width, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+    if len(pre) and prefill_kernel:
+        tables = next(views).view(len(pre), -1)
+        meta.prefill_batch = PrefillBatch(tables, *(next(views) for _ in range(5)))
+        return meta
+    ctx_slots = iter(next(views).split(cl[chunked].tolist())) if len(chunked) else iter(())
+    for s in pre.tolist():
+        slots = next(ctx_slots) if ql[s] < cl[s] else None
+        meta.prefills.append(PrefillSeq(int(q_starts[s]), int(ql[s]), int(cl[s]), slots))
     return meta
 
 
@@ -60,16 +174,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q: [tokens, n_q, d]; k, v: [tokens, n_kv, d]; caches [slots, n_kv, d]. Returns [tokens, n_q, d]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    if meta.decode_slots is not None:
-        return _decode(q, k_cache, v_cache, meta, scale)
+    if meta.has_decode and meta.decode_rows is None:
+        return _decode_batch(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
-    for qs, ql, cl, slots in zip(meta.q_starts, meta.q_lens, meta.ctx_lens, meta.ctx_slots):
+    if meta.has_decode:
+        rows = meta.decode_rows
+        out.index_copy_(0, rows, _decode_batch(q.index_select(0, rows), k_cache, v_cache, meta, scale))
+    if meta.prefill_batch is not None:
+        b = meta.prefill_batch
+        paged_decode.paged_prefill(q, k_cache, v_cache, out, b.tables, b.q_starts, b.q_lens, b.ctx_lens,
+                                   b.tile_seq, b.tile_m, scale, meta.block_size)
+    for p in meta.prefills:
+        qs, ql, cl = p.q_start, p.q_len, p.ctx_len
         qb = q[qs:qs + ql].transpose(0, 1)[None]  # [1, n_q, q_len, d]
-        kb = k_cache[slots].transpose(0, 1)[None]  # [1, n_kv, ctx_len, d]
-        vb = v_cache[slots].transpose(0, 1)[None]
-        if ql == cl:
+        if p.ctx_slots is None:  # the whole context is this step's: read it from k, v, not the cache
+            kb = k[qs:qs + ql].transpose(0, 1)[None]  # [1, n_kv, ctx_len, d]
+            vb = v[qs:qs + ql].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
         else:
+            kb = k_cache[p.ctx_slots].transpose(0, 1)[None]  # [1, n_kv, ctx_len, d]
+            vb = v_cache[p.ctx_slots].transpose(0, 1)[None]
             qpos = torch.arange(cl - ql, cl, device=q.device)[:, None]  # [q_len, 1]
             mask = torch.arange(cl, device=q.device)[None, :] <= qpos  # [q_len, ctx_len]
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -77,9 +201,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
+def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
+                  scale: float) -> torch.Tensor:
+    """q: [n_dec, n_q, d], one query token per decode row. Returns [n_dec, n_q, d]."""
+    if meta.decode_tables is not None:
+        return paged_decode.paged_decode(q, k_cache, v_cache, meta.decode_tables, meta.decode_ctx, scale,
+                                         meta.block_size)
+    return _decode(q, k_cache, v_cache, meta, scale)
+
+
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
             scale: float) -> torch.Tensor:
-    """Batched single-token decode over padded contexts."""
+    """Reference: batched single-token decode over padded contexts gathered from the cache."""
     kb = k_cache[meta.decode_slots].transpose(1, 2)  # [batch, n_kv, max_ctx, d]
     vb = v_cache[meta.decode_slots].transpose(1, 2)
     qb = q[:, :, None, :]  # [batch, n_q, 1, d]
@@ -87,16 +220,24 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     return o[:, :, 0, :]  # [batch, n_q, d]
 
 
-def decode_meta(block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int) -> AttnMeta:
+def decode_meta(block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int,
+                kernel: bool | None = None) -> AttnMeta:
     """Decode layout (every sequence one new token) computed on the device from tensors, with no host work
-    and fixed shapes: safe to capture in a CUDA graph. Produces the same fields ``_decode`` reads.
+    and fixed shapes: safe to capture in a CUDA graph.
 
     block_tables: [batch, n_blocks] long, each row a sequence's blocks padded with any valid block;
-    ctx_lens: [batch] long ≥ 1, cached tokens after this step. The context width is n_blocks * block_size.
+    ctx_lens: [batch] long ≥ 1, cached tokens after this step. With the kernel (``kernel``, default
+    ``use_decode_kernel``) the tables go to it as they are; otherwise the padded slots and mask of the
+    reference path are derived, with context width n_blocks * block_size.
     """
+    if kernel is None:
+        kernel = use_decode_kernel(block_tables.device)
+    last = ctx_lens - 1
+    slot_mapping = block_tables.gather(1, (last // block_size)[:, None])[:, 0] * block_size + last % block_size
+    if kernel:
+        return AttnMeta(slot_mapping, decode_tables=block_tables, decode_ctx=ctx_lens, block_size=block_size)
     width = block_tables.shape[1] * block_size
     j = torch.arange(width, device=block_tables.device)  # [width]
     slots = block_tables[:, j // block_size] * block_size + j % block_size  # [batch, width]
     mask = j[None, :] < ctx_lens[:, None]  # [batch, width]
-    slot_mapping = slots.gather(1, (ctx_lens - 1)[:, None])[:, 0]  # [batch]
-    return AttnMeta(slot_mapping, [], [], [], [], decode_slots=slots, decode_mask=mask[:, None, None, :])
+    return AttnMeta(slot_mapping, decode_slots=slots, decode_mask=mask[:, None, None, :], block_size=block_size)

@@ -1,0 +1,80 @@
+"""Time one layer's decode attention on the GPU: the Triton paged kernel against the gather path.
+
+Llama-2-7B shapes (32 query and KV heads, head_dim 128, bf16, block size 16). Each case is captured in a
+CUDA graph and replayed, as the engine does. Bandwidth counts the live K and V bytes each step must read
+(sum of context lengths × heads × head_dim × 2 tensors × 2 bytes), so 3 TB/s is the H100 ceiling.
+
+    PYTHONPATH=. python3 scripts/bench_paged_decode.py [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from hexgen.model import attention, paged_decode
+
+N_Q, N_KV, D, BS = 32, 32, 128, 16
+
+
+def _time(fn, reps: int = 50) -> float:
+    """Mean µs per call of ``fn`` replayed from a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def case(batch: int, ctx: int, width_tokens: int) -> dict:
+    blocks = -(-width_tokens // BS)
+    n_blocks = batch * blocks + 1
+    k = torch.randn(n_blocks * BS, N_KV, D, device="cuda", dtype=torch.bfloat16)  # [slots, n_kv, d]
+    v = torch.randn_like(k)
+    q = torch.randn(batch, N_Q, D, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks)  # non-contiguous blocks
+    lens = torch.full((batch,), ctx, device="cuda")
+    scale = D ** -0.5
+    gather = attention.decode_meta(tables, lens, BS, kernel=False)
+    kernel_us = _time(lambda: paged_decode.paged_decode(q, k, v, tables, lens, scale, BS))
+    gather_us = _time(lambda: attention._decode(q, k, v, gather, scale))
+    ref = attention._decode(q, k, v, gather, scale).float()
+    err = (paged_decode.paged_decode(q, k, v, tables, lens, scale, BS).float() - ref).abs().max().item()
+    live = batch * ctx * N_KV * D * 2 * 2
+    return dict(batch=batch, ctx=ctx, width=width_tokens, splits=paged_decode.num_splits(batch, N_KV,
+                blocks * BS, q.device), kernel_us=round(kernel_us, 1), gather_us=round(gather_us, 1),
+                speedup=round(gather_us / kernel_us, 2), kernel_tb_s=round(live / kernel_us / 1e6, 2),
+                max_err=err)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    rows = []
+    # (batch, live context, table width): batch-1 latency shapes, and batch-64 throughput shapes
+    for batch, ctx, width in [(1, 384, 4096), (1, 4096, 4096), (8, 1024, 2048), (64, 256, 512),
+                              (64, 1024, 2048), (64, 1024, 4096)]:
+        row = case(batch, ctx, width)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

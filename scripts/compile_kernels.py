@@ -1,0 +1,75 @@
+"""Compile the Triton attention kernels for an NVIDIA target with no GPU present (Triton's bundled LLVM
+and ptxas), so a CPU machine catches what only the real compiler rejects. Run without TRITON_INTERPRET.
+
+    PYTHONPATH=. python scripts/compile_kernels.py [--arch 90] [--full]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from hexgen.model import paged_decode, paged_decode_kernels as kern
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _compile(fn, sig: dict[str, str], cons: dict, target: GPUTarget, **options):
+    sig = {**sig, **{k: "constexpr" for k in cons}}
+    return triton.compile(triton.compiler.ASTSource(fn, sig, constexprs=cons), target=target, options=options)
+
+
+def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget):
+    ptr, mid = f"*{dtype}", "*fp32" if splits > 1 else f"*{dtype}"
+    sig = {"Q": ptr, "K": ptr, "V": ptr, "Tables": "*i64", "Ctx": "*i64", "Out": mid, "Lse": mid, "qk_scale": "fp32",
+           "num_splits": "i32"}
+    sig.update({a: "i32" for a in ("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh",
+                                   "stride_tb", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh")})
+    cons = dict(GROUP=group, BLOCK_G=_pow2(group), HEAD_DIM=d, BLOCK_D=_pow2(d), BS=16,
+                BLOCK_N=64 if _pow2(d) <= 64 else 32, SPLIT=splits > 1, IEEE=dtype == "fp32", DOT_F32=False)
+    _compile(kern.decode_stage1, sig, cons, target, num_warps=4, num_stages=2)
+    if splits > 1:
+        sig = {"Mid": "*fp32", "Lse": "*fp32", "Out": f"*{dtype}", "num_splits": "i32"}
+        sig.update({a: "i32" for a in ("stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh",
+                                       "stride_ob", "stride_oh")})
+        cons = dict(HEAD_DIM=d, BLOCK_D=_pow2(d), BLOCK_S=max(2, 1 << (splits - 1).bit_length()))
+        _compile(kern.decode_stage2, sig, cons, target, num_warps=4)
+
+
+def prefill(dtype: str, group: int, d: int, target: GPUTarget):
+    ptr = f"*{dtype}"
+    sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Tables": "*i64", "SeqQStart": "*i64", "SeqQLen": "*i64",
+           "SeqCtx": "*i64", "TileSeq": "*i64", "TileM": "*i64", "qk_scale": "fp32"}
+    sig.update({a: "i32" for a in ("stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh",
+                                   "stride_tb", "stride_ot", "stride_oh")})
+    cons = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=_pow2(d), BS=16, BLOCK_M=paged_decode.PREFILL_BLOCK_M,
+                BLOCK_N=64, IEEE=dtype == "fp32", DOT_F32=False)
+    _compile(kern.prefill_fwd, sig, cons, target, num_warps=4, num_stages=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--full", action="store_true", help="every dtype, group and head dim (slow)")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    target = GPUTarget("cuda", args.arch, 32)
+    if args.full:
+        cases = list(itertools.product(["bf16", "fp16", "fp32"], [1, 4, 8], [8, 64, 80, 128]))
+    else:
+        cases = [("bf16", 1, 128), ("fp32", 4, 8)]
+    for dtype, group, d in cases:
+        for splits in (1, 9):
+            decode(dtype, group, d, splits, target)
+        prefill(dtype, group, d, target)
+        print(f"sm_{args.arch} {dtype} group {group} head_dim {d}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
