@@ -1,4 +1,4 @@
-"""Llama model math for one pipeline stage. No torch.distributed here: the parallel layers handed in by
+"""Llama model math for one pipeline stage. No collectives here: the parallel layers handed in by
 ``hexgen.parallel`` do the communication.
 
 A stage owns layers [layer_start, layer_end); the first stage also owns the token embedding, the last the
