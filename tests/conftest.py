@@ -52,6 +52,16 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return save_tiny_tokenizer(str(tmp_path_factory.mktemp("tiny-tokenizer")))
 
 
+@pytest.fixture
+async def fake():
+    """An in-memory async Redis (fakeredis) for fast unit tests of protocol code; closed after the test."""
+    import fakeredis
+
+    r = fakeredis.FakeAsyncRedis()
+    yield r
+    await r.aclose()
+
+
 def _interpret_triton_without_cuda() -> None:
     """Without CUDA, Triton kernels run under Triton's interpreter (tests/test_paged_decode.py). The switch
     counts only if set before triton is first imported, and transformers imports it through torch, so it

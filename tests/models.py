@@ -214,3 +214,22 @@ def llama3_tied_sharded_case(path: str) -> Case:
     """Llama-3 rope scaling (rope_parameters), tied embeddings, a checkpoint split over several files."""
     return make_case(path, llama_config(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, tie_word_embeddings=True),
                      14, max_shard_size="100KB")
+
+
+SMOL_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village at the edge of a dark forest, there lived an old clockmaker "
+    "who had never once left the valley where he was born. Every morning he",
+]
+
+
+def smol_case(model_dir: str) -> Case:
+    """The embedded SmolLM2 with three prompts of different lengths (the last longer than a 32-token budget)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = load_hf(model_dir)
+    requests = greedy_requests([tok.encode(p) for p in SMOL_PROMPTS], N_NEW, prefix="smol")
+    reference = {r.request_id: hf_greedy(hf, r.prompt_ids, N_NEW) for r in requests}
+    return Case(model_dir, hf, requests, reference)

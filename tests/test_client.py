@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import fakeredis
 import pytest
 from redis.exceptions import ResponseError
 
@@ -14,13 +13,6 @@ from hexgen.serving import constants as C
 from hexgen.serving.head import run_head
 from hexgen.serving.protocol import decode_work_item, done_event, error_event, parse_cancel, token_event
 from hexgen.serving.settings import LimitSettings, ModelSettings, RedisSettings, Settings, async_redis
-
-
-@pytest.fixture
-async def fake():
-    r = fakeredis.FakeAsyncRedis()
-    yield r
-    await r.aclose()
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from hexgen.config import EngineConfig, Layout
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
-from tests.models import (LENGTHS, N_NEW, Case, check_against_hf, gqa_case, greedy_requests, hf_greedy, hf_logits,
-                          llama3_tied_sharded_case, load_hf, mha_case, mqa_case)
+from tests.models import (LENGTHS, Case, check_against_hf, gqa_case, hf_logits, llama3_tied_sharded_case, mha_case,
+                          mqa_case, smol_case)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -60,23 +60,10 @@ def llama3_tied_sharded(tmp_path_factory) -> Case:
     return llama3_tied_sharded_case(str(tmp_path_factory.mktemp("llama3")))
 
 
-SMOL_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village at the edge of a dark forest, there lived an old clockmaker "
-    "who had never once left the valley where he was born. Every morning he",
-]
-
-
 @pytest.fixture(scope="module")
 def smol(default_model_dir) -> Case:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    hf = load_hf(default_model_dir)
-    requests = greedy_requests([tok.encode(p) for p in SMOL_PROMPTS], N_NEW, prefix="smol")
-    reference = {r.request_id: hf_greedy(hf, r.prompt_ids, N_NEW) for r in requests}
-    return Case(default_model_dir, hf, requests, reference)
+    case = smol_case(default_model_dir)
+    return case
 
 
 def run(case: Case, hetero: tuple[int, ...], part: tuple[int, ...], dtype: str = "float32", **engine_kw) -> dict:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 
-import fakeredis
 import pytest
 
 from hexgen.serving import constants as C
@@ -23,13 +22,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def make_settings(url: str = "redis://localhost:6379/0", **limits) -> Settings:
     limits.setdefault("block_ms", 50)
     return Settings(model=ModelSettings(preset="tiny"), redis=RedisSettings(url), limits=LimitSettings(**limits))
-
-
-@pytest.fixture
-async def fake():
-    r = fakeredis.FakeAsyncRedis()
-    yield r
-    await r.aclose()
 
 
 @pytest.fixture

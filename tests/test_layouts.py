@@ -17,9 +17,9 @@ from hexgen.config import EngineConfig, Layout, ModelConfig
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
-from tests.models import (LENGTHS, N_NEW, Case, build_llama, check_against_hf, gqa_case, greedy_requests, hf_greedy,
-                          llama3_tied_sharded_case, llama_config, load_hf, mha_case, mqa_case, printable_only,
-                          set_eos)
+from tests.models import (LENGTHS, N_NEW, Case, build_llama, check_against_hf, gqa_case, hf_greedy,
+                          llama3_tied_sharded_case, llama_config, mha_case, mqa_case, printable_only, set_eos,
+                          smol_case)
 
 pytestmark = pytest.mark.slow
 
@@ -78,25 +78,12 @@ def test_tiny_kv_cache_preempts_and_stays_token_identical(gqa, capfd, monkeypatc
 
 # --- SmolLM2-135M (the embedded default model) -------------------------------------------------------
 
-SMOL_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village at the edge of a dark forest, there lived an old clockmaker "
-    "who had never once left the valley where he was born. Every morning he",
-]
-
-
 @pytest.fixture(scope="module")
 def smol(default_model_dir) -> Case:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    hf = load_hf(default_model_dir)
-    prompts = [tok.encode(p) for p in SMOL_PROMPTS]
-    assert len(prompts[-1]) > BUDGET and len({len(p) for p in prompts}) == len(prompts)
-    requests = greedy_requests(prompts, N_NEW, prefix="smol")
-    reference = {r.request_id: hf_greedy(hf, r.prompt_ids, N_NEW) for r in requests}
-    return Case(default_model_dir, hf, requests, reference)
+    case = smol_case(default_model_dir)
+    lengths = [len(r.prompt_ids) for r in case.requests]
+    assert lengths[-1] > BUDGET and len(set(lengths)) == len(lengths)
+    return case
 
 
 @pytest.mark.parametrize(("hetero", "part"), [((3, 1), (20, 10)), ((1, 3), (7, 23))], ids=["3.1", "1.3"])
