@@ -19,7 +19,6 @@ class ListSource:
 
     def __init__(self, requests: list[dict]) -> None:
         self._pending = [Request.from_dict(r) for r in requests]
-        self._open = {r.request_id for r in self._pending}
 
     def poll(self, max_requests: int, timeout_s: float) -> list[Request]:
         out, self._pending = self._pending[:max_requests], self._pending[max_requests:]
@@ -29,7 +28,7 @@ class ListSource:
         return []
 
     def finished(self, request_id: str) -> None:
-        self._open.discard(request_id)
+        pass  # nothing to release: the parent collects results from the sink
 
     def exhausted(self) -> bool:
         return not self._pending
