@@ -16,10 +16,12 @@ from typing import Callable
 
 import torch
 
-from hexgen.config import EngineConfig, Layout
+from hexgen.config import EngineConfig, Layout, StageSpec
+from hexgen.engine.emulation import limited_device
 from hexgen.engine.kv_cache import BlockManager
 from hexgen.engine.output import OutputProcessor
 from hexgen.engine.plan import StepPlan, StepResult
+from hexgen.engine.report import RankReport, rank_report
 from hexgen.engine.runner import ModelSpec, StageRunner
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Scheduler
@@ -187,8 +189,10 @@ def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | N
 
 
 def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
-             sink_factory: Callable[[], OutputSink] | None) -> None:
-    """Run one rank of a pipeline until stage 0's source is exhausted and all work is done."""
+             sink_factory: Callable[[], OutputSink] | None,
+             report: Callable[[RankReport], None] | None = None) -> None:
+    """Run one rank of a pipeline until stage 0's source is exhausted and all work is done; then hand
+    ``report`` (when given) this rank's peak memory and KV capacity."""
     stage = spec.layout.stage_of_rank(spec.rank)
     setup_logging(spec.rank, stage.index)
     if spec.engine.device == "cuda":
@@ -197,6 +201,14 @@ def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.layout.world_size))
+    with limited_device(spec.rank, device):
+        _run_rank(spec, stage, device, source_factory, sink_factory, report)
+
+
+def _run_rank(spec: RankSpec, stage: StageSpec, device: torch.device,
+              source_factory: Callable[[], RequestSource] | None,
+              sink_factory: Callable[[], OutputSink] | None,
+              report: Callable[[RankReport], None] | None = None) -> None:
     groups = PipelineGroups(spec.layout, spec.rank, spec.init_method, device)
     source = sink = None
     try:
@@ -210,6 +222,8 @@ def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
             FirstLeader(groups, runner, spec.engine, source, last).run()
         else:
             _stage_loop(groups, runner, last)
+        if report is not None:
+            report(rank_report(spec.rank, runner))
     finally:
         if sink is not None:
             sink.close()

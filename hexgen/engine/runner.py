@@ -8,6 +8,7 @@ import torch
 
 from hexgen.config import EngineConfig, ModelConfig, preset
 from hexgen.engine.cuda_graph import DecodeGraphs
+from hexgen.engine.emulation import memory_cap
 from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
 from hexgen.engine.plan import StepPlan
 from hexgen.errors import ConfigError
@@ -79,6 +80,9 @@ class StageRunner:
             return max(1, e.cpu_kv_tokens // e.block_size)
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
+        cap = memory_cap(self.device)  # an emulated smaller card (hexgen.engine.emulation)
+        if cap is not None:
+            free, total = max(0, cap - torch.cuda.memory_reserved(self.device)), cap
         # Everything already on the device (our weights included) counts against the fraction.
         budget = total * e.gpu_memory_fraction - (total - free) - self._activation_reserve()
         return max(2, int(budget // per_block))
