@@ -28,8 +28,9 @@ def free_port() -> int:
 
 def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,
                 source_factory: Callable[[], RequestSource], sink_factory: Callable[[], OutputSink],
-                devices: list[int] | None = None) -> list[mp.Process]:
-    """Spawn every rank of ``layout`` on this host; rank 0 gets the source, the last leader the sink."""
+                devices: list[int] | None = None, report: Callable | None = None) -> list[mp.Process]:
+    """Spawn every rank of ``layout`` on this host; rank 0 gets the source, the last leader the sink, and
+    every rank ``report`` (picklable; see run_rank)."""
     init = f"tcp://127.0.0.1:{free_port()}"
     last = layout.stages()[-1].leader
     ctx = mp.get_context("spawn")
@@ -39,7 +40,7 @@ def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,
         spec = RankSpec(rank, layout, model, engine, init, dev)
         p = ctx.Process(target=run_rank, name=f"hexgen-rank{rank}", daemon=False,
                         args=(spec, source_factory if rank == 0 else None,
-                              sink_factory if rank == last else None))
+                              sink_factory if rank == last else None, report))
         p.start()
         procs.append(p)
     return procs

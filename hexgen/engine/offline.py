@@ -10,6 +10,7 @@ import torch
 
 from hexgen.config import EngineConfig, Layout
 from hexgen.engine.launcher import start_ranks, wait_ranks
+from hexgen.engine.report import RankReport
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, RequestSource, StepOutput
 
@@ -83,20 +84,26 @@ class Completion:
 
 def run_offline(layout: Layout, model: ModelSpec, engine: EngineConfig, requests: list[Request],
                 on_output: Callable[[StepOutput], None] | None = None,
-                devices: list[int] | None = None, source: RequestSource | None = None
-                ) -> dict[str, Completion]:
+                devices: list[int] | None = None, source: RequestSource | None = None,
+                on_report: Callable[[RankReport], None] | None = None) -> dict[str, Completion]:
     """Generate every request on a local pipeline; returns completions by request id.
 
     ``source`` (picklable) replaces the default ListSource of ``requests``, e.g. to release them in phases
-    (benchmarks); ``requests`` must still list every request it will hand out.
+    (benchmarks); ``requests`` must still list every request it will hand out. ``on_report`` gets each
+    rank's RankReport (peak memory, KV capacity) once that rank has finished.
     """
-    recv, send = mp.get_context("spawn").Pipe(duplex=False)
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    reports = ctx.SimpleQueue() if on_report is not None else None
     source = source if source is not None else ListSource([r.to_dict() for r in requests])
     results = {r.request_id: Completion(r.request_id) for r in requests}
-    procs = start_ranks(layout, model, engine, _Factory(source), _Factory(PipeSink(send)), devices)
+    procs = start_ranks(layout, model, engine, _Factory(source), _Factory(PipeSink(send)), devices,
+                        _QueueReport(reports) if reports is not None else None)
     send.close()
 
     def drain() -> None:
+        while reports is not None and not reports.empty():
+            on_report(RankReport.from_dict(reports.get()))
         while recv.poll(0.05):
             try:
                 outs = _decode_outputs(recv.recv_bytes())
@@ -115,6 +122,16 @@ def run_offline(layout: Layout, model: ModelSpec, engine: EngineConfig, requests
 
     wait_ranks(procs, on_tick=drain)
     return results
+
+
+class _QueueReport:
+    """A picklable report callback of a rank: puts the RankReport (as a dict) on a queue to the parent."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def __call__(self, report: RankReport) -> None:
+        self.queue.put(report.to_dict())
 
 
 class _Factory:
