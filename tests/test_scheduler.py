@@ -298,3 +298,21 @@ def test_request_without_room_finishes_with_length(prompt_len, max_new, output):
     (notice,) = plan.cancelled
     assert notice["reason"] == "length" and notice["request"]["request_id"] == "a"
     assert finish_step(s, plan) == ["a"]
+
+
+@pytest.mark.parametrize(("num_blocks", "max_len"), [(64, 32), (8, 1024)])  # model context / KV cache (32 slots)
+@pytest.mark.parametrize("short", [1, 2])
+def test_prompt_just_short_of_the_context_makes_the_tokens_that_fit(num_blocks, max_len, short):
+    s = make(num_blocks=num_blocks, max_len=max_len)
+    r = req("a", s.max_len - short, max_new=50)
+    s.add(r)
+    assert r.params.max_new_tokens == short
+    made, step = 0, 0
+    while True:
+        plan = s.schedule(step)
+        step += 1
+        check_plan(s, plan)
+        made += sum(plan.sample)
+        if finish_step(s, plan) == ["a"]:
+            break
+    assert made == short and s.idle

@@ -4,6 +4,13 @@ Each step mixes decodes of running sequences with (chunked) prefills of new ones
 A sequence has at most one chunk in flight, so with P stages up to P micro-batches of different sequences
 travel the pipeline at once. When the KV cache runs out, the youngest idle sequence is preempted (its blocks
 freed; it is recomputed later from prompt + generated tokens).
+
+Context length. A sequence holds at most ``max_len`` tokens, prompt and completion together (``max_len`` is
+max_model_len, or the KV cache's capacity if smaller), the same rule as the head's ``check_context`` and
+Hugging Face's ``max_length``: a prompt of max_len − k tokens makes at most k tokens (max_len − 1 makes
+one), and a prompt of max_len tokens or more finishes at once with "length" and no tokens. (One more token
+could be sampled from a max_len prompt, since the last sampled token's K/V is never stored, but that
+sequence would hold max_len + 1 tokens.)
 """
 from __future__ import annotations
 
