@@ -13,6 +13,7 @@ COMMANDS = {
     "fetch-model": ("hexgen.cli.fetch_model", "fetch and convert the embedded default model"),
     "bench": ("hexgen.cli.bench", "latency / throughput / serve benchmarks"),
     "plan": ("hexgen.cli.plan", "validate a layout and show each stage's ranks and layers"),
+    "profile": ("hexgen.cli.profile", "time one decoder layer on this device; write a planner calibration"),
 }
 
 

@@ -61,7 +61,7 @@ class Calibration:
     """Measured per-layer times for one device and one layer shape."""
 
     device: str  # DeviceSpec name it was measured on
-    model: dict  # the layer shape: hidden, intermediate, heads, kv_heads, head_dim
+    model: dict = field(hash=False)  # the layer shape: hidden, intermediate, heads, kv_heads, head_dim
     points: tuple[Point, ...]  # (tp, tokens, context, seconds)
     dtype: str = "bfloat16"
     meta: dict = field(default_factory=dict, compare=False, hash=False)  # torch version, host, reps, ...
@@ -115,12 +115,16 @@ class Calibration:
         if len(vals) == 1:
             c0, t0 = vals[0]
             return t0 if 0.5 <= context / c0 <= 2.0 else None
-        # Two families bracketing (or nearest to) the query context; slope clamped >= 0.
+        # Linear between the two families bracketing the query context; beyond the measured contexts,
+        # extrapolated from the nearest end with the end segment's slope (clamped >= 0).
         cs = [c for c, _ in vals]
         i = min(max(bisect.bisect_left(cs, context), 1), len(vals) - 1)
         (c0, t0), (c1, t1) = vals[i - 1], vals[i]
-        slope = max(0.0, (t1 - t0) / (c1 - c0)) if c1 > c0 else 0.0
-        return max(min(t0, t1), t0 + slope * (context - c0))
+        slope = (t1 - t0) / (c1 - c0) if c1 > c0 else 0.0
+        if c0 <= context <= c1:
+            return t1 if context == c1 else t0 + slope * (context - c0)
+        end_c, end_t = (c0, t0) if context < c0 else (c1, t1)
+        return max(min(t0, t1), end_t + max(0.0, slope) * (context - end_c))
 
 
 def _interp_tokens(pts: list[Point], tokens: int) -> float | None:
@@ -203,3 +207,121 @@ def save_calibration(cal: Calibration, path: str) -> None:
         json.dump(calibration_to_dict(cal), f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
+
+
+# -- measurement (bin/hexgen profile) -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What ``bin/hexgen profile`` measures: decode batches at each per-sequence context, and prefill lengths,
+    for each TP degree (one rank's shard shapes, no collective)."""
+
+    tp_degrees: tuple[int, ...] = (1,)
+    batches: tuple[int, ...] = (1, 8, 32, 128)  # decode: sequences per step, one new token each
+    contexts: tuple[int, ...] = (128, 1024)  # decode: cached positions per sequence
+    prefills: tuple[int, ...] = (128, 512, 2048)  # prefill: prompt length of one sequence
+    warmup: int = 3
+    reps: int = 10
+    block_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tp_degrees", "batches", "contexts", "prefills"):
+            vals = tuple(getattr(self, name))
+            object.__setattr__(self, name, vals)
+            for v in vals:
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 20:
+                    raise ConfigError(f"{name}: {v!r} must be an integer in [1, {1 << 20}]")
+        for c in self.contexts:
+            if c < PREFILL_RATIO:
+                raise ConfigError(f"contexts: {c} must be >= {PREFILL_RATIO:g} (a decode reads a cached context)")
+        if not self.tp_degrees or not (self.batches and self.contexts or self.prefills):
+            raise ConfigError("profile: give at least one TP degree and some decode batches or prefill lengths")
+        for name, low in (("warmup", 0), ("reps", 1), ("block_size", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 1 << 30:
+                raise ConfigError(f"{name}: {v!r} must be an integer >= {low}")
+
+
+def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
+            log=lambda msg: None) -> Calibration:
+    """Time ONE decoder layer of ``cfg`` (random weights, hexgen.model.llama) on ``device`` ("cpu", "cuda",
+    "cuda:1") at every point of ``prof``: CUDA events on GPUs, perf_counter on CPU; warm-up, then the median of
+    ``reps`` runs. TP > 1 builds one rank's shard shapes with the all-reduce replaced by a no-op: the cost model
+    adds the collective from the link, so these points hold on any interconnect."""
+    import platform
+    import statistics
+    import time
+
+    import torch
+
+    from hexgen.config import StageSpec, normalize_dtype, valid_tp_degrees
+    from hexgen.engine.kv_cache import allocate_cache
+    from hexgen.model.attention import build_meta
+    from hexgen.model.loader import build_stage, init_random
+    from hexgen.model.rope import RotaryCache
+    from hexgen.parallel.groups import TPContext
+
+    class ShardOnly(TPContext):
+        """One rank's shapes of a TP group, with the collective left out (modelled separately)."""
+
+        def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    dev = torch.device(device)
+    tdtype = getattr(torch, normalize_dtype(dtype))
+    cuda = dev.type == "cuda"
+    valid = valid_tp_degrees(cfg, 1 << 16)
+    bs = prof.block_size
+    shapes = [(b, b * c) for b in prof.batches for c in prof.contexts]
+    shapes += [(n, n) for n in prof.prefills]
+    max_len = max((*prof.contexts, *prof.prefills)) + 1
+    rotary = RotaryCache(cfg, max_len, dev)
+    points = []
+    for tp in prof.tp_degrees:
+        if tp not in valid:
+            raise ConfigError(f"tp-degrees: {tp} is not valid for this model; valid: {', '.join(map(str, valid))}")
+        stage = StageSpec(index=1, tp=tp, layer_start=0, layer_end=1, first_rank=0, num_stages=3)  # no embed/head
+        model = build_stage(cfg, stage, ShardOnly(0, tp), tdtype, dev)
+        init_random(model, prof.seed, 0)
+        n_kv = model.layers[0].attn.n_kv
+        for tokens, context in shapes:
+            per_seq = context // tokens
+            seqs, q_len = (tokens, 1) if context > tokens else (1, tokens)
+            blocks_per_seq = -(-per_seq // bs) if context > tokens else -(-tokens // bs)
+            kv = allocate_cache(1, seqs * blocks_per_seq, bs, n_kv, cfg.head_dim, tdtype, dev)
+            tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(seqs)]
+            ctx_len = per_seq if context > tokens else tokens
+            positions = [p for _ in range(seqs) for p in range(ctx_len - q_len, ctx_len)]
+            meta = build_meta(positions, [q_len] * seqs, [ctx_len] * seqs, tables, bs, dev)
+            cos, sin = rotary.lookup(meta.positions, tdtype)
+            g = torch.Generator(device=dev).manual_seed(prof.seed)
+            x = torch.randn(tokens, cfg.hidden_size, generator=g, device=dev).to(tdtype)  # [tokens, hidden]
+            times = []
+            with torch.inference_mode():
+                for i in range(prof.warmup + prof.reps):
+                    if cuda:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        model(x, cos, sin, kv, meta)
+                        end.record()
+                        end.synchronize()
+                        took = start.elapsed_time(end) / 1e3
+                    else:
+                        t0 = time.perf_counter()
+                        model(x, cos, sin, kv, meta)
+                        took = time.perf_counter() - t0
+                    if i >= prof.warmup:
+                        times.append(took)
+            secs = statistics.median(times)
+            points.append(Point(tp, tokens, context, secs))
+            log(f"tp {tp} tokens {tokens} context {context}: {secs * 1e6:.1f} us")
+            del kv
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    from hexgen.planner.costmodel import layer_shape
+    meta = {"torch": torch.__version__, "host": platform.node(), "torch_device": device,
+            "device_label": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
+            "warmup": prof.warmup, "reps": prof.reps, "block_size": bs,
+            "note": "one decoder layer, one TP rank's shard shapes, all-reduce excluded"}
+    return Calibration(device_name, layer_shape(cfg), tuple(points), normalize_dtype(dtype), meta)

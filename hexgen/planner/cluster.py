@@ -243,7 +243,7 @@ def _node(d: Any, i: int, overrides: Mapping[str, DeviceSpec], names: set[str]) 
     bw = _number(d, "link_bandwidth_gbs", where)
     lat = _number(d, "link_latency_us", where)
     intra = Link(bw * GB if bw is not None else base_link.bandwidth,
-                 lat * 1e-6 if lat is not None else base_link.latency)
+                 lat / 1e6 if lat is not None else base_link.latency)
     return Node(name, dev, count, intra)
 
 
@@ -259,7 +259,7 @@ def cluster_from_dict(d: Mapping) -> Cluster:
         bw = _number(net, "bandwidth_gbps", "network")
         lat = _number(net, "latency_us", "network")
         inter = Link(bw * 1e9 / 8 if bw is not None else DEFAULT_INTER.bandwidth,
-                     lat * 1e-6 if lat is not None else DEFAULT_INTER.latency)
+                     lat / 1e6 if lat is not None else DEFAULT_INTER.latency)
     overrides = _devices(d.get("devices"))
     nodes = d.get("nodes")
     if not isinstance(nodes, list) or not nodes:

@@ -120,3 +120,20 @@ def device_spec(name: str, overrides: Mapping[str, DeviceSpec] | None = None) ->
     known_names = sorted(set(DEVICE_SPECS) | set(overrides or {}))
     raise ConfigError(f"gpu: {name!r} is not a known device; known: {', '.join(known_names)} "
                       "(or define it in a [devices.NAME] table)")
+
+
+# Substrings of torch.cuda.get_device_name() (normalised by _key), most specific first.
+_CUDA_NAMES = (
+    (("h200",), "H200"), (("h100",), "H100"), (("a100", "40gb"), "A100-40GB"), (("a100",), "A100-80GB"),
+    (("a6000",), "A6000"), (("a5000",), "A5000"), (("a4000",), "A4000"), (("l40s",), "L40S"), (("4090",), "RTX4090"),
+    (("3090",), "RTX3090"), (("teslat4",), "T4"), (("v100",), "V100"),
+)
+
+
+def guess_device_name(cuda_name: str) -> str | None:
+    """The built-in spec name of a CUDA device name ("NVIDIA H100 80GB HBM3" -> "H100"); None when unknown."""
+    key = _key(cuda_name)
+    for subs, name in _CUDA_NAMES:
+        if all(sub in key for sub in subs):
+            return name
+    return "L4" if key.endswith("l4") else None
