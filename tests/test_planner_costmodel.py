@@ -6,8 +6,9 @@ import pytest
 from hexgen.config import PRESETS, ModelConfig
 from hexgen.errors import ConfigError
 from hexgen.planner.cluster import Link
-from hexgen.planner.costmodel import (BANDWIDTH_EFFICIENCY, FLOPS_EFFICIENCY, GPU_RUNTIME_BYTES, LM_HEAD_MAX_ROWS,
-                                      CostModel, attention_pairs)
+from hexgen.planner.costmodel import (BANDWIDTH_EFFICIENCY, CPU_OP_MIN_S, FLOPS_EFFICIENCY, GPU_RUNTIME_BYTES,
+                                      KERNEL_MIN_S, KERNELS_PER_LAYER, LAYER_OVERHEAD_S, LM_HEAD_MAX_ROWS, CostModel,
+                                      attention_pairs)
 from hexgen.planner.devices import DEVICE_SPECS
 
 H100 = DEVICE_SPECS["H100"]
@@ -157,6 +158,14 @@ def test_cpu_capacity_has_no_gpu_runtime():
     cap = cost.kv_capacity_tokens(cpu, 1, 6, True, True, memory_fraction=0.5)
     free = int(cpu.memory_bytes * 0.5) - cost.stage_memory(1, 6, 0, True, True)
     assert cap == free // (6 * cost.kv_bytes_per_token(1))
+
+
+def test_tiny_layers_hit_the_kernel_floor():
+    cost = CostModel(PRESETS["tiny"], dtype_bytes=4)
+    gpu = cost.layer_time(H100, 1, 1, 10)
+    assert gpu == pytest.approx(KERNELS_PER_LAYER * KERNEL_MIN_S + LAYER_OVERHEAD_S)
+    cpu = cost.layer_time(DEVICE_SPECS["CPU"], 1, 1, 10)
+    assert cpu == pytest.approx(KERNELS_PER_LAYER * CPU_OP_MIN_S + LAYER_OVERHEAD_S)
 
 
 def test_validation():

@@ -33,6 +33,9 @@ BANDWIDTH_EFFICIENCY = 0.8
 LAYER_OVERHEAD_S = 3e-6
 KERNELS_PER_LAYER = 12
 KERNEL_MIN_S = 2.5e-6
+# On the generic "CPU" device each eager PyTorch op costs ~10 us of dispatch however small (a tiny-preset layer
+# measures ~120-160 us with `bin/hexgen profile --device cpu --threads 1`).
+CPU_OP_MIN_S = 10e-6
 # Activation bytes moved per token per layer besides weights and KV, in units of dtype elements:
 # each op reads its input and writes its output (norms, residuals, QKV, attention out, gate/up, SiLU, down).
 ACT_HIDDEN_PASSES = 10  # x hidden
@@ -146,7 +149,8 @@ class CostModel:
         """The datasheet estimate of layer_time (no calibration)."""
         compute = self.layer_flops(tp, tokens, context) / (dev.peak_flops * FLOPS_EFFICIENCY)
         memory = self.layer_bytes(tp, tokens, context) / (dev.mem_bandwidth * BANDWIDTH_EFFICIENCY)
-        return max(compute, memory, KERNELS_PER_LAYER * KERNEL_MIN_S) + LAYER_OVERHEAD_S
+        floor = KERNELS_PER_LAYER * (CPU_OP_MIN_S if dev.name == "CPU" else KERNEL_MIN_S)
+        return max(compute, memory, floor) + LAYER_OVERHEAD_S
 
     def layer_time(self, dev: DeviceSpec, tp: int, tokens: int, context: int) -> float:
         """One decoder layer on one TP rank: ``tokens`` new tokens in the step (prefill: batch*prompt; decode:
