@@ -9,7 +9,7 @@ import pytest
 
 from hexgen.errors import ConfigError
 from hexgen.planner.simulator import SimConfig, SimResult, max_rate_under_slo, percentile, request_stream, \
-    simulate
+    saturated_rate, simulate
 
 
 # -- stubs shaped like API.md's Plan / ReplicaPlan / StagePlan / Cluster / CostModel ---------------------------
@@ -291,8 +291,7 @@ def test_2000_requests_is_fast():
 def test_max_rate_under_slo():
     plan = make_plan([(FAST, 4), (SLOW, 4)])
     kw = dict(num_requests=200, seed=0)
-    sat = simulate(plan, StubCost(), StubCluster(), rate=math.inf, num_requests=200, workload=Workload(64, 32),
-                   slo=Slo()).throughput_rps
+    sat = saturated_rate(plan, StubCost(), StubCluster(), Workload(64, 32))
     lone = simulate(plan, StubCost(), StubCluster(), rate=math.inf, num_requests=1, workload=Workload(64, 32),
                     slo=Slo()).latency_p50
     tight = max_rate_under_slo(plan, StubCost(), StubCluster(), Workload(64, 32), Slo(lone * 1.5), **kw)
@@ -303,6 +302,20 @@ def test_max_rate_under_slo():
     assert res.slo_attainment >= 0.9
     assert max_rate_under_slo(plan, StubCost(), StubCluster(), Workload(64, 32), Slo(lone * 0.5), **kw) == 0.0
     assert max_rate_under_slo(plan, StubCost(), StubCluster(), Workload(64, 32), Slo(1e9), **kw) == sat
+
+
+def test_saturated_rate_meets_the_bottleneck_bound():
+    # equal linear stages: the bottleneck stage works layers * 1e-3 s per token, prompt + output - 1 tokens each
+    # (decode-heavy, so micro-batches are of similar size; prefill chunks next to decode-only micro-batches
+    # leave bubbles, as with the engine's scheduler)
+    plan = make_plan([(LINEAR, 2)] * 3)
+    bound = 1 / (2 * 1e-3 * (1 + 64 - 1))
+    sat = saturated_rate(plan, StubCost(), StubCluster(), Workload(1, 64))
+    assert 0.9 * bound <= sat <= bound * 1.0001
+    single = saturated_rate(plan, StubCost(), StubCluster(), Workload(1, 64), micro_batches=False)
+    assert single == pytest.approx(sat / 3, rel=0.1)
+    prefill_heavy = saturated_rate(plan, StubCost(), StubCluster(), Workload(512, 32))
+    assert prefill_heavy <= 1 / (2 * 1e-3 * (512 + 32 - 1)) * 1.0001
 
 
 # -- validation ---------------------------------------------------------------------------------------------------

@@ -186,7 +186,14 @@ def simulate(plan, cost, cluster, *, rate: float, num_requests: int, workload, s
     ``micro_batches`` False keeps one micro-batch in flight per replica (no pipelining).
     Deterministic for a seed.
     """
-    config = config or SimConfig()
+    seqs, replicas, area = _run(plan, cost, cluster, rate, num_requests, workload, seed, micro_batches,
+                                config or SimConfig())
+    return _summarize(seqs, replicas, slo, area)
+
+
+def _run(plan, cost, cluster, rate, num_requests, workload, seed, micro_batches, config):
+    """The event loop; returns the requests (with their timestamps), the replicas and the area under the
+    number of requests held over time."""
     stream = request_stream(rate, num_requests, workload, seed)
     replicas = _build_replicas(plan, cost, cluster, config, micro_batches)
     seqs = [SimSeq(i, p, o, t) for i, (t, p, o) in enumerate(stream)]
@@ -236,7 +243,7 @@ def simulate(plan, cost, cluster, *, rate: float, num_requests: int, workload, s
             for i in sorted(touched):
                 if replicas[i].polling:
                     replicas[i].kick(now, push)
-    return _summarize(seqs, replicas, slo, area)
+    return seqs, replicas, area
 
 
 def _summarize(seqs: list[SimSeq], replicas: list[ReplicaSim], slo, area: float) -> SimResult:
@@ -271,29 +278,58 @@ def _summarize(seqs: list[SimSeq], replicas: list[ReplicaSim], slo, area: float)
     )
 
 
-def max_rate_under_slo(plan, cost, cluster, workload, slo, attainment: float = 0.9, *, num_requests: int = 500,
-                       seed: int = 0, micro_batches: bool = True, config: SimConfig | None = None,
-                       rel_tol: float = 0.02, max_iters: int = 20) -> float:
-    """Highest Poisson rate (requests/s) at which at least ``attainment`` of ``num_requests`` meet ``slo``.
+def _concurrency(plan, config: SimConfig) -> int:
+    """Requests all replicas together run at once (their max_num_seqs)."""
+    return sum(config.max_num_seqs or (rp.max_batch if getattr(rp, "max_batch", 0) > 0 else 64)
+               for rp in plan.replicas)
 
-    Bisects between 0 and the saturated throughput (all requests at once), which also caps the answer: a
-    finite stream can meet a loose SLO above capacity, a sustained one cannot. 0.0 when even a lone request
-    misses the SLO. Same seed at every rate, so the arrival pattern only scales.
+
+def _window_rate(seqs: list[SimSeq]) -> float:
+    """Completions per second between the 25th and 75th percentile completion."""
+    done = sorted(s.done_at for s in seqs if s.done_at is not None)
+    if len(done) < 4:
+        return len(done) / done[-1] if done and done[-1] > 0 else 0.0
+    a, b = len(done) // 4, (3 * len(done)) // 4
+    span = done[b] - done[a]
+    return (b - a) / span if span > 0 else math.inf
+
+
+def saturated_rate(plan, cost, cluster, workload, *, seed: int = 0, micro_batches: bool = True,
+                   config: SimConfig | None = None, num_requests: int | None = None) -> float:
+    """Steady-state capacity (requests/s) of ``plan``: the completion rate between the 25th and 75th percentile
+    completion of a burst (all at once) of ``num_requests`` (default: 4x the plan's total max_num_seqs, at least
+    200). Every replica runs full until the queue drains at about the 75th percentile, and the ramp-up and the
+    drain are left out."""
+    config = config or SimConfig()
+    n = num_requests or max(200, 4 * _concurrency(plan, config))
+    return _window_rate(_run(plan, cost, cluster, math.inf, n, workload, seed, micro_batches, config)[0])
+
+
+def max_rate_under_slo(plan, cost, cluster, workload, slo, attainment: float = 0.9, *,
+                       num_requests: int | None = None, seed: int = 0, micro_batches: bool = True,
+                       config: SimConfig | None = None, rel_tol: float = 0.02, max_iters: int = 20) -> float:
+    """Highest Poisson rate (requests/s) at which at least ``attainment`` of ``num_requests`` requests meet
+    ``slo`` (default: the plan's total max_num_seqs, between 500 and 5000).
+
+    Bisects between 0 and ``saturated_rate``, which also caps the answer: a finite stream can meet a loose SLO
+    above capacity, a sustained one cannot. 0.0 when even a lone request misses the SLO. The same seed at every
+    rate, so the arrival pattern only scales.
     """
     if not 0.0 < attainment <= 1.0:
         raise ConfigError(f"attainment: {attainment!r} must be in (0, 1]")
     if not 0.0 < rel_tol < 1.0:
         raise ConfigError(f"rel_tol: {rel_tol!r} must be in (0, 1)")
+    config = config or SimConfig()
+    n = num_requests or min(5000, max(500, _concurrency(plan, config)))
 
-    def run(rate: float, n: int = num_requests) -> SimResult:
-        return simulate(plan, cost, cluster, rate=rate, num_requests=n, workload=workload, slo=slo, seed=seed,
-                        micro_batches=micro_batches, config=config)
+    def run(rate: float, count: int = n) -> SimResult:
+        return simulate(plan, cost, cluster, rate=rate, num_requests=count, workload=workload, slo=slo,
+                        seed=seed, micro_batches=micro_batches, config=config)
 
-    alone = run(math.inf, 1)
-    if alone.slo_attainment < 1.0:
+    if run(math.inf, 1).slo_attainment < 1.0:
         return 0.0
-    hi = run(math.inf).throughput_rps
-    if hi <= 0:
+    hi = saturated_rate(plan, cost, cluster, workload, seed=seed, micro_batches=micro_batches, config=config)
+    if not 0 < hi < math.inf:
         return 0.0
     if run(hi).slo_attainment >= attainment:
         return hi
