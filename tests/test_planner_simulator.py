@@ -351,3 +351,39 @@ def test_percentile():
     assert percentile([], 50) == 0.0
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+
+
+# -- bin/hexgen simulate -----------------------------------------------------------------------------------------
+def test_cli_explicit_layout_json(capsys):
+    import json
+
+    from hexgen.cli.simulate import main
+    rc = main(["--preset", "tiny", "--hetero-config", "1", "1", "--gpu", "H100", "--num-requests", "40",
+               "--rate", "50", "--prompt-len", "32:256", "--output-len", "8", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["plan"]["replicas"][0]["hetero_config"] == [1, 1]
+    assert out["result"]["completed"] == 40 and 0 <= out["result"]["slo_attainment"] <= 1
+
+
+def test_cli_cluster_table(tmp_path, capsys):
+    from hexgen.cli.simulate import main
+    path = tmp_path / "c.toml"
+    path.write_text('[[nodes]]\nname = "a"\ngpu = "A6000"\ncount = 2\n')
+    rc = main(["--preset", "tiny", "--cluster", str(path), "--num-requests", "30", "--time-budget", "1",
+               "--max-rate"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "SLO attainment" in out or "within the latency bound" in out
+    assert "max rate" in out
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--preset", "tiny", "--hetero-config", "1", "1"], "--gpu"),
+    (["--preset", "tiny", "--hetero-config", "1", "--gpu", "H100", "--cluster", "x.toml"], "--cluster"),
+    (["--preset", "tiny", "--hetero-config", "1", "--gpu", "H100", "--rate", "0"], "rate"),
+])
+def test_cli_errors(argv, field, capsys):
+    from hexgen.cli.simulate import main
+    assert main(argv) == 2
+    assert field in capsys.readouterr().err

@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("hexgen.cli.bench", "latency / throughput / serve benchmarks"),
     "plan": ("hexgen.cli.plan", "validate a layout and show each stage's ranks and layers"),
     "profile": ("hexgen.cli.profile", "time one decoder layer on this device; write a planner calibration"),
+    "simulate": ("hexgen.cli.simulate", "simulate a request stream through a deployment plan"),
 }
 
 
