@@ -8,8 +8,10 @@ Latency model for ``b`` requests in flight on ``P`` stages, micro-batches of ``m
 
 - decode round (every request gains a token): ``max(sum_s D_s(m) + hops + return, P * max_s D_s(m))``
 - time to first token: ``sum_s F_s(prompt) + hops``
-- latency: ``TTFT + (output - 1) * round + b * max_s F_s`` (the last term: in steady state ``b`` other prompts
-  are prefilled during one request's lifetime, each holding the bottleneck stage for its prefill)
+- latency: ``TTFT + (output - 1) * round + b * stall``, ``stall = max_s F_s + RING_STALL * (TTFT - max_s F_s)``:
+  in steady state ``b`` other prompts are prefilled during one request's lifetime. A micro-batch carrying a
+  prefill holds the bottleneck stage for ``max_s F_s`` and also delays the ring of ``P`` micro-batches at the
+  other stages it passes; RING_STALL is fitted to hexgen/planner/simulator.py (docs/planner.md, "Search").
 - rate: ``b / latency`` (Little's law).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hexgen.planner.plans import Workload
 MEMORY_FRACTION = 0.9  # EngineConfig.gpu_memory_fraction
 MAX_TOKENS = 2048  # EngineConfig.max_num_batched_tokens: the activation workspace
 MAX_BATCH = 256  # requests in flight per replica the planner considers (worker --max-num-seqs)
+RING_STALL = 0.5  # share of the other stages' prefill time that also stalls the decode ring (see above)
 BATCH_TARGETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # KV reserves (in requests) the layer split is tried with
 
 
@@ -146,7 +149,7 @@ def evaluate(slots: Sequence[Slot], layers: Sequence[int], costs: Costs, slo_lat
         return None
     ftimes = [costs.stage_time(s, layers[i], p, p, i == 0, i == last) for i, s in enumerate(slots)]
     ttft = sum(ftimes) + sum(costs.hop(s.hop, p) for s in slots)
-    fmax = max(ftimes)
+    stall = max(ftimes) + RING_STALL * (ttft - max(ftimes))
     ctx_per_seq = p + o // 2
     memo: dict[int, tuple[float, float]] = {}
 
@@ -157,7 +160,7 @@ def evaluate(slots: Sequence[Slot], layers: Sequence[int], costs: Costs, slo_lat
             d = [costs.stage_time(s, layers[i], m, m * ctx_per_seq, i == 0, i == last) for i, s in enumerate(slots)]
             path = sum(d) + sum(costs.hop(s.hop, m) for s in slots) + return_latency
             rnd = max(path, n * max(d))
-            hit = memo[b] = (ttft + (o - 1) * rnd + b * fmax, max(d))
+            hit = memo[b] = (ttft + (o - 1) * rnd + b * stall, max(d))
         return hit
 
     def latency(b: int) -> float:
