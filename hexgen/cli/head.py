@@ -16,7 +16,30 @@ def build_parser() -> argparse.ArgumentParser:
                                      "requests from hexgen:requests")
     add_settings_args(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    g = parser.add_argument_group("automatic placement")
+    g.add_argument("--auto-plan", action="store_true", help="plan the stages of the registered agents "
+                   "(bin/worker without --stage) and re-plan when agents join or leave")
+    g.add_argument("--slo-latency", type=float, default=30.0, help="end-to-end latency bound per request in "
+                   "seconds (0: none; default 30)")
+    g.add_argument("--plan-prompt-len", type=int, default=512, help="mean prompt tokens to plan for (512)")
+    g.add_argument("--plan-output-len", type=int, default=128, help="mean output tokens to plan for (128)")
+    g.add_argument("--settle", type=float, default=0.0, help="seconds the set of agents must stay unchanged "
+                   "before a re-plan (default: 2 heartbeat intervals)")
+    g.add_argument("--plan-time-budget", type=float, default=10.0, help="seconds the search may take (10)")
+    g.add_argument("--network-gbps", type=float, default=0.0, help="network between nodes in Gbit/s "
+                   "(default: the planner's 10)")
     return parser
+
+
+def placement_options(args: argparse.Namespace):
+    """PlacementOptions from the flags, or None without --auto-plan."""
+    if not args.auto_plan:
+        return None
+    from hexgen.planner.placement import PlacementOptions
+
+    return PlacementOptions(slo_latency_s=args.slo_latency, prompt_len=args.plan_prompt_len,
+                            output_len=args.plan_output_len, settle_s=args.settle,
+                            time_budget_s=args.plan_time_budget, network_gbps=args.network_gbps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
+        placement = placement_options(args)
     except ConfigError as e:
         print(f"head: {e}", file=sys.stderr)
         return 2
@@ -35,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     try:
-        runner(run_head(settings))
+        runner(run_head(settings, placement=placement))
     except ConfigError as e:
         print(f"head: {e}", file=sys.stderr)
         return 2

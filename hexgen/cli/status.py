@@ -31,11 +31,23 @@ async def fetch_status(url: str) -> StatusReport:
         await r.aclose()
 
 
+async def fetch_placement(url: str) -> dict:
+    """Agents and the deployed plan (automatic placement)."""
+    from hexgen.serving.agents import placement_status
+
+    r = async_redis(url, socket_timeout=10)
+    try:
+        return await placement_status(r)
+    finally:
+        await r.aclose()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         url = load_redis_url(args.config, args.redis_url)
         report = asyncio.run(fetch_status(url))
+        placement = asyncio.run(fetch_placement(url))
     except ConfigError as e:
         print(f"hexgen status: {e}", file=sys.stderr)
         return 2
@@ -43,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hexgen status: cannot reach Redis at {redact_url(url)}: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        print(json.dumps({**report.to_dict(), "placement": placement}, indent=2, sort_keys=True))
     else:
-        print(format_status(report))
+        from hexgen.serving.agents import format_placement
+
+        extra = format_placement(placement)
+        print(format_status(report) + (f"\n\n{extra}" if extra else ""))
     return 0
 
 

@@ -1,11 +1,14 @@
-"""``bin/worker``: parse flags → WorkerOptions → :class:`workers.worker.Worker` (the TP ranks of one stage).
+"""``bin/worker``: parse flags → WorkerOptions → :class:`workers.worker.Worker` (the TP ranks of one stage),
+or, without ``--stage``, AgentOptions → :class:`workers.agent.Agent` (waits for the planning head's assignment).
 
     bin/worker --config config/demo.toml --stage 1 [--pipeline p0] [--devices 0,1] [--redis-url URL]
+    bin/worker --config deploy.toml [--devices 0,1,2,3] [--node NAME] [--gpu-type H100]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from hexgen.errors import HexGenError
@@ -28,9 +31,11 @@ def _devices(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="worker", description="HexGen worker: start the TP ranks of one stage "
                                 "of one pipeline; they register in Redis and form the pipeline with the "
-                                "other stages' workers.")
+                                "other stages' workers. Without --stage: a placement agent that offers "
+                                "this host's devices to bin/head --auto-plan and runs the stages it assigns.")
     add_settings_args(p)
-    p.add_argument("--stage", type=int, required=True, help="stage index of this worker (0 = first)")
+    p.add_argument("--stage", type=int, help="stage index of this worker (0 = first); without it the worker "
+                   "is a placement agent that offers --devices to bin/head --auto-plan and runs what it assigns")
     p.add_argument("--pipeline", help="pipeline id from the config (default: its only pipeline)")
     p.add_argument("--devices", type=_devices, default=(), help="CUDA device index per rank, e.g. 0,1")
     p.add_argument("--advertise-host", default=os.environ.get(ADVERTISE_HOST_ENV),
@@ -47,16 +52,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help="requests in flight per pipeline (engine default 64)")
     p.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens per rank on CPU")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    a = p.add_argument_group("placement agent (no --stage)")
+    a.add_argument("--node", help="node name the planner sees (default: the hostname)")
+    a.add_argument("--agent-id", help="registry id of this agent (default: the node name); one agent per id")
+    a.add_argument("--gpu-type", help="device spec name (default: from torch.cuda.get_device_name; CPU on cpu)")
+    a.add_argument("--memory-gib", type=float, help="memory per device to report (default: the device's total; "
+                   "the host's on cpu)")
     return p
+
+
+def agent_main(args: argparse.Namespace, engine: dict) -> int:
+    """``bin/worker`` without ``--stage``: run a placement agent."""
+    setup_logging("agent", "-", args.log_level)
+    from workers.agent import Agent, AgentOptions, detect_devices
+
+    if args.pipeline:
+        print("worker: --pipeline needs --stage; an agent runs whatever pipeline the head assigns", file=sys.stderr)
+        return 2
+    try:
+        settings = settings_from_args(args)
+        kind, memory, devices = detect_devices(settings, args.devices, args.gpu_type, args.memory_gib)
+        node = args.node or socket.gethostname().split(".")[0]
+        opts = AgentOptions(settings=settings, agent_id=args.agent_id or node, node=node, device_type=kind,
+                            memory=memory, devices=devices, advertise_host=args.advertise_host or None,
+                            drain_timeout_s=args.drain_timeout, restart=args.restart,
+                            max_restarts=args.max_restarts, engine_overrides=engine, log_level=args.log_level)
+        agent = Agent(opts)
+    except HexGenError as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return 2
+    return agent.run()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    engine = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("cpu_kv_tokens", args.kv_tokens))
+              if v is not None}
+    if args.stage is None:
+        return agent_main(args, engine)
     setup_logging("parent", args.stage, args.log_level)
     from workers.worker import Worker, WorkerOptions, pick_pipeline
 
-    engine = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("cpu_kv_tokens", args.kv_tokens))
-              if v is not None}
     try:
         settings = settings_from_args(args)
         opts = WorkerOptions(settings=settings, pipeline_id=pick_pipeline(settings, args.pipeline),

@@ -32,6 +32,16 @@ DEDUPE_KEY_PREFIX = "hexgen:dedupe:"  # + request id: SET NX EX by the head; val
 WORKER_KEY_PATTERN = WORKER_KEY_PREFIX + "*"  # readers list workers with SCAN MATCH (no index set)
 PIPELINE_KEY_PATTERN = PIPELINE_KEY_PREFIX + "*"
 
+# Automatic placement (bin/worker without --stage = an agent; bin/head --auto-plan assigns stages).
+AGENT_KEY_PREFIX = "hexgen:agent:"  # + agent id: hash of plain strings (AgentRecord)
+AGENT_KEY_PATTERN = AGENT_KEY_PREFIX + "*"
+AGENT_HEARTBEAT_PREFIX = "hexgen:agent-hb:"  # + agent id: SET time EX heartbeat_ttl_s
+ASSIGN_STREAM_PREFIX = "hexgen:assign:"  # + agent id: stream of assignments (flat string fields)
+ASSIGN_STREAM_MAXLEN = 16
+PLAN_KEY = "hexgen:plan"  # hash: the deployed plan (generation, agents, pipelines, table)
+PLACEMENT_LEADER_KEY = "hexgen:placement:leader"  # SET <head consumer> NX PX: the one head that plans
+AUTO_PIPELINE_PREFIX = "auto-"  # + g<plan generation>-r<replica>: ids of planned pipelines
+
 # Registry record fields (hash fields, values are plain strings so redis-cli HGETALL stays readable).
 WORKER_FIELDS = ("pipeline", "stage", "tp_rank", "host", "device", "memory", "pid", "version", "model")
 PIPELINE_FIELDS = ("state", "layout", "rendezvous")
@@ -94,6 +104,21 @@ def heartbeat_key(worker_id: str) -> str:
 def pipeline_key(pipeline_id: str) -> str:
     """Registry hash of one pipeline: ``hexgen:pipeline:<pid>``."""
     return f"{PIPELINE_KEY_PREFIX}{pipeline_id}"
+
+
+def agent_key(agent_id: str) -> str:
+    """Registry hash of one placement agent: ``hexgen:agent:<id>``."""
+    return f"{AGENT_KEY_PREFIX}{agent_id}"
+
+
+def agent_heartbeat_key(agent_id: str) -> str:
+    """Heartbeat key of one placement agent (string with a TTL): ``hexgen:agent-hb:<id>``."""
+    return f"{AGENT_HEARTBEAT_PREFIX}{agent_id}"
+
+
+def assign_stream(agent_id: str) -> str:
+    """Assignment stream of one placement agent: ``hexgen:assign:<id>``."""
+    return f"{ASSIGN_STREAM_PREFIX}{agent_id}"
 
 
 def dedupe_key(request_id: str) -> str:

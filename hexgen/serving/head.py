@@ -330,8 +330,13 @@ class Head:
             await self._sleep(self.limits.heartbeat_ttl_s / 2)
 
 
-async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_signals: bool = True) -> None:
-    """Run a head until SIGTERM/SIGINT: load the tokenizer, connect, serve, close connections."""
+async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_signals: bool = True,
+                   placement: Any | None = None) -> None:
+    """Run a head until SIGTERM/SIGINT: load the tokenizer, connect, serve, close connections.
+
+    ``placement`` (:class:`~hexgen.planner.placement.PlacementOptions`, ``--auto-plan``) also runs the
+    placement loop: this head may become the one that plans the registered agents' stages.
+    """
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings)
     max_len = model_context_len(settings)
     url = settings.redis.url
@@ -344,9 +349,18 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
             loop.add_signal_handler(sig, head.stop)
     log.info("head: redis %s, model %s (context %d tokens)", settings.redis.display_url,
              settings.model.name, max_len)
+    planning = None
+    if placement is not None:
+        from hexgen.planner.placement import PlacementLoop
+
+        planner = PlacementLoop(settings, placement, redis=redis, consumer=head.consumer)
+        planning = asyncio.create_task(planner.run(), name="hexgen-head-placement")
     try:
         await head.run()
     finally:
+        if planning is not None:
+            planner.stop()
+            await asyncio.gather(planning, return_exceptions=True)
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
