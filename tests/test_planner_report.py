@@ -88,6 +88,7 @@ def test_table_and_dict(planned):
     assert "replica r0" in table and "a6000-box:" in table and "predicted gain" in table
     assert "best symmetric layout: TP 4 x PP 1" in table and "span 3 nodes" in table
     assert "best symmetric layout: none fits" in plan_table(plan)
+    assert "best symmetric" not in plan_table(plan, compare=False)
     d = json.loads(json.dumps(plan_to_dict(plan)))
     assert d["replicas"][0]["id"] == "r0"
     assert sum(st["layers"][1] - st["layers"][0] + 1 for st in d["replicas"][0]["stages"]) == 80

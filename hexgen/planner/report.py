@@ -34,9 +34,10 @@ def plan_summary(plan: Plan) -> str:
             f"{plan.rate:.2f} req/s, mean latency {plan.latency_s:.1f} s")
 
 
-def plan_table(plan: Plan, *, baseline: Plan | None = None, notes: Sequence[str] = ()) -> str:
-    """The plan per replica and stage (devices as node:index, TP, layers, memory, KV), then the comparison with
-    ``baseline`` (the best symmetric layout) and any ``notes`` (e.g. why pure TP / pure PP do not fit)."""
+def plan_table(plan: Plan, *, baseline: Plan | None = None, notes: Sequence[str] = (), compare: bool = True) -> str:
+    """The plan per replica and stage (devices as node:index, TP, layers, memory, KV), then any ``notes`` (e.g.
+    why pure TP / pure PP do not fit) and, when ``compare``, the comparison with ``baseline`` (the best
+    symmetric layout)."""
     lines = [plan_summary(plan) + f"; search {plan.search_s:.2f} s"]
     head = (f"  {'stage':>5}  {'devices':<24} {'GPU':<10} {'TP':>3}  {'layers':<9} {'mem/GPU GiB':>14}  "
             f"{'KV tokens':>10}")
@@ -50,6 +51,8 @@ def plan_table(plan: Plan, *, baseline: Plan | None = None, notes: Sequence[str]
         lines.append("unused: " + ", ".join(str(g) for g in plan.unused))
     for note in notes:
         lines.append(note)
+    if not compare:
+        return "\n".join(lines)
     if baseline is None:
         lines.append("best symmetric layout: none fits")
     else:
