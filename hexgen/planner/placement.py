@@ -334,4 +334,4 @@ class PlacementLoop:
             from hexgen.planner.report import plan_table
         except ImportError:
             return ""
-        return plan_table(plan)
+        return plan_table(plan, compare=False)
