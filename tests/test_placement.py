@@ -266,3 +266,52 @@ async def test_placement_status_shows_agents_assignments_and_plan(fake):
     assert [(a["id"], a["alive"], a["generation"]) for a in status["agents"]] == [("a", True, 1), ("b", False, None)]
     text = format_placement(status)
     assert "auto-g1-r0 stage 0" in text and "TABLE" in text and "generation 1, planned by h" in text
+
+
+class FakeProc:
+    def __init__(self, target=None, args=(), name="", daemon=False):
+        self.args, self.name, self.alive, self.pid, self.exitcode = args, name, False, id(self), None
+
+    def start(self):
+        self.alive = True
+
+    def is_alive(self):
+        return self.alive
+
+    def join(self, timeout=None):
+        pass
+
+    def kill(self):
+        self.alive, self.exitcode = False, -9
+
+
+def test_agent_reconcile_keeps_drains_and_restarts_roles(monkeypatch):
+    import workers.agent as agent_mod
+
+    opts = agent_mod.AgentOptions(settings(), "a", "a", "CPU", GiB, (0, 1), drain_timeout_s=1.0)
+    ag = agent_mod.Agent(opts)
+    ag.ctx = type("Ctx", (), {"Process": FakeProc})()
+    killed = []
+
+    def fake_kill(pid, sig):
+        killed.append(pid)
+        for p in started:
+            if p.pid == pid:
+                p.alive, p.exitcode = False, 0
+
+    monkeypatch.setattr(agent_mod.os, "kill", fake_kill)
+    keep, drop, new = (Role(f"p{i}", 0, (1,), (6,), (i,)) for i in range(3))
+    ag.reconcile(Assignment("a", ag.record.instance, 1, (keep, drop)))
+    started = list(ag.roles.values())
+    assert len(started) == 2 and all(p.is_alive() for p in started)
+    first_keep = ag.roles[keep]
+    ag.reconcile(Assignment("a", ag.record.instance, 2, (keep, new)))
+    started += [ag.roles[new]]
+    assert ag.roles[keep] is first_keep and drop not in ag.roles and killed == [started[1].pid]
+    ag.roles[keep].alive = False  # its pipeline was drained by another stage's agent
+    ag.reconcile(Assignment("a", ag.record.instance, 3, (keep, new)))
+    assert ag.roles[keep] is not first_keep and ag.roles[keep].is_alive()
+    ag.reconcile(Assignment("a", ag.record.instance, 2, ()))  # an older generation is ignored
+    assert len(ag.roles) == 2 and ag.generation == 3
+    ag.client.close()
+    ag.reader.close()

@@ -203,6 +203,8 @@ class Agent:
         log.info("plan generation %d: %s", a.generation, "; ".join(r.describe() for r in a.roles) or "idle")
         dropped = [r for r in self.roles if r not in wanted]
         self.stop_roles(dropped)
+        if self.stopping:  # a signal arrived while the dropped roles drained
+            return
         for role in a.roles:
             proc = self.roles.get(role)
             if proc is not None and proc.is_alive():
