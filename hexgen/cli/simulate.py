@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2, default=str))
         return 0
     from hexgen.planner.report import plan_table
-    print(plan_table(plan).split("\nbest symmetric layout:")[0])  # no baseline comparison here
+    print(plan_table(plan, compare=False))
     print()
     rate = "all at once" if math.isinf(args.rate) else f"Poisson {args.rate:g} req/s"
     print(f"simulated {args.num_requests} requests ({rate}; prompt {args.prompt_len.lo}"
