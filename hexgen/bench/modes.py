@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import datetime
 import gc
+import os
 import platform
 from dataclasses import dataclass
 
 import torch
 
 from hexgen.bench import hf_baseline
-from hexgen.bench.engine_bench import run_engine
+from hexgen.bench.engine_bench import at_once, run_engine
+from hexgen.bench.memory import memory_lines, memory_summary
 from hexgen.bench.roofline import copy_bandwidth, weight_bytes
 from hexgen.bench.stats import RequestTiming, summarize
 from hexgen.bench.workload import Shape, make_requests, mixed_shapes
@@ -31,10 +33,11 @@ class BenchSetup:
     devices: list[int] | None = None
 
 
-def _device_info(engine: EngineConfig) -> dict:
+def device_info(engine: EngineConfig) -> dict:
     info = {"device": engine.device, "torch": torch.__version__, "dtype": engine.dtype,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "host_cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads()}
+            "host_cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()]}  # other work on the host, at the end
     if engine.device == "cuda":
         info["card"] = torch.cuda.get_device_name(0)
         info["cards"] = torch.cuda.device_count()
@@ -84,16 +87,17 @@ def _latency_summary(timings: list[RequestTiming]) -> dict:
 def latency(setup: BenchSetup, prompt_len: int = 128, new_tokens: int = 256, reps: int = 3) -> dict:
     """Batch 1: ``reps`` requests one after another (after a warm-up request), engine then HF."""
     cfg = setup.model.config()
-    out = {"mode": "latency", "command": setup.command, **_device_info(setup.engine),
+    out = {"mode": "latency", "command": setup.command, **device_info(setup.engine),
            "layout": setup.layout.describe(), "shape": {"batch": 1, "prompt": prompt_len, "new_tokens": new_tokens,
                                                         "reps": reps}}
     out["roofline"] = _roofline(setup)
     warm = make_requests([Shape(prompt_len, 16)], cfg.vocab_size, "warm", seed=99)
     measured = make_requests([Shape(prompt_len, new_tokens)] * reps, cfg.vocab_size, "req")
-    timings, wall = run_engine(setup.layout, setup.model, setup.engine, [warm] + [[r] for r in measured],
-                               setup.devices)
-    out["engine"] = _latency_summary([timings[r.request_id] for r in measured])
-    out["engine"]["run_wall_s"] = round(wall, 2)
+    run = run_engine(setup.layout, setup.model, setup.engine, at_once([warm] + [[r] for r in measured]),
+                     setup.devices)
+    out["engine"] = _latency_summary([run.timings[r.request_id] for r in measured])
+    out["engine"]["run_wall_s"] = round(run.wall_s, 2)
+    out["memory"] = memory_summary(run.ranks)
     if not setup.skip_hf:
         model, dev = _hf_model(setup)
         hf = []
@@ -118,7 +122,7 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
     shapes = mixed_shapes(num_requests, prompt_range, output_range, seed)
     requests = make_requests(shapes, cfg.vocab_size, "req", seed)
     warm = make_requests([Shape(prompt_range[0], 8)] * 4, cfg.vocab_size, "warm", seed=99)
-    out = {"mode": "throughput", "command": setup.command, **_device_info(setup.engine),
+    out = {"mode": "throughput", "command": setup.command, **device_info(setup.engine),
            "layout": setup.layout.describe(),
            "workload": {"requests": num_requests, "prompt_range": list(prompt_range),
                         "output_range": list(output_range), "seed": seed,
@@ -127,9 +131,10 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
            "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
                              "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
                              "cuda_graphs": setup.engine.cuda_graphs}}
-    timings, wall = run_engine(setup.layout, setup.model, setup.engine, [warm, requests], setup.devices)
-    out["engine"] = summarize([timings[r.request_id] for r in requests])
-    out["engine"]["run_wall_s"] = round(wall, 2)
+    run = run_engine(setup.layout, setup.model, setup.engine, at_once([warm, requests]), setup.devices)
+    out["engine"] = summarize([run.timings[r.request_id] for r in requests])
+    out["engine"]["run_wall_s"] = round(run.wall_s, 2)
+    out["memory"] = memory_summary(run.ranks)
     if not setup.skip_hf:
         model, dev = _hf_model(setup)
         try:
@@ -166,4 +171,6 @@ def format_table(res: dict) -> str:
             rows.append(f"{k}: {res[k]}x")
     if "hf" in res and res["hf"].get("note"):
         rows.append(f"hf: {res['hf']['note']}")
+    if res.get("memory"):
+        rows += memory_lines(res["memory"])
     return "\n".join(rows)

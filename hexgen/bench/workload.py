@@ -1,4 +1,5 @@
-"""Benchmark workloads: fixed-seed request mixes, and a request source that releases them in phases."""
+"""Benchmark workloads: fixed-seed request mixes, Poisson arrivals, and a request source that releases them
+phase by phase, each request at its arrival time."""
 from __future__ import annotations
 
 import random
@@ -38,35 +39,64 @@ def make_requests(shapes: list[Shape], vocab: int, prefix: str, seed: int = 0) -
             for i, s in enumerate(shapes)]
 
 
-class PhasedSource:
-    """A RequestSource that hands out one phase of requests at a time.
+def poisson_offsets(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Arrival times (seconds after the start) of ``n`` requests of a Poisson process of ``rate`` per second.
 
-    A phase is released once every request of the previous phase has finished; each released request
-    gets ``meta[T_OFFERED]`` = time.monotonic() at release (CLOCK_MONOTONIC is host-wide on Linux, so
-    the parent process can compare it with its own clock). A warm-up phase first keeps process start,
-    weight loading and first-call costs out of the measured phases.
+    The gaps are unit-mean exponential draws of ``random.Random(seed)`` divided by ``rate``: the same seed
+    gives the same arrival order at every rate, only stretched. The first request arrives at 0.
+    """
+    if not rate > 0 or rate == float("inf"):
+        raise ValueError(f"rate: {rate!r} must be a finite number > 0")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        out.append(t)
+        t += rng.expovariate(1.0) / rate
+    return out
+
+
+class TimedSource:
+    """A RequestSource that releases phases of requests, each request at its arrival time in its phase.
+
+    ``phases`` is a list of phases, each a list of (seconds after the phase starts, request). A phase starts
+    once every request of the previous phase has finished (a warm-up phase first keeps process start, weight
+    loading and first-call costs out of the measured ones). Each released request carries
+    ``meta[T_OFFERED]`` = its scheduled arrival on time.monotonic() (CLOCK_MONOTONIC is host-wide on Linux,
+    so the parent process can compare it with its own clock): if the engine picks it up late (a step was
+    running, or max_num_seqs were busy), that wait counts in its TTFT.
     """
 
-    def __init__(self, phases: list[list[Request]]) -> None:
-        self._phases = [[r.to_dict() for r in p] for p in phases if p]
-        self._pending: list[Request] = []
+    def __init__(self, phases: list[list[tuple[float, Request]]]) -> None:
+        self._phases = [sorted(((float(t), r.to_dict()) for t, r in p), key=lambda x: x[0]) for p in phases if p]
+        self._due: list[tuple[float, dict]] = []  # this phase's requests not yet arrived (absolute times)
+        self._pending: list[Request] = []  # arrived, not yet handed out
         self._open: set[str] = set()
 
-    def _release(self) -> None:
-        if self._open or self._pending or not self._phases:
+    def _start_phase(self) -> None:
+        if self._open or self._due or self._pending or not self._phases:
             return
+        t0 = time.monotonic()
+        for t, d in self._phases.pop(0):
+            self._due.append((t0 + t, d))
+            self._open.add(d["request_id"])
+
+    def _arrive(self) -> None:
         now = time.monotonic()
-        for d in self._phases.pop(0):
+        while self._due and self._due[0][0] <= now:
+            t, d = self._due.pop(0)
             r = Request.from_dict(d)
-            r.meta[T_OFFERED] = now
+            r.meta[T_OFFERED] = t
             self._pending.append(r)
-            self._open.add(r.request_id)
 
     def poll(self, max_requests: int, timeout_s: float) -> list[Request]:
-        self._release()
-        out, self._pending = self._pending[:max_requests], self._pending[max_requests:]
-        if not out and timeout_s > 0 and self._open:
+        self._start_phase()
+        self._arrive()
+        if not self._pending and timeout_s > 0 and self._due:  # idle engine: sleep until the next arrival
+            time.sleep(max(0.0, min(timeout_s, self._due[0][0] - time.monotonic())))
+            self._arrive()
+        elif not self._pending and timeout_s > 0 and self._open:
             time.sleep(min(timeout_s, 0.001))
+        out, self._pending = self._pending[:max_requests], self._pending[max_requests:]
         return out
 
     def poll_cancelled(self) -> list[str]:
@@ -74,10 +104,17 @@ class PhasedSource:
 
     def finished(self, request_id: str) -> None:
         self._open.discard(request_id)
-        self._release()
+        self._start_phase()
 
     def exhausted(self) -> bool:
-        return not self._pending and not self._phases
+        return not self._pending and not self._due and not self._phases
 
     def close(self) -> None:
         pass
+
+
+class PhasedSource(TimedSource):
+    """A TimedSource whose requests all arrive at the start of their phase (offered at once)."""
+
+    def __init__(self, phases: list[list[Request]]) -> None:
+        super().__init__([[(0.0, r) for r in p] for p in phases])

@@ -1,4 +1,5 @@
-"""`hexgen bench`: engine latency / throughput against Hugging Face generate and the memory roofline."""
+"""`hexgen bench`: engine latency / throughput against Hugging Face generate and the memory roofline; a Poisson
+request-rate sweep (`sweep`, or `throughput --rates ...`); the Redis serving path against the engine (`serve`)."""
 from __future__ import annotations
 
 import argparse
@@ -6,14 +7,16 @@ import json
 import sys
 
 from hexgen.bench.modes import BenchSetup, format_table, latency, throughput
+from hexgen.bench.serve import ServeOptions, format_serve, serve
+from hexgen.bench.sweep import SweepOptions, format_sweep, sweep
 from hexgen.cli.generate import add_layout_args, resolve_engine, resolve_model
 from hexgen.config import Layout
-from hexgen.errors import HexGenError
+from hexgen.errors import ConfigError, HexGenError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hexgen bench", description=__doc__)
-    p.add_argument("mode", choices=("latency", "throughput"))
+    p.add_argument("mode", choices=("latency", "throughput", "sweep", "serve"))
     add_layout_args(p)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
@@ -24,35 +27,73 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="latency: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="latency: tokens to generate")
     p.add_argument("--reps", type=int, default=3, help="latency: measured requests, one after another")
-    p.add_argument("--num-requests", type=int, default=1000, help="throughput: requests offered at once")
-    p.add_argument("--prompt-range", type=int, nargs=2, default=(64, 1024), metavar=("MIN", "MAX"))
-    p.add_argument("--output-range", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))
-    p.add_argument("--seed", type=int, default=0, help="throughput: workload seed")
+    p.add_argument("--kv-tokens", type=int, default=65536, help="KV cache capacity in tokens per rank on CPU")
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="throughput: requests offered at once (default 1000); sweep: requests per rate (64); "
+                        "serve: requests (32)")
+    p.add_argument("--prompt-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="prompt tokens (default 64 1024; sweep 64 512; serve 64 256)")
+    p.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="tokens to generate (default 32 512; sweep 32 128; serve 16 64)")
+    p.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
+    p.add_argument("--rates", type=float, nargs="+", help="sweep: Poisson request rates (requests/s), e.g. 1 2 4 8")
+    p.add_argument("--tpot-slo-ms", type=float, default=100.0, help="sweep: p99 TPOT SLO in ms (default 100)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="serve: Poisson request rate (requests/s); default: every request offered at once")
+    p.add_argument("--log-dir", help="serve: keep the deployment's logs here")
     p.add_argument("--hf-batch-size", type=int, default=64, help="throughput: HF static batch size")
     p.add_argument("--hf-max-batches", type=int, default=None,
                    help="throughput: run only the first N HF batches (a subsample, reported as such)")
     return p
 
 
+_DEFAULTS = {"throughput": (1000, (64, 1024), (32, 512)), "sweep": (64, (64, 512), (32, 128)),
+             "serve": (32, (64, 256), (16, 64))}
+
+
+def _workload(args: argparse.Namespace) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    n, prompt, output = _DEFAULTS.get(args.mode, _DEFAULTS["throughput"])
+    return (args.num_requests if args.num_requests is not None else n,
+            tuple(args.prompt_range or prompt), tuple(args.output_range or output))
+
+
+def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
+    n, prompt, output = _workload(args)
+    if args.mode == "latency":
+        res = latency(setup, args.prompt_len, args.new_tokens, args.reps)
+    elif args.mode == "sweep":
+        res = sweep(setup, SweepOptions(tuple(args.rates or ()), n, prompt, output, args.seed, args.tpot_slo_ms))
+        return res, format_sweep(res)
+    elif args.mode == "serve":
+        res = serve(setup, ServeOptions(n, prompt, output, args.seed, args.rate, log_dir=args.log_dir),
+                    say=lambda m: print(m, file=sys.stderr, flush=True))
+        return res, format_serve(res)
+    else:
+        res = throughput(setup, n, prompt, output, args.seed, args.hf_batch_size, args.hf_max_batches)
+    return res, format_table(res)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.mode == "throughput" and args.rates:
+        args.mode = "sweep"  # `throughput --rates ...` is the rate sweep
     try:
+        if args.mode != "sweep" and (args.rates or args.tpot_slo_ms != 100.0):
+            raise ConfigError("--rates/--tpot-slo-ms: only for sweep (or throughput --rates)")
+        if args.mode != "serve" and (args.rate is not None or args.log_dir):
+            raise ConfigError("--rate/--log-dir: only for serve")
         model = resolve_model(args)
         layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
         engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs,
                                 gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
-                                max_num_batched_tokens=args.max_num_batched_tokens)
+                                max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_tokens=args.kv_tokens)
+        setup = BenchSetup(model, layout, engine, "hexgen bench " + " ".join(argv), skip_hf=args.no_hf)
+        res, table = _run(args, setup)
     except HexGenError as e:
         print(f"hexgen bench: {e}", file=sys.stderr)
         return 2
-    setup = BenchSetup(model, layout, engine, "hexgen bench " + " ".join(argv), skip_hf=args.no_hf)
-    if args.mode == "latency":
-        res = latency(setup, args.prompt_len, args.new_tokens, args.reps)
-    else:
-        res = throughput(setup, args.num_requests, tuple(args.prompt_range), tuple(args.output_range),
-                         args.seed, args.hf_batch_size, args.hf_max_batches)
-    print(format_table(res))
+    print(table)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)

@@ -142,10 +142,11 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0) -> None:
     raise DemoError(f"redis-server did not start; see {child.log}:\n{_tail(child.log)}")
 
 
-def write_config(path: str, url: str, model_dir: str, opts: DemoOptions) -> str:
+def write_config(path: str, url: str, model_dir: str, opts: DemoOptions, dtype: str = "fp32",
+                 device: str = "cpu") -> str:
     text = f"""# written by `hexgen demo`
-dtype = "fp32"
-device = "cpu"
+dtype = "{dtype}"
+device = "{device}"
 
 [redis]
 url = "{url}"

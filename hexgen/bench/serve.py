@@ -1,0 +1,235 @@
+"""``hexgen bench serve``: the same load through redis-server, a head and workers, against the engine driven
+directly: the overhead of the Redis path.
+
+Both paths get the same requests (prompt texts tokenized exactly as the head tokenizes them) at the same
+arrival offsets (all at once, or a seeded Poisson process at ``rate``), one after the other in one run:
+first the engine through ``run_offline`` (stamps in the parent as outputs arrive), then a private
+deployment started the way ``hexgen demo`` starts one (hexgen.serving.demo: redis-server on a free port,
+``hexgen head``, one ``hexgen worker`` per stage, the same layout and engine settings), fed through
+:class:`hexgen.client.HexGenClient` with every token stamped on the client side. Each path has its own
+warm-up requests first. TTFT and TPOT count from each request's scheduled arrival.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from hexgen.bench.engine_bench import run_engine
+from hexgen.bench.memory import memory_lines, memory_summary
+from hexgen.bench.modes import BenchSetup, device_info
+from hexgen.bench.stats import RequestTiming, summarize
+from hexgen.bench.sweep import check_range
+from hexgen.bench.workload import mixed_shapes, poisson_offsets, random_prompt
+from hexgen.engine.types import Request, SamplingParams
+from hexgen.errors import ConfigError
+
+THROUGHPUT_COST_TARGET = 0.03  # the Redis path may cost at most 3% of output tokens/s
+TTFT_P50_TARGET_MS = 2.0  # ... and at most 2 ms of p50 TTFT
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    num_requests: int = 32
+    prompt_range: tuple[int, int] = (64, 256)
+    output_range: tuple[int, int] = (16, 64)
+    seed: int = 0
+    rate: float | None = None  # requests/s of a Poisson process; None: all offered at once
+    ready_timeout_s: float = 300.0
+    log_dir: str | None = None  # keep the deployment's logs here (default: a temporary folder, removed)
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 1:
+            raise ConfigError(f"--num-requests: {self.num_requests} must be ≥ 1")
+        check_range("--prompt-range", self.prompt_range)
+        check_range("--output-range", self.output_range, lo=2)
+        if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
+            raise ConfigError(f"--rate: {self.rate} must be a finite number of requests/s > 0 (omit it to "
+                              "offer every request at once)")
+        if not self.ready_timeout_s > 0:
+            raise ConfigError(f"--ready-timeout: {self.ready_timeout_s} must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One request of the workload: its text for the client, its token ids for the direct engine."""
+
+    offset: float
+    text: str
+    request: Request
+
+
+def build_items(tokenizer, shapes, vocab: int, seed: int, offsets: list[float], prefix: str) -> list[_Item]:
+    """Prompt texts (decoded random ids) and the ids the head makes of them, with their arrival offsets."""
+    from hexgen.serving.head import tokenize
+    from hexgen.serving.validation import ParsedRequest
+
+    rng = random.Random(seed + 1)
+    out = []
+    for i, (s, t) in enumerate(zip(shapes, offsets)):
+        text = tokenizer.decode(random_prompt(rng, s.prompt, vocab), skip_special_tokens=True)
+        params = SamplingParams(max_new_tokens=s.output, ignore_eos=True)
+        ids = tokenize(tokenizer, ParsedRequest(f"{prefix}{i}", text, None, params, None))
+        out.append(_Item(t, text, Request(f"{prefix}{i}", ids, params)))
+    return out
+
+
+def worker_engine_overrides(setup: BenchSetup) -> dict:
+    """The engine flags ``hexgen worker`` takes; ConfigError if the bench's engine differs otherwise."""
+    from hexgen.serving.demo import PIPELINE_ID
+    from hexgen.serving.settings import ModelSettings, PipelineSettings, Settings
+    from workers.worker import WorkerOptions, build_plan
+
+    over = {"max_num_seqs": setup.engine.max_num_seqs, "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
+    settings = Settings(model=ModelSettings(path=setup.model.model_dir), dtype=setup.engine.dtype,
+                        device=setup.engine.device,
+                        pipelines=(PipelineSettings(PIPELINE_ID, setup.layout.hetero_config,
+                                                    setup.layout.pp_partition),))
+    _, _, worker = build_plan(WorkerOptions(settings, PIPELINE_ID, 0, engine_overrides=over))
+    diff = [f"{k}={getattr(setup.engine, k)!r} (workers: {getattr(worker, k)!r})"
+            for k in worker.__dataclass_fields__ if k != "extra" and getattr(worker, k) != getattr(setup.engine, k)]
+    if diff:
+        raise ConfigError(f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
+                          "leave --cuda-graphs, --gpu-memory-fraction and --max-num-batched-tokens at their "
+                          "defaults (workers take only --max-num-seqs and --kv-tokens)")
+    return over
+
+
+async def offer(url: str, items: list[_Item], timeout_s: float = 900.0) -> list[RequestTiming]:
+    """Send each item through the async client at its arrival; stamp every token as the client reads it."""
+    from hexgen.client import HexGenClient
+
+    async with HexGenClient(url, block_ms=1000, timeout_s=timeout_s) as client:
+        t0 = time.monotonic() + 0.05
+
+        async def one(item: _Item) -> RequestTiming:
+            arrival = t0 + item.offset
+            await asyncio.sleep(max(0.0, arrival - time.monotonic()))
+            timing = RequestTiming(arrival)
+            p = item.request.params
+            stream = client.stream(prompt=item.text, request_id=item.request.request_id, temperature=0,
+                                   max_new_tokens=p.max_new_tokens, ignore_eos=True)
+            async for ev in stream:
+                timing.tokens.extend([time.monotonic()] * len(ev.ids))
+            if len(timing.tokens) != p.max_new_tokens:
+                raise RuntimeError(f"bench serve: request {item.request.request_id} got {len(timing.tokens)} "
+                                   f"tokens through Redis, expected {p.max_new_tokens}")
+            return timing
+
+        return list(await asyncio.gather(*(one(i) for i in items)))
+
+
+def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm: list[_Item],
+                   items: list[_Item], say=print) -> tuple[list[RequestTiming], float]:
+    """Start redis-server, head and workers for ``setup``'s layout, offer warm-up then ``items``; stop all.
+
+    Returns the measured timings and the seconds the pipeline took to form."""
+    from hexgen.serving.demo import DemoOptions, Deployment, start_redis, wait_ready, write_config
+
+    work_dir = opts.log_dir or tempfile.mkdtemp(prefix="hexgen-bench-serve-")
+    os.makedirs(work_dir, exist_ok=True)
+    dep = Deployment(work_dir)
+    py = [sys.executable, "-m", "hexgen.cli"]
+    layout, eng = setup.layout, setup.engine
+    try:
+        start_redis(dep)
+        cfg = write_config(os.path.join(work_dir, "bench.toml"), dep.url, setup.model.model_dir,
+                           DemoOptions(layout.hetero_config, layout.pp_partition), dtype=eng.dtype, device=eng.device)
+        dep.spawn("head", py + ["head", "--config", cfg])
+        for st in reversed(layout.stages()):
+            argv = ["worker", "--config", cfg, "--stage", str(st.index), "--drain-timeout", "30",
+                    "--max-num-seqs", str(overrides["max_num_seqs"]), "--kv-tokens", str(overrides["cpu_kv_tokens"])]
+            if eng.device == "cuda":
+                argv += ["--devices", ",".join(str(setup.devices[r] if setup.devices else r) for r in st.ranks)]
+            dep.spawn(f"worker-stage{st.index}", py + argv)
+        say(f"bench serve: redis-server on port {dep.port}, head and {layout.num_stages} worker(s) starting "
+            f"(logs in {work_dir})")
+        ready_s = wait_ready(dep, opts.ready_timeout_s)
+        asyncio.run(offer(dep.url, warm))
+        timings = asyncio.run(offer(dep.url, items))
+        dep.check_alive()
+        return timings, ready_s
+    finally:
+        dep.shutdown()
+        if opts.log_dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def overhead(direct: dict, redis: dict) -> dict:
+    """The Redis path against the direct engine, and whether the targets hold."""
+    ratio = redis["output_tokens_per_s"] / direct["output_tokens_per_s"]
+    ttft = redis["ttft_p50_ms"] - direct["ttft_p50_ms"]
+    tpot = (redis["tpot_p50_ms"] - direct["tpot_p50_ms"]
+            if redis["tpot_p50_ms"] is not None and direct["tpot_p50_ms"] is not None else None)
+    return {"throughput_ratio": round(ratio, 4), "throughput_cost": round(1 - ratio, 4),
+            "ttft_p50_diff_ms": round(ttft, 3), "tpot_p50_diff_ms": None if tpot is None else round(tpot, 3),
+            "targets": {"throughput_cost_max": THROUGHPUT_COST_TARGET, "ttft_p50_diff_max_ms": TTFT_P50_TARGET_MS,
+                        "throughput_met": 1 - ratio <= THROUGHPUT_COST_TARGET,
+                        "ttft_met": ttft <= TTFT_P50_TARGET_MS}}
+
+
+def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
+    """Run the comparison; returns one JSON-able dict."""
+    from hexgen.engine.pipeline import load_tokenizer
+
+    if setup.model.model_dir is None or (tok := load_tokenizer(setup.model)) is None:
+        raise ConfigError("--model: serve mode needs a model directory with a tokenizer (the head tokenizes "
+                          "prompts); presets have none")
+    overrides = worker_engine_overrides(setup)
+    cfg = setup.model.config()
+    shapes = mixed_shapes(opts.num_requests, opts.prompt_range, opts.output_range, opts.seed)
+    offsets = poisson_offsets(len(shapes), opts.rate, opts.seed) if opts.rate else [0.0] * len(shapes)
+    warm_shapes = mixed_shapes(4, (opts.prompt_range[0],) * 2, (8, 8), opts.seed + 99)
+    direct_warm = build_items(tok, warm_shapes, cfg.vocab_size, 99, [0.0] * 4, "warm-d")
+    direct = build_items(tok, shapes, cfg.vocab_size, opts.seed, offsets, "direct-")
+    redis_warm = build_items(tok, warm_shapes, cfg.vocab_size, 99, [0.0] * 4, "warm-r")
+    redis_items = build_items(tok, shapes, cfg.vocab_size, opts.seed, offsets, "redis-")
+    context = setup.engine.max_model_len or cfg.max_position_embeddings
+    for it in direct:
+        if len(it.request.prompt_ids) + it.request.params.max_new_tokens > context:
+            raise ConfigError(f"--prompt-range/--output-range: request {it.request.request_id} does not fit "
+                              "the model's context")
+    run = run_engine(setup.layout, setup.model, setup.engine,
+                     [[(i.offset, i.request) for i in direct_warm], [(i.offset, i.request) for i in direct]],
+                     setup.devices)
+    direct_sum = summarize([run.timings[i.request.request_id] for i in direct])
+    direct_sum["run_wall_s"] = round(run.wall_s, 2)
+    t0 = time.monotonic()
+    timings, ready_s = run_redis_path(setup, opts, overrides, redis_warm, redis_items, say=say)
+    redis_sum = summarize(timings)
+    redis_sum.update(run_wall_s=round(time.monotonic() - t0, 2), pipeline_ready_s=round(ready_s, 2))
+    return {"mode": "serve", "command": setup.command, **device_info(setup.engine),
+            "layout": setup.layout.describe(),
+            "workload": {"requests": opts.num_requests, "prompt_range": list(opts.prompt_range),
+                         "output_range": list(opts.output_range), "seed": opts.seed,
+                         "arrivals": f"poisson {opts.rate}/s" if opts.rate else "all at once",
+                         "prompt_tokens": sum(len(i.request.prompt_ids) for i in direct),
+                         "output_tokens": sum(i.request.params.max_new_tokens for i in direct)},
+            "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
+                              "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
+                              "cpu_kv_tokens": setup.engine.cpu_kv_tokens},
+            "direct": direct_sum, "redis": redis_sum, "overhead": overhead(direct_sum, redis_sum),
+            "memory": memory_summary(run.ranks)}
+
+
+def format_serve(res: dict) -> str:
+    """A short human-readable table of a serve result."""
+    cols = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+    rows = [f"hexgen bench serve | {res['card']} | {res['dtype']} | {res['layout']} | {res['date']} | "
+            f"{res['workload']['requests']} requests, {res['workload']['arrivals']}",
+            f"{'':<8}" + "".join(f"{c:>22}" for c in cols)]
+    for name in ("direct", "redis"):
+        rows.append(f"{name:<8}" + "".join(f"{str(res[name].get(c, '-')):>22}" for c in cols))
+    o, t = res["overhead"], res["overhead"]["targets"]
+    rows.append(f"Redis path: {o['throughput_ratio']:.3f}x direct throughput (cost {o['throughput_cost']:.1%}, "
+                f"target ≤ {t['throughput_cost_max']:.0%}: {'met' if t['throughput_met'] else 'missed'}); "
+                f"p50 TTFT {o['ttft_p50_diff_ms']:+.1f} ms (target ≤ {t['ttft_p50_diff_max_ms']:g} ms: "
+                f"{'met' if t['ttft_met'] else 'missed'})")
+    rows += ["memory (direct run):"] + memory_lines(res["memory"])
+    return "\n".join(rows)
