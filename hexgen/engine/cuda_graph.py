@@ -21,8 +21,9 @@ from hexgen.model.attention import use_decode_kernel
 
 log = logging.getLogger(__name__)
 
-# forward(x [batch] ids or [batch, hidden], block_tables [batch, n_blocks], ctx_lens [batch]) -> [batch, hidden]
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# forward(x [batch] ids or [batch, hidden], block_tables [batch, n_blocks], ctx_lens [batch])
+#   -> (hidden [batch, hidden], optional further per-row outputs such as logits [batch, vocab])
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -72,7 +73,7 @@ class DecodeGraphs:
         self._stage = torch.empty(mb * (1 + self.widths[-1]), dtype=torch.long, pin_memory=self.capture)
         self._copied = torch.cuda.Event() if self.capture else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
 
     def covers(self, plan: StepPlan) -> bool:
         return (bool(plan.q_lens) and all(n == 1 for n in plan.q_lens) and len(plan.q_lens) <= self.batches[-1]
@@ -82,7 +83,7 @@ class DecodeGraphs:
         x = self.ids[:b] if self.first_stage else self.hidden[:b]
         return x, self.tables[:b, :w], self.ctx[:b]
 
-    def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         x, tables, ctx = self._inputs(b, w)
         tables.fill_(self.scratch)  # warm-up and capture touch only the scratch block
         ctx.fill_(1)
@@ -93,13 +94,15 @@ class DecodeGraphs:
                 self.fn(x, tables, ctx)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: CUDA calls of other threads (NCCL's watchdog, gloo) must not invalidate the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.fn(x, tables, ctx)
         log.info("captured decode graph: batch %d, context %d tokens", b, w * self.block_size)
         return graph, out
 
-    def run(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor | None:
-        """Hidden states [batch, hidden] of a decode plan, or None when no bucket covers it."""
+    def run(self, plan: StepPlan, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The step function's outputs for the plan's rows (hidden [batch, hidden] first; the others valid
+        until the next ``run``), or None when no bucket covers the plan."""
         if not self.covers(plan):
             return None
         n = len(plan.q_lens)
@@ -127,7 +130,10 @@ class DecodeGraphs:
             self._copied.record()
         xs[:n].copy_(x)
         if not self.capture:
-            return self.fn(xs, tables_d, ctx_d)[:n]
-        graph, out = self.graphs[key]
+            return tuple(o[:n] for o in self.fn(xs, tables_d, ctx_d))
+        graph, outs = self.graphs[key]
         graph.replay()
-        return out[:n].clone()  # the pool is shared: the next replay may overwrite ``out``
+        # The pool is shared: the next replay may overwrite ``outs``. The hidden states may still be in
+        # flight to the next stage then, so they are copied; the other outputs (logits) are read before
+        # this stage replays again and are returned as views.
+        return (outs[0][:n].clone(),) + tuple(o[:n] for o in outs[1:])

@@ -12,6 +12,7 @@ from hexgen.engine.emulation import memory_cap
 from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
 from hexgen.engine.plan import StepPlan
 from hexgen.errors import ConfigError
+from hexgen.model import gemv
 from hexgen.model.attention import build_meta, decode_meta
 from hexgen.model.loader import build_stage, init_random, load_stage
 from hexgen.model.rope import RotaryCache
@@ -52,14 +53,19 @@ class StageRunner:
             init_random(self.model, engine.seed, groups.tp.rank)
         else:
             load_stage(self.model, model.model_dir, progress=groups.is_leader)
+        self.linears = [m for m in self.model.modules() if hasattr(m, "gemv")]
+        gemv.tune(self.linears)  # batch-1 linears: the Triton GEMV, configuration timed on these weights
         self.max_len = engine.max_model_len or self.cfg.max_position_embeddings
         self.rotary = RotaryCache(self.cfg, self.max_len, self.device)
         self.n_kv_local = self.model.layers[0].attn.n_kv
-        # NCCL all-reduces inside captured graphs hung on two H100s (docs/benchmarks.md): TP > 1 stages
-        # run decode eagerly until the all-reduce is made capture-safe.
-        use_graphs = engine.cuda_graphs and groups.tp.size == 1
+        # TP > 1: decode-sized all-reduces take the symmetric-memory one-shot kernel (bf16/fp32), which
+        # captures into the decode graphs with no NCCL work inside them. NCCL all-reduces captured in a
+        # graph hung on two H100s (docs/benchmarks.md), so without the one-shot kernel TP > 1 stays eager.
+        fast_ar = groups.enable_fast_all_reduce(engine.max_num_seqs * self.cfg.hidden_size, self.dtype)
+        use_graphs = engine.cuda_graphs and (groups.tp.size == 1 or fast_ar)
         if engine.cuda_graphs and not use_graphs:
-            log.warning("stage %d: CUDA graphs are off for TP %d stages", stage.index, groups.tp.size)
+            log.warning("stage %d: CUDA graphs are off: TP %d without the symmetric-memory all-reduce",
+                        stage.index, groups.tp.size)
         # With decode graphs one extra block (index num_blocks, never handed out) takes padding rows' writes.
         spare = 1 if use_graphs else 0
         self.num_blocks = groups.world_min(self._blocks_that_fit() - spare)
@@ -68,6 +74,7 @@ class StageRunner:
         self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,
                                    self.device, engine.block_size, engine.max_num_seqs, self.max_len,
                                    scratch_block=self.num_blocks) if use_graphs else None
+        self._graph_logits: tuple[int, torch.Tensor] | None = None  # (step id, logits) of the last graph step
         log.info("stage %d: %d KV blocks (%d tokens)", stage.index, self.num_blocks,
                  self.num_blocks * engine.block_size)
 
@@ -101,26 +108,37 @@ class StageRunner:
 
         Decode steps go through the captured graphs when ``cuda_graphs`` is on; everything else (and
         decode steps no bucket covers) takes the reference path below."""
+        self._graph_logits = None
         if self.graphs is not None:
-            out = self.graphs.run(plan, x)
-            if out is not None:
-                return out
+            outs = self.graphs.run(plan, x)
+            if outs is not None:
+                if len(outs) > 1:
+                    self._graph_logits = (plan.step_id, outs[1])
+                return outs[0]
         meta = build_meta(plan.positions, plan.q_lens, plan.ctx_lens, plan.block_tables, self.engine.block_size,
                           self.device)
         cos, sin = self.rotary.lookup(meta.positions, self.dtype)
         return self.model(x, cos, sin, self.kv, meta)
 
-    def _decode_forward(self, x: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor) -> torch.Tensor:
+    def _decode_forward(self, x: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor
+                        ) -> tuple[torch.Tensor, ...]:
         """A decode step from device tensors only (graph-capturable): x [batch] ids or [batch, hidden];
-        block_tables [batch, n_blocks]; ctx_lens [batch]. Returns hidden [batch, hidden]."""
+        block_tables [batch, n_blocks]; ctx_lens [batch]. Returns (hidden [batch, hidden],) and, where this
+        rank holds the LM head, float32 logits [batch, vocab] too: the head runs inside the graph."""
         with torch.inference_mode():
             meta = decode_meta(block_tables, ctx_lens, self.engine.block_size)
             cos, sin = self.rotary.lookup(ctx_lens - 1, self.dtype)
-            return self.model(x, cos, sin, self.kv, meta)
+            hidden = self.model(x, cos, sin, self.kv, meta)
+            if self.model.lm_head is None:
+                return (hidden,)
+            return hidden, self.model.logits(hidden)
 
     @torch.inference_mode()
     def logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [sampled sequences, vocab] at the last token of each sequence that samples."""
+        stash, self._graph_logits = self._graph_logits, None
+        if stash is not None and stash[0] == plan.step_id and all(plan.sample):
+            return stash[1]  # computed inside this step's decode graph
         rows, end = [], 0
         for n, s in zip(plan.q_lens, plan.sample):
             end += n

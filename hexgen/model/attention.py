@@ -169,11 +169,15 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
     return meta
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttnMeta, scale: float) -> torch.Tensor:
-    """q: [tokens, n_q, d]; k, v: [tokens, n_kv, d]; caches [slots, n_kv, d]. Returns [tokens, n_q, d]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    """q: [tokens, n_q, d]; k, v: [tokens, n_kv, d]; caches [slots, n_kv, d]. Returns [tokens, n_q, d].
+
+    k and v None: the caller wrote them to the cache already (``fused.rotary_kv_write``); then every
+    prefill must take the Triton prefill kernel, which reads its context from the cache."""
+    if k is not None:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.has_decode and meta.decode_rows is None:
         return _decode_batch(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)

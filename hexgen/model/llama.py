@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hexgen.config import ModelConfig, StageSpec
-from hexgen.model.attention import AttnMeta, paged_attention
+from hexgen.model import fused
+from hexgen.model.attention import AttnMeta, paged_attention, use_prefill_kernel
 from hexgen.model.rope import apply_rotary
 from hexgen.parallel.groups import TPContext
 from hexgen.parallel.layers import ReplicatedLinear, RowParallelLinear, gate_up_linear, qkv_linear
@@ -24,9 +25,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if fused.enabled(x):
+            return fused.add_rms_norm(x, None, self.weight, self.eps)[0]
+        return fused.rms_norm_ref(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, res: torch.Tensor | None, fast: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + res), x + res); res None: (norm(x), x). ``fast``: one Triton kernel."""
+        if fast:
+            return fused.add_rms_norm(x, res, self.weight, self.eps)
+        return fused.add_rms_norm_ref(x, res, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -40,9 +48,13 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttnMeta, fast: bool = False) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [tokens, (n_q + 2 n_kv) * d]
+        if fast and use_prefill_kernel(x.device):  # every attention read goes through the cache
+            q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv)
+            o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)  # [tokens, n_q, d]
+            return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
         q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim,
                              self.n_kv * self.head_dim], dim=-1)
         q = q.view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
@@ -60,8 +72,11 @@ class MLP(nn.Module):
         self.size = size
         self.down = RowParallelLinear(start, size, cfg.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.size, dim=-1)  # [tokens, local_inter] each
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        gu = self.gate_up(x)  # [tokens, 2 * local_inter]: gate | up
+        if fast:
+            return self.down(fused.silu_mul(gu))
+        gate, up = gu.split(self.size, dim=-1)  # [tokens, local_inter] each
         return self.down(F.silu(gate) * up)
 
 
@@ -73,10 +88,14 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-        h = x + self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, meta)
-        return h + self.mlp(self.post_norm(h))
+    def forward(self, x: torch.Tensor, res: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream form: the layer's input hidden is x + res (res None: x). Returns (mlp output,
+        residual), whose sum is its output hidden, so the next layer's norm can fuse the add."""
+        fast = fused.enabled(x)
+        h, res = self.input_norm.add_forward(x, res, fast)  # [tokens, hidden] x2
+        h, res = self.post_norm.add_forward(self.attn(h, cos, sin, k_cache, v_cache, meta, fast), res, fast)
+        return self.mlp(h, fast), res
 
 
 class LlamaStage(nn.Module):
@@ -100,9 +119,10 @@ class LlamaStage(nn.Module):
         kv_cache: [layers, 2, slots, n_kv_local, d]. Returns hidden states [tokens, hidden]."""
         if self.embed is not None:
             x = self.embed(x)  # [tokens, hidden]
+        res = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-        return x
+            x, res = layer(x, res, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+        return x if res is None else x + res
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] (the rows to sample) → float32 logits [n, vocab]."""

@@ -7,6 +7,7 @@ on gloo CPU groups so it never forces a device synchronisation.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,11 +15,13 @@ import torch
 import torch.distributed as dist
 
 from hexgen.config import Layout, StageSpec
+from hexgen.parallel.symm import DTYPES as SYMM_DTYPES, OneShotAllReduce
 
 log = logging.getLogger(__name__)
 
 # Idle pipelines wait in recv for as long as no request comes; failures are detected by heartbeats.
 _IDLE_TIMEOUT = timedelta(days=7)
+_BCAST_HEAD = 4096  # bytes of broadcast_bytes' first message: a batch-1 decode plan is about 100
 
 
 @dataclass
@@ -28,10 +31,13 @@ class TPContext:
     rank: int  # rank inside the TP group
     size: int
     group: object | None = None  # device process group (None when size == 1)
+    fast: OneShotAllReduce | None = None  # small all-reduces (decode steps), see enable_fast_all_reduce
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` across the TP group in place and return it."""
+        """Sum ``x`` across the TP group; returns the sum (``x`` itself, summed in place, on the NCCL path)."""
         if self.size > 1:
+            if self.fast is not None and self.fast.fits(x):
+                return self.fast(x)
             dist.all_reduce(x, group=self.group)
         return x
 
@@ -60,6 +66,7 @@ class PipelineGroups:
                 tp_group, tp_cpu = g, gc
         self.tp = TPContext(rank - self.stage.first_rank, self.stage.tp, tp_group)
         self._tp_cpu = tp_cpu
+        self._bcast_head = torch.zeros(_BCAST_HEAD, dtype=torch.uint8)  # broadcast_bytes' first message
         # Sends are asynchronous: a stage must never block on a send while its peer sends to it (stage 0
         # sending micro-batch k+1 while the last stage returns the ids of micro-batch k). Buffers stay
         # referenced here until their send completes.
@@ -116,19 +123,34 @@ class PipelineGroups:
         return data.numpy().tobytes()
 
     def broadcast_bytes(self, payload: bytes | None) -> bytes:
-        """Leader → every rank of this stage; returns the payload on every rank."""
+        """Leader → every rank of this stage; returns the payload on every rank.
+
+        One gloo broadcast of a fixed ``_BCAST_HEAD``-byte message (length + the payload's start) carries
+        a decode step's plan whole; a longer payload sends its remainder in a second broadcast."""
         if self.tp.size == 1:
             return payload if payload is not None else b""
         src = self.stage.leader
-        n = torch.tensor([len(payload) if self.is_leader else 0], dtype=torch.int64)
-        dist.broadcast(n, src, group=self._tp_cpu)
+        head = self._bcast_head
         if self.is_leader:
-            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-        else:
-            data = torch.empty(int(n.item()), dtype=torch.uint8)
-        if data.numel():
-            dist.broadcast(data, src, group=self._tp_cpu)
-        return payload if self.is_leader else data.numpy().tobytes()
+            n = len(payload)
+            head[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+            first = min(n, _BCAST_HEAD - 8)
+            if first:
+                head[8:8 + first] = torch.frombuffer(bytearray(payload[:first]), dtype=torch.uint8)
+        dist.broadcast(head, src, group=self._tp_cpu)
+        if self.is_leader:
+            if n > first:
+                dist.broadcast(torch.frombuffer(bytearray(payload[first:]), dtype=torch.uint8), src,
+                               group=self._tp_cpu)
+            return payload
+        n = int(head[:8].view(torch.int64).item())
+        first = min(n, _BCAST_HEAD - 8)
+        data = head[8:8 + first].numpy().tobytes()
+        if n > first:
+            rest = torch.empty(n - first, dtype=torch.uint8)
+            dist.broadcast(rest, src, group=self._tp_cpu)
+            data += rest.numpy().tobytes()
+        return data
 
     # -- activations (device group) ---------------------------------------------------------------------
     def send_hidden(self, hidden: torch.Tensor, dst: int) -> None:
@@ -146,6 +168,23 @@ class PipelineGroups:
         if self.tp.size > 1 and hidden.numel():
             dist.broadcast(hidden, self.stage.leader, group=self.tp.group)
         return hidden
+
+    def enable_fast_all_reduce(self, max_elems: int, dtype: torch.dtype) -> bool:
+        """Route this stage's TP all-reduces of up to ``max_elems`` elements through the symmetric-memory
+        one-shot kernel (checked against NCCL first); NCCL stays for larger ones. Collective over the TP
+        group. False (NCCL only) without CUDA, for TP 1, for fp16, or with HEXGEN_ALLREDUCE=nccl."""
+        off = os.environ.get("HEXGEN_ALLREDUCE", "symm") == "nccl"
+        if self.tp.size == 1 or self.device.type != "cuda" or dtype not in SYMM_DTYPES or off:
+            return False
+        try:
+            fast = OneShotAllReduce(self.tp.group, max_elems, dtype, self.device)
+            fast.check(self.tp.group, self.device)
+        except (RuntimeError, ImportError, AttributeError) as e:  # every rank fails the same check
+            log.warning("stage %d: symmetric-memory all-reduce unavailable (%s); using NCCL", self.stage.index, e)
+            return False
+        self.tp.fast = fast
+        log.info("stage %d: one-shot symmetric-memory all-reduce up to %d elements", self.stage.index, max_elems)
+        return True
 
     def world_min(self, value: int) -> int:
         """Minimum of an integer over every rank of the pipeline (e.g. KV blocks that fit everywhere)."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hexgen.errors import LoadError
+from hexgen.model.gemv import Config, linear
 from hexgen.parallel.groups import TPContext
 
 # A loaded-slice getter: takes (dim, start, stop) and returns that slice of the checkpoint tensor.
@@ -45,12 +45,13 @@ class ReplicatedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.gemv: Config | None = None  # batch-1 kernel configuration (hexgen.model.gemv.tune); None: cuBLAS
 
     def load(self, get_slice: SliceFn, full: FullFn) -> None:
         _copy(self.weight, full(), "replicated linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, self.gemv)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -65,6 +66,7 @@ class ColumnParallelLinear(nn.Module):
         self.sections = sections
         local_out = sum(s[1] for s in sections)
         self.weight = nn.Parameter(torch.empty(local_out, in_features), requires_grad=False)
+        self.gemv: Config | None = None
 
     def load_section(self, index: int, get_slice: SliceFn) -> None:
         offset = sum(s[1] for s in self.sections[:index])
@@ -72,7 +74,7 @@ class ColumnParallelLinear(nn.Module):
         _copy(self.weight[offset:offset + local], get_slice(0, start, start + local), f"section {index}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)  # [tokens, local_out]
+        return linear(x, self.weight, self.gemv)  # [tokens, local_out]
 
 
 class RowParallelLinear(nn.Module):
@@ -83,13 +85,14 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.in_start = in_start
         self.weight = nn.Parameter(torch.empty(out_features, in_local), requires_grad=False)
+        self.gemv: Config | None = None
 
     def load(self, get_slice: SliceFn) -> None:
         n = self.weight.shape[1]
         _copy(self.weight, get_slice(1, self.in_start, self.in_start + n), "row-parallel linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))  # [tokens, out_features]
+        return self.tp.all_reduce(linear(x, self.weight, self.gemv))  # [tokens, out_features]
 
 
 def qkv_linear(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: TPContext

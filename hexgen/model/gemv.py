@@ -1,0 +1,101 @@
+"""Batch-1 linear layers (GEMV) as a Triton kernel, for decode steps whose time is the weight reads.
+
+At batch 1 a linear layer is a pass over its weight. On an H100, cuBLAS reads Llama-2-7B's shapes at
+2.0–2.75 TB/s and the kernel here at 2.36–2.97 TB/s with its best configuration per shape; in a whole
+captured decode step the kernel everywhere beat the per-shape best of the two (docs/benchmarks.md, run 7).
+``tune`` times the configurations on a stage's real weights (every layer's matrix of a shape in turn, so
+L2 holds none of them) and sets each layer's ``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K,
+num_warps) configuration. ``linear(x, w, config)`` applies it to one-row inputs. HEXGEN_GEMV picks the
+candidates: ``triton`` (default) the kernel's configurations, ``auto`` those and cuBLAS, ``cublas`` none.
+
+One program reads BLOCK_N whole rows of the weight, BLOCK_K columns at a time (16-byte loads along K), and
+keeps a [BLOCK_N, BLOCK_K] fp32 partial product that it reduces once at the end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from hexgen.model.paged_decode import triton_importable
+
+log = logging.getLogger(__name__)
+
+Config = tuple[int, int, int]  # BLOCK_N, BLOCK_K, num_warps
+CANDIDATES: list[Config] = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8)]
+
+
+def usable(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4)) -> torch.Tensor:
+    """x: [1, K]; w: [N, K] (row-major). Returns [1, N] in x's dtype."""
+    from hexgen.model import gemv_kernels as kern
+
+    n, k = w.shape
+    if w.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("gemv: x and w must be contiguous along K")
+    bn, bk, nw = config
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    kern.gemv[(-(-n // bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, config: Config | None = None) -> torch.Tensor:
+    """x: [tokens, K]; w: [N, K] → [tokens, N]; one-row CUDA inputs take the kernel when ``config``."""
+    if config is not None and usable(x):
+        return gemv(x, w, config)
+    return F.linear(x, w)
+
+
+def _time_us(fn, weights: list[torch.Tensor], x: torch.Tensor, reps: int = 3) -> float:
+    for w in weights[:2]:
+        fn(x, w)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        for w in weights:
+            fn(x, w)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(weights))
+
+
+def tune(layers: list[torch.nn.Module]) -> dict[tuple[int, int], Config | None]:
+    """Set ``layer.gemv`` on every layer (each has ``weight`` [N, K]) to the fastest candidate (see the
+    module docstring), timed per weight shape over all layers of that shape. cuBLAS everywhere without
+    CUDA or triton, for fp32 weights, or with HEXGEN_GEMV=cublas."""
+    mode = os.environ.get("HEXGEN_GEMV", "triton")
+    for layer in layers:
+        layer.gemv = None
+    if not layers or mode == "cublas" or not triton_importable() or not layers[0].weight.is_cuda:
+        return {}
+    by_shape: dict[tuple[int, int], list[torch.nn.Module]] = defaultdict(list)
+    for layer in layers:
+        by_shape[tuple(layer.weight.shape)].append(layer)
+    chosen: dict[tuple[int, int], Config | None] = {}
+    for (n, k), group in by_shape.items():
+        weights = [m.weight for m in group]
+        if weights[0].dtype not in (torch.bfloat16, torch.float16):
+            chosen[(n, k)] = None
+            continue
+        x = torch.randn(1, k, device=weights[0].device, dtype=weights[0].dtype)
+        want = F.linear(x, weights[0]).float()
+        times: dict[Config | None, float] = {None: _time_us(F.linear, weights, x)} if mode == "auto" else {}
+        for cfg in CANDIDATES:
+            got = gemv(x, weights[0], cfg).float()
+            if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
+                log.warning("gemv %s on [%d, %d]: differs from cuBLAS; not used", cfg, n, k)
+                continue
+            times[cfg] = _time_us(lambda a, b: gemv(a, b, cfg), weights, x)
+        best = min(times, key=times.get) if times else None
+        chosen[(n, k)] = best
+        for m in group:
+            m.gemv = best
+        log.info("gemv [%d, %d] x%d: %s (%s)", n, k, len(group), best or "cuBLAS",
+                 ", ".join(f"{c or 'cuBLAS'}: {t:.1f} µs" for c, t in times.items()))
+    return chosen

@@ -1,0 +1,82 @@
+"""The fused Triton kernels (hexgen/model/fused.py) against their PyTorch reference math.
+
+Without CUDA they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); with CUDA
+the compiled kernels run. bf16 cases check that the kernels round where the reference rounds.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hexgen.model import fused
+from tests.test_paged_decode import KERNEL_DEVICE, requires_triton
+
+pytestmark = requires_triton
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _randn(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_add_rms_norm(dtype, with_res):
+    x, res = _randn(3, 96, dtype=dtype, seed=1), _randn(3, 96, dtype=dtype, seed=2)
+    w = _randn(96, dtype=dtype, seed=3)
+    r = res if with_res else None
+    got, got_h = fused.add_rms_norm(x, r, w, 1e-5)
+    want, want_h = fused.add_rms_norm_ref(x, r, w, 1e-5)
+    torch.testing.assert_close(got_h, want_h, **TOL[dtype])  # the interpreter's bf16 rounding is not RNE
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_q,n_kv", [(4, 4), (4, 2)])
+def test_rotary_kv_write(dtype, n_q, n_kv):
+    t, d, slots_n = 3, 16, 10
+    qkv = _randn(t, (n_q + 2 * n_kv) * d, dtype=dtype, seed=4)
+    ang = _randn(t, 1, d // 2, dtype=torch.float32, seed=5)
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype)  # [t, 1, d]
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+    slots = torch.tensor([7, 2, 5], device=KERNEL_DEVICE)
+    caches = [torch.full((slots_n, n_kv, d), -3.0, dtype=dtype, device=KERNEL_DEVICE) for _ in range(4)]
+    got = fused.rotary_kv_write(qkv, cos, sin, slots, caches[0], caches[1], n_q, n_kv)
+    want = fused.rotary_kv_write_ref(qkv, cos, sin, slots, caches[2], caches[3], n_q, n_kv)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(caches[0], caches[2], **TOL[dtype])  # untouched slots stay -3 in both
+    torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)  # v: a plain copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype):
+    x = _randn(2, 2 * 1500, dtype=dtype, seed=6)  # more than one column block
+    torch.testing.assert_close(fused.silu_mul(x), fused.silu_mul_ref(x), **TOL[dtype])
+
+
+def test_enabled_only_on_cuda(monkeypatch):
+    assert not fused.enabled(torch.zeros(1))
+    if torch.cuda.is_available():
+        assert fused.enabled(torch.zeros(1, device="cuda"))
+        monkeypatch.setenv("HEXGEN_FUSED", "0")
+        assert not fused.enabled(torch.zeros(1, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_matches_linear(dtype):
+    from hexgen.model import gemv
+
+    x, w = _randn(1, 600, dtype=dtype, seed=7), _randn(37, 600, dtype=dtype, seed=8)  # ragged N and K
+    got = gemv.gemv(x, w, (8, 128, 4))
+    want = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_gemv_tune_is_off_without_cuda():
+    from hexgen.model import gemv
+    from hexgen.parallel.layers import ReplicatedLinear
+
+    layer = ReplicatedLinear(8, 4)
+    layer.gemv = (4, 512, 4)
+    assert gemv.tune([layer]) == {} and layer.gemv is None  # CPU: cuBLAS/ATen everywhere
