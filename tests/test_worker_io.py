@@ -292,6 +292,8 @@ def test_sink_stops_posting_a_request_another_pipeline_already_posts(make_sink, 
     assert sink.flush(5)
     assert [e for _, e in events(r, "dup")] == [TokenEvent(0, (9,), "other")]
     assert pending(r) == {entry: "pipeline-other"}  # not acked by the loser
+    assert sink.lost() == ["dup"]  # handed to the engine once, so stage 0 stops generating it
+    assert sink.lost() == []
 
 
 def test_sink_retry_of_its_own_write_is_not_a_conflict(make_sink, r, lua):

@@ -96,6 +96,9 @@ class LastStage:
                 result.finished.append(out.finish_reason is not None)
         if outputs:
             self.sink.emit(outputs)
+        lost = getattr(self.sink, "lost", None)
+        if lost is not None:
+            result.abandoned = list(lost())
         return result
 
 
@@ -126,6 +129,9 @@ class FirstLeader:
     def _apply(self, plan: StepPlan, result: StepResult) -> None:
         for rid in self.scheduler.update(plan, result):
             self.source.finished(rid)
+        for rid in result.abandoned:  # another pipeline posts this request now: stop spending steps on it
+            if self.scheduler.cancel(rid):
+                log.warning("request %s: another pipeline took over its results; stopped here", rid)
 
     def run(self) -> None:
         in_flight: deque[StepPlan] = deque()

@@ -47,6 +47,7 @@ class StepResult:
     seq_ids: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # sampled id per sampled sequence
     finished: list[bool] = field(default_factory=list)
+    abandoned: list[str] = field(default_factory=list)  # request ids another writer took over: stop them
 
     def encode(self) -> bytes:
         return msgpack.packb(self.__dict__, use_bin_type=True)

@@ -130,3 +130,6 @@ class OutputSink(Protocol):
 
     def close(self) -> None:
         """Flush pending writes and release resources."""
+
+    # Optional: ``lost() -> list[str]`` — ids of requests whose results another writer took over since the
+    # last call (another pipeline resumed them); stage 0 then stops generating them (see LastStage).

@@ -53,6 +53,8 @@ class RedisSink:
         self._poster = Poster(self._r, cfg.work_stream, cfg.result_ttl_s)
         self._q: queue.SimpleQueue[list[_Out] | threading.Event | None] = queue.SimpleQueue()
         self._lost: set[str] = set()  # requests another pipeline posts: we stop posting them
+        self._newly_lost: list[str] = []  # for lost(): handed to the engine so stage 0 stops them
+        self._lost_lock = threading.Lock()
         self._closing_deadline: float | None = None
         self._backoff = Backoff()
         self.steps_written = 0
@@ -64,6 +66,12 @@ class RedisSink:
         if outputs:
             self._q.put([_Out(o.request_id, o.seq, tuple(o.ids), o.text, o.finish_reason, o.prompt_tokens,
                               o.completion_tokens, (o.meta or {}).get("entry")) for o in outputs])
+
+    def lost(self) -> list[str]:
+        """Requests found taken over by another pipeline since the last call (the engine stops them)."""
+        with self._lost_lock:
+            out, self._newly_lost = self._newly_lost, []
+        return out
 
     def close(self) -> None:
         """Flush queued events (up to ``flush_timeout_s``), then release the connection."""
@@ -143,6 +151,8 @@ class RedisSink:
                 log.warning("request %s: position %d is taken; another pipeline is posting this request, so "
                             "this one stops posting it", post.request_id, post.position)
                 self._lost.add(post.request_id)
+                with self._lost_lock:
+                    self._newly_lost.append(post.request_id)
         for o in outs:  # a request's final output ends our interest in it
             if o.finish_reason is not None:
                 self._lost.discard(o.request_id)
