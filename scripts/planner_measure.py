@@ -1,12 +1,13 @@
 """Measure layouts under load for the planner's validation (docs/planner.md): one engine run per layout.
 
-    python scripts/planner_measure.py RUNS.json OUT.json
+    python scripts/planner_measure.py RUNS.json OUT.json [NAME,NAME...]   (default: every run)
 
 RUNS.json: {"preset": "llama-2-70b", "dtype": "bf16", "requests": 256, "prompt_range": [64, 512],
             "output_range": [32, 256], "seed": 0, "max_num_seqs": 128,
             "runs": [{"name": "tp4", "hetero": [4], "partition": [80], "micro_batches": 0, "cuda_graphs": true,
                       "emulate": "", "devices": [0, 1, 2, 3]}, ...],
             "emulate_by_device": {"2": "40:24", "3": "16:16"}}
+A run may set its own "requests", "prompt_range" and "output_range".
 
 Every run offers the same fixed-seed requests at once (after a warm-up phase) and records output tokens/s,
 TTFT/TPOT percentiles and the mean request latency; ``emulate`` (or the spec's ``emulate_by_device``) sets
@@ -46,6 +47,7 @@ def measure(spec: dict, run: dict) -> dict:
                           micro_batches=run.get("micro_batches", 0), max_num_seqs=spec.get("max_num_seqs", 128),
                           max_num_batched_tokens=spec.get("max_num_batched_tokens", 2048),
                           gpu_memory_fraction=spec.get("gpu_memory_fraction", 0.9))
+    spec = {**spec, **{k: run[k] for k in ("requests", "prompt_range", "output_range") if k in run}}
     shapes = mixed_shapes(spec["requests"], tuple(spec["prompt_range"]), tuple(spec["output_range"]),
                           spec.get("seed", 0))
     requests = make_requests(shapes, cfg.vocab_size, "req", spec.get("seed", 0))
@@ -67,7 +69,10 @@ def main() -> int:
     with open(sys.argv[1], encoding="utf-8") as f:
         spec = json.load(f)
     results = {"spec": spec, "runs": {}}
+    only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None
     for run in spec["runs"]:
+        if only is not None and run["name"] not in only:
+            continue
         print(f"=== {run['name']}: {run['hetero']} / {run.get('partition')} mb={run.get('micro_batches', 0)} "
               f"emulate={run.get('emulate', '')!r}", flush=True)
         try:

@@ -32,6 +32,18 @@ def _run(engine: EngineConfig, hetero=(1,), preset_name="tiny", n=5, new_tokens=
     return run_offline(layout, model, engine, reqs)
 
 
+def compare_for_dtype(ref, fast, dtype: str) -> None:
+    """float32: every greedy token identical and every logit within 2e-3. bfloat16/float16, where one rounding
+    step apart can flip a near-tied greedy token of a tiny random model and the runs then diverge: the first
+    token's logits within 5e-2."""
+    if dtype == "float32":
+        _compare(ref, fast, atol=2e-3)
+        return
+    for rid, r in ref.items():
+        diff = (r.logits[0] - fast[rid].logits[0]).abs().max()
+        assert diff < 5e-2, f"request {rid}: first-token logits differ by {diff}"
+
+
 def _compare(ref, fast, atol: float) -> None:
     for rid, r in ref.items():
         f = fast[rid]
@@ -88,12 +100,7 @@ def test_fused_kernels_and_graphs_match_unfused_reference(dtype, monkeypatch):
     monkeypatch.setenv("HEXGEN_FUSED", "1")
     monkeypatch.setenv("HEXGEN_GEMV", "triton")
     fast = _run(EngineConfig(**base, cuda_graphs=True), n=6, new_tokens=16)
-    if dtype == "float32":
-        _compare(ref, fast, atol=2e-3)
-        return
-    for rid, r in ref.items():
-        diff = (r.logits[0] - fast[rid].logits[0]).abs().max()
-        assert diff < 5e-2, f"request {rid}: first-token logits differ by {diff}"
+    compare_for_dtype(ref, fast, dtype)
 
 
 @pytest.mark.gpu

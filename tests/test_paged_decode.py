@@ -359,12 +359,14 @@ def test_gpu_step_kernel_vs_gather(steps):
 @requires_cuda
 @requires_triton
 @pytest.mark.parametrize("graphs", [False, True])
-def test_gpu_engine_kernel_matches_gather_path(monkeypatch, graphs):
-    """The whole engine (mixed steps while requests arrive, decode graphs) with the kernel off and on."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_engine_kernel_matches_gather_path(monkeypatch, graphs, dtype):
+    """The whole engine (mixed steps while requests arrive, decode graphs) with the kernels off and on:
+    float32 tokens and logits, bfloat16 first-token logits (see compare_for_dtype)."""
     from hexgen.config import EngineConfig
-    from tests.test_gpu_fastpaths import _compare, _run
+    from tests.test_gpu_fastpaths import _run, compare_for_dtype
 
-    base = dict(dtype="bfloat16", device="cuda", block_size=16, collect_logits=True, max_num_seqs=8,
+    base = dict(dtype=dtype, device="cuda", block_size=16, collect_logits=True, max_num_seqs=8,
                 gpu_memory_fraction=0.3, cuda_graphs=graphs)
     monkeypatch.setenv("HEXGEN_DECODE_KERNEL", "0")
     monkeypatch.setenv("HEXGEN_PREFILL_KERNEL", "0")
@@ -372,4 +374,4 @@ def test_gpu_engine_kernel_matches_gather_path(monkeypatch, graphs):
     monkeypatch.setenv("HEXGEN_DECODE_KERNEL", "1")
     monkeypatch.setenv("HEXGEN_PREFILL_KERNEL", "1")
     fast = _run(EngineConfig(**base), n=10, new_tokens=20)
-    _compare(ref, fast, atol=5e-2)
+    compare_for_dtype(ref, fast, dtype)

@@ -1,6 +1,7 @@
 """Calibration files (hexgen/planner/calibration.py), the cost model using them, and `bin/hexgen profile`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -96,6 +97,22 @@ def test_cost_model_uses_calibration_in_range_and_falls_back():
     assert st == pytest.approx(3 * (6e-5 + 2 * cost.allreduce_time(link, 2, 1)))
 
 
+def test_cost_model_takes_one_calibration_per_device_type():
+    """A mixed cluster: each device type's calibration covers its own points; a device none measured falls
+    back to the datasheet estimate; a custom device name (a cluster file's [devices.NAME]) matches too."""
+    a6000, h100 = DEVICE_SPECS["A6000"], DEVICE_SPECS["H100"]
+    custom = dataclasses.replace(a6000, name="A6000-40SM")
+    plain = CostModel(TINY)
+    cost = CostModel(TINY, calibration=(make_cal(device="A6000"),
+                                        make_cal([Point(1, 1, 100, 7e-4), Point(1, 16, 1600, 9e-4)],
+                                                 device="A6000-40SM")))
+    assert cost.layer_time(a6000, 1, 1, 100) == 1e-4
+    assert cost.layer_time(custom, 1, 1, 100) == 7e-4
+    assert cost.layer_time(h100, 1, 1, 100) == plain.layer_time(h100, 1, 1, 100)
+    with pytest.raises(ConfigError, match="calibration"):
+        CostModel(TINY, calibration=(make_cal(), "not a calibration"))
+
+
 def test_cost_model_rejects_another_shape():
     cal = make_cal()
     with pytest.raises(ConfigError, match="calibration model"):
@@ -135,6 +152,8 @@ def test_profile_config_validation():
         ProfileConfig(contexts=(1,))
     with pytest.raises(ConfigError, match="reps"):
         ProfileConfig(reps=0)
+    with pytest.raises(ConfigError, match="graphs"):
+        ProfileConfig(graphs="yes")
 
 
 def test_profile_cli_on_cpu_writes_a_calibration_that_loads(tmp_path):
@@ -165,3 +184,15 @@ def test_profile_cli_errors():
                        cwd=ROOT)
     assert r.returncode == 2
     assert "tp-degrees: 3" in r.stderr
+
+
+def test_profile_cli_records_a_custom_device_name(tmp_path):
+    """A device the cluster file defines itself (e.g. an emulated, cut-down GPU) keeps its given name."""
+    out = tmp_path / "custom.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bin", "hexgen"), "profile", "--preset", "tiny", "--device", "cpu",
+           "--device-name", "My-Box", "--batch", "1", "--context", "8", "--prefill", "8", "--warmup", "0",
+           "--reps", "1", "--threads", "1", "--quiet", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, HEXGEN_NO_VENV="1"),
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert load_calibration(str(out)).device == "My-Box"

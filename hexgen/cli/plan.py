@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--workload-output", type=int, default=128, help="mean output tokens")
     g.add_argument("--time-budget", type=float, default=30.0, help="search time limit in s")
     g.add_argument("--seed", type=int, default=0, help="search seed")
-    g.add_argument("--calibration", help="calibration JSON from `bin/hexgen profile`")
+    g.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration JSON from `bin/hexgen profile`")
     g.add_argument("--out", help="write the deployment TOML here (bin/head / bin/worker --config)")
     g.add_argument("--redis-url", default=C.DEFAULT_REDIS_URL, help="Redis URL written into the deployment")
     return p
@@ -69,7 +69,7 @@ def _plan_cluster(args: argparse.Namespace) -> int:
         raise ConfigError("--model-path, --preset: give exactly one with --cluster")
     cfg = ModelConfig.from_dir(path) if path else preset(args.preset)
     dtype = normalize_dtype(args.dtype or "bf16")
-    cal = load_calibration(args.calibration) if args.calibration else None
+    cal = tuple(load_calibration(f) for f in args.calibration) if args.calibration else None
     cost = CostModel(cfg, dtype_bytes=4 if dtype == "float32" else 2, calibration=cal)
     cluster = load_cluster(args.cluster)
     workload = Workload(args.workload_prompt, args.workload_output)

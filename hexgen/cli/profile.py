@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
                    help="CPU: torch intra-op threads (default 0: torch's default; match the engine's setting)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="time decode points eagerly (default on CUDA: CUDA-graph replays, as the engine decodes)")
     p.add_argument("--out", help="output JSON file (default: print to stdout)")
     p.add_argument("--quiet", action="store_true", help="no per-point progress on stderr")
     return p
@@ -42,8 +44,11 @@ def _device_name(device: str, given: str | None) -> str:
     import torch
 
     from hexgen.planner.devices import device_spec, guess_device_name
-    if given:
-        return device_spec(given).name
+    if given:  # a built-in's canonical name, or a device the cluster file defines in [devices.NAME]
+        try:
+            return device_spec(given).name
+        except HexGenError:
+            return given
     if device.startswith("cuda"):
         label = torch.cuda.get_device_name(torch.device(device))
         name = guess_device_name(label)
@@ -68,14 +73,22 @@ def main(argv: list[str] | None = None) -> int:
             raise HexGenError(f"device: {device!r} asked for but CUDA is not available")
         dtype = normalize_dtype(args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
         prof = ProfileConfig(tuple(args.tp_degrees), tuple(args.batch), tuple(args.context), tuple(args.prefill),
-                             args.warmup, args.reps, seed=args.seed)
+                             args.warmup, args.reps, seed=args.seed,
+                             graphs=not args.no_graphs)
         name = _device_name(device, args.device_name)
         if args.threads < 0:
             raise HexGenError(f"threads: {args.threads} must be >= 0 (0: torch's default)")
         if args.threads:
             torch.set_num_threads(args.threads)
         log = (lambda m: None) if args.quiet else (lambda m: print(f"hexgen profile: {m}", file=sys.stderr))
-        cal = measure(cfg, device, dtype, name, prof, log=log)
+        # HEXGEN_EMULATE_DEVICES="0=SMs:GiB" profiles a cut-down GPU (hexgen/engine/emulation.py): name it
+        # with --device-name so the cluster file can refer to it
+        from hexgen.engine.emulation import limited_device
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        with limited_device(0, dev):
+            cal = measure(cfg, device, dtype, name, prof, log=log)
     except HexGenError as e:
         print(f"hexgen profile: {e}", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="Hugging Face model directory (its config.json gives the shape)")
     model.add_argument("--preset", help="model shape preset, e.g. llama-2-7b")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="bf16")
-    p.add_argument("--calibration", help="calibration JSON from `hexgen profile`")
+    p.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration JSON from `hexgen profile`")
     src = p.add_argument_group("deployment (one of)")
     src.add_argument("--cluster", help="cluster TOML: run the planner first and simulate its plan")
     src.add_argument("--time-budget", type=float, default=30.0, help="planner search budget, s (with --cluster)")
@@ -89,7 +89,7 @@ def _cost_model(args: argparse.Namespace):
     calibration = None
     if args.calibration:
         from hexgen.planner.calibration import load_calibration
-        calibration = load_calibration(args.calibration)
+        calibration = tuple(load_calibration(f) for f in args.calibration)
     return CostModel(cfg, dtype_bytes=4 if args.dtype == "fp32" else 2, calibration=calibration)
 
 

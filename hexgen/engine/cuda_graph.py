@@ -1,4 +1,5 @@
-"""CUDA graphs of decode steps: one graph per (batch bucket, context-width bucket), captured on first use.
+"""CUDA graphs of decode steps: one graph per (batch bucket, context-width bucket), captured at start-up
+(``capture_all``, paged-kernel path) or on first use (gather fallback).
 
 A decode step (every sequence of the plan adds one token) runs on static buffers: input ids or hidden
 states, block tables padded to the width bucket, and context lengths. Everything else (write slots,
@@ -99,6 +100,17 @@ class DecodeGraphs:
             out = self.fn(x, tables, ctx)
         log.info("captured decode graph: batch %d, context %d tokens", b, w * self.block_size)
         return graph, out
+
+    def capture_all(self) -> None:
+        """Capture every batch bucket now (start-up) when one width serves every step (the paged kernel), so
+        no serving step pays for a capture (seconds at 70B sizes). Largest first: the smaller graphs then
+        reuse the shared pool. With width buckets (the gather fallback) graphs stay captured on first use."""
+        if not self.capture or len(self.widths) != 1:
+            return
+        w = self.widths[0]
+        for b in reversed(self.batches):
+            if (b, w) not in self.graphs:
+                self.graphs[(b, w)] = self._capture(b, w)
 
     def run(self, plan: StepPlan, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The step function's outputs for the plan's rows (hidden [batch, hidden] first; the others valid

@@ -74,6 +74,8 @@ class StageRunner:
         self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,
                                    self.device, engine.block_size, engine.max_num_seqs, self.max_len,
                                    scratch_block=self.num_blocks) if use_graphs else None
+        if self.graphs is not None:
+            self.graphs.capture_all()
         self._graph_logits: tuple[int, torch.Tensor] | None = None  # (step id, logits) of the last graph step
         log.info("stage %d: %d KV blocks (%d tokens)", stage.index, self.num_blocks,
                  self.num_blocks * engine.block_size)
@@ -86,12 +88,18 @@ class StageRunner:
         if self.device.type != "cuda":
             return max(1, e.cpu_kv_tokens // e.block_size)
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # blocks cached by start-up work would otherwise count as in use
         free, total = torch.cuda.mem_get_info(self.device)
         cap = memory_cap(self.device)  # an emulated smaller card (hexgen.engine.emulation)
         if cap is not None:
             free, total = max(0, cap - torch.cuda.memory_reserved(self.device)), cap
         # Everything already on the device (our weights included) counts against the fraction.
-        budget = total * e.gpu_memory_fraction - (total - free) - self._activation_reserve()
+        reserve = self._activation_reserve()
+        budget = total * e.gpu_memory_fraction - (total - free) - reserve
+        log.info("stage %d: KV budget %.2f GiB = %.2f GiB x %.2f - %.2f GiB in use - %.2f GiB activations "
+                 "(this process: %.2f GiB allocated, %.2f GiB reserved)", self.groups.stage.index, budget / 2**30,
+                 total / 2**30, e.gpu_memory_fraction, (total - free) / 2**30, reserve / 2**30,
+                 torch.cuda.memory_allocated(self.device) / 2**30, torch.cuda.memory_reserved(self.device) / 2**30)
         return max(2, int(budget // per_block))
 
     def _activation_reserve(self) -> int:

@@ -210,6 +210,30 @@ def save_calibration(cal: Calibration, path: str) -> None:
 
 
 # -- measurement (bin/hexgen profile) -------------------------------------------------------------------------
+def _graph_time(fn, warmup: int, reps: int) -> float:
+    """Seconds per call of ``fn`` captured in a CUDA graph and replayed ``reps`` times back to back on the
+    current stream (eager launches of one small layer are host-bound; the engine replays decode graphs)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
     """What ``bin/hexgen profile`` measures: decode batches at each per-sequence context, and prefill lengths,
@@ -223,8 +247,11 @@ class ProfileConfig:
     reps: int = 10
     block_size: int = 16
     seed: int = 0
+    graphs: bool = True  # CUDA: time decode points as CUDA-graph replays, the way the engine runs decode
 
     def __post_init__(self) -> None:
+        if not isinstance(self.graphs, bool):
+            raise ConfigError(f"graphs: {self.graphs!r} must be true or false")
         for name in ("tp_degrees", "batches", "contexts", "prefills"):
             vals = tuple(getattr(self, name))
             object.__setattr__(self, name, vals)
@@ -298,7 +325,10 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
             x = torch.randn(tokens, cfg.hidden_size, generator=g, device=dev).to(tdtype)  # [tokens, hidden]
             times = []
             with torch.inference_mode():
-                for i in range(prof.warmup + prof.reps):
+                if cuda and prof.graphs and context > tokens:
+                    step = (lambda m=model, c=kv: m(x, cos, sin, c, meta))  # noqa: E731
+                    times.append(_graph_time(step, prof.warmup, prof.reps))
+                for i in range(0 if times else prof.warmup + prof.reps):
                     if cuda:
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                         start.record()
@@ -323,5 +353,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
     meta = {"torch": torch.__version__, "host": platform.node(), "torch_device": device,
             "device_label": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
             "warmup": prof.warmup, "reps": prof.reps, "block_size": bs,
-            "note": "one decoder layer, one TP rank's shard shapes, all-reduce excluded"}
+            "graphs": prof.graphs and cuda,
+            "note": "one decoder layer, one TP rank's shard shapes, all-reduce excluded"
+                    + ("; decode points: mean of CUDA-graph replays" if prof.graphs and cuda else "")}
     return Calibration(device_name, layer_shape(cfg), tuple(points), normalize_dtype(dtype), meta)

@@ -60,7 +60,8 @@ class CostModel:
 
     model: ModelConfig
     dtype_bytes: int = 2
-    calibration: Calibration | None = None
+    # one Calibration, or several (one per device type: each covers the points of the device it measured)
+    calibration: Calibration | tuple[Calibration, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
@@ -68,11 +69,18 @@ class CostModel:
         if self.dtype_bytes not in (1, 2, 4):
             raise ConfigError(f"cost model dtype_bytes: {self.dtype_bytes!r} must be 1, 2 or 4")
         object.__setattr__(self, "_valid_tp", frozenset(valid_tp_degrees(self.model, 1 << 16)))
-        cal = self.calibration
-        if cal is not None:
+        cals = self.calibration
+        if cals is None:
+            cals = ()
+        elif isinstance(cals, list):
+            cals = tuple(cals)
+        elif not isinstance(cals, tuple):
+            cals = (cals,)
+        object.__setattr__(self, "_cals", cals)
+        want = layer_shape(self.model)
+        for cal in cals:
             if not isinstance(cal, Calibration):
                 raise ConfigError(f"cost model calibration: {cal!r} must be a Calibration")
-            want = layer_shape(self.model)
             if dict(cal.model) != want:
                 raise ConfigError(f"calibration model: measured layer shape {cal.model} does not match the "
                                   f"model being planned {want}; profile this model")
@@ -158,8 +166,8 @@ class CostModel:
         when a calibration for ``dev`` covers the point, else the datasheet estimate. No all-reduce."""
         _check_count("tokens", tokens, 1)
         _check_count("context", context, 0)
-        if self.calibration is not None:
-            t = self.calibration.layer_time(tp, tokens, max(context, tokens), device=dev.name)
+        for cal in self._cals:
+            t = cal.layer_time(tp, tokens, max(context, tokens), device=dev.name)
             if t is not None:
                 return t
         return self.estimate_layer_time(dev, tp, tokens, context)
