@@ -11,7 +11,7 @@ from hexgen.errors import ConfigError
 from hexgen.planner.cluster import cluster_from_dict, load_cluster
 from hexgen.planner.costmodel import GPU_RUNTIME_BYTES, CostModel
 from hexgen.planner.planbuild import plan_score_of
-from hexgen.planner.replica import MAX_BATCH, MAX_TOKENS, MEMORY_FRACTION, Evaluator
+from hexgen.planner.replica import MAX_TOKENS, MEMORY_FRACTION, Evaluator
 from hexgen.planner.search import (Plan, PlannerError, Slo, Workload, best_symmetric, evaluate_replica,
                                    plan_cluster, symmetric_options)
 
@@ -52,7 +52,7 @@ def check_plan(plan: Plan, cluster, cost: CostModel, workload: Workload) -> None
             first, last = i == 0, i == len(r.stages) - 1
             dev = s.gpus[0].device
             # what the engine allocates (weights + workspace + the whole KV cache) fits the device ...
-            alloc = cost.stage_memory(s.tp, s.layers, s.kv_tokens, first, last, MAX_TOKENS, MAX_BATCH)
+            alloc = cost.stage_memory(s.tp, s.layers, s.kv_tokens, first, last, MAX_TOKENS, workload.max_batch)
             assert s.memory_bytes == alloc
             assert alloc + GPU_RUNTIME_BYTES <= dev.memory_bytes * MEMORY_FRACTION
             assert alloc <= dev.memory_bytes
@@ -176,10 +176,23 @@ def test_evaluate_replica(case_study):
         evaluate_replica([(tuple(g[0:3]), 80)], cluster, cost, Workload(), Slo())
 
 
+def test_max_batch_caps_every_replica(case_study):
+    """Workload.max_batch is the workers' --max-num-seqs: no replica plans more requests in flight."""
+    cluster, cost = case_study
+    workload, slo = Workload(1024, 1024, max_batch=8), Slo(0.0)
+    plan = plan_cluster(cluster, cost, workload, slo, seed=0)
+    check_plan(plan, cluster, cost, workload)
+    assert all(1 <= r.max_batch <= 8 for r in plan.replicas)
+    wide = plan_cluster(cluster, cost, Workload(1024, 1024), slo, seed=0)
+    assert max(r.max_batch for r in wide.replicas) > 8
+
+
 def test_bad_inputs_name_the_field(case_study):
     cluster, cost = case_study
     with pytest.raises(ConfigError, match="workload.prompt_len"):
         Workload(prompt_len=0)
+    with pytest.raises(ConfigError, match="workload.max_batch"):
+        Workload(max_batch=0)
     with pytest.raises(ConfigError, match="slo.latency_s"):
         Slo(latency_s=-1)
     with pytest.raises(ConfigError, match="time_budget_s"):

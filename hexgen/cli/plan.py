@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests/s to serve with the lowest latency (default 0: maximise the rate)")
     g.add_argument("--workload-prompt", type=int, default=512, help="mean prompt tokens")
     g.add_argument("--workload-output", type=int, default=128, help="mean output tokens")
+    g.add_argument("--max-num-seqs", type=int, default=256,
+                   help="requests in flight per replica at most (the workers' --max-num-seqs; default 256)")
     g.add_argument("--time-budget", type=float, default=30.0, help="search time limit in s")
     g.add_argument("--seed", type=int, default=0, help="search seed")
     g.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration JSON from `bin/hexgen profile`")
@@ -72,7 +74,7 @@ def _plan_cluster(args: argparse.Namespace) -> int:
     cal = tuple(load_calibration(f) for f in args.calibration) if args.calibration else None
     cost = CostModel(cfg, dtype_bytes=4 if dtype == "float32" else 2, calibration=cal)
     cluster = load_cluster(args.cluster)
-    workload = Workload(args.workload_prompt, args.workload_output)
+    workload = Workload(args.workload_prompt, args.workload_output, args.max_num_seqs)
     slo = Slo(args.slo_latency, args.slo_rate)
     plan = plan_cluster(cluster, cost, workload, slo, time_budget_s=args.time_budget, seed=args.seed)
     baseline = best_symmetric(cluster, cost, workload, slo)

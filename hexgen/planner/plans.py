@@ -31,10 +31,12 @@ class Workload:
 
     prompt_len: int = 512  # mean prompt tokens
     output_len: int = 128  # mean output tokens
+    max_batch: int = 256  # requests in flight per replica at most: the workers' --max-num-seqs
 
     def __post_init__(self) -> None:
         _positive_int("workload.prompt_len", self.prompt_len)
         _positive_int("workload.output_len", self.output_len)
+        _positive_int("workload.max_batch", self.max_batch)
 
     @property
     def seq_len(self) -> int:

@@ -28,7 +28,7 @@ from hexgen.planner.plans import Workload
 
 MEMORY_FRACTION = 0.9  # EngineConfig.gpu_memory_fraction
 MAX_TOKENS = 2048  # EngineConfig.max_num_batched_tokens: the activation workspace
-MAX_BATCH = 256  # requests in flight per replica the planner considers (worker --max-num-seqs)
+MAX_BATCH = 256  # default of Workload.max_batch: requests in flight per replica (worker --max-num-seqs)
 RING_STALL = 0.5  # share of the other stages' prefill time that also stalls the decode ring (see above)
 BATCH_TARGETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # KV reserves (in requests) the layer split is tried with
 
@@ -54,7 +54,7 @@ class Eval:
     latency_s: float
     decode_step_s: float
     latency_fn: Callable[[int], float]  # latency with b requests in flight
-    kv_batch: int  # requests the KV cache alone allows (capped at MAX_BATCH)
+    kv_batch: int  # requests the KV cache alone allows (capped at the workload's max_batch)
 
     def latency_at(self, rate: float) -> float | None:
         """Predicted latency when offered ``rate`` requests/s (the smallest batch that sustains it); None when
@@ -111,8 +111,8 @@ class Costs:
         hit = self._mem.get(key)
         if hit is None:
             c = self.cost
-            m1 = c.stage_memory(slot.tp, 1, 0, first, last, MAX_TOKENS, MAX_BATCH)
-            m2 = c.stage_memory(slot.tp, 2, 0, first, last, MAX_TOKENS, MAX_BATCH)
+            m1 = c.stage_memory(slot.tp, 1, 0, first, last, MAX_TOKENS, self.workload.max_batch)
+            m2 = c.stage_memory(slot.tp, 2, 0, first, last, MAX_TOKENS, self.workload.max_batch)
             budget = rank_budget(slot.dev)
             hit = self._mem[key] = (budget, 2 * m1 - m2, m2 - m1, c.kv_bytes_per_token(slot.tp))
         return hit
@@ -122,12 +122,14 @@ class Costs:
         hit = self._kv.get(key)
         if hit is None:
             hit = self._kv[key] = self.cost.kv_capacity_tokens(slot.dev, slot.tp, layers, first, last,
-                                                               MEMORY_FRACTION, MAX_TOKENS, MAX_BATCH)
+                                                               MEMORY_FRACTION, MAX_TOKENS,
+                                                               self.workload.max_batch)
         return hit
 
     def memory(self, slot: Slot, layers: int, kv_tokens: int, first: bool, last: bool) -> int:
         """Per-rank bytes of the stage holding ``kv_tokens`` of KV (the cost model's stage_memory)."""
-        return self.cost.stage_memory(slot.tp, layers, kv_tokens, first, last, MAX_TOKENS, MAX_BATCH)
+        return self.cost.stage_memory(slot.tp, layers, kv_tokens, first, last, MAX_TOKENS,
+                                      self.workload.max_batch)
 
 
 def rank_budget(dev: DeviceSpec) -> int:
@@ -144,7 +146,7 @@ def evaluate(slots: Sequence[Slot], layers: Sequence[int], costs: Costs, slo_lat
     n = len(slots)
     last = n - 1
     kv = tuple(costs.kv_tokens(s, layers[i], i == 0, i == last) for i, s in enumerate(slots))
-    kv_batch = min(min(kv) // w.seq_len, MAX_BATCH)
+    kv_batch = min(min(kv) // w.seq_len, w.max_batch)
     if kv_batch < 1:
         return None
     ftimes = [costs.stage_time(s, layers[i], p, p, i == 0, i == last) for i, s in enumerate(slots)]
@@ -236,7 +238,7 @@ def best_split(slots: Sequence[Slot], costs: Costs, num_layers: int, slo_latency
     tried: set[tuple[int, ...]] = set()
     best: Eval | None = None
     candidates: list[Sequence[int] | None] = [*extra]
-    for b in BATCH_TARGETS:
+    for b in sorted({min(t, costs.workload.max_batch) for t in BATCH_TARGETS}):
         split = split_for_batch(slots, costs, num_layers, b)
         if split is None:
             break  # a larger reserve only shrinks the caps
