@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from hexgen.engine.emulation import memory_cap
+
 CUDA_PEAK = "cuda max_memory_allocated"
 CPU_PEAK = "cpu peak RSS (ru_maxrss)"
 
@@ -67,7 +69,7 @@ def rank_report(rank: int, runner: Any) -> RankReport:
     peak, kind = peak_memory(device)
     total = budget = allows = None
     if device.type == "cuda":
-        total = int(torch.cuda.get_device_properties(device).total_memory)
+        total = memory_cap(device) or int(torch.cuda.get_device_properties(device).total_memory)  # emulated cap
         budget = int(total * runner.engine.gpu_memory_fraction)
         allows = max(0, (budget - weights) // max(1, per_token))
     return RankReport(rank=rank, stage=runner.groups.stage.index, device=str(device), peak_memory_bytes=peak,
