@@ -232,21 +232,28 @@ def split_for_batch(slots: Sequence[Slot], costs: Costs, num_layers: int, batch:
     return _min_bottleneck(a, c, caps, num_layers)
 
 
-def best_split(slots: Sequence[Slot], costs: Costs, num_layers: int, slo_latency: float,
-               return_latency: float = 0.0, extra: Sequence[Sequence[int]] = ()) -> Eval | None:
-    """The best-rate replica over layer splits made for each KV reserve in BATCH_TARGETS (plus ``extra``)."""
-    tried: set[tuple[int, ...]] = set()
-    best: Eval | None = None
-    candidates: list[Sequence[int] | None] = [*extra]
+def split_candidates(slots: Sequence[Slot], costs: Costs, num_layers: int,
+                     extra: Sequence[Sequence[int]] = ()) -> list[tuple[int, ...]]:
+    """Distinct layer splits worth evaluating: ``extra``, then one made for each KV reserve in BATCH_TARGETS
+    (capped at the workload's max_batch) until a reserve no longer fits."""
+    out: list[tuple[int, ...]] = []
+    for split in extra:
+        if len(split) == len(slots) and tuple(split) not in out:
+            out.append(tuple(split))
     for b in sorted({min(t, costs.workload.max_batch) for t in BATCH_TARGETS}):
         split = split_for_batch(slots, costs, num_layers, b)
         if split is None:
             break  # a larger reserve only shrinks the caps
-        candidates.append(split)
-    for split in candidates:
-        if split is None or tuple(split) in tried or len(split) != len(slots):
-            continue
-        tried.add(tuple(split))
+        if tuple(split) not in out:
+            out.append(tuple(split))
+    return out
+
+
+def best_split(slots: Sequence[Slot], costs: Costs, num_layers: int, slo_latency: float,
+               return_latency: float = 0.0, extra: Sequence[Sequence[int]] = ()) -> Eval | None:
+    """The best-rate replica over ``split_candidates``."""
+    best: Eval | None = None
+    for split in split_candidates(slots, costs, num_layers, extra):
         ev = evaluate(slots, split, costs, slo_latency, return_latency)
         if ev is not None and (best is None or (ev.rate, -ev.latency_s) > (best.rate, -best.latency_s)):
             best = ev
@@ -298,6 +305,14 @@ class Evaluator:
                                          self.return_latency(key),
                                          extra=[equal_split(self.num_layers, len(key))]) if ok else None
         return self._best[key]
+
+    def candidates(self, key: Key) -> list[Eval]:
+        """Every candidate split of this stage sequence that fits and meets the SLO, evaluated."""
+        if not 0 < len(key) <= self.num_layers:
+            return []
+        splits = split_candidates(self.slots(key), self.costs, self.num_layers,
+                                  extra=[equal_split(self.num_layers, len(key))])
+        return [e for e in (self.fixed(key, sp) for sp in splits) if e is not None]
 
     def fixed(self, key: Key, layers: tuple[int, ...]) -> Eval | None:
         """This stage sequence with the given layer counts."""

@@ -22,6 +22,7 @@ from hexgen.planner.costmodel import CostModel
 from hexgen.planner.partition import State, anneal, greedy_states
 from hexgen.planner.planbuild import assemble, model_weight_bytes, plan_score, plan_score_of
 from hexgen.planner.plans import Plan, PlannerError, ReplicaPlan, Slo, StagePlan, Workload
+from hexgen.planner.refine import refine_splits
 from hexgen.planner.replica import Eval, Evaluator, Key, rank_budget
 from hexgen.planner.symmetric import best_symmetric, symmetric_options, symmetric_states
 
@@ -94,6 +95,7 @@ def plan_cluster(cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo
     replicas = _state_replicas(ev, best)
     if not replicas:
         raise _nothing_fits(cluster, cost, ev, starts)
+    replicas = refine_splits(ev, replicas, slo, deadline=t_start + time_budget_s)
     plan = assemble(ev, replicas, slo, 0.0)
     sym = best_symmetric(cluster, cost, workload, slo, evaluator=ev)
     if sym is not None and plan_score_of(sym, ev, slo) > plan_score_of(plan, ev, slo):
