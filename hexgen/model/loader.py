@@ -86,21 +86,21 @@ def _stage_loaders(model: LlamaStage, reader: CheckpointReader, cfg: ModelConfig
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{st.layer_start + i}."
         out += [
-            (p + "input_layernorm.weight", lambda l=layer, n=p + "input_layernorm.weight":
-                l.input_norm.weight.copy_(reader.full(n))),
-            (p + "post_attention_layernorm.weight", lambda l=layer, n=p + "post_attention_layernorm.weight":
-                l.post_norm.weight.copy_(reader.full(n))),
+            (p + "input_layernorm.weight", lambda m=layer, n=p + "input_layernorm.weight":
+                m.input_norm.weight.copy_(reader.full(n))),
+            (p + "post_attention_layernorm.weight", lambda m=layer, n=p + "post_attention_layernorm.weight":
+                m.post_norm.weight.copy_(reader.full(n))),
         ]
         for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             n = p + f"self_attn.{proj}.weight"
-            out.append((n, lambda l=layer, j=j, n=n: l.attn.qkv_proj.load_section(j, sl(n))))
+            out.append((n, lambda m=layer, j=j, n=n: m.attn.qkv_proj.load_section(j, sl(n))))
         n = p + "self_attn.o_proj.weight"
-        out.append((n, lambda l=layer, n=n: l.attn.o_proj.load(sl(n))))
+        out.append((n, lambda m=layer, n=n: m.attn.o_proj.load(sl(n))))
         for j, proj in enumerate(("gate_proj", "up_proj")):
             n = p + f"mlp.{proj}.weight"
-            out.append((n, lambda l=layer, j=j, n=n: l.mlp.gate_up.load_section(j, sl(n))))
+            out.append((n, lambda m=layer, j=j, n=n: m.mlp.gate_up.load_section(j, sl(n))))
         n = p + "mlp.down_proj.weight"
-        out.append((n, lambda l=layer, n=n: l.mlp.down.load(sl(n))))
+        out.append((n, lambda m=layer, n=n: m.mlp.down.load(sl(n))))
     if model.lm_head is not None:
         out.append(("model.norm.weight", lambda: model.norm.weight.copy_(reader.full("model.norm.weight"))))
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"

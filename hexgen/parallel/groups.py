@@ -54,8 +54,8 @@ class PipelineGroups:
         dist.init_process_group(backend, init_method=init_method, world_size=layout.world_size, rank=rank,
                                 timeout=_IDLE_TIMEOUT)
         self._device_world_is_cpu = backend == "gloo"
-        self.cpu_world = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo",
-                                                                                 timeout=_IDLE_TIMEOUT)
+        self.cpu_world = (dist.group.WORLD if backend == "gloo"
+                          else dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT))
         tp_group = tp_cpu = None
         for spec in layout.stages():  # every rank must create every group, in the same order
             ranks = spec.ranks
