@@ -13,6 +13,7 @@ import json
 
 import torch
 
+from hexgen.engine.cuda_graph import replay_time
 from hexgen.model import attention, paged_decode
 
 N_Q, N_KV, D, BS = 32, 32, 128, 16
@@ -20,23 +21,7 @@ N_Q, N_KV, D, BS = 32, 32, 128, 16
 
 def _time(fn, reps: int = 50) -> float:
     """Mean µs per call of ``fn`` replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
+    return replay_time(fn, warmup=2, reps=reps) * 1e6
 
 
 def case(batch: int, ctx: int, width_tokens: int) -> dict:

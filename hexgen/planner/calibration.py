@@ -210,30 +210,6 @@ def save_calibration(cal: Calibration, path: str) -> None:
 
 
 # -- measurement (bin/hexgen profile) -------------------------------------------------------------------------
-def _graph_time(fn, warmup: int, reps: int) -> float:
-    """Seconds per call of ``fn`` captured in a CUDA graph and replayed ``reps`` times back to back on the
-    current stream (eager launches of one small layer are host-bound; the engine replays decode graphs)."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
-
-
 @dataclass(frozen=True)
 class ProfileConfig:
     """What ``bin/hexgen profile`` measures: decode batches at each per-sequence context, and prefill lengths,
@@ -282,6 +258,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
     import torch
 
     from hexgen.config import StageSpec, normalize_dtype, valid_tp_degrees
+    from hexgen.engine.cuda_graph import replay_time
     from hexgen.engine.kv_cache import allocate_cache
     from hexgen.model.attention import build_meta
     from hexgen.model.loader import build_stage, init_random
@@ -327,7 +304,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
             with torch.inference_mode():
                 if cuda and prof.graphs and context > tokens:
                     step = (lambda m=model, c=kv: m(x, cos, sin, c, meta))  # noqa: E731
-                    times.append(_graph_time(step, prof.warmup, prof.reps))
+                    times.append(replay_time(step, prof.warmup, prof.reps))
                 for i in range(0 if times else prof.warmup + prof.reps):
                     if cuda:
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
