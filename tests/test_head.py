@@ -323,3 +323,62 @@ def test_bin_head_subprocess(redis_server, tiny_tokenizer_dir):
         output = proc.stdout.read()
         proc.stdout.close()
     assert "stopped" in output
+
+
+# ---- latency: what the head does per entry -------------------------------------------------------------------
+
+async def test_short_prompt_is_tokenized_on_the_loop_long_one_in_a_thread(make_head, fake, monkeypatch):
+    from hexgen.serving import head as head_mod
+
+    threaded = []
+    real = asyncio.to_thread
+
+    async def spy(fn, *args, **kwargs):
+        threaded.append(fn)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(head_mod.asyncio, "to_thread", spy)
+    head = await make_head(max_model_len=1 << 20)
+    await submit(fake, prompt="hello world", id="short")
+    await submit(fake, prompt="a " * head_mod.INLINE_TOKENIZE_CHARS, id="long")
+    assert await handle_all(head) == ["queued", "queued"]
+    assert threaded == [head_mod.tokenize]  # only the long prompt went to a thread
+    assert [r.request_id for r, _ in await work_items(fake)] == ["short", "long"]
+
+
+async def test_reserve_and_depth_in_one_multi_on_real_redis(redis_server, tiny_tokenizer):
+    """Dedupe, redelivery and back-pressure hold with the reservation and the depth read in one MULTI."""
+    r = async_redis(redis_server)
+    try:
+        head = Head(make_settings(redis_server, max_queue_depth=2), tiny_tokenizer, 256, redis=r,
+                    consumer="head-test")
+        await r.xgroup_create(C.REQUESTS_STREAM, C.HEADS_GROUP, id="0", mkstream=True)
+        await r.xadd(C.REQUESTS_STREAM, {"prompt": "hi", "id": "early"})
+        [(eid, fields)] = await deliver(r)
+        assert await head._reserve("early", eid) == (eid, 0)  # no work stream yet: depth 0
+        assert await head._reserve("early", "1-1") == (eid, 0)  # another entry: the id stays the first's
+        await head.setup()
+        assert await head.handle_entry(eid, fields) == "queued"  # its own reservation is no duplicate
+        await submit(r, prompt="again", id="early")
+        await submit(r, prompt="hi", id="second")
+        await submit(r, prompt="hi", id="full")
+        assert await handle_all(head) == ["duplicate", "queued", "overloaded"]  # limit 2
+        assert [type(e).__name__ for e in await events(r, "full")] == ["ErrorEvent"]
+        assert await r.ttl(C.dedupe_key("early")) > 0
+    finally:
+        await r.aclose()
+
+
+async def test_trace_stamps_ride_in_the_work_item_only_when_tracing_is_on(make_head, fake, monkeypatch):
+    from hexgen.serving import trace
+
+    head = await make_head()
+    await submit(fake, prompt="hi", id="plain")
+    assert await handle_all(head) == ["queued"]
+    monkeypatch.setattr(trace, "ENABLED", True)
+    await submit(fake, prompt="hi", id="traced")
+    assert await handle_all(head) == ["queued"]
+    plain, traced = [r for r, _ in await work_items(fake)]
+    assert "trace" not in plain.meta
+    t = traced.meta["trace"]
+    assert t["head_read"] <= t["head_tok"] <= t["head_send"]

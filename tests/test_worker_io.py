@@ -336,3 +336,30 @@ def test_sink_appends_only_right_after_the_last_posted_position(make_sink, r, lu
     sink.emit([out("seq", 3, 3, "late", "length")])  # nothing may follow an error
     assert sink.flush(5)
     assert isinstance(events(r, "seq")[-1][1], ErrorEvent)
+
+
+def test_trace_stamps_reach_the_trace_stream_only_when_tracing_is_on(make_source, make_sink, r, lua, monkeypatch):
+    from hexgen.serving import trace
+
+    src = make_source()
+    src.poll(1, 0)
+    sink = make_sink()
+    entry = add_work(r, "off")
+    [req] = poll_until(src, 1)
+    assert "trace" not in req.meta
+    sink.emit([StepOutput("off", 0, [7], "a", None, 3, 1, req.meta)])
+    assert sink.flush(5) and r.xlen(C.TRACE_STREAM) == 0
+
+    monkeypatch.setattr(trace, "ENABLED", True)
+    entry = add_work(r, "on")
+    [req] = poll_until(src, 1)
+    assert set(req.meta["trace"]) == {"src_read"} and req.meta["entry"] == entry
+    sink.emit([StepOutput("on", 0, [7], "a", None, 3, 1, req.meta)])
+    sink.emit([StepOutput("on", 1, [8], "b", None, 3, 2, req.meta)])  # not the first token: no stamps
+    assert sink.flush(5)
+    [(_, fields)] = r.xrange(C.TRACE_STREAM)
+    fields = {k.decode(): v.decode() for k, v in fields.items()}
+    assert fields.pop("id") == "on"
+    t = {k: float(v) for k, v in fields.items()}
+    assert t["src_read"] <= t["emit"] <= t["picked"] <= t["posted"]
+    assert [e for _, e in events(r, "on")] == [TokenEvent(0, (7,), "a"), TokenEvent(1, (8,), "b")]

@@ -20,11 +20,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from hexgen.bench.engine_bench import run_engine
 from hexgen.bench.memory import memory_lines, memory_summary
 from hexgen.bench.modes import BenchSetup, device_info
-from hexgen.bench.stats import RequestTiming, summarize
+from hexgen.bench.stats import RequestTiming, percentile, summarize
 from hexgen.bench.sweep import check_range
 from hexgen.bench.workload import mixed_shapes, poisson_offsets, random_prompt
 from hexgen.engine.types import Request, SamplingParams
@@ -101,8 +103,12 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     return over
 
 
-async def offer(url: str, items: list[_Item], timeout_s: float = 900.0) -> list[RequestTiming]:
-    """Send each item through the async client at its arrival; stamp every token as the client reads it."""
+async def offer(url: str, items: list[_Item], timeout_s: float = 900.0,
+                sent: dict[str, float] | None = None) -> list[RequestTiming]:
+    """Send each item through the async client at its arrival; stamp every token as the client reads it.
+
+    ``sent`` (when given) gets each request's time.monotonic() just before its XADD: how late the client's
+    event loop woke for the arrival, which counts in the TTFT (timers wake up to a millisecond late)."""
     from hexgen.client import HexGenClient
 
     async with HexGenClient(url, block_ms=1000, timeout_s=timeout_s) as client:
@@ -115,6 +121,8 @@ async def offer(url: str, items: list[_Item], timeout_s: float = 900.0) -> list[
             p = item.request.params
             stream = client.stream(prompt=item.text, request_id=item.request.request_id, temperature=0,
                                    max_new_tokens=p.max_new_tokens, ignore_eos=True)
+            if sent is not None:
+                sent[item.request.request_id] = time.monotonic()  # the XADD is the stream's first await
             async for ev in stream:
                 timing.tokens.extend([time.monotonic()] * len(ev.ids))
             if len(timing.tokens) != p.max_new_tokens:
@@ -125,11 +133,37 @@ async def offer(url: str, items: list[_Item], timeout_s: float = 900.0) -> list[
         return list(await asyncio.gather(*(one(i) for i in items)))
 
 
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1e3 * x, 3)
+
+
+def client_lateness(items: list[_Item], timings: list[RequestTiming], sent: dict[str, float]) -> dict:
+    """p50s of how late the client sent each request and of its TTFT counted from the send instead."""
+    late = [sent[i.request.request_id] - t.offered for i, t in zip(items, timings)]
+    from_send = [t.tokens[0] - sent[i.request.request_id] for i, t in zip(items, timings)]
+    return {"client_send_late_p50_ms": _ms(percentile(late, 50)),
+            "ttft_from_send_p50_ms": _ms(percentile(from_send, 50))}
+
+
+def paired_ttft_diff(direct: list[RequestTiming], redis: list[RequestTiming],
+                     redis_sent: list[float] | None = None) -> dict:
+    """Median over requests of (Redis-path TTFT − direct TTFT) of the same request (same prompt, same arrival
+    offset): steadier than the difference of the two p50s, which may fall on requests of different prompt
+    lengths. With ``redis_sent`` also counted from the client's send instead of the scheduled arrival."""
+    diffs = [r.ttft - d.ttft for d, r in zip(direct, redis)]
+    out = {"ttft_paired_diff_p50_ms": _ms(percentile(diffs, 50))}
+    if redis_sent is not None:
+        from_send = [(r.tokens[0] - s) - d.ttft for d, r, s in zip(direct, redis, redis_sent)]
+        out["ttft_paired_diff_from_send_p50_ms"] = _ms(percentile(from_send, 50))
+    return out
+
+
 def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm: list[_Item],
-                   items: list[_Item], say=print) -> tuple[list[RequestTiming], float]:
+                   items: list[_Item], say=print, offer_fn=offer) -> tuple[Any, float]:
     """Start redis-server, head and workers for ``setup``'s layout, offer warm-up then ``items``; stop all.
 
-    Returns the measured timings and the seconds the pipeline took to form."""
+    ``offer_fn(url, items)`` (a coroutine function) sends them; returns what it returned for ``items`` (by
+    default the timings) and the seconds the pipeline took to form."""
     from hexgen.serving.demo import DemoOptions, Deployment, start_redis, wait_ready, write_config
 
     work_dir = opts.log_dir or tempfile.mkdtemp(prefix="hexgen-bench-serve-")
@@ -151,8 +185,8 @@ def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm:
         say(f"bench serve: redis-server on port {dep.port}, head and {layout.num_stages} worker(s) starting "
             f"(logs in {work_dir})")
         ready_s = wait_ready(dep, opts.ready_timeout_s)
-        asyncio.run(offer(dep.url, warm))
-        timings = asyncio.run(offer(dep.url, items))
+        asyncio.run(offer_fn(dep.url, warm))
+        timings = asyncio.run(offer_fn(dep.url, items))
         dep.check_alive()
         return timings, ready_s
     finally:
@@ -198,11 +232,15 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
     run = run_engine(setup.layout, setup.model, setup.engine,
                      [[(i.offset, i.request) for i in direct_warm], [(i.offset, i.request) for i in direct]],
                      setup.devices)
-    direct_sum = summarize([run.timings[i.request.request_id] for i in direct])
+    direct_timings = [run.timings[i.request.request_id] for i in direct]
+    direct_sum = summarize(direct_timings)
     direct_sum["run_wall_s"] = round(run.wall_s, 2)
     t0 = time.monotonic()
-    timings, ready_s = run_redis_path(setup, opts, overrides, redis_warm, redis_items, say=say)
+    sent: dict[str, float] = {}
+    timings, ready_s = run_redis_path(setup, opts, overrides, redis_warm, redis_items, say=say,
+                                      offer_fn=partial(offer, sent=sent))
     redis_sum = summarize(timings)
+    redis_sum.update(client_lateness(redis_items, timings, sent))
     redis_sum.update(run_wall_s=round(time.monotonic() - t0, 2), pipeline_ready_s=round(ready_s, 2))
     return {"mode": "serve", "command": setup.command, **device_info(setup.engine),
             "layout": setup.layout.describe(),
@@ -214,7 +252,10 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
             "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
                               "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
                               "cpu_kv_tokens": setup.engine.cpu_kv_tokens},
-            "direct": direct_sum, "redis": redis_sum, "overhead": overhead(direct_sum, redis_sum),
+            "direct": direct_sum, "redis": redis_sum,
+            "overhead": {**overhead(direct_sum, redis_sum),
+                         **paired_ttft_diff(direct_timings, timings,
+                                            [sent[i.request.request_id] for i in redis_items])},
             "memory": memory_summary(run.ranks)}
 
 
@@ -231,5 +272,13 @@ def format_serve(res: dict) -> str:
                 f"target ≤ {t['throughput_cost_max']:.0%}: {'met' if t['throughput_met'] else 'missed'}); "
                 f"p50 TTFT {o['ttft_p50_diff_ms']:+.1f} ms (target ≤ {t['ttft_p50_diff_max_ms']:g} ms: "
                 f"{'met' if t['ttft_met'] else 'missed'})")
+    if o.get("ttft_paired_diff_p50_ms") is not None:
+        rows.append(f"per request (same prompt, same arrival): Redis TTFT − direct TTFT, median "
+                    f"{o['ttft_paired_diff_p50_ms']:+.1f} ms; from the client's send "
+                    f"{o['ttft_paired_diff_from_send_p50_ms']:+.1f} ms")
+    if res["redis"].get("client_send_late_p50_ms") is not None:
+        rows.append(f"Redis path client: sent {res['redis']['client_send_late_p50_ms']:.2f} ms after the scheduled "
+                    f"arrival (p50; counted in its TTFT); TTFT from the send: p50 "
+                    f"{res['redis']['ttft_from_send_p50_ms']:.1f} ms")
     rows += ["memory (direct run):"] + memory_lines(res["memory"])
     return "\n".join(rows)

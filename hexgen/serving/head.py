@@ -38,15 +38,17 @@ from hexgen.config import ModelConfig, preset
 from hexgen.engine.types import Request
 from hexgen.errors import ConfigError
 from hexgen.serving import constants as C
+from hexgen.serving import trace
 from hexgen.serving.protocol import (InternalError, InvalidRequest, NotFound, Overloaded, RequestError,
                                      encode_work_item, error_event)
 from hexgen.serving.settings import Settings, async_redis
-from hexgen.serving.status import StatusReport, collect_status, queue_status
+from hexgen.serving.status import StatusReport, collect_status, group_depth, queue_status
 from hexgen.serving.validation import ParsedRequest, check_context, parse_request, peek_request_id
 
 log = logging.getLogger(__name__)
 
 READ_COUNT = 16
+INLINE_TOKENIZE_CHARS = 16384  # shorter texts are tokenized on the event loop (about 1 ms); longer in a thread
 TOKENIZER_ERRORS = (ValueError, TypeError, KeyError, IndexError, RuntimeError)
 
 
@@ -94,6 +96,12 @@ def tokenize(tokenizer: Any, parsed: ParsedRequest) -> list[int]:
 
 def _s(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _text_chars(parsed: ParsedRequest) -> int:
+    if parsed.prompt is not None:
+        return len(parsed.prompt)
+    return sum(len(v) for m in parsed.messages or () for v in m.values())
 
 
 class Head:
@@ -206,24 +214,25 @@ class Head:
 
     async def handle_entry(self, entry_id: str, fields: dict) -> str:
         """Handle one request entry; returns ``queued``, ``duplicate`` or the error code written."""
+        t_read = time.monotonic()
         request_id = peek_request_id(fields, entry_id)
-        dkey = C.dedupe_key(request_id)
-        if not await self.redis.set(dkey, entry_id, nx=True, ex=self.limits.dedupe_ttl_s):
-            owner = await self.redis.get(dkey)
-            if owner is not None and _s(owner) != entry_id:
-                log.warning("head: dropped duplicate request id %r (entry %s; first seen in entry %s)",
-                            request_id, entry_id, _s(owner))
-                await asyncio.shield(self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id))
-                return "duplicate"
+        owner, depth = await self._reserve(request_id, entry_id)
+        if owner is not None and owner != entry_id:
+            log.warning("head: dropped duplicate request id %r (entry %s; first seen in entry %s)",
+                        request_id, entry_id, owner)
+            await asyncio.shield(self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id))
+            return "duplicate"
         try:
             req, model = await self._prepare(entry_id, request_id, fields)
-            depth = await self.queue_depth()
+            trace.stamp(req.meta, "head_read", t_read)
+            trace.stamp(req.meta, "head_tok")
             if depth >= self.limits.max_queue_depth:
                 raise Overloaded(f"the work queue of model {model!r} holds {depth} requests (limit "
                                  f"{self.limits.max_queue_depth}); retry later with a new id")
         except RequestError as e:
             await self.fail(request_id, entry_id, e)
             return e.code
+        trace.stamp(req.meta, "head_send")
         async with self.redis.pipeline(transaction=True) as p:
             p.xadd(self.work_stream, encode_work_item(req, model))
             p.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
@@ -231,12 +240,32 @@ class Head:
         log.debug("head: queued %r (%d prompt tokens)", request_id, len(req.prompt_ids))
         return "queued"
 
+    async def _reserve(self, request_id: str, entry_id: str) -> tuple[str | None, int]:
+        """Reserve the id for this entry (SET NX) and read the work queue's depth in one MULTI (one round
+        trip): returns the entry that owns the id (None if the key vanished) and the depth."""
+        async with self.redis.pipeline(transaction=True) as p:
+            dkey = C.dedupe_key(request_id)
+            p.set(dkey, entry_id, nx=True, ex=self.limits.dedupe_ttl_s)
+            p.get(dkey)
+            p.xlen(self.work_stream)
+            p.xinfo_groups(self.work_stream)
+            replies = await p.execute(raise_on_error=False)
+        for reply in replies[:3]:
+            if isinstance(reply, Exception):
+                raise reply
+        _, owner, length, groups = replies
+        groups = [] if isinstance(groups, ResponseError) else groups  # no work stream yet
+        return (None if owner is None else _s(owner)), group_depth(int(length), groups, C.PIPELINES_GROUP)
+
     async def _prepare(self, entry_id: str, request_id: str, fields: dict) -> tuple[Request, str]:
         parsed = parse_request(fields, entry_id, self.request_limits)
         model = parsed.model or self.settings.model.name
         if model != self.settings.model.name:
             raise NotFound(f"model: {model!r} is not served here; available: {self.settings.model.name}")
-        ids = await asyncio.to_thread(tokenize, self.tokenizer, parsed)
+        if _text_chars(parsed) <= INLINE_TOKENIZE_CHARS:
+            ids = tokenize(self.tokenizer, parsed)
+        else:
+            ids = await asyncio.to_thread(tokenize, self.tokenizer, parsed)
         check_context(len(ids), parsed.params.max_new_tokens, self.max_model_len)
         meta = {"request_entry": entry_id, "head": self.consumer, "received_at": time.time()}
         return Request(request_id, ids, parsed.params, meta=meta), model

@@ -14,6 +14,8 @@ from functools import partial
 import redis
 
 from hexgen.engine.types import StepOutput
+from hexgen.serving import constants as C
+from hexgen.serving import trace
 from hexgen.serving.protocol import INTERNAL, ProtocolError, done_event, error_event, token_event
 from hexgen.serving.worker_io import (REDIS_ERRORS, REFUSED, Backoff, ClientFactory, IOConfig, Post, Poster,
                                       connect)
@@ -36,6 +38,7 @@ class _Out:
     prompt_tokens: int
     completion_tokens: int
     entry: str | None
+    trace: dict[str, float] | None = None  # first token's latency stamps (HEXGEN_TRACE_TIMING=1 only)
 
 
 class RedisSink:
@@ -65,7 +68,8 @@ class RedisSink:
     def emit(self, outputs: list[StepOutput]) -> None:
         if outputs:
             self._q.put([_Out(o.request_id, o.seq, tuple(o.ids), o.text, o.finish_reason, o.prompt_tokens,
-                              o.completion_tokens, (o.meta or {}).get("entry")) for o in outputs])
+                              o.completion_tokens, (o.meta or {}).get("entry"),
+                              _first_token_stamps(o) if trace.ENABLED else None) for o in outputs])
 
     def lost(self) -> list[str]:
         """Requests found taken over by another pipeline since the last call (the engine stops them)."""
@@ -133,6 +137,7 @@ class RedisSink:
                 time.sleep(self._backoff.delay)
 
     def _write(self, outs: list[_Out]) -> None:
+        picked = time.monotonic() if trace.ENABLED else 0.0
         posts: list[Post] = []
         for o in outs:
             if o.request_id in self._lost:
@@ -146,7 +151,9 @@ class RedisSink:
                     log.error("request %s: %s", o.request_id, e)
                     final = error_event(INTERNAL, f"the engine ended the request with {o.finish_reason!r}")
                 posts.append(Post(o.request_id, o.seq + len(o.ids), final, o.entry or ""))
-        for post, status in zip(posts, self._poster.post(posts)):
+        statuses = self._poster.post(posts)
+        posted = time.monotonic()
+        for post, status in zip(posts, statuses):
             if status == REFUSED and post.request_id not in self._lost:
                 log.warning("request %s: position %d is taken; another pipeline is posting this request, so "
                             "this one stops posting it", post.request_id, post.position)
@@ -156,3 +163,24 @@ class RedisSink:
         for o in outs:  # a request's final output ends our interest in it
             if o.finish_reason is not None:
                 self._lost.discard(o.request_id)
+        if trace.ENABLED:
+            self._write_traces(outs, picked, posted)
+
+    def _write_traces(self, outs: list[_Out], picked: float, posted: float) -> None:
+        traced = [o for o in outs if o.trace is not None]
+        if not traced:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for o in traced:
+            fields = {k: repr(v) for k, v in {**o.trace, "picked": picked, "posted": posted}.items()}
+            pipe.xadd(C.TRACE_STREAM, {"id": o.request_id, **fields}, maxlen=C.TRACE_STREAM_MAXLEN,
+                      approximate=True)
+        pipe.execute()
+
+
+def _first_token_stamps(o: StepOutput) -> dict[str, float] | None:
+    """The request's latency stamps plus ``emit`` (now), for its first token only."""
+    found = trace.stamps(o.meta) if o.seq == 0 and o.ids else None
+    if found is not None:
+        found["emit"] = time.monotonic()
+    return found

@@ -15,6 +15,7 @@ import redis
 
 from hexgen.engine.types import Request
 from hexgen.serving import constants as C
+from hexgen.serving import trace
 from hexgen.serving.protocol import (INTERNAL, ProtocolError, decode_work_item, done_event, error_event,
                                      parse_cancel)
 from hexgen.serving.worker_io import (REDIS_ERRORS, Backoff, ClientFactory, IOConfig, Post, Poster, as_text,
@@ -140,8 +141,13 @@ class RedisSource:
         res = self._r.xreadgroup(C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">"},
                                  count=count, block=block)
         entries = [e for _stream, es in (res or []) for e in es]
-        return self._admit([(as_text(eid), fields, 1) for eid, fields in entries if fields is not None],
-                           resumed=False)
+        out = self._admit([(as_text(eid), fields, 1) for eid, fields in entries if fields is not None],
+                          resumed=False)
+        if trace.ENABLED:
+            t = time.monotonic()
+            for req in out:
+                trace.stamp(req.meta, "src_read", t)
+        return out
 
     def _reclaim(self, count: int) -> list[Request]:
         """Take back this pipeline's own stale entries, then other pipelines' expired ones."""

@@ -72,6 +72,15 @@ def _s(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
+def group_depth(length: int, groups: list[dict], group: str) -> int:
+    """:attr:`QueueStatus.depth` of ``group`` from an XLEN and an XINFO GROUPS reply (no XINFO CONSUMERS)."""
+    for g in groups:
+        if _s(g.get("name")) == group:
+            lag = g.get("lag")
+            return QueueStatus("", group, length, int(g.get("pending") or 0), None if lag is None else int(lag)).depth
+    return length
+
+
 async def queue_status(r: Any, stream: str, group: str) -> QueueStatus:
     """Length, pending, lag and per-consumer pending of ``stream``'s ``group`` (zeros if either is missing)."""
     length = int(await r.xlen(stream))

@@ -1,0 +1,36 @@
+"""Opt-in latency stamps along the serving path (``HEXGEN_TRACE_TIMING=1``; off by default).
+
+When on, the head, the stage-0 source and the last-stage sink write ``time.monotonic()`` stamps into the
+request's ``meta["trace"]`` (it travels with the work item and the engine's outputs); once a request's first
+token is posted, the sink XADDs its stamps to :data:`~hexgen.serving.constants.TRACE_STREAM`.
+CLOCK_MONOTONIC is host-wide on Linux, so the stamps of the head, the worker and a client on one host compare.
+``scripts/serve_breakdown.py`` turns them into a per-hop table. Off, each hook is one boolean test.
+
+Stamps: ``head_read`` (the head has the entry), ``head_tok`` (validated and tokenized), ``head_send`` (before
+the MULTI that writes the work item), ``src_read`` (the source's XREADGROUP returned it), ``emit`` (the first
+token was sampled and handed to the sink), ``picked`` (the sink's writer thread took it), ``posted`` (its
+EVALSHA returned).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+ENV = "HEXGEN_TRACE_TIMING"
+ENABLED = os.environ.get(ENV) == "1"
+KEY = "trace"
+
+
+def stamp(meta: dict[str, Any], name: str, t: float | None = None) -> None:
+    """Record ``name`` at ``t`` (default: now) in ``meta["trace"]`` when tracing is on."""
+    if ENABLED:
+        meta.setdefault(KEY, {})[name] = time.monotonic() if t is None else t
+
+
+def stamps(meta: dict[str, Any] | None) -> dict[str, float] | None:
+    """The stamps carried by ``meta`` (None when tracing is off or there are none)."""
+    if not ENABLED or not meta:
+        return None
+    found = meta.get(KEY)
+    return dict(found) if isinstance(found, dict) else None
