@@ -13,7 +13,7 @@ from torch import nn
 from hexgen.config import ModelConfig, StageSpec
 from hexgen.model import fused
 from hexgen.model.attention import AttnMeta, paged_attention, use_prefill_kernel
-from hexgen.model.rope import rotate
+from hexgen.model.rope import apply_rotary
 from hexgen.parallel.groups import TPContext
 from hexgen.parallel.layers import ReplicatedLinear, RowParallelLinear, gate_up_linear, qkv_linear
 
@@ -55,11 +55,12 @@ class Attention(nn.Module):
             q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv)
             o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)  # [tokens, n_q, d]
             return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
-        heads = qkv.view(t, self.n_q + 2 * self.n_kv, self.head_dim)  # [tokens, n_q + 2 n_kv, d]
-        # q and k rotated together: one set of elementwise ops instead of two (batch-1 CPU decode is op-bound)
-        qk = rotate(heads[:, :self.n_q + self.n_kv], cos, sin)  # [tokens, n_q + n_kv, d]
-        q, k = qk.split([self.n_q, self.n_kv], dim=1)  # [tokens, n_q, d], [tokens, n_kv, d]
-        v = heads[:, self.n_q + self.n_kv:]  # [tokens, n_kv, d]
+        q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim,
+                             self.n_kv * self.head_dim], dim=-1)
+        q = q.view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
+        k = k.view(t, self.n_kv, self.head_dim)  # [tokens, n_kv, d]
+        v = v.view(t, self.n_kv, self.head_dim)
+        q, k = apply_rotary(q, k, cos, sin)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [tokens, n_q, d]
         return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
 

@@ -49,12 +49,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim] (Hugging Face rotate-half layout); cos, sin: [tokens, 1, head_dim]."""
-    return x * cos + _rotate_half(x) * sin
-
-
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [tokens, n_q, head_dim], k: [tokens, n_kv, head_dim] (Hugging Face rotate-half layout)."""
-    return rotate(q, cos, sin), rotate(k, cos, sin)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
