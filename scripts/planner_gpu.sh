@@ -6,12 +6,17 @@
 #   part 2: the same load on the emulated heterogeneous pair (bench/planner/runs_h200x2_emulated.json).
 #   part 3: decode-only and prefill-only loads on TP 2 and PP 2 (bench/planner/runs_h200x2_phases.json),
 #           then the GPU tests;
-#   homog: part 1's layouts only; measure: homog, then part 2; all: part 1 without the test, then part 2, each step with its own limit.
+#   x4: on nvidia-h100-x4: calibrations at TP 1, 2 and 4, then the 70B layouts of bench/planner/runs_h100x4.json;
+#   auto: CLUSTER=file BASE=spec.json [CALS="a.json b.json"]: plan the cluster here, then measure the planner's
+#         layout against the best symmetric one (scripts/plan_runs.py);
+#   homog: part 1's layouts only; measure: homog, then part 2;
+#   all: part 1 without the test, then part 2, each step with its own limit.
 # Usage on the GPU machine: OUT=/some/dir scripts/planner_gpu.sh 1|2|3|homog|measure|all
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HEXGEN_NO_VENV=1
 OUT=${OUT:-/tmp/hexgen-planner}; mkdir -p "$OUT"
 M=${1:-1}
+case "$M" in 1|2|3|homog|measure|all|x4|auto) ;; *) echo "planner_gpu.sh: unknown part $M" >&2; exit 2;; esac
 PY=python3; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; timeout "$t" "$@"; echo "=== rc $?"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
@@ -37,6 +42,20 @@ fi
 if [ "$M" = 2 ] || [ "$M" = all ] || [ "$M" = measure ]; then
   step ${EMU_LIMIT:-400} $PY scripts/planner_measure.py bench/planner/runs_h200x2_emulated.json "$OUT/measure_emulated.json" ${EMU_RUNS:-} 2>&1 \
     | tee "$OUT/measure_emulated.log" | keep
+fi
+if [ "$M" = x4 ]; then
+  step 200 $PY -m hexgen.cli profile --preset llama-2-70b --dtype bf16 --batch 1 8 32 128 --context 128 1024 \
+    --prefill 128 512 2048 --quiet --tp-degrees 1 2 4 --device cuda:0 --out "$OUT/cal_h100_70b.json"
+  step ${X4_LIMIT:-380} $PY scripts/planner_measure.py bench/planner/runs_h100x4.json "$OUT/measure_h100x4.json" \
+    ${X4_RUNS:-} 2>&1 | tee "$OUT/measure_h100x4.log" | keep
+fi
+if [ "$M" = auto ]; then
+  CAL_ARGS=""; [ -n "${CALS:-}" ] && CAL_ARGS="--calibration $CALS"
+  step 120 $PY -m hexgen.cli plan --cluster "$CLUSTER" --preset llama-2-70b --dtype bf16 --slo-latency 0 \
+    --workload-prompt 288 --workload-output 144 --max-num-seqs 128 $CAL_ARGS --json > "$OUT/plan.json"
+  step 30 $PY scripts/plan_runs.py "$OUT/plan.json" "$CLUSTER" "$BASE" "$OUT/runs_auto.json"
+  step ${AUTO_LIMIT:-400} $PY scripts/planner_measure.py "$OUT/runs_auto.json" "$OUT/measure_auto.json" 2>&1 \
+    | tee "$OUT/measure_auto.log" | keep
 fi
 if [ "$M" = 3 ]; then
   step ${PHASE_LIMIT:-250} $PY scripts/planner_measure.py bench/planner/runs_h200x2_phases.json "$OUT/measure_phases.json" \
