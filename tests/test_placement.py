@@ -126,8 +126,19 @@ def test_options_and_model():
         PlacementOptions(time_budget_s=0)
     with pytest.raises(ConfigError, match="prompt_len"):
         PlacementOptions(prompt_len=0)
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        PlacementOptions(max_num_seqs=0)
     assert model_config(settings()).num_layers == 6
     assert [a.id for a in agents_by_model([agent("a"), agent("b", model="other")], "tiny")] == ["a"]
+
+
+def test_plan_batches_stay_within_the_agents_max_num_seqs():
+    """The head plans for the batch the agents' workers will run (--plan-max-num-seqs), not the planner's 256."""
+    agents = [agent("a"), agent("b")]
+    small = PlacementLoop(settings(), PlacementOptions(max_num_seqs=3), redis=None, consumer="h")._plan(agents)
+    assert small.replicas and all(1 <= r.max_batch <= 3 for r in small.replicas)
+    wide = PlacementLoop(settings(), PlacementOptions(max_num_seqs=200), redis=None, consumer="h")._plan(agents)
+    assert max(r.max_batch for r in wide.replicas) > 3
 
 
 async def put_agent(r, a: AgentRecord, alive: bool = True) -> None:

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "seconds (0: none; default 30)")
     g.add_argument("--plan-prompt-len", type=int, default=512, help="mean prompt tokens to plan for (512)")
     g.add_argument("--plan-output-len", type=int, default=128, help="mean output tokens to plan for (128)")
+    g.add_argument("--plan-max-num-seqs", type=int, default=64, help="requests in flight per pipeline to "
+                   "plan for: the agents' --max-num-seqs (default 64, the engine's)")
     g.add_argument("--settle", type=float, default=0.0, help="seconds the set of agents must stay unchanged "
                    "before a re-plan (default: 2 heartbeat intervals)")
     g.add_argument("--plan-time-budget", type=float, default=10.0, help="seconds the search may take (10)")
@@ -38,7 +40,8 @@ def placement_options(args: argparse.Namespace):
     from hexgen.planner.placement import PlacementOptions
 
     return PlacementOptions(slo_latency_s=args.slo_latency, prompt_len=args.plan_prompt_len,
-                            output_len=args.plan_output_len, settle_s=args.settle,
+                            output_len=args.plan_output_len, max_num_seqs=args.plan_max_num_seqs,
+                            settle_s=args.settle,
                             time_budget_s=args.plan_time_budget, network_gbps=args.network_gbps)
 
 

@@ -59,13 +59,14 @@ class PlacementOptions:
     time_budget_s: float = 10.0
     seed: int = 0
     network_gbps: float = 0.0
+    max_num_seqs: int = 64  # requests in flight per pipeline the agents' workers run (their --max-num-seqs)
 
     def __post_init__(self) -> None:
         for name in ("slo_latency_s", "settle_s", "network_gbps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ConfigError(f"placement {name}: {v!r} must be a finite number ≥ 0")
-        for name in ("prompt_len", "output_len"):
+        for name in ("prompt_len", "output_len", "max_num_seqs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"placement {name}: {v!r} must be an integer ≥ 1")
@@ -324,7 +325,7 @@ class PlacementLoop:
         from hexgen.planner.search import Slo, Workload, plan_cluster
 
         cost = CostModel(model_config(self.settings), dtype_bytes(self.settings))
-        workload = Workload(self.options.prompt_len, self.options.output_len)
+        workload = Workload(self.options.prompt_len, self.options.output_len, self.options.max_num_seqs)
         return plan_cluster(cluster, cost, workload, Slo(self.options.slo_latency_s),
                             time_budget_s=self.options.time_budget_s, seed=self.options.seed)
 
