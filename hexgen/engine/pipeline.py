@@ -59,6 +59,7 @@ class LastStage:
     def __init__(self, runner: StageRunner, model: ModelSpec, sink: OutputSink, collect_logits: bool) -> None:
         self.runner = runner
         self.sink = sink
+        self._lost = getattr(sink, "lost", None)  # optional OutputSink.lost (types.py), looked up once
         self.collect_logits = collect_logits
         self.processor = OutputProcessor(load_tokenizer(model), runner.cfg.eos_token_ids)
         self.requests: dict[int, Request] = {}  # seq_id -> request
@@ -96,9 +97,8 @@ class LastStage:
                 result.finished.append(out.finish_reason is not None)
         if outputs:
             self.sink.emit(outputs)
-        lost = getattr(self.sink, "lost", None)
-        if lost is not None:
-            result.abandoned = list(lost())
+        if self._lost is not None:
+            result.abandoned = list(self._lost())
         return result
 
 

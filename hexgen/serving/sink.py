@@ -152,7 +152,7 @@ class RedisSink:
                     final = error_event(INTERNAL, f"the engine ended the request with {o.finish_reason!r}")
                 posts.append(Post(o.request_id, o.seq + len(o.ids), final, o.entry or ""))
         statuses = self._poster.post(posts)
-        posted = time.monotonic()
+        posted = time.monotonic() if trace.ENABLED else 0.0
         for post, status in zip(posts, statuses):
             if status == REFUSED and post.request_id not in self._lost:
                 log.warning("request %s: position %d is taken; another pipeline is posting this request, so "
