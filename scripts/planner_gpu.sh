@@ -6,7 +6,8 @@
 #   part 2: the same load on the emulated heterogeneous pair (bench/planner/runs_h200x2_emulated.json).
 #   part 3: decode-only and prefill-only loads on TP 2 and PP 2 (bench/planner/runs_h200x2_phases.json),
 #           then the GPU tests;
-#   x4: on nvidia-h100-x4: calibrations at TP 1, 2 and 4, then the 70B layouts of bench/planner/runs_h100x4.json;
+#   x4: on nvidia-h200-x4: calibrations at TP 1, 2 and 4 (skipped with NO_PROFILE=1), then the 70B layouts of
+#       bench/planner/runs_h200x4.json (4-stage pipelining with one and four micro-batches in flight first);
 #   auto: CLUSTER=file BASE=spec.json [CALS="a.json b.json"]: plan the cluster here, then measure the planner's
 #         layout against the best symmetric one (scripts/plan_runs.py);
 #   homog: part 1's layouts only; measure: homog, then part 2;
@@ -44,10 +45,11 @@ if [ "$M" = 2 ] || [ "$M" = all ] || [ "$M" = measure ]; then
     | tee "$OUT/measure_emulated.log" | keep
 fi
 if [ "$M" = x4 ]; then
-  step 200 $PY -m hexgen.cli profile --preset llama-2-70b --dtype bf16 --batch 1 8 32 128 --context 128 1024 \
-    --prefill 128 512 2048 --quiet --tp-degrees 1 2 4 --device cuda:0 --out "$OUT/cal_h100_70b.json"
-  step ${X4_LIMIT:-380} $PY scripts/planner_measure.py bench/planner/runs_h100x4.json "$OUT/measure_h100x4.json" \
-    ${X4_RUNS:-} 2>&1 | tee "$OUT/measure_h100x4.log" | keep
+  [ -z "${NO_PROFILE:-}" ] && step 200 $PY -m hexgen.cli profile --preset llama-2-70b --dtype bf16 --batch 1 8 32 128 \
+    --context 128 1024 --prefill 128 512 2048 --quiet --tp-degrees 1 2 4 --device cuda:0 --out "$OUT/cal_h200_70b_x4.json"
+  nvidia-smi topo -m | head -6
+  step ${X4_LIMIT:-380} $PY scripts/planner_measure.py bench/planner/runs_h200x4.json "$OUT/measure_h200x4.json" \
+    ${X4_RUNS:-} 2>&1 | tee "$OUT/measure_h200x4.log" | keep
 fi
 if [ "$M" = auto ]; then
   CAL_ARGS=""; [ -n "${CALS:-}" ] && CAL_ARGS="--calibration $CALS"
