@@ -118,3 +118,23 @@ def test_cuda_graph_decode_multi_gpu_matches_reference(hetero, part, monkeypatch
     monkeypatch.setenv("HEXGEN_ALLREDUCE", "symm")
     fast = _run(EngineConfig(**base, cuda_graphs=True), hetero=hetero, part=part, n=4, new_tokens=12)
     _compare(ref, fast, atol=2e-3)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_async_steps_with_graphs_match_synchronous_steps(dtype):
+    """The asynchronous loop (step N+1 launched on step N's ids still on the device, hexgen/engine/pipeline.py)
+    against the synchronous one, both in CUDA graphs: same greedy tokens; outputs of different lengths so
+    sequences leave while others run ahead."""
+    base = dict(dtype=dtype, device="cuda", block_size=16, max_num_seqs=8, gpu_memory_fraction=0.3,
+                num_kv_blocks=256, cuda_graphs=True)
+    model = ModelSpec(preset="tiny", random_weights=True)
+    layout = Layout.build(preset("tiny"), [1], None)
+    reqs = _requests(preset("tiny").vocab_size, 7, 16)
+    for i, r in enumerate(reqs):
+        r.params = SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True)
+    sync = run_offline(layout, model, EngineConfig(**base, async_steps=False), reqs)
+    fast = run_offline(layout, model, EngineConfig(**base), reqs)
+    assert {k: v.token_ids for k, v in fast.items()} == {k: v.token_ids for k, v in sync.items()}
+    assert [len(fast[r.request_id].token_ids) for r in reqs] == [4 + 3 * i for i in range(7)]

@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs")
+    p.add_argument("--no-async-steps", action="store_true",
+                   help="one-rank layouts: wait for each step's ids before enqueueing the next (the old loop)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
         engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs,
                                 gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
-                                max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_tokens=args.kv_tokens)
+                                max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_tokens=args.kv_tokens,
+                                async_steps=not args.no_async_steps)
         setup = BenchSetup(model, layout, engine, "hexgen bench " + " ".join(argv), skip_hf=args.no_hf)
         res, table = _run(args, setup)
     except HexGenError as e:

@@ -27,6 +27,7 @@ from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Scheduler
 from hexgen.engine.types import OutputSink, Request, RequestSource, SamplingParams, StepOutput
 from hexgen.logutil import setup_logging
+from hexgen.model.staging import upload
 from hexgen.parallel.groups import PipelineGroups
 
 log = logging.getLogger(__name__)
@@ -73,33 +74,82 @@ class LastStage:
         return StepOutput(req.request_id, n, [], "", notice["reason"], len(req.prompt_ids), n, req.meta)
 
     def finish_step(self, plan: StepPlan, hidden: torch.Tensor) -> StepResult:
+        return self.complete(plan, self.sample(plan, hidden))
+
+    def sample(self, plan: StepPlan, hidden: torch.Tensor | None) -> "Sampled":
+        """Enqueue the step's sampling on the device; no host sync (``complete`` reads the ids)."""
         for item in plan.new_requests:
             req = Request.from_dict(item["request"])
             self.requests[item["seq_id"]] = req
             self.processor.add(req)
+        rows = [i for i, s in enumerate(plan.sample) if s]
+        if not rows or hidden is None:
+            return Sampled(rows=[])
+        logits = self.runner.logits(plan, hidden)  # [n_sampled, vocab]
+        # A request may already be gone (finished one step earlier while this step ran ahead): any params do.
+        params = [self.requests[sid].params if sid in self.requests else GREEDY
+                  for sid in (plan.seq_ids[i] for i in rows)]
+        ids = sample(logits, params, [plan.out_lens[i] for i in rows])  # [n_sampled] int64, on the device
+        return Sampled(rows, ids, host_copy(ids), logits if self.collect_logits else None)
+
+    def complete(self, plan: StepPlan, sampled: "Sampled") -> StepResult:
+        """Wait for the sampled ids, turn them into outputs for the sink and a result for stage 0."""
         outputs = [self._aborted(n) for n in plan.cancelled]
         result = StepResult(plan.step_id)
-        sampled = [i for i, s in enumerate(plan.sample) if s]
-        if sampled:
-            logits = self.runner.logits(plan, hidden)  # [n_sampled, vocab]
-            params: list[SamplingParams] = [self.requests[plan.seq_ids[i]].params for i in sampled]
-            tokens = sample(logits, params, [plan.out_lens[i] for i in sampled]).tolist()
-            for row, (i, tok) in enumerate(zip(sampled, tokens)):
-                sid = plan.seq_ids[i]
-                out = self.processor.step(self.requests[sid].request_id, tok)
-                if self.collect_logits:
-                    out.logits = logits[row].cpu()
-                if out.finish_reason is not None:
-                    del self.requests[sid]
-                outputs.append(out)
-                result.seq_ids.append(sid)
-                result.tokens.append(tok)
-                result.finished.append(out.finish_reason is not None)
+        tokens = sampled.tokens()
+        for row, (i, tok) in enumerate(zip(sampled.rows, tokens)):
+            sid = plan.seq_ids[i]
+            req = self.requests.get(sid)
+            if req is None:  # finished at the step before (ran ahead): drop the extra token
+                continue
+            out = self.processor.step(req.request_id, tok)
+            if sampled.logits is not None:
+                out.logits = sampled.logits[row].cpu()
+            if out.finish_reason is not None:
+                del self.requests[sid]
+            outputs.append(out)
+            result.seq_ids.append(sid)
+            result.tokens.append(tok)
+            result.finished.append(out.finish_reason is not None)
         if outputs:
             self.sink.emit(outputs)
         if self._lost is not None:
             result.abandoned = list(self._lost())
         return result
+
+
+GREEDY = SamplingParams()
+
+
+def host_copy(ids: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+    """Start copying ``ids`` to pinned host memory now, on the current stream, so that a later read waits
+    for this step's work only and not for steps enqueued after it."""
+    if ids.device.type != "cuda":
+        return ids, None
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+@dataclass
+class Sampled:
+    """One step's sampling, enqueued: the plan rows that sampled, their ids on the device and in flight to
+    the host, and (collect_logits) their logits."""
+
+    rows: list[int]
+    ids: torch.Tensor | None = None  # [n_sampled] int64 on the device
+    host: tuple[torch.Tensor, "torch.cuda.Event | None"] | None = None
+    logits: torch.Tensor | None = None  # [n_sampled, vocab] float32
+
+    def tokens(self) -> list[int]:
+        if self.host is None:
+            return []
+        host, done = self.host
+        if done is not None:
+            done.synchronize()
+        return host.tolist()
 
 
 class FirstLeader:
@@ -112,6 +162,10 @@ class FirstLeader:
         self.max_in_flight = engine.micro_batches or groups.layout.num_stages
         self.scheduler = Scheduler(blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len,
                                    self.max_in_flight)
+        # Asynchronous steps: one stage on one rank samples on the same device and stream it computes on, so
+        # the next step can be enqueued before the last one's ids are on the host (scheduler module notes).
+        self.run_ahead = (engine.async_steps and last is not None and groups.tp.size == 1
+                          and not engine.collect_logits)
 
     def _launch(self, plan: StepPlan) -> StepResult | None:
         data = plan.encode()
@@ -133,7 +187,49 @@ class FirstLeader:
             if self.scheduler.cancel(rid):
                 log.warning("request %s: another pipeline took over its results; stopped here", rid)
 
+    def _input_ids(self, plan: StepPlan, prev: torch.Tensor | None) -> torch.Tensor:
+        """Token ids [tokens] on the device without a host sync; placeholders ``-(1 + row)`` take row of
+        ``prev``, the sampled ids [n] of the plan in flight."""
+        ids = upload(plan.input_ids, torch.long, self.runner.device)  # [tokens]
+        if prev is None or min(plan.input_ids) >= 0:
+            return ids
+        ahead = ids < 0  # [tokens]
+        rows = (-1 - ids).clamp_(0, prev.shape[0] - 1)  # [tokens]
+        return torch.where(ahead, prev.index_select(0, rows), ids)
+
+    def run_async(self) -> None:
+        """The loop of a one-rank, one-stage pipeline (no plan to send anyone): launch step N+1 (its decodes
+        run ahead on step N's sampled ids, still on the device), then wait for step N's ids and apply them,
+        so the host's work between steps overlaps the device's."""
+        pending: tuple[StepPlan, Sampled] | None = None
+        step = 0
+        while True:
+            for rid in self.source.poll_cancelled():
+                self.scheduler.cancel(rid)
+            idle = self.scheduler.idle and pending is None
+            cap = self.scheduler.free_capacity
+            if cap and not self.source.exhausted():
+                for req in self.source.poll(cap, IDLE_POLL_S if idle else 0.0):
+                    self.scheduler.add(req)
+            if self.source.exhausted() and self.scheduler.idle and pending is None:
+                break
+            plan = self.scheduler.schedule(step, ahead=pending is not None)
+            launched = None
+            if plan is not None:
+                step += 1
+                prev = pending[1].ids if pending is not None else None
+                hidden = self.runner.forward(plan, self._input_ids(plan, prev)) if plan.num_tokens else None
+                launched = (plan, self.last.sample(plan, hidden))
+            if pending is not None:
+                self._apply(pending[0], self.last.complete(*pending))
+            pending = launched
+        log.info("asynchronous steps: %d steps, %d decode tokens scheduled ahead of their input",
+                 step, self.scheduler.ahead_tokens)
+
     def run(self) -> None:
+        if self.run_ahead:
+            self.run_async()
+            return
         in_flight: deque[StepPlan] = deque()
         step = 0
         while True:

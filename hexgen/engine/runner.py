@@ -16,6 +16,7 @@ from hexgen.model import gemv
 from hexgen.model.attention import build_meta, decode_meta
 from hexgen.model.loader import build_stage, init_random, load_stage
 from hexgen.model.rope import RotaryCache
+from hexgen.model.staging import upload
 from hexgen.parallel.groups import PipelineGroups
 
 log = logging.getLogger(__name__)
@@ -152,5 +153,5 @@ class StageRunner:
             end += n
             if s:
                 rows.append(end - 1)
-        idx = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+        idx = upload(rows, torch.long, hidden.device)
         return self.model.logits(hidden.index_select(0, idx))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from hexgen.engine.types import SamplingParams
+from hexgen.model.staging import upload
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -71,9 +72,9 @@ def _filter_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
 def _as_tensors(params: Sequence[SamplingParams], device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(temperature [n] float32, top_k [n] int64, top_p [n] float32) on ``device``."""
-    temperature = torch.tensor([float(p.temperature) for p in params], dtype=torch.float32, device=device)
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
-    top_p = torch.tensor([float(p.top_p) for p in params], dtype=torch.float32, device=device)
+    temperature = upload([float(p.temperature) for p in params], torch.float32, device)
+    top_k = upload([p.top_k for p in params], torch.int64, device)
+    top_p = upload([float(p.top_p) for p in params], torch.float32, device)
     return temperature, top_k, top_p
 
 
@@ -113,9 +114,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequen
     if len(rows) == logits.shape[0]:
         sub = logits.float()  # [n, vocab]
     else:
-        sub = logits[torch.tensor(rows, device=device)].float()  # [n, vocab]
+        sub = logits[upload(rows, torch.long, device)].float()  # [n, vocab]
     _, cdf, order, n_keep = _filter_sorted(sub, *_as_tensors(picked, device))  # [n, vocab] x3, [n]
-    u = torch.tensor(_uniforms(picked, [steps[i] for i in rows]), dtype=torch.float32, device=device)  # [n]
+    u = upload(_uniforms(picked, [steps[i] for i in rows]), torch.float32, device)  # [n]
     kept_mass = cdf.gather(1, (n_keep - 1)[:, None])  # [n, 1]
     # Inverse CDF: the first position whose cumulative mass exceeds u * kept mass. A zero-mass position
     # never qualifies before the kept prefix ends; rounding past its end is clamped back.
@@ -124,4 +125,4 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequen
     sampled = order.gather(1, pos[:, None])[:, 0]  # [n]
     if len(rows) == logits.shape[0]:
         return sampled
-    return logits.argmax(dim=-1).index_copy_(0, torch.tensor(rows, device=device), sampled)  # [batch]
+    return logits.argmax(dim=-1).index_copy_(0, upload(rows, torch.long, device), sampled)  # [batch]

@@ -5,6 +5,13 @@ A sequence has at most one chunk in flight, so with P stages up to P micro-batch
 travel the pipeline at once. When the KV cache runs out, the youngest idle sequence is preempted (its blocks
 freed; it is recomputed later from prompt + generated tokens).
 
+Asynchronous steps (single-stage pipelines, ``schedule(..., ahead=True)``). The next step may be launched
+before the last one's sampled ids are back: a sequence whose in-flight chunk samples, and that cannot finish
+by length there, gets one more decode token whose input id is a placeholder ``-(1 + row)``, row being its
+index among the in-flight plan's sampled rows. The leader fills it on the device from that plan's sampled
+ids, so the host prepares step N+1 while the device runs step N. A sequence that then finishes at N (EOS, a
+stop string) has made one wasted token; its result is dropped.
+
 Context length. A sequence holds at most ``max_len`` tokens, prompt and completion together (``max_len`` is
 max_model_len, or the KV cache's capacity if smaller), the same rule as the head's ``check_context`` and
 Hugging Face's ``max_length``: a prompt of max_len − k tokens makes at most k tokens (max_len − 1 makes
@@ -34,7 +41,8 @@ class Sequence:
     num_prompt: int
     num_computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
-    in_flight: int = 0  # tokens of the chunk now in the pipeline (0: idle)
+    in_flight: int = 0  # tokens of the chunks now in the pipeline (0: idle)
+    sample_row: int = -1  # row among the last scheduled plan's sampled rows (-1: its chunk there does not sample)
     announced: bool = False  # the last stage knows this request
     cancel_requested: bool = False
 
@@ -56,6 +64,7 @@ class Scheduler:
         self.by_request: dict[str, Sequence] = {}
         self._next_id = 0
         self._notices: list[dict] = []  # aborted sequences the last stage must report
+        self.ahead_tokens = 0  # decode tokens scheduled before their input was sampled (asynchronous steps)
 
     # -- admission ------------------------------------------------------------------------------------
     @property
@@ -147,17 +156,54 @@ class Scheduler:
             seq.announced = True
         seq.in_flight = chunk
 
-    def schedule(self, step_id: int) -> StepPlan | None:
-        """The next micro-batch from idle sequences, or None when there is nothing to send."""
+    def _can_run_ahead(self, seq: Sequence) -> bool:
+        """Whether ``seq`` (its one in-flight chunk samples) may get a decode token before that sample is
+        back: it must not finish by length there, and its next token must fit the context."""
+        return (seq.sample_row >= 0 and seq.in_flight > 0 and not seq.cancel_requested
+                and seq.num_output + 1 < seq.request.params.max_new_tokens
+                and len(seq.tokens) + 1 < self.max_len)
+
+    def _add_ahead(self, plan: StepPlan, seq: Sequence) -> bool:
+        """One decode token whose input is the in-flight sample (placeholder id); False when its KV slot
+        does not fit now (the sequence then waits for its sample as usual)."""
+        pos = len(seq.tokens)  # where the in-flight sampled token goes
+        need = self.blocks.blocks_for(pos + 1) - len(seq.blocks)
+        if need > 0:
+            if not self.blocks.can_allocate(need):
+                return False
+            seq.blocks += self.blocks.allocate(need)
+        plan.seq_ids.append(seq.seq_id)
+        plan.input_ids.append(-1 - seq.sample_row)
+        plan.positions.append(pos)
+        plan.q_lens.append(1)
+        plan.ctx_lens.append(pos + 1)
+        plan.block_tables.append(list(seq.blocks))
+        plan.sample.append(True)
+        plan.out_lens.append(seq.num_output + 1)
+        seq.in_flight += 1
+        self.ahead_tokens += 1
+        return True
+
+    def schedule(self, step_id: int, ahead: bool = False) -> StepPlan | None:
+        """The next micro-batch from idle sequences, or None when there is nothing to send.
+
+        ``ahead``: exactly one plan is in flight (the last one scheduled) and the caller resolves placeholder
+        ids from its sampled ids (see the module notes); its sampling sequences then decode once more."""
         plan = StepPlan(step_id)
         plan.cancelled, self._notices = self._notices, []
         budget = self.max_batched_tokens
         # With P micro-batches in flight, each takes about 1/P of the sequences so every stage stays busy.
         share = -(-(len(self.running) + len(self.waiting)) // self.micro_batches)
+        added: list[Sequence] = []
         for seq in list(self.running):
             if len(plan.seq_ids) >= share:
                 break
-            if seq.in_flight or budget <= 0 or seq not in self.running:
+            if budget <= 0 or seq not in self.running:
+                continue
+            if seq.in_flight:
+                if ahead and self._can_run_ahead(seq) and self._add_ahead(plan, seq):
+                    added.append(seq)
+                    budget -= 1
                 continue
             chunk = min(len(seq.tokens) - seq.num_computed, budget)
             while not self._ensure_blocks(seq, seq.num_computed + chunk):
@@ -165,6 +211,7 @@ class Scheduler:
                     break
             else:
                 self._add_chunk(plan, seq, chunk)
+                added.append(seq)
                 budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
                 and len(plan.seq_ids) < share:
@@ -175,9 +222,14 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(seq)
             self._add_chunk(plan, seq, chunk)
+            added.append(seq)
             budget -= chunk
         if not plan.seq_ids and not plan.cancelled:
             return None
+        row = 0
+        for seq, samples in zip(added, plan.sample):
+            seq.sample_row = row if samples else -1
+            row += samples
         return plan
 
     def update(self, plan: StepPlan, result: StepResult) -> list[str]:
@@ -187,7 +239,7 @@ class Scheduler:
             seq = by_id.get(sid)
             if seq is not None:
                 seq.num_computed += chunk
-                seq.in_flight = 0
+                seq.in_flight -= chunk
         released = [n["request_id"] for n in plan.cancelled]
         for sid, token, finished in zip(result.seq_ids, result.tokens, result.finished):
             seq = by_id.get(sid)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hexgen.model import paged_decode
+from hexgen.model.staging import upload
 
 
 @dataclass
@@ -146,7 +147,7 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
         parts.append(slots_of(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens)))
 
     sizes = [len(p) for p in parts]
-    buf = torch.from_numpy(np.concatenate(parts)).to(device, non_blocking=True)
+    buf = upload(np.concatenate(parts), torch.long, device)
     views = iter(buf.split(sizes))
     meta = AttnMeta(next(views), next(views), block_size=bs)
     if len(dec):
