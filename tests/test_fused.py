@@ -80,3 +80,21 @@ def test_gemv_tune_is_off_without_cuda():
     layer = ReplicatedLinear(8, 4)
     layer.gemv = (4, 512, 4)
     assert gemv.tune([layer]) == {} and layer.gemv is None  # CPU: cuBLAS/ATen everywhere
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_silu_equals_gemv_of_silu_mul(dtype):
+    """The down projection fed from gate | up: the same roundings as silu_mul then gemv, so the same result
+    bit for bit with the same configuration, and close to the unfused reference math."""
+    from hexgen.model import gemv
+
+    gu, w = _randn(1, 2 * 600, dtype=dtype, seed=9), _randn(37, 600, dtype=dtype, seed=10)  # ragged N and K
+    got = gemv.gemv_silu(gu, w, (8, 128, 4))
+    assert torch.equal(got, gemv.gemv(fused.silu_mul(gu), w, (8, 128, 4)))
+    # bf16 against silu_mul's own output: Triton's interpreter rounds bf16 casts toward zero, a bias that
+    # 600 summed terms would show against ATen's round-to-nearest (test_silu_mul covers the elementwise part).
+    x = fused.silu_mul_ref(gu) if dtype == torch.float32 else fused.silu_mul(gu)
+    want = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    with pytest.raises(ValueError, match="2 x 600"):
+        gemv.gemv_silu(gu[:, :1000], w)

@@ -9,7 +9,9 @@ num_warps) configuration. ``linear(x, w, config)`` applies it to one-row inputs.
 candidates: ``triton`` (default) the kernel's configurations, ``auto`` those and cuBLAS, ``cublas`` none.
 
 One program reads BLOCK_N whole rows of the weight, BLOCK_K columns at a time (16-byte loads along K), and
-keeps a [BLOCK_N, BLOCK_K] fp32 partial product that it reduces once at the end.
+keeps a [BLOCK_N, BLOCK_K] fp32 partial product that it reduces once at the end. ``linear_silu`` feeds the
+MLP's down projection straight from the gate/up output, computing SiLU(gate) * up per K slice (one kernel
+instead of two; the same roundings as ``fused.silu_mul``).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from hexgen.model.paged_decode import triton_importable
 log = logging.getLogger(__name__)
 
 Config = tuple[int, int, int]  # BLOCK_N, BLOCK_K, num_warps
-CANDIDATES: list[Config] = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8)]
+CANDIDATES: list[Config] = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8),
+                            (1, 2048, 4), (2, 2048, 8), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8)]
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -43,6 +46,28 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4)) -> torc
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     kern.gemv[(-(-n // bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     return y
+
+
+def gemv_silu(gu: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4)) -> torch.Tensor:
+    """gu: [1, 2K] (gate | up); w: [N, K]. Returns [1, N] = gemv(silu(gate) * up, w) in gu's dtype."""
+    from hexgen.model import gemv_kernels as kern
+
+    n, k = w.shape
+    if gu.shape[1] != 2 * k or w.stride(1) != 1 or gu.stride(1) != 1:
+        raise ValueError(f"gemv_silu: gate/up width {gu.shape[1]} must be 2 x {k}, both contiguous along K")
+    bn, bk, nw = config
+    y = torch.empty(1, n, dtype=gu.dtype, device=gu.device)
+    kern.gemv_silu[(-(-n // bn),)](gu, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    return y
+
+
+def linear_silu(gu: torch.Tensor, w: torch.Tensor, config: Config | None = None) -> torch.Tensor:
+    """gu: [tokens, 2K] (gate | up) → [tokens, N] = linear(silu(gate) * up, w) with the fused SiLU kernel;
+    one-row CUDA inputs take ``gemv_silu`` when ``config``."""
+    if config is not None and usable(gu):
+        return gemv_silu(gu, w, config)
+    from hexgen.model import fused
+    return F.linear(fused.silu_mul(gu), w)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, config: Config | None = None) -> torch.Tensor:

@@ -75,7 +75,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
         gu = self.gate_up(x)  # [tokens, 2 * local_inter]: gate | up
         if fast:
-            return self.down(fused.silu_mul(gu))
+            return self.down.forward_silu(gu)
         gate, up = gu.split(self.size, dim=-1)  # [tokens, local_inter] each
         return self.down(F.silu(gate) * up)
 

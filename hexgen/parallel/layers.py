@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hexgen.errors import LoadError
-from hexgen.model.gemv import Config, linear
+from hexgen.model.gemv import Config, linear, linear_silu
 from hexgen.parallel.groups import TPContext
 
 # A loaded-slice getter: takes (dim, start, stop) and returns that slice of the checkpoint tensor.
@@ -93,6 +93,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(linear(x, self.weight, self.gemv))  # [tokens, out_features]
+
+    def forward_silu(self, gu: torch.Tensor) -> torch.Tensor:
+        """gu: [tokens, 2 * in_local] (gate | up) → forward(silu(gate) * up), SiLU fused (fused kernels on)."""
+        return self.tp.all_reduce(linear_silu(gu, self.weight, self.gemv))  # [tokens, out_features]
 
 
 def qkv_linear(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: TPContext
