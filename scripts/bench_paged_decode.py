@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from hexgen.engine.cuda_graph import replay_time
+from hexgen.model.timing import replay_time
 from hexgen.model import attention, paged_decode
 
 N_Q, N_KV, D, BS = 32, 32, 128, 16

@@ -27,29 +27,6 @@ log = logging.getLogger(__name__)
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
 
-def replay_time(fn: Callable[[], object], warmup: int = 2, reps: int = 50) -> float:
-    """Seconds per call of ``fn`` captured once in a CUDA graph and replayed ``reps`` times back to back on the
-    current stream, timed with events (for profiles and benchmarks; eager launches of small work are
-    host-bound, while the engine replays its decode graphs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
-
-
 def batch_buckets(max_batch: int) -> list[int]:
     out = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if b < max_batch]
     return out + [max_batch]

@@ -4,9 +4,10 @@ At batch 1 a linear layer is a pass over its weight. On an H100, cuBLAS reads Ll
 2.0–2.75 TB/s and the kernel here at 2.36–2.97 TB/s with its best configuration per shape; in a whole
 captured decode step the kernel everywhere beat the per-shape best of the two (docs/benchmarks.md, run 7).
 ``tune`` times the configurations on a stage's real weights (every layer's matrix of a shape in turn, so
-L2 holds none of them) and sets each layer's ``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K,
-num_warps) configuration. ``linear(x, w, config)`` applies it to one-row inputs. HEXGEN_GEMV picks the
-candidates: ``triton`` (default) the kernel's configurations, ``auto`` those and cuBLAS, ``cublas`` none.
+L2 holds none of them; captured in a CUDA graph and replayed, as the decode steps run) and sets each layer's
+``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K, num_warps) configuration.
+``linear(x, w, config)`` applies it to one-row inputs. HEXGEN_GEMV picks the candidates: ``triton``
+(default) the kernel's configurations, ``auto`` those and cuBLAS, ``cublas`` none.
 
 One program reads BLOCK_N whole rows of the weight, BLOCK_K columns at a time (16-byte loads along K), and
 keeps a [BLOCK_N, BLOCK_K] fp32 partial product that it reduces once at the end. ``linear_silu`` feeds the
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hexgen.model.paged_decode import triton_importable
+from hexgen.model.timing import replay_time
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +79,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, config: Config | None = None) -> to
     return F.linear(x, w)
 
 
-def _time_us(fn, weights: list[torch.Tensor], x: torch.Tensor, reps: int = 3) -> float:
-    for w in weights[:2]:
-        fn(x, w)
+def _time_us(fn, weights: list[torch.Tensor], x: torch.Tensor, reps: int = 5) -> float:
+    """Microseconds per call of ``fn(x, w)`` over every weight of a shape, as the decode graphs run it:
+    captured and replayed (eager launches would time the launch, not the read, for the smaller shapes)."""
+    def every_weight() -> None:
+        for w in weights:
+            fn(x, w)
+    try:
+        return replay_time(every_weight, warmup=1, reps=reps) * 1e6 / len(weights)
+    except RuntimeError as e:  # capture refused (unexpected): time eager launches instead
+        log.warning("gemv tune: graph capture failed (%s); timing eager launches", e)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        for w in weights:
-            fn(x, w)
+        every_weight()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / (reps * len(weights))
