@@ -1,4 +1,4 @@
-"""Asynchronous steps (one-rank, one-stage pipelines): step N+1 is scheduled and launched before step N's
+"""Asynchronous steps (one-stage pipelines, any TP degree): step N+1 is scheduled and launched before step N's
 sampled ids reach the host; its decodes read those ids on the device through placeholder input ids.
 
 Scheduler units check the placeholders (position, context, KV blocks, seeding index) and when a sequence
@@ -112,16 +112,18 @@ def gqa(tmp_path_factory) -> Case:
     return gqa_case(str(tmp_path_factory.mktemp("gqa_async")))
 
 
-def run(case: Case, **engine_kw) -> dict:
-    layout = Layout.build(case.cfg, (1,), (case.cfg.num_layers,))
+def run(case: Case, tp: int = 1, **engine_kw) -> dict:
+    layout = Layout.build(case.cfg, (tp,), (case.cfg.num_layers,))
     engine = EngineConfig(**{"cpu_kv_tokens": 2048, "max_num_batched_tokens": 32, **engine_kw})
     return run_offline(layout, ModelSpec(model_dir=case.model_dir), engine, case.requests)
 
 
 @pytest.mark.slow
-def test_async_steps_match_hugging_face_and_run_ahead(gqa, capfd, monkeypatch):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_async_steps_match_hugging_face_and_run_ahead(gqa, capfd, monkeypatch, tp):
+    """TP 2: the follower resolves the placeholders from the ids the leader broadcasts after each step."""
     monkeypatch.setenv("HEXGEN_LOG_LEVEL", "INFO")
-    results = run(gqa)
+    results = run(gqa, tp)
     err = capfd.readouterr().err
     ahead = [line for line in err.splitlines() if "asynchronous steps:" in line]
     assert ahead, "the one-rank pipeline did not take the asynchronous loop"

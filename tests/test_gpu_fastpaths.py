@@ -138,3 +138,21 @@ def test_async_steps_with_graphs_match_synchronous_steps(dtype):
     fast = run_offline(layout, model, EngineConfig(**base), reqs)
     assert {k: v.token_ids for k, v in fast.items()} == {k: v.token_ids for k, v in sync.items()}
     assert [len(fast[r.request_id].token_ids) for r in reqs] == [4 + 3 * i for i in range(7)]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_async_steps_tp2_with_graphs_match_synchronous_steps():
+    """TP 2 in CUDA graphs (one-shot all-reduce): the follower takes each step's sampled ids from the leader's
+    device broadcast; the tokens must equal the synchronous loop's."""
+    base = dict(dtype="float32", device="cuda", block_size=16, max_num_seqs=8, gpu_memory_fraction=0.3,
+                num_kv_blocks=256, cuda_graphs=True)
+    model = ModelSpec(preset="tiny", random_weights=True)
+    layout = Layout.build(preset("tiny"), [2], None)
+    reqs = _requests(preset("tiny").vocab_size, 7, 16)
+    for i, r in enumerate(reqs):
+        r.params = SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True)
+    sync = run_offline(layout, model, EngineConfig(**base, async_steps=False), reqs)
+    fast = run_offline(layout, model, EngineConfig(**base), reqs)
+    assert {k: v.token_ids for k, v in fast.items()} == {k: v.token_ids for k, v in sync.items()}

@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs")
     p.add_argument("--no-async-steps", action="store_true",
-                   help="one-rank layouts: wait for each step's ids before enqueueing the next (the old loop)")
+                   help="one-stage layouts: wait for each step's ids before enqueueing the next (the old loop)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -152,6 +152,23 @@ class Sampled:
         return host.tolist()
 
 
+def runs_ahead(engine: EngineConfig, groups: PipelineGroups) -> bool:
+    """Whether this pipeline runs asynchronous steps: one stage (it samples on the devices it computes on,
+    so the next step can be enqueued before the last one's ids are on the host; scheduler module notes)."""
+    return engine.async_steps and groups.layout.num_stages == 1 and not engine.collect_logits
+
+
+def input_ids(ids: list[int], prev: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Token ids [tokens] on ``device`` without a host sync; placeholders ``-(1 + row)`` take row of
+    ``prev``, the sampled ids [n] of the step in flight."""
+    out = upload(ids, torch.long, device)  # [tokens]
+    if prev is None or min(ids) >= 0:
+        return out
+    ahead = out < 0  # [tokens]
+    rows = (-1 - out).clamp_(0, prev.shape[0] - 1)  # [tokens]
+    return torch.where(ahead, prev.index_select(0, rows), out)
+
+
 class FirstLeader:
     """The stage-0 leader's scheduling loop."""
 
@@ -162,10 +179,8 @@ class FirstLeader:
         self.max_in_flight = engine.micro_batches or groups.layout.num_stages
         self.scheduler = Scheduler(blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len,
                                    self.max_in_flight)
-        # Asynchronous steps: one stage on one rank samples on the same device and stream it computes on, so
-        # the next step can be enqueued before the last one's ids are on the host (scheduler module notes).
-        self.run_ahead = (engine.async_steps and last is not None and groups.tp.size == 1
-                          and not engine.collect_logits)
+        self.run_ahead = runs_ahead(engine, groups)
+        self.tp_ranks = groups.tp.size
 
     def _launch(self, plan: StepPlan) -> StepResult | None:
         data = plan.encode()
@@ -187,20 +202,11 @@ class FirstLeader:
             if self.scheduler.cancel(rid):
                 log.warning("request %s: another pipeline took over its results; stopped here", rid)
 
-    def _input_ids(self, plan: StepPlan, prev: torch.Tensor | None) -> torch.Tensor:
-        """Token ids [tokens] on the device without a host sync; placeholders ``-(1 + row)`` take row of
-        ``prev``, the sampled ids [n] of the plan in flight."""
-        ids = upload(plan.input_ids, torch.long, self.runner.device)  # [tokens]
-        if prev is None or min(plan.input_ids) >= 0:
-            return ids
-        ahead = ids < 0  # [tokens]
-        rows = (-1 - ids).clamp_(0, prev.shape[0] - 1)  # [tokens]
-        return torch.where(ahead, prev.index_select(0, rows), ids)
-
     def run_async(self) -> None:
-        """The loop of a one-rank, one-stage pipeline (no plan to send anyone): launch step N+1 (its decodes
-        run ahead on step N's sampled ids, still on the device), then wait for step N's ids and apply them,
-        so the host's work between steps overlaps the device's."""
+        """The loop of a one-stage pipeline: launch step N+1 (its decodes run ahead on step N's sampled ids,
+        still on the device), then wait for step N's ids and apply them, so the host's work between steps
+        overlaps the device's. With TP > 1 the followers get each plan as before and each step's sampled ids
+        by a device broadcast, in the same order on every rank (see ``_stage_loop``)."""
         pending: tuple[StepPlan, Sampled] | None = None
         step = 0
         while True:
@@ -217,12 +223,19 @@ class FirstLeader:
             launched = None
             if plan is not None:
                 step += 1
+                if self.tp_ranks > 1:
+                    self.groups.broadcast_bytes(plan.encode())
                 prev = pending[1].ids if pending is not None else None
-                hidden = self.runner.forward(plan, self._input_ids(plan, prev)) if plan.num_tokens else None
+                ids = input_ids(plan.input_ids, prev, self.runner.device)
+                hidden = self.runner.forward(plan, ids) if plan.num_tokens else None
                 launched = (plan, self.last.sample(plan, hidden))
+                if self.tp_ranks > 1 and launched[1].ids is not None:
+                    self.groups.broadcast_ids(launched[1].ids)
             if pending is not None:
                 self._apply(pending[0], self.last.complete(*pending))
             pending = launched
+        if self.tp_ranks > 1:
+            self.groups.broadcast_bytes(StepPlan(step, shutdown=True).encode())
         log.info("asynchronous steps: %d steps, %d decode tokens scheduled ahead of their input",
                  step, self.scheduler.ahead_tokens)
 
@@ -262,6 +275,8 @@ class FirstLeader:
 def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | None) -> None:
     """Loop of every rank except the stage-0 leader."""
     g, cfg = groups, runner.cfg
+    ahead = runs_ahead(runner.engine, g)  # here: a follower of a one-stage pipeline's leader (run_async)
+    prev: torch.Tensor | None = None  # the last step's sampled ids [n], broadcast by the leader
     while True:
         data = g.recv_bytes(g.prev_leader) if g.is_leader else None
         data = g.broadcast_bytes(data)
@@ -273,13 +288,15 @@ def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | N
         hidden = None
         if plan.num_tokens:
             if g.stage.is_first:
-                x = torch.tensor(plan.input_ids, dtype=torch.long, device=runner.device)
+                x = input_ids(plan.input_ids, prev, runner.device)
             else:
                 shape = (plan.num_tokens, cfg.hidden_size)
                 x = g.recv_hidden(shape, runner.dtype, g.prev_leader) if g.is_leader else \
                     torch.empty(shape, dtype=runner.dtype, device=runner.device)
                 x = g.broadcast_hidden(x)
             hidden = runner.forward(plan, x)
+            if ahead and any(plan.sample):
+                prev = g.broadcast_ids(torch.empty(sum(plan.sample), dtype=torch.long, device=runner.device))
         if not g.is_leader:
             continue
         if last is not None:

@@ -5,7 +5,7 @@ A sequence has at most one chunk in flight, so with P stages up to P micro-batch
 travel the pipeline at once. When the KV cache runs out, the youngest idle sequence is preempted (its blocks
 freed; it is recomputed later from prompt + generated tokens).
 
-Asynchronous steps (single-stage pipelines, ``schedule(..., ahead=True)``). The next step may be launched
+Asynchronous steps (one-stage pipelines, ``schedule(..., ahead=True)``). The next step may be launched
 before the last one's sampled ids are back: a sequence whose in-flight chunk samples, and that cannot finish
 by length there, gets one more decode token whose input id is a placeholder ``-(1 + row)``, row being its
 index among the in-flight plan's sampled rows. The leader fills it on the device from that plan's sampled

@@ -169,6 +169,11 @@ class PipelineGroups:
             dist.broadcast(hidden, self.stage.leader, group=self.tp.group)
         return hidden
 
+    def broadcast_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Leader's sampled token ids [n] (int64, on the device) to every rank of this stage, enqueued on the
+        stream with no host sync (``ids`` pre-allocated on followers): asynchronous steps with TP > 1."""
+        return self.broadcast_hidden(ids)
+
     def enable_fast_all_reduce(self, max_elems: int, dtype: torch.dtype) -> bool:
         """Route this stage's TP all-reduces of up to ``max_elems`` elements through the symmetric-memory
         one-shot kernel (checked against NCCL first); NCCL stays for larger ones. Collective over the TP
