@@ -162,7 +162,7 @@ def input_ids(ids: list[int], prev: torch.Tensor | None, device: torch.device) -
     """Token ids [tokens] on ``device`` without a host sync; placeholders ``-(1 + row)`` take row of
     ``prev``, the sampled ids [n] of the step in flight."""
     out = upload(ids, torch.long, device)  # [tokens]
-    if prev is None or min(ids) >= 0:
+    if prev is None or not ids or min(ids) >= 0:
         return out
     ahead = out < 0  # [tokens]
     rows = (-1 - out).clamp_(0, prev.shape[0] - 1)  # [tokens]
@@ -225,9 +225,10 @@ class FirstLeader:
                 step += 1
                 if self.tp_ranks > 1:
                     self.groups.broadcast_bytes(plan.encode())
-                prev = pending[1].ids if pending is not None else None
-                ids = input_ids(plan.input_ids, prev, self.runner.device)
-                hidden = self.runner.forward(plan, ids) if plan.num_tokens else None
+                hidden = None
+                if plan.num_tokens:
+                    prev = pending[1].ids if pending is not None else None
+                    hidden = self.runner.forward(plan, input_ids(plan.input_ids, prev, self.runner.device))
                 launched = (plan, self.last.sample(plan, hidden))
                 if self.tp_ranks > 1 and launched[1].ids is not None:
                     self.groups.broadcast_ids(launched[1].ids)
