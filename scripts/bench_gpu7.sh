@@ -11,7 +11,7 @@ PY=python3
 step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; timeout "$t" "$@"; echo "=== rc $?"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 P="--preset llama-2-7b --random-weights --dtype bf16 --cuda-graphs --no-hf --reps 3"
-keep() { grep "^engine \|roofline\|gemv \[\|Error\|error" | cut -c1-600; }
+keep() { grep "^engine \|roofline\|gemv \[\|Error\|error\|symmetric\|graphs are off" | cut -c1-600; }
 step 80 env HEXGEN_LOG_LEVEL=INFO $PY -m hexgen.cli bench latency $P --out "$OUT/lat_tp1_async.json" 2>&1 | keep
 step 90 $PY -m hexgen.cli bench latency $P --hetero-config 2 --out "$OUT/lat_tp2_async.json" 2>&1 | keep
 step 90 $PY -m hexgen.cli bench latency $P --hetero-config 2 --no-async-steps --out "$OUT/lat_tp2_sync.json" 2>&1 | keep
