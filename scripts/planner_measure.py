@@ -7,7 +7,7 @@ RUNS.json: {"preset": "llama-2-70b", "dtype": "bf16", "requests": 256, "prompt_r
             "runs": [{"name": "tp4", "hetero": [4], "partition": [80], "micro_batches": 0, "cuda_graphs": true,
                       "emulate": "", "devices": [0, 1, 2, 3]}, ...],
             "emulate_by_device": {"2": "40:24", "3": "16:16"}}
-A run may set its own "requests", "prompt_range", "output_range" and "max_num_seqs".
+A run may set its own "requests", "prompt_range", "output_range", "max_num_seqs" and "async_steps".
 
 Every run offers the same fixed-seed requests at once (after a warm-up phase) and records output tokens/s,
 TTFT/TPOT percentiles and the mean request latency; ``emulate`` (or the spec's ``emulate_by_device``) sets
@@ -46,6 +46,7 @@ def measure(spec: dict, run: dict) -> dict:
                           cuda_graphs=run.get("cuda_graphs", True) and spec.get("device", "cuda") == "cuda",
                           micro_batches=run.get("micro_batches", 0),
                           max_num_seqs=run.get("max_num_seqs", spec.get("max_num_seqs", 128)),
+                          async_steps=run.get("async_steps", True),
                           max_num_batched_tokens=spec.get("max_num_batched_tokens", 2048),
                           gpu_memory_fraction=spec.get("gpu_memory_fraction", 0.9))
     spec = {**spec, **{k: run[k] for k in ("requests", "prompt_range", "output_range") if k in run}}
