@@ -293,7 +293,8 @@ class EngineConfig:
     micro_batches: int = 0  # 0: one per stage
     attention_backend: str = "auto"  # "torch" (reference), "sdpa", "auto"
     cuda_graphs: bool = False
-    async_steps: bool = True  # one-stage pipelines: enqueue step N+1 before step N's ids reach the host
+    async_steps: bool = True  # one-stage TP 1 pipelines: enqueue step N+1 before step N's ids reach the host
+    async_steps_tp: bool = False  # the same for one-stage TP > 1 pipelines (docs/benchmarks.md, run 12)
     seed: int = 0  # random-weight initialisation seed
     collect_logits: bool = False  # attach float32 logits to every StepOutput (tests, debugging)
     extra: dict = field(default_factory=dict, compare=False, hash=False)

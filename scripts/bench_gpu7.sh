@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4 on nvidia-h200-x2 (docs/benchmarks.md "Run 12"): Llama-2-7B batch-1 decode at TP 1 and TP 2 with
-# asynchronous steps, and TP 2 with the synchronous loop, in the same run (the GEMV tuner timing graph
+# asynchronous steps (at TP 2 --async-steps-tp, opt-in since; the run predates the flag and had them on), and TP 2 with the synchronous loop, in the same run (the GEMV tuner timing graph
 # replays); then the GPU tests of the fused SiLU/down GEMV and of asynchronous steps at TP 1 and TP 2.
 # Usage on the GPU machine: OUT=/some/dir scripts/bench_gpu7.sh
 set -u
@@ -13,7 +13,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 P="--preset llama-2-7b --random-weights --dtype bf16 --cuda-graphs --no-hf --reps 3"
 keep() { grep "^engine \|roofline\|gemv \[\|Error\|error\|symmetric\|graphs are off" | cut -c1-600; }
 step 80 env HEXGEN_LOG_LEVEL=INFO $PY -m hexgen.cli bench latency $P --out "$OUT/lat_tp1_async.json" 2>&1 | keep
-step 90 $PY -m hexgen.cli bench latency $P --hetero-config 2 --out "$OUT/lat_tp2_async.json" 2>&1 | keep
+step 90 $PY -m hexgen.cli bench latency $P --hetero-config 2 --async-steps-tp --out "$OUT/lat_tp2_async.json" 2>&1 \
+  | keep
 step 90 $PY -m hexgen.cli bench latency $P --hetero-config 2 --no-async-steps --out "$OUT/lat_tp2_sync.json" 2>&1 | keep
 step 60 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 | tail -2
 step ${TEST_LIMIT:-200} $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 120 -rA tests/test_gpu_fastpaths.py \

@@ -46,7 +46,7 @@ def measure(spec: dict, run: dict) -> dict:
                           cuda_graphs=run.get("cuda_graphs", True) and spec.get("device", "cuda") == "cuda",
                           micro_batches=run.get("micro_batches", 0),
                           max_num_seqs=run.get("max_num_seqs", spec.get("max_num_seqs", 128)),
-                          async_steps=run.get("async_steps", True),
+                          async_steps=run.get("async_steps", True), async_steps_tp=run.get("async_steps_tp", False),
                           max_num_batched_tokens=spec.get("max_num_batched_tokens", 2048),
                           gpu_memory_fraction=spec.get("gpu_memory_fraction", 0.9))
     spec = {**spec, **{k: run[k] for k in ("requests", "prompt_range", "output_range") if k in run}}

@@ -105,6 +105,22 @@ def test_no_run_ahead_when_its_block_does_not_fit_or_it_is_cancelled():
     assert s2.schedule(1, ahead=True) is None
 
 
+def test_which_pipelines_run_ahead():
+    from types import SimpleNamespace
+
+    from hexgen.engine.pipeline import runs_ahead
+
+    def groups(stages: int, tp: int):
+        return SimpleNamespace(layout=SimpleNamespace(num_stages=stages), tp=SimpleNamespace(size=tp))
+    on = EngineConfig()
+    assert runs_ahead(on, groups(1, 1))
+    assert not runs_ahead(on, groups(2, 1))  # pipelines keep P micro-batches in flight instead
+    assert not runs_ahead(on, groups(1, 2))  # TP > 1: opt-in
+    assert runs_ahead(EngineConfig(async_steps_tp=True), groups(1, 2))
+    assert not runs_ahead(EngineConfig(async_steps=False), groups(1, 1))
+    assert not runs_ahead(EngineConfig(collect_logits=True), groups(1, 1))  # logits are read after the next step
+
+
 # --- engine runs on CPU ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -123,7 +139,7 @@ def run(case: Case, tp: int = 1, **engine_kw) -> dict:
 def test_async_steps_match_hugging_face_and_run_ahead(gqa, capfd, monkeypatch, tp):
     """TP 2: the follower resolves the placeholders from the ids the leader broadcasts after each step."""
     monkeypatch.setenv("HEXGEN_LOG_LEVEL", "INFO")
-    results = run(gqa, tp)
+    results = run(gqa, tp, async_steps_tp=True)
     err = capfd.readouterr().err
     ahead = [line for line in err.splitlines() if "asynchronous steps:" in line]
     assert ahead, "the one-rank pipeline did not take the asynchronous loop"

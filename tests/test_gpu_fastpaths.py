@@ -154,5 +154,5 @@ def test_async_steps_tp2_with_graphs_match_synchronous_steps():
     for i, r in enumerate(reqs):
         r.params = SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True)
     sync = run_offline(layout, model, EngineConfig(**base, async_steps=False), reqs)
-    fast = run_offline(layout, model, EngineConfig(**base), reqs)
+    fast = run_offline(layout, model, EngineConfig(**base, async_steps_tp=True), reqs)
     assert {k: v.token_ids for k, v in fast.items()} == {k: v.token_ids for k, v in sync.items()}

@@ -130,7 +130,8 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
                         "output_tokens": sum(s.output for s in shapes)},
            "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
                              "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
-                             "cuda_graphs": setup.engine.cuda_graphs, "async_steps": setup.engine.async_steps}}
+                             "cuda_graphs": setup.engine.cuda_graphs, "async_steps": setup.engine.async_steps,
+                             "async_steps_tp": setup.engine.async_steps_tp}}
     run = run_engine(setup.layout, setup.model, setup.engine, at_once([warm, requests]), setup.devices)
     out["engine"] = summarize([run.timings[r.request_id] for r in requests])
     out["engine"]["run_wall_s"] = round(run.wall_s, 2)

@@ -154,8 +154,11 @@ class Sampled:
 
 def runs_ahead(engine: EngineConfig, groups: PipelineGroups) -> bool:
     """Whether this pipeline runs asynchronous steps: one stage (it samples on the devices it computes on,
-    so the next step can be enqueued before the last one's ids are on the host; scheduler module notes)."""
-    return engine.async_steps and groups.layout.num_stages == 1 and not engine.collect_logits
+    so the next step can be enqueued before the last one's ids are on the host; scheduler module notes).
+    TP > 1 only with ``async_steps_tp``: 36% faster batch-1 decode at TP 2, but under load at TP 4 it
+    measured slower in a run whose order may have favoured the synchronous loop (docs/benchmarks.md, run 12)."""
+    return (engine.async_steps and groups.layout.num_stages == 1 and not engine.collect_logits
+            and (groups.tp.size == 1 or engine.async_steps_tp))
 
 
 def input_ids(ids: list[int], prev: torch.Tensor | None, device: torch.device) -> torch.Tensor:
