@@ -6,7 +6,7 @@ import pytest
 
 from hexgen.engine.kv_cache import BlockManager
 from hexgen.engine.plan import StepPlan, StepResult
-from hexgen.engine.scheduler import Scheduler
+from hexgen.engine.scheduler import Scheduler, max_step_batch
 from hexgen.engine.types import Request, SamplingParams
 
 BLOCK = 4
@@ -316,3 +316,25 @@ def test_prompt_just_short_of_the_context_makes_the_tokens_that_fit(num_blocks, 
         if finish_step(s, plan) == ["a"]:
             break
     assert made == short and s.idle
+
+
+def test_a_micro_batch_never_exceeds_max_step_batch():
+    """Decode graphs, one-shot all-reduce buffers and the logits reserve are sized by max_step_batch: with 4
+    micro-batches in flight and max_num_seqs 10, no plan may carry more than 3 sequences, whatever the mix."""
+    s = make(max_num_seqs=10, budget=40, micro_batches=4)
+    cap = max_step_batch(10, 4)
+    assert cap == 3
+    pending, n = [], 0
+    for step in range(200):
+        while s.free_capacity and n < 40:
+            s.add(req(f"r{n}", 3 + (7 * n) % 23, max_new=1 + n % 9))
+            n += 1
+        plan = s.schedule(step) if len(pending) < 4 else None
+        if plan is not None:
+            assert len(plan.seq_ids) <= cap, (step, len(plan.seq_ids))
+            pending.append(plan)
+        if pending and (plan is None or len(pending) >= 4):
+            finish_step(s, pending.pop(0))
+        if s.idle and not pending and n >= 40:
+            break
+    assert n == 40 and s.idle and not pending

@@ -11,6 +11,7 @@ from hexgen.engine.cuda_graph import DecodeGraphs
 from hexgen.engine.emulation import memory_cap
 from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
 from hexgen.engine.plan import StepPlan
+from hexgen.engine.scheduler import max_step_batch
 from hexgen.errors import ConfigError
 from hexgen.model import gemv
 from hexgen.model.attention import build_meta, decode_meta
@@ -62,7 +63,9 @@ class StageRunner:
         # TP > 1: decode-sized all-reduces take the symmetric-memory one-shot kernel (bf16/fp32), which
         # captures into the decode graphs with no NCCL work inside them. NCCL all-reduces captured in a
         # graph hung on two H100s (docs/benchmarks.md), so without the one-shot kernel TP > 1 stays eager.
-        fast_ar = groups.enable_fast_all_reduce(engine.max_num_seqs * self.cfg.hidden_size, self.dtype)
+        # The most sequences a step carries: max_num_seqs split over the micro-batches in flight.
+        self.step_batch = max_step_batch(engine.max_num_seqs, engine.micro_batches or groups.layout.num_stages)
+        fast_ar = groups.enable_fast_all_reduce(self.step_batch * self.cfg.hidden_size, self.dtype)
         use_graphs = engine.cuda_graphs and (groups.tp.size == 1 or fast_ar)
         if engine.cuda_graphs and not use_graphs:
             log.warning("stage %d: CUDA graphs are off: TP %d without the symmetric-memory all-reduce",
@@ -73,7 +76,7 @@ class StageRunner:
         self.kv = allocate_cache(stage.num_layers, self.num_blocks + spare, engine.block_size, self.n_kv_local,
                                  self.cfg.head_dim, self.dtype, self.device)
         self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,
-                                   self.device, engine.block_size, engine.max_num_seqs, self.max_len,
+                                   self.device, engine.block_size, self.step_batch, self.max_len,
                                    scratch_block=self.num_blocks) if use_graphs else None
         if self.graphs is not None:
             self.graphs.capture_all()
@@ -108,7 +111,7 @@ class StageRunner:
         t = self.engine.max_num_batched_tokens
         elem = torch.empty(0, dtype=self.dtype).element_size()
         mlp = 3 * t * (self.cfg.intermediate_size // self.groups.tp.size + 1) * elem
-        logits = self.engine.max_num_seqs * self.cfg.vocab_size * 4 * 2
+        logits = self.step_batch * self.cfg.vocab_size * 4 * 2
         return mlp + 4 * t * self.cfg.hidden_size * elem + logits + (256 << 20)
 
     @torch.inference_mode()

@@ -33,6 +33,13 @@ from hexgen.engine.types import Request
 log = logging.getLogger(__name__)
 
 
+def max_step_batch(max_num_seqs: int, micro_batches: int) -> int:
+    """The most sequences one step (micro-batch) can carry: ``schedule`` gives each of P micro-batches in
+    flight about 1/P of at most max_num_seqs sequences (decode graphs, all-reduce buffers and the logits
+    reserve are sized by it)."""
+    return -(-max_num_seqs // max(1, micro_batches))
+
+
 @dataclass
 class Sequence:
     seq_id: int
