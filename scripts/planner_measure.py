@@ -1,6 +1,9 @@
 """Measure layouts under load for the planner's validation (docs/planner.md): one engine run per layout.
 
-    python scripts/planner_measure.py RUNS.json OUT.json [NAME,NAME...]   (default: every run)
+    python scripts/planner_measure.py RUNS.json OUT.json [NAME,NAME...]   (default: every run, in file order)
+
+Names given run in that order, and a repeated name runs again (recorded as "name#2", ...): alternating A/B
+comparisons.
 
 RUNS.json: {"preset": "llama-2-70b", "dtype": "bf16", "requests": 256, "prompt_range": [64, 512],
             "output_range": [32, 256], "seed": 0, "max_num_seqs": 128,
@@ -71,10 +74,17 @@ def main() -> int:
     with open(sys.argv[1], encoding="utf-8") as f:
         spec = json.load(f)
     results = {"spec": spec, "runs": {}}
-    only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None
-    for run in spec["runs"]:
-        if only is not None and run["name"] not in only:
-            continue
+    by_name = {run["name"]: run for run in spec["runs"]}
+    names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        print(f"planner_measure: no run named {', '.join(unknown)} in {sys.argv[1]}", file=sys.stderr)
+        return 2
+    seen: dict[str, int] = {}
+    for name in names:  # in the order given; a name given again runs again (key "name#2", ...)
+        run = by_name[name]
+        seen[name] = seen.get(name, 0) + 1
+        key = name if seen[name] == 1 else f"{name}#{seen[name]}"
         print(f"=== {run['name']}: {run['hetero']} / {run.get('partition')} mb={run.get('micro_batches', 0)} "
               f"emulate={run.get('emulate', '')!r}", flush=True)
         try:
@@ -82,7 +92,7 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - record and go on to the next layout
             traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {e}"}
-        results["runs"][run["name"]] = {**run, **res}
+        results["runs"][key] = {**run, **res}
         print(json.dumps(res), flush=True)
         with open(sys.argv[2], "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
