@@ -1,8 +1,8 @@
 """Continuous-batching scheduler of the stage-0 leader.
 
 Each step mixes decodes of running sequences with (chunked) prefills of new ones under a token budget.
-A sequence has at most one chunk in flight, so with P stages up to P micro-batches of different sequences
-travel the pipeline at once. When the KV cache runs out, the youngest idle sequence is preempted (its blocks
+A sequence has at most one chunk in flight (two with asynchronous steps, below), so with P stages up to P
+micro-batches of different sequences travel the pipeline at once. When the KV cache runs out, the youngest idle sequence is preempted (its blocks
 freed; it is recomputed later from prompt + generated tokens).
 
 Asynchronous steps (one-stage pipelines, ``schedule(..., ahead=True)``). The next step may be launched
