@@ -45,10 +45,59 @@ def case(batch: int, ctx: int, width_tokens: int) -> dict:
                 max_err=err)
 
 
+DEFAULTS = (64, 2, 2, True)  # paged_decode's defaults: block_n, num_warps, num_stages, head_major
+
+
+def sweep(batch: int, ctx: int, width_tokens: int) -> list[dict]:
+    """Every launch setting of the kernel at one shape: TB/s of live K/V reads, best first."""
+    blocks = -(-width_tokens // BS)
+    k = torch.randn(batch * blocks * BS + BS, N_KV, D, device="cuda", dtype=torch.bfloat16)  # [slots, n_kv, d]
+    v = torch.randn_like(k)
+    q = torch.randn(batch, N_Q, D, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks)
+    lens = torch.full((batch,), ctx, device="cuda")
+    live = batch * ctx * N_KV * D * 2 * 2
+    ref = paged_decode.paged_decode(q, k, v, tables, lens, D ** -0.5, BS).float()
+    out = []
+    for head_major in (False, True):
+        for block_n in (16, 32, 64):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    for splits in sorted({1, 2, paged_decode.num_splits(batch, N_KV, blocks * BS, q.device)}):
+                        kw = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
+                                  head_major=head_major)
+                        try:
+                            err = (paged_decode.paged_decode(q, k, v, tables, lens, D ** -0.5, BS, **kw).float()
+                                   - ref).abs().max().item()
+                            us = _time(lambda: paged_decode.paged_decode(q, k, v, tables, lens, D ** -0.5, BS,
+                                                                         **kw), reps=20)
+                        except Exception as e:  # a setting Triton cannot compile (out of resources)
+                            out.append(dict(kw, error=type(e).__name__))
+                            continue
+                        out.append(dict(kw, us=round(us, 1), tb_s=round(live / us / 1e6, 3), max_err=err))
+    out.sort(key=lambda r: r.get("us", 1e18))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
+    ap.add_argument("--sweep", type=int, nargs=3, action="append", metavar=("BATCH", "CTX", "WIDTH"),
+                    help="time every launch setting at this shape (repeatable); the 5 best are printed")
     args = ap.parse_args()
+    if args.sweep:
+        res = []
+        for batch, ctx, width in args.sweep:
+            rows = sweep(batch, ctx, width)
+            res.append({"batch": batch, "ctx": ctx, "width": width, "rows": rows})
+            splits = paged_decode.num_splits(batch, N_KV, -(-width // BS) * BS, torch.device("cuda", 0))
+            default = [r for r in rows if r["splits"] == splits and DEFAULTS == (
+                r.get("block_n"), r.get("num_warps"), r.get("num_stages"), r.get("head_major"))]
+            print(json.dumps({"batch": batch, "ctx": ctx, "best": rows[:5], "default": default}), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "sweeps": res}, f, indent=1)
+        return
     rows = []
     # (batch, live context, table width): batch-1 latency shapes, and batch-64 throughput shapes
     for batch, ctx, width in [(1, 384, 4096), (1, 4096, 4096), (8, 1024, 2048), (64, 256, 512),

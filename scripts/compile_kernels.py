@@ -31,13 +31,13 @@ def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget):
     sig.update({a: "i32" for a in ("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh",
                                    "stride_tb", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh")})
     cons = dict(GROUP=group, BLOCK_G=_pow2(group), HEAD_DIM=d, BLOCK_D=_pow2(d), BS=16,
-                BLOCK_N=64 if _pow2(d) <= 64 else 32, SPLIT=splits > 1, IEEE=dtype == "fp32", DOT_F32=False)
-    _compile(kern.decode_stage1, sig, cons, target, num_warps=4, num_stages=2)
+                BLOCK_N=64, SPLIT=splits > 1, IEEE=dtype == "fp32", DOT_F32=False, HEAD_MAJOR=True)
+    _compile(kern.decode_stage1, sig, cons, target, num_warps=2, num_stages=2)
     if splits > 1:
         sig = {"Mid": "*fp32", "Lse": "*fp32", "Out": f"*{dtype}", "num_splits": "i32"}
         sig.update({a: "i32" for a in ("stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh",
                                        "stride_ob", "stride_oh")})
-        cons = dict(HEAD_DIM=d, BLOCK_D=_pow2(d), BLOCK_S=max(2, 1 << (splits - 1).bit_length()))
+        cons = dict(HEAD_DIM=d, BLOCK_D=_pow2(d), BLOCK_S=max(64, 1 << (splits - 1).bit_length()))
         _compile(kern.decode_stage2, sig, cons, target, num_warps=4)
 
 

@@ -103,11 +103,12 @@ def test_kernel_matches_reference(dtype, group, head_dim):
                         for b, (t, c) in enumerate(zip(tables, ctx))])
     tab = _padded(tables, pad=n_blocks - 1).to(KERNEL_DEVICE)
     lens = torch.tensor(ctx, dtype=torch.int32, device=KERNEL_DEVICE)
-    for splits in (1, 3):
-        got = paged_decode.paged_decode(q, kc, vc, tab, lens, scale, bs, splits=splits, block_n=16)
+    for splits, head_major in ((1, False), (3, False), (1, True), (3, True)):
+        got = paged_decode.paged_decode(q, kc, vc, tab, lens, scale, bs, splits=splits, block_n=16,
+                                        head_major=head_major)
         assert got.dtype == dtype and got.shape == q.shape
         err = (got.float() - want).abs().max().item()
-        assert err < ATOL[dtype], f"splits={splits}: max error {err}"
+        assert err < ATOL[dtype], f"splits={splits}, head_major={head_major}: max error {err}"
 
 
 @requires_triton

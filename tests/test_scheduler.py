@@ -176,6 +176,34 @@ def test_preemption_frees_the_youngest_and_recomputes_it():
     finish_step(s, plan)
     run_to_end(s)
     assert s.blocks.num_free == 4
+    # the counters saw one preemption, which threw away young's 8 computed tokens (6 prompt + 2 decoded)
+    assert (s.stats.preemptions, s.stats.recomputed_tokens) == (1, 8)
+
+
+def test_step_stats_count_what_was_sent():
+    s = make(budget=64)
+    s.add(req("a", 5, max_new=3))
+    s.add(req("b", 3, max_new=2))
+    finish_step(s, s.schedule(0))  # two prefills (5 + 3 tokens): one mixed step, no decode rows
+    s.add(req("c", 1, max_new=2))  # a one-token prompt is a decode-shaped row
+    finish_step(s, s.schedule(1))  # decodes of a and b, plus c's one token
+    run_to_end(s)
+    st = s.stats
+    assert (st.mixed_steps, st.prefill_tokens, st.preemptions) == (1, 8, 0)
+    # decode rows: step 1 has three; then a makes its third token and c its second in one more step
+    assert st.steps == 3 and st.decode_rows == 3 + 2
+    assert "3 steps (1 with a prefill chunk)" in st.line()
+
+
+def test_sequences_compare_by_identity():
+    """Membership tests in running/waiting run per sequence per step: they must not compare token lists
+    (an O(batch² × tokens) cost that took 16 ms a step at 256 sequences; docs/benchmarks.md, run 13)."""
+    s = make()
+    s.add(req("a", 4))
+    s.add(req("a2", 4))
+    a, a2 = s.waiting
+    a2.seq_id, a2.request = a.seq_id, a.request  # equal fields
+    assert a != a2 and a2 not in [a]
 
 
 def test_preemption_skips_sequences_in_flight():

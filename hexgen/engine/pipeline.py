@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -143,13 +144,34 @@ class Sampled:
     host: tuple[torch.Tensor, "torch.cuda.Event | None"] | None = None
     logits: torch.Tensor | None = None  # [n_sampled, vocab] float32
 
+    def wait(self) -> None:
+        """Block until the ids are on the host."""
+        if self.host is not None and self.host[1] is not None:
+            self.host[1].synchronize()
+
     def tokens(self) -> list[int]:
         if self.host is None:
             return []
-        host, done = self.host
-        if done is not None:
-            done.synchronize()
-        return host.tolist()
+        self.wait()
+        return self.host[0].tolist()
+
+
+class LoopClock:
+    """Host seconds a loop spends in each of its phases (``lap(name)`` ends the phase called name)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.spent: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spent[name] = self.spent.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def line(self) -> str:
+        total = self.last - self.start
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.spent.items(), key=lambda kv: -kv[1]))
+        return f"{total:.2f} s: {parts}"
 
 
 def runs_ahead(engine: EngineConfig, groups: PipelineGroups) -> bool:
@@ -212,7 +234,9 @@ class FirstLeader:
         by a device broadcast, in the same order on every rank (see ``_stage_loop``)."""
         pending: tuple[StepPlan, Sampled] | None = None
         step = 0
+        clock = LoopClock()
         while True:
+            clock.lap("other")
             for rid in self.source.poll_cancelled():
                 self.scheduler.cancel(rid)
             idle = self.scheduler.idle and pending is None
@@ -222,7 +246,9 @@ class FirstLeader:
                     self.scheduler.add(req)
             if self.source.exhausted() and self.scheduler.idle and pending is None:
                 break
+            clock.lap("source")
             plan = self.scheduler.schedule(step, ahead=pending is not None)
+            clock.lap("schedule")
             launched = None
             if plan is not None:
                 step += 1
@@ -235,15 +261,38 @@ class FirstLeader:
                 launched = (plan, self.last.sample(plan, hidden))
                 if self.tp_ranks > 1 and launched[1].ids is not None:
                     self.groups.broadcast_ids(launched[1].ids)
+            clock.lap("launch")
             if pending is not None:
+                pending[1].wait()
+                clock.lap("wait")
                 self._apply(pending[0], self.last.complete(*pending))
+                clock.lap("complete")
             pending = launched
         if self.tp_ranks > 1:
             self.groups.broadcast_bytes(StepPlan(step, shutdown=True).encode())
         log.info("asynchronous steps: %d steps, %d decode tokens scheduled ahead of their input",
                  step, self.scheduler.ahead_tokens)
+        log.info("scheduler: %s; loop %s", self.scheduler.stats.line(), clock.line())
 
     def run(self) -> None:
+        path = os.environ.get("HEXGEN_PROFILE_LOOP")  # a file: where this loop's host profile goes (cProfile)
+        if not path:
+            self._run()
+            return
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            self._run()
+        finally:
+            prof.disable()
+            with open(path, "w") as f:
+                for key in ("tottime", "cumulative"):
+                    pstats.Stats(prof, stream=f).sort_stats(key).print_stats(35)
+
+    def _run(self) -> None:
         if self.run_ahead:
             self.run_async()
             return
@@ -270,6 +319,7 @@ class FirstLeader:
             if in_flight and (plan is None or len(in_flight) >= self.max_in_flight):
                 result = StepResult.decode(self.groups.recv_bytes(self.groups.last_leader))
                 self._apply(in_flight.popleft(), result)
+        log.info("scheduler: %s", self.scheduler.stats.line())
         shutdown = StepPlan(step, shutdown=True).encode()
         self.groups.broadcast_bytes(shutdown)
         if self.last is None:

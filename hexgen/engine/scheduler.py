@@ -2,8 +2,8 @@
 
 Each step mixes decodes of running sequences with (chunked) prefills of new ones under a token budget.
 A sequence has at most one chunk in flight (two with asynchronous steps, below), so with P stages up to P
-micro-batches of different sequences travel the pipeline at once. When the KV cache runs out, the youngest idle sequence is preempted (its blocks
-freed; it is recomputed later from prompt + generated tokens).
+micro-batches of different sequences travel the pipeline at once. When the KV cache runs out, the youngest
+idle sequence is preempted (its blocks freed; it is recomputed later from prompt + generated tokens).
 
 Asynchronous steps (one-stage pipelines, ``schedule(..., ahead=True)``). The next step may be launched
 before the last one's sampled ids are back: a sequence whose in-flight chunk samples, and that cannot finish
@@ -40,7 +40,7 @@ def max_step_batch(max_num_seqs: int, micro_batches: int) -> int:
     return -(-max_num_seqs // max(1, micro_batches))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: membership tests in running/waiting must not compare token lists
 class Sequence:
     seq_id: int
     request: Request
@@ -58,6 +58,31 @@ class Sequence:
         return len(self.tokens) - self.num_prompt
 
 
+@dataclass
+class StepStats:
+    """What the scheduler sent, summed over a run (logged at the end; docs/benchmarks.md reads it)."""
+
+    steps: int = 0
+    mixed_steps: int = 0  # steps with a prefill chunk (several query tokens): they run eagerly, not in graphs
+    decode_rows: int = 0  # sequences with one query token, over all steps
+    prefill_tokens: int = 0  # query tokens of chunks of several tokens, recomputation after preemption included
+    preemptions: int = 0
+    recomputed_tokens: int = 0  # computed tokens thrown away by preemptions
+
+    def count(self, plan: StepPlan) -> None:
+        self.steps += 1
+        multi = [n for n in plan.q_lens if n > 1]
+        self.mixed_steps += bool(multi)
+        self.prefill_tokens += sum(multi)
+        self.decode_rows += len(plan.q_lens) - len(multi)
+
+    def line(self) -> str:
+        per = self.decode_rows / max(1, self.steps)
+        return (f"{self.steps} steps ({self.mixed_steps} with a prefill chunk), {per:.1f} decode rows a step, "
+                f"{self.prefill_tokens} prefill tokens, {self.preemptions} preemptions "
+                f"({self.recomputed_tokens} tokens to recompute)")
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int,
                  max_model_len: int, micro_batches: int = 1) -> None:
@@ -72,6 +97,7 @@ class Scheduler:
         self._next_id = 0
         self._notices: list[dict] = []  # aborted sequences the last stage must report
         self.ahead_tokens = 0  # decode tokens scheduled before their input was sampled (asynchronous steps)
+        self.stats = StepStats()
 
     # -- admission ------------------------------------------------------------------------------------
     @property
@@ -141,6 +167,8 @@ class Scheduler:
         for victim in reversed(self.running):
             if victim is not keep and not victim.in_flight:
                 log.info("KV cache full: preempting request %s", victim.request.request_id)
+                self.stats.preemptions += 1
+                self.stats.recomputed_tokens += victim.num_computed
                 self.running.remove(victim)
                 self.blocks.free(victim.blocks)
                 victim.blocks, victim.num_computed = [], 0
@@ -233,6 +261,7 @@ class Scheduler:
             budget -= chunk
         if not plan.seq_ids and not plan.cancelled:
             return None
+        self.stats.count(plan)
         row = 0
         for seq, samples in zip(added, plan.sample):
             seq.sample_row = row if samples else -1

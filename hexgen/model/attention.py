@@ -146,9 +146,14 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
         seq = np.repeat(chunked, lens)
         parts.append(slots_of(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens)))
 
+    # Each part starts on a 16-byte boundary (an even number of int64 before it): the Triton kernels then
+    # always see aligned pointers, and compile one variant instead of one per alignment pattern.
     sizes = [len(p) for p in parts]
-    buf = upload(np.concatenate(parts), torch.long, device)
-    views = iter(buf.split(sizes))
+    padded = [n + (n & 1) for n in sizes]
+    flat_parts = np.zeros(sum(padded), dtype=np.int64)
+    np.concatenate([np.pad(p, (0, m - n)) for p, n, m in zip(parts, sizes, padded)], out=flat_parts)
+    buf = upload(flat_parts, torch.long, device)
+    views = iter(v[:n] for v, n in zip(buf.split(padded), sizes))
     meta = AttnMeta(next(views), next(views), block_size=bs)
     if len(dec):
         meta.decode_rows = None if all_decode else next(views)

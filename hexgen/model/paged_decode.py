@@ -46,6 +46,9 @@ def prefill_available() -> bool:
     return available("HEXGEN_PREFILL_KERNEL")
 
 
+MAX_SPLITS = 64  # the most splits the heuristic picks; stage 2 merges this many at once (one compiled variant)
+
+
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -58,7 +61,7 @@ def num_splits(batch: int, n_kv: int, max_ctx: int, device: torch.device) -> int
         return 1
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     want = -(-2 * sms // max(1, batch * n_kv))
-    return max(1, min(want, -(-max_ctx // 256), 64))
+    return max(1, min(want, -(-max_ctx // 256), MAX_SPLITS))
 
 
 def _dot_mode(dtype: torch.dtype) -> tuple[bool, bool]:
@@ -86,14 +89,20 @@ def _next_pow2(n: int) -> int:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  ctx_lens: torch.Tensor, scale: float, block_size: int, splits: int | None = None,
-                 block_n: int | None = None) -> torch.Tensor:
+                 block_n: int | None = None, num_warps: int = 2, num_stages: int = 2,
+                 head_major: bool = True) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q: [batch, n_q, d]; k_cache, v_cache: [slots, n_kv, d] (slot = block * block_size + offset);
     block_tables: [batch, max_blocks] int32/int64, rows padded with any valid block; ctx_lens: [batch]
     int32/int64, tokens of context (the query's own K/V already written). Keys at positions ≥ ctx_len are
     ignored. Returns [batch, n_q, d] in q's dtype. ``splits`` (split-K partitions) and ``block_n`` (tokens
-    per tile) default to heuristics.
+    per tile) default to heuristics. ``num_warps``, ``num_stages`` and ``head_major`` (grid order: the KV
+    heads of one sequence launched together, rather than one head of many sequences) are launch settings;
+    the defaults (64-token tiles, 2 warps, 2 stages, head-major) were the fastest or within 2% of it at every
+    shape of a sweep on an H200 (scripts/bench_paged_decode.py --sweep; docs/benchmarks.md, run 13): 4.36-4.46
+    TB/s of K/V reads at batch 256 × 300-700 tokens and batch 128 × 1200, 5-7% above the earlier (32-token,
+    4-warp, sequence-major) settings, and 9% faster at batch 1.
     """
     q = _check(q, k_cache, v_cache, "paged_decode")
     batch, n_q, d = q.shape
@@ -102,7 +111,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_g = max(16, _next_pow2(group))
     block_d = max(16, _next_pow2(d))
     if block_n is None:
-        block_n = 64 if block_d <= 64 else 32
+        block_n = 64
     max_ctx = block_tables.shape[1] * block_size
     if splits is None:
         splits = num_splits(batch, n_kv, max_ctx, q.device)
@@ -115,23 +124,25 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     from hexgen.model import paged_decode_kernels as kern
 
     common = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BS=block_size, BLOCK_N=block_n,
-                  SPLIT=splits > 1, IEEE=ieee, DOT_F32=dot_f32, num_warps=4, num_stages=2)
+                  SPLIT=splits > 1, IEEE=ieee, DOT_F32=dot_f32, HEAD_MAJOR=head_major, num_warps=num_warps,
+                  num_stages=num_stages)
+    grid = (n_kv, batch, splits) if head_major else (batch, n_kv, splits)
     if splits == 1:
-        kern.decode_stage1[(batch, n_kv, 1)](
+        kern.decode_stage1[grid](
             q, k_cache, v_cache, block_tables, ctx_lens, out, out, qk_scale, 1,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             block_tables.stride(0), out.stride(0), out.stride(1), 0, 0, 0, **common)
         return out
     mid = torch.empty(batch, n_q, splits, d, dtype=torch.float32, device=q.device)  # partial outputs
     lse = torch.empty(batch, n_q, splits, dtype=torch.float32, device=q.device)
-    kern.decode_stage1[(batch, n_kv, splits)](
+    kern.decode_stage1[grid](
         q, k_cache, v_cache, block_tables, ctx_lens, mid, lse, qk_scale, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
         **common)
     kern.decode_stage2[(batch, n_q)](
         mid, lse, out, splits, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, _next_pow2(splits)),
+        out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(MAX_SPLITS, _next_pow2(splits)),
         num_warps=4)
     return out
 

@@ -15,15 +15,22 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The block table's width (stride_tb) and the split count vary from step to step in eager steps: Triton does
+# not specialize on them (divisibility by 16, == 1), so that no serving step waits for it to compile another
+# variant (a throughput run on an H200 spent 6.5 s in 15 such compiles; docs/benchmarks.md, run 13).
+@triton.jit(do_not_specialize=["stride_tb", "num_splits"])
 def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
                   stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                  DOT_F32: tl.constexpr):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+                  DOT_F32: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    if HEAD_MAJOR:  # grid (n_kv, batch, splits): programs launched together read one token's heads, side by side
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+    else:  # grid (batch, n_kv, splits)
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(Ctx + b).to(tl.int32)
 
@@ -87,7 +94,7 @@ def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
         tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def decode_stage2(Mid, Lse, Out, num_splits, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob,
                   stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
@@ -107,7 +114,7 @@ def decode_stage2(Mid, Lse, Out, num_splits, stride_mb, stride_mh, stride_ms, st
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, o.to(Out.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])
 def prefill_fwd(Q, K, V, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM, qk_scale,
                 stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ot, stride_oh,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
