@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 
 from hexgen.bench.engine_bench import run_engine  # noqa: E402
 from hexgen.bench.modes import BenchSetup  # noqa: E402
-from hexgen.bench.serve import ServeOptions, build_items, run_redis_path, worker_engine_overrides  # noqa: E402
+from hexgen.bench.serve import ServeOptions, build_items, run_redis_path, sleep_until  # noqa: E402
+from hexgen.bench.serve import worker_engine_overrides  # noqa: E402
 from hexgen.bench.stats import percentile, summarize  # noqa: E402
 from hexgen.bench.workload import mixed_shapes, poisson_offsets  # noqa: E402
 from hexgen.cli.bench import _parser  # noqa: E402
@@ -44,8 +45,9 @@ HOPS = (
     ("client XADD -> head has the entry (XREADGROUP)", "send", "head_read"),
     ("head: dedupe SET NX, validate, tokenize", "head_read", "head_tok"),
     ("head: queue-depth check", "head_tok", "head_send"),
-    ("head MULTI (work XADD) -> source XREADGROUP returns", "head_send", "src_read"),
-    ("source -> first token sampled (running step + prefill)", "src_read", "emit"),
+    ("head MULTI (work XADD) -> prefetch thread's XREADGROUP returns", "head_send", "src_read"),
+    ("prefetch queue -> engine loop takes it (end of a running step)", "src_read", "src_take"),
+    ("engine loop took it -> first token sampled (prefill)", "src_take", "emit"),
     ("sink: queued -> writer thread has it", "emit", "picked"),
     ("sink writer thread -> client has the token (EVALSHA, wake)", "picked", "client"),
     ("total: scheduled arrival -> first token at the client", "arrival", "client"),
@@ -62,7 +64,7 @@ async def traced_offer(url: str, items, timeout_s: float = 900.0) -> dict[str, d
 
         async def one(item) -> tuple[str, dict[str, float]]:
             arrival = t0 + item.offset
-            await asyncio.sleep(max(0.0, arrival - time.monotonic()))
+            await sleep_until(arrival)
             p = item.request.params
             stream = client.stream(prompt=item.text, request_id=item.request.request_id, temperature=0,
                                    max_new_tokens=p.max_new_tokens, ignore_eos=True)
@@ -82,9 +84,9 @@ async def traced_offer(url: str, items, timeout_s: float = 900.0) -> dict[str, d
 def hop_table(rows: dict[str, dict[str, float]]) -> list[dict]:
     out = []
     for label, a, b in HOPS:
-        if a is None:
-            vals = [r["client"] - r["arrival"] - (r["emit"] - r["src_read"]) for r in rows.values()
-                    if "emit" in r]
+        if a is None:  # the engine hop starts when the engine loop has the request
+            vals = [r["client"] - r["arrival"] - (r["emit"] - r.get("src_take", r.get("src_read")))
+                    for r in rows.values() if "emit" in r]
         else:
             vals = [r[b] - r[a] for r in rows.values() if a in r and b in r]
         ms = [1e3 * v for v in vals]

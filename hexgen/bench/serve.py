@@ -34,6 +34,7 @@ from hexgen.errors import ConfigError
 
 THROUGHPUT_COST_TARGET = 0.03  # the Redis path may cost at most 3% of output tokens/s
 TTFT_P50_TARGET_MS = 2.0  # ... and at most 2 ms of p50 TTFT
+SEND_MARGIN_S = 0.003  # the client's last stretch before a scheduled send: time.sleep, not an asyncio timer
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,25 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     return over
 
 
+async def sleep_until(deadline: float, margin_s: float = SEND_MARGIN_S) -> None:
+    """Return at ``time.monotonic()`` ≥ ``deadline``, a few tens of µs after it: an asyncio sleep until
+    ``margin_s`` before it (asyncio timers wake a millisecond or more late: epoll's millisecond timeout, then
+    the wake-up on busy cores), then ``time.sleep`` and a spin of the last 0.2 ms. The event loop is blocked
+    for at most ``margin_s``, so a send is on time and other requests' token stamps are delayed by as much."""
+    coarse = deadline - margin_s - time.monotonic()
+    if coarse > 0:
+        await asyncio.sleep(coarse)
+    left = deadline - time.monotonic()
+    if left > 2e-4:
+        time.sleep(left - 2e-4)
+    while time.monotonic() < deadline:
+        pass
+
+
 async def offer(url: str, items: list[_Item], timeout_s: float = 900.0,
                 sent: dict[str, float] | None = None) -> list[RequestTiming]:
-    """Send each item through the async client at its arrival; stamp every token as the client reads it.
+    """Send each item through the async client at its arrival (:func:`sleep_until`); stamp every token as the
+    client reads it.
 
     ``sent`` (when given) gets each request's time.monotonic() just before its XADD: how late the client's
     event loop woke for the arrival, which counts in the TTFT (timers wake up to a millisecond late)."""
@@ -116,7 +133,7 @@ async def offer(url: str, items: list[_Item], timeout_s: float = 900.0,
 
         async def one(item: _Item) -> RequestTiming:
             arrival = t0 + item.offset
-            await asyncio.sleep(max(0.0, arrival - time.monotonic()))
+            await sleep_until(arrival)
             timing = RequestTiming(arrival)
             p = item.request.params
             stream = client.stream(prompt=item.text, request_id=item.request.request_id, temperature=0,
