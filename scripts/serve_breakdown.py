@@ -29,13 +29,12 @@ sys.path.insert(0, ROOT)
 from hexgen.bench.engine_bench import run_engine  # noqa: E402
 from hexgen.bench.modes import BenchSetup  # noqa: E402
 from hexgen.bench.serve import ServeOptions, build_items, run_redis_path, sleep_until  # noqa: E402
-from hexgen.bench.serve import worker_engine_overrides  # noqa: E402
+from hexgen.bench.serve import serve_tokenizer, worker_engine_overrides  # noqa: E402
 from hexgen.bench.stats import percentile, summarize  # noqa: E402
 from hexgen.bench.workload import mixed_shapes, poisson_offsets  # noqa: E402
 from hexgen.cli.bench import _parser  # noqa: E402
 from hexgen.cli.generate import resolve_engine, resolve_model  # noqa: E402
 from hexgen.config import Layout  # noqa: E402
-from hexgen.engine.pipeline import load_tokenizer  # noqa: E402
 from hexgen.serving import constants as C  # noqa: E402
 from hexgen.serving import trace  # noqa: E402
 
@@ -102,14 +101,15 @@ def main() -> int:
     args = _parser().parse_args(["serve", *argv])
     model = resolve_model(args)
     layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
-    engine = resolve_engine(args, layout, cuda_graphs=False, gpu_memory_fraction=args.gpu_memory_fraction,
+    engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs, gpu_memory_fraction=args.gpu_memory_fraction,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             cpu_kv_tokens=args.kv_tokens)
     setup = BenchSetup(model, layout, engine, "scripts/serve_breakdown.py " + " ".join(sys.argv[1:]))
     opts = ServeOptions(args.num_requests or 32, tuple(args.prompt_range or (64, 256)),
-                        tuple(args.output_range or (16, 64)), args.seed, args.rate, log_dir=args.log_dir)
-    tok = load_tokenizer(model)
-    vocab = model.config().vocab_size
+                        tuple(args.output_range or (16, 64)), args.seed, args.rate, log_dir=args.log_dir,
+                        tokenizer=args.tokenizer)
+    tok = serve_tokenizer(setup, opts)
+    vocab = min(model.config().vocab_size, len(tok))
     shapes = mixed_shapes(opts.num_requests, opts.prompt_range, opts.output_range, opts.seed)
     offsets = poisson_offsets(len(shapes), opts.rate, opts.seed) if opts.rate else [0.0] * len(shapes)
     warm_shapes = mixed_shapes(4, (opts.prompt_range[0],) * 2, (8, 8), opts.seed + 99)
