@@ -28,13 +28,13 @@ sys.path.insert(0, ROOT)
 
 from hexgen.bench.engine_bench import run_engine  # noqa: E402
 from hexgen.bench.modes import BenchSetup  # noqa: E402
-from hexgen.bench.serve import ServeOptions, build_items, run_redis_path, worker_engine_overrides  # noqa: E402
+from hexgen.bench.serve import ServeOptions, build_items, run_redis_path, sleep_until  # noqa: E402
+from hexgen.bench.serve import serve_tokenizer, worker_engine_overrides  # noqa: E402
 from hexgen.bench.stats import percentile, summarize  # noqa: E402
 from hexgen.bench.workload import mixed_shapes, poisson_offsets  # noqa: E402
 from hexgen.cli.bench import _parser  # noqa: E402
 from hexgen.cli.generate import resolve_engine, resolve_model  # noqa: E402
 from hexgen.config import Layout  # noqa: E402
-from hexgen.engine.pipeline import load_tokenizer  # noqa: E402
 from hexgen.serving import constants as C  # noqa: E402
 from hexgen.serving import trace  # noqa: E402
 
@@ -44,8 +44,9 @@ HOPS = (
     ("client XADD -> head has the entry (XREADGROUP)", "send", "head_read"),
     ("head: dedupe SET NX, validate, tokenize", "head_read", "head_tok"),
     ("head: queue-depth check", "head_tok", "head_send"),
-    ("head MULTI (work XADD) -> source XREADGROUP returns", "head_send", "src_read"),
-    ("source -> first token sampled (running step + prefill)", "src_read", "emit"),
+    ("head MULTI (work XADD) -> prefetch thread's XREADGROUP returns", "head_send", "src_read"),
+    ("prefetch queue -> engine loop takes it (end of a running step)", "src_read", "src_take"),
+    ("engine loop took it -> first token sampled (prefill)", "src_take", "emit"),
     ("sink: queued -> writer thread has it", "emit", "picked"),
     ("sink writer thread -> client has the token (EVALSHA, wake)", "picked", "client"),
     ("total: scheduled arrival -> first token at the client", "arrival", "client"),
@@ -62,7 +63,7 @@ async def traced_offer(url: str, items, timeout_s: float = 900.0) -> dict[str, d
 
         async def one(item) -> tuple[str, dict[str, float]]:
             arrival = t0 + item.offset
-            await asyncio.sleep(max(0.0, arrival - time.monotonic()))
+            await sleep_until(arrival)
             p = item.request.params
             stream = client.stream(prompt=item.text, request_id=item.request.request_id, temperature=0,
                                    max_new_tokens=p.max_new_tokens, ignore_eos=True)
@@ -82,9 +83,9 @@ async def traced_offer(url: str, items, timeout_s: float = 900.0) -> dict[str, d
 def hop_table(rows: dict[str, dict[str, float]]) -> list[dict]:
     out = []
     for label, a, b in HOPS:
-        if a is None:
-            vals = [r["client"] - r["arrival"] - (r["emit"] - r["src_read"]) for r in rows.values()
-                    if "emit" in r]
+        if a is None:  # the engine hop starts when the engine loop has the request
+            vals = [r["client"] - r["arrival"] - (r["emit"] - r.get("src_take", r.get("src_read")))
+                    for r in rows.values() if "emit" in r]
         else:
             vals = [r[b] - r[a] for r in rows.values() if a in r and b in r]
         ms = [1e3 * v for v in vals]
@@ -100,14 +101,15 @@ def main() -> int:
     args = _parser().parse_args(["serve", *argv])
     model = resolve_model(args)
     layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
-    engine = resolve_engine(args, layout, cuda_graphs=False, gpu_memory_fraction=args.gpu_memory_fraction,
+    engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs, gpu_memory_fraction=args.gpu_memory_fraction,
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             cpu_kv_tokens=args.kv_tokens)
     setup = BenchSetup(model, layout, engine, "scripts/serve_breakdown.py " + " ".join(sys.argv[1:]))
     opts = ServeOptions(args.num_requests or 32, tuple(args.prompt_range or (64, 256)),
-                        tuple(args.output_range or (16, 64)), args.seed, args.rate, log_dir=args.log_dir)
-    tok = load_tokenizer(model)
-    vocab = model.config().vocab_size
+                        tuple(args.output_range or (16, 64)), args.seed, args.rate, log_dir=args.log_dir,
+                        tokenizer=args.tokenizer)
+    tok = serve_tokenizer(setup, opts)
+    vocab = min(model.config().vocab_size, len(tok))
     shapes = mixed_shapes(opts.num_requests, opts.prompt_range, opts.output_range, opts.seed)
     offsets = poisson_offsets(len(shapes), opts.rate, opts.seed) if opts.rate else [0.0] * len(shapes)
     warm_shapes = mixed_shapes(4, (opts.prompt_range[0],) * 2, (8, 8), opts.seed + 99)

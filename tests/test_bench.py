@@ -173,6 +173,24 @@ def test_serve_end_to_end_against_the_direct_engine(tmp_path, capsys):
     assert "Redis path:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_serve_a_preset_with_the_heads_tokenizer(tmp_path):
+    """Random weights (as on the GPU runs): the head tokenizes with --tokenizer, the workers load the preset."""
+    from tests.redis_server import redis_server_binary
+    from tests.tiny_tokenizer import save_tiny_tokenizer
+
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    tok = save_tiny_tokenizer(str(tmp_path / "tok"))
+    out = tmp_path / "serve.json"
+    code = bench_cli.main(["serve", "--preset", "tiny", "--random-weights", "--tokenizer", tok,
+                           "--num-requests", "3", "--prompt-range", "4", "8", "--output-range", "2", "4",
+                           "--kv-tokens", "1024", "--rate", "20", "--out", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert res["redis"]["requests"] == 3 and res["redis"]["output_tokens"] == res["workload"]["output_tokens"]
+
+
 # --- CLI validation (no processes) -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("argv", "flag"), [
@@ -181,7 +199,8 @@ def test_serve_end_to_end_against_the_direct_engine(tmp_path, capsys):
     (["throughput", "--rates", "1", "--tpot-slo-ms", "-5"], "--tpot-slo-ms"),
     (["latency", "--rate", "2"], "--rate"),
     (["serve", "--rate", "0"], "--rate"),
-    (["serve"], "--model"),  # a preset has no tokenizer for the head
+    (["serve"], "--tokenizer"),  # a preset has no tokenizer for the head
+    (["latency", "--tokenizer", "x"], "--tokenizer"),
 ])
 def test_cli_names_the_bad_flag(argv, flag, capsys):
     assert bench_cli.main(argv + ["--preset", "tiny", "--random-weights"]) == 2
@@ -192,5 +211,31 @@ def test_serve_refuses_engine_flags_the_workers_do_not_take(tmp_path, capsys):
     from tests.serving_harness import make_tiny_model
 
     model = make_tiny_model(str(tmp_path / "model"))
-    assert bench_cli.main(["serve", "--model", model, "--cuda-graphs"]) == 2
-    assert "cuda_graphs" in capsys.readouterr().err
+    assert bench_cli.main(["serve", "--model", model, "--max-num-batched-tokens", "1024"]) == 2
+    assert "max_num_batched_tokens" in capsys.readouterr().err
+
+
+def test_serve_carries_cuda_graphs_and_a_preset_to_the_workers(tmp_path):
+    """Workers take --cuda-graphs; a preset's deployment config names the preset and the head's tokenizer."""
+    from hexgen.bench.serve import ServeOptions, serve_tokenizer, worker_engine_overrides
+    from hexgen.cli.worker import build_parser, engine_overrides
+    from hexgen.serving.demo import DemoOptions, write_config
+    from hexgen.serving.settings import load_settings
+    from tests.tiny_tokenizer import save_tiny_tokenizer
+
+    setup = tiny_setup()
+    graphs = BenchSetup(setup.model, setup.layout, EngineConfig(cpu_kv_tokens=4096, cuda_graphs=True), "test")
+    assert worker_engine_overrides(graphs) == {"max_num_seqs": 64, "cpu_kv_tokens": 4096, "cuda_graphs": True}
+    assert "cuda_graphs" not in worker_engine_overrides(setup)
+    flags = build_parser().parse_args(["--stage", "0", "--max-num-seqs", "8", "--cuda-graphs"])
+    assert engine_overrides(flags) == {"max_num_seqs": 8, "cuda_graphs": True}
+    assert engine_overrides(build_parser().parse_args(["--stage", "0"])) == {}
+
+    with pytest.raises(ConfigError, match="--tokenizer"):
+        serve_tokenizer(setup, ServeOptions())
+    tok_dir = save_tiny_tokenizer(str(tmp_path / "tok"))
+    assert serve_tokenizer(setup, ServeOptions(tokenizer=tok_dir)).decode([0, 40]).startswith("<s>")
+    path = write_config(str(tmp_path / "d.toml"), "redis://127.0.0.1:1/0", None, DemoOptions((1,), (6,)),
+                        preset="tiny", tokenizer=tok_dir)
+    model = load_settings(path).model
+    assert (model.preset, model.path, model.tokenizer) == ("tiny", "", tok_dir)

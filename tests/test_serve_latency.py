@@ -38,3 +38,20 @@ def test_group_depth_matches_queue_status_depth():
     assert group_depth(7, [{"name": "pipelines", "pending": 2, "lag": None}], "pipelines") == 7  # lag unknown
     assert group_depth(4, groups[:1], "pipelines") == 4  # no such group: everything is queued
     assert group_depth(0, [], "pipelines") == 0
+
+
+async def test_the_client_sends_at_the_scheduled_time_not_when_asyncio_wakes():
+    """bench serve's sleep_until: never early, and late by far less than an asyncio timer (which wakes up to a
+    millisecond late: epoll's millisecond timeout) so that the client's timer stops counting in the TTFT."""
+    import statistics
+    import time
+
+    from hexgen.bench.serve import sleep_until
+
+    late = []
+    for i in range(30):
+        deadline = time.monotonic() + 0.004 + 0.001 * (i % 3)
+        await sleep_until(deadline)
+        late.append(time.monotonic() - deadline)
+    assert min(late) >= 0
+    assert statistics.median(late) < 1e-4, late

@@ -92,6 +92,12 @@ def poll_until(src, n: int, timeout_s: float = 3.0, max_requests: int = 8) -> li
     return out
 
 
+def die(src: RedisSource) -> None:
+    """As if the pipeline's process died: its lease keeper and its work reader stop, its connections stay."""
+    src._stop.set()
+    src._prefetch.close()
+
+
 def wait_for(pred, timeout_s: float = 3.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -137,7 +143,7 @@ def test_in_flight_leases_stay_fresh_and_a_dead_pipelines_entries_resume(make_so
     time.sleep(1.0)  # > 3 leases: only a's keeper keeps the entry
     assert b.poll(4, 0.05) == []
     assert pending(r) == {entry: "pipeline-a"}
-    a._stop.set()  # pipeline a dies: its keeper stops
+    die(a)  # pipeline a dies: its keeper and its reader stop
     resumed = poll_until(b, 1)
     assert len(resumed) == 1
     req = resumed[0]
@@ -150,7 +156,7 @@ def test_a_restarted_pipeline_takes_back_its_own_entries_after_half_a_lease(make
     old.poll(1, 0)
     entry = add_work(r, "mine")
     assert len(poll_until(old, 1)) == 1
-    old._stop.set()
+    die(old)
     new = make_source("p0", lease_s=0.4)  # same pipeline id, a new generation
     assert new.poll(4, 0.0) == []  # idle only a moment: might still be served by a live twin
     got = poll_until(new, 1)
@@ -166,7 +172,7 @@ def test_claimed_entry_that_already_finished_is_only_acked(make_source, r):
     r.xadd(stream, token_event(0, [5], "x"), id="1-0")
     r.xadd(stream, {"event": "done", "finish_reason": "length", "prompt_tokens": "3", "completion_tokens": "1"},
            id="2-0")
-    a._stop.set()
+    die(a)
     b = make_source("b")
     assert wait_for(lambda: not b.poll(4, 0.05) and not pending(r))
     assert b.in_flight == {}
@@ -353,7 +359,7 @@ def test_trace_stamps_reach_the_trace_stream_only_when_tracing_is_on(make_source
     monkeypatch.setattr(trace, "ENABLED", True)
     entry = add_work(r, "on")
     [req] = poll_until(src, 1)
-    assert set(req.meta["trace"]) == {"src_read"} and req.meta["entry"] == entry
+    assert set(req.meta["trace"]) == {"src_read", "src_take"} and req.meta["entry"] == entry
     sink.emit([StepOutput("on", 0, [7], "a", None, 3, 1, req.meta)])
     sink.emit([StepOutput("on", 1, [8], "b", None, 3, 2, req.meta)])  # not the first token: no stamps
     assert sink.flush(5)
@@ -361,5 +367,5 @@ def test_trace_stamps_reach_the_trace_stream_only_when_tracing_is_on(make_source
     fields = {k.decode(): v.decode() for k, v in fields.items()}
     assert fields.pop("id") == "on"
     t = {k: float(v) for k, v in fields.items()}
-    assert t["src_read"] <= t["emit"] <= t["picked"] <= t["posted"]
+    assert t["src_read"] <= t["src_take"] <= t["emit"] <= t["picked"] <= t["posted"]
     assert [e for _, e in events(r, "on")] == [TokenEvent(0, (7,), "a"), TokenEvent(1, (8,), "b")]

@@ -34,6 +34,7 @@ from hexgen.errors import ConfigError
 
 THROUGHPUT_COST_TARGET = 0.03  # the Redis path may cost at most 3% of output tokens/s
 TTFT_P50_TARGET_MS = 2.0  # ... and at most 2 ms of p50 TTFT
+SEND_MARGIN_S = 0.003  # the client's last stretch before a scheduled send: time.sleep, not an asyncio timer
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ServeOptions:
     rate: float | None = None  # requests/s of a Poisson process; None: all offered at once
     ready_timeout_s: float = 300.0
     log_dir: str | None = None  # keep the deployment's logs here (default: a temporary folder, removed)
+    tokenizer: str | None = None  # the head's tokenizer directory (default: the model's); needed with a preset
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -82,6 +84,19 @@ def build_items(tokenizer, shapes, vocab: int, seed: int, offsets: list[float], 
     return out
 
 
+def serve_tokenizer(setup: BenchSetup, opts: ServeOptions):
+    """The tokenizer the head will use: ``opts.tokenizer``, else the model directory's; ConfigError if none."""
+    from hexgen.engine.pipeline import load_tokenizer
+    from hexgen.engine.runner import ModelSpec
+
+    path = opts.tokenizer or setup.model.model_dir
+    tok = load_tokenizer(ModelSpec(model_dir=path)) if path else None
+    if tok is None:
+        raise ConfigError(f"--model/--tokenizer: serve mode needs a tokenizer for the head (a model directory with "
+                          f"one, or --tokenizer DIR with a --preset); {path or 'a preset'} has none")
+    return tok
+
+
 def worker_engine_overrides(setup: BenchSetup) -> dict:
     """The engine flags ``hexgen worker`` takes; ConfigError if the bench's engine differs otherwise."""
     from hexgen.serving.demo import PIPELINE_ID
@@ -89,7 +104,11 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     from workers.worker import WorkerOptions, build_plan
 
     over = {"max_num_seqs": setup.engine.max_num_seqs, "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
-    settings = Settings(model=ModelSettings(path=setup.model.model_dir), dtype=setup.engine.dtype,
+    if setup.engine.cuda_graphs:
+        over["cuda_graphs"] = True
+    m = setup.model
+    model = ModelSettings(preset=m.preset) if m.preset else ModelSettings(path=m.model_dir)
+    settings = Settings(model=model, dtype=setup.engine.dtype,
                         device=setup.engine.device,
                         pipelines=(PipelineSettings(PIPELINE_ID, setup.layout.hetero_config,
                                                     setup.layout.pp_partition),))
@@ -98,14 +117,30 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
             for k in worker.__dataclass_fields__ if k != "extra" and getattr(worker, k) != getattr(setup.engine, k)]
     if diff:
         raise ConfigError(f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
-                          "leave --cuda-graphs, --gpu-memory-fraction and --max-num-batched-tokens at their "
-                          "defaults (workers take only --max-num-seqs and --kv-tokens)")
+                          "leave --gpu-memory-fraction, --max-num-batched-tokens and the async-step flags at their "
+                          "defaults (workers take only --max-num-seqs, --kv-tokens and --cuda-graphs)")
     return over
+
+
+async def sleep_until(deadline: float, margin_s: float = SEND_MARGIN_S) -> None:
+    """Return at ``time.monotonic()`` ≥ ``deadline``, a few tens of µs after it: an asyncio sleep until
+    ``margin_s`` before it (asyncio timers wake a millisecond or more late: epoll's millisecond timeout, then
+    the wake-up on busy cores), then ``time.sleep`` and a spin of the last 0.2 ms. The event loop is blocked
+    for at most ``margin_s``, so a send is on time and other requests' token stamps are delayed by as much."""
+    coarse = deadline - margin_s - time.monotonic()
+    if coarse > 0:
+        await asyncio.sleep(coarse)
+    left = deadline - time.monotonic()
+    if left > 2e-4:
+        time.sleep(left - 2e-4)
+    while time.monotonic() < deadline:
+        pass
 
 
 async def offer(url: str, items: list[_Item], timeout_s: float = 900.0,
                 sent: dict[str, float] | None = None) -> list[RequestTiming]:
-    """Send each item through the async client at its arrival; stamp every token as the client reads it.
+    """Send each item through the async client at its arrival (:func:`sleep_until`); stamp every token as the
+    client reads it.
 
     ``sent`` (when given) gets each request's time.monotonic() just before its XADD: how late the client's
     event loop woke for the arrival, which counts in the TTFT (timers wake up to a millisecond late)."""
@@ -116,7 +151,7 @@ async def offer(url: str, items: list[_Item], timeout_s: float = 900.0,
 
         async def one(item: _Item) -> RequestTiming:
             arrival = t0 + item.offset
-            await asyncio.sleep(max(0.0, arrival - time.monotonic()))
+            await sleep_until(arrival)
             timing = RequestTiming(arrival)
             p = item.request.params
             stream = client.stream(prompt=item.text, request_id=item.request.request_id, temperature=0,
@@ -174,11 +209,14 @@ def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm:
     try:
         start_redis(dep)
         cfg = write_config(os.path.join(work_dir, "bench.toml"), dep.url, setup.model.model_dir,
-                           DemoOptions(layout.hetero_config, layout.pp_partition), dtype=eng.dtype, device=eng.device)
+                           DemoOptions(layout.hetero_config, layout.pp_partition), dtype=eng.dtype, device=eng.device,
+                           preset=setup.model.preset or "", tokenizer=opts.tokenizer or "")
         dep.spawn("head", py + ["head", "--config", cfg])
         for st in reversed(layout.stages()):
             argv = ["worker", "--config", cfg, "--stage", str(st.index), "--drain-timeout", "30",
                     "--max-num-seqs", str(overrides["max_num_seqs"]), "--kv-tokens", str(overrides["cpu_kv_tokens"])]
+            if overrides.get("cuda_graphs"):
+                argv.append("--cuda-graphs")
             if eng.device == "cuda":
                 argv += ["--devices", ",".join(str(setup.devices[r] if setup.devices else r) for r in st.ranks)]
             dep.spawn(f"worker-stage{st.index}", py + argv)
@@ -210,20 +248,17 @@ def overhead(direct: dict, redis: dict) -> dict:
 
 def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
     """Run the comparison; returns one JSON-able dict."""
-    from hexgen.engine.pipeline import load_tokenizer
-
-    if setup.model.model_dir is None or (tok := load_tokenizer(setup.model)) is None:
-        raise ConfigError("--model: serve mode needs a model directory with a tokenizer (the head tokenizes "
-                          "prompts); presets have none")
+    tok = serve_tokenizer(setup, opts)
     overrides = worker_engine_overrides(setup)
     cfg = setup.model.config()
+    vocab = min(cfg.vocab_size, len(tok))  # prompts are random ids both the tokenizer and the model know
     shapes = mixed_shapes(opts.num_requests, opts.prompt_range, opts.output_range, opts.seed)
     offsets = poisson_offsets(len(shapes), opts.rate, opts.seed) if opts.rate else [0.0] * len(shapes)
     warm_shapes = mixed_shapes(4, (opts.prompt_range[0],) * 2, (8, 8), opts.seed + 99)
-    direct_warm = build_items(tok, warm_shapes, cfg.vocab_size, 99, [0.0] * 4, "warm-d")
-    direct = build_items(tok, shapes, cfg.vocab_size, opts.seed, offsets, "direct-")
-    redis_warm = build_items(tok, warm_shapes, cfg.vocab_size, 99, [0.0] * 4, "warm-r")
-    redis_items = build_items(tok, shapes, cfg.vocab_size, opts.seed, offsets, "redis-")
+    direct_warm = build_items(tok, warm_shapes, vocab, 99, [0.0] * 4, "warm-d")
+    direct = build_items(tok, shapes, vocab, opts.seed, offsets, "direct-")
+    redis_warm = build_items(tok, warm_shapes, vocab, 99, [0.0] * 4, "warm-r")
+    redis_items = build_items(tok, shapes, vocab, opts.seed, offsets, "redis-")
     context = setup.engine.max_model_len or cfg.max_position_embeddings
     for it in direct:
         if len(it.request.prompt_ids) + it.request.params.max_new_tokens > context:

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None,
                    help="serve: Poisson request rate (requests/s); default: every request offered at once")
     p.add_argument("--log-dir", help="serve: keep the deployment's logs here")
+    p.add_argument("--tokenizer", help="serve: the head's tokenizer directory (default: the model's; needed with "
+                   "--preset)")
     p.add_argument("--hf-batch-size", type=int, default=64, help="throughput: HF static batch size")
     p.add_argument("--hf-max-batches", type=int, default=None,
                    help="throughput: run only the first N HF batches (a subsample, reported as such)")
@@ -69,7 +71,8 @@ def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
         res = sweep(setup, SweepOptions(tuple(args.rates or ()), n, prompt, output, args.seed, args.tpot_slo_ms))
         return res, format_sweep(res)
     elif args.mode == "serve":
-        res = serve(setup, ServeOptions(n, prompt, output, args.seed, args.rate, log_dir=args.log_dir),
+        res = serve(setup, ServeOptions(n, prompt, output, args.seed, args.rate, log_dir=args.log_dir,
+                                        tokenizer=args.tokenizer),
                     say=lambda m: print(m, file=sys.stderr, flush=True))
         return res, format_serve(res)
     else:
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode != "sweep" and (args.rates or args.tpot_slo_ms != 100.0):
             raise ConfigError("--rates/--tpot-slo-ms: only for sweep (or throughput --rates)")
-        if args.mode != "serve" and (args.rate is not None or args.log_dir):
-            raise ConfigError("--rate/--log-dir: only for serve")
+        if args.mode != "serve" and (args.rate is not None or args.log_dir or args.tokenizer):
+            raise ConfigError("--rate/--log-dir/--tokenizer: only for serve")
         model = resolve_model(args)
         layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
         engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs,

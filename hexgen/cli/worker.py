@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=10, help="restarts allowed within 10 minutes")
     p.add_argument("--max-num-seqs", type=int, help="requests in flight per pipeline (engine default 64)")
     p.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens per rank on CPU")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.add_argument_group("placement agent (no --stage)")
     a.add_argument("--node", help="node name the planner sees (default: the hostname)")
@@ -84,10 +85,15 @@ def agent_main(args: argparse.Namespace, engine: dict) -> int:
     return agent.run()
 
 
+def engine_overrides(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields the flags set (those not given keep the engine's defaults)."""
+    return {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("cpu_kv_tokens", args.kv_tokens),
+                              ("cuda_graphs", args.cuda_graphs or None)) if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    engine = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("cpu_kv_tokens", args.kv_tokens))
-              if v is not None}
+    engine = engine_overrides(args)
     if args.stage is None:
         return agent_main(args, engine)
     setup_logging("parent", args.stage, args.log_level)

@@ -142,8 +142,13 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0) -> None:
     raise DemoError(f"redis-server did not start; see {child.log}:\n{_tail(child.log)}")
 
 
-def write_config(path: str, url: str, model_dir: str, opts: DemoOptions, dtype: str = "fp32",
-                 device: str = "cpu") -> str:
+def write_config(path: str, url: str, model_dir: str | None, opts: DemoOptions, dtype: str = "fp32",
+                 device: str = "cpu", *, preset: str = "", tokenizer: str = "") -> str:
+    """The deployment's TOML: the model from ``model_dir``, or a ``preset`` (random weights) whose head
+    tokenizes with ``tokenizer`` (a directory)."""
+    model = f'preset = "{preset}"' if preset else f'path = "{model_dir}"'
+    if tokenizer:
+        model += f'\ntokenizer = "{tokenizer}"'
     text = f"""# written by `hexgen demo`
 dtype = "{dtype}"
 device = "{device}"
@@ -153,7 +158,7 @@ url = "{url}"
 
 [model]
 name = "{C.DEFAULT_MODEL}"
-path = "{model_dir}"
+{model}
 
 [[pipelines]]
 id = "{PIPELINE_ID}"

@@ -1,6 +1,8 @@
 """RedisSource: the stage-0 leader's request source (leases, claims, resume, dead letters, cancels).
 
-See :mod:`hexgen.serving.worker_io` for the rules it follows.
+See :mod:`hexgen.serving.worker_io` for the rules it follows. Work is read and claimed by a
+:class:`~hexgen.serving.prefetch.Prefetcher` thread, which admits entries here (``_admit``); the engine loop's
+:meth:`RedisSource.poll` only takes what it queued.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import redis
 
 from hexgen.engine.types import Request
 from hexgen.serving import constants as C
-from hexgen.serving import trace
+from hexgen.serving.prefetch import Entry, Prefetcher
 from hexgen.serving.protocol import (INTERNAL, ProtocolError, decode_work_item, done_event, error_event,
                                      parse_cancel)
 from hexgen.serving.worker_io import (REDIS_ERRORS, Backoff, ClientFactory, IOConfig, Post, Poster, as_text,
@@ -30,22 +32,20 @@ class RedisSource:
     def __init__(self, cfg: IOConfig, *, client_factory: ClientFactory | None = None) -> None:
         self.cfg = cfg
         factory = client_factory or partial(connect, cfg.redis_url)
-        self._r = factory(C.socket_timeout_for(cfg.block_ms))
+        self._r = factory(C.socket_timeout_for(cfg.block_ms))  # the prefetch thread's (admission posts too)
         self._keeper_r = factory(10.0)
         self._control_r = factory(C.socket_timeout_for(cfg.control_block_ms))
         self._poster = Poster(self._r, cfg.work_stream, cfg.result_ttl_s)
         self._lock = threading.Lock()
-        self._inflight: dict[str, str] = {}  # request id -> work entry id
+        self._inflight: dict[str, str] = {}  # request id -> work entry id (queued in the prefetcher or running)
         self._finishing: dict[str, float] = {}  # entry id -> when the engine released it (leased until acked)
         self._cancelled: OrderedDict[str, float] = OrderedDict()  # recently cancelled ids -> when
         self._cancel_new: list[str] = []
+        self._taken: set[str] = set()  # ids the engine has taken (engine thread only: poll, poll_cancelled, finished)
         self._draining = threading.Event()
         self._stop = threading.Event()
-        self._backoff = Backoff()
-        self._cursor = "0-0"
-        self._next_reclaim = 0.0
-        self._last_read = 0.0
-        self._group_ok = False
+        self._backoff = Backoff()  # admission's Redis errors (logging; the prefetcher backs off its reads)
+        self._prefetch = Prefetcher(self._r, cfg, self._admit, self._owned_entries)
         self._threads = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True),
                          threading.Thread(target=self._watch_control, name="cancel-reader", daemon=True)]
         for t in self._threads:
@@ -54,61 +54,48 @@ class RedisSource:
     # ---- RequestSource ------------------------------------------------------------------------------------
 
     def poll(self, max_requests: int, timeout_s: float) -> list[Request]:
-        if self._draining.is_set() or max_requests <= 0:
+        """Requests the prefetch thread has read and admitted: no Redis call here (see prefetch.py)."""
+        if max_requests <= 0:
             if timeout_s > 0:
                 self._stop.wait(min(timeout_s, 0.5))
             return []
-        if not self._backoff.ready():
-            if timeout_s > 0:
-                self._stop.wait(min(timeout_s, self._backoff.remaining()))
-            return []
-        out: list[Request] = []
-        try:
-            self._ensure_group()
-            now = time.monotonic()
-            if now >= self._next_reclaim:
-                self._next_reclaim = now + max(0.05, self.cfg.lease_s / 10)
-                out += self._reclaim(max_requests)
-            room = max_requests - len(out)
-            if room > 0 and (timeout_s > 0 or now - self._last_read >= self.cfg.busy_read_interval_s):
-                wait_s = 0.0 if out else min(timeout_s, self.cfg.block_ms / 1000,
-                                             max(0.01, self._next_reclaim - time.monotonic()))
-                out += self._read_new(room, wait_s)
-            self._backoff.ok()
-        except REDIS_ERRORS as e:
-            self._backoff.fail("request source", e)
-        except redis.ResponseError as e:
-            if "NOGROUP" in str(e):
-                self._group_ok = False
-            self._backoff.fail("request source", e)
+        out = self._prefetch.take(max_requests, timeout_s)
+        self._taken.update(req.request_id for req in out)
         return out
 
     def poll_cancelled(self) -> list[str]:
+        """Cancelled in-flight ids; one admitted but not yet taken by the engine waits until it is."""
         if not self._cancel_new:
             return []
         with self._lock:
-            out = [rid for rid in self._cancel_new if rid in self._inflight]
+            new = [rid for rid in self._cancel_new if rid in self._inflight]
             self._cancel_new.clear()
-        return out
+            self._cancel_new.extend(rid for rid in new if rid not in self._taken)
+        return [rid for rid in new if rid in self._taken]
 
     def finished(self, request_id: str) -> None:
+        self._taken.discard(request_id)
         with self._lock:
             entry = self._inflight.pop(request_id, None)
             if entry is not None:
                 self._finishing[entry] = time.monotonic()
 
     def exhausted(self) -> bool:
-        return self._draining.is_set()
+        """Draining and nothing left in the prefetcher (requests it read before the drain are served)."""
+        return self._draining.is_set() and self._prefetch.exhausted()
 
     def drain(self) -> None:
         """Take no more work; in-flight requests finish (the engine stops once idle)."""
         if not self._draining.is_set():
             log.info("pipeline %s: draining", self.cfg.pipeline_id)
         self._draining.set()
+        self._prefetch.pause()
 
     def close(self) -> None:
         self._draining.set()
         self._stop.set()
+        self._prefetch.pause()
+        self._prefetch.close()
         for t in self._threads:
             t.join(timeout=self.cfg.control_block_ms / 1000 + 2)
         for c in (self._r, self._keeper_r, self._control_r):
@@ -119,61 +106,13 @@ class RedisSource:
         with self._lock:
             return dict(self._inflight)
 
-    # ---- reading and claiming -----------------------------------------------------------------------------
-
-    def _ensure_group(self) -> None:
-        if self._group_ok:
-            return
-        try:
-            self._r.xgroup_create(self.cfg.work_stream, C.PIPELINES_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        self._group_ok = True
+    # ---- admission (on the prefetch thread) ------------------------------------------------------------
 
     def _owned_entries(self) -> set[str]:
         with self._lock:
             return set(self._inflight.values()) | set(self._finishing)
 
-    def _read_new(self, count: int, wait_s: float) -> list[Request]:
-        self._last_read = time.monotonic()
-        block = max(1, int(wait_s * 1000)) if wait_s > 0 else None
-        res = self._r.xreadgroup(C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">"},
-                                 count=count, block=block)
-        entries = [e for _stream, es in (res or []) for e in es]
-        out = self._admit([(as_text(eid), fields, 1) for eid, fields in entries if fields is not None],
-                          resumed=False)
-        if trace.ENABLED:
-            t = time.monotonic()
-            for req in out:
-                trace.stamp(req.meta, "src_read", t)
-        return out
-
-    def _reclaim(self, count: int) -> list[Request]:
-        """Take back this pipeline's own stale entries, then other pipelines' expired ones."""
-        r, cfg = self._r, self.cfg
-        owned = self._owned_entries()
-        half = max(1, cfg.lease_ms // 2)
-        stale = r.xpending_range(cfg.work_stream, C.PIPELINES_GROUP, "-", "+", count,
-                                 consumername=cfg.consumer, idle=half)
-        ids = [as_text(p["message_id"]) for p in stale if as_text(p["message_id"]) not in owned]
-        claimed = list(r.xclaim(cfg.work_stream, C.PIPELINES_GROUP, cfg.consumer, half, ids)) if ids else []
-        if len(claimed) < count:
-            nxt, entries, *_deleted = r.xautoclaim(cfg.work_stream, C.PIPELINES_GROUP, cfg.consumer,
-                                                   cfg.lease_ms, self._cursor, count=count - len(claimed))
-            self._cursor = as_text(nxt)
-            claimed += [e for e in entries if as_text(e[0]) not in owned]
-        claimed = [(as_text(eid), fields) for eid, fields in claimed if fields is not None]
-        if not claimed:
-            return []
-        pipe = r.pipeline(transaction=False)
-        for eid, _ in claimed:
-            pipe.xpending_range(cfg.work_stream, C.PIPELINES_GROUP, eid, eid, 1)
-        counts = [(p[0]["times_delivered"] if p else 1) for p in pipe.execute()]
-        log.info("pipeline %s: claimed %d pending entries", cfg.pipeline_id, len(claimed))
-        return self._admit([(eid, f, n) for (eid, f), n in zip(claimed, counts)], resumed=True)
-
-    def _admit(self, entries: list[tuple[str, Any, int]], *, resumed: bool) -> list[Request]:
+    def _admit(self, entries: list[Entry], resumed: bool) -> list[Request]:
         """Requests to hand to the engine. On a Redis error the rest stay in this consumer's pending list
         (not in flight), so they are taken back after half a lease."""
         out = []

@@ -1,10 +1,11 @@
 """Redis side of a pipeline: shared config and rules of :class:`~hexgen.serving.source.RedisSource` (feeds
 the stage-0 leader) and :class:`~hexgen.serving.sink.RedisSink` (posts results from the last-stage leader).
 
-Leases. Work entries are read with XREADGROUP (group ``pipelines``, consumer ``pipeline-<id>``), only as many
-as the engine has room for. While a request is in flight (and until its ``done`` is acked) a keeper thread
-re-claims its entry every ``lease_s / 3`` (XCLAIM JUSTID, min-idle 0, only entries this consumer still owns),
-so its idle time stays far below the lease while the pipeline lives. Entries of a pipeline that died age past
+Leases. Work entries are read with XREADGROUP (group ``pipelines``, consumer ``pipeline-<id>``) by a prefetch
+thread (:mod:`hexgen.serving.prefetch`), only as many as the engine has room for. While a request is in flight
+(queued for the engine or running, and until its ``done`` is acked) a keeper thread re-claims its entry every
+``lease_s / 3`` (XCLAIM JUSTID, min-idle 0, only entries this consumer still owns), so its idle time stays far
+below the lease while the pipeline lives. Entries of a pipeline that died age past
 ``lease_s`` and are taken over with XAUTOCLAIM; a restarted pipeline takes its own stale entries back after
 ``lease_s / 2``. A claimed entry's result stream is read first: with ``done``/``error`` it is only acked;
 otherwise the request resumes with ``output_ids`` = the tokens already posted. Entries delivered more than
@@ -58,8 +59,8 @@ class IOConfig:
     block_ms: int = C.BLOCK_MS
     result_ttl_s: int = C.RESULT_TTL_S
     cancel_memory_s: float = 600.0  # how far back a new source reads cancels, and how long it remembers them
-    control_block_ms: int = 1000  # cancel-stream XREAD BLOCK; the drain flag is checked this often
-    busy_read_interval_s: float = 0.005  # while the engine is busy: at most one non-blocking read per interval
+    control_block_ms: int = 1000  # longest BLOCK of the source's threads (cancel reader, work prefetch): the
+    # drain flag is checked this often and close() returns within about this
     flush_timeout_s: float = 30.0  # RedisSink.close() waits this long for pending writes
 
     @classmethod
