@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +19,7 @@ import torch
 from hexgen.config import EngineConfig, Layout, StageSpec
 from hexgen.engine.emulation import limited_device
 from hexgen.engine.kv_cache import BlockManager
+from hexgen.engine.loop_clock import LoopClock
 from hexgen.engine.output import OutputProcessor
 from hexgen.engine.plan import StepPlan, StepResult
 from hexgen.engine.report import RankReport, rank_report
@@ -154,24 +154,6 @@ class Sampled:
             return []
         self.wait()
         return self.host[0].tolist()
-
-
-class LoopClock:
-    """Host seconds a loop spends in each of its phases (``lap(name)`` ends the phase called name)."""
-
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.spent: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.spent[name] = self.spent.get(name, 0.0) + now - self.last
-        self.last = now
-
-    def line(self) -> str:
-        total = self.last - self.start
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.spent.items(), key=lambda kv: -kv[1]))
-        return f"{total:.2f} s: {parts}"
 
 
 def runs_ahead(engine: EngineConfig, groups: PipelineGroups) -> bool:
