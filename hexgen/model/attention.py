@@ -151,7 +151,10 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
     sizes = [len(p) for p in parts]
     padded = [n + (n & 1) for n in sizes]
     flat_parts = np.zeros(sum(padded), dtype=np.int64)
-    np.concatenate([np.pad(p, (0, m - n)) for p, n, m in zip(parts, sizes, padded)], out=flat_parts)
+    start = 0
+    for p, m in zip(parts, padded):
+        flat_parts[start:start + len(p)] = p
+        start += m
     buf = upload(flat_parts, torch.long, device)
     views = iter(v[:n] for v, n in zip(buf.split(padded), sizes))
     meta = AttnMeta(next(views), next(views), block_size=bs)
