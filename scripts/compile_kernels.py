@@ -1,5 +1,6 @@
-"""Compile the Triton attention kernels for an NVIDIA target with no GPU present (Triton's bundled LLVM
-and ptxas), so a CPU machine catches what only the real compiler rejects. Run without TRITON_INTERPRET.
+"""Compile the Triton kernels (attention; GEMV and fused, with and without PDL) for an NVIDIA target with no
+GPU present (Triton's bundled LLVM and ptxas), so a CPU machine catches what only the real compiler rejects.
+Run without TRITON_INTERPRET.
 
     PYTHONPATH=. python scripts/compile_kernels.py [--arch 90] [--full]
 """
@@ -12,7 +13,7 @@ import os
 import triton
 from triton.backends.compiler import GPUTarget
 
-from hexgen.model import paged_decode, paged_decode_kernels as kern
+from hexgen.model import fused_kernels, gemv_kernels, paged_decode, paged_decode_kernels as kern
 
 
 def _pow2(n: int) -> int:
@@ -24,21 +25,45 @@ def _compile(fn, sig: dict[str, str], cons: dict, target: GPUTarget, **options):
     return triton.compile(triton.compiler.ASTSource(fn, sig, constexprs=cons), target=target, options=options)
 
 
-def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget):
+def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget, pdl: bool = False):
     ptr, mid = f"*{dtype}", "*fp32" if splits > 1 else f"*{dtype}"
     sig = {"Q": ptr, "K": ptr, "V": ptr, "Tables": "*i64", "Ctx": "*i64", "Out": mid, "Lse": mid, "qk_scale": "fp32",
            "num_splits": "i32"}
     sig.update({a: "i32" for a in ("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh",
                                    "stride_tb", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh")})
     cons = dict(GROUP=group, BLOCK_G=_pow2(group), HEAD_DIM=d, BLOCK_D=_pow2(d), BS=16,
-                BLOCK_N=64, SPLIT=splits > 1, IEEE=dtype == "fp32", DOT_F32=False, HEAD_MAJOR=True)
-    _compile(kern.decode_stage1, sig, cons, target, num_warps=2, num_stages=2)
+                BLOCK_N=64, SPLIT=splits > 1, IEEE=dtype == "fp32", DOT_F32=False, HEAD_MAJOR=True, PDL=pdl)
+    _compile(kern.decode_stage1, sig, cons, target, num_warps=2, num_stages=2, launch_pdl=pdl)
     if splits > 1:
         sig = {"Mid": "*fp32", "Lse": "*fp32", "Out": f"*{dtype}", "num_splits": "i32"}
         sig.update({a: "i32" for a in ("stride_mb", "stride_mh", "stride_ms", "stride_lb", "stride_lh",
                                        "stride_ob", "stride_oh")})
-        cons = dict(HEAD_DIM=d, BLOCK_D=_pow2(d), BLOCK_S=max(64, 1 << (splits - 1).bit_length()))
-        _compile(kern.decode_stage2, sig, cons, target, num_warps=4)
+        cons = dict(HEAD_DIM=d, BLOCK_D=_pow2(d), BLOCK_S=max(64, 1 << (splits - 1).bit_length()), PDL=pdl)
+        _compile(kern.decode_stage2, sig, cons, target, num_warps=4, launch_pdl=pdl)
+
+
+def batch1(dtype: str, target: GPUTarget, pdl: bool) -> None:
+    """The batch-1 GEMVs and the fused elementwise kernels, as a decode step launches them."""
+    ptr = f"*{dtype}"
+    sig = {"X": ptr, "W": ptr, "Y": ptr, "N": "i32", "K": "i32", "stride_wn": "i32"}
+    for ahead in (False, True):
+        _compile(gemv_kernels.gemv, sig, dict(BLOCK_N=4, BLOCK_K=512, AHEAD=ahead, PDL=pdl), target, num_warps=4,
+                 launch_pdl=pdl)
+    sig = {"GU": ptr, "W": ptr, "Y": ptr, "N": "i32", "K": "i32", "stride_wn": "i32"}
+    for ahead in (False, True):
+        _compile(gemv_kernels.gemv_silu, sig, dict(BLOCK_N=4, BLOCK_K=512, AHEAD=ahead, PDL=pdl), target,
+                 num_warps=4, launch_pdl=pdl)
+    sig = {"X": ptr, "Res": ptr, "W": ptr, "Out": ptr, "ResOut": ptr, "eps": "fp32", "n_cols": "i32"}
+    sig.update({a: "i32" for a in ("stride_x", "stride_r", "stride_o", "stride_ro")})
+    _compile(fused_kernels.add_rms_norm, sig, dict(HAS_RES=True, BLOCK=4096, PDL=pdl), target, num_warps=8,
+             launch_pdl=pdl)
+    sig = {"QKV": ptr, "Cos": ptr, "Sin": ptr, "Slots": "*i64", "QOut": ptr, "KCache": ptr, "VCache": ptr}
+    sig.update({a: "i32" for a in ("stride_t", "stride_c", "stride_qt", "stride_qh", "stride_ks", "stride_kh",
+                                   "stride_vs", "stride_vh")})
+    _compile(fused_kernels.rotary_kv_write, sig, dict(N_Q=32, N_KV=32, HALF=64, BLOCK_H=64, PDL=pdl), target,
+             num_warps=1, launch_pdl=pdl)
+    sig = {"X": ptr, "Out": ptr, "n_cols": "i32", "stride_x": "i32", "stride_o": "i32"}
+    _compile(fused_kernels.silu_mul, sig, dict(BLOCK=1024, PDL=pdl), target, num_warps=4, launch_pdl=pdl)
 
 
 def prefill(dtype: str, group: int, d: int, target: GPUTarget):
@@ -67,8 +92,13 @@ def main() -> None:
     for dtype, group, d in cases:
         for splits in (1, 9):
             decode(dtype, group, d, splits, target)
+            decode(dtype, group, d, splits, target, pdl=True)
         prefill(dtype, group, d, target)
         print(f"sm_{args.arch} {dtype} group {group} head_dim {d}: ok", flush=True)
+    for dtype in ("bf16", "fp16"):
+        for pdl in (False, True):
+            batch1(dtype, target, pdl)
+        print(f"sm_{args.arch} {dtype} GEMV and fused kernels, with and without PDL: ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,13 +64,16 @@ def test_enabled_only_on_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_matches_linear(dtype):
+@pytest.mark.parametrize("k", [600, 100])  # ragged K over several tiles; K inside the first (peeled) tile
+def test_gemv_matches_linear(dtype, k):
     from hexgen.model import gemv
 
-    x, w = _randn(1, 600, dtype=dtype, seed=7), _randn(37, 600, dtype=dtype, seed=8)  # ragged N and K
-    got = gemv.gemv(x, w, (8, 128, 4))
+    x, w = _randn(1, k, dtype=dtype, seed=7), _randn(37, k, dtype=dtype, seed=8)  # ragged N
+    got = gemv.gemv(x, w, (8, 128, 4, 0))
     want = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
     torch.testing.assert_close(got, want, **TOL[dtype])
+    # loading a tile ahead changes when the loads issue, not the order of the sums: the same bits
+    assert torch.equal(gemv.gemv(x, w, (8, 128, 4, 1)), got)
 
 
 def test_gemv_tune_is_off_without_cuda():
@@ -78,7 +81,7 @@ def test_gemv_tune_is_off_without_cuda():
     from hexgen.parallel.layers import ReplicatedLinear
 
     layer = ReplicatedLinear(8, 4)
-    layer.gemv = (4, 512, 4)
+    layer.gemv = (4, 512, 4, 0)
     assert gemv.tune([layer]) == {} and layer.gemv is None  # CPU: cuBLAS/ATen everywhere
 
 
@@ -89,8 +92,9 @@ def test_gemv_silu_equals_gemv_of_silu_mul(dtype):
     from hexgen.model import gemv
 
     gu, w = _randn(1, 2 * 600, dtype=dtype, seed=9), _randn(37, 600, dtype=dtype, seed=10)  # ragged N and K
-    got = gemv.gemv_silu(gu, w, (8, 128, 4))
-    assert torch.equal(got, gemv.gemv(fused.silu_mul(gu), w, (8, 128, 4)))
+    got = gemv.gemv_silu(gu, w, (8, 128, 4, 0))
+    assert torch.equal(got, gemv.gemv(fused.silu_mul(gu), w, (8, 128, 4, 0)))
+    assert torch.equal(gemv.gemv_silu(gu, w, (8, 128, 4, 1)), got)
     # bf16 against silu_mul's own output: Triton's interpreter rounds bf16 casts toward zero, a bias that
     # 600 summed terms would show against ATen's round-to-nearest (test_silu_mul covers the elementwise part).
     x = fused.silu_mul_ref(gu) if dtype == torch.float32 else fused.silu_mul(gu)
@@ -98,3 +102,60 @@ def test_gemv_silu_equals_gemv_of_silu_mul(dtype):
     torch.testing.assert_close(got, want, **TOL[dtype])
     with pytest.raises(ValueError, match="2 x 600"):
         gemv.gemv_silu(gu[:, :1000], w)
+
+
+def test_pdl_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
+    from hexgen.model import pdl
+
+    assert pdl.launch(torch.zeros(1)) == {"PDL": False}
+    if torch.cuda.is_available():
+        monkeypatch.setenv("HEXGEN_PDL", "0")
+        pdl._on.cache_clear()
+        try:
+            assert pdl.launch(torch.zeros(1, device="cuda")) == {"PDL": False}
+        finally:
+            monkeypatch.delenv("HEXGEN_PDL")
+            pdl._on.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL needs a CUDA GPU (compute capability 9.0+)")
+def test_pdl_chain_in_a_graph_reads_what_the_kernel_before_wrote(monkeypatch):
+    """A captured chain of PDL-launched kernels, each reading what the one before it wrote (norm → GEMV → norm
+    → GEMV with SiLU), replayed with new inputs: the same bits as the same chain launched without PDL. A
+    kernel that read its input before ``gdc_wait`` would see the previous replay's values."""
+    from hexgen.model import gemv, pdl
+
+    if not pdl.enabled(torch.zeros(1, device="cuda")):
+        pytest.skip("PDL is off here (compute capability below 9.0, HEXGEN_PDL=0, or no grid-dependency calls)")
+    dt, hidden, inter = torch.bfloat16, 4096, 11008
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w_up = torch.randn(2 * inter, hidden, device="cuda", dtype=dt, generator=g) * 0.02
+    w_down = torch.randn(hidden, inter, device="cuda", dtype=dt, generator=g) * 0.02
+    norm = torch.ones(hidden, device="cuda", dtype=dt)
+    x = torch.zeros(1, hidden, device="cuda", dtype=dt)
+
+    def chain() -> torch.Tensor:
+        h = x
+        for _ in range(4):
+            n, h = fused.add_rms_norm(h, x, norm, 1e-5)
+            h = gemv.gemv_silu(gemv.gemv(n, w_up, (4, 512, 4, 1)), w_down, (4, 512, 4, 0))
+        return h
+
+    for _ in range(2):
+        chain()  # compile both variants' kernels before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for seed in (1, 2, 3):
+        x.copy_(torch.randn(1, hidden, device="cuda", dtype=dt, generator=g))
+        graph.replay()
+        got = out.clone()
+        monkeypatch.setenv("HEXGEN_PDL", "0")
+        pdl._on.cache_clear()
+        try:
+            want = chain()
+        finally:
+            monkeypatch.delenv("HEXGEN_PDL")
+            pdl._on.cache_clear()
+        assert torch.equal(got, want), f"replay {seed}"

@@ -19,6 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hexgen.model import pdl
 from hexgen.model.paged_decode import triton_importable
 
 
@@ -53,7 +54,8 @@ def add_rms_norm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor
     r = res.contiguous() if res is not None else x
     n = x.shape[-1]
     kern.add_rms_norm[(x.shape[0],)](x, r, weight, out, h, eps, n, x.stride(0), r.stride(0), out.stride(0),
-                                     h.stride(0), HAS_RES=res is not None, BLOCK=_pow2(n), num_warps=8)
+                                     h.stride(0), HAS_RES=res is not None, BLOCK=_pow2(n), num_warps=8,
+                                     **pdl.launch(x))
     return out, h
 
 
@@ -86,7 +88,7 @@ def rotary_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slo
     kern.rotary_kv_write[(t, n_q + n_kv)](
         qkv, cos2, sin2, slots, q, k_cache, v_cache, qkv.stride(0), cos2.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        N_Q=n_q, N_KV=n_kv, HALF=d // 2, BLOCK_H=_pow2(d // 2), num_warps=1)
+        N_Q=n_q, N_KV=n_kv, HALF=d // 2, BLOCK_H=_pow2(d // 2), num_warps=1, **pdl.launch(qkv))
     return q
 
 
@@ -104,5 +106,6 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if t == 0:
         return out
     block = 1024
-    kern.silu_mul[(t, -(-n // block))](x, out, n, x.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    kern.silu_mul[(t, -(-n // block))](x, out, n, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+                                       **pdl.launch(x))
     return out

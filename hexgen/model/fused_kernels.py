@@ -1,7 +1,8 @@
 """Triton kernels of the fused elementwise ops (``hexgen.model.fused``), imported lazily from there.
 
 Each kernel rounds where the PyTorch reference rounds (to the activation dtype after every op the reference
-runs in that dtype), so the fused and reference paths agree to the reduction order.
+runs in that dtype), so the fused and reference paths agree to the reduction order. With ``PDL``
+(``hexgen.model.pdl``) each waits for the kernel before it before it reads an activation or writes.
 """
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import triton.language as tl
 
 @triton.jit
 def add_rms_norm(X, Res, W, Out, ResOut, eps, n_cols, stride_x, stride_r, stride_o, stride_ro,
-                 HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per row: h = x + res (rounded), out = w * (h * rsqrt(mean(h²) + eps)) (rounded twice,
     as ``RMSNorm`` does); h goes to ResOut when HAS_RES."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)  # the norm's weight: no kernel writes it
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(Res + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32))
@@ -25,20 +30,23 @@ def add_rms_norm(X, Res, W, Out, ResOut, eps, n_cols, stride_x, stride_r, stride
     h = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
     n = (h * rstd).to(Out.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(Out + row * stride_o + cols, (w * n).to(Out.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def rotary_kv_write(QKV, Cos, Sin, Slots, QOut, KCache, VCache, stride_t, stride_c, stride_qt, stride_qh,
                     stride_ks, stride_kh, stride_vs, stride_vh,
-                    N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                    N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                    PDL: tl.constexpr):
     """One program per (token, head of q or k): rotate-half rotary on the head; q heads go to QOut, k heads
     (and the v head of the same index) to the cache slot of the token."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
     ok = offs < HALF
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     base = QKV + t * stride_t + h * (2 * HALF)  # q heads, then k heads, in one row
     x1 = tl.load(base + offs, mask=ok, other=0.0)
     x2 = tl.load(base + HALF + offs, mask=ok, other=0.0)
@@ -71,11 +79,14 @@ def rotary_kv_write(QKV, Cos, Sin, Slots, QOut, KCache, VCache, stride_t, stride
 
 
 @triton.jit
-def silu_mul(X, Out, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def silu_mul(X, Out, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Out[:, j] = silu(X[:, j]) * X[:, n_cols + j], silu rounded first as ``F.silu(g) * u`` does."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     g = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
     u = tl.load(X + row * stride_x + n_cols + cols, mask=ok, other=0.0)
     gf = g.to(tl.float32)

@@ -5,7 +5,8 @@ At batch 1 a linear layer is a pass over its weight. On an H100, cuBLAS reads Ll
 captured decode step the kernel everywhere beat the per-shape best of the two (docs/benchmarks.md, run 7).
 ``tune`` times the configurations on a stage's real weights (every layer's matrix of a shape in turn, so
 L2 holds none of them; captured in a CUDA graph and replayed, as the decode steps run) and sets each layer's
-``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K, num_warps) configuration.
+``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K, num_warps, ahead) configuration (``ahead``: the
+loop loads the next tile before it multiplies the current one).
 ``linear(x, w, config)`` applies it to one-row inputs. HEXGEN_GEMV picks the candidates: ``triton``
 (default) the kernel's configurations, ``auto`` those and cuBLAS, ``cublas`` none.
 
@@ -23,43 +24,47 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from hexgen.model import pdl
 from hexgen.model.paged_decode import triton_importable
 from hexgen.model.timing import replay_time
 
 log = logging.getLogger(__name__)
 
-Config = tuple[int, int, int]  # BLOCK_N, BLOCK_K, num_warps
-CANDIDATES: list[Config] = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8),
-                            (1, 2048, 4), (2, 2048, 8), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8)]
+Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, ahead (0 or 1)
+_TILES = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8),
+          (1, 2048, 4), (2, 2048, 8), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8)]
+CANDIDATES: list[Config] = [(*t, ahead) for ahead in (0, 1) for t in _TILES]
 
 
 def usable(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4)) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0)) -> torch.Tensor:
     """x: [1, K]; w: [N, K] (row-major). Returns [1, N] in x's dtype."""
     from hexgen.model import gemv_kernels as kern
 
     n, k = w.shape
     if w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("gemv: x and w must be contiguous along K")
-    bn, bk, nw = config
+    bn, bk, nw, ahead = config
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    kern.gemv[(-(-n // bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    kern.gemv[(-(-n // bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, AHEAD=bool(ahead), num_warps=nw,
+                              **pdl.launch(x))
     return y
 
 
-def gemv_silu(gu: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4)) -> torch.Tensor:
+def gemv_silu(gu: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0)) -> torch.Tensor:
     """gu: [1, 2K] (gate | up); w: [N, K]. Returns [1, N] = gemv(silu(gate) * up, w) in gu's dtype."""
     from hexgen.model import gemv_kernels as kern
 
     n, k = w.shape
     if gu.shape[1] != 2 * k or w.stride(1) != 1 or gu.stride(1) != 1:
         raise ValueError(f"gemv_silu: gate/up width {gu.shape[1]} must be 2 x {k}, both contiguous along K")
-    bn, bk, nw = config
+    bn, bk, nw, ahead = config
     y = torch.empty(1, n, dtype=gu.dtype, device=gu.device)
-    kern.gemv_silu[(-(-n // bn),)](gu, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    kern.gemv_silu[(-(-n // bn),)](gu, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, AHEAD=bool(ahead),
+                                   num_warps=nw, **pdl.launch(gu))
     return y
 
 

@@ -122,10 +122,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if batch == 0:
         return out
     from hexgen.model import paged_decode_kernels as kern
+    from hexgen.model import pdl
 
     common = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BS=block_size, BLOCK_N=block_n,
                   SPLIT=splits > 1, IEEE=ieee, DOT_F32=dot_f32, HEAD_MAJOR=head_major, num_warps=num_warps,
-                  num_stages=num_stages)
+                  num_stages=num_stages, **pdl.launch(q))
     grid = (n_kv, batch, splits) if head_major else (batch, n_kv, splits)
     if splits == 1:
         kern.decode_stage1[grid](
@@ -143,7 +144,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     kern.decode_stage2[(batch, n_q)](
         mid, lse, out, splits, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(MAX_SPLITS, _next_pow2(splits)),
-        num_warps=4)
+        num_warps=4, **pdl.launch(q))
     return out
 
 

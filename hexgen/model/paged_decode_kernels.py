@@ -24,7 +24,10 @@ def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                  DOT_F32: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+                  DOT_F32: tl.constexpr, HEAD_MAJOR: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched early (hexgen.model.pdl): everything it reads, another kernel writes
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     if HEAD_MAJOR:  # grid (n_kv, batch, splits): programs launched together read one token's heads, side by side
         kvh = tl.program_id(0)
         b = tl.program_id(1)
@@ -96,7 +99,11 @@ def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
 
 @triton.jit(do_not_specialize=["num_splits"])
 def decode_stage2(Mid, Lse, Out, num_splits, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob,
-                  stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                  stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)

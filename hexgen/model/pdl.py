@@ -1,0 +1,57 @@
+"""Programmatic dependent launch (PDL) for the decode path's Triton kernels, on Hopper and later GPUs.
+
+A batch-1 decode step of Llama-2-7B is about 290 kernels back to back in one CUDA graph, and its time is the
+weight reads. Between two kernels the GPU drains one grid and ramps up the next, with few reads in flight.
+A kernel launched with PDL may start while the kernel before it still runs. It first loads what no kernel
+writes (its weights), then waits in ``gdc_wait`` until the earlier grid has finished and its writes are
+visible, and only then reads activations or writes anything. Each kernel also calls
+``gdc_launch_dependents`` at its start, so that the next kernel can be scheduled once this one's last
+programs are resident.
+
+The rule every kernel launched with PDL keeps: before ``gdc_wait``, no load of memory that any kernel
+writes and no store. A kernel finishes only after its own wait, so each wait also covers every earlier
+kernel, and kernels launched without PDL (cuBLAS, PyTorch ops) wait for the whole grid before them as usual.
+
+``launch(t)`` gives the keyword arguments for a kernel launch on tensors like ``t``: the kernel's ``PDL``
+constexpr and Triton's ``launch_pdl`` option. It is on for CUDA tensors on compute capability 9.0 and later
+when Triton has the grid-dependency calls; ``HEXGEN_PDL=0`` turns it off (A/B runs). Triton's interpreter
+(CPU tests) runs the kernels with ``PDL=False``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from hexgen.model.paged_decode import triton_importable
+
+
+@functools.cache
+def _on(index: int) -> bool:
+    """Read once per device (the launch path is hot in eager steps); ``_on.cache_clear()`` re-reads."""
+    if os.environ.get("HEXGEN_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if not triton_importable() or torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on tensors like ``t`` are launched with PDL."""
+    if not t.is_cuda:
+        return False
+    return _on(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+_OFF = {"PDL": False}
+_ON = {"PDL": True, "launch_pdl": True}
+
+
+def launch(t: torch.Tensor) -> dict:
+    """Keyword arguments of a launch of a PDL-aware kernel (one with a ``PDL`` constexpr) on tensors like ``t``."""
+    return _ON if enabled(t) else _OFF

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 4 (docs/benchmarks.md "Run 15"), one H200 (nvidia-h200): batch-1 decode with programmatic dependent
+# launch (hexgen/model/pdl.py) against without (HEXGEN_PDL=0), alternating, each beside the roofline measured
+# in its own process; the GEMV tuner's per-shape timings (INFO log lines "gemv [N, K]"); the GPU tests of the
+# kernels first.
+# Usage on the GPU machine: OUT=/some/dir scripts/bench_gpu11.sh [test] [lat] (ORDER="1 0 1 0": PDL per run)
+set -u
+export PYTHONUNBUFFERED=1 HEXGEN_NO_VENV=1 HEXGEN_LOG_LEVEL=INFO
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/hexgen-bench}; mkdir -p "$OUT"
+PY=python3
+F='it/s\]\|tensor/s\]'
+step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; timeout "$t" "$@"; echo "=== rc $?"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
+$PY -c "import torch, triton; from hexgen.model import pdl; print('torch', torch.__version__, 'triton', triton.__version__,
+'pdl', pdl.enabled(torch.zeros(1, device='cuda')))"
+for M in ${*:-test lat}; do
+if [ "$M" = test ]; then
+  step ${TEST_LIMIT:-240} $PY -m pytest -q -x -p no:cacheprovider tests/test_fused.py tests/test_gpu_fastpaths.py \
+    tests/test_paged_decode.py -k "not multi_gpu" > "$OUT/pytest.log" 2>&1; tail -4 "$OUT/pytest.log"
+fi
+if [ "$M" = lat ]; then
+  i=0
+  for P in ${ORDER:-1 0 1 0}; do
+    i=$((i + 1))
+    HEXGEN_PDL=$P step 150 $PY -m hexgen.cli bench latency --preset llama-2-7b --random-weights --dtype bf16 \
+      --cuda-graphs --no-hf --reps 3 --out "$OUT/lat_pdl${P}_$i.json" > "$OUT/lat_pdl${P}_$i.log" 2>&1
+    echo "--- run $i HEXGEN_PDL=$P"; grep -v "$F" "$OUT/lat_pdl${P}_$i.log" | grep -v INFO | tail -5
+    [ $i -le 2 ] && grep "gemv \[" "$OUT/lat_pdl${P}_$i.log" | sed 's/^.*gemv \[/gemv [/'
+  done
+fi
+done
+date -u
