@@ -30,6 +30,7 @@ from hexgen.config import EngineConfig, Layout, preset  # noqa: E402
 from hexgen.engine.cuda_graph import DecodeGraphs  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
+from hexgen.model import pdl  # noqa: E402
 from hexgen.model.gemv import tune as tune_gemv  # noqa: E402
 from hexgen.parallel.groups import PipelineGroups  # noqa: E402
 
@@ -119,11 +120,26 @@ def _setting(r: StageRunner, ctx: int, fused_on: bool, gemv: str, n: int = 60) -
     return res
 
 
-GEMV_CONFIGS = [(4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8)]
+GEMV_CONFIGS = [(*t, ahead) for ahead in (0, 1)
+                for t in [(4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8)]]
 
 
 def _time_graph(fn, ws, x) -> float:
-    """µs per call of fn(x, w), captured 4 times over the rotating weights."""
+    """µs per call of fn(x, w), captured 4 times over the rotating weights (launched as in the engine's graphs)."""
+    with pdl.for_graphs():
+        g = _capture_rotating(fn, ws, x)
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(10):
+        g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / (10 * 4 * len(ws))
+
+
+def _capture_rotating(fn, ws, x) -> torch.cuda.CUDAGraph:
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -135,15 +151,7 @@ def _time_graph(fn, ws, x) -> float:
         for _ in range(4):
             for w in ws:
                 fn(x, w)
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(10):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / (10 * 4 * len(ws))
+    return g
 
 
 def _gemv(dev: torch.device, tp: int, triton_configs: bool) -> list[dict]:
@@ -162,9 +170,9 @@ def _gemv(dev: torch.device, tp: int, triton_configs: bool) -> list[dict]:
         if triton_configs:
             err = (gemv.gemv(x, ws[0]).float() - torch.nn.functional.linear(x, ws[0]).float()).abs().max().item()
             row["triton_maxerr"] = round(err, 4)
-            for bn, bk, nw in GEMV_CONFIGS:
-                us = _time_graph(lambda x_, w_: gemv.gemv(x_, w_, (bn, bk, nw)), ws, x)
-                row[f"triton_{bn}x{bk}w{nw}_GBps"] = round(n * k * 2 / us / 1e3)
+            for cfg in GEMV_CONFIGS:
+                us = _time_graph(lambda x_, w_: gemv.gemv(x_, w_, cfg), ws, x)
+                row["triton_{}x{}w{}a{}_GBps".format(*cfg)] = round(n * k * 2 / us / 1e3)
         out.append(row)
         del ws
     return out

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hexgen.engine.plan import StepPlan
+from hexgen.model import pdl
 from hexgen.model.attention import use_decode_kernel
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ class DecodeGraphs:
         return x, self.tables[:b, :w], self.ctx[:b]
 
     def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
+        with pdl.for_graphs():  # warm-up too, so that it compiles the kernels the capture launches
+            return self._capture_pdl(b, w)
+
+    def _capture_pdl(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         x, tables, ctx = self._inputs(b, w)
         tables.fill_(self.scratch)  # warm-up and capture touch only the scratch block
         ctx.fill_(1)

@@ -13,14 +13,19 @@ writes and no store. A kernel finishes only after its own wait, so each wait als
 kernel, and kernels launched without PDL (cuBLAS, PyTorch ops) wait for the whole grid before them as usual.
 
 ``launch(t)`` gives the keyword arguments for a kernel launch on tensors like ``t``: the kernel's ``PDL``
-constexpr and Triton's ``launch_pdl`` option. It is on for CUDA tensors on compute capability 9.0 and later
-when Triton has the grid-dependency calls; ``HEXGEN_PDL=0`` turns it off (A/B runs). Triton's interpreter
-(CPU tests) runs the kernels with ``PDL=False``.
+constexpr and Triton's ``launch_pdl`` option. It is on only inside ``for_graphs()`` (the warm-up and capture
+of a CUDA graph), for CUDA tensors on compute capability 9.0 and later, when Triton has the grid-dependency
+calls; ``HEXGEN_PDL=0`` turns it off (A/B runs). Eager launches stay plain: eager steps are large and
+host-bound, and on an H200 the PDL launches cost them host time (a throughput run's launch phase took 5.91
+against 5.18 s over the same 606 steps; docs/benchmarks.md, run 15). Triton's interpreter (CPU tests) runs
+the kernels with ``PDL=False``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Iterator
 
 import torch
 
@@ -50,8 +55,20 @@ def enabled(t: torch.Tensor) -> bool:
 
 _OFF = {"PDL": False}
 _ON = {"PDL": True, "launch_pdl": True}
+_graph_depth = 0  # > 0 inside for_graphs(); graphs are captured on the engine thread only
+
+
+@contextlib.contextmanager
+def for_graphs() -> Iterator[None]:
+    """Kernels launched inside (a CUDA graph's warm-up and capture) use PDL where ``enabled``."""
+    global _graph_depth
+    _graph_depth += 1
+    try:
+        yield
+    finally:
+        _graph_depth -= 1
 
 
 def launch(t: torch.Tensor) -> dict:
     """Keyword arguments of a launch of a PDL-aware kernel (one with a ``PDL`` constexpr) on tensors like ``t``."""
-    return _ON if enabled(t) else _OFF
+    return _ON if _graph_depth and enabled(t) else _OFF

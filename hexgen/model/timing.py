@@ -10,11 +10,26 @@ from typing import Callable
 
 import torch
 
+from hexgen.model import pdl
+
 
 def replay_time(fn: Callable[[], object], warmup: int = 2, reps: int = 50) -> float:
     """Seconds per call of ``fn`` captured once in a CUDA graph and replayed ``reps`` times back to back on the
     current stream, timed with events (for profiles and benchmarks; eager launches of small work are
-    host-bound, while the engine replays its decode graphs)."""
+    host-bound, while the engine replays its decode graphs). Kernels launch as in the engine's graphs (PDL)."""
+    with pdl.for_graphs():
+        graph = _capture(fn, warmup)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def _capture(fn: Callable[[], object], warmup: int) -> torch.cuda.CUDAGraph:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -25,11 +40,4 @@ def replay_time(fn: Callable[[], object], warmup: int = 2, reps: int = 50) -> fl
     # thread_local: CUDA calls of other threads (NCCL's watchdog, gloo) must not invalidate the capture
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
+    return graph
