@@ -42,16 +42,18 @@ from hexgen.serving import trace  # noqa: E402
 HOPS = (
     ("scheduled arrival -> client XADD (client's event loop)", "arrival", "send"),
     ("client XADD -> head has the entry (XREADGROUP)", "send", "head_read"),
-    ("head: dedupe SET NX, validate, tokenize", "head_read", "head_tok"),
-    ("head: queue-depth check", "head_tok", "head_send"),
-    ("head MULTI (work XADD) -> prefetch thread's XREADGROUP returns", "head_send", "src_read"),
+    ("head: validate, tokenize (before round 4: + dedupe MULTI)", "head_read", "head_tok"),
+    ("head: queue-depth check (round 4: in the submit script)", "head_tok", "head_send"),
+    ("head submit script / MULTI -> prefetch thread's XREADGROUP", "head_send", "src_read"),
     ("prefetch queue -> engine loop takes it (end of a running step)", "src_read", "src_take"),
     ("engine loop took it -> first token sampled (prefill)", "src_take", "emit"),
     ("sink: queued -> writer thread has it", "emit", "picked"),
     ("sink writer thread -> client has the token (EVALSHA, wake)", "picked", "client"),
     ("total: scheduled arrival -> first token at the client", "arrival", "client"),
     ("total minus the engine hop", None, None),
+    ("client XADD -> first token at the client, minus the engine hop", "send", None),
 )
+IDLE_TAKE_S = 1e-3  # a request "found the engine idle" when the engine loop took it within this of its read
 
 
 async def traced_offer(url: str, items, timeout_s: float = 900.0) -> dict[str, dict[str, float]]:
@@ -83,8 +85,8 @@ async def traced_offer(url: str, items, timeout_s: float = 900.0) -> dict[str, d
 def hop_table(rows: dict[str, dict[str, float]]) -> list[dict]:
     out = []
     for label, a, b in HOPS:
-        if a is None:  # the engine hop starts when the engine loop has the request
-            vals = [r["client"] - r["arrival"] - (r["emit"] - r.get("src_take", r.get("src_read")))
+        if b is None:  # the engine hop starts when the engine loop has the request
+            vals = [r["client"] - r[a or "arrival"] - (r["emit"] - r.get("src_take", r.get("src_read")))
                     for r in rows.values() if "emit" in r]
         else:
             vals = [r[b] - r[a] for r in rows.values() if a in r and b in r]
@@ -92,6 +94,11 @@ def hop_table(rows: dict[str, dict[str, float]]) -> list[dict]:
         out.append({"hop": label, "n": len(ms), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
                     "mean_ms": sum(ms) / len(ms) if ms else None})
     return out
+
+
+def idle_rows(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The requests the engine loop took within IDLE_TAKE_S of the prefetch thread's read (no running step)."""
+    return {k: r for k, r in rows.items() if "src_take" in r and r["src_take"] - r["src_read"] <= IDLE_TAKE_S}
 
 
 def main() -> int:
@@ -127,11 +134,14 @@ def main() -> int:
                                     say=lambda m: print(m, file=sys.stderr), offer_fn=traced_offer)
     result["load_avg_1_5_15m"] = [round(x, 2) for x in os.getloadavg()]
     result["hops"] = hop_table(rows)
+    result["hops_engine_idle"] = hop_table(idle_rows(rows))
     result["requests"] = rows
-    print(f"{'hop':<60}{'n':>4}{'p50 ms':>10}{'p90 ms':>10}{'mean ms':>10}")
-    for h in result["hops"]:
-        cells = "".join(f"{'-' if h[k] is None else format(h[k], '.2f'):>10}" for k in ("p50_ms", "p90_ms", "mean_ms"))
-        print(f"{h['hop']:<60}{h['n']:>4}{cells}")
+    for title, key in (("all requests", "hops"), ("requests that found the engine idle", "hops_engine_idle")):
+        print(f"{title + ': hop':<60}{'n':>4}{'p50 ms':>10}{'p90 ms':>10}{'mean ms':>10}")
+        for h in result[key]:
+            cells = "".join(f"{'-' if h[k] is None else format(h[k], '.2f'):>10}"
+                            for k in ("p50_ms", "p90_ms", "mean_ms"))
+            print(f"{h['hop']:<60}{h['n']:>4}{cells}")
     if direct:
         print(f"direct engine: TTFT p50 {result['direct']['ttft_p50_ms']:.1f} ms")
     print(f"load average (1, 5, 15 min): {result['load_avg_1_5_15m']}")

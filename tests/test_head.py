@@ -346,8 +346,9 @@ async def test_short_prompt_is_tokenized_on_the_loop_long_one_in_a_thread(make_h
     assert [r.request_id for r, _ in await work_items(fake)] == ["short", "long"]
 
 
-async def test_reserve_and_depth_in_one_multi_on_real_redis(redis_server, tiny_tokenizer):
-    """Dedupe, redelivery and back-pressure hold with the reservation and the depth read in one MULTI."""
+async def test_dedupe_and_depth_on_real_redis(redis_server, tiny_tokenizer):
+    """Dedupe, redelivery and back-pressure hold on a real redis-server (reservation of an invalid request's id
+    in a MULTI, of a valid one's in the submit script)."""
     r = async_redis(redis_server)
     try:
         head = Head(make_settings(redis_server, max_queue_depth=2), tiny_tokenizer, 256, redis=r,
@@ -355,8 +356,8 @@ async def test_reserve_and_depth_in_one_multi_on_real_redis(redis_server, tiny_t
         await r.xgroup_create(C.REQUESTS_STREAM, C.HEADS_GROUP, id="0", mkstream=True)
         await r.xadd(C.REQUESTS_STREAM, {"prompt": "hi", "id": "early"})
         [(eid, fields)] = await deliver(r)
-        assert await head._reserve("early", eid) == (eid, 0)  # no work stream yet: depth 0
-        assert await head._reserve("early", "1-1") == (eid, 0)  # another entry: the id stays the first's
+        assert await head._reserve("early", eid) == eid
+        assert await head._reserve("early", "1-1") == eid  # another entry: the id stays the first's
         await head.setup()
         assert await head.handle_entry(eid, fields) == "queued"  # its own reservation is no duplicate
         await submit(r, prompt="again", id="early")
@@ -382,3 +383,34 @@ async def test_trace_stamps_ride_in_the_work_item_only_when_tracing_is_on(make_h
     assert "trace" not in plain.meta
     t = traced.meta["trace"]
     assert t["head_read"] <= t["head_tok"] <= t["head_send"]
+
+
+async def test_valid_request_is_one_script_call_invalid_one_a_reservation_on_real_redis(redis_server, tiny_tokenizer):
+    """After tokenizing, a valid request costs one round trip (the submit script: no MULTI); an invalid one
+    reserves its id (MULTI) and writes its error (MULTI), so a duplicate of it is still dropped."""
+    r = async_redis(redis_server)
+
+    async def calls() -> dict[str, int]:
+        stats = await r.info("commandstats")
+        return {k: int(stats.get(f"cmdstat_{k}", {}).get("calls", 0)) for k in ("multi", "evalsha", "eval")}
+
+    try:
+        head = Head(make_settings(redis_server), tiny_tokenizer, 256, redis=r, consumer="head-test")
+        await head.setup()
+        await submit(r, prompt="warm", id="warm")  # loads the script
+        assert await handle_all(head) == ["queued"]
+        await submit(r, prompt="hello world", id="one")
+        before = await calls()
+        [(eid, fields)] = await deliver(r)
+        assert await head.handle_entry(eid, fields) == "queued"
+        after = await calls()
+        assert {k: after[k] - before[k] for k in after} == {"multi": 0, "evalsha": 1, "eval": 0}
+        await submit(r, prompt="hi", max_tokens="1", id="bad")
+        await submit(r, prompt="hi", max_tokens="1", id="bad")
+        before = await calls()
+        assert await handle_all(head) == ["invalid_request", "duplicate"]
+        after = await calls()
+        assert {k: after[k] - before[k] for k in after} == {"multi": 3, "evalsha": 0, "eval": 0}
+        assert len(await events(r, "bad")) == 1 and await heads_pending(r) == 0
+    finally:
+        await r.aclose()

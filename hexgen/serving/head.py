@@ -4,18 +4,20 @@ For each entry (consumer group ``heads``; several heads may share it):
 
 1. The request id is its ``id`` field when valid, else the entry id; every event for it goes to
    ``hexgen:result:<id>``.
-2. **Duplicates** — the id is reserved with ``SET hexgen:dedupe:<id> <entry id> NX EX``. An entry whose id is
+2. Validate (:mod:`hexgen.serving.validation`); unknown model → ``not_found``; tokenize (chat template with
+   ``add_generation_prompt=True`` for ``messages``); prompt + max_new_tokens must fit the model's context.
+   This needs no Redis, so it runs first.
+3. **Duplicates** — the id is reserved with ``SET hexgen:dedupe:<id> <entry id> NX EX``. An entry whose id is
    already reserved by another entry is acked, logged and dropped: nothing is written, so the original's
    result stream is untouched and is the answer to both. (A redelivery of the same entry finds its own entry
    id in the key and carries on.) A refused or failed id stays spent; retry with a new id.
-3. Validate (:mod:`hexgen.serving.validation`); unknown model → ``not_found``; tokenize (chat template with
-   ``add_generation_prompt=True`` for ``messages``); prompt + max_new_tokens must fit the model's context.
 4. Back-pressure: when the work stream's pending + queued depth has reached ``limits.max_queue_depth``, the
    request is refused at once with ``overloaded``.
-5. The work item is written and the request acked in one MULTI; an error event is written (with EXPIRE) and
-   acked in one MULTI. Entries left pending by a dead head are reclaimed with XAUTOCLAIM after
-   ``limits.lease_s``; after ``limits.max_deliveries`` they go to ``hexgen:deadletter`` with an ``internal``
-   error event.
+5. A valid request's reservation, depth check, work item and ack are one script call (one round trip, atomic;
+   :mod:`hexgen.serving.submit`). A request that failed step 2 has its id reserved (MULTI) and, unless it is
+   a duplicate, an error event written (with EXPIRE) and acked in one MULTI. Entries left pending by a dead
+   head are reclaimed with XAUTOCLAIM after ``limits.lease_s``; after ``limits.max_deliveries`` they go to
+   ``hexgen:deadletter`` with an ``internal`` error event.
 
 Cancellation is not the head's business: ``XADD hexgen:cancel '*' id <id>`` is read by the pipelines.
 """
@@ -42,7 +44,8 @@ from hexgen.serving import trace
 from hexgen.serving.protocol import (InternalError, InvalidRequest, NotFound, Overloaded, RequestError,
                                      encode_work_item, error_event)
 from hexgen.serving.settings import Settings, async_redis
-from hexgen.serving.status import StatusReport, collect_status, group_depth, queue_status
+from hexgen.serving.submit import DUPLICATE, OVER_LIMIT, Submitter
+from hexgen.serving.status import StatusReport, collect_status, queue_status
 from hexgen.serving.validation import ParsedRequest, check_context, parse_request, peek_request_id
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,7 @@ class Head:
         self.health: StatusReport | None = None
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
+        self.submitter = Submitter(redis, self.work_stream, self.limits.dedupe_ttl_s, self.limits.max_queue_depth)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -213,49 +217,57 @@ class Head:
     # ---- per-entry logic ---------------------------------------------------------------------------------
 
     async def handle_entry(self, entry_id: str, fields: dict) -> str:
-        """Handle one request entry; returns ``queued``, ``duplicate`` or the error code written."""
+        """Handle one request entry; returns ``queued``, ``duplicate`` or the error code written.
+
+        A valid request costs one round trip after tokenizing (:mod:`hexgen.serving.submit`: reserve the id,
+        depth check, work XADD and ack in one script). A request that fails validation has its id reserved
+        (MULTI) before its error is written, so a duplicate of an earlier entry is dropped without one.
+        """
         t_read = time.monotonic()
         request_id = peek_request_id(fields, entry_id)
-        owner, depth = await self._reserve(request_id, entry_id)
-        if owner is not None and owner != entry_id:
-            log.warning("head: dropped duplicate request id %r (entry %s; first seen in entry %s)",
-                        request_id, entry_id, owner)
-            await asyncio.shield(self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id))
-            return "duplicate"
         try:
             req, model = await self._prepare(entry_id, request_id, fields)
-            trace.stamp(req.meta, "head_read", t_read)
-            trace.stamp(req.meta, "head_tok")
-            if depth >= self.limits.max_queue_depth:
-                raise Overloaded(f"the work queue of model {model!r} holds {depth} requests (limit "
-                                 f"{self.limits.max_queue_depth}); retry later with a new id")
         except RequestError as e:
-            await self.fail(request_id, entry_id, e)
-            return e.code
+            return await self._refuse(request_id, entry_id, e)
+        trace.stamp(req.meta, "head_read", t_read)
+        trace.stamp(req.meta, "head_tok")
         trace.stamp(req.meta, "head_send")
-        async with self.redis.pipeline(transaction=True) as p:
-            p.xadd(self.work_stream, encode_work_item(req, model))
-            p.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
-            await asyncio.shield(p.execute())
+        item = encode_work_item(req, model)
+        done = await asyncio.shield(self.submitter.submit(request_id, entry_id, item))
+        if done.status == DUPLICATE:
+            self._log_duplicate(request_id, entry_id, done.owner)
+            return "duplicate"
+        if done.status == OVER_LIMIT:
+            error = Overloaded(f"the work queue of model {model!r} holds {done.depth} requests (limit "
+                               f"{self.limits.max_queue_depth}); retry later with a new id")
+            await self.fail(request_id, entry_id, error)
+            return error.code
         log.debug("head: queued %r (%d prompt tokens)", request_id, len(req.prompt_ids))
         return "queued"
 
-    async def _reserve(self, request_id: str, entry_id: str) -> tuple[str | None, int]:
-        """Reserve the id for this entry (SET NX) and read the work queue's depth in one MULTI (one round
-        trip): returns the entry that owns the id (None if the key vanished) and the depth."""
+    async def _refuse(self, request_id: str, entry_id: str, error: RequestError) -> str:
+        """Reserve the id of a request that failed validation; write its error unless it is a duplicate."""
+        owner = await self._reserve(request_id, entry_id)
+        if owner is not None and owner != entry_id:
+            self._log_duplicate(request_id, entry_id, owner)
+            await asyncio.shield(self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id))
+            return "duplicate"
+        await self.fail(request_id, entry_id, error)
+        return error.code
+
+    @staticmethod
+    def _log_duplicate(request_id: str, entry_id: str, owner: str) -> None:
+        log.warning("head: dropped duplicate request id %r (entry %s; first seen in entry %s)",
+                    request_id, entry_id, owner)
+
+    async def _reserve(self, request_id: str, entry_id: str) -> str | None:
+        """Reserve the id for this entry (SET NX, GET in one MULTI) for a request that failed validation;
+        returns the entry that owns the id (None if the key vanished). Valid requests reserve in the script."""
         async with self.redis.pipeline(transaction=True) as p:
-            dkey = C.dedupe_key(request_id)
-            p.set(dkey, entry_id, nx=True, ex=self.limits.dedupe_ttl_s)
-            p.get(dkey)
-            p.xlen(self.work_stream)
-            p.xinfo_groups(self.work_stream)
-            replies = await p.execute(raise_on_error=False)
-        for reply in replies[:3]:
-            if isinstance(reply, Exception):
-                raise reply
-        _, owner, length, groups = replies
-        groups = [] if isinstance(groups, ResponseError) else groups  # no work stream yet
-        return (None if owner is None else _s(owner)), group_depth(int(length), groups, C.PIPELINES_GROUP)
+            p.set(C.dedupe_key(request_id), entry_id, nx=True, ex=self.limits.dedupe_ttl_s)
+            p.get(C.dedupe_key(request_id))
+            _, owner = await p.execute()
+        return None if owner is None else _s(owner)
 
     async def _prepare(self, entry_id: str, request_id: str, fields: dict) -> tuple[Request, str]:
         parsed = parse_request(fields, entry_id, self.request_limits)

@@ -7,10 +7,10 @@ CLOCK_MONOTONIC is host-wide on Linux, so the stamps of the head, the worker and
 ``scripts/serve_breakdown.py`` turns them into a per-hop table. Off, each hook is one boolean test.
 
 Stamps: ``head_read`` (the head has the entry), ``head_tok`` (validated and tokenized), ``head_send`` (before
-the MULTI that writes the work item), ``src_read`` (the stage-0 prefetch thread's XREADGROUP returned it and
-it is admitted), ``src_take`` (the engine loop took it from the prefetch queue), ``emit`` (the first token was
-sampled and handed to the sink), ``picked`` (the sink's writer thread took it), ``posted`` (its
-EVALSHA returned).
+the round trip that writes the work item: the submit script), ``src_read`` (the stage-0 prefetch thread's
+XREADGROUP returned it and it is admitted), ``src_take`` (the engine loop took it from the prefetch queue),
+``emit`` (the first token was sampled and handed to the sink), ``picked`` (the sink's writer thread took it),
+``posted`` (its EVALSHA returned).
 """
 from __future__ import annotations
 
