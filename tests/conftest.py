@@ -53,6 +53,24 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def server():
+    """One in-memory Redis (fakeredis) that several synchronous clients of a unit test share."""
+    import fakeredis
+
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def r(server):
+    """A synchronous fakeredis client of ``server``; closed after the test."""
+    import fakeredis
+
+    c = fakeredis.FakeRedis(server=server)
+    yield c
+    c.close()
+
+
+@pytest.fixture
 async def fake():
     """An in-memory async Redis (fakeredis) for fast unit tests of protocol code; closed after the test."""
     import fakeredis

@@ -70,18 +70,6 @@ class Admitted:
 
 # ---- fakeredis ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def server():
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def r(server):
-    c = fakeredis.FakeRedis(server=server)
-    yield c
-    c.close()
-
-
 def config(pipeline_id: str = "p0", **kw) -> IOConfig:
     kw.setdefault("lease_s", 30.0)
     kw.setdefault("block_ms", 2000)

@@ -16,11 +16,6 @@ LAYOUT = "hetero-config 1 2 / pp-partition 4 2"
 
 
 @pytest.fixture
-def server():
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
 def make_registry(server):
     clients = []
 

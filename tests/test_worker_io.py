@@ -20,18 +20,6 @@ WORK = C.work_stream("tiny")
 
 
 @pytest.fixture
-def server():
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def r(server):
-    c = fakeredis.FakeRedis(server=server)
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def lua():
     """fakeredis runs the posting script only with lupa installed (real Redis always can)."""
     pytest.importorskip("lupa", reason="fakeredis needs lupa for Lua scripts (pip install lupa)")
