@@ -46,12 +46,8 @@ def batch1(dtype: str, target: GPUTarget, pdl: bool) -> None:
     """The batch-1 GEMVs and the fused elementwise kernels, as a decode step launches them."""
     ptr = f"*{dtype}"
     sig = {"X": ptr, "W": ptr, "Y": ptr, "N": "i32", "K": "i32", "stride_wn": "i32"}
-    for ahead in (False, True):
-        _compile(gemv_kernels.gemv, sig, dict(BLOCK_N=4, BLOCK_K=512, AHEAD=ahead, PDL=pdl), target, num_warps=4,
-                 launch_pdl=pdl)
-    sig = {"GU": ptr, "W": ptr, "Y": ptr, "N": "i32", "K": "i32", "stride_wn": "i32"}
-    for ahead in (False, True):
-        _compile(gemv_kernels.gemv_silu, sig, dict(BLOCK_N=4, BLOCK_K=512, AHEAD=ahead, PDL=pdl), target,
+    for silu, ahead in itertools.product((False, True), (False, True)):
+        _compile(gemv_kernels.gemv, sig, dict(BLOCK_N=4, BLOCK_K=512, SILU=silu, AHEAD=ahead, PDL=pdl), target,
                  num_warps=4, launch_pdl=pdl)
     sig = {"X": ptr, "Res": ptr, "W": ptr, "Out": ptr, "ResOut": ptr, "eps": "fp32", "n_cols": "i32"}
     sig.update({a: "i32" for a in ("stride_x", "stride_r", "stride_o", "stride_ro")})

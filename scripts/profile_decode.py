@@ -30,8 +30,8 @@ from hexgen.config import EngineConfig, Layout, preset  # noqa: E402
 from hexgen.engine.cuda_graph import DecodeGraphs  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
-from hexgen.model import pdl  # noqa: E402
 from hexgen.model.gemv import tune as tune_gemv  # noqa: E402
+from hexgen.model.timing import replay_time  # noqa: E402
 from hexgen.parallel.groups import PipelineGroups  # noqa: E402
 
 
@@ -126,32 +126,11 @@ GEMV_CONFIGS = [(*t, ahead) for ahead in (0, 1)
 
 def _time_graph(fn, ws, x) -> float:
     """µs per call of fn(x, w), captured 4 times over the rotating weights (launched as in the engine's graphs)."""
-    with pdl.for_graphs():
-        g = _capture_rotating(fn, ws, x)
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(10):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / (10 * 4 * len(ws))
-
-
-def _capture_rotating(fn, ws, x) -> torch.cuda.CUDAGraph:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for w in ws:
-            fn(x, w)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    def rotate() -> None:
         for _ in range(4):
             for w in ws:
                 fn(x, w)
-    return g
+    return replay_time(rotate, warmup=1, reps=10) * 1e6 / (4 * len(ws))
 
 
 def _gemv(dev: torch.device, tp: int, triton_configs: bool) -> list[dict]:

@@ -71,7 +71,7 @@ class _Item:
 
 def build_items(tokenizer, shapes, vocab: int, seed: int, offsets: list[float], prefix: str) -> list[_Item]:
     """Prompt texts (decoded random ids) and the ids the head makes of them, with their arrival offsets."""
-    from hexgen.serving.head import tokenize
+    from hexgen.serving.tokenizing import tokenize
     from hexgen.serving.validation import ParsedRequest
 
     rng = random.Random(seed + 1)

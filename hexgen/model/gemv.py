@@ -42,29 +42,27 @@ def usable(x: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0)) -> torch.Tensor:
     """x: [1, K]; w: [N, K] (row-major). Returns [1, N] in x's dtype."""
-    from hexgen.model import gemv_kernels as kern
-
-    n, k = w.shape
     if w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("gemv: x and w must be contiguous along K")
-    bn, bk, nw, ahead = config
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    kern.gemv[(-(-n // bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, AHEAD=bool(ahead), num_warps=nw,
-                              **pdl.launch(x))
-    return y
+    return _launch(x, w, config, silu=False)
 
 
 def gemv_silu(gu: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0)) -> torch.Tensor:
     """gu: [1, 2K] (gate | up); w: [N, K]. Returns [1, N] = gemv(silu(gate) * up, w) in gu's dtype."""
+    k = w.shape[1]
+    if gu.shape[1] != 2 * k or w.stride(1) != 1 or gu.stride(1) != 1:
+        raise ValueError(f"gemv_silu: gate/up width {gu.shape[1]} must be 2 x {k}, both contiguous along K")
+    return _launch(gu, w, config, silu=True)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, config: Config, silu: bool) -> torch.Tensor:
     from hexgen.model import gemv_kernels as kern
 
     n, k = w.shape
-    if gu.shape[1] != 2 * k or w.stride(1) != 1 or gu.stride(1) != 1:
-        raise ValueError(f"gemv_silu: gate/up width {gu.shape[1]} must be 2 x {k}, both contiguous along K")
     bn, bk, nw, ahead = config
-    y = torch.empty(1, n, dtype=gu.dtype, device=gu.device)
-    kern.gemv_silu[(-(-n // bn),)](gu, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, AHEAD=bool(ahead),
-                                   num_warps=nw, **pdl.launch(gu))
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    kern.gemv[(-(-n // bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, SILU=silu, AHEAD=bool(ahead),
+                              num_warps=nw, **pdl.launch(x))
     return y
 
 

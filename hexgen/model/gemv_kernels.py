@@ -1,9 +1,11 @@
 """Triton kernel of ``hexgen.model.gemv`` (imported lazily from there).
 
-With ``PDL`` (``hexgen.model.pdl``) a program loads its first weight tile, which no kernel writes, before it
-waits for the kernel before it; the loop's first iteration is peeled for that. With ``AHEAD`` the loop loads
-the next tile before it multiplies the current one (two tiles in flight per thread instead of one). The sums
-run in the same order in every variant, so all give the same bits.
+With ``SILU`` the input is the gate | up row of the MLP and the kernel multiplies by silu(gate) * up, computed
+per K slice (the down projection without a separate ``silu_mul``). With ``PDL`` (``hexgen.model.pdl``) a
+program loads its first weight tile, which no kernel writes, before it waits for the kernel before it; the
+loop's first iteration is peeled for that. With ``AHEAD`` the loop loads the next tile before it multiplies
+the current one (two tiles in flight per thread instead of one). The sums run in the same order in every
+variant, so all give the same bits.
 """
 from __future__ import annotations
 
@@ -12,9 +14,22 @@ import triton.language as tl
 
 
 @triton.jit
-def gemv(X, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr,
-         PDL: tl.constexpr):
-    """Y[0, n] = sum_k X[0, k] * W[n, k] for BLOCK_N rows n per program."""
+def _x_slice(X, K, cols, c_ok, SILU: tl.constexpr):
+    """x[cols] in fp32: X[0, cols], or with SILU silu(X[0, cols]) * X[0, K + cols], each product rounded to
+    the input dtype as ``fused.silu_mul`` rounds it."""
+    if SILU:
+        g = tl.load(X + cols, mask=c_ok, other=0.0)  # [BLOCK_K]
+        u = tl.load(X + K + cols, mask=c_ok, other=0.0)
+        gf = g.to(tl.float32)
+        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        return (s * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+    return tl.load(X + cols, mask=c_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+
+
+@triton.jit
+def gemv(X, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr,
+         AHEAD: tl.constexpr, PDL: tl.constexpr):
+    """Y[0, n] = sum_k x[k] * W[n, k] for BLOCK_N rows n per program, x from ``_x_slice``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = rows < N
     w_rows = W + rows.to(tl.int64)[:, None] * stride_wn
@@ -24,14 +39,14 @@ def gemv(X, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()  # X and Y belong to other kernels: touch them only now
-    x = tl.load(X + cols, mask=c_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+    x = _x_slice(X, K, cols, c_ok, SILU)  # [BLOCK_K]
     if AHEAD:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             c_ok = cols < K
             w_next = tl.load(w_rows + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-            x_next = tl.load(X + cols, mask=c_ok, other=0.0).to(tl.float32)
+            x_next = _x_slice(X, K, cols, c_ok, SILU)
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
             x = x_next
@@ -41,55 +56,7 @@ def gemv(X, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         for k0 in range(BLOCK_K, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             c_ok = cols < K
-            x = tl.load(X + cols, mask=c_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-            w = tl.load(w_rows + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-    tl.store(Y + rows, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=r_ok)
-
-
-@triton.jit
-def _silu_mul_slice(GU, K, cols, c_ok):
-    """x[cols] = silu(GU[0, cols]) * GU[0, K + cols] in fp32, each product rounded to the input dtype as
-    ``fused.silu_mul`` rounds it."""
-    g = tl.load(GU + cols, mask=c_ok, other=0.0)  # [BLOCK_K]
-    u = tl.load(GU + K + cols, mask=c_ok, other=0.0)
-    gf = g.to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-    return (s * u.to(tl.float32)).to(g.dtype).to(tl.float32)
-
-
-@triton.jit
-def gemv_silu(GU, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr,
-              PDL: tl.constexpr):
-    """Y[0, n] = sum_k x[k] * W[n, k] with x = silu(GU[0, k]) * GU[0, K + k] (``_silu_mul_slice``), so the
-    sum equals ``gemv`` of silu_mul's output."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = rows < N
-    w_rows = W + rows.to(tl.int64)[:, None] * stride_wn
-    cols = tl.arange(0, BLOCK_K)
-    c_ok = cols < K
-    w = tl.load(w_rows + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()  # GU and Y belong to other kernels: touch them only now
-    x = _silu_mul_slice(GU, K, cols, c_ok)  # [BLOCK_K]
-    if AHEAD:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            c_ok = cols < K
-            w_next = tl.load(w_rows + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-            x_next = _silu_mul_slice(GU, K, cols, c_ok)
-            acc += w.to(tl.float32) * x[None, :]
-            w = w_next
-            x = x_next
-        acc += w.to(tl.float32) * x[None, :]
-    else:
-        acc = w.to(tl.float32) * x[None, :]  # [BLOCK_N, BLOCK_K]
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            c_ok = cols < K
-            x = _silu_mul_slice(GU, K, cols, c_ok)  # [BLOCK_K]
+            x = _x_slice(X, K, cols, c_ok, SILU)  # [BLOCK_K]
             w = tl.load(w_rows + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
     tl.store(Y + rows, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=r_ok)

@@ -31,80 +31,28 @@ import socket
 import time
 from typing import Any
 
-from jinja2.exceptions import TemplateError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hexgen.config import ModelConfig, preset
 from hexgen.engine.types import Request
-from hexgen.errors import ConfigError
 from hexgen.serving import constants as C
 from hexgen.serving import trace
-from hexgen.serving.protocol import (InternalError, InvalidRequest, NotFound, Overloaded, RequestError,
-                                     encode_work_item, error_event)
+from hexgen.serving.protocol import (InternalError, NotFound, Overloaded, RequestError, encode_work_item,
+                                     error_event)
 from hexgen.serving.settings import Settings, async_redis
 from hexgen.serving.submit import DUPLICATE, OVER_LIMIT, Submitter
 from hexgen.serving.status import StatusReport, collect_status, queue_status
-from hexgen.serving.validation import ParsedRequest, check_context, parse_request, peek_request_id
+from hexgen.serving.tokenizing import INLINE_TOKENIZE_CHARS, load_tokenizer, model_context_len, text_chars, tokenize
+from hexgen.serving.validation import check_context, parse_request, peek_request_id
 
 log = logging.getLogger(__name__)
 
 READ_COUNT = 16
-INLINE_TOKENIZE_CHARS = 16384  # shorter texts are tokenized on the event loop (about 1 ms); longer in a thread
-TOKENIZER_ERRORS = (ValueError, TypeError, KeyError, IndexError, RuntimeError)
-
-
-def load_tokenizer(settings: Settings) -> Any:
-    """The model's Hugging Face tokenizer (``model.tokenizer``, defaulting to ``model.path``)."""
-    path = settings.model.tokenizer
-    if not path:
-        raise ConfigError("model.tokenizer: the head needs a tokenizer; set model.path or model.tokenizer "
-                          "(a preset has none)")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
-
-
-def model_context_len(settings: Settings) -> int:
-    """Tokens a sequence may hold: ``model.max_model_len`` or the model's max_position_embeddings."""
-    if settings.model.max_model_len:
-        return settings.model.max_model_len
-    if settings.model.preset:
-        return preset(settings.model.preset).max_position_embeddings
-    return ModelConfig.from_dir(settings.model.path).max_position_embeddings
-
-
-def tokenize(tokenizer: Any, parsed: ParsedRequest) -> list[int]:
-    """Token ids of the prompt, or of the chat-templated messages with the generation prompt appended."""
-    try:
-        if parsed.messages is not None:
-            if not getattr(tokenizer, "chat_template", None):
-                raise InvalidRequest("messages: this model's tokenizer has no chat template; send prompt instead")
-            text = tokenizer.apply_chat_template(list(parsed.messages), add_generation_prompt=True,
-                                                 tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(parsed.prompt, add_special_tokens=True)["input_ids"]
-    except TemplateError as e:  # the model's chat template refuses these messages (e.g. role order)
-        raise InvalidRequest(f"messages: the model's chat template rejected them: {e}") from e
-    except TOKENIZER_ERRORS as e:
-        field = "messages" if parsed.messages is not None else "prompt"
-        raise InternalError(f"{field}: tokenizing failed: {type(e).__name__}: {e}") from e
-    return [int(i) for i in ids]
 
 
 def _s(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
-def _text_chars(parsed: ParsedRequest) -> int:
-    if parsed.prompt is not None:
-        return len(parsed.prompt)
-    return sum(len(v) for m in parsed.messages or () for v in m.values())
 
 
 class Head:
@@ -274,7 +222,7 @@ class Head:
         model = parsed.model or self.settings.model.name
         if model != self.settings.model.name:
             raise NotFound(f"model: {model!r} is not served here; available: {self.settings.model.name}")
-        if _text_chars(parsed) <= INLINE_TOKENIZE_CHARS:
+        if text_chars(parsed) <= INLINE_TOKENIZE_CHARS:
             ids = tokenize(self.tokenizer, parsed)
         else:
             ids = await asyncio.to_thread(tokenize, self.tokenizer, parsed)
