@@ -10,7 +10,11 @@
 # does not matter, the token counts do); the worker has no tokenizer and posts ids only.
 # Needs redis-server unpacked under .redis/ (dpkg -x of the Debian .debs: .redis/usr/bin/redis-server and its
 # libraries under .redis/usr/lib/x86_64-linux-gnu) and redis-py installed. About 6 minutes on an H200.
-# Usage on the GPU machine (nvidia-h200): OUT=/some/dir scripts/bench_gpu_serve.sh
+# Run 17 on: step 1 runs once per DIRECT_INPUTS entry ("text ids": the direct engine tokenizes on arrival as
+# the head does, then is given ids); AT_ONCE=0 skips step 2, BREAKDOWN=0 step 3. hiredis is used when
+# it is importable.
+# Usage on the GPU machine (nvidia-h200): OUT=/some/dir [DIRECT_INPUTS="text ids"] [AT_ONCE=1] [BREAKDOWN=1] \
+#   scripts/bench_gpu_serve.sh
 set -u
 export PYTHONUNBUFFERED=1 HEXGEN_NO_VENV=1 TQDM_DISABLE=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -22,14 +26,20 @@ PY=python3
 step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; timeout -s INT -k 30 "$t" "$@"; echo "=== rc $?"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 redis-server --version || { echo "redis-server: not found under .redis/usr/bin"; exit 1; }
-$PY -c "import redis; print('redis-py', redis.__version__)" || exit 1
+$PY -c "import redis, redis.utils as u; print('redis-py', redis.__version__, 'hiredis', u.HIREDIS_AVAILABLE)" || exit 1
 TOK=$OUT/tiny-tokenizer
 $PY -c "from tests.tiny_tokenizer import save_tiny_tokenizer; save_tiny_tokenizer('$TOK')" || exit 1
 M="--preset llama-2-7b --random-weights --dtype bf16 --cuda-graphs --tokenizer $TOK"
 W="--num-requests 96 --prompt-range 64 1024 --output-range 32 256 --seed 0"
 # the first run also compiles the Triton kernels (cached on disk for the later ones)
-step 200 $PY -m hexgen.cli bench serve $M $W --rate 4 --log-dir "$OUT/logs_rate4" --out "$OUT/serve_rate4.json"
-step 130 $PY -m hexgen.cli bench serve $M $W --log-dir "$OUT/logs_at_once" --out "$OUT/serve_at_once.json"
-step 110 $PY scripts/serve_breakdown.py $M $W --rate 4 --log-dir "$OUT/logs_breakdown" \
+i=0
+for D in ${DIRECT_INPUTS:-text ids}; do
+  i=$((i + 1))
+  step 200 $PY -m hexgen.cli bench serve $M $W --rate 4 --direct-input $D --log-dir "$OUT/logs_rate4_${i}_$D" \
+    --out "$OUT/serve_rate4_${i}_$D.json"
+done
+[ "${AT_ONCE:-1}" = 1 ] && step 130 $PY -m hexgen.cli bench serve $M $W --log-dir "$OUT/logs_at_once" \
+  --out "$OUT/serve_at_once.json"
+[ "${BREAKDOWN:-1}" = 1 ] && step 110 $PY scripts/serve_breakdown.py $M $W --rate 4 --log-dir "$OUT/logs_breakdown" \
   --out "$OUT/breakdown_rate4.json"
 date -u

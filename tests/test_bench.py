@@ -166,6 +166,7 @@ def test_serve_end_to_end_against_the_direct_engine(tmp_path, capsys):
                            "--out", str(out)])
     assert code == 0
     res = json.loads(out.read_text())
+    assert res["workload"]["direct_input"] == "ids"  # the default
     for path in ("direct", "redis"):
         assert res[path]["requests"] == 3 and res[path]["output_tokens"] == res["workload"]["output_tokens"]
     assert set(res["overhead"]) >= {"throughput_ratio", "ttft_p50_diff_ms", "targets"}
@@ -185,10 +186,35 @@ def test_serve_a_preset_with_the_heads_tokenizer(tmp_path):
     out = tmp_path / "serve.json"
     code = bench_cli.main(["serve", "--preset", "tiny", "--random-weights", "--tokenizer", tok,
                            "--num-requests", "3", "--prompt-range", "4", "8", "--output-range", "2", "4",
-                           "--kv-tokens", "1024", "--rate", "20", "--out", str(out)])
+                           "--kv-tokens", "1024", "--rate", "20", "--direct-input", "text", "--out", str(out)])
     assert code == 0
     res = json.loads(out.read_text())
-    assert res["redis"]["requests"] == 3 and res["redis"]["output_tokens"] == res["workload"]["output_tokens"]
+    assert res["workload"]["direct_input"] == "text"  # the direct engine tokenized each text on arrival
+    for path in ("direct", "redis"):
+        assert res[path]["requests"] == 3 and res[path]["output_tokens"] == res["workload"]["output_tokens"]
+
+
+def test_tokenizing_source_releases_the_heads_ids_at_the_scheduled_arrival(tmp_path):
+    """--direct-input text: each request is tokenized when it arrives, into the ids the head makes of its text."""
+    from hexgen.bench.serve import TokenizingSource, build_items
+    from hexgen.bench.workload import mixed_shapes
+    from tests.tiny_tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
+
+    tok_dir = save_tiny_tokenizer(str(tmp_path / "tok"))
+    tok = build_tiny_tokenizer()
+    items = build_items(tok, mixed_shapes(3, (8, 16), (2, 2), 0), len(tok), 0, [0.0, 0.0, 0.05], "r")
+    blank = [(i.offset, Request(i.request.request_id, [1], i.request.params)) for i in items]  # ids to be made
+    src = TokenizingSource([blank], {i.request.request_id: i.text for i in items}, tok_dir)
+    assert src._tok is None  # loaded in the engine's process, at the first arrival
+    t0 = time.monotonic()
+    got = src.poll(8, 0.0)
+    assert [r.request_id for r in got] == ["r0", "r1"]  # the third is not due yet
+    while len(got) < 3:
+        got += src.poll(8, 0.2)
+    for r, item in zip(got, items):
+        assert r.prompt_ids == item.request.prompt_ids and len(r.prompt_ids) > 1
+        assert r.meta[T_OFFERED] >= t0 - 1.0
+    assert got[2].meta[T_OFFERED] - got[0].meta[T_OFFERED] == pytest.approx(0.05, abs=1e-6)
 
 
 # --- CLI validation (no processes) -----------------------------------------------------------------------------
@@ -201,6 +227,8 @@ def test_serve_a_preset_with_the_heads_tokenizer(tmp_path):
     (["serve", "--rate", "0"], "--rate"),
     (["serve"], "--tokenizer"),  # a preset has no tokenizer for the head
     (["latency", "--tokenizer", "x"], "--tokenizer"),
+    (["latency", "--direct-input", "ids"], "--direct-input"),
+    (["serve", "--direct-input", "words"], "--direct-input"),
 ])
 def test_cli_names_the_bad_flag(argv, flag, capsys):
     assert bench_cli.main(argv + ["--preset", "tiny", "--random-weights"]) == 2

@@ -30,10 +30,11 @@ def at_once(phases: list[list[Request]]) -> list[list[tuple[float, Request]]]:
 
 
 def run_engine(layout: Layout, model: ModelSpec, engine: EngineConfig, phases: list[list[tuple[float, Request]]],
-               devices: list[int] | None = None) -> EngineRun:
+               devices: list[int] | None = None, source: TimedSource | None = None) -> EngineRun:
     """Run every phase (the first is usually a warm-up) in one pipeline; each phase is a list of
     (arrival in seconds after the phase starts, request) and starts once the previous one has finished.
-    TTFT and TPOT count from each request's scheduled arrival."""
+    TTFT and TPOT count from each request's scheduled arrival. ``source`` replaces the TimedSource of
+    ``phases`` (one made from the same phases, e.g. a tokenizing one)."""
     timings: dict[str, RequestTiming] = {}
     reports: list[RankReport] = []
     progress = {"tokens": 0, "next": time.monotonic() + 30.0}
@@ -53,7 +54,7 @@ def run_engine(layout: Layout, model: ModelSpec, engine: EngineConfig, phases: l
     all_requests = [r for p in phases for _, r in p]
     t0 = time.monotonic()
     results = run_offline(layout, model, engine, all_requests, on_output=on_output, devices=devices,
-                          source=TimedSource(phases), on_report=reports.append)
+                          source=source or TimedSource(phases), on_report=reports.append)
     wall = time.monotonic() - t0
     for r in all_requests:
         got = len(results[r.request_id].token_ids)

@@ -1,8 +1,9 @@
 """``hexgen bench serve``: the same load through redis-server, a head and workers, against the engine driven
 directly: the overhead of the Redis path.
 
-Both paths get the same requests (prompt texts tokenized exactly as the head tokenizes them) at the same
-arrival offsets (all at once, or a seeded Poisson process at ``rate``), one after the other in one run:
+Both paths get the same requests (prompt texts tokenized exactly as the head tokenizes them; the direct engine
+gets the ids, or with ``--direct-input text`` the texts, tokenized on arrival in its loop) at the same arrival
+offsets (all at once, or a seeded Poisson process at ``rate``), one after the other in one run:
 first the engine through ``run_offline`` (stamps in the parent as outputs arrive), then a private
 deployment started the way ``hexgen demo`` starts one (hexgen.serving.demo: redis-server on a free port,
 ``hexgen head``, one ``hexgen worker`` per stage, the same layout and engine settings), fed through
@@ -28,12 +29,13 @@ from hexgen.bench.memory import memory_lines, memory_summary
 from hexgen.bench.modes import BenchSetup, device_info
 from hexgen.bench.stats import RequestTiming, percentile, summarize
 from hexgen.bench.sweep import check_range
-from hexgen.bench.workload import mixed_shapes, poisson_offsets, random_prompt
+from hexgen.bench.workload import TimedSource, mixed_shapes, poisson_offsets, random_prompt
 from hexgen.engine.types import Request, SamplingParams
 from hexgen.errors import ConfigError
 
 THROUGHPUT_COST_TARGET = 0.03  # the Redis path may cost at most 3% of output tokens/s
 TTFT_P50_TARGET_MS = 2.0  # ... and at most 2 ms of p50 TTFT
+DIRECT_INPUTS = ("text", "ids")
 SEND_MARGIN_S = 0.003  # the client's last stretch before a scheduled send: time.sleep, not an asyncio timer
 
 
@@ -47,8 +49,11 @@ class ServeOptions:
     ready_timeout_s: float = 300.0
     log_dir: str | None = None  # keep the deployment's logs here (default: a temporary folder, removed)
     tokenizer: str | None = None  # the head's tokenizer directory (default: the model's); needed with a preset
+    direct_input: str = "ids"  # the direct engine's input: "ids" or "text" (tokenized on arrival, in its loop)
 
     def __post_init__(self) -> None:
+        if self.direct_input not in DIRECT_INPUTS:
+            raise ConfigError(f"--direct-input: {self.direct_input!r} must be one of {', '.join(DIRECT_INPUTS)}")
         if self.num_requests < 1:
             raise ConfigError(f"--num-requests: {self.num_requests} must be ≥ 1")
         check_range("--prompt-range", self.prompt_range)
@@ -84,12 +89,50 @@ def build_items(tokenizer, shapes, vocab: int, seed: int, offsets: list[float], 
     return out
 
 
+class TokenizingSource(TimedSource):
+    """The direct engine's source for ``--direct-input text``: each request arrives as its prompt text and is
+    tokenized on arrival with the head's :func:`~hexgen.serving.tokenizing.tokenize` and tokenizer, the way an
+    offline text API would: in the engine's process, on its loop, so the tokenizing also delays the steps of
+    the requests already running (the head tokenizes in its own process). The default, ``ids``, gives the
+    direct engine the ids alone: the stricter baseline.
+
+    The ids it makes replace the request's (the same ids: ``build_items`` made them the same way). TTFT counts
+    from the scheduled arrival, so it includes the tokenizing. The tokenizer loads at the first arrival, a
+    warm-up request's; ``texts`` maps request id to text."""
+
+    def __init__(self, phases: list[list[tuple[float, Request]]], texts: dict[str, str], tokenizer_dir: str) -> None:
+        super().__init__(phases)
+        self._texts = dict(texts)
+        self._tokenizer_dir = tokenizer_dir
+        self._tok = None
+
+    def _arrive(self) -> None:
+        from hexgen.serving.tokenizing import tokenize
+        from hexgen.serving.validation import ParsedRequest
+
+        before = len(self._pending)
+        super()._arrive()
+        if len(self._pending) == before:
+            return
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self._tokenizer_dir, local_files_only=True)
+        for r in self._pending[before:]:
+            text = self._texts.pop(r.request_id)
+            r.prompt_ids = tokenize(self._tok, ParsedRequest(r.request_id, text, None, r.params, None))
+
+
+def serve_tokenizer_dir(setup: BenchSetup, opts: ServeOptions) -> str | None:
+    return opts.tokenizer or setup.model.model_dir
+
+
 def serve_tokenizer(setup: BenchSetup, opts: ServeOptions):
     """The tokenizer the head will use: ``opts.tokenizer``, else the model directory's; ConfigError if none."""
     from hexgen.engine.pipeline import load_tokenizer
     from hexgen.engine.runner import ModelSpec
 
-    path = opts.tokenizer or setup.model.model_dir
+    path = serve_tokenizer_dir(setup, opts)
     tok = load_tokenizer(ModelSpec(model_dir=path)) if path else None
     if tok is None:
         raise ConfigError(f"--model/--tokenizer: serve mode needs a tokenizer for the head (a model directory with "
@@ -264,9 +307,12 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
         if len(it.request.prompt_ids) + it.request.params.max_new_tokens > context:
             raise ConfigError(f"--prompt-range/--output-range: request {it.request.request_id} does not fit "
                               "the model's context")
-    run = run_engine(setup.layout, setup.model, setup.engine,
-                     [[(i.offset, i.request) for i in direct_warm], [(i.offset, i.request) for i in direct]],
-                     setup.devices)
+    phases = [[(i.offset, i.request) for i in direct_warm], [(i.offset, i.request) for i in direct]]
+    source = None
+    if opts.direct_input == "text":
+        source = TokenizingSource(phases, {i.request.request_id: i.text for i in direct_warm + direct},
+                                  serve_tokenizer_dir(setup, opts))
+    run = run_engine(setup.layout, setup.model, setup.engine, phases, setup.devices, source=source)
     direct_timings = [run.timings[i.request.request_id] for i in direct]
     direct_sum = summarize(direct_timings)
     direct_sum["run_wall_s"] = round(run.wall_s, 2)
@@ -282,6 +328,7 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
             "workload": {"requests": opts.num_requests, "prompt_range": list(opts.prompt_range),
                          "output_range": list(opts.output_range), "seed": opts.seed,
                          "arrivals": f"poisson {opts.rate}/s" if opts.rate else "all at once",
+                         "direct_input": opts.direct_input,
                          "prompt_tokens": sum(len(i.request.prompt_ids) for i in direct),
                          "output_tokens": sum(i.request.params.max_new_tokens for i in direct)},
             "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
@@ -298,7 +345,8 @@ def format_serve(res: dict) -> str:
     """A short human-readable table of a serve result."""
     cols = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
     rows = [f"hexgen bench serve | {res['card']} | {res['dtype']} | {res['layout']} | {res['date']} | "
-            f"{res['workload']['requests']} requests, {res['workload']['arrivals']}",
+            f"{res['workload']['requests']} requests, {res['workload']['arrivals']}; the direct engine given "
+            f"{'token ids' if res['workload'].get('direct_input') == 'ids' else 'texts (tokenized on arrival)'}",
             f"{'':<8}" + "".join(f"{c:>22}" for c in cols)]
     for name in ("direct", "redis"):
         rows.append(f"{name:<8}" + "".join(f"{str(res[name].get(c, '-')):>22}" for c in cols))

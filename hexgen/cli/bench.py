@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", help="serve: keep the deployment's logs here")
     p.add_argument("--tokenizer", help="serve: the head's tokenizer directory (default: the model's; needed with "
                    "--preset)")
+    p.add_argument("--direct-input", default=None, metavar="{text,ids}",
+                   help="serve: what the direct engine is given: the token ids the head would make (ids, the default), "
+                   "or the prompt texts, tokenized on arrival in the engine's loop as the head tokenizes them (text)")
     p.add_argument("--hf-batch-size", type=int, default=64, help="throughput: HF static batch size")
     p.add_argument("--hf-max-batches", type=int, default=None,
                    help="throughput: run only the first N HF batches (a subsample, reported as such)")
@@ -72,7 +75,7 @@ def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
         return res, format_sweep(res)
     elif args.mode == "serve":
         res = serve(setup, ServeOptions(n, prompt, output, args.seed, args.rate, log_dir=args.log_dir,
-                                        tokenizer=args.tokenizer),
+                                        tokenizer=args.tokenizer, direct_input=args.direct_input or "ids"),
                     say=lambda m: print(m, file=sys.stderr, flush=True))
         return res, format_serve(res)
     else:
@@ -88,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode != "sweep" and (args.rates or args.tpot_slo_ms != 100.0):
             raise ConfigError("--rates/--tpot-slo-ms: only for sweep (or throughput --rates)")
-        if args.mode != "serve" and (args.rate is not None or args.log_dir or args.tokenizer):
-            raise ConfigError("--rate/--log-dir/--tokenizer: only for serve")
+        if args.mode != "serve" and (args.rate is not None or args.log_dir or args.tokenizer or args.direct_input):
+            raise ConfigError("--rate/--log-dir/--tokenizer/--direct-input: only for serve")
         model = resolve_model(args)
         layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
         engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs,
