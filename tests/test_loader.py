@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from typing import Callable
 
 import pytest
 import torch
@@ -265,8 +266,10 @@ class ThreadTP(TPContext):
         return x
 
 
-def run_stage_tp(model_dir: str, tp_size: int, prompt: list[int], chunks: list[int]) -> torch.Tensor:
-    """Logits [len(prompt), vocab] of a single-stage TP model run in threads, prefilled in ``chunks``."""
+def run_stage_tp(model_dir: str, tp_size: int, prompt: list[int], chunks: list[int],
+                 after_load: Callable[[torch.nn.Module], None] | None = None) -> torch.Tensor:
+    """Logits [len(prompt), vocab] of a single-stage TP model run in threads, prefilled in ``chunks``;
+    ``after_load(model)`` runs on each rank's loaded stage first."""
     cfg = layout_cfg(model_dir)
     layout = Layout.build(cfg, (tp_size,), (cfg.num_layers,))
     group = ThreadGroup(tp_size)
@@ -279,6 +282,8 @@ def run_stage_tp(model_dir: str, tp_size: int, prompt: list[int], chunks: list[i
             stage = layout.stage_of_rank(r)
             model = build_stage(cfg, stage, ThreadTP(r, tp_size, group), torch.float32, CPU)
             load_stage(model, model_dir, progress=False)
+            if after_load is not None:
+                after_load(model)
             n_kv = model.layers[0].attn.n_kv
             blocks = -(-len(prompt) // block)
             kv = torch.zeros(cfg.num_layers, 2, blocks * block, n_kv, cfg.head_dim)
@@ -323,3 +328,28 @@ def test_loaded_stage_matches_hugging_face(request, fixture, tp_size, chunks):
     got = run_stage_tp(model_dir, tp_size, prompt, chunks)
     want = hf_logits(load_hf(model_dir), prompt[:1], prompt[1:])  # logits at every position but the last
     torch.testing.assert_close(got[:-1], want, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize(("fixture", "tp_size", "chunks"), [
+    ("gqa_dir", 1, [13]),
+    ("gqa_dir", 2, [5, 1, 1, 6]),  # one-row steps: the shapes the CPU layout is chosen for
+    ("tied_dir", 1, [6, 1, 6]),
+])
+def test_stage_with_column_major_linears_matches_hugging_face(request, fixture, tp_size, chunks):
+    """hexgen.model.cpu_layout re-lays CPU weights column-major where batch-1 GEMV is faster: with every
+    linear re-laid (min_bytes 0, a timer that always prefers column-major), logits still match HF."""
+    from hexgen.model import cpu_layout
+
+    def relay(model: torch.nn.Module) -> None:
+        linears = [m for m in model.modules() if hasattr(m, "gemv")]
+        got = cpu_layout.tune(linears, timer=lambda ws, x: 0.5 if cpu_layout.is_column_major(ws[0]) else 1.0,
+                              min_bytes=0)
+        assert got and set(got.values()) == {"column"}
+        assert all(cpu_layout.is_column_major(m.weight) for m in linears)
+
+    model_dir = request.getfixturevalue(fixture)
+    prompt = make_prompts(320, [13], seed=tp_size)[0]
+    got = run_stage_tp(model_dir, tp_size, prompt, chunks, after_load=relay)
+    want = hf_logits(load_hf(model_dir), prompt[:1], prompt[1:])
+    torch.testing.assert_close(got[:-1], want, rtol=1e-4, atol=2e-4)
+    assert torch.equal(got[:-1].argmax(-1), want.argmax(-1))

@@ -1,7 +1,8 @@
 """The benchmark modes: ``latency`` (batch 1) and ``throughput`` (many requests offered at once).
 
-Each mode times the engine, then Hugging Face generate on the same requests in the same run, and (on a
-GPU) the memory roofline measured in the same run, and returns one JSON-able dict.
+Each mode times the engine, then Hugging Face generate on the same requests in the same run, and (latency)
+the memory roofline measured in the same run (a GPU's copy, or a 256 MiB copy on CPU), and returns one
+JSON-able dict.
 """
 from __future__ import annotations
 
@@ -51,15 +52,18 @@ def device_info(engine: EngineConfig) -> dict:
     return info
 
 
-def _roofline(setup: BenchSetup) -> dict | None:
-    if setup.engine.device != "cuda":
-        return None
-    dev = torch.device("cuda", 0)
-    bw = copy_bandwidth(dev)
+CPU_COPY_BYTES = 256 << 20  # the CPU roofline's copy: larger than the caches, small enough for a test machine
+
+
+def _roofline(setup: BenchSetup) -> dict:
+    cuda = setup.engine.device == "cuda"
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    bw = copy_bandwidth(dev) if cuda else copy_bandwidth(dev, CPU_COPY_BYTES)
     wb = weight_bytes(setup.model.config(), getattr(torch, setup.engine.dtype))
+    what = "one GPU's" if cuda else f"the CPU's ({torch.get_num_threads()} threads)"
     return {"copy_bandwidth_TBps": round(bw / 1e12, 3), "weight_GB": round(wb / 1e9, 3),
             "batch1_tokens_per_s": round(bw / wb, 1),
-            "note": "one GPU's copy bandwidth (read + write) / weight bytes read per token"}
+            "note": f"{what} copy bandwidth (read + write) / weight bytes read per token"}
 
 
 def _hf_model(setup: BenchSetup):

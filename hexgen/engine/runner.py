@@ -13,7 +13,7 @@ from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
 from hexgen.engine.plan import StepPlan
 from hexgen.engine.scheduler import max_step_batch
 from hexgen.errors import ConfigError
-from hexgen.model import gemv
+from hexgen.model import cpu_layout, gemv
 from hexgen.model.attention import build_meta, decode_meta
 from hexgen.model.loader import build_stage, init_random, load_stage
 from hexgen.model.rope import RotaryCache
@@ -57,6 +57,7 @@ class StageRunner:
             load_stage(self.model, model.model_dir, progress=groups.is_leader)
         self.linears = [m for m in self.model.modules() if hasattr(m, "gemv")]
         gemv.tune(self.linears)  # batch-1 linears: the Triton GEMV, configuration timed on these weights
+        cpu_layout.tune(self.linears)  # on CPU: each shape's weights in the storage order its GEMV reads fastest
         self.max_len = engine.max_model_len or self.cfg.max_position_embeddings
         self.rotary = RotaryCache(self.cfg, self.max_len, self.device)
         self.n_kv_local = self.model.layers[0].attn.n_kv
