@@ -87,3 +87,12 @@ def test_column_major_linear_matches_for_decode_sized_inputs(rows):
     want = layer(x)
     cpu_layout.tune([layer], timer=_timer_favouring(2.0), min_bytes=0)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_off_the_cpu_are_left_alone():
+    """Only CPU weights are timed and re-laid (CUDA ones are read row-major by the Triton GEMV and cuBLAS);
+    a meta-device layer stands in for a device one here."""
+    with torch.device("meta"):
+        layer = ReplicatedLinear(1024, 1024)
+    assert cpu_layout.tune([layer], timer=_timer_favouring(3.0), min_bytes=0) == {}
+    assert layer.weight.device.type == "meta" and layer.weight.is_contiguous()
