@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from hexgen.model.attention import build_meta, decode_meta, paged_attention
+from hexgen.model.attention import GROUP_MAX, GROUP_MIN_ROWS, build_meta, decode_groups, decode_meta, paged_attention
 
 N_Q, N_KV, D = 4, 2, 8
 BLOCK = 4
@@ -29,11 +30,11 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: list[int
 class Paged:
     """A KV cache of one layer plus per-sequence block tables, filled through paged_attention itself."""
 
-    def __init__(self, seed: int = 0) -> None:
-        self.k_cache = torch.zeros(NUM_BLOCKS * BLOCK, N_KV, D)
-        self.v_cache = torch.zeros(NUM_BLOCKS * BLOCK, N_KV, D)
+    def __init__(self, seed: int = 0, num_blocks: int = NUM_BLOCKS) -> None:
+        self.k_cache = torch.zeros(num_blocks * BLOCK, N_KV, D)
+        self.v_cache = torch.zeros(num_blocks * BLOCK, N_KV, D)
         self.g = torch.Generator().manual_seed(seed)
-        self.free = torch.randperm(NUM_BLOCKS, generator=self.g).tolist()  # scattered, non-contiguous
+        self.free = torch.randperm(num_blocks, generator=self.g).tolist()  # scattered, non-contiguous
         self.tables: dict[str, list[int]] = {}
         self.k: dict[str, torch.Tensor] = {}  # every K of the sequence so far [ctx, N_KV, D]
         self.v: dict[str, torch.Tensor] = {}
@@ -135,6 +136,36 @@ def test_batched_decode_matches_causal_attention():
         out, ref, meta = p.step({"a": 1, "b": 1, "c": 1})
         assert meta.has_decode and meta.decode_rows is None and not meta.prefills  # one batched call
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    p.check_cache()
+
+
+def test_decode_groups_cover_every_row_once_shortest_first():
+    assert decode_groups(np.arange(2 * GROUP_MIN_ROWS - 1)) is None  # too few rows for two groups
+    ctx = np.random.default_rng(0).integers(1, 400, size=100)
+    groups = decode_groups(ctx)
+    assert len(groups) == GROUP_MAX and min(map(len, groups)) >= GROUP_MIN_ROWS
+    assert sorted(np.concatenate(groups).tolist()) == list(range(100))
+    assert all(ctx[a].max() <= ctx[b].min() for a, b in zip(groups, groups[1:]))
+
+
+def test_grouped_batched_decode_matches_causal_attention():
+    """A batch large enough to be grouped by context (reference path): each group attends over its own
+    longest context; alone, and beside prefill chunks (decode rows scattered in the step)."""
+    p = Paged(seed=6, num_blocks=256)
+    lens = {f"s{i}": 1 + (7 * i) % 23 for i in range(24)}  # contexts 1-23, in no order
+    p.step(lens)
+    for _ in range(3):
+        out, ref, meta = p.step({n: 1 for n in lens})
+        assert meta.decode_rows is None and len(meta.decode_groups) == 24 // GROUP_MIN_ROWS
+        rows = torch.cat([r for r, _ in meta.decode_groups])
+        assert sorted(rows.tolist()) == list(range(24))
+        ctx = [p.k[n].shape[0] for n in lens]
+        assert [w for _, w in meta.decode_groups] == [max(ctx[i] for i in r.tolist()) for r, _ in meta.decode_groups]
+        assert meta.decode_groups[0][1] < meta.decode_slots.shape[1]  # the short group reads a narrower width
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out, ref, meta = p.step({"new": 9, **{n: 1 for n in lens}, "s3": 5})
+    assert meta.decode_rows is not None and meta.decode_groups is not None and len(meta.prefills) == 2
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     p.check_cache()
 
 

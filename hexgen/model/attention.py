@@ -6,12 +6,14 @@ queries sit and which cache slots hold its context.
 
 A step is split in two: every sequence with one query token (a decode row) is attended in one batched call
 — the Triton paged kernel (``hexgen.model.paged_decode``) on CUDA, else the PyTorch reference that gathers
-the padded context. The prefill sequences (several query tokens) take one call of the Triton prefill
-kernel on CUDA, else a loop of SDPA calls, one per sequence.
+the padded context (with 16 rows or more, one call per group of rows of similar context, ``decode_groups``,
+so short contexts do not gather the longest one's padding). The prefill sequences (several query tokens)
+take one call of the Triton prefill kernel on CUDA, else a loop of SDPA calls, one per sequence.
 """
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +62,9 @@ class AttnMeta:
     decode_ctx: torch.Tensor | None = None  # [n_dec] long: context length of each decode row
     decode_slots: torch.Tensor | None = None  # [n_dec, max_ctx] long slots, padded with slot 0
     decode_mask: torch.Tensor | None = None  # [n_dec, 1, 1, max_ctx] bool: key is valid
+    # reference path, larger batches: decode rows in groups of similar context, each (rows [n_g] long, the
+    # group's longest context): attended over that width, not max_ctx (see decode_groups)
+    decode_groups: list[tuple[torch.Tensor, int]] | None = None
     block_size: int = 0
     prefills: list[PrefillSeq] = field(default_factory=list)
     prefill_batch: PrefillBatch | None = None
@@ -77,6 +82,25 @@ def use_decode_kernel(device: torch.device) -> bool:
 def use_prefill_kernel(device: torch.device) -> bool:
     """Whether prefill sequences on ``device`` take the Triton paged prefill kernel."""
     return device.type == "cuda" and paged_decode.prefill_available()
+
+
+GROUP_MIN_ROWS = 8  # the reference decode path groups its rows when each group gets at least this many
+GROUP_MAX = 8  # ... into at most this many groups
+
+
+def decode_groups(ctx: np.ndarray) -> list[np.ndarray] | None:
+    """Decode rows (indices into ``ctx``, each row's context length) in groups of similar context, shortest
+    first, for the reference path: each group gathers and attends its own longest context instead of the
+    batch's, so a mixed batch moves less padding (64 rows of contexts 64-400 on CPU: 10.7 -> 6.0 ms a layer).
+    None when there are too few rows to group, or with ``HEXGEN_DECODE_GROUPS=0``."""
+    n = len(ctx)
+    if os.environ.get("HEXGEN_DECODE_GROUPS", "1") == "0":
+        return None
+    groups = min(GROUP_MAX, n // GROUP_MIN_ROWS)
+    if groups < 2:
+        return None
+    order = np.argsort(ctx, kind="stable")
+    return [order[i * n // groups:(i + 1) * n // groups] for i in range(groups)]
 
 
 def _starts(lens: np.ndarray) -> np.ndarray:
@@ -125,6 +149,7 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
     if len(dec) and not all_decode:
         parts.append(q_starts[dec])
     dec_ctx = cl[dec]
+    groups = None
     if len(dec) and kernel:
         parts += [tables_of(dec), dec_ctx]
     elif len(dec):
@@ -133,6 +158,9 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
         ok = j[None, :] < dec_ctx[:, None]
         seq = np.broadcast_to(dec[:, None], ok.shape)
         parts += [np.where(ok, slots_of(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1), dec_ctx]
+        groups = decode_groups(dec_ctx)
+        if groups is not None:
+            parts.append(np.concatenate(groups))
 
     pre = np.flatnonzero(ql != 1)
     chunked = pre[ql[pre] < cl[pre]] if not prefill_kernel else pre[:0]  # continuing a cached context
@@ -167,6 +195,9 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
             width = table_or_slots.shape[1]
             meta.decode_slots = table_or_slots
             meta.decode_mask = (torch.arange(width, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+            if groups is not None:
+                rows = next(views).split([len(g) for g in groups])
+                meta.decode_groups = [(r, int(dec_ctx[g].max())) for r, g in zip(rows, groups)]
     if len(pre) and prefill_kernel:
         tables = next(views).view(len(pre), -1)
         meta.prefill_batch = PrefillBatch(tables, *(next(views) for _ in range(5)))
@@ -225,11 +256,25 @@ def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
             scale: float) -> torch.Tensor:
-    """Reference: batched single-token decode over padded contexts gathered from the cache."""
-    kb = k_cache[meta.decode_slots].transpose(1, 2)  # [batch, n_kv, max_ctx, d]
-    vb = v_cache[meta.decode_slots].transpose(1, 2)
+    """Reference: batched single-token decode over padded contexts gathered from the cache; with
+    ``decode_groups``, one call per group of rows over the group's own width."""
+    if not meta.decode_groups:
+        return _decode_padded(q, k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale)
+    out = torch.empty_like(q)
+    for rows, width in meta.decode_groups:
+        slots = meta.decode_slots.index_select(0, rows)[:, :width]  # [n_g, width]
+        mask = meta.decode_mask.index_select(0, rows)[..., :width]  # [n_g, 1, 1, width]
+        out.index_copy_(0, rows, _decode_padded(q.index_select(0, rows), k_cache, v_cache, slots, mask, scale))
+    return out
+
+
+def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                   mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [batch, n_q, d]; slots [batch, width] (padded), mask [batch, 1, 1, width]. Returns [batch, n_q, d]."""
+    kb = k_cache[slots].transpose(1, 2)  # [batch, n_kv, width, d]
+    vb = v_cache[slots].transpose(1, 2)
     qb = q[:, :, None, :]  # [batch, n_q, 1, d]
-    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
     return o[:, :, 0, :]  # [batch, n_q, d]
 
 
