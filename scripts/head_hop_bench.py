@@ -16,9 +16,6 @@ import argparse
 import asyncio
 import os
 import random
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,33 +25,10 @@ sys.path.insert(0, ROOT)
 
 from hexgen.bench.stats import percentile  # noqa: E402
 from hexgen.serving import constants as C  # noqa: E402
+from hexgen.serving.demo import Deployment, start_redis  # noqa: E402
 from hexgen.serving.head import Head  # noqa: E402
 from hexgen.serving.protocol import encode_work_item  # noqa: E402
 from hexgen.serving.settings import LimitSettings, ModelSettings, RedisSettings, Settings, async_redis  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(tmp: str) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
 
 
 def _prompts(tok, n: int, lo: int, hi: int, seed: int) -> list[str]:
@@ -114,12 +88,12 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(path)
     prompts = _prompts(tok, args.requests, *args.prompt_tokens, args.seed)
     with tempfile.TemporaryDirectory(prefix="hexgen-head-bench-") as tmp:
-        proc, url = _start_redis(tmp)
+        dep = Deployment(tmp)
         try:
-            res = asyncio.run(bench(url, tok, prompts))
+            start_redis(dep)
+            res = asyncio.run(bench(dep.url, tok, prompts))
         finally:
-            proc.kill()
-            proc.wait()
+            dep.shutdown()
     warm = 10
     print(f"{'piece (ms)':<52}{'p50':>9}{'p90':>9}{'mean':>9}")
     for k, v in res.items():

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,14 +28,12 @@ import time
 
 import redis
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hexgen.serving.demo import Deployment, start_redis  # noqa: E402
+
 MODES = ("raw", "sync", "unix", "asyncio", "uvloop", "spin", "pipe")
 SOCK = "redis.sock"  # in the bench's temporary folder (--dir); the ``unix`` mode's writer and reader use it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client(mode: str, port: int) -> redis.Redis:
@@ -173,24 +170,14 @@ def main() -> int:
     if a.role == "writer":
         writer(a.mode, a.port, a.messages, a.gap_ms / 1000, a.fd)
         return 0
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH")
     print(f"host: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; redis-py {redis.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["WAKE_DIR"] = tmp
-        port = _free_port()
-        server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
-                                   "--appendonly", "no", "--unixsocket", os.path.join(tmp, SOCK)],
-                                  stdout=subprocess.DEVNULL)
+        dep = Deployment(tmp)
         try:
+            start_redis(dep, extra_args=("--unixsocket", os.path.join(tmp, SOCK)))
+            port = dep.port
             r = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    r.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
             for mode in a.modes:
                 r.delete("s")
                 rfd, wfd = os.pipe()
@@ -204,8 +191,7 @@ def main() -> int:
                 os.close(rfd)
                 os.close(wfd)
         finally:
-            server.terminate()
-            server.wait()
+            dep.shutdown()
     return 0
 
 

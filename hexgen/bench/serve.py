@@ -106,14 +106,14 @@ class TokenizingSource(TimedSource):
         self._tokenizer_dir = tokenizer_dir
         self._tok = None
 
-    def _arrive(self) -> None:
-        from hexgen.serving.tokenizing import tokenize
-        from hexgen.serving.validation import ParsedRequest
-
+    def _arrive(self) -> None:  # runs at every poll of the engine loop; the tokenizing work only on arrivals
         before = len(self._pending)
         super()._arrive()
         if len(self._pending) == before:
             return
+        from hexgen.serving.tokenizing import tokenize
+        from hexgen.serving.validation import ParsedRequest
+
         if self._tok is None:
             from transformers import AutoTokenizer
 

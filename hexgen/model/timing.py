@@ -20,6 +20,11 @@ def replay_time(fn: Callable[[], object], warmup: int = 2, reps: int = 50) -> fl
     with pdl.for_graphs():
         graph = _capture(fn, warmup)
     graph.replay()
+    return graph_time(graph, reps)
+
+
+def graph_time(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Seconds per replay of a captured ``graph``, ``reps`` replays back to back, timed with events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):

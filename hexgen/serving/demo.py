@@ -118,7 +118,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(dep: Deployment, timeout_s: float = 10.0) -> None:
+def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str, ...] = ()) -> None:
+    """A private redis-server for ``dep`` on a free port (``dep.port``; ``extra_args`` go to the server)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise DemoError("redis-server is not on PATH; install it (Debian/Ubuntu: sudo apt-get install "
@@ -128,7 +129,7 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0) -> None:
     for _ in range(5):
         dep.port = _free_port()
         child = dep.spawn("redis-server", [binary, "--port", str(dep.port), "--bind", "127.0.0.1", "--dir",
-                                           dep.work_dir, "--save", "", "--appendonly", "no"])
+                                           dep.work_dir, "--save", "", "--appendonly", "no", *extra_args])
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and child.proc.poll() is None:
             try:
