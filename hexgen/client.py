@@ -19,12 +19,17 @@ subclasses carrying the server's ``code`` and ``message``.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 from hexgen.errors import HexGenError
+from hexgen.wire.connection import REDIS_ERRORS
 from hexgen.wire import keys as C
 from hexgen.wire.protocol import (
     DoneEvent,
@@ -39,14 +44,25 @@ from hexgen.wire.protocol import (
     request_fields,
 )
 from hexgen.wire.protocol import RequestError as HexGenRequestError
+from hexgen.wire.redis_url import async_wait_replicas, parse_redis_url
 from hexgen.wire.settings import RedisSettings, async_redis
 
 __all__ = ["HexGenClient", "Result", "GenerationStream", "TokenEvent", "DoneEvent", "HexGenRequestError",
-           "InvalidRequest", "Overloaded", "NotFound", "InternalError", "GenerationTimeout"]
+           "InvalidRequest", "Overloaded", "NotFound", "InternalError", "GenerationTimeout", "RequestLost",
+           "RedisUnavailable"]
 
 
 class GenerationTimeout(HexGenError, TimeoutError):
     """No ``done`` or ``error`` event arrived within the client's timeout."""
+
+
+class RequestLost(InternalError):
+    """Redis lost its data while the request was in flight (its epoch changed: a new, empty server); the
+    request will not be answered. Send it again (a new id) if it should run."""
+
+
+class RedisUnavailable(HexGenError, ConnectionError):
+    """Redis stayed unreachable for longer than the client's ``reconnect_s``."""
 
 
 @dataclass(frozen=True)
@@ -84,19 +100,27 @@ class GenerationStream:
         return self._events()
 
     async def _events(self) -> AsyncIterator[TokenEvent]:
-        r = self._client.redis
+        c = self._client
         stream = C.result_stream(self.id)
-        await r.xadd(C.REQUESTS_STREAM, self._fields)
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        epoch = await c._submit(self._fields, self.id)
         last_id, next_seq = "0-0", 0
         while True:
-            block = self._client.block_ms
+            block = c.block_ms
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise GenerationTimeout(f"request {self.id}: no result within {self.timeout_s}s")
                 block = max(1, min(block, int(left * 1000)))
-            reply = await r.xread({stream: last_id}, block=block, count=256)
+            try:
+                reply = await c.redis.xread({stream: last_id}, block=block, count=256)
+                if not reply:  # a block_ms without events: has Redis forgotten the request?
+                    await c._check_epoch(epoch, self.id)
+            except REDIS_ERRORS as e:
+                await c._reconnect(e, self.id)
+                await c._check_epoch(epoch, self.id)
+                await c._submit(self._fields, self.id)  # lost in a crash or failover? (a duplicate is a no-op)
+                continue
             for _name, entries in reply or []:
                 for entry_id, fields in entries:
                     last_id = entry_id
@@ -122,19 +146,76 @@ class HexGenClient:
 
     ``block_ms`` is the XREAD BLOCK per read (the socket timeout is set longer); ``timeout_s`` bounds a
     whole generation (None: wait as long as it takes). ``model`` is sent with every request when set.
+
+    Redis going away (docs/reliability.md): every call is retried with backoff for up to ``reconnect_s``
+    (then :class:`RedisUnavailable`); after a reconnect the request is sent again with the same id (the head
+    drops it as a duplicate unless Redis lost the first one, which is then served). The client reads the
+    deployment's epoch (``hexgen:epoch``) with each request and again whenever it waited ``block_ms``
+    without events or reconnected: a different epoch means Redis lost its data, and the request ends with
+    :class:`RequestLost`. A URL with ``wait_replicas=N`` makes each request's XADD wait until N replicas
+    hold it (``WAIT``), so a failover cannot lose it.
     """
 
     def __init__(self, url: str = C.DEFAULT_REDIS_URL, *, model: str | None = None,
-                 block_ms: int = C.BLOCK_MS, timeout_s: float | None = None, redis: Any | None = None) -> None:
+                 block_ms: int = C.BLOCK_MS, timeout_s: float | None = None, reconnect_s: float = 60.0,
+                 redis: Any | None = None) -> None:
         if block_ms < 1:
             raise ValueError(f"block_ms: {block_ms} must be ≥ 1")
+        if not reconnect_s >= 0:
+            raise ValueError(f"reconnect_s: {reconnect_s} must be ≥ 0")
         self.url = RedisSettings(url).url
+        self._target = parse_redis_url(self.url)
         self.model = model
         self.block_ms = block_ms
         self.timeout_s = timeout_s
+        self.reconnect_s = reconnect_s
         self._own = redis is None
+        # no retries inside redis-py: this client must see each lost connection to resend its requests
         self.redis = redis if redis is not None else async_redis(
-            self.url, socket_timeout=C.socket_timeout_for(block_ms))
+            self.url, socket_timeout=C.socket_timeout_for(block_ms), retry=Retry(NoBackoff(), 0))
+
+    async def _submit(self, fields: dict[str, str], request_id: str) -> bytes | None:
+        """XADD the request (retried through outages; with ``wait_replicas``, then WAIT); returns the epoch."""
+        while True:
+            try:
+                async with self.redis.pipeline(transaction=False) as p:
+                    p.get(C.EPOCH_KEY)
+                    p.xadd(C.REQUESTS_STREAM, fields)
+                    epoch, _ = await p.execute()
+                await async_wait_replicas(self.redis, self._target)
+                return epoch
+            except REDIS_ERRORS as e:
+                await self._reconnect(e, request_id)
+
+    async def _reconnect(self, err: Exception, request_id: str) -> None:
+        """Wait, with backoff, until Redis answers again; RedisUnavailable after ``reconnect_s``."""
+        deadline = time.monotonic() + self.reconnect_s
+        delay = 0.05
+        while True:
+            if time.monotonic() + delay > deadline:
+                raise RedisUnavailable(f"request {request_id}: Redis unreachable for {self.reconnect_s}s "
+                                       f"({err})") from err
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+            try:
+                await self.redis.ping()
+                return
+            except REDIS_ERRORS as e:
+                err = e
+
+    async def _check_epoch(self, epoch: bytes | None, request_id: str) -> None:
+        """RequestLost when Redis's epoch is no longer the one seen at submission (None: nothing to compare)."""
+        if epoch is None:
+            return
+        while True:
+            try:
+                now = await self.redis.get(C.EPOCH_KEY)
+                break
+            except REDIS_ERRORS as e:
+                await self._reconnect(e, request_id)
+        if now != epoch:
+            raise RequestLost(f"request {request_id}: Redis lost its data while the request was in flight (a "
+                              "new, empty server); it will not be answered")
 
     async def __aenter__(self) -> "HexGenClient":
         return self

@@ -385,32 +385,33 @@ async def test_trace_stamps_ride_in_the_work_item_only_when_tracing_is_on(make_h
     assert t["head_read"] <= t["head_tok"] <= t["head_send"]
 
 
-async def test_valid_request_is_one_script_call_invalid_one_a_reservation_on_real_redis(redis_server, tiny_tokenizer):
-    """After tokenizing, a valid request costs one round trip (the submit script: no MULTI); an invalid one
+async def test_valid_request_is_one_function_call_invalid_one_a_reservation_on_real_redis(redis_server,
+                                                                                          tiny_tokenizer):
+    """After tokenizing, a valid request costs one round trip (the submit function: no MULTI); an invalid one
     reserves its id (MULTI) and writes its error (MULTI), so a duplicate of it is still dropped."""
     r = async_redis(redis_server)
 
     async def calls() -> dict[str, int]:
         stats = await r.info("commandstats")
-        return {k: int(stats.get(f"cmdstat_{k}", {}).get("calls", 0)) for k in ("multi", "evalsha", "eval")}
+        return {k: int(stats.get(f"cmdstat_{k}", {}).get("calls", 0)) for k in ("multi", "fcall", "evalsha", "eval")}
 
     try:
         head = Head(make_settings(redis_server), tiny_tokenizer, 256, redis=r, consumer="head-test")
         await head.setup()
-        await submit(r, prompt="warm", id="warm")  # loads the script
+        await submit(r, prompt="warm", id="warm")
         assert await handle_all(head) == ["queued"]
         await submit(r, prompt="hello world", id="one")
         before = await calls()
         [(eid, fields)] = await deliver(r)
         assert await head.handle_entry(eid, fields) == "queued"
         after = await calls()
-        assert {k: after[k] - before[k] for k in after} == {"multi": 0, "evalsha": 1, "eval": 0}
+        assert {k: after[k] - before[k] for k in after} == {"multi": 0, "fcall": 1, "evalsha": 0, "eval": 0}
         await submit(r, prompt="hi", max_tokens="1", id="bad")
         await submit(r, prompt="hi", max_tokens="1", id="bad")
         before = await calls()
         assert await handle_all(head) == ["invalid_request", "duplicate"]
         after = await calls()
-        assert {k: after[k] - before[k] for k in after} == {"multi": 3, "evalsha": 0, "eval": 0}
+        assert {k: after[k] - before[k] for k in after} == {"multi": 3, "fcall": 0, "evalsha": 0, "eval": 0}
         assert len(await events(r, "bad")) == 1 and await heads_pending(r) == 0
     finally:
         await r.aclose()

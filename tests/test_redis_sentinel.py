@@ -1,8 +1,9 @@
 """Redis failover under Sentinel: a master, a replica and three sentinels on loopback.
 
-1. The loss window of asynchronous replication, measured: writers XADD as fast as they can, the master is
-   SIGKILLed, and we count the acknowledged entries the promoted replica does not have — without WAIT, and
-   with ``WAIT 1`` after each XADD (the ``wait_replicas`` knob), where none may be missing.
+1. The loss window of asynchronous replication, measured: writers XADD as fast as they can, the replica
+   falls behind (paused for 0.5 s), the master is SIGKILLed, and we count the acknowledged entries the
+   promoted replica does not have — without WAIT, and with ``WAIT 1`` after each XADD (the
+   ``wait_replicas`` knob), where none may be missing.
 2. Serving across a failover: head, a two-stage pipeline and the client all connect with a
    ``redis+sentinel://`` URL; the master is SIGKILLed under load; every request whose XADD was acknowledged
    completes (seq checked on the new master), and all three follow the new master by themselves.
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import threading
 import time
@@ -35,32 +37,41 @@ def sentinels():
     s.stop()
 
 
-def _write_until_killed(port: int, use_wait: bool, stop: threading.Event, acked: list, latencies: list) -> None:
-    r = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1, retry=None)
-    n = 0
+PAYLOAD = b"x" * 4096
+
+
+def _write_until_killed(port: int, use_wait: bool, stop: threading.Event, acked: list, latencies: list,
+                        lagging: threading.Event) -> None:
+    r = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1)
     while not stop.is_set():
         t = time.perf_counter()
         try:
-            eid = r.xadd("loss:test", {"n": n})
+            eid = r.xadd("loss:test", {"p": PAYLOAD})
             if use_wait and r.wait(1, 100) < 1:
                 continue  # not known to be on the replica: not acknowledged to the caller
         except (redis.ConnectionError, redis.TimeoutError):
             return
-        latencies.append(time.perf_counter() - t)
+        if not lagging.is_set():
+            latencies.append(time.perf_counter() - t)
         acked.append(eid)
-        n += 1
 
 
-def measure_loss(s: SentinelSet, use_wait: bool, write_s: float = 1.0) -> dict:
-    """Acknowledged XADDs missing on the promoted replica after SIGKILL of the master."""
+def measure_loss(s: SentinelSet, use_wait: bool, write_s: float = 0.5, lag_s: float = 0.5) -> dict:
+    """Acknowledged XADDs missing on the promoted replica after SIGKILL of the master. The replica is
+    paused (SIGSTOP) for the last ``lag_s`` before the kill: a replica that lags, as one does under load or
+    across a slow link, holds none of what the master acknowledged meanwhile."""
     old, new = (s.master, s.replica) if s.master_port() == s.master.port else (s.replica, s.master)
-    stop, acked, lat = threading.Event(), [], []
-    threads = [threading.Thread(target=_write_until_killed, args=(old.port, use_wait, stop, acked, lat))
+    stop, lagging, acked, lat = threading.Event(), threading.Event(), [], []
+    threads = [threading.Thread(target=_write_until_killed, args=(old.port, use_wait, stop, acked, lat, lagging))
                for _ in range(WRITERS)]
     for t in threads:
         t.start()
     time.sleep(write_s)
+    lagging.set()
+    new.proc.send_signal(signal.SIGSTOP)
+    time.sleep(lag_s)
     old.kill()
+    new.proc.send_signal(signal.SIGCONT)
     t_kill = time.monotonic()
     stop.set()
     for t in threads:
@@ -97,8 +108,9 @@ def test_wait_closes_the_async_replication_loss_window(sentinels):
     without = measure_loss(sentinels, use_wait=False)
     rejoin_old_master(sentinels)
     with_wait = measure_loss(sentinels, use_wait=True)
-    print(f"\nloss window, {WRITERS} writers on loopback: without WAIT {without['lost']} of {without['acked']} "
-          f"acknowledged XADDs lost (p50 {without['p50_ms']:.3f} ms a write); with WAIT 1 "
+    print(f"\nloss window, {WRITERS} writers of 4 KiB entries on loopback, replica 0.5 s behind: without WAIT "
+          f"{without['lost']} of {without['acked']} acknowledged XADDs lost (p50 {without['p50_ms']:.3f} ms a "
+          f"write before the lag); with WAIT 1 "
           f"{with_wait['lost']} of {with_wait['acked']} lost (p50 {with_wait['p50_ms']:.3f} ms); failover "
           f"{without['failover_s']:.1f}s / {with_wait['failover_s']:.1f}s")
     assert without["acked"] > 100 and with_wait["acked"] > 100

@@ -110,7 +110,7 @@ def test_model_name_defaults_to_folder():
     ("dtype='int4'\n[model]\npath='/m'\n", "dtype: 'int4' is not supported"),
     ("device='tpu'\n[model]\npath='/m'\n", "device: 'tpu' must be 'cpu' or 'cuda'"),
     ("[model]\npath='/m'\n[redis]\nurl='http://h'\n", "redis.url: scheme 'http' is not supported"),
-    ("[model]\npath='/m'\n[redis]\nurl='redis://h:notaport/0'\n", "redis.url: .* is not a valid URL"),
+    ("[model]\npath='/m'\n[redis]\nurl='redis://h:notaport/0'\n", "redis.url: h port 'notaport' .* must be 1-65535"),
     ("[model]\npath='/m'\n[redis]\nurl='redis://'\n", "redis.url: .* has no host"),
     ("[model]\npath='/m'\n[[pipelines]]\nid='p0'\nhetero_config=[2,1]\npp_partition=[3]\n",
      r"pipelines\['p0'\]: pp-partition: 1 stages given but hetero-config has 2"),
@@ -203,3 +203,32 @@ def test_redis_urls_with_password_reach_a_protected_server():
                 bad.ping()
         finally:
             bad.close()
+
+
+def test_redis_table_options_fold_into_the_url(toml_file):
+    path = toml_file('[model]\npath="/m"\n[redis]\nurl = "rediss://u:pw@r:6380/1"\nssl_ca_certs = "/ca b.pem"\n'
+                     'ssl_certfile = "/c.pem"\nssl_keyfile = "/c.key"\nwait_replicas = 1\n')
+    s = load_settings(path, env={})
+    assert s.redis.url == ("rediss://u:pw@r:6380/1?ssl_ca_certs=/ca%20b.pem&ssl_certfile=/c.pem"
+                           "&ssl_keyfile=/c.key&wait_replicas=1")
+    assert "pw" not in repr(s.redis)
+    # a flag's URL keeps the file's options
+    assert load_redis_url(path, "rediss://other:1/0", env={}).startswith("rediss://other:1/0?ssl_ca_certs=")
+    s = settings_from_dict({"model": {"path": "/m"}, "redis": {
+        "url": "redis://hexgen-head:pw@ignored:1/2", "sentinels": ["s1:26379", "s2:26380"], "service": "main"}})
+    assert s.redis.url == "redis+sentinel://hexgen-head:pw@s1:26379,s2:26380/main/2"
+
+
+@pytest.mark.parametrize("table, match", [
+    ({"url": "redis://h/0", "ssl_ca_certs": "/ca"}, "redis.url: ssl_ca_certs needs a TLS scheme"),
+    ({"url": "rediss://h/0", "ssl_cert_reqs": "maybe"}, "ssl_cert_reqs 'maybe' must be one of"),
+    ({"url": "rediss://h/0", "ssl_ca_certs": 3}, "redis.ssl_ca_certs: 3 must be a string"),
+    ({"url": "redis://h/0", "sentinels": ["s1:1"]}, "redis.sentinels, redis.service: set both"),
+    ({"url": "redis://h/0", "sentinels": "s1:1", "service": "m"}, "redis.sentinels: 's1:1' must be a list"),
+    ({"url": "redis://h/0", "wait_replicas": -1}, "redis.wait_replicas: -1 must be an integer"),
+    ({"url": "redis://h/0?wait_replicas=x"}, "redis.url: wait_replicas 'x' must be an integer"),
+    ({"url": "redis://h/0", "tls": True}, "redis.tls: unknown key"),
+])
+def test_redis_table_errors_name_the_key(table, match):
+    with pytest.raises(ConfigError, match=match):
+        settings_from_dict({"model": {"path": "/m"}, "redis": table})

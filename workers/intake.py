@@ -2,7 +2,7 @@
 
 :class:`RedisSource` is the engine's request source; a :class:`Prefetcher` thread reads and claims work off the
 engine loop and admits entries through the source (``_admit``); the engine loop's :meth:`RedisSource.poll`
-only takes what it queued. Results are posted by :mod:`workers.sink`, whose script also acks.
+only takes what it queued. Results are posted by :mod:`workers.sink`, whose function call also acks.
 
 Leases. Work entries are read with XREADGROUP (group ``pipelines``, consumer ``pipeline-<id>``) by the prefetch
 thread (below), only as many as the engine has room for. While a request is in flight

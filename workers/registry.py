@@ -241,6 +241,17 @@ class Registry:
                             self.pipeline_id, what, e)
                 time.sleep(1.0)
 
+    def restore(self, gen: Generation) -> None:
+        """Leader: write the running generation back when Redis lost the pipeline's record (a new, empty
+        server); the peers' own heartbeats rewrite their registrations."""
+        if not self.r.hsetnx(self.key, "generation", gen.number):
+            return
+        self.r.hset(self.key, mapping={"state": STATE_READY, "layout": self.layout, "rendezvous": gen.rendezvous,
+                                       "members": ",".join(gen.members), "model": self.model,
+                                       "world_size": str(self.world_size), "drain": "0",
+                                       "formed_at": f"{time.time():.3f}"})
+        log.warning("pipeline %s: Redis had lost its record; restored generation %d", self.pipeline_id, gen.number)
+
     def check_peers(self, rank: int, gen: Generation) -> str | None:
         """Why this rank's peer group is broken (a peer gone, restarted or re-formed), or None when healthy.
 
@@ -254,6 +265,8 @@ class Registry:
             pipe.hget(C.worker_key(wid), "instance")
         res = pipe.execute()
         number, state = (as_text(v) if v is not None else None for v in res[0])
+        if number is None and rank == 0:
+            self.restore(gen)
         if state in (STATE_DRAINING, STATE_STOPPED):
             return None
         if number is not None and int(number) != gen.number:

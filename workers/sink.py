@@ -2,7 +2,8 @@
 
 :class:`RedisSink` queues each step's outputs and a thread writes them with :class:`Poster`.
 
-Exactly-once posting. Events are appended by :data:`APPEND_SCRIPT` (one EVALSHA per step, atomic), at
+Exactly-once posting. Events are appended by the library function ``append`` (:mod:`hexgen.wire.functions`:
+one FCALL per step, atomic), at
 explicit stream ids: the token with ``seq`` n is entry ``<n+1>-0`` and ``done`` after n tokens is ``<n+1>-0``.
 An event at position p is appended only if the stream currently ends at position p-1 (empty for p = 0); if
 the stream already holds exactly this event (a retried write whose reply was lost) it counts as written;
@@ -10,7 +11,7 @@ anything else means another pipeline holds the request (a lease lapsed under a l
 stops posting it and never acks it. So the client sees each position once, in order, with no gap. Error
 events (dead letters) use ``*`` ids, which also end any late writer.
 
-Acks. The same script XACKs a request's work entry when it writes that request's ``done``, so a ``done`` is
+Acks. The same function XACKs a request's work entry when it writes that request's ``done``, so a ``done`` is
 never written without its ack or the other way round; a claimed entry whose stream already ends with
 ``done`` or ``error`` is only acked.
 """
@@ -29,6 +30,7 @@ from hexgen.engine.types import StepOutput
 from hexgen.wire import keys as C
 from hexgen.wire import trace
 from hexgen.wire.connection import REDIS_ERRORS, Backoff, ClientFactory, connect
+from hexgen.wire.functions import SyncFunction
 from hexgen.wire.protocol import (
     INTERNAL,
     ProtocolError,
@@ -46,46 +48,7 @@ def event_id(position: int) -> str:
     return f"{position + 1}-0"
 
 
-# KEYS[1] = work stream, KEYS[2..] = one result stream per event (in posting order).
-# ARGV = group, ttl, then per event: position, entry id to ack ("" = none), n field pairs, fields...
-# Returns per event: 1 appended, 2 already there (a retry), 0 refused (another writer holds the request).
-APPEND_SCRIPT = """
-local unpack = unpack or table.unpack
-local out, refused = {}, {}
-local a = 3
-for i = 2, #KEYS do
-  local key = KEYS[i]
-  local pos, entry, n = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
-  local fields = {}
-  for j = 1, 2 * n do fields[j] = ARGV[a + 2 + j] end
-  a = a + 3 + 2 * n
-  local id = (pos + 1) .. '-0'
-  local status = 0
-  if not refused[key] then
-    local here = redis.call('XRANGE', key, id, id)
-    if #here > 0 then
-      local same = #here[1][2] == #fields
-      for j = 1, #fields do same = same and here[1][2][j] == fields[j] end
-      if same then status = 2 end
-    else
-      local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-      local top_id = (#top > 0) and top[1][1] or nil
-      if (pos == 0 and top_id == nil) or top_id == (pos .. '-0') then
-        redis.call('XADD', key, id, unpack(fields))
-        status = 1
-      end
-    end
-  end
-  if status == 0 then
-    refused[key] = true
-  else
-    redis.call('EXPIRE', key, ARGV[2])
-    if entry ~= '' then redis.call('XACK', KEYS[1], ARGV[1], entry) end
-  end
-  out[#out + 1] = status
-end
-return out
-"""
+# The append itself is hexgen.wire.functions.APPEND (a Redis function, FCALL): statuses per event.
 APPENDED, ALREADY_THERE, REFUSED = 1, 2, 0
 
 
@@ -100,13 +63,14 @@ class Post:
 
 
 class Poster:
-    """Appends result events with :data:`APPEND_SCRIPT` (loaded once per client, EVALSHA afterwards)."""
+    """Appends result events with the library function ``append`` (FCALL; while the library is missing
+    and this user may not load it, :class:`~hexgen.wire.functions.LibraryMissing`, an outage to retry)."""
 
     def __init__(self, client: redis.Redis, work_stream: str, result_ttl_s: int) -> None:
         self.client = client
         self.work_stream = work_stream
         self.result_ttl_s = result_ttl_s
-        self._script = client.register_script(APPEND_SCRIPT)
+        self._append = SyncFunction(client, "append")
 
     def post(self, posts: list[Post]) -> list[int]:
         """Status of each post (APPENDED, ALREADY_THERE or REFUSED), in order; one round trip."""
@@ -118,7 +82,7 @@ class Poster:
             args += [p.position, p.entry, len(p.fields)]
             for k, v in p.fields.items():
                 args += [k, v]
-        return [int(x) for x in self._script(keys=keys, args=args)]
+        return [int(x) for x in self._append(keys, args)]
 
 
 _MAX_STEPS_PER_WRITE = 256  # steps that piled up while Redis was slow go out together
@@ -143,7 +107,7 @@ class _Out:
 class RedisSink:
     """Output sink of the last-stage leader.
 
-    :meth:`emit` only queues; a writer thread sends everything queued in one atomic script call (token and
+    :meth:`emit` only queues; a writer thread sends everything queued in one atomic function call (token and
     done events at explicit ids, EXPIRE, XACK of each finished request's work entry). Redis errors are
     retried with backoff (retries are idempotent); :meth:`close` flushes for up to ``flush_timeout_s``.
     """

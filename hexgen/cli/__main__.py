@@ -10,6 +10,7 @@ COMMANDS = {
     "head": ("hexgen.cli.head", "validate requests from Redis and feed the work streams"),
     "worker": ("hexgen.cli.worker", "start the TP ranks of one pipeline stage"),
     "status": ("hexgen.cli.status", "workers, pipelines and queue depths"),
+    "redis-acl": ("hexgen.cli.redis_acl", "write a Redis ACL file: one least-privilege user per role"),
     "fetch-model": ("hexgen.cli.fetch_model", "fetch and convert the embedded default model"),
     "bench": ("hexgen.cli.bench", "latency / throughput / serve benchmarks"),
     "plan": ("hexgen.cli.plan", "validate a layout and show each stage's ranks and layers"),

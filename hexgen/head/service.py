@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -57,6 +58,8 @@ from hexgen.wire.protocol import (
     encode_work_item,
     error_event,
 )
+from hexgen.wire.functions import aload_library
+from hexgen.wire.redis_url import async_wait_replicas, parse_redis_url
 from hexgen.wire.settings import Settings, async_redis
 
 log = logging.getLogger(__name__)
@@ -84,17 +87,29 @@ class Head:
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
         self.submitter = Submitter(redis, self.work_stream, self.limits.dedupe_ttl_s, self.limits.max_queue_depth)
+        self._durability = parse_redis_url(settings.redis.url)  # wait_replicas: WAIT after each submit
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        """Create the ``heads`` and ``pipelines`` groups (MKSTREAM, from the start of the stream)."""
+        """Create the ``heads`` and ``pipelines`` groups (MKSTREAM, from the start of the stream), load the
+        function library, and set the epoch when this Redis has none (a new or wiped server)."""
         for stream, group in ((C.REQUESTS_STREAM, C.HEADS_GROUP), (self.work_stream, C.PIPELINES_GROUP)):
             try:
                 await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
             except ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+        await aload_library(self.redis)
+        if await self.redis.set(C.EPOCH_KEY, uuid.uuid4().hex, nx=True):
+            log.info("head %s: this Redis had no epoch; set a new one", self.consumer)
+
+    async def check_epoch(self) -> None:
+        """Set everything up again when Redis lost its data (no epoch: a new, empty server)."""
+        if not await self.redis.exists(C.EPOCH_KEY):
+            log.warning("head %s: Redis has no epoch: it lost its data (restarted without persistence, or "
+                        "replaced); recreating the groups, the function library and the epoch", self.consumer)
+            await self.setup()
 
     def stop(self) -> None:
         """Stop reading; the entry being handled is finished first."""
@@ -107,21 +122,32 @@ class Head:
         return self._stopping.is_set()
 
     async def run(self) -> None:
-        """Set up groups, then read, handle and ack entries until ``stop()``; watch worker health meanwhile."""
-        await self.setup()
+        """Set up groups, then read, handle and ack entries until ``stop()``; watch worker health meanwhile.
+
+        Redis outages are waited out with backoff; a Redis that comes back without the groups (a new, empty
+        server) is set up again at once (``NOGROUP``) or by the health watch (no epoch)."""
         log.info("head %s: serving model %r from %s into %s", self.consumer, self.settings.model.name,
                  C.REQUESTS_STREAM, self.work_stream)
         watcher = asyncio.create_task(self.watch_health(), name="hexgen-head-health")
-        backoff = 0.1
+        backoff, ready = 0.1, False
         try:
             while not self.stopping:
                 try:
+                    if not ready:
+                        await self.setup()
+                        ready = True
                     await self.step()
                     backoff = 0.1
                 except (RedisConnectionError, RedisTimeoutError) as e:
                     log.warning("head %s: redis unavailable (%s); retrying in %.1fs", self.consumer, e, backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+                except ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    log.warning("head %s: the consumer group is gone (a new, empty Redis?); setting up again",
+                                self.consumer)
+                    ready = False
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -193,6 +219,8 @@ class Head:
         trace.stamp(req.meta, "head_send")
         item = encode_work_item(req, model)
         done = await asyncio.shield(self.submitter.submit(request_id, entry_id, item))
+        if self._durability.wait_replicas and done.status != OVER_LIMIT:
+            await async_wait_replicas(self.redis, self._durability)  # docs/reliability.md: the loss window
         if done.status == DUPLICATE:
             self._log_duplicate(request_id, entry_id, done.owner)
             return "duplicate"
@@ -321,9 +349,10 @@ class Head:
         return report
 
     async def watch_health(self) -> None:
-        """Check health every half heartbeat TTL until stopped."""
+        """Check the epoch and health every half heartbeat TTL until stopped."""
         while not self.stopping:
             try:
+                await self.check_epoch()
                 await self.check_health()
             except (RedisConnectionError, RedisTimeoutError, ResponseError) as e:
                 log.warning("head: health check failed: %s", e)

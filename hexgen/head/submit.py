@@ -1,7 +1,7 @@
-"""The head's one round trip for a valid request: reserve the id, check the depth, queue, ack (one script).
+"""The head's one round trip for a valid request: reserve the id, check the depth, queue, ack (one FCALL).
 
-:data:`SUBMIT_SCRIPT` runs atomically in Redis, so the steps the head took in two MULTIs (reserve + depth,
-then work XADD + XACK) cost one round trip and cannot be torn apart:
+The library function ``submit`` (:mod:`hexgen.wire.functions`) runs atomically in Redis, so the steps the head
+took in two MULTIs (reserve + depth, then work XADD + XACK) cost one round trip and cannot be torn apart:
 
 1. ``SET hexgen:dedupe:<id> <entry id> NX EX``; if the key names another entry, the entry is a duplicate:
    it is acked and nothing else is written (the original's result stream is the answer to both). A
@@ -19,41 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from hexgen.wire import keys as C
+from hexgen.wire.functions import AsyncFunction
 from hexgen.wire.protocol import as_text
 
-# KEYS: dedupe key, work stream, requests stream.
-# ARGV: entry id, dedupe TTL (s), pipelines group, heads group, max queue depth, then the work item's field pairs.
-# Returns {status, owner entry id, depth}; status 1 queued, 0 duplicate (acked), 2 overloaded (nothing written).
-SUBMIT_SCRIPT = """
-local unpack = unpack or table.unpack
-local entry = ARGV[1]
-redis.call('SET', KEYS[1], entry, 'NX', 'EX', ARGV[2])
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= entry then
-  redis.call('XACK', KEYS[3], ARGV[4], entry)
-  return {0, owner, 0}
-end
-local depth = 0
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local length = redis.call('XLEN', KEYS[2])
-  depth = length
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
-    local info = {}
-    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-    if info['name'] == ARGV[3] then
-      local pending = tonumber(info['pending']) or 0
-      local lag = tonumber(info['lag'])
-      if lag then depth = pending + lag else depth = pending + math.max(0, length - pending) end
-    end
-  end
-end
-if depth >= tonumber(ARGV[5]) then
-  return {2, entry, depth}
-end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
-redis.call('XACK', KEYS[3], ARGV[4], entry)
-return {1, entry, depth}
-"""
+# The steps themselves are hexgen.wire.functions.SUBMIT (a Redis function, FCALL).
 QUEUED, DUPLICATE, OVER_LIMIT = 1, 0, 2
 
 
@@ -68,13 +37,14 @@ class Submitted:
 
 
 class Submitter:
-    """Runs :data:`SUBMIT_SCRIPT` on an async client (EVALSHA; the client loads the script when Redis lacks it)."""
+    """Runs the library function ``submit`` on an async client (FCALL; the library is loaded when Redis lacks
+    it: the head's user may)."""
 
     def __init__(self, redis: Any, work_stream: str, dedupe_ttl_s: int, max_queue_depth: int) -> None:
         self.work_stream = work_stream
         self.dedupe_ttl_s = dedupe_ttl_s
         self.max_queue_depth = max_queue_depth
-        self._script = redis.register_script(SUBMIT_SCRIPT)
+        self._submit = AsyncFunction(redis, "submit")
 
     async def submit(self, request_id: str, entry_id: str, work_item: dict[str, bytes]) -> Submitted:
         """Reserve ``request_id`` for ``entry_id`` and, unless a duplicate or over the depth limit, queue
@@ -83,6 +53,6 @@ class Submitter:
         for k, v in work_item.items():
             args += [k, v]
         keys = [C.dedupe_key(request_id), self.work_stream, C.REQUESTS_STREAM]
-        status, owner, depth = await self._script(keys=keys, args=args)
+        status, owner, depth = await self._submit(keys, args)
         owner = as_text(owner)
         return Submitted(int(status), owner, int(depth))

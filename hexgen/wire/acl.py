@@ -71,7 +71,8 @@ HEAD = Role("head", "hexgen-head", (
 WORKER = Role("worker", "hexgen-worker", (
     *_CONNECTION, *_TRANSACTION,
     "xreadgroup", "xack", "xclaim", "xautoclaim", "xpending", "xgroup|create", "xadd", "xrange", "xrevrange",
-    "xread", "expire", "set", "get", "del", "exists", "hget", "hmget", "hgetall", "hset", "hincrby", "fcall"),
+    "xread", "expire", "set", "get", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hincrby",
+    "fcall"),
     (f"~{K.WORK_STREAM_PREFIX}*", f"~{K.RESULT_STREAM_PREFIX}*", f"%R~{K.CANCEL_STREAM}",
      f"%W~{K.DEADLETTER_STREAM}", f"%W~{K.TRACE_STREAM}", f"~{K.WORKER_KEY_PREFIX}*",
      f"~{K.HEARTBEAT_KEY_PREFIX}*", f"~{K.PIPELINE_KEY_PREFIX}*", f"~{K.AGENT_KEY_PREFIX}*",

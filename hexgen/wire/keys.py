@@ -30,6 +30,9 @@ WORKER_KEY_PREFIX = "hexgen:worker:"  # + worker id: hash (WORKER_FIELDS)
 HEARTBEAT_KEY_PREFIX = "hexgen:hb:"  # + worker id: SET value EX HEARTBEAT_TTL_S every HEARTBEAT_INTERVAL_S;
 # value: time.time() of the beat as a decimal string (status shows its age)
 PIPELINE_KEY_PREFIX = "hexgen:pipeline:"  # + pipeline id: hash (PIPELINE_FIELDS)
+KEY_NAMESPACE = "hexgen:"  # every key and stream below starts with it (the head's ACL key pattern)
+EPOCH_KEY = "hexgen:epoch"  # random token the head sets (NX) in a Redis that lacks it: a changed or missing
+# epoch tells clients and the head that Redis lost its data (a new, empty server)
 DEDUPE_KEY_PREFIX = "hexgen:dedupe:"  # + request id: SET NX EX by the head; value = request entry id
 WORKER_KEY_PATTERN = WORKER_KEY_PREFIX + "*"  # readers list workers with SCAN MATCH (no index set)
 PIPELINE_KEY_PATTERN = PIPELINE_KEY_PREFIX + "*"

@@ -14,7 +14,8 @@ Query options (anything else is an error naming the option):
 - TLS (redis-py's names): ``ssl_ca_certs`` (CA bundle), ``ssl_certfile`` + ``ssl_keyfile`` (client
   certificate, when the server requires one), ``ssl_cert_reqs`` (``required`` | ``optional`` | ``none``),
   ``ssl_check_hostname`` (true | false), ``ssl_password`` (the key file's pass phrase), ``ssl_ca_path``;
-- ``socket_connect_timeout``, ``health_check_interval``;
+- ``db`` (also the path's number; unix sockets have only this), ``socket_connect_timeout``,
+  ``health_check_interval``;
 - ``sentinel_username``, ``sentinel_password``;
 - durability: ``wait_replicas=N`` (with ``wait_timeout_ms``, default 1000): after a client's request XADD and
   after the head's submit, ``WAIT N`` for N replicas to hold the write before going on, which closes the
@@ -39,7 +40,7 @@ TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "
 CERT_REQS = ("required", "optional", "none")
 SECRET_OPTIONS = ("sentinel_password", "ssl_password")
 _BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-OPTIONS = (*TLS_OPTIONS, "socket_connect_timeout", "health_check_interval", "sentinel_username",
+OPTIONS = ("db", *TLS_OPTIONS, "socket_connect_timeout", "health_check_interval", "sentinel_username",
            "sentinel_password", "wait_replicas", "wait_timeout_ms")
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_WAIT_TIMEOUT_MS = 1000
@@ -162,7 +163,7 @@ def parse_redis_url(url: str) -> RedisTarget:
                 kwargs[key] = -1.0
             if not kwargs[key] > 0:
                 raise RedisUrlError(f"redis url: {key} {value!r} must be a number of seconds > 0")
-        elif key in ("health_check_interval", "wait_replicas", "wait_timeout_ms"):
+        elif key in ("db", "health_check_interval", "wait_replicas", "wait_timeout_ms"):
             if not value.isdigit():
                 raise RedisUrlError(f"redis url: {key} {value!r} must be an integer ≥ 0")
             if key == "wait_replicas":
@@ -197,7 +198,8 @@ def parse_redis_url(url: str) -> RedisTarget:
                                 "redis+sentinel://host1:26379,host2:26379/<service>[/db]")
         if len(parts) > 2:
             raise RedisUrlError(f"redis url: path {path!r} must be /<service>[/db]")
-        kwargs["db"] = _db(parts[1] if len(parts) > 1 else "", url)
+        if len(parts) > 1 or "db" not in kwargs:
+            kwargs["db"] = _db(parts[1] if len(parts) > 1 else "", url)
         if scheme.startswith("rediss"):
             kwargs["ssl"] = True
         return RedisTarget(scheme, _hosts(hosts, DEFAULT_SENTINEL_PORT, url), unquote(parts[0]), kwargs,
@@ -205,7 +207,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     if "," in hosts:
         raise RedisUrlError(f"redis url: {redact_url(url)!r} names several hosts; use redis+sentinel:// for "
                             "a Sentinel-managed Redis")
-    kwargs["db"] = _db(path.strip("/"), url)
+    if path.strip("/") or "db" not in kwargs:
+        kwargs["db"] = _db(path.strip("/"), url)
     if scheme == "rediss":
         kwargs["ssl"] = True
     return RedisTarget(scheme, _hosts(hosts, 6379, url), "", kwargs, sentinel_kwargs, wait_replicas,

@@ -8,7 +8,10 @@ default). Example file::
     device = "cuda"                # cpu | cuda
 
     [redis]
-    url = "rediss://:secret@redis.example:6380/0"   # redis://, rediss:// (TLS) or unix://; passwords ok
+    url = "rediss://:secret@redis.example:6380/0"   # redis://, rediss:// (TLS), unix://, redis+sentinel://
+    # ssl_ca_certs = "ca.pem"      # TLS options (or in the URL's query): ssl_certfile, ssl_keyfile, ...
+    # sentinels = ["s1:26379", "s2:26379", "s3:26379"]; service = "mymaster"   # instead of one host
+    # wait_replicas = 1            # WAIT for a replica after each accepted request (docs/reliability.md)
 
     [model]
     name = "smollm2-135m-instruct" # used in stream names: hexgen:work:<name>
@@ -33,7 +36,6 @@ import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -43,42 +45,77 @@ from hexgen.config import PRESETS, Layout, normalize_dtype
 from hexgen.errors import ConfigError
 from hexgen.head.validation import RequestLimits
 from hexgen.wire import keys as C
+from hexgen.wire.redis_url import RedisUrlError, async_client, parse_redis_url, redact_url, sync_client, with_options
 
 REDIS_URL_ENV = "HEXGEN_REDIS_URL"
 _NAME_RE = re.compile(C.ID_PATTERN)
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs and status output)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+_TLS_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 
 
 @dataclass(frozen=True)
 class RedisSettings:
-    """Where Redis is. ``url`` is kept out of repr because it may hold a password; see ``display_url``."""
+    """Where Redis is, and how to reach it (:mod:`hexgen.wire.redis_url`: schemes, query options).
+
+    The other fields are the same options written as ``[redis]`` keys; they are folded into ``url`` (its
+    query; ``sentinels`` + ``service`` make a ``redis+sentinel://`` URL), so every process is handed one
+    URL. ``url`` is kept out of repr because it may hold a password; see ``display_url``.
+    """
 
     url: str = field(default=C.DEFAULT_REDIS_URL, repr=False)
+    ssl_ca_certs: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_cert_reqs: str = ""
+    ssl_check_hostname: bool | None = None
+    sentinels: tuple[str, ...] = ()  # host:port of each sentinel
+    service: str = ""  # the sentinels' name of the master
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 0  # 0: the default (1000)
 
     def __post_init__(self) -> None:
+        url = self.url
+        if not isinstance(url, str):
+            raise ConfigError(f"redis.url: {url!r} must be a string")
+        if isinstance(self.sentinels, str) or not all(isinstance(h, str) and h for h in self.sentinels):
+            raise ConfigError(f"redis.sentinels: {self.sentinels!r} must be a list of \"host:port\" strings")
+        object.__setattr__(self, "sentinels", tuple(self.sentinels))
+        if bool(self.sentinels) != bool(self.service):
+            raise ConfigError("redis.sentinels, redis.service: set both (the sentinels' addresses and the "
+                              "name of the master they monitor) or neither")
+        if self.sentinels:  # the URL's credentials, db and options, the sentinels' addresses
+            try:
+                t = parse_redis_url(url)
+            except RedisUrlError as e:
+                raise ConfigError(f"redis.url: {str(e).removeprefix('redis url: ')}") from e
+            scheme = "rediss+sentinel" if t.tls else "redis+sentinel"
+            auth = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+            query = url.partition("?")[2]
+            url = (f"{scheme}://{auth + '@' if auth else ''}{','.join(self.sentinels)}/{self.service}/"
+                   f"{t.kwargs.get('db', 0)}" + (f"?{query}" if query else ""))
+        for key in ("wait_replicas", "wait_timeout_ms"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"redis.{key}: {value!r} must be an integer ≥ 0")
+        for key in _TLS_KEYS:
+            value = getattr(self, key)
+            if key == "ssl_check_hostname":
+                if value is not None and not isinstance(value, bool):
+                    raise ConfigError(f"redis.{key}: {value!r} must be true or false")
+            elif not isinstance(value, str):
+                raise ConfigError(f"redis.{key}: {value!r} must be a string")
+        options = {k: getattr(self, k) for k in _TLS_KEYS if getattr(self, k) not in ("", None)}
+        if self.wait_replicas:
+            options["wait_replicas"] = self.wait_replicas
+        if self.wait_timeout_ms:
+            options["wait_timeout_ms"] = self.wait_timeout_ms
         try:
-            parts = urlsplit(self.url)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as e:
-            raise ConfigError(f"redis.url: {redact_url(self.url)!r} is not a valid URL ({e})") from e
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(f"redis.url: scheme {parts.scheme!r} is not supported; use redis://, rediss:// "
-                              "or unix://")
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ConfigError(f"redis.url: {redact_url(self.url)!r} has no host (e.g. redis://localhost:6379/0)")
+            url = with_options(url, **options) if options else url
+            parse_redis_url(url)
+        except RedisUrlError as e:
+            raise ConfigError(f"redis.url: {str(e).removeprefix('redis url: ')}") from e
+        object.__setattr__(self, "url", url)
 
     @property
     def display_url(self) -> str:
@@ -319,19 +356,24 @@ def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | Non
 
 def load_redis_url(path: str | None = None, flag: str | None = None,
                    env: Mapping[str, str] | None = None) -> str:
-    """Just the Redis URL (for tools like ``hexgen status`` that need no model): flag, env, file, default."""
+    """Just the Redis URL (for tools like ``hexgen status`` that need no model): flag, env, file, default;
+    the file's other ``[redis]`` options (TLS, sentinels, wait) apply to whichever URL wins."""
     env = os.environ if env is None else env
     url = flag or env.get(REDIS_URL_ENV)
-    if not url and path:
+    table: dict[str, Any] = {}
+    if path:
         try:
             with open(path, "rb") as f:
-                table = tomllib.load(f).get("redis", {})
+                found = tomllib.load(f).get("redis", {})
         except OSError as e:
             raise ConfigError(f"config: cannot read {path!r}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path!r} is not valid TOML: {e}") from e
-        url = table.get("url") if isinstance(table, dict) else None
-    return RedisSettings(url or C.DEFAULT_REDIS_URL).url
+        table = dict(found) if isinstance(found, dict) else {}
+    if url:
+        table["url"] = url
+    table.setdefault("url", C.DEFAULT_REDIS_URL)
+    return _build(RedisSettings, "redis", table).url
 
 
 def add_settings_args(parser: argparse.ArgumentParser) -> None:
@@ -359,10 +401,11 @@ def with_redis_url(settings: Settings, url: str) -> Settings:
 
 
 def sync_redis(url: str, *, socket_timeout: float | None = None, **kwargs: Any) -> redis.Redis:
-    """A redis-py client (sync) for ``url``; give blocking readers ``socket_timeout`` > their BLOCK."""
-    return redis.Redis.from_url(url, socket_timeout=socket_timeout, **kwargs)
+    """A redis-py client (sync) for ``url`` (any scheme of :mod:`hexgen.wire.redis_url`, Sentinel
+    included); give blocking readers ``socket_timeout`` > their BLOCK."""
+    return sync_client(url, socket_timeout=socket_timeout, **kwargs)
 
 
 def async_redis(url: str, *, socket_timeout: float | None = None, **kwargs: Any) -> redis.asyncio.Redis:
     """A redis.asyncio client for ``url``; give blocking readers ``socket_timeout`` > their BLOCK."""
-    return redis.asyncio.Redis.from_url(url, socket_timeout=socket_timeout, **kwargs)
+    return async_client(url, socket_timeout=socket_timeout, **kwargs)
