@@ -142,7 +142,7 @@ def test_worker_waits_for_the_head_to_load_the_library(acl_redis):
 @pytest.mark.timeout(150)
 async def test_head_workers_and_client_serve_under_their_own_users(acl_redis, tmp_path):
     node, urls = acl_redis
-    dep = deploy(str(tmp_path), None, [PipelineSpec("p0", (1, 1), (2, 2))], url=urls["head"],
+    dep = deploy(str(tmp_path), None, [PipelineSpec("p0", (1,), (4,))], url=urls["head"],
                  head_url=urls["head"], worker_url=urls["worker"])
     try:
         async with HexGenClient(urls["client"], block_ms=200, timeout_s=60) as client:

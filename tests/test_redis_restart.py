@@ -1,4 +1,4 @@
-"""Redis going away under load, on one deployment (head + a two-stage pipeline on a fixed port):
+"""Redis going away under load, on one deployment (head + a one-stage pipeline on a fixed port):
 
 1. SIGKILL of an AOF (appendfsync everysec) redis-server mid-generation, restarted on its files: every
    request completes, each position once (seq checked), nothing left pending.
@@ -23,7 +23,7 @@ from tests.serving_harness import PipelineSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 N_TOKENS = 30
-PIPELINE = PipelineSpec("p0", (1, 1), (2, 2))
+PIPELINE = PipelineSpec("p0", (1,), (4,))
 
 
 @pytest.fixture
