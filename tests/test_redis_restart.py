@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -33,6 +34,7 @@ def dep(tmp_path):
     d = deploy(str(tmp_path), node, [PIPELINE], url=node.url(), worker_args=("--max-num-seqs", "4"))
     d.node = node
     yield d
+    print(d.logs()[-6000:] if os.environ.get("HEXGEN_TEST_LOGS") else "")
     d.stop()
 
 
@@ -87,9 +89,12 @@ async def test_aof_restart_completes_everything_and_a_wipe_errors_cleanly(dep):
         assert r.get(K.EPOCH_KEY) not in (None, epoch)
         groups = {g["name"] for g in r.xinfo_groups(K.REQUESTS_STREAM)}
         assert groups == {K.HEADS_GROUP.encode()}
-        await wait_until(lambda: r.exists(K.worker_key("p0:0"), K.worker_key("p0:1")) == 2, 10, "registrations")
+        ranks = [K.worker_key(f"p0:{rank}") for rank in range(sum(PIPELINE.hetero_config))]
+        await wait_until(lambda: r.exists(*ranks) == len(ranks), 10, "registrations")
         await wait_until(lambda: r.hget(K.pipeline_key("p0"), "rendezvous"), 10, "the pipeline record")
     r.close()
-    print(f"\nAOF restart: 6 requests, 0 lost, all done {aof_recovery_s:.1f}s after the SIGKILL; wipe: "
+    logs = dep.logs()
+    print(f"\nAOF restart: 6 requests, 0 lost, {logs.count('resuming at seq')} resumed after the lease, all done "
+          f"{aof_recovery_s:.1f}s after the SIGKILL; wipe: "
           f"{len(lost)} in-flight requests got RequestLost, {len(done)} completed, all answered "
           f"{answered_s:.1f}s and a new request served {serving_again_s:.1f}s after the empty server started")
