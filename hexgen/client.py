@@ -21,13 +21,24 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from hexgen.errors import HexGenError
 from hexgen.serving import constants as C
-from hexgen.serving.protocol import (DoneEvent, ErrorEvent, InternalError, InvalidRequest, NotFound,
-                                     Overloaded, TokenEvent, cancel_fields, parse_event, request_fields)
+from hexgen.serving.protocol import (
+    DoneEvent,
+    ErrorEvent,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    TokenEvent,
+    cancel_fields,
+    parse_event,
+    request_fields,
+)
 from hexgen.serving.protocol import RequestError as HexGenRequestError
 from hexgen.serving.settings import RedisSettings, async_redis
 
@@ -58,7 +69,7 @@ class GenerationStream:
     resumed request never shows a token twice.
     """
 
-    def __init__(self, client: "HexGenClient", fields: dict[str, str], request_id: str,
+    def __init__(self, client: HexGenClient, fields: dict[str, str], request_id: str,
                  timeout_s: float | None) -> None:
         self._client = client
         self._fields = fields
@@ -126,7 +137,7 @@ class HexGenClient:
         self.redis = redis if redis is not None else async_redis(
             self.url, socket_timeout=C.socket_timeout_for(block_ms))
 
-    async def __aenter__(self) -> "HexGenClient":
+    async def __aenter__(self) -> HexGenClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

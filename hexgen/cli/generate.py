@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from hexgen.config import EngineConfig, Layout, check_devices, preset, PRESETS
+from hexgen.config import PRESETS, EngineConfig, Layout, check_devices, preset
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams

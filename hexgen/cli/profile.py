@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from hexgen.config import ModelConfig, PRESETS, preset
+from hexgen.config import PRESETS, ModelConfig, preset
 from hexgen.errors import HexGenError
 
 

@@ -5,7 +5,7 @@ import logging
 import multiprocessing as mp
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from hexgen.config import EngineConfig, Layout
 from hexgen.engine.pipeline import RankSpec, run_rank

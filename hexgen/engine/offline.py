@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgpack
 import torch

@@ -21,7 +21,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -127,7 +127,7 @@ def tune(layers: list[torch.nn.Module]) -> dict[tuple[int, int], Config | None]:
             if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
                 log.warning("gemv %s on [%d, %d]: differs from cuBLAS; not used", cfg, n, k)
                 continue
-            times[cfg] = _time_us(lambda a, b: gemv(a, b, cfg), weights, x)
+            times[cfg] = _time_us(lambda a, b, c=cfg: gemv(a, b, c), weights, x)
         best = min(times, key=times.get) if times else None
         chosen[(n, k)] = best
         for m in group:

@@ -13,6 +13,7 @@ returns None and the cost model falls back to its datasheet estimate.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import os
@@ -258,11 +259,11 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
     import torch
 
     from hexgen.config import StageSpec, normalize_dtype, valid_tp_degrees
-    from hexgen.model.timing import replay_time
     from hexgen.engine.kv_cache import allocate_cache
     from hexgen.model.attention import build_meta
     from hexgen.model.loader import build_stage, init_random
     from hexgen.model.rope import RotaryCache
+    from hexgen.model.timing import replay_time
     from hexgen.parallel.groups import TPContext
 
     class ShardOnly(TPContext):
@@ -303,7 +304,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
             times = []
             with torch.inference_mode():
                 if cuda and prof.graphs and context > tokens:
-                    step = (lambda m=model, c=kv: m(x, cos, sin, c, meta))  # noqa: E731
+                    step = functools.partial(model, x, cos, sin, kv, meta)
                     times.append(replay_time(step, prof.warmup, prof.reps))
                 for i in range(0 if times else prof.warmup + prof.reps):
                     if cuda:

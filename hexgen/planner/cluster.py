@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from hexgen.errors import ConfigError
-from hexgen.planner.devices import DEVICE_SPECS, GB, GiB, TFLOPS, DeviceSpec, device_spec
+from hexgen.planner.devices import DEVICE_SPECS, GB, TFLOPS, DeviceSpec, GiB, device_spec
 
 
 @dataclass(frozen=True)

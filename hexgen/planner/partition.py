@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 Stage = tuple[int, int]  # (node index, TP degree)
 Replica = tuple[Stage, ...]
