@@ -101,31 +101,34 @@ class Calibration:
         context = max(context, tokens)
         if context < PREFILL_RATIO * tokens:
             return _interp_tokens([p for p in pts if p.is_prefill], tokens)
-        # Decode: per-family (context per token) value at `tokens`, then affine in context.
-        families: dict[float, list[Point]] = {}
-        for p in pts:
-            if not p.is_prefill:
-                families.setdefault(round(p.context / p.tokens, 6), []).append(p)
-        vals = []
-        for ratio in sorted(families):
-            t = _interp_tokens(families[ratio], tokens)
-            if t is not None:
-                vals.append((ratio * tokens, t))
-        if not vals:
-            return None
-        if len(vals) == 1:
-            c0, t0 = vals[0]
-            return t0 if 0.5 <= context / c0 <= 2.0 else None
-        # Linear between the two families bracketing the query context; beyond the measured contexts,
-        # extrapolated from the nearest end with the end segment's slope (clamped >= 0).
-        cs = [c for c, _ in vals]
-        i = min(max(bisect.bisect_left(cs, context), 1), len(vals) - 1)
-        (c0, t0), (c1, t1) = vals[i - 1], vals[i]
-        slope = (t1 - t0) / (c1 - c0) if c1 > c0 else 0.0
-        if c0 <= context <= c1:
-            return t1 if context == c1 else t0 + slope * (context - c0)
-        end_c, end_t = (c0, t0) if context < c0 else (c1, t1)
-        return max(min(t0, t1), end_t + max(0.0, slope) * (context - end_c))
+        return _interp_decode([p for p in pts if not p.is_prefill], tokens, context)
+
+
+def _interp_decode(pts: list[Point], tokens: int, context: int) -> float | None:
+    """Decode time: per-family (context per token) value at ``tokens``, then affine in context."""
+    families: dict[float, list[Point]] = {}
+    for p in pts:
+        families.setdefault(round(p.context / p.tokens, 6), []).append(p)
+    vals = []
+    for ratio in sorted(families):
+        t = _interp_tokens(families[ratio], tokens)
+        if t is not None:
+            vals.append((ratio * tokens, t))
+    if not vals:
+        return None
+    if len(vals) == 1:
+        c0, t0 = vals[0]
+        return t0 if 0.5 <= context / c0 <= 2.0 else None
+    # Linear between the two families bracketing the query context; beyond the measured contexts,
+    # extrapolated from the nearest end with the end segment's slope (clamped >= 0).
+    cs = [c for c, _ in vals]
+    i = min(max(bisect.bisect_left(cs, context), 1), len(vals) - 1)
+    (c0, t0), (c1, t1) = vals[i - 1], vals[i]
+    slope = (t1 - t0) / (c1 - c0) if c1 > c0 else 0.0
+    if c0 <= context <= c1:
+        return t1 if context == c1 else t0 + slope * (context - c0)
+    end_c, end_t = (c0, t0) if context < c0 else (c1, t1)
+    return max(min(t0, t1), end_t + max(0.0, slope) * (context - end_c))
 
 
 def _interp_tokens(pts: list[Point], tokens: int) -> float | None:
@@ -173,13 +176,7 @@ def calibration_from_dict(d: dict) -> Calibration:
     for k in ("device", "model", "points"):
         if k not in d:
             raise ConfigError(f"calibration.{k}: missing")
-    if not isinstance(d["points"], list):
-        raise ConfigError("calibration.points: must be a list of {tp, tokens, context, seconds}")
-    points = []
-    for i, p in enumerate(d["points"]):
-        if not isinstance(p, dict) or set(p) != {"tp", "tokens", "context", "seconds"}:
-            raise ConfigError(f"calibration.points[{i}]: {p!r} must have exactly tp, tokens, context, seconds")
-        points.append(Point(p["tp"], p["tokens"], p["context"], p["seconds"]))
+    points = _points_from_list(d["points"])
     meta = d.get("meta", {})
     if not isinstance(meta, dict):
         raise ConfigError("calibration.meta: must be an object")
@@ -187,6 +184,17 @@ def calibration_from_dict(d: dict) -> Calibration:
     if not isinstance(dtype, str):
         raise ConfigError(f"calibration.dtype: {dtype!r} must be a string")
     return Calibration(d["device"], d["model"], tuple(points), dtype, meta)
+
+
+def _points_from_list(items: object) -> list[Point]:
+    if not isinstance(items, list):
+        raise ConfigError("calibration.points: must be a list of {tp, tokens, context, seconds}")
+    points = []
+    for i, p in enumerate(items):
+        if not isinstance(p, dict) or set(p) != {"tp", "tokens", "context", "seconds"}:
+            raise ConfigError(f"calibration.points[{i}]: {p!r} must have exactly tp, tokens, context, seconds")
+        points.append(Point(p["tp"], p["tokens"], p["context"], p["seconds"]))
+    return points
 
 
 def load_calibration(path: str) -> Calibration:
