@@ -294,7 +294,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch" (reference), "sdpa", "auto"
     cuda_graphs: bool = False
     async_steps: bool = True  # one-stage TP 1 pipelines: enqueue step N+1 before step N's ids reach the host
-    async_steps_tp: bool = False  # the same for one-stage TP > 1 pipelines (docs/benchmarks.md, run 12)
+    async_steps_tp: bool = False  # the same for one-stage TP > 1 pipelines (opt-in: not yet measured under load)
     seed: int = 0  # random-weight initialisation seed
     collect_logits: bool = False  # attach float32 logits to every StepOutput (tests, debugging)
     extra: dict = field(default_factory=dict, compare=False, hash=False)

@@ -12,7 +12,7 @@ from hexgen.planner.simulator import SimConfig, SimResult, max_rate_under_slo, p
     saturated_rate, simulate
 
 
-# -- stubs shaped like API.md's Plan / ReplicaPlan / StagePlan / Cluster / CostModel ---------------------------
+# -- stubs shaped like hexgen.planner.search's Plan / ReplicaPlan / StagePlan / Cluster / CostModel ------------
 @dataclass(frozen=True)
 class Dev:
     name: str
