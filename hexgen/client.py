@@ -134,7 +134,8 @@ class HexGenClient:
         self.block_ms = block_ms
         self.timeout_s = timeout_s
         self._own = redis is None
-        self.redis = redis if redis is not None else async_redis(
+        # any redis.asyncio-compatible client (fakeredis in tests): redis-py's own annotations mix sync and async
+        self.redis: Any = redis if redis is not None else async_redis(
             self.url, socket_timeout=C.socket_timeout_for(block_ms))
 
     async def __aenter__(self) -> HexGenClient:

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import socket
 import time
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 
 from hexgen.config import EngineConfig, Layout
 from hexgen.engine.pipeline import RankSpec, run_rank
@@ -28,13 +29,13 @@ def free_port() -> int:
 
 def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,
                 source_factory: Callable[[], RequestSource], sink_factory: Callable[[], OutputSink],
-                devices: list[int] | None = None, report: Callable | None = None) -> list[mp.Process]:
+                devices: list[int] | None = None, report: Callable | None = None) -> list[BaseProcess]:
     """Spawn every rank of ``layout`` on this host; rank 0 gets the source, the last leader the sink, and
     every rank ``report`` (picklable; see run_rank)."""
     init = f"tcp://127.0.0.1:{free_port()}"
     last = layout.stages()[-1].leader
     ctx = mp.get_context("spawn")
-    procs = []
+    procs: list[BaseProcess] = []
     for rank in range(layout.world_size):
         dev = devices[rank] if devices else None
         spec = RankSpec(rank, layout, model, engine, init, dev)
@@ -46,7 +47,7 @@ def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,
     return procs
 
 
-def stop_ranks(procs: list[mp.Process], grace_s: float = 5.0) -> None:
+def stop_ranks(procs: list[BaseProcess], grace_s: float = 5.0) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -58,7 +59,7 @@ def stop_ranks(procs: list[mp.Process], grace_s: float = 5.0) -> None:
             p.join()
 
 
-def wait_ranks(procs: list[mp.Process], on_tick: Callable[[], None] | None = None,
+def wait_ranks(procs: list[BaseProcess], on_tick: Callable[[], None] | None = None,
                tick_s: float = 0.05) -> None:
     """Wait for every rank; if one fails, stop the others and raise LaunchError."""
     try:

@@ -102,7 +102,7 @@ def run_offline(layout: Layout, model: ModelSpec, engine: EngineConfig, requests
     send.close()
 
     def drain() -> None:
-        while reports is not None and not reports.empty():
+        while reports is not None and on_report is not None and not reports.empty():
             on_report(RankReport.from_dict(reports.get()))
         while recv.poll(0.05):
             try:

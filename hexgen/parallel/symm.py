@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,7 @@ class OneShotAllReduce:
         self.max_elems = max_elems
         self.buf = symm.empty(max_elems, dtype=dtype, device=device)  # [max_elems]
         symm.rendezvous(self.buf, self.name)
+        self._copy_op: Callable[..., Any] | None
         try:  # copies the local input into the buffer inside the all-reduce kernel (newer PyTorch)
             self._copy_op = torch.ops.symm_mem.one_shot_all_reduce_copy
         except (AttributeError, RuntimeError):

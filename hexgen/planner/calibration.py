@@ -336,10 +336,10 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
         if cuda:
             torch.cuda.empty_cache()
     from hexgen.planner.costmodel import layer_shape
-    meta = {"torch": torch.__version__, "host": platform.node(), "torch_device": device,
+    info = {"torch": torch.__version__, "host": platform.node(), "torch_device": device,
             "device_label": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
             "warmup": prof.warmup, "reps": prof.reps, "block_size": bs,
             "graphs": prof.graphs and cuda,
             "note": "one decoder layer, one TP rank's shard shapes, all-reduce excluded"
                     + ("; decode points: mean of CUDA-graph replays" if prof.graphs and cuda else "")}
-    return Calibration(device_name, layer_shape(cfg), tuple(points), normalize_dtype(dtype), meta)
+    return Calibration(device_name, layer_shape(cfg), tuple(points), normalize_dtype(dtype), info)

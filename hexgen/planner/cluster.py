@@ -203,9 +203,9 @@ def _devices(table: Any) -> dict[str, DeviceSpec]:
                 base = None
         mem, bw, fl = (_number(d, k, where) for k in ("memory_gib", "mem_bandwidth_gbs", "peak_tflops"))
         if base is None:
-            missing = [k for k, v in zip(("memory_gib", "mem_bandwidth_gbs", "peak_tflops"), (mem, bw, fl))
-                       if v is None]
-            if missing:
+            if mem is None or bw is None or fl is None:
+                missing = [k for k, v in zip(("memory_gib", "mem_bandwidth_gbs", "peak_tflops"), (mem, bw, fl))
+                           if v is None]
                 raise ConfigError(f"{where}: a new device needs {', '.join(missing)} (or base = a known device)")
             base = DeviceSpec(name, int(mem * GiB), bw * GB, fl * TFLOPS)
         out[name] = DeviceSpec(

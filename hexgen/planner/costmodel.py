@@ -20,7 +20,7 @@ model's heads do not allow raises ConfigError; ``tokens`` and ``context`` may be
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hexgen.config import ModelConfig, valid_tp_degrees
 from hexgen.errors import ConfigError
@@ -67,6 +67,9 @@ class CostModel:
     dtype_bytes: int = 2
     # one Calibration, or several (one per device type: each covers the points of the device it measured)
     calibration: Calibration | tuple[Calibration, ...] | None = None
+    # derived in __post_init__
+    _valid_tp: frozenset[int] = field(init=False, repr=False, compare=False)
+    _cals: tuple[Calibration, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
