@@ -19,6 +19,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import cast
 
 from hexgen.errors import ConfigError
 
@@ -269,6 +270,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
     from hexgen.config import StageSpec, normalize_dtype, valid_tp_degrees
     from hexgen.engine.kv_cache import allocate_cache
     from hexgen.model.attention import build_meta
+    from hexgen.model.llama import DecoderLayer
     from hexgen.model.loader import build_stage, init_random
     from hexgen.model.rope import RotaryCache
     from hexgen.model.timing import replay_time
@@ -296,7 +298,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
         stage = StageSpec(index=1, tp=tp, layer_start=0, layer_end=1, first_rank=0, num_stages=3)  # no embed/head
         model = build_stage(cfg, stage, ShardOnly(0, tp), tdtype, dev)
         init_random(model, prof.seed, 0)
-        n_kv = model.layers[0].attn.n_kv
+        n_kv = cast(DecoderLayer, model.layers[0]).attn.n_kv
         for tokens, context in shapes:
             per_seq = context // tokens
             seqs, q_len = (tokens, 1) if context > tokens else (1, tokens)
@@ -306,7 +308,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
             ctx_len = per_seq if context > tokens else tokens
             positions = [p for _ in range(seqs) for p in range(ctx_len - q_len, ctx_len)]
             meta = build_meta(positions, [q_len] * seqs, [ctx_len] * seqs, tables, bs, dev)
-            cos, sin = rotary.lookup(meta.positions, tdtype)
+            cos, sin = rotary.lookup(cast(torch.Tensor, meta.positions), tdtype)  # build_meta sets them
             g = torch.Generator(device=dev).manual_seed(prof.seed)
             x = torch.randn(tokens, cfg.hidden_size, generator=g, device=dev).to(tdtype)  # [tokens, hidden]
             times = []
