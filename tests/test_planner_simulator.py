@@ -278,6 +278,7 @@ def test_latency_grows_with_load():
     assert lat[0] < lat[1] < lat[2]
 
 
+@pytest.mark.perf
 def test_2000_requests_is_fast():
     plan = make_plan([(FAST, 8), (SLOW, 4)], [(FAST, 6), (FAST, 6)], [(SLOW, 12)])
     t0 = time.perf_counter()
