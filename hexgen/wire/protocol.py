@@ -2,7 +2,7 @@
 
 - Work items (``hexgen:work:<model>``): fields ``id`` (readable request id), ``model`` (readable) and ``data``
   (msgpack of ``Request.to_dict()`` plus ``model``).
-- Result events (``hexgen:result:<id>``): flat string fields exactly as DESIGN.md's wire protocol::
+- Result events (``hexgen:result:<id>``): flat string fields, the public wire protocol (README)::
 
       event token seq <n> ids <comma-separated ids> text <delta>
       event done finish_reason length|stop|eos|cancelled prompt_tokens <n> completion_tokens <n>
