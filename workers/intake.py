@@ -123,7 +123,7 @@ class Prefetcher:
         self._group_ok = False
         self._thread = threading.Thread(target=self._run, name="work-prefetch", daemon=True)
 
-    def start(self) -> "Prefetcher":
+    def start(self) -> Prefetcher:
         """Start the reading thread; returns self."""
         self._thread.start()
         return self
@@ -310,7 +310,7 @@ class RedisSource:
         self._threads = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True),
                          threading.Thread(target=self._watch_control, name="cancel-reader", daemon=True)]
 
-    def start(self) -> "RedisSource":
+    def start(self) -> RedisSource:
         """Start the lease keeper, the cancel reader and the prefetch thread; returns self."""
         for t in self._threads:
             t.start()

@@ -163,7 +163,7 @@ class RedisSink:
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
 
-    def start(self) -> "RedisSink":
+    def start(self) -> RedisSink:
         """Start the writer thread; returns self."""
         self._thread.start()
         return self
