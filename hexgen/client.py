@@ -22,15 +22,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from hexgen.errors import HexGenError
-from hexgen.wire.connection import REDIS_ERRORS
 from hexgen.wire import keys as C
+from hexgen.wire.connection import REDIS_ERRORS
 from hexgen.wire.protocol import (
     DoneEvent,
     ErrorEvent,
@@ -84,7 +85,7 @@ class GenerationStream:
     resumed request never shows a token twice.
     """
 
-    def __init__(self, client: "HexGenClient", fields: dict[str, str], request_id: str,
+    def __init__(self, client: HexGenClient, fields: dict[str, str], request_id: str,
                  timeout_s: float | None) -> None:
         self._client = client
         self._fields = fields
@@ -171,7 +172,8 @@ class HexGenClient:
         self.reconnect_s = reconnect_s
         self._own = redis is None
         # no retries inside redis-py: this client must see each lost connection to resend its requests
-        self.redis = redis if redis is not None else async_redis(
+        # any redis.asyncio-compatible client (fakeredis in tests): redis-py's own annotations mix sync and async
+        self.redis: Any = redis if redis is not None else async_redis(
             self.url, socket_timeout=C.socket_timeout_for(block_ms), retry=Retry(NoBackoff(), 0))
 
     async def _submit(self, fields: dict[str, str], request_id: str) -> bytes | None:
@@ -217,7 +219,7 @@ class HexGenClient:
             raise RequestLost(f"request {request_id}: Redis lost its data while the request was in flight (a "
                               "new, empty server); it will not be answered")
 
-    async def __aenter__(self) -> "HexGenClient":
+    async def __aenter__(self) -> HexGenClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -34,16 +34,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 import redis
 import redis.asyncio
-import tomllib
 
 from hexgen.config import PRESETS, Layout, normalize_dtype
 from hexgen.errors import ConfigError
-from hexgen.head.validation import RequestLimits
 from hexgen.wire import keys as C
 from hexgen.wire.redis_url import RedisUrlError, async_client, parse_redis_url, redact_url, sync_client, with_options
 
@@ -52,6 +52,18 @@ _NAME_RE = re.compile(C.ID_PATTERN)
 
 
 _TLS_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps the head enforces on every request (from the deployment's ``[limits]``)."""
+
+    max_new_tokens: int = C.MAX_NEW_TOKENS_CAP
+    default_max_new_tokens: int = C.DEFAULT_MAX_NEW_TOKENS
+    max_field_bytes: int = C.MAX_FIELD_BYTES
+    max_request_bytes: int = C.MAX_REQUEST_BYTES
+    max_messages: int = C.MAX_MESSAGES
+    max_stop_strings: int = C.MAX_STOP_STRINGS
 
 
 @dataclass(frozen=True)
