@@ -113,15 +113,7 @@ class GenerationStream:
                 if left <= 0:
                     raise GenerationTimeout(f"request {self.id}: no result within {self.timeout_s}s")
                 block = max(1, min(block, int(left * 1000)))
-            try:
-                reply = await c.redis.xread({stream: last_id}, block=block, count=256)
-                if not reply:  # a block_ms without events: has Redis forgotten the request?
-                    await c._check_epoch(epoch, self.id)
-            except REDIS_ERRORS as e:
-                await c._reconnect(e, self.id)
-                await c._check_epoch(epoch, self.id)
-                await c._submit(self._fields, self.id)  # lost in a crash or failover? (a duplicate is a no-op)
-                continue
+            reply = await self._read(stream, last_id, block, epoch)
             for _name, entries in reply or []:
                 for entry_id, fields in entries:
                     last_id = entry_id
@@ -136,6 +128,22 @@ class GenerationStream:
                         return
                     elif isinstance(ev, ErrorEvent):
                         raise ev.to_exception()
+
+    async def _read(self, stream: str, last_id: Any, block: int, epoch: bytes | None) -> Any:
+        """One XREAD. Nothing for a ``block_ms``: check Redis still knows the request (its epoch). A lost
+        connection: reconnect, check the epoch, send the request again (a duplicate is a no-op; a request
+        lost in a crash or failover is served), then report nothing read."""
+        c = self._client
+        try:
+            reply = await c.redis.xread({stream: last_id}, block=block, count=256)
+            if not reply:
+                await c._check_epoch(epoch, self.id)
+            return reply
+        except REDIS_ERRORS as e:
+            await c._reconnect(e, self.id)
+            await c._check_epoch(epoch, self.id)
+            await c._submit(self._fields, self.id)
+            return None
 
     async def cancel(self) -> None:
         """Ask the pipeline to stop this request (it then ends with finish_reason ``cancelled``)."""

@@ -49,6 +49,7 @@ from hexgen.head.tokenizing import (
 from hexgen.head.validation import check_context, parse_request, peek_request_id
 from hexgen.wire import keys as C
 from hexgen.wire import trace
+from hexgen.wire.functions import aload_library
 from hexgen.wire.protocol import (
     InternalError,
     NotFound,
@@ -58,7 +59,6 @@ from hexgen.wire.protocol import (
     encode_work_item,
     error_event,
 )
-from hexgen.wire.functions import aload_library
 from hexgen.wire.redis_url import async_wait_replicas, parse_redis_url
 from hexgen.wire.settings import Settings, async_redis
 

@@ -128,6 +128,102 @@ def _db(text: str, url: str) -> int:
     return int(text)
 
 
+def _sentinel_target(url: str, scheme: str, hosts: str, path: str, kwargs: dict[str, Any],
+                     sentinel_kwargs: dict[str, Any], wait_replicas: int, wait_timeout_ms: int) -> RedisTarget:
+    """A ``redis+sentinel://`` URL's path: /<service>[/db]."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        raise RedisUrlError(f"redis url: {redact_url(url)!r} names no service; use "
+                            "redis+sentinel://host1:26379,host2:26379/<service>[/db]")
+    if len(parts) > 2:
+        raise RedisUrlError(f"redis url: path {path!r} must be /<service>[/db]")
+    if len(parts) > 1 or "db" not in kwargs:
+        kwargs["db"] = _db(parts[1] if len(parts) > 1 else "", url)
+    if scheme.startswith("rediss"):
+        kwargs["ssl"] = True
+    return RedisTarget(scheme, _hosts(hosts, DEFAULT_SENTINEL_PORT, url), unquote(parts[0]), kwargs,
+                       sentinel_kwargs, wait_replicas, wait_timeout_ms)
+
+
+def _text(key: str, value: str) -> str:
+    return value
+
+
+def _cert_reqs(key: str, value: str) -> str:
+    if value not in CERT_REQS:
+        raise RedisUrlError(f"redis url: {key} {value!r} must be one of {', '.join(CERT_REQS)}")
+    return value
+
+
+def _flag(key: str, value: str) -> bool:
+    if value.lower() not in _BOOL:
+        raise RedisUrlError(f"redis url: {key} {value!r} must be true or false")
+    return _BOOL[value.lower()]
+
+
+def _seconds(key: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise RedisUrlError(f"redis url: {key} {value!r} must be a number of seconds > 0")
+    return seconds
+
+
+def _count(key: str, value: str) -> int:
+    if not value.isdigit():
+        raise RedisUrlError(f"redis url: {key} {value!r} must be an integer ≥ 0")
+    return int(value)
+
+
+def _timeout_ms(key: str, value: str) -> int:
+    if _count(key, value) < 1:
+        raise RedisUrlError(f"redis url: {key} must be ≥ 1 (0 would make WAIT block forever when a replica is "
+                            "down)")
+    return int(value)
+
+
+_PARSERS = {"ssl_cert_reqs": _cert_reqs, "ssl_check_hostname": _flag, "socket_connect_timeout": _seconds,
+            "db": _count, "health_check_interval": _count, "wait_replicas": _count, "wait_timeout_ms": _timeout_ms}
+
+
+def _option(key: str, value: str, scheme: str) -> tuple[str, Any]:
+    """One query option checked: (where it goes: "kw", "sentinel" or "wait", its value)."""
+    if key not in OPTIONS:
+        raise RedisUrlError(f"redis url: query option {key!r} is unknown; allowed: {', '.join(OPTIONS)}")
+    if key in TLS_OPTIONS and not scheme.startswith("rediss"):
+        raise RedisUrlError(f"redis url: {key} needs a TLS scheme (rediss:// or rediss+sentinel://)")
+    if key.startswith("sentinel_") and not scheme.endswith("+sentinel"):
+        raise RedisUrlError(f"redis url: {key} is only for redis+sentinel:// URLs")
+    parsed = _PARSERS.get(key, _text)(key, value)
+    return ("sentinel" if key.startswith("sentinel_") else "wait" if key.startswith("wait_") else "kw"), parsed
+
+
+def _options(userinfo: str, query: str, scheme: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """(connection kwargs, sentinel kwargs, wait settings) from the URL's credentials and query."""
+    kwargs: dict[str, Any] = {}
+    sentinel_kwargs: dict[str, Any] = {}
+    wait = {"wait_replicas": 0, "wait_timeout_ms": DEFAULT_WAIT_TIMEOUT_MS}
+    user, _, password = userinfo.partition(":")
+    if user:
+        kwargs["username"] = unquote(user)
+    if password:
+        kwargs["password"] = unquote(password)
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        where, parsed = _option(key, value, scheme)
+        if where == "sentinel":
+            sentinel_kwargs[key.removeprefix("sentinel_")] = parsed
+        elif where == "wait":
+            wait[key] = parsed
+        else:
+            kwargs[key] = parsed
+    if ("ssl_certfile" in kwargs) != ("ssl_keyfile" in kwargs):
+        raise RedisUrlError("redis url: ssl_certfile and ssl_keyfile go together (the client certificate and "
+                            "its key)")
+    return kwargs, sentinel_kwargs, wait
+
+
 def parse_redis_url(url: str) -> RedisTarget:
     """Check ``url`` and say what it means; raises :class:`RedisUrlError` naming the problem."""
     if not isinstance(url, str) or not url:
@@ -136,54 +232,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     if scheme not in SCHEMES:
         raise RedisUrlError(f"redis url: scheme {scheme!r} is not supported; use one of "
                             f"{', '.join(s + '://' for s in SCHEMES)}")
-    kwargs: dict[str, Any] = {}
-    sentinel_kwargs: dict[str, Any] = {}
-    if userinfo:
-        user, _, password = userinfo.partition(":")
-        if user:
-            kwargs["username"] = unquote(user)
-        if password:
-            kwargs["password"] = unquote(password)
-    wait_replicas, wait_timeout_ms = 0, DEFAULT_WAIT_TIMEOUT_MS
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in OPTIONS:
-            raise RedisUrlError(f"redis url: query option {key!r} is unknown; allowed: {', '.join(OPTIONS)}")
-        if key in TLS_OPTIONS and not scheme.startswith("rediss"):
-            raise RedisUrlError(f"redis url: {key} needs a TLS scheme (rediss:// or rediss+sentinel://)")
-        if key == "ssl_cert_reqs" and value not in CERT_REQS:
-            raise RedisUrlError(f"redis url: ssl_cert_reqs {value!r} must be one of {', '.join(CERT_REQS)}")
-        if key in ("ssl_check_hostname",):
-            if value.lower() not in _BOOL:
-                raise RedisUrlError(f"redis url: {key} {value!r} must be true or false")
-            kwargs[key] = _BOOL[value.lower()]
-        elif key in ("socket_connect_timeout",):
-            try:
-                kwargs[key] = float(value)
-            except ValueError:
-                kwargs[key] = -1.0
-            if not kwargs[key] > 0:
-                raise RedisUrlError(f"redis url: {key} {value!r} must be a number of seconds > 0")
-        elif key in ("db", "health_check_interval", "wait_replicas", "wait_timeout_ms"):
-            if not value.isdigit():
-                raise RedisUrlError(f"redis url: {key} {value!r} must be an integer ≥ 0")
-            if key == "wait_replicas":
-                wait_replicas = int(value)
-            elif key == "wait_timeout_ms":
-                wait_timeout_ms = int(value)
-                if wait_timeout_ms < 1:
-                    raise RedisUrlError("redis url: wait_timeout_ms must be ≥ 1 (0 would make WAIT block "
-                                        "forever when a replica is down)")
-            else:
-                kwargs[key] = int(value)
-        elif key in ("sentinel_username", "sentinel_password"):
-            if not scheme.endswith("+sentinel"):
-                raise RedisUrlError(f"redis url: {key} is only for redis+sentinel:// URLs")
-            sentinel_kwargs[key.removeprefix("sentinel_")] = value
-        else:
-            kwargs[key] = value
-    if ("ssl_certfile" in kwargs) != ("ssl_keyfile" in kwargs):
-        raise RedisUrlError("redis url: ssl_certfile and ssl_keyfile go together (the client certificate and "
-                            "its key)")
+    kwargs, sentinel_kwargs, wait = _options(userinfo, query, scheme)
+    wait_replicas, wait_timeout_ms = wait["wait_replicas"], wait["wait_timeout_ms"]
     if scheme == "unix":
         if hosts or not path.strip("/"):
             raise RedisUrlError(f"redis url: {redact_url(url)!r} must be unix:///path/to/socket")
@@ -192,18 +242,7 @@ def parse_redis_url(url: str) -> RedisTarget:
     if not hosts:
         raise RedisUrlError(f"redis url: {redact_url(url)!r} has no host (e.g. redis://localhost:6379/0)")
     if scheme.endswith("+sentinel"):
-        parts = [p for p in path.split("/") if p]
-        if not parts:
-            raise RedisUrlError(f"redis url: {redact_url(url)!r} names no service; use "
-                                "redis+sentinel://host1:26379,host2:26379/<service>[/db]")
-        if len(parts) > 2:
-            raise RedisUrlError(f"redis url: path {path!r} must be /<service>[/db]")
-        if len(parts) > 1 or "db" not in kwargs:
-            kwargs["db"] = _db(parts[1] if len(parts) > 1 else "", url)
-        if scheme.startswith("rediss"):
-            kwargs["ssl"] = True
-        return RedisTarget(scheme, _hosts(hosts, DEFAULT_SENTINEL_PORT, url), unquote(parts[0]), kwargs,
-                           sentinel_kwargs, wait_replicas, wait_timeout_ms)
+        return _sentinel_target(url, scheme, hosts, path, kwargs, sentinel_kwargs, wait_replicas, wait_timeout_ms)
     if "," in hosts:
         raise RedisUrlError(f"redis url: {redact_url(url)!r} names several hosts; use redis+sentinel:// for "
                             "a Sentinel-managed Redis")

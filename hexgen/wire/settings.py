@@ -87,25 +87,26 @@ class RedisSettings:
     wait_timeout_ms: int = 0  # 0: the default (1000)
 
     def __post_init__(self) -> None:
-        url = self.url
-        if not isinstance(url, str):
-            raise ConfigError(f"redis.url: {url!r} must be a string")
+        if not isinstance(self.url, str):
+            raise ConfigError(f"redis.url: {self.url!r} must be a string")
+        self._check_types()
+        url = self._sentinel_url() if self.sentinels else self.url
+        options: dict[str, Any] = {k: getattr(self, k) for k in _TLS_KEYS if getattr(self, k) not in ("", None)}
+        options.update({k: getattr(self, k) for k in ("wait_replicas", "wait_timeout_ms") if getattr(self, k)})
+        try:
+            url = with_options(url, **options) if options else url
+            parse_redis_url(url)
+        except RedisUrlError as e:
+            raise ConfigError(f"redis.url: {str(e).removeprefix('redis url: ')}") from e
+        object.__setattr__(self, "url", url)
+
+    def _check_types(self) -> None:
         if isinstance(self.sentinels, str) or not all(isinstance(h, str) and h for h in self.sentinels):
             raise ConfigError(f"redis.sentinels: {self.sentinels!r} must be a list of \"host:port\" strings")
         object.__setattr__(self, "sentinels", tuple(self.sentinels))
         if bool(self.sentinels) != bool(self.service):
             raise ConfigError("redis.sentinels, redis.service: set both (the sentinels' addresses and the "
                               "name of the master they monitor) or neither")
-        if self.sentinels:  # the URL's credentials, db and options, the sentinels' addresses
-            try:
-                t = parse_redis_url(url)
-            except RedisUrlError as e:
-                raise ConfigError(f"redis.url: {str(e).removeprefix('redis url: ')}") from e
-            scheme = "rediss+sentinel" if t.tls else "redis+sentinel"
-            auth = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
-            query = url.partition("?")[2]
-            url = (f"{scheme}://{auth + '@' if auth else ''}{','.join(self.sentinels)}/{self.service}/"
-                   f"{t.kwargs.get('db', 0)}" + (f"?{query}" if query else ""))
         for key in ("wait_replicas", "wait_timeout_ms"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -117,17 +118,18 @@ class RedisSettings:
                     raise ConfigError(f"redis.{key}: {value!r} must be true or false")
             elif not isinstance(value, str):
                 raise ConfigError(f"redis.{key}: {value!r} must be a string")
-        options = {k: getattr(self, k) for k in _TLS_KEYS if getattr(self, k) not in ("", None)}
-        if self.wait_replicas:
-            options["wait_replicas"] = self.wait_replicas
-        if self.wait_timeout_ms:
-            options["wait_timeout_ms"] = self.wait_timeout_ms
+
+    def _sentinel_url(self) -> str:
+        """``url``'s credentials, db and options with the sentinels' addresses and the service."""
         try:
-            url = with_options(url, **options) if options else url
-            parse_redis_url(url)
+            t = parse_redis_url(self.url)
         except RedisUrlError as e:
             raise ConfigError(f"redis.url: {str(e).removeprefix('redis url: ')}") from e
-        object.__setattr__(self, "url", url)
+        scheme = "rediss+sentinel" if t.tls else "redis+sentinel"
+        auth = self.url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        query = self.url.partition("?")[2]
+        return (f"{scheme}://{auth + '@' if auth else ''}{','.join(self.sentinels)}/{self.service}/"
+                f"{t.kwargs.get('db', 0)}" + (f"?{query}" if query else ""))
 
     @property
     def display_url(self) -> str:
