@@ -92,9 +92,11 @@ async def test_aof_restart_completes_everything_and_a_wipe_errors_cleanly(dep):
         ranks = [K.worker_key(f"p0:{rank}") for rank in range(sum(PIPELINE.hetero_config))]
         await wait_until(lambda: r.exists(*ranks) == len(ranks), 10, "registrations")
         await wait_until(lambda: r.hget(K.pipeline_key("p0"), "rendezvous"), 10, "the pipeline record")
+    memory = r.info("memory")["used_memory_peak_human"]
     r.close()
     logs = dep.logs()
     print(f"\nAOF restart: 6 requests, 0 lost, {logs.count('resuming at seq')} resumed after the lease, all done "
           f"{aof_recovery_s:.1f}s after the SIGKILL; wipe: "
           f"{len(lost)} in-flight requests got RequestLost, {len(done)} completed, all answered "
-          f"{answered_s:.1f}s and a new request served {serving_again_s:.1f}s after the empty server started")
+          f"{answered_s:.1f}s and a new request served {serving_again_s:.1f}s after the empty server started; "
+          f"Redis peak memory {memory}")

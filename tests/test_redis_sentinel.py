@@ -155,8 +155,9 @@ async def test_head_workers_and_client_follow_a_failover(sentinels, tmp_path):
         for res in results:
             check_stream(r, res.id, n_tokens)
         assert r.xpending(K.work_stream("tiny"), K.PIPELINES_GROUP)["pending"] == 0
+        memory = r.info("memory")["used_memory_peak_human"]
         r.close()
         print(f"\nfailover under load: {len(results)} requests, 0 lost, all done {recovery_s:.1f}s after the "
-              "SIGKILL of the master")
+              f"SIGKILL of the master; new master's peak memory {memory}")
     finally:
         dep.stop()
