@@ -265,13 +265,37 @@ def with_options(url: str, **options: Any) -> str:
     return f"{scheme}://{userinfo + '@' if userinfo else ''}{hosts}{path}{q}"
 
 
+class _SentinelRedis(redis.Redis):
+    """The master's client; closing it also closes its connections to the sentinels."""
+
+    sentinel_clients: list[Any] = []
+
+    def close(self) -> None:
+        super().close()
+        for c in self.sentinel_clients:
+            c.close()
+
+
+class _AsyncSentinelRedis(redis.asyncio.Redis):
+    """The master's async client; closing it also closes its connections to the sentinels."""
+
+    sentinel_clients: list[Any] = []
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for c in self.sentinel_clients:
+            await c.aclose()
+
+
 def sync_client(url: str, **kwargs: Any) -> redis.Redis:
     """A redis-py client for ``url`` (sentinel-managed for ``redis+sentinel://``). ``kwargs``: socket_timeout…"""
     t = parse_redis_url(url)
     kw = {**t.kwargs, **kwargs}
     if t.sentinel:
         sentinel = redis.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kw(t, kw), **kw)
-        return sentinel.master_for(t.service, redis_class=redis.Redis)
+        client = sentinel.master_for(t.service, redis_class=_SentinelRedis)
+        client.sentinel_clients = list(sentinel.sentinels)
+        return client
     if t.scheme == "unix":
         return redis.Redis(**kw)
     host, port = t.hosts[0]
@@ -284,7 +308,9 @@ def async_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
     kw = {**t.kwargs, **kwargs}
     if t.sentinel:
         sentinel = redis.asyncio.sentinel.Sentinel(list(t.hosts), sentinel_kwargs=_sentinel_kw(t, kw), **kw)
-        return sentinel.master_for(t.service, redis_class=redis.asyncio.Redis)
+        client = sentinel.master_for(t.service, redis_class=_AsyncSentinelRedis)
+        client.sentinel_clients = list(sentinel.sentinels)
+        return client
     if t.scheme == "unix":
         return redis.asyncio.Redis(**kw)
     host, port = t.hosts[0]
