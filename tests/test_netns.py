@@ -100,7 +100,8 @@ class Cluster:
 def _start_redis(net: netns.Network, c: Cluster, binary: str) -> None:
     hub = net.hosts["hub"]
     c.spawn("hub", "redis", [binary, "--port", str(REDIS_PORT), "--bind", hub.address, "--unixsocket", c.sock,
-                             "--unixsocketperm", "700", "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", c.dir])
+                             "--unixsocketperm", "700", "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                             "--dir", c.dir])
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:

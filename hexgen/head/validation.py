@@ -139,6 +139,8 @@ def _json(name: str, raw: str) -> Any:
         return json.loads(raw, parse_constant=_reject_constant)
     except ValueError as e:
         raise InvalidRequest(f"{name}: not valid JSON ({e})") from e
+    except RecursionError as e:  # json's decoder recurses once per level of nesting
+        raise InvalidRequest(f"{name}: JSON nested too deeply") from e
 
 
 def parse_request_id(fields: Mapping[str, str], entry_id: str) -> str:
