@@ -75,7 +75,7 @@ def _device_info(engine: EngineConfig, device_index: int | None) -> tuple[str, i
 
 def open_source(cfg: IOConfig, generation: int) -> RedisSource:
     """Source factory of the stage-0 leader: the pipeline is ready once its source is up."""
-    src = RedisSource(cfg)
+    src = RedisSource(cfg).start()
     client = sync_redis(cfg.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
     try:
         set_pipeline_state(client, cfg.pipeline_id, STATE_READY, generation)
@@ -85,6 +85,11 @@ def open_source(cfg: IOConfig, generation: int) -> RedisSource:
         client.close()
     log.info("pipeline %s generation %d: ready", cfg.pipeline_id, generation)
     return src
+
+
+def open_sink(cfg: IOConfig) -> RedisSink:
+    """Sink factory of the last-stage leader."""
+    return RedisSink(cfg).start()
 
 
 class _Rank:
@@ -188,7 +193,7 @@ class _Rank:
                              rejoin=partial(self.registry.check_peers, self.a.rank, gen, after_lapse=True))
         io = IOConfig.from_settings(self.a.opts.settings, self.a.opts.pipeline_id, **self.a.opts.io_overrides)
         spec = RankSpec(self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index)
-        run_rank(spec, partial(open_source, io, gen.number), partial(RedisSink, io))
+        run_rank(spec, partial(open_source, io, gen.number), partial(open_sink, io))
         if self.a.rank == 0:
             try:
                 self.registry.set_state(STATE_STOPPED, gen)
