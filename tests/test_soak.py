@@ -7,8 +7,6 @@ random points, bad inputs, and one pipeline SIGKILLed and restarted midway (test
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 
 import pytest
@@ -43,22 +41,28 @@ def _pids(dep: Deployment) -> dict[str, int]:
 
 
 async def _kill_and_restart(dep: Deployment, pipeline: str, log: list[str]) -> None:
-    """SIGKILL every process of ``pipeline`` (worker parents first, so none restarts its ranks), then start
-    its workers again."""
+    """SIGKILL every process of ``pipeline`` (each worker's process group: the worker and its ranks), then
+    start its workers again."""
     ranks = [pid for name, pid in _pids(dep).items() if name.startswith(f"rank-{pipeline}-")]
+    t0 = time.monotonic()
     for stage in (0, 1):
-        dep.procs[f"worker-{pipeline}-{stage}"].kill()
-    for pid in ranks:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for stage in (0, 1):
-        dep.procs[f"worker-{pipeline}-{stage}"].wait(10)
-    log.append(f"SIGKILLed {pipeline} (ranks {ranks}) at {time.strftime('%H:%M:%S')}")
+        dep.children[f"worker-{pipeline}-{stage}"].reap()
+    log.append(f"SIGKILLed {pipeline} (workers and ranks {ranks})")
     await asyncio.sleep(1.0)
     for stage in (1, 0):
         dep.start_worker(pipeline, stage)
+    r = dep.client()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            state, gen = r.hmget(C.pipeline_key(pipeline), ["state", "generation"])
+            if state == b"ready" and int(gen or 0) >= 2:
+                log.append(f"{pipeline} ready again (generation {int(gen)}) {time.monotonic() - t0:.1f}s after "
+                           "the kill")
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        r.close()
 
 
 def _streams_left(dep: Deployment) -> dict[str, int]:
@@ -69,7 +73,7 @@ def _streams_left(dep: Deployment) -> dict[str, int]:
         r.close()
 
 
-def _wait_drained(dep: Deployment, baseline: int, timeout_s: float) -> int:
+def _wait_drained(dep: Deployment, timeout_s: float) -> int:
     """Wait until result streams and dedupe keys have expired; returns used_memory then."""
     r = dep.client()
     deadline = time.monotonic() + timeout_s
@@ -100,7 +104,7 @@ def _check(dep: Deployment, report: SoakReport, baseline_redis: int) -> None:
     # Redis holds no acked request or work entry, and once the results and dedupe keys expire, about
     # what it held before the run
     assert _streams_left(dep) == {C.REQUESTS_STREAM: 0, C.work_stream("tiny"): 0}
-    settled = _wait_drained(dep, baseline_redis, RESULT_TTL_S + DEDUPE_TTL_S + 30)
+    settled = _wait_drained(dep, RESULT_TTL_S + DEDUPE_TTL_S + 30)
     print(f"soak: redis used_memory before {baseline_redis / 2**20:.2f} MiB, after the TTLs "
           f"{settled / 2**20:.2f} MiB")
     assert settled - baseline_redis < 2 * 2**20
