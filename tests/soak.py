@@ -96,6 +96,13 @@ class SoakReport:
             return max(s.redis_used for s in self.samples)
         return max(s.rss.get(name, 0) for s in self.samples)
 
+    def rss_growth(self, name: str, since: float = 0.25) -> int:
+        """RSS of ``name`` at the end less its RSS ``since`` (a fraction) into the run: what a leak would add
+        once start-up allocations are done."""
+        t = since * self.duration_s
+        later = [s.rss[name] for s in self.samples if s.t >= t and name in s.rss]
+        return later[-1] - later[0] if later else 0
+
     def summary(self) -> str:
         good = [o for o in self.outcomes if o.kind == "good"]
         lat = sorted(o.latency_s for o in good) or [0.0]
@@ -109,7 +116,8 @@ class SoakReport:
                 f"bad {self.count('bad')}; lost {self.lost}, problems {len(self.problems)}; latency p50 "
                 f"{lat[len(lat) // 2]:.2f}s p99 {lat[int(len(lat) * 0.99)]:.2f}s; redis used_memory "
                 f"{first.redis_used / 2**20:.1f}->{self.peak() / 2**20:.1f}->{last.redis_used / 2**20:.1f} MiB; "
-                f"RSS start->peak->end: {rss}")
+                f"RSS start->peak->end: {rss}; RSS growth over the last 3/4 of the run: " +
+                ", ".join(f"{n} {self.rss_growth(n) / 2**20:+.1f} MiB" for n in sorted(last.rss)))
 
 
 def check_stream(o: Outcome, events: list, want_field: str | None) -> list[str]:
@@ -262,7 +270,7 @@ async def run_soak(url: str, *, n_requests: int, concurrency: int, cancel_frac: 
     half = asyncio.Event()
     t0 = time.monotonic()
     midway_at: list[float] = []
-    r = aioredis.from_url(url, socket_timeout=30)
+    r = aioredis.from_url(url, socket_timeout=30, max_connections=concurrency + 10)  # one per worker task, at most
     async with HexGenClient(url, block_ms=1000) as client:
 
         async def worker(k: int) -> None:

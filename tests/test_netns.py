@@ -113,8 +113,9 @@ def _start_redis(net: netns.Network, c: Cluster, binary: str) -> None:
     raise RuntimeError(f"redis-server did not start in host hub:\n{c.log('redis')}")
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The hosts and deployment, shared by this module's tests (in file order: the cut comes last)."""
     why = netns.unavailable()
     if why:
         pytest.skip(why)
@@ -122,6 +123,7 @@ def cluster(tmp_path):
     if binary is None:
         pytest.skip("redis-server is not installed")
     netns.sweep_stale()
+    tmp_path = tmp_path_factory.mktemp("netns")
     net = netns.Network()
     try:
         for name in ("hub", "s0", "s1", "p1", "cli"):
@@ -180,6 +182,12 @@ def test_rendezvous_and_groups_cross_real_interfaces(cluster):
     p0, p1 = c.pipeline("p0"), c.pipeline("p1")
     assert p0["rendezvous"].startswith(f"tcp://{hosts['s0'].address}:"), p0  # chosen automatically
     assert p1["rendezvous"].startswith(f"tcp://{hosts['p1'].address}:"), p1  # --advertise-host
+    for name in ("worker-p0-0", "worker-p0-1", "worker-p1-0", "worker-p1-1"):  # not the hostname's 127.0.0.1
+        assert "gloo uses interface eth0" in c.log(name, 200_000), c.log(name)
+    with c.redis() as r:
+        addrs = {w: r.hget(C.worker_key(w), "addr").decode() for w in ("p0:0", "p0:1", "p1:0", "p1:1")}
+    assert addrs == {"p0:0": hosts["s0"].address, "p0:1": hosts["s1"].address, "p1:0": hosts["p1"].address,
+                     "p1:1": hosts["p1"].address}
     answers = _answers(c, "warm", _client(c, "warm", PROMPTS[:4], 8), 120)
     assert [a.get("finish_reason") for a in answers] == ["length"] * 4, answers
 

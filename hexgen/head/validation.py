@@ -15,6 +15,9 @@ Policies:
   stop string that itself starts with ``[`` must be sent as a JSON list).
 - ``id`` defaults to the entry id XADD returned; an explicit id uses the characters in ``ID_ALLOWED_CHARS``.
 - Numbers are plain decimal literals; NaN and infinities are rejected.
+- JSON values (``messages``, a ``stop`` list) nested deeper than the decoder recurses are rejected.
+- A field given twice (redis-cli allows it): the last value counts, as for every reader that sees the entry
+  as a map (redis-py included).
 - ``messages`` items are objects with exactly the keys ``role`` (system, user, assistant, tool) and
   ``content`` (a string).
 
