@@ -163,7 +163,7 @@ class Network:
         self.hosts.clear()
         self._switch = ""
 
-    def __enter__(self) -> "Network":
+    def __enter__(self) -> Network:
         return self
 
     def __exit__(self, *exc: object) -> None:

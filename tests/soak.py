@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -120,44 +120,51 @@ class SoakReport:
                 ", ".join(f"{n} {self.rss_growth(n) / 2**20:+.1f} MiB" for n in sorted(last.rss)))
 
 
-def check_stream(o: Outcome, events: list, want_field: str | None) -> list[str]:
-    """Problems in one request's raw result stream (empty when it is exactly right)."""
+def _tokens(where: str, body: list) -> tuple[list[int], list[str]]:
+    """Token ids of the events before the terminal one, and problems: a non-token event, or a ``seq`` that
+    does not continue exactly where the previous event ended (a gap or a repeat)."""
+    ids: list[int] = []
     problems = []
-    where = f"{o.kind} {o.request_id}"
-    terminal = [i for i, e in enumerate(events) if isinstance(e, (DoneEvent, ErrorEvent))]
-    if len(terminal) != 1 or terminal[0] != len(events) - 1:
-        return [f"{where}: {len(terminal)} terminal events at {terminal} of {len(events)}"]
-    seqs, ids = [], []
-    for e in events[:-1]:
+    for e in body:
         if not isinstance(e, TokenEvent):
             problems.append(f"{where}: unexpected event {e!r}")
-            continue
-        seqs.append(e.seq)
-        ids.extend(e.ids)
-    expected_seqs, n = [], 0
-    for e in events[:-1]:
-        if isinstance(e, TokenEvent):
-            expected_seqs.append(n)
-            n += len(e.ids)
-    if seqs != expected_seqs:
-        problems.append(f"{where}: token seqs {seqs} (gap or duplicate; want {expected_seqs})")
-    last = events[-1]
-    if o.kind == "bad":
-        if not (isinstance(last, ErrorEvent) and last.code == "invalid_request"
-                and want_field is not None and last.message.startswith(want_field)):
-            problems.append(f"{where}: bad {want_field} answered {last!r}")
-        return problems
-    if not isinstance(last, DoneEvent):
-        return problems + [f"{where}: ended with {last!r}"]
+        elif e.seq != len(ids):
+            problems.append(f"{where}: token seq {e.seq} after {len(ids)} tokens (gap or duplicate)")
+            ids.extend(e.ids)
+        else:
+            ids.extend(e.ids)
+    return ids, problems
+
+
+def _check_done(o: Outcome, where: str, last: DoneEvent, ids: list[int]) -> list[str]:
+    problems = []
     if last.completion_tokens != len(ids):
         problems.append(f"{where}: done says {last.completion_tokens} tokens, stream holds {len(ids)}")
     if ids != o.token_ids:
         problems.append(f"{where}: the client saw {len(o.token_ids)} tokens, the stream holds {len(ids)}")
     if last.finish_reason == "length" and len(ids) != o.max_new_tokens:
         problems.append(f"{where}: finished with {len(ids)} of {o.max_new_tokens} tokens")
-    if last.finish_reason not in ("length", "cancelled") or (o.kind == "good" and last.finish_reason != "length"):
+    allowed = ("length",) if o.kind == "good" else ("length", "cancelled")
+    if last.finish_reason not in allowed:
         problems.append(f"{where}: finish_reason {last.finish_reason}")
     return problems
+
+
+def check_stream(o: Outcome, events: list, want_field: str | None) -> list[str]:
+    """Problems in one request's raw result stream (empty when it is exactly right)."""
+    where = f"{o.kind} {o.request_id}"
+    terminal = [i for i, e in enumerate(events) if isinstance(e, (DoneEvent, ErrorEvent))]
+    if len(terminal) != 1 or terminal[0] != len(events) - 1:
+        return [f"{where}: {len(terminal)} terminal events at {terminal} of {len(events)}"]
+    ids, problems = _tokens(where, events[:-1])
+    last = events[-1]
+    if o.kind == "bad":
+        named = isinstance(last, ErrorEvent) and last.code == "invalid_request" and want_field is not None \
+            and last.message.startswith(want_field)
+        return problems + ([] if named else [f"{where}: bad {want_field} answered {last!r}"])
+    if not isinstance(last, DoneEvent):
+        return problems + [f"{where}: ended with {last!r}"]
+    return problems + _check_done(o, where, last, ids)
 
 
 def check_consistency(outcomes: list[Outcome]) -> list[str]:
@@ -237,7 +244,7 @@ async def _watch(r: aioredis.Redis, pids: Callable[[], dict[str, int]], samples:
         try:
             await asyncio.wait_for(stop.wait(), sample_s)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

@@ -158,11 +158,10 @@ def held_by(r: redis.Redis, pipeline: str) -> dict[str, int]:
 
 
 def _client(c: Cluster, prefix: str, prompts: list[str], n: int) -> subprocess.Popen:
-    out = open(os.path.join(c.dir, f"{prefix}.jsonl"), "wb")
     argv = [sys.executable, "-m", "tests.netns_client", c.url, str(n), *prompts, "--prefix", prefix]
-    proc = c.net.popen("cli", argv, cwd=REPO, stdout=out, stderr=open(os.path.join(c.dir, "client.log"), "ab"),
-                       env={**os.environ, "PYTHONPATH": REPO})
-    out.close()
+    with open(os.path.join(c.dir, f"{prefix}.jsonl"), "wb") as out, \
+            open(os.path.join(c.dir, "client.log"), "ab") as err:
+        proc = c.net.popen("cli", argv, cwd=REPO, stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": REPO})
     c.procs["client"] = proc
     return proc
 
