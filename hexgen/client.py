@@ -53,6 +53,9 @@ __all__ = ["HexGenClient", "Result", "GenerationStream", "TokenEvent", "DoneEven
            "RedisUnavailable"]
 
 
+MAX_CONNECTIONS = 10_000  # default pool cap of a client: Redis's own default maxclients
+
+
 class GenerationTimeout(HexGenError, TimeoutError):
     """No ``done`` or ``error`` event arrived within the client's timeout."""
 
@@ -155,6 +158,9 @@ class HexGenClient:
 
     ``block_ms`` is the XREAD BLOCK per read (the socket timeout is set longer); ``timeout_s`` bounds a
     whole generation (None: wait as long as it takes). ``model`` is sent with every request when set.
+    ``max_connections`` caps the connection pool: each stream being read holds one connection while its
+    XREAD blocks, so it bounds the generations one client can follow at once (redis-py's own default, 100,
+    would fail the 101st with MaxConnectionsError).
 
     Redis going away (docs/reliability.md): every call is retried with backoff for up to ``reconnect_s``
     (then :class:`RedisUnavailable`); after a reconnect the request is sent again with the same id (the head
@@ -167,11 +173,13 @@ class HexGenClient:
 
     def __init__(self, url: str = C.DEFAULT_REDIS_URL, *, model: str | None = None,
                  block_ms: int = C.BLOCK_MS, timeout_s: float | None = None, reconnect_s: float = 60.0,
-                 redis: Any | None = None) -> None:
+                 redis: Any | None = None, max_connections: int = MAX_CONNECTIONS) -> None:
         if block_ms < 1:
             raise ValueError(f"block_ms: {block_ms} must be ≥ 1")
         if not reconnect_s >= 0:
             raise ValueError(f"reconnect_s: {reconnect_s} must be ≥ 0")
+        if max_connections < 1:
+            raise ValueError(f"max_connections: {max_connections} must be ≥ 1")
         self.url = RedisSettings(url).url
         self._target = parse_redis_url(self.url)
         self.model = model
@@ -182,7 +190,8 @@ class HexGenClient:
         # no retries inside redis-py: this client must see each lost connection to resend its requests
         # any redis.asyncio-compatible client (fakeredis in tests): redis-py's own annotations mix sync and async
         self.redis: Any = redis if redis is not None else async_redis(
-            self.url, socket_timeout=C.socket_timeout_for(block_ms), retry=Retry(NoBackoff(), 0))
+            self.url, socket_timeout=C.socket_timeout_for(block_ms), retry=Retry(NoBackoff(), 0),
+            max_connections=max_connections)
 
     async def _submit(self, fields: dict[str, str], request_id: str) -> bytes | None:
         """XADD the request (retried through outages; with ``wait_replicas``, then WAIT); returns the epoch."""

@@ -13,7 +13,8 @@ events (dead letters) use ``*`` ids, which also end any late writer.
 
 Acks. The same function XACKs a request's work entry when it writes that request's ``done``, so a ``done`` is
 never written without its ack or the other way round; a claimed entry whose stream already ends with
-``done`` or ``error`` is only acked.
+``done`` or ``error`` is only acked. An acked entry is also deleted (XDEL, in the same script or MULTI):
+nothing reads it again, and the work stream would otherwise keep every request ever served.
 """
 from __future__ import annotations
 

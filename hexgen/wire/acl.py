@@ -61,7 +61,7 @@ class Role:
 HEAD = Role("head", "hexgen-head", (
     *_CONNECTION, *_TRANSACTION,
     # requests (group heads), work streams (depth, groups), result/dead-letter/assignment streams
-    "xreadgroup", "xack", "xautoclaim", "xclaim", "xpending", "xgroup|create", "xgroup|delconsumer",
+    "xreadgroup", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xgroup|create", "xgroup|delconsumer",
     "xinfo|groups", "xinfo|consumers", "xinfo|stream", "xadd", "xlen", "xrange", "xrevrange", "xread",
     # dedupe reservations, epoch, registry (status, health), plan and placement lock
     "set", "get", "del", "exists", "expire", "pexpire", "type", "scan", "hget", "hmget", "hgetall", "hset",
@@ -70,7 +70,7 @@ HEAD = Role("head", "hexgen-head", (
 
 WORKER = Role("worker", "hexgen-worker", (
     *_CONNECTION, *_TRANSACTION,
-    "xreadgroup", "xack", "xclaim", "xautoclaim", "xpending", "xgroup|create", "xadd", "xrange", "xrevrange",
+    "xreadgroup", "xack", "xdel", "xclaim", "xautoclaim", "xpending", "xgroup|create", "xadd", "xrange", "xrevrange",
     "xread", "expire", "set", "get", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hincrby",
     "fcall"),
     (f"~{K.WORK_STREAM_PREFIX}*", f"~{K.RESULT_STREAM_PREFIX}*", f"%R~{K.CANCEL_STREAM}",

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # ARGV = group, ttl, then per event: position, entry id to ack ("" = none), n field pairs, fields...
 # Returns per event: 1 appended, 2 already there (a retry), 0 refused (another writer holds the request).
 # The ack is a pcall: a work stream whose group vanished (a wiped Redis) must not abort the events' append.
+# An acked entry is deleted too (XDEL): nothing reads it again, and the stream would keep every request.
 APPEND = """
 local unpack = unpack or table.unpack
 local out, refused = {}, {}
@@ -64,7 +65,10 @@ for i = 2, #KEYS do
     refused[key] = true
   else
     redis.call('EXPIRE', key, ARGV[2])
-    if entry ~= '' then redis.pcall('XACK', KEYS[1], ARGV[1], entry) end
+    if entry ~= '' then
+      redis.pcall('XACK', KEYS[1], ARGV[1], entry)
+      redis.call('XDEL', KEYS[1], entry)
+    end
   end
   out[#out + 1] = status
 end
@@ -74,6 +78,7 @@ return out
 # The head's submit (hexgen/head/submit.py). KEYS: dedupe key, work stream, requests stream.
 # ARGV: entry id, dedupe TTL (s), pipelines group, heads group, max queue depth, then the work item's field
 # pairs. Returns {status, owner entry id, depth}; status 1 queued, 0 duplicate (acked), 2 overloaded.
+# Acked request entries are deleted (XDEL), as in the head's other paths.
 SUBMIT = """
 local unpack = unpack or table.unpack
 local entry = ARGV[1]
@@ -81,6 +86,7 @@ redis.call('SET', KEYS[1], entry, 'NX', 'EX', ARGV[2])
 local owner = redis.call('GET', KEYS[1])
 if owner and owner ~= entry then
   redis.call('XACK', KEYS[3], ARGV[4], entry)
+  redis.call('XDEL', KEYS[3], entry)
   return {0, owner, 0}
 end
 local depth = 0
@@ -102,6 +108,7 @@ if depth >= tonumber(ARGV[5]) then
 end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
 redis.call('XACK', KEYS[3], ARGV[4], entry)
+redis.call('XDEL', KEYS[3], entry)
 return {1, entry, depth}
 """
 
