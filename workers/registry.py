@@ -283,10 +283,14 @@ class Registry:
             return None
         if number is not None and int(number) != gen.number:
             return f"pipeline re-formed as generation {number} (this rank is in generation {gen.number})"
+        return self._peer_problem(rank, gen, res[1:], after_lapse)
+
+    def _peer_problem(self, rank: int, gen: Generation, res: list[Any], after_lapse: bool) -> str | None:
+        """``res``: (heartbeat exists, instance) of every rank, flattened, as :meth:`check_peers` read them."""
         for peer in range(self.world_size):
             if peer == rank:
                 continue
-            alive, inst = res[1 + 2 * peer], res[2 + 2 * peer]
+            alive, inst = res[2 * peer], res[1 + 2 * peer]
             if after_lapse:
                 if inst is not None and as_text(inst) != gen.members[peer]:
                     return f"peer rank {peer} restarted (instance changed) while this rank was cut off"
