@@ -70,3 +70,12 @@ def test_sync_client_against_real_server(redis_server):
         assert r.ping()
     finally:
         r.close()
+
+
+def test_rank_address_on_the_route_to_a_sentinel_or_socket():
+    from workers.registry import routable_address
+
+    for url in ("redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/m/0", "unix:///run/redis.sock",
+                "rediss://u:p@127.0.0.1:6380/0?ssl_cert_reqs=none"):
+        addr = routable_address(url)
+        assert addr.count(".") == 3, (url, addr)

@@ -38,7 +38,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 
@@ -47,6 +46,7 @@ from hexgen.procs import free_port
 from hexgen.wire import keys as C
 from hexgen.wire.connection import REDIS_ERRORS
 from hexgen.wire.protocol import PipelineRecord, WorkerRecord, as_text
+from hexgen.wire.redis_url import RedisUrlError, parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,16 @@ def worker_id(pipeline_id: str, rank: int) -> str:
 
 
 def routable_address(redis_url: str) -> str:
-    """This host's IPv4 address on the route towards the Redis server (what peers on other hosts can reach)."""
-    parts = urlsplit(redis_url)
-    target = parts.hostname or "127.0.0.1"
+    """This host's IPv4 address on the route towards the Redis server (what peers on other hosts can reach);
+    for a ``redis+sentinel://`` URL, towards its first sentinel; a unix socket: the hostname's address."""
+    try:
+        hosts = parse_redis_url(redis_url).hosts
+    except RedisUrlError:
+        hosts = ()
+    target, port = hosts[0] if hosts else ("127.0.0.1", 6379)
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((target, parts.port or 6379))  # UDP connect sends nothing; it only picks a route
+            s.connect((target, port))  # UDP connect sends nothing; it only picks a route
             addr = s.getsockname()[0]
     except OSError:
         addr = "127.0.0.1"
