@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 
+from hexgen.engine.kv_cache import kv_bytes_per_block
+
 
 class StepTimer:
     """Wall time of a stage's forward passes, summed.
@@ -68,6 +70,14 @@ class StageGauges:
     preemptions: int = 0
     timer: StepTimer = field(default_factory=StepTimer)
     scheduler_known: bool = False  # True once the stage-0 leader wrote the scheduler figures
+
+    def watch(self, runner: Any) -> None:
+        """Take the stage's KV figures from its runner and time its forward passes from now on."""
+        self.kv_blocks_total = runner.num_blocks
+        self.kv_blocks_fit = getattr(runner, "blocks_fit", runner.num_blocks)
+        self.kv_bytes_per_block = kv_bytes_per_block(runner.cfg, runner.groups.stage, runner.n_kv_local,
+                                                     runner.engine.block_size, runner.dtype)
+        runner.forward = self.timer.wrap(runner.forward)
 
     def observe_scheduler(self, scheduler: Any, in_flight: int) -> None:
         """Called by the stage-0 leader once per loop turn."""
