@@ -11,9 +11,14 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from hexgen.head.status import StatusReport, collect_status
 from hexgen.wire import figures as F
-from hexgen.wire import keys as C
+
+try:  # TEMPORARY until the layout merge
+    from hexgen.head.status import StatusReport, collect_status
+    from hexgen.wire import keys as C
+except ImportError:
+    from hexgen.serving import constants as C  # type: ignore[no-redef]
+    from hexgen.serving.status import StatusReport, collect_status  # type: ignore[no-redef]
 
 
 def _s(v: Any) -> str:
