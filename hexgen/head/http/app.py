@@ -151,3 +151,43 @@ async def serve_http(ctx: HttpContext, sock: socket.socket, stop: asyncio.Event,
         await asyncio.gather(task, waiter, return_exceptions=True)
     if task.done() and not task.cancelled() and task.exception() is not None:
         raise task.exception()  # type: ignore[misc]
+
+
+class HttpFront:
+    """The head's HTTP server for one deployment. The socket is bound here, so a busy port fails the head
+    at start (ConfigError naming ``http.port``); :meth:`run` serves until its ``stop`` event is set."""
+
+    def __init__(self, settings: Any, host: str, port: int, api_key: str = "",
+                 hooks: tuple[str, ...] = HOOKS) -> None:
+        from hexgen.errors import ConfigError
+
+        try:
+            self.sock = bind(host, port)
+        except OSError as e:
+            raise ConfigError(f"http.host, http.port: cannot listen on {host}:{port}: {e.strerror or e}") from e
+        except (socket.gaierror, UnicodeError) as e:
+            raise ConfigError(f"http.host: {host!r} is not a usable address: {e}") from e
+        self.settings = settings
+        self.api_key = api_key
+        self.hooks = hooks
+        bound = self.sock.getsockname()
+        self.host, self.port = host, bound[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from hexgen.serving.settings import async_redis
+
+        s = self.settings
+        redis = async_redis(s.redis.url, socket_timeout=s.limits.socket_timeout_s)
+        ctx = HttpContext(settings=s, redis=redis, models=(s.model.name,))
+        log.info("head: HTTP API on %s (%s)", self.url,
+                 "API key required on /v1/*" if self.api_key else "no API key")
+        try:
+            await serve_http(ctx, self.sock, stop, api_key=self.api_key, hooks=self.hooks)
+        finally:
+            await redis.aclose()
+            self.sock.close()

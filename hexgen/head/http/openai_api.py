@@ -437,7 +437,7 @@ class OpenAIRoutes:
                 yield ans.chunk("", first=True)
             if first is not None:
                 rec.first_token()
-                if first.text:
+                if first.text or not ans.chat:  # completions: the first chunk goes out with the first token
                     yield ans.chunk(first.text)
                 async for ev in events:
                     if ev.text:
