@@ -44,7 +44,7 @@ class RequestTimer:
 
     def observe(self, outputs: list[StepOutput]) -> None:
         now = self.clock()
-        t = self.tally
+        t = F.Tally()  # this step's outputs reach the shared tally together
         for o in outputs:
             meta = o.meta or {}
             received = _float(meta.get("received_at"))
@@ -66,6 +66,7 @@ class RequestTimer:
                     taken = _float(meta.get("taken_at"))
                     if taken is not None:
                         t.observe(F.QUEUE, taken - received)
+        self.tally.merge(t)
         if len(self._last) > _MAX_TRACKED:
             for rid in list(self._last)[: len(self._last) // 2]:
                 del self._last[rid]
@@ -227,3 +228,39 @@ class FiguresPublisher:
         pipe.execute()
         self._published = now
         self.writes += 1
+
+
+class RankFigures:
+    """What one rank adds for the figures: on a stage leader, the engine's gauges, metered source and sink
+    factories and a publisher; elsewhere nothing (the factories pass through and ``gauges`` is None)."""
+
+    def __init__(self, source_factory: Callable[[], Any] | None, sink_factory: Callable[[], Any] | None, *,
+                 leader: bool, pipeline_id: str, stage: int, model: str, interval_s: float,
+                 client_factory: Callable[[float], redis.Redis]) -> None:
+        self.gauges: StageGauges | None = None
+        self.publisher: FiguresPublisher | None = None
+        self.source_factory, self.sink_factory = source_factory, sink_factory
+        if not leader:
+            return
+        self.gauges = StageGauges()
+        tally = F.Tally()
+        self._source: Any = None
+        if source_factory is not None:
+            def metered_source() -> MeteredSource:
+                self._source = MeteredSource(source_factory())
+                return self._source
+            self.source_factory = metered_source
+        if sink_factory is not None:
+            self.sink_factory = lambda: MeteredSink(sink_factory(), RequestTimer(tally))
+        self.publisher = FiguresPublisher(client_factory, pipeline_id, stage, model, self.gauges, tally,
+                                          interval_s, source=lambda: self._source)
+
+    def start(self) -> "RankFigures":
+        if self.publisher is not None:
+            self.publisher.start()
+        return self
+
+    def stop(self) -> None:
+        """Last write (the final steps' counts) and the stage's gauges removed."""
+        if self.publisher is not None:
+            self.publisher.stop()

@@ -173,6 +173,22 @@ class Tally:
                 h = self.hists[hist] = Histogram(HISTOGRAMS[hist])
             h.observe(value)
 
+    def merge(self, other: "Tally") -> None:
+        """Add ``other``'s counts (a batch gathered without the lock) in one step: a snapshot sees all or none."""
+        with self._lock:
+            for k, n in other.ints.items():
+                self.ints[k] = self.ints.get(k, 0) + n
+            for k, x in other.floats.items():
+                self.floats[k] = self.floats.get(k, 0.0) + x
+            for k, h in other.hists.items():
+                mine = self.hists.get(k)
+                if mine is None:
+                    self.hists[k] = h.copy()
+                else:
+                    mine.counts = [a + b for a, b in zip(mine.counts, h.counts)]
+                    mine.sum += h.sum
+                    mine.count += h.count
+
     def snapshot(self) -> "Tally":
         with self._lock:
             return Tally(dict(self.ints), dict(self.floats), {k: h.copy() for k, h in self.hists.items()})
