@@ -22,7 +22,8 @@ class RequestRecord:
 
     ``outcome`` is OpenAI's finish_reason (``stop``, ``length``) for a generated answer, ``cancelled`` for a
     client that went away, else ``error``; ``status`` is the HTTP status sent (200 for a stream, even one
-    that later failed: ``error_code`` then says why), ``error_code`` the OpenAI error ``code`` or "".
+    that later failed: ``error_code`` then says why; 499 for a client that left before its non-streaming
+    answer), ``error_code`` the OpenAI error ``code`` or "".
     Times are ``time.monotonic()`` seconds; ``first_token_at`` is None when no token came.
     """
 
@@ -65,7 +66,7 @@ class HttpCounters:
 
     def record(self, rec: RequestRecord) -> None:
         self.requests[(rec.endpoint, rec.outcome)] += 1
-        if rec.status >= 400:
+        if rec.status >= 400 and rec.outcome != "cancelled":  # a client that left is no error
             self.errors[(rec.endpoint, rec.status)] += 1
         self.prompt_tokens += rec.prompt_tokens
         self.completion_tokens += rec.completion_tokens

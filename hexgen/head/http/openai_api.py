@@ -42,6 +42,7 @@ from hexgen.serving.validation import parse_request
 log = logging.getLogger(__name__)
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+CLIENT_CLOSED = 499  # nginx's status for a client that went away (nobody receives it; counted as cancelled)
 BODY_CAP_FACTOR = 2  # a body may be this many times limits.max_request_bytes (JSON escapes), then 413
 
 # Parameters accepted at their no-op value only: anything else would change the output, so it is a 400.
@@ -376,7 +377,7 @@ class OpenAIRoutes:
             events = gen.__aiter__()
             first = await self._first(events, gen, tr, request)
         except APIError as e:
-            rec.finish(e.status, "error", e.code or "")
+            rec.finish(e.status, "cancelled" if e.status == CLIENT_CLOSED else "error", e.code or "")
             raise
         if tr.stream:
             return _EventStream(self._sse(tr, gen, events, first, rec), on_close=lambda: self._closed(tr, rec))
@@ -389,7 +390,7 @@ class OpenAIRoutes:
             return await _until_disconnect(request, _next(events))
         except _Disconnected:
             self._cancel_later(tr.request_id)
-            raise APIError(499, "client closed the request", code="client_closed") from None
+            raise APIError(CLIENT_CLOSED, "client closed the request", code="client_closed") from None
         except RequestError as e:
             raise _rename_error(e, tr.rename, tr.endpoint) from None
         except (RedisConnectionError, RedisTimeoutError) as e:
@@ -412,8 +413,8 @@ class OpenAIRoutes:
                 await _until_disconnect(request, rest())
             except _Disconnected:
                 self._cancel_later(tr.request_id)
-                rec.finish(499, "cancelled", "client_closed")
-                return Response(status_code=499)
+                rec.finish(CLIENT_CLOSED, "cancelled", "client_closed")
+                return Response(status_code=CLIENT_CLOSED)
             except RequestError as e:
                 err = _rename_error(e, tr.rename, tr.endpoint)
                 rec.finish(err.status, "error", err.code or "")
