@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from hexgen.serving import constants as C
+from hexgen.wire import keys as C
 from tests.redis_server import RedisServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,9 +11,9 @@ import time
 import pytest
 import redis
 
-from hexgen.serving import constants as C
-from hexgen.serving.agent_protocol import Assignment, PlanRecord
-from hexgen.serving.protocol import DoneEvent, ErrorEvent, parse_event, request_fields
+from hexgen.wire import keys as C
+from hexgen.wire.placement import Assignment, PlanRecord
+from hexgen.wire.protocol import DoneEvent, ErrorEvent, parse_event, request_fields
 from tests.serving_harness import REPO, make_tiny_model, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -1,4 +1,4 @@
-"""The stage-0 work prefetcher (hexgen/serving/prefetch.py): delivery, its bound, claims, drain and close on
+"""The stage-0 work prefetcher (workers/intake.py): delivery, its bound, claims, drain and close on
 fakeredis; wake-up, close and a dying worker's prefetched entries on a real redis-server."""
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ import redis
 
 from hexgen.client import HexGenClient, InvalidRequest
 from hexgen.engine.types import Request, SamplingParams
-from hexgen.serving import constants as C
-from hexgen.serving import trace
-from hexgen.serving.prefetch import Prefetcher
-from hexgen.serving.protocol import ErrorEvent, decode_work_item, encode_work_item, parse_event, token_event
-from hexgen.serving.source import RedisSource
-from hexgen.serving.worker_io import IOConfig, as_text
+from hexgen.wire import keys as C
+from hexgen.wire import trace
+from hexgen.wire.protocol import (
+    ErrorEvent,
+    as_text,
+    decode_work_item,
+    encode_work_item,
+    parse_event,
+    token_event,
+)
+from workers.intake import Prefetcher, RedisSource
+from workers.io_config import IOConfig
 
 pytestmark = pytest.mark.timeout(60)
 WORK = C.work_stream("tiny")

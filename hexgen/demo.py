@@ -14,7 +14,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 from hexgen.errors import HexGenError
-from hexgen.serving import constants as C
+from hexgen.procs import free_port
+from hexgen.wire import keys as C
 
 DEFAULT_QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.",
                      "Give me three tips for learning to code.")
@@ -112,12 +112,6 @@ def _tail(path: str, lines: int = 25) -> str:
         return ""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str, ...] = ()) -> None:
     """A private redis-server for ``dep`` on a free port (``dep.port``; ``extra_args`` go to the server)."""
     binary = shutil.which("redis-server")
@@ -127,7 +121,7 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str,
     import redis
 
     for _ in range(5):
-        dep.port = _free_port()
+        dep.port = free_port()
         child = dep.spawn("redis-server", [binary, "--port", str(dep.port), "--bind", "127.0.0.1", "--dir",
                                            dep.work_dir, "--save", "", "--appendonly", "no", *extra_args])
         deadline = time.monotonic() + timeout_s
