@@ -76,7 +76,8 @@ def test_text_parts_and_developer_role(ctx):
 
 @pytest.mark.parametrize("param,value", [("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1),
                                          ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}),
-                                         ("tools", [{"type": "function"}]), ("response_format", {"type": "json_object"}),
+                                         ("tools", [{"type": "function"}]),
+                                         ("response_format", {"type": "json_object"}),
                                          ("repetition_penalty", 1.2)])
 def test_output_changing_parameters_are_refused_by_name(ctx, param, value):
     e = err(ctx, chat(**{param: value}))

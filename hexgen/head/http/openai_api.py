@@ -91,7 +91,8 @@ class Translated:
 
     endpoint: str  # chat | completions
     model: str
-    fields: dict[str, str]
+    params: dict[str, Any]  # HexGenClient.stream's keyword arguments
+    fields: dict[str, str]  # the request fields they make (validated)
     request_id: str
     stream: bool
     include_usage: bool
@@ -157,10 +158,11 @@ def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
     """Check an OpenAI request body's parameters and turn it into HexGen request fields (APIError if not)."""
     if not isinstance(body, dict):
         raise invalid("request body: must be a JSON object", None)
-    allowed = CHAT_PARAMS if endpoint == "chat" else COMPLETION_PARAMS
+    allowed, path = (CHAT_PARAMS, "/v1/chat/completions") if endpoint == "chat" else \
+        (COMPLETION_PARAMS, "/v1/completions")
     for k in body:
         if k not in allowed:
-            raise unsupported(k, f"unknown parameter for {'/v1/chat/completions' if endpoint == 'chat' else '/v1/completions'}")
+            raise unsupported(k, f"unknown parameter for {path}")
     for k, (ok, why) in _INERT.items():
         if k in body and body[k] not in ok:
             raise unsupported(k, why)
@@ -226,7 +228,7 @@ def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
         parse_request(fields, request_id, ctx.settings.limits.request_limits())
     except RequestError as e:
         raise _rename_error(e, rename, endpoint) from None
-    return Translated(endpoint, model, fields, request_id, bool(stream), include_usage, rename)
+    return Translated(endpoint, model, kw, fields, request_id, bool(stream), include_usage, rename)
 
 
 def _rename_error(e: RequestError, rename: dict[str, str], endpoint: str) -> APIError:
@@ -334,7 +336,7 @@ class OpenAIRoutes:
                                    code="request_too_large")
                 chunks.append(chunk)
         except ClientDisconnect:
-            raise
+            raise APIError(CLIENT_CLOSED, "client closed the request", code="client_closed") from None
         try:
             return json.loads(b"".join(chunks), parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as e:
@@ -373,15 +375,22 @@ class OpenAIRoutes:
                 raise _redis_down(e) from None
             if not ready:
                 raise not_ready(tr.model)
-            gen = self.client.stream(request_id=tr.request_id, **_client_params(tr.fields))
+            gen = self.client.stream(request_id=tr.request_id, **tr.params)
             events = gen.__aiter__()
             first = await self._first(events, gen, tr, request)
         except APIError as e:
             rec.finish(e.status, "cancelled" if e.status == CLIENT_CLOSED else "error", e.code or "")
             raise
+        except Exception:
+            rec.finish(500, "error", "internal_error")
+            raise
         if tr.stream:
             return _EventStream(self._sse(tr, gen, events, first, rec), on_close=lambda: self._closed(tr, rec))
-        return await self._collect(tr, gen, events, first, rec, request)
+        try:
+            return await self._collect(tr, gen, events, first, rec, request)
+        except Exception:
+            rec.finish(500, "error", "internal_error")  # no-op when _collect recorded it
+            raise
 
     async def _first(self, events: AsyncIterator[TokenEvent], gen: Any, tr: Translated,
                      request: Request) -> TokenEvent | None:
@@ -452,6 +461,10 @@ class OpenAIRoutes:
             err = _rename_error(e, tr.rename, tr.endpoint) if isinstance(e, RequestError) else _redis_down(e)
             rec.finish(200, "error", err.code or "")
             yield err.sse()
+        except Exception as e:  # noqa: BLE001 - whatever failed, the client gets an error event and [DONE]
+            log.exception("http: stream of request %s failed", tr.request_id)
+            rec.finish(200, "error", "internal_error")
+            yield APIError(500, f"internal error: {type(e).__name__}", code="internal_error").sse()
         yield DONE_LINE
 
     def _closed(self, tr: Translated, rec: "_Recorder") -> None:
@@ -545,27 +558,6 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _client_params(fields: dict[str, str]) -> dict[str, Any]:
-    """HexGenClient.stream's keyword arguments back from the validated fields (already checked)."""
-    out: dict[str, Any] = {}
-    for k, v in fields.items():
-        if k == "id":
-            continue
-        if k == "messages":
-            out[k] = json.loads(v)
-        elif k == "stop":
-            out[k] = json.loads(v) if v.startswith("[") else v
-        elif k in ("max_new_tokens", "top_k", "seed"):
-            out[k] = int(v)
-        elif k in ("temperature", "top_p"):
-            out[k] = float(v)
-        elif k == "ignore_eos":
-            out[k] = v == "1"
-        else:
-            out[k] = v
-    return out
 
 
 def _reject_constant(token: str) -> Any:
