@@ -16,8 +16,8 @@ import httpx
 import pytest
 import redis
 
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import error_event, parse_event
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import error_event, parse_event
 from tests.http_harness import start_http_deployment
 
 pytestmark = pytest.mark.slow

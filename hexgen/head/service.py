@@ -46,6 +46,7 @@ from hexgen.head.tokenizing import (
     tokenize,
 )
 from hexgen.head.validation import check_context, parse_request, peek_request_id
+from hexgen.wire import figures
 from hexgen.wire import keys as C
 from hexgen.wire import trace
 from hexgen.wire.protocol import (
@@ -252,6 +253,7 @@ class Head:
         async with self.redis.pipeline(transaction=True) as p:
             p.xadd(stream, error_event(error.code, error.message))
             p.expire(stream, self.limits.result_ttl_s)
+            p.hincrby(figures.ERRORS_KEY, error.code, 1)  # /metrics: hexgen_request_errors_total
             p.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
             await asyncio.shield(p.execute())
 
@@ -334,6 +336,10 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
                    placement: Any | None = None) -> None:
     """Run a head until SIGTERM/SIGINT: load the tokenizer, connect, serve, close connections.
 
+    With ``settings.http`` enabled the head also serves the OpenAI-compatible HTTP API on its loop
+    (:class:`hexgen.head.http.app.HttpFront`; the port is bound first, so a busy one fails the start). It
+    stops with the head: no new connections, open responses get a few seconds to finish.
+
     ``placement`` (a :class:`~hexgen.head.placement.Placer`, ``--auto-plan``) also runs the
     placement loop: this head may become the one that plans the registered agents' stages.
     """
@@ -343,6 +349,16 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
     redis = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
     reader = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
     head = Head(settings, tokenizer, max_len, redis=redis, reader=reader)
+    front = None
+    if settings.http.enabled:
+        from hexgen.head.http.app import HttpFront
+
+        try:
+            front = HttpFront(settings, settings.http.host, settings.http.port, settings.http.api_key)
+        except BaseException:
+            await reader.aclose()
+            await redis.aclose()
+            raise
     loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -355,9 +371,20 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
 
         planner = PlacementLoop(settings, placement, redis=redis, consumer=head.consumer)
         planning = asyncio.create_task(planner.run(), name="hexgen-head-placement")
+    http_stop = asyncio.Event()
+    serving = None
+    if front is not None:
+        serving = asyncio.create_task(front.run(http_stop), name="hexgen-head-http")
+        serving.add_done_callback(lambda t: None if http_stop.is_set() else head.stop())  # HTTP died: stop too
     try:
         await head.run()
     finally:
+        if serving is not None:
+            early = serving.done()
+            http_stop.set()
+            await asyncio.gather(serving, return_exceptions=True)
+            if early and not serving.cancelled() and serving.exception() is not None:
+                log.error("head: the HTTP server failed: %r", serving.exception())
         if planning is not None:
             planner.stop()
             await asyncio.gather(planning, return_exceptions=True)

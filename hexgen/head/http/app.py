@@ -179,7 +179,7 @@ class HttpFront:
         return f"http://{host}:{self.port}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        from hexgen.serving.settings import async_redis
+        from hexgen.wire.settings import async_redis
 
         s = self.settings
         redis = async_redis(s.redis.url, socket_timeout=s.limits.socket_timeout_s)

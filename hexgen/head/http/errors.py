@@ -2,7 +2,7 @@
 
 :class:`APIError` is raised anywhere in a route; the app's exception handler turns it into a JSON response
 (:func:`error_response`). :func:`from_request_error` maps the Redis path's error codes
-(:mod:`hexgen.serving.protocol`) onto HTTP: ``invalid_request`` 400, ``not_found`` 404, ``overloaded`` 429
+(:mod:`hexgen.wire.protocol`) onto HTTP: ``invalid_request`` 400, ``not_found`` 404, ``overloaded`` 429
 (with ``Retry-After``), ``internal`` 500.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from starlette.responses import JSONResponse
 
-from hexgen.serving.protocol import INTERNAL, INVALID_REQUEST, NOT_FOUND, OVERLOADED, RequestError
+from hexgen.wire.protocol import INTERNAL, INVALID_REQUEST, NOT_FOUND, OVERLOADED, RequestError
 
 RETRY_AFTER_S = 1  # what a 429 or 503 asks the client to wait
 

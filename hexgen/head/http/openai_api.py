@@ -2,7 +2,7 @@
 and the probes ``GET /health`` and ``GET /ready``.
 
 A generation request is translated into the fields every HexGen client sends (:func:`translate`), checked
-with the Redis path's own validation (:func:`hexgen.serving.validation.parse_request`, so a bad value is a
+with the Redis path's own validation (:func:`hexgen.head.validation.parse_request`, so a bad value is a
 400 naming the parameter and its range before anything is queued), then XADDed to ``hexgen:requests``
 through :class:`hexgen.client.HexGenClient`; its events are read from ``hexgen:result:<id>``. The head
 validates, tokenizes and queues it exactly as it does any other request, so dedupe, back-pressure, failover
@@ -36,8 +36,8 @@ from hexgen.head.http.context import HttpContext, RequestRecord
 from hexgen.head.http.errors import (APIError, from_request_error, invalid, not_ready, unknown_model,
                                      unsupported)
 from hexgen.head.http.readiness import Readiness
-from hexgen.serving.protocol import DoneEvent, RequestError, TokenEvent, request_fields
-from hexgen.serving.validation import parse_request
+from hexgen.wire.protocol import DoneEvent, RequestError, TokenEvent, request_fields
+from hexgen.head.validation import parse_request
 
 log = logging.getLogger(__name__)
 

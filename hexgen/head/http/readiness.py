@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hexgen.serving.status import read_pipelines, read_workers
+from hexgen.head.status import read_pipelines, read_workers
 
 
 @dataclass(frozen=True)
