@@ -18,10 +18,7 @@ from hexgen.head.http.context import HttpContext, RequestRecord
 from hexgen.wire import figures as F
 from workers.metrics import FiguresPublisher
 
-try:  # TEMPORARY until the layout merge
-    from hexgen.wire import keys as C
-except ImportError:
-    from hexgen.serving import constants as C
+from hexgen.wire import keys as C
 
 
 def _families(text: str) -> dict[str, object]:
@@ -61,7 +58,7 @@ def cluster(server):
             tally.observe(F.TTFT, 0.05)
             tally.observe(F.TTFT, 0.07)
         FiguresPublisher(lambda _t: sync, "p0", stage, "tiny", g, tally, interval_s=5).publish()
-    sync.hincrby(F.HEAD_FIGURES_KEY, F.error_field("invalid_request"), 1)
+    sync.hincrby(F.ERRORS_KEY, "invalid_request", 1)
     sync.xadd(C.DEADLETTER_STREAM, {"id": "x"})
     ctx = HttpContext(settings=SimpleNamespace(limits=SimpleNamespace(heartbeat_ttl_s=10)),
                       redis=fakeredis.FakeAsyncRedis(server=server), models=("tiny",))

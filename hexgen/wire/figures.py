@@ -16,8 +16,9 @@ reads them):
   interval), ``running``, ``waiting``, ``in_flight`` (stage 0), ``interval_s``, ``updated_at`` (wall clock).
 - ``hexgen:metrics:pipelines`` / ``hexgen:metrics:stages`` — SETs naming the hashes above, so readers need
   no SCAN; a member whose hash has expired is skipped (and removed) by the reader.
-- ``hexgen:metrics:head`` — counters of the heads: ``errors:<code>`` for every error event a head writes,
-  incremented in the same MULTI as the event, so it is exact.
+- ``hexgen:metrics:errors`` — one counter per error code: every error event written to a result stream (by a
+  head refusing a request, by a head or a pipeline dead-lettering one) increments it in the same MULTI, so
+  it is exact.
 
 Histogram bucket bounds are vLLM's (``vllm/v1/metrics/loggers.py``), so dashboards built for vLLM read ours.
 """
@@ -33,7 +34,7 @@ PIPELINE_FIGURES_PREFIX = METRICS_PREFIX + "pipeline:"
 STAGE_FIGURES_PREFIX = METRICS_PREFIX + "stage:"
 PIPELINE_FIGURES_PATTERN = PIPELINE_FIGURES_PREFIX + "*"
 STAGE_FIGURES_PATTERN = STAGE_FIGURES_PREFIX + "*"
-HEAD_FIGURES_KEY = METRICS_PREFIX + "head"
+ERRORS_KEY = METRICS_PREFIX + "errors"
 PIPELINES_INDEX_KEY = METRICS_PREFIX + "pipelines"  # SET of pipeline ids with counters (no SCAN needed)
 STAGES_INDEX_KEY = METRICS_PREFIX + "stages"  # SET of "<pid>:<stage>" with gauges (members may have expired)
 COUNTERS_TTL_S = 7 * 86400  # a pipeline's counters outlive it by a week (auto-plan names pipelines anew)
@@ -66,11 +67,6 @@ def pipeline_figures_key(pipeline_id: str) -> str:
 def stage_figures_key(pipeline_id: str, stage: int) -> str:
     """Gauges of one stage: ``hexgen:metrics:stage:<pid>:<stage>``."""
     return f"{STAGE_FIGURES_PREFIX}{pipeline_id}:{stage}"
-
-
-def error_field(code: str) -> str:
-    """Field of :data:`HEAD_FIGURES_KEY` counting error events with ``code``."""
-    return f"errors:{code}"
 
 
 def success_field(finish_reason: str) -> str:

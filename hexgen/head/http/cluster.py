@@ -1,6 +1,6 @@
 """One read of the whole cluster from Redis for ``/metrics`` and the dashboard: the registry (workers,
 pipelines, queues; :mod:`hexgen.head.status`), the figures the stage leaders publish
-(:mod:`hexgen.wire.figures`), the heads' error counters and the dead-letter count.
+(:mod:`hexgen.wire.figures`), the error counters and the dead-letter count.
 """
 from __future__ import annotations
 
@@ -13,12 +13,8 @@ from redis.exceptions import ResponseError
 
 from hexgen.wire import figures as F
 
-try:  # TEMPORARY until the layout merge
-    from hexgen.head.status import StatusReport, collect_status
-    from hexgen.wire import keys as C
-except ImportError:
-    from hexgen.serving import constants as C  # type: ignore[no-redef]
-    from hexgen.serving.status import StatusReport, collect_status  # type: ignore[no-redef]
+from hexgen.head.status import StatusReport, collect_status
+from hexgen.wire import keys as C
 
 
 def _s(v: Any) -> str:
@@ -80,8 +76,7 @@ async def read_cluster(r: Any, heartbeat_ttl_s: float) -> ClusterSnapshot:
     """Everything ``/metrics`` and ``/api/cluster`` show, in a handful of round trips."""
     status = await collect_status(r, heartbeat_ttl_s)
     pipelines, stages = await read_figures(r)
-    head = {_s(k): v for k, v in (await r.hgetall(F.HEAD_FIGURES_KEY)).items()}
-    errors = {k.split(":", 1)[1]: int(_s(v)) for k, v in head.items() if k.startswith("errors:")}
+    errors = {_s(k): int(_s(v)) for k, v in (await r.hgetall(F.ERRORS_KEY)).items()}
     return ClusterSnapshot(time.time(), status, pipelines, stages, errors, await dead_letter_count(r))
 
 

@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from hexgen.head.http.cluster import ClusterSnapshot, RecentWindow, read_cluster
-from hexgen.head.http.cluster import C
+from hexgen.wire import keys as C
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

@@ -1,7 +1,7 @@
 """``GET /metrics``: one Prometheus scrape target for the whole cluster (docs/metrics.md lists every metric).
 
 Each scrape reads the cluster from Redis (:func:`~hexgen.head.http.cluster.read_cluster`: the registry, the
-figures the stage leaders publish, the heads' error counters, the dead-letter count) and adds this head's
+figures the stage leaders publish, the error counters, the dead-letter count) and adds this head's
 own figures: its HTTP routes' counters (``ctx.counters``) and the process collectors of prometheus-client.
 Names are in the ``hexgen_`` namespace and follow vLLM's where vLLM has the metric.
 """
@@ -137,8 +137,8 @@ def cluster_families(snap: ClusterSnapshot) -> list[Metric]:
     for q in snap.status.queues:
         depth.add_metric([q.stream, q.group], q.depth)
         pending.add_metric([q.stream, q.group], q.pending)
-    errors = counter("request_errors", "Error events written by the heads (refused requests and dead "
-                                       "letters), by code.", ["code"])
+    errors = counter("request_errors", "Error events written to result streams (requests refused by a head, "
+                                       "dead letters), by code.", ["code"])
     for code, n in sorted(snap.head_errors.items()):
         errors.add_metric([code], n)
     dead = counter("dead_letters", "Entries moved to hexgen:deadletter (by heads and pipelines).", [])
