@@ -17,9 +17,10 @@ from typing import Any
 from hexgen.bench.stats import RequestTiming
 
 
-async def offer_http(base_url: str, items: list[Any], model: str, timeout_s: float = 900.0,
+async def offer_http(base_url: str, items: list[Any], model: str | None = None, timeout_s: float = 900.0,
                      sent: dict[str, float] | None = None) -> list[RequestTiming]:
-    """Send each item (``offset``, ``text``, ``request``) at its arrival; one RequestTiming per item."""
+    """Send each item (``offset``, ``text``, ``request``) at its arrival; one RequestTiming per item.
+    ``model`` None: the served one."""
     import httpx
 
     from hexgen.bench.serve import sleep_until
@@ -31,8 +32,10 @@ async def offer_http(base_url: str, items: list[Any], model: str, timeout_s: flo
         async def one(item: Any) -> RequestTiming:
             arrival = t0 + item.offset
             p = item.request.params
-            body = {"model": model, "prompt": item.text, "temperature": 0, "max_tokens": p.max_new_tokens,
+            body = {"prompt": item.text, "temperature": 0, "max_tokens": p.max_new_tokens,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            if model is not None:
+                body["model"] = model
             await sleep_until(arrival)
             timing = RequestTiming(arrival)
             if sent is not None:

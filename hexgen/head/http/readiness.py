@@ -7,6 +7,7 @@ seen at once.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +47,20 @@ class Readiness:
         self.min_recheck_s = min_recheck_s
         self._ready: list[ReadyPipeline] = []
         self._read_at = float("-inf")
+        self._reading: asyncio.Future | None = None
 
     async def refresh(self) -> list[ReadyPipeline]:
-        self._ready = await ready_pipelines(self.redis, self.heartbeat_ttl_s)
-        self._read_at = time.monotonic()
-        return self._ready
+        """Read the registry; concurrent callers share one read."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(ready_pipelines(self.redis, self.heartbeat_ttl_s))
+        reading = self._reading
+        try:
+            ready = await asyncio.shield(reading)
+        finally:
+            if self._reading is reading and reading.done():
+                self._reading = None
+        self._ready, self._read_at = ready, time.monotonic()
+        return ready
 
     async def pipelines(self, model: str) -> list[ReadyPipeline]:
         """A fresh read: the model's ready pipelines."""
