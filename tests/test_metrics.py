@@ -69,11 +69,14 @@ def test_metrics_count_exactly_the_requests_made(tmp_path):
     dep = start_http_deployment(str(tmp_path), [PipelineSpec(PIPE, (1, 1), (2, 2))])
     try:
         base = dep.base_url
-        # both stages publish their KV gauges once they are up
-        before = wait_for(base, lambda s: all(value(s, "hexgen_kv_blocks_total", pipeline=PIPE, stage=st) > 0
-                                              for st in ("0", "1")))
+        # both stages publish their KV gauges once they are up (used: once stage 0's scheduler loop runs)
+        def kv_gauges(s: dict) -> bool:
+            return all(value(s, "hexgen_kv_blocks_total", pipeline=PIPE, stage=st) > 0 and
+                       ("hexgen_kv_blocks_used", frozenset({("pipeline", PIPE), ("stage", st)})) in s
+                       for st in ("0", "1"))
+
+        before = wait_for(base, kv_gauges)
         for st in ("0", "1"):
-            assert ("hexgen_kv_blocks_used", frozenset({("pipeline", PIPE), ("stage", st)})) in before
             assert value(before, "hexgen_kv_blocks_used", pipeline=PIPE, stage=st) == 0
         assert value(before, "hexgen_request_success_total", pipeline=PIPE) == 0
         ages = {dict(ls)["rank"]: v for (n, ls), v in before.items() if n == "hexgen_worker_heartbeat_age_seconds"}
