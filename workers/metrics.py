@@ -43,33 +43,46 @@ class RequestTimer:
         self._last: dict[str, float] = {}  # request id -> when its latest token was handed over
 
     def observe(self, outputs: list[StepOutput]) -> None:
+        """Runs on the engine loop (inside ``emit``), so it stays cheap: plain dict and int work per output,
+        one merge into the shared tally per step; the inter-token gaps of a step are mostly one value."""
         now = self.clock()
-        t = F.Tally()  # this step's outputs reach the shared tally together
+        last = self._last
+        tokens = 0
+        gaps: dict[float, int] = {}  # inter-token gap -> tokens
+        t = F.Tally()  # the rarer figures (first tokens, finishes); reaches the shared tally with the rest
         for o in outputs:
-            meta = o.meta or {}
-            received = _float(meta.get("received_at"))
-            if o.ids:
-                t.add("generation_tokens", len(o.ids))
-                last = self._last.get(o.request_id)
-                if last is not None:
-                    for _ in o.ids:
-                        t.observe(F.ITL, (now - last) / len(o.ids))
-                elif o.seq == 0 and received is not None:
-                    t.observe(F.TTFT, now - received)
-                self._last[o.request_id] = now
+            ids = o.ids
+            if ids:
+                n = len(ids)
+                tokens += n
+                prev = last.get(o.request_id)
+                if prev is not None:
+                    gap = (now - prev) / n
+                    gaps[gap] = gaps.get(gap, 0) + n
+                elif o.seq == 0:
+                    received = _float((o.meta or {}).get("received_at"))
+                    if received is not None:
+                        t.observe(F.TTFT, now - received)
+                last[o.request_id] = now
             if o.finish_reason is not None:
-                self._last.pop(o.request_id, None)
+                last.pop(o.request_id, None)
                 t.add(F.success_field(o.finish_reason))
                 t.add("prompt_tokens", o.prompt_tokens)
+                meta = o.meta or {}
+                received = _float(meta.get("received_at"))
                 if received is not None:
                     t.observe(F.E2E, now - received)
                     taken = _float(meta.get("taken_at"))
                     if taken is not None:
                         t.observe(F.QUEUE, taken - received)
+        if tokens:
+            t.add("generation_tokens", tokens)
+        for gap, n in gaps.items():
+            t.observe(F.ITL, gap, n)
         self.tally.merge(t)
-        if len(self._last) > _MAX_TRACKED:
-            for rid in list(self._last)[: len(self._last) // 2]:
-                del self._last[rid]
+        if len(last) > _MAX_TRACKED:
+            for rid in list(last)[: len(last) // 2]:
+                del last[rid]
 
 
 def _float(v: Any) -> float | None:

@@ -24,6 +24,7 @@ Histogram bucket bounds are vLLM's (``vllm/v1/metrics/loggers.py``), so dashboar
 """
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass, field
@@ -86,14 +87,12 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, n: int = 1) -> None:
+        """``n`` observations of ``value`` (negative values count as 0)."""
         value = max(0.0, float(value))
-        i = 0
-        while i < len(self.bounds) and value > self.bounds[i]:
-            i += 1
-        self.counts[i] += 1
-        self.sum += value
-        self.count += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += n  # a value equal to a bound belongs to it (le)
+        self.sum += value * n
+        self.count += n
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations ≤ it) per bucket, +Inf last: Prometheus' ``le`` buckets."""
@@ -162,12 +161,12 @@ class Tally:
         with self._lock:
             self.floats[name] = x
 
-    def observe(self, hist: str, value: float) -> None:
+    def observe(self, hist: str, value: float, n: int = 1) -> None:
         with self._lock:
             h = self.hists.get(hist)
             if h is None:
                 h = self.hists[hist] = Histogram(HISTOGRAMS[hist])
-            h.observe(value)
+            h.observe(value, n)
 
     def merge(self, other: "Tally") -> None:
         """Add ``other``'s counts (a batch gathered without the lock) in one step: a snapshot sees all or none."""
