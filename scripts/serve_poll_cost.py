@@ -40,7 +40,7 @@ def main() -> int:
     server = RedisServer(binary)
     url = server.start()
     r = redis.Redis.from_url(url)
-    src = RedisSource(IOConfig(url, "tiny", "p0"))
+    src = RedisSource(IOConfig(url, "tiny", "p0")).start()
     try:
         src.poll(64, 0.2)  # creates the group
         costs: list[float] = []

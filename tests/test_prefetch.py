@@ -90,7 +90,7 @@ def make_prefetcher(server):
     def make(pipeline_id: str = "p0", admit: Admitted | None = None, **kw) -> tuple[Prefetcher, Admitted]:
         admit = admit or Admitted()
         p = Prefetcher(fakeredis.FakeRedis(server=server), config(pipeline_id, **kw), admit,
-                       lambda: set(admit.owned))
+                       lambda: set(admit.owned)).start()
         made.append(p)
         return p, admit
 
@@ -105,7 +105,7 @@ def make_source(server):
 
     def make(pipeline_id: str = "p0", factory=None, **kw) -> RedisSource:
         src = RedisSource(config(pipeline_id, **kw),
-                          client_factory=factory or (lambda _t: fakeredis.FakeRedis(server=server)))
+                          client_factory=factory or (lambda _t: fakeredis.FakeRedis(server=server))).start()
         made.append(src)
         return src
 
@@ -267,7 +267,7 @@ def real(redis_server):
     def source(pipeline_id: str, **kw) -> RedisSource:
         cfg = IOConfig(redis_server, "tiny", pipeline_id, **{"lease_s": 1.0, "block_ms": 5000,
                                                              "control_block_ms": 1000, **kw})
-        src = RedisSource(cfg)
+        src = RedisSource(cfg).start()
         made.append(src)
         return src
 

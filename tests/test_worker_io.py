@@ -40,7 +40,7 @@ def make_source(server):
         kw.setdefault("block_ms", 100)
         kw.setdefault("control_block_ms", 50)
         cfg = IOConfig("redis://fake", "tiny", pipeline_id, **kw)
-        src = RedisSource(cfg, client_factory=lambda _t: fakeredis.FakeRedis(server=server))
+        src = RedisSource(cfg, client_factory=lambda _t: fakeredis.FakeRedis(server=server)).start()
         made.append(src)
         return src
 
@@ -55,7 +55,7 @@ def make_sink(server):
 
     def make(pipeline_id: str = "p0", **kw) -> RedisSink:
         cfg = IOConfig("redis://fake", "tiny", pipeline_id, **kw)
-        sink = RedisSink(cfg, client_factory=lambda _t: fakeredis.FakeRedis(server=server))
+        sink = RedisSink(cfg, client_factory=lambda _t: fakeredis.FakeRedis(server=server)).start()
         made.append(sink)
         return sink
 

@@ -122,7 +122,11 @@ class Prefetcher:
         self._next_reclaim = 0.0
         self._group_ok = False
         self._thread = threading.Thread(target=self._run, name="work-prefetch", daemon=True)
+
+    def start(self) -> "Prefetcher":
+        """Start the reading thread; returns self."""
         self._thread.start()
+        return self
 
     # ---- engine thread ---------------------------------------------------------------------------------------
 
@@ -170,7 +174,8 @@ class Prefetcher:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=self.cfg.control_block_ms / 1000 + 2)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=self.cfg.control_block_ms / 1000 + 2)
         if self._thread.is_alive():
             log.warning("work prefetch thread still running after close")
 
@@ -305,13 +310,18 @@ class RedisSource:
         self._prefetch = Prefetcher(self._r, cfg, self._admit, self._owned_entries)
         self._threads = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True),
                          threading.Thread(target=self._watch_control, name="cancel-reader", daemon=True)]
+
+    def start(self) -> "RedisSource":
+        """Start the lease keeper, the cancel reader and the prefetch thread; returns self."""
         for t in self._threads:
             t.start()
+        self._prefetch.start()
+        return self
 
     # ---- RequestSource ------------------------------------------------------------------------------------
 
     def poll(self, max_requests: int, timeout_s: float) -> list[Request]:
-        """Requests the prefetch thread has read and admitted: no Redis call here (see prefetch.py)."""
+        """Requests the prefetch thread has read and admitted: no Redis call here (see the module doc)."""
         if max_requests <= 0:
             if timeout_s > 0:
                 self._stop.wait(min(timeout_s, 0.5))
@@ -354,7 +364,8 @@ class RedisSource:
         self._prefetch.pause()
         self._prefetch.close()
         for t in self._threads:
-            t.join(timeout=self.cfg.control_block_ms / 1000 + 2)
+            if t.ident is not None:
+                t.join(timeout=self.cfg.control_block_ms / 1000 + 2)
         for c in (self._r, self._keeper_r, self._control_r):
             c.close()
 

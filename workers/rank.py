@@ -73,7 +73,7 @@ def _device_info(engine: EngineConfig, device_index: int | None) -> tuple[str, i
 
 def open_source(cfg: IOConfig, generation: int) -> RedisSource:
     """Source factory of the stage-0 leader: the pipeline is ready once its source is up."""
-    src = RedisSource(cfg)
+    src = RedisSource(cfg).start()
     client = sync_redis(cfg.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
     try:
         set_pipeline_state(client, cfg.pipeline_id, STATE_READY, generation)
@@ -83,6 +83,11 @@ def open_source(cfg: IOConfig, generation: int) -> RedisSource:
         client.close()
     log.info("pipeline %s generation %d: ready", cfg.pipeline_id, generation)
     return src
+
+
+def open_sink(cfg: IOConfig) -> RedisSink:
+    """Sink factory of the last-stage leader."""
+    return RedisSink(cfg).start()
 
 
 class _Rank:
@@ -185,7 +190,7 @@ class _Rank:
         io = IOConfig.from_settings(self.a.opts.settings, self.a.opts.pipeline_id, **self.a.opts.io_overrides)
         spec = RankSpec(self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index)
         s = self.a.opts.settings
-        figures = RankFigures(partial(open_source, io, gen.number), partial(RedisSink, io),
+        figures = RankFigures(partial(open_source, io, gen.number), partial(open_sink, io),
                               leader=self.a.rank == self.stage.leader, pipeline_id=self.a.opts.pipeline_id,
                               stage=self.stage.index, model=s.model.name,
                               interval_s=s.limits.heartbeat_interval_s, client_factory=partial(connect, s.redis.url))

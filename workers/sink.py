@@ -162,7 +162,11 @@ class RedisSink:
         self.steps_written = 0
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
+
+    def start(self) -> "RedisSink":
+        """Start the writer thread; returns self."""
         self._thread.start()
+        return self
 
     def emit(self, outputs: list[StepOutput]) -> None:
         if outputs:
@@ -180,7 +184,8 @@ class RedisSink:
         """Flush queued events (up to ``flush_timeout_s``), then release the connection."""
         self._closing_deadline = time.monotonic() + self.cfg.flush_timeout_s
         self._q.put(None)
-        self._thread.join(self.cfg.flush_timeout_s + 5)
+        if self._thread.ident is not None:
+            self._thread.join(self.cfg.flush_timeout_s + 5)
         self._r.close()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
