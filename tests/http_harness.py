@@ -9,9 +9,18 @@ from dataclasses import dataclass
 
 import httpx
 
-from tests.serving_harness import Deployment, PipelineSpec, make_tiny_model, write_config
+from tests.serving_harness import Deployment, PipelineSpec, write_config
 
 ONE_STAGE = [PipelineSpec("p0", (1,), (4,))]
+CONTEXT = 2048  # the tiny model's context: room for requests long enough to cancel mid-way
+
+
+def make_model(path: str) -> str:
+    """tests/serving_harness.py's tiny random Llama with a longer context (CONTEXT tokens)."""
+    from tests.models import llama_config, save_llama
+    from tests.tiny_tokenizer import build_tiny_tokenizer
+
+    return save_llama(path, llama_config(max_position_embeddings=CONTEXT), tokenizer=build_tiny_tokenizer())
 
 
 def free_port() -> int:
@@ -68,7 +77,7 @@ def start_http_deployment(tmp_dir: str, pipelines: list[PipelineSpec] | None = N
     pipelines = ONE_STAGE if pipelines is None else pipelines
     server = RedisServer(binary)
     url = server.start()
-    model_dir = make_tiny_model(os.path.join(tmp_dir, "model"))
+    model_dir = make_model(os.path.join(tmp_dir, "model"))
     limits = {"heartbeat_ttl_s": 2, "heartbeat_interval_s": 0.3, "lease_s": 3.0, "block_ms": 500, **limits}
     config = write_config(os.path.join(tmp_dir, "deploy.toml"), url, model_dir, pipelines, **limits)
     dep = Deployment(url, config, model_dir, tmp_dir, server)

@@ -18,14 +18,15 @@ import redis
 
 from hexgen.wire import keys as C
 from hexgen.wire.protocol import error_event, parse_event
-from tests.http_harness import start_http_deployment
+from hexgen.wire import figures as F
+from tests.http_harness import CONTEXT, start_http_deployment
 
 pytestmark = pytest.mark.slow
 
 KEY = "sk-test-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
-LONG = 400  # tokens of a request that runs long enough to overlap another (context 512)
+LONG = CONTEXT - 100  # tokens of a request that runs long enough to overlap another
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,12 @@ def result_events(r, request_id: str) -> list:
 
 def work_pending(r) -> int:
     return int(r.xpending(C.work_stream("tiny"), C.PIPELINES_GROUP)["pending"])
+
+
+def kv_blocks_used(r) -> int | None:
+    """Stage 0's KV blocks in use, as its leader last published them (every heartbeat interval)."""
+    raw = r.hget(F.STAGE_FIGURES_PREFIX + "p0:0", "kv_blocks_used")
+    return None if raw is None else int(float(raw))
 
 
 def queue_drained(r) -> bool:
@@ -132,12 +139,12 @@ def test_bad_parameters_are_400_naming_them(http, body, param, text):
 
 
 def test_the_heads_context_check_is_a_400(http):
-    # the head tokenizes and finds prompt + max_tokens over the model's context of 512 tokens
-    e = error_of(http.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 400, "max_tokens": 300}),
-                 400)
-    assert e["param"] == "max_tokens" and "context of 512 tokens" in e["message"]
-    e = error_of(http.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": "word " * 400}],
-                                                              max_tokens=300, stream=True)), 400)
+    # the head tokenizes and finds prompt + max_tokens over the model's context
+    e = error_of(http.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 100,
+                                                    "max_tokens": CONTEXT - 10}), 400)
+    assert e["param"] == "max_tokens" and f"context of {CONTEXT} tokens" in e["message"]
+    e = error_of(http.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": "word " * 100}],
+                                                              max_tokens=CONTEXT - 10, stream=True)), 400)
     assert e["param"] == "max_tokens" and e["message"].startswith("messages, max_tokens:")
 
 
@@ -183,11 +190,13 @@ def test_overload_is_429_and_a_disconnect_cancels(dep, http, r):
             e = error_of(over, 429)
             assert e["code"] == "overloaded" and over.headers["retry-after"] == "1"
             assert "limit 1" in e["message"]
+            wait_for(lambda: (kv_blocks_used(r) or 0) > 0, timeout_s=10, what="KV in use")
         # the client went away mid-stream: the HTTP front cancels the request
     events = wait_for(lambda: [ev for ev in result_events(r, request_id) if hasattr(ev, "finish_reason")],
                       what="a done event")
     assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens < LONG
     wait_for(lambda: work_pending(r) == 0, what="the cancelled work item acked")
+    wait_for(lambda: kv_blocks_used(r) == 0, timeout_s=10, what="the KV blocks freed")
     ok = http.post("/v1/chat/completions", json=chat(max_tokens=3))  # the slot is free again
     assert ok.status_code == 200, ok.text
 
