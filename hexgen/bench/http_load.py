@@ -1,11 +1,11 @@
 """The HTTP leg of ``hexgen bench serve``: the same requests as the Redis leg, sent to the head's
 OpenAI-compatible ``POST /v1/completions`` with ``stream: true`` (httpx, one connection per request).
 
-Each SSE chunk is stamped as it is read. A chunk may hold several tokens (a token event with several ids) and
-a token may add no text, so the stamps are made one per token from the chunks: the first token at the first
-chunk (the front sends it with the first token event), the last at the final text chunk, and the count from
-the final usage chunk (``stream_options.include_usage``). TTFT, TPOT (first to last over the count) and
-throughput (tokens over the span) are then exact, as on the Redis leg.
+Each SSE chunk is stamped as it is read. The front sends one chunk per token event (also when its tokens
+added no text), and a token event may hold several tokens, so the stamps are made one per token from the
+chunks: the first token at the first chunk, the last at the last chunk before the one carrying the
+finish_reason, and the count from the final usage chunk (``stream_options.include_usage``). TTFT, TPOT (first
+to last over the count) and throughput (tokens over the span) are then exact, as on the Redis leg.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ async def offer_http(base_url: str, items: list[Any], model: str | None = None, 
                         raise RuntimeError(f"bench serve: HTTP stream error: {chunk['error']}")
                     if chunk.get("usage"):
                         count = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"] and (chunk["choices"][0]["text"] or not stamps):
+                    elif chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
                         stamps.append(now)
             if count != p.max_new_tokens or not stamps:
                 raise RuntimeError(f"bench serve: request {item.request.request_id} got {count} tokens through "

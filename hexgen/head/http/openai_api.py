@@ -445,13 +445,11 @@ class OpenAIRoutes:
         try:
             if ans.chat:
                 yield ans.chunk("", first=True)
-            if first is not None:
+            if first is not None:  # one chunk per token event, also when its tokens added no text yet
                 rec.first_token()
-                if first.text or not ans.chat:  # completions: the first chunk goes out with the first token
-                    yield ans.chunk(first.text)
+                yield ans.chunk(first.text)
                 async for ev in events:
-                    if ev.text:
-                        yield ans.chunk(ev.text)
+                    yield ans.chunk(ev.text)
             done = gen.done
             yield ans.chunk(None, openai_finish_reason(done.finish_reason))
             if tr.include_usage:
