@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-fast model redis clean
+.PHONY: install demo lint test test-fast model redis clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ model: install
 demo: install redis model
 	$(PY) -m hexgen.cli demo $(DEMO_ARGS)
 
-test: install redis
+# The quality gate: ruff (lint + format check) and mypy over the packages; settings in pyproject.toml.
+lint: install
+	$(PY) -m ruff check hexgen workers
+	$(PY) -m ruff format --check hexgen workers
+	$(PY) -m mypy
+
+test: install redis lint
 	$(PY) -m pytest -q
 
 test-fast: install
