@@ -451,8 +451,8 @@ def format_serve(res: dict) -> str:
     if "http_overhead" in res:
         d, r = res["http_overhead"]["vs_direct"], res["http_overhead"]["vs_redis"]
         rows.append(f"HTTP path: {d['throughput_ratio']:.3f}x direct and {r['throughput_ratio']:.3f}x Redis-path "
-                    f"throughput; p50 TTFT {d['ttft_p50_diff_ms']:+.1f} ms vs direct, {r['ttft_p50_diff_ms']:+.1f} ms vs "
-                    f"Redis (per request, median: {d['ttft_paired_diff_p50_ms']:+.1f} / "
-                    f"{r['ttft_paired_diff_p50_ms']:+.1f} ms)")
+                    f"throughput; p50 TTFT {d['ttft_p50_diff_ms']:+.1f} ms vs direct, "
+                    f"{r['ttft_p50_diff_ms']:+.1f} ms vs Redis (per request, median: "
+                    f"{d['ttft_paired_diff_p50_ms']:+.1f} / {r['ttft_paired_diff_p50_ms']:+.1f} ms)")
     rows += ["memory (direct run):"] + memory_lines(res["memory"])
     return "\n".join(rows)

@@ -46,9 +46,8 @@ from hexgen.head.tokenizing import (
     tokenize,
 )
 from hexgen.head.validation import check_context, parse_request, peek_request_id
-from hexgen.wire import figures
+from hexgen.wire import figures, trace
 from hexgen.wire import keys as C
-from hexgen.wire import trace
 from hexgen.wire.protocol import (
     InternalError,
     NotFound,
@@ -332,6 +331,15 @@ class Head:
             await self._sleep(self.limits.heartbeat_ttl_s / 2)
 
 
+def _http_front(settings: Settings) -> Any:
+    """The head's HTTP front (:class:`hexgen.head.http.app.HttpFront`, its port bound), or None when off."""
+    if not settings.http.enabled:
+        return None
+    from hexgen.head.http.app import HttpFront
+
+    return HttpFront(settings, settings.http.host, settings.http.port, settings.http.api_key)
+
+
 async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_signals: bool = True,
                    placement: Any | None = None) -> None:
     """Run a head until SIGTERM/SIGINT: load the tokenizer, connect, serve, close connections.
@@ -345,20 +353,11 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
     """
     tokenizer = tokenizer if tokenizer is not None else load_head_tokenizer(settings)
     max_len = model_context_len(settings)
+    front = _http_front(settings)  # binds the port first: a busy one fails here
     url = settings.redis.url
     redis = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
     reader = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
     head = Head(settings, tokenizer, max_len, redis=redis, reader=reader)
-    front = None
-    if settings.http.enabled:
-        from hexgen.head.http.app import HttpFront
-
-        try:
-            front = HttpFront(settings, settings.http.host, settings.http.port, settings.http.api_key)
-        except BaseException:
-            await reader.aclose()
-            await redis.aclose()
-            raise
     loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -371,20 +370,13 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
 
         planner = PlacementLoop(settings, placement, redis=redis, consumer=head.consumer)
         planning = asyncio.create_task(planner.run(), name="hexgen-head-placement")
-    http_stop = asyncio.Event()
-    serving = None
     if front is not None:
-        serving = asyncio.create_task(front.run(http_stop), name="hexgen-head-http")
-        serving.add_done_callback(lambda t: None if http_stop.is_set() else head.stop())  # HTTP died: stop too
+        front.start(on_failure=head.stop)  # the HTTP server dying stops the head too
     try:
         await head.run()
     finally:
-        if serving is not None:
-            early = serving.done()
-            http_stop.set()
-            await asyncio.gather(serving, return_exceptions=True)
-            if early and not serving.cancelled() and serving.exception() is not None:
-                log.error("head: the HTTP server failed: %r", serving.exception())
+        if front is not None:
+            await front.close()
         if planning is not None:
             planner.stop()
             await asyncio.gather(planning, return_exceptions=True)

@@ -1,8 +1,8 @@
 """Deployment settings: a frozen dataclass tree loaded from TOML, then the environment, then flags.
 
 Precedence, highest first: command-line flags, ``HEXGEN_REDIS_URL`` (Redis URL only) and ``HEXGEN_API_KEY``
-(the HTTP API key only), the TOML file, the defaults here. Unknown keys are a ConfigError naming the key (a typo must not silently fall back to a
-default). Example file::
+(the HTTP API key only), the TOML file, the defaults here. Unknown keys are a ConfigError naming the key (a
+typo must not silently fall back to a default). Example file::
 
     dtype = "bf16"                 # fp32 | fp16 | bf16
     device = "cuda"                # cpu | cuda

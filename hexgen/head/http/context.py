@@ -5,12 +5,14 @@
 ``ctx.counters`` (:class:`HttpCounters`): plain running totals that a Prometheus collector can read at
 scrape time, and listeners called once per request with its :class:`RequestRecord` (for histograms).
 """
+
 from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hexgen.wire.settings import Settings
@@ -75,6 +77,7 @@ class HttpCounters:
                 fn(rec)
             except Exception:  # noqa: BLE001 - a metrics listener must never break serving
                 import logging
+
                 logging.getLogger(__name__).exception("http counters listener failed")
 
 
@@ -82,7 +85,7 @@ class HttpCounters:
 class HttpContext:
     """Shared by all route modules of one app. ``redis`` is a ``redis.asyncio.Redis`` (bytes replies)."""
 
-    settings: "Settings"
+    settings: Settings
     redis: Any
     models: tuple[str, ...]
     counters: HttpCounters = field(default_factory=HttpCounters)

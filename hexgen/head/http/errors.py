@@ -5,11 +5,13 @@
 (:mod:`hexgen.wire.protocol`) onto HTTP: ``invalid_request`` 400, ``not_found`` 404, ``overloaded`` 429
 (with ``Retry-After``), ``internal`` 500.
 """
+
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from starlette.responses import JSONResponse
 
@@ -17,17 +19,32 @@ from hexgen.wire.protocol import INTERNAL, INVALID_REQUEST, NOT_FOUND, OVERLOADE
 
 RETRY_AFTER_S = 1  # what a 429 or 503 asks the client to wait
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "service_unavailable_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
 _FIELD_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*(?:, [A-Za-z_][A-Za-z0-9_.\[\]]*)*): ")
 
 
 class APIError(Exception):
     """An error answer: HTTP ``status``, OpenAI ``message`` / ``type`` / ``param`` / ``code``, extra headers."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -61,14 +78,21 @@ def overloaded(message: str) -> APIError:
 
 
 def not_ready(model: str) -> APIError:
-    return APIError(503, f"model {model!r} has no ready pipeline (no pipeline in state ready with live "
-                    "heartbeats); retry later", code="no_ready_pipeline",
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
+    return APIError(
+        503,
+        f"model {model!r} has no ready pipeline (no pipeline in state ready with live heartbeats); retry later",
+        code="no_ready_pipeline",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def unknown_model(model: str, served: tuple[str, ...]) -> APIError:
-    return APIError(404, f"model: {model!r} is not served here; available: {', '.join(served)}",
-                    param="model", code="model_not_found")
+    return APIError(
+        404,
+        f"model: {model!r} is not served here; available: {', '.join(served)}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def field_of(message: str) -> str | None:

@@ -14,6 +14,7 @@ is complete has its request cancelled (``XADD hexgen:cancel``): the pipeline fre
 ``done cancelled``. OpenAI's defaults apply to what a request leaves out (``temperature`` 1), except
 ``max_tokens``, which defaults to the deployment's ``limits.default_max_new_tokens``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,9 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, cast
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -33,11 +35,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from hexgen.client import HexGenClient
 from hexgen.head.http.context import HttpContext, RequestRecord
-from hexgen.head.http.errors import (APIError, from_request_error, invalid, not_ready, unknown_model,
-                                     unsupported)
+from hexgen.head.http.errors import APIError, from_request_error, invalid, not_ready, unknown_model, unsupported
 from hexgen.head.http.readiness import Readiness
-from hexgen.wire.protocol import DoneEvent, RequestError, TokenEvent, request_fields
 from hexgen.head.validation import parse_request
+from hexgen.wire.protocol import DoneEvent, Fields, RequestError, TokenEvent, request_fields
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,10 @@ _INERT: dict[str, tuple[tuple[Any, ...], str]] = {
     "top_logprobs": ((None, 0), "is not supported (only null or 0)"),
     "tools": ((None, []), "is not supported (function calling is not implemented)"),
     "functions": ((None, []), "is not supported (function calling is not implemented)"),
-    "tool_choice": ((None, "none", "auto"), "is not supported (only null, \"none\" or \"auto\" without tools)"),
+    "tool_choice": ((None, "none", "auto"), 'is not supported (only null, "none" or "auto" without tools)'),
     "function_call": ((None, "none", "auto"), "is not supported (function calling is not implemented)"),
-    "response_format": ((None, {"type": "text"}), "is not supported (only {\"type\": \"text\"})"),
-    "modalities": ((None, ["text"]), "is not supported (only [\"text\"])"),
+    "response_format": ((None, {"type": "text"}), 'is not supported (only {"type": "text"})'),
+    "modalities": ((None, ["text"]), 'is not supported (only ["text"])'),
     "audio": ((None,), "is not supported"),
     "prediction": ((None,), "is not supported"),
     "reasoning_effort": ((None,), "is not supported"),
@@ -72,18 +73,54 @@ _INERT: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 # Accepted and without effect on the output.
 _NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
-_COMMON = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "top_k",
-           "ignore_eos", "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias",
-           "logprobs", "user")
-CHAT_PARAMS = frozenset(_COMMON + ("messages", "max_completion_tokens", "top_logprobs", "tools", "functions",
-                                   "tool_choice", "function_call", "response_format", "modalities", "audio",
-                                   "prediction", "reasoning_effort", "web_search_options", "metadata", "store",
-                                   "service_tier", "parallel_tool_calls"))
+_COMMON = (
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "top_k",
+    "ignore_eos",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "logit_bias",
+    "logprobs",
+    "user",
+)
+CHAT_PARAMS = frozenset(
+    _COMMON
+    + (
+        "messages",
+        "max_completion_tokens",
+        "top_logprobs",
+        "tools",
+        "functions",
+        "tool_choice",
+        "function_call",
+        "response_format",
+        "modalities",
+        "audio",
+        "prediction",
+        "reasoning_effort",
+        "web_search_options",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+    )
+)
 COMPLETION_PARAMS = frozenset(_COMMON + ("prompt", "echo", "suffix", "best_of"))
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 
 # ---- request translation ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Translated:
@@ -120,14 +157,15 @@ def _content_text(i: int, content: Any) -> str:
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise unsupported(f"messages[{i}].content[{j}]", "only text parts "
-                                  '({"type": "text", "text": "..."}) are supported')
+                raise unsupported(
+                    f"messages[{i}].content[{j}]", 'only text parts ({"type": "text", "text": "..."}) are supported'
+                )
             parts.append(part["text"])
         return "".join(parts)
     raise invalid(f"messages[{i}].content: must be a string or a list of text parts", f"messages[{i}].content")
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     _want(isinstance(value, list) and len(value) > 0, "messages", "a non-empty list of messages", value)
     out = []
     for i, m in enumerate(value):
@@ -136,7 +174,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         for k, v in m.items():
             if k not in ("role", "content") and v is not None:
                 raise unsupported(f"messages[{i}].{k}", "is not supported (messages carry role and content)")
-        role = m.get("role")
+        role: Any = m.get("role")
         out.append({"role": _ROLE_ALIASES.get(role, role), "content": _content_text(i, m.get("content"))})
     return out
 
@@ -147,51 +185,60 @@ def _prompt(value: Any) -> str:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
         return value[0]
     if isinstance(value, list) and all(isinstance(p, str) for p in value):
-        raise unsupported("prompt", f"a list of {len(value)} prompts is not supported; send one prompt "
-                          "per request")
+        raise unsupported("prompt", f"a list of {len(value)} prompts is not supported; send one prompt per request")
     if isinstance(value, list):
         raise unsupported("prompt", "token-id prompts are not supported; send text")
     raise invalid("prompt: must be a string", "prompt")
 
 
-def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
-    """Check an OpenAI request body's parameters and turn it into HexGen request fields (APIError if not)."""
-    if not isinstance(body, dict):
-        raise invalid("request body: must be a JSON object", None)
-    allowed, path = (CHAT_PARAMS, "/v1/chat/completions") if endpoint == "chat" else \
-        (COMPLETION_PARAMS, "/v1/completions")
+def _check_names(body: dict[str, Any], endpoint: str) -> None:
+    """Unknown parameters, and known ones at a value that would change the output, are 400s."""
+    allowed, path = (
+        (CHAT_PARAMS, "/v1/chat/completions") if endpoint == "chat" else (COMPLETION_PARAMS, "/v1/completions")
+    )
     for k in body:
         if k not in allowed:
             raise unsupported(k, f"unknown parameter for {path}")
     for k, (ok, why) in _INERT.items():
         if k in body and body[k] not in ok:
             raise unsupported(k, why)
+
+
+def _served_model(body: dict[str, Any], ctx: HttpContext) -> str:
     model = body.get("model", ctx.model)
     _want(isinstance(model, str) and model != "", "model", "a model name (GET /v1/models lists them)", model)
     if model not in ctx.models:
         raise unknown_model(model, ctx.models)
-    kw: dict[str, Any] = {"model": model}
-    rename: dict[str, str] = {}
+    return model
+
+
+def _text_input(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     if endpoint == "chat":
         if "messages" not in body:
             raise invalid("messages: missing; give the conversation as a list of {role, content}", "messages")
-        kw["messages"] = _messages(body["messages"])
-    else:
-        if "prompt" not in body:
-            raise invalid("prompt: missing", "prompt")
-        kw["prompt"] = _prompt(body["prompt"])
-    length_param = next((p for p in ("max_completion_tokens", "max_tokens") if body.get(p) is not None), None)
-    if length_param is not None:
-        v = body[length_param]
-        _want(_is_int(v), length_param, "an integer ≥ 1", v)
-        kw["max_new_tokens"] = v
-        rename["max_new_tokens"] = length_param
-    else:
-        rename["max_new_tokens"] = "max_tokens"
+        return {"messages": _messages(body["messages"])}
+    if "prompt" not in body:
+        raise invalid("prompt: missing", "prompt")
+    return {"prompt": _prompt(body["prompt"])}
+
+
+def _length(body: dict[str, Any], kw: dict[str, Any]) -> str:
+    """Set ``max_new_tokens`` from max_completion_tokens or max_tokens; returns the parameter's name."""
+    name = next((p for p in ("max_completion_tokens", "max_tokens") if body.get(p) is not None), None)
+    if name is None:
+        return "max_tokens"
+    _want(_is_int(body[name]), name, "an integer ≥ 1", body[name])
+    kw["max_new_tokens"] = body[name]
+    return name
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """temperature (OpenAI's default when left out), top_p, seed, top_k, stop, ignore_eos: types only; the
+    ranges are the Redis path's validation's."""
     t = body.get("temperature")
     if t is not None:
         _want(_is_num(t), "temperature", "a number (0 = greedy)", t)
-    kw["temperature"] = float(OPENAI_DEFAULT_TEMPERATURE if t is None else t)
+    kw: dict[str, Any] = {"temperature": float(OPENAI_DEFAULT_TEMPERATURE if t is None else t)}
     if body.get("top_p") is not None:
         _want(_is_num(body["top_p"]), "top_p", "a number with 0 < top_p ≤ 1", body["top_p"])
         kw["top_p"] = float(body["top_p"])
@@ -208,37 +255,55 @@ def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
     if body.get("ignore_eos") is not None:
         _want(isinstance(body["ignore_eos"], bool), "ignore_eos", "true or false", body["ignore_eos"])
         kw["ignore_eos"] = body["ignore_eos"]
+    return kw
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)``."""
     stream = body.get("stream")
     _want(stream is None or isinstance(stream, bool), "stream", "true or false", stream)
     opts = body.get("stream_options")
-    include_usage = False
-    if opts is not None:
-        _want(isinstance(opts, dict), "stream_options", 'an object such as {"include_usage": true}', opts)
-        for k in opts:
-            if k != "include_usage":
-                raise unsupported(f"stream_options.{k}", "unknown option (only include_usage)")
-        iu = opts.get("include_usage")
-        _want(iu is None or isinstance(iu, bool), "stream_options.include_usage", "true or false", iu)
-        if not stream:
-            raise invalid("stream_options: only allowed with stream: true", "stream_options")
-        include_usage = bool(iu)
+    if opts is None:
+        return bool(stream), False
+    _want(isinstance(opts, dict), "stream_options", 'an object such as {"include_usage": true}', opts)
+    for k in opts:
+        if k != "include_usage":
+            raise unsupported(f"stream_options.{k}", "unknown option (only include_usage)")
+    iu = opts.get("include_usage")
+    _want(iu is None or isinstance(iu, bool), "stream_options.include_usage", "true or false", iu)
+    if not stream:
+        raise invalid("stream_options: only allowed with stream: true", "stream_options")
+    return True, bool(iu)
+
+
+def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
+    """Check an OpenAI request body's parameters and turn it into HexGen request fields (APIError if not)."""
+    if not isinstance(body, dict):
+        raise invalid("request body: must be a JSON object", None)
+    _check_names(body, endpoint)
+    model = _served_model(body, ctx)
+    kw: dict[str, Any] = {"model": model, **_text_input(body, endpoint)}
+    rename = {"max_new_tokens": _length(body, kw)}
+    kw.update(_sampling(body))
+    stream, include_usage = _streaming(body)
     request_id = uuid.uuid4().hex
     fields = request_fields(request_id=request_id, **kw)
     try:  # the Redis path's validation, before anything is queued
-        parse_request(fields, request_id, ctx.settings.limits.request_limits())
+        parse_request(cast(Fields, fields), request_id, ctx.settings.limits.request_limits())
     except RequestError as e:
         raise _rename_error(e, rename, endpoint) from None
-    return Translated(endpoint, model, kw, fields, request_id, bool(stream), include_usage, rename)
+    return Translated(endpoint, model, kw, fields, request_id, stream, include_usage, rename)
 
 
 def _rename_error(e: RequestError, rename: dict[str, str], endpoint: str) -> APIError:
     out = from_request_error(e, rename)
     if endpoint == "chat" and out.message.startswith("prompt, "):  # the head's context check on chat
-        out.message = "messages, " + out.message[len("prompt, "):]
+        out.message = "messages, " + out.message[len("prompt, ") :]
     return out
 
 
 # ---- answers -----------------------------------------------------------------------------------------------
+
 
 def openai_finish_reason(reason: str) -> str:
     """Ours -> OpenAI's: eos and stop strings are ``stop``; ``length`` as is; ``cancelled`` (by a
@@ -247,8 +312,11 @@ def openai_finish_reason(reason: str) -> str:
 
 
 def _usage(done: DoneEvent) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
 
 
 class _Answer:
@@ -261,14 +329,23 @@ class _Answer:
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.tr.model,
-                "system_fingerprint": None}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.tr.model,
+            "system_fingerprint": None,
+        }
 
     def full(self, text: str, done: DoneEvent) -> dict[str, Any]:
         reason = openai_finish_reason(done.finish_reason)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
             out = self._head("chat.completion")
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
@@ -308,6 +385,7 @@ DONE_LINE = "data: [DONE]\n\n"
 
 # ---- the routes --------------------------------------------------------------------------------------------
 
+
 class OpenAIRoutes:
     """The route handlers of one app; ``client`` sends requests and reads events over ``ctx.redis``."""
 
@@ -315,8 +393,7 @@ class OpenAIRoutes:
         self.ctx = ctx
         limits = ctx.settings.limits
         self.client = HexGenClient(ctx.settings.redis.url, block_ms=limits.block_ms, redis=ctx.redis)
-        self.readiness = Readiness(ctx.redis, limits.heartbeat_ttl_s,
-                                   max_age_s=min(1.0, limits.heartbeat_interval_s))
+        self.readiness = Readiness(ctx.redis, limits.heartbeat_ttl_s, max_age_s=min(1.0, limits.heartbeat_interval_s))
         self.body_cap = BODY_CAP_FACTOR * limits.max_request_bytes
         self._background: set[asyncio.Task] = set()
 
@@ -325,15 +402,19 @@ class OpenAIRoutes:
     async def _body(self, request: Request) -> Any:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.body_cap:
-            raise APIError(413, f"request body: {length} bytes exceeds the limit of {self.body_cap} bytes",
-                           code="request_too_large")
+            raise APIError(
+                413,
+                f"request body: {length} bytes exceeds the limit of {self.body_cap} bytes",
+                code="request_too_large",
+            )
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > self.body_cap:
-                    raise APIError(413, f"request body: exceeds the limit of {self.body_cap} bytes",
-                                   code="request_too_large")
+                    raise APIError(
+                        413, f"request body: exceeds the limit of {self.body_cap} bytes", code="request_too_large"
+                    )
                 chunks.append(chunk)
         except ClientDisconnect:
             raise APIError(CLIENT_CLOSED, "client closed the request", code="client_closed") from None
@@ -392,8 +473,9 @@ class OpenAIRoutes:
             rec.finish(500, "error", "internal_error")  # no-op when _collect recorded it
             raise
 
-    async def _first(self, events: AsyncIterator[TokenEvent], gen: Any, tr: Translated,
-                     request: Request) -> TokenEvent | None:
+    async def _first(
+        self, events: AsyncIterator[TokenEvent], gen: Any, tr: Translated, request: Request
+    ) -> TokenEvent | None:
         """Send the request and wait for its first event (None: done with no token), cancelling on disconnect."""
         try:
             return await _until_disconnect(request, _next(events))
@@ -408,8 +490,15 @@ class OpenAIRoutes:
             self._cancel_later(tr.request_id)
             raise
 
-    async def _collect(self, tr: Translated, gen: Any, events: AsyncIterator[TokenEvent],
-                       first: TokenEvent | None, rec: "_Recorder", request: Request) -> Response:
+    async def _collect(
+        self,
+        tr: Translated,
+        gen: Any,
+        events: AsyncIterator[TokenEvent],
+        first: TokenEvent | None,
+        rec: _Recorder,
+        request: Request,
+    ) -> Response:
         parts = []
         if first is not None:
             rec.first_token()
@@ -418,6 +507,7 @@ class OpenAIRoutes:
             async def rest() -> None:
                 async for ev in events:
                     parts.append(ev.text)
+
             try:
                 await _until_disconnect(request, rest())
             except _Disconnected:
@@ -439,8 +529,9 @@ class OpenAIRoutes:
         rec.finish(200, openai_finish_reason(done.finish_reason), "", done)
         return JSONResponse(_Answer(tr).full("".join(parts), done))
 
-    async def _sse(self, tr: Translated, gen: Any, events: AsyncIterator[TokenEvent], first: TokenEvent | None,
-                   rec: "_Recorder") -> AsyncIterator[str]:
+    async def _sse(
+        self, tr: Translated, gen: Any, events: AsyncIterator[TokenEvent], first: TokenEvent | None, rec: _Recorder
+    ) -> AsyncIterator[str]:
         ans = _Answer(tr)
         try:
             if ans.chat:
@@ -465,7 +556,7 @@ class OpenAIRoutes:
             yield APIError(500, f"internal error: {type(e).__name__}", code="internal_error").sse()
         yield DONE_LINE
 
-    def _closed(self, tr: Translated, rec: "_Recorder") -> None:
+    def _closed(self, tr: Translated, rec: _Recorder) -> None:
         """After a stream's response ended: a stream that did not finish lost its client; cancel it."""
         if not rec.done:
             self._cancel_later(tr.request_id)
@@ -496,11 +587,12 @@ class OpenAIRoutes:
         try:
             pipes = [p for m in self.ctx.models for p in await self.readiness.pipelines(m)]
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-            return JSONResponse({"status": "not_ready", "reason": f"redis down: {type(e).__name__}"},
-                                status_code=503)
-        body = {"status": "ready" if pipes else "not_ready", "models": list(self.ctx.models),
-                "pipelines": [{"id": p.id, "model": p.model, "layout": p.layout, "workers": p.workers}
-                              for p in pipes]}
+            return JSONResponse({"status": "not_ready", "reason": f"redis down: {type(e).__name__}"}, status_code=503)
+        body = {
+            "status": "ready" if pipes else "not_ready",
+            "models": list(self.ctx.models),
+            "pipelines": [{"id": p.id, "model": p.model, "layout": p.layout, "workers": p.workers} for p in pipes],
+        }
         return JSONResponse(body, status_code=200 if pipes else 503)
 
     async def aclose(self) -> None:
@@ -513,8 +605,9 @@ class _EventStream(StreamingResponse):
     the client left before the first chunk, when the body generator never ran)."""
 
     def __init__(self, body: AsyncIterator[str], on_close: Any) -> None:
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -563,8 +656,12 @@ def _reject_constant(token: str) -> Any:
 
 
 def _redis_down(e: Exception) -> APIError:
-    return APIError(503, f"redis is unavailable ({type(e).__name__}); retry later", code="redis_unavailable",
-                    headers={"Retry-After": "1"})
+    return APIError(
+        503,
+        f"redis is unavailable ({type(e).__name__}); retry later",
+        code="redis_unavailable",
+        headers={"Retry-After": "1"},
+    )
 
 
 class _Recorder:
@@ -586,11 +683,21 @@ class _Recorder:
             return
         self.done = True
         self.ctx.counters.in_flight -= 1
-        self.ctx.counters.record(RequestRecord(
-            endpoint=self.endpoint, model=self.model, stream=self.stream, status=status, outcome=outcome,
-            error_code=error_code, prompt_tokens=done.prompt_tokens if done else 0,
-            completion_tokens=done.completion_tokens if done else 0, started_at=self.started,
-            first_token_at=self.first_at, finished_at=time.monotonic()))
+        self.ctx.counters.record(
+            RequestRecord(
+                endpoint=self.endpoint,
+                model=self.model,
+                stream=self.stream,
+                status=status,
+                outcome=outcome,
+                error_code=error_code,
+                prompt_tokens=done.prompt_tokens if done else 0,
+                completion_tokens=done.completion_tokens if done else 0,
+                started_at=self.started,
+                first_token_at=self.first_at,
+                finished_at=time.monotonic(),
+            )
+        )
 
 
 def install(app: Starlette, ctx: HttpContext) -> OpenAIRoutes:

@@ -5,6 +5,7 @@
 (at most every ``min_recheck_s``) before the request is refused, so a pipeline that just became ready is
 seen at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,7 @@ async def ready_pipelines(redis: Any, heartbeat_ttl_s: float) -> list[ReadyPipel
 class Readiness:
     """Cached :func:`ready_pipelines` per model."""
 
-    def __init__(self, redis: Any, heartbeat_ttl_s: float, max_age_s: float = 1.0,
-                 min_recheck_s: float = 0.25) -> None:
+    def __init__(self, redis: Any, heartbeat_ttl_s: float, max_age_s: float = 1.0, min_recheck_s: float = 0.25) -> None:
         self.redis = redis
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.max_age_s = max_age_s
