@@ -156,3 +156,13 @@ def test_step_timer_counts_host_time_on_cpu():
     assert fn(None, torch.zeros(2)).tolist() == [1.0, 1.0]
     fn(None, torch.zeros(2))
     assert timer.steps == 2 and timer.seconds > 0
+
+
+def test_the_rank_module_imports_no_torch():
+    """A rank process imports workers.rank before it blocks SIGTERM; torch's import starts threads that would
+    take the signal and kill the rank instead of draining it, so the figures code must not pull torch in."""
+    import subprocess
+    import sys
+
+    code = "import sys, workers.rank; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

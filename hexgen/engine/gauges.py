@@ -2,6 +2,9 @@
 
 The engine loop writes plain attributes of a :class:`StageGauges`; another thread of the same process reads
 them (single int/float attribute writes are atomic in CPython, and a reader only needs a recent value).
+
+Importing this module imports no torch: a worker rank imports it before it blocks SIGTERM, and torch's
+import starts threads that would otherwise take the signal (workers/rank.py).
 """
 from __future__ import annotations
 
@@ -9,10 +12,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import torch
-
-from hexgen.engine.kv_cache import kv_bytes_per_block
 
 
 class StepTimer:
@@ -28,7 +27,9 @@ class StepTimer:
         self.seconds = 0.0
         self._pending: deque[tuple[Any, Any]] = deque()
 
-    def wrap(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        import torch
+
         def timed(plan: Any, x: torch.Tensor) -> torch.Tensor:
             if x.device.type != "cuda":
                 t0 = time.perf_counter()
@@ -73,6 +74,8 @@ class StageGauges:
 
     def watch(self, runner: Any) -> None:
         """Take the stage's KV figures from its runner and time its forward passes from now on."""
+        from hexgen.engine.kv_cache import kv_bytes_per_block
+
         self.kv_blocks_total = runner.num_blocks
         self.kv_blocks_fit = getattr(runner, "blocks_fit", runner.num_blocks)
         self.kv_bytes_per_block = kv_bytes_per_block(runner.cfg, runner.groups.stage, runner.n_kv_local,
