@@ -32,6 +32,7 @@ from hexgen.head.http.errors import APIError, error_response
 
 log = logging.getLogger(__name__)
 
+POOL_CONNECTIONS = 10_000  # the HTTP front's Redis pool (as hexgen.client's default)
 HOOKS = ("hexgen.head.http.metrics", "hexgen.head.http.dashboard")  # optional modules with install(app, ctx)
 
 
@@ -223,7 +224,9 @@ class HttpFront:
         from hexgen.wire.settings import async_redis
 
         s = self.settings
-        redis = async_redis(s.redis.url, socket_timeout=s.limits.socket_timeout_s)
+        # every stream being read holds one pooled connection while it blocks: redis-py's default cap (100)
+        # would refuse the 101st concurrent request
+        redis = async_redis(s.redis.url, socket_timeout=s.limits.socket_timeout_s, max_connections=POOL_CONNECTIONS)
         ctx = HttpContext(settings=s, redis=redis, models=(s.model.name,))
         log.info("head: HTTP API on %s (%s)", self.url, "API key required on /v1/*" if self.api_key else "no API key")
         try:
