@@ -10,11 +10,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from tests.serving_harness import REPO
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -51,16 +51,14 @@ def demo(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 300
-        url = None
-        while time.monotonic() < deadline and proc.poll() is None:
+        def up() -> str | None:
+            if proc.poll() is not None:
+                raise AssertionError("the demo exited:\n" + "".join(lines)[-6000:])
             text = "".join(lines)
-            url = url or next((m.group(1) for m in URL_LINE.finditer(text)), None)
-            if url and "serving until Ctrl-C" in text:
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the demo did not come up with a dashboard URL:\n" + "".join(lines)[-6000:])
+            found = URL_LINE.search(text)
+            return found.group(1) if found and "serving until Ctrl-C" in text else None
+
+        url = wait_until(up, 300, interval=0.2, what="the demo up with its dashboard URL printed")
         yield url
     finally:
         if proc.poll() is None:
@@ -71,6 +69,7 @@ def demo(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         reader.join(5)
+        proc.stdout.close()
     assert proc.returncode in (0, 130), "".join(lines)[-4000:]
 
 

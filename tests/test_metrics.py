@@ -3,7 +3,6 @@ processes on a tiny random Llama. Scraped and parsed with prometheus-client's ow
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
@@ -13,6 +12,7 @@ from hexgen.client import HexGenClient
 from hexgen.wire import keys as C
 from tests.http_harness import start_http_deployment
 from tests.serving_harness import PipelineSpec
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PIPE = "m2"
@@ -37,14 +37,12 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 def wait_for(base_url: str, ok, timeout_s: float = 30.0) -> dict:
     """Scrape until ``ok(samples)`` holds (the stage leaders publish every heartbeat interval)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def scraped() -> dict | None:
         samples = scrape(base_url)
-        if ok(samples):
-            return samples
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/metrics never satisfied the condition; last scrape:\n{samples}")
-        time.sleep(0.2)
+        return samples if ok(samples) else None
+
+    return wait_until(scraped, timeout_s, interval=0.2, what=getattr(ok, "__name__", "a /metrics condition"))
 
 
 async def _redis_requests(url: str, n: int) -> list:

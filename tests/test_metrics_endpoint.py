@@ -16,9 +16,8 @@ from hexgen.head.http import dashboard, metrics
 from hexgen.head.http.cluster import RecentWindow
 from hexgen.head.http.context import HttpContext, RequestRecord
 from hexgen.wire import figures as F
-from workers.metrics import FiguresPublisher
-
 from hexgen.wire import keys as C
+from workers.metrics import FiguresPublisher
 
 
 def _families(text: str) -> dict[str, object]:

@@ -54,9 +54,8 @@ from typing import Any
 import redis
 
 from hexgen.engine.types import Request
-from hexgen.wire import figures
+from hexgen.wire import figures, trace
 from hexgen.wire import keys as C
-from hexgen.wire import trace
 from hexgen.wire.connection import REDIS_ERRORS, Backoff, ClientFactory, connect
 from hexgen.wire.protocol import (
     INTERNAL,

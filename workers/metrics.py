@@ -16,12 +16,14 @@ wraps its request source and output sink:
   is retried at the next interval with the changes accumulated meanwhile; a worker killed outright loses
   at most one interval of counts.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -31,7 +33,8 @@ from hexgen.wire import figures as F
 
 log = logging.getLogger(__name__)
 
-_MAX_TRACKED = 100_000  # requests whose last token time is kept (a request lost to another pipeline never finishes here)
+# requests whose last token time is kept (a request lost to another pipeline never finishes here)
+_MAX_TRACKED = 100_000
 
 
 class RequestTimer:
@@ -46,43 +49,49 @@ class RequestTimer:
         """Runs on the engine loop (inside ``emit``), so it stays cheap: plain dict and int work per output,
         one merge into the shared tally per step; the inter-token gaps of a step are mostly one value."""
         now = self.clock()
-        last = self._last
         tokens = 0
         gaps: dict[float, int] = {}  # inter-token gap -> tokens
         t = F.Tally()  # the rarer figures (first tokens, finishes); reaches the shared tally with the rest
         for o in outputs:
-            ids = o.ids
-            if ids:
-                n = len(ids)
-                tokens += n
-                prev = last.get(o.request_id)
-                if prev is not None:
-                    gap = (now - prev) / n
-                    gaps[gap] = gaps.get(gap, 0) + n
-                elif o.seq == 0:
-                    received = _float((o.meta or {}).get("received_at"))
-                    if received is not None:
-                        t.observe(F.TTFT, now - received)
-                last[o.request_id] = now
+            if o.ids:
+                tokens += self._tokens(o, now, gaps, t)
             if o.finish_reason is not None:
-                last.pop(o.request_id, None)
-                t.add(F.success_field(o.finish_reason))
-                t.add("prompt_tokens", o.prompt_tokens)
-                meta = o.meta or {}
-                received = _float(meta.get("received_at"))
-                if received is not None:
-                    t.observe(F.E2E, now - received)
-                    taken = _float(meta.get("taken_at"))
-                    if taken is not None:
-                        t.observe(F.QUEUE, taken - received)
+                self._finished(o, now, t)
         if tokens:
             t.add("generation_tokens", tokens)
         for gap, n in gaps.items():
             t.observe(F.ITL, gap, n)
         self.tally.merge(t)
+        last = self._last
         if len(last) > _MAX_TRACKED:
             for rid in list(last)[: len(last) // 2]:
                 del last[rid]
+
+    def _tokens(self, o: StepOutput, now: float, gaps: dict[float, int], t: F.Tally) -> int:
+        """Time to first token or the gaps since the request's previous token; returns the token count."""
+        n = len(o.ids)
+        prev = self._last.get(o.request_id)
+        if prev is not None:
+            gap = (now - prev) / n
+            gaps[gap] = gaps.get(gap, 0) + n
+        elif o.seq == 0:
+            received = _float((o.meta or {}).get("received_at"))
+            if received is not None:
+                t.observe(F.TTFT, now - received)
+        self._last[o.request_id] = now
+        return n
+
+    def _finished(self, o: StepOutput, now: float, t: F.Tally) -> None:
+        self._last.pop(o.request_id, None)
+        t.add(F.success_field(o.finish_reason or ""))
+        t.add("prompt_tokens", o.prompt_tokens)
+        meta = o.meta or {}
+        received = _float(meta.get("received_at"))
+        if received is not None:
+            t.observe(F.E2E, now - received)
+            taken = _float(meta.get("taken_at"))
+            if taken is not None:
+                t.observe(F.QUEUE, taken - received)
 
 
 def _float(v: Any) -> float | None:
@@ -151,9 +160,17 @@ class FiguresPublisher:
     returning the stage-0 leader's request source once it exists (its ``takeovers`` count), or None.
     """
 
-    def __init__(self, client_factory: Callable[[float], redis.Redis], pipeline_id: str, stage: int, model: str,
-                 gauges: StageGauges, tally: F.Tally, interval_s: float = F.PUBLISH_INTERVAL_S,
-                 source: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        client_factory: Callable[[float], redis.Redis],
+        pipeline_id: str,
+        stage: int,
+        model: str,
+        gauges: StageGauges,
+        tally: F.Tally,
+        interval_s: float = F.PUBLISH_INTERVAL_S,
+        source: Callable[[], Any] | None = None,
+    ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s: {interval_s!r} must be > 0")
         self.pipeline_id, self.stage, self.model = pipeline_id, stage, model
@@ -168,7 +185,7 @@ class FiguresPublisher:
         self._thread = threading.Thread(target=self._run, name="figures", daemon=True)
         self.writes = 0
 
-    def start(self) -> "FiguresPublisher":
+    def start(self) -> FiguresPublisher:
         self._thread.start()
         return self
 
@@ -209,12 +226,16 @@ class FiguresPublisher:
         if steps > self._step_mark[0]:
             self._step_mean = (seconds - self._step_mark[1]) / (steps - self._step_mark[0])
         self._step_mark = (steps, seconds)
-        out = {"kv_blocks_total": g.kv_blocks_total, "kv_blocks_fit": g.kv_blocks_fit,
-               "kv_bytes_per_block": g.kv_bytes_per_block, "step_seconds": f"{self._step_mean:.6f}",
-               "interval_s": self.interval_s, "updated_at": f"{time.time():.3f}"}
+        out = {
+            "kv_blocks_total": g.kv_blocks_total,
+            "kv_blocks_fit": g.kv_blocks_fit,
+            "kv_bytes_per_block": g.kv_bytes_per_block,
+            "step_seconds": f"{self._step_mean:.6f}",
+            "interval_s": self.interval_s,
+            "updated_at": f"{time.time():.3f}",
+        }
         if g.scheduler_known:
-            out.update(kv_blocks_used=g.kv_blocks_used, running=g.running, waiting=g.waiting,
-                       in_flight=g.in_flight)
+            out.update(kv_blocks_used=g.kv_blocks_used, running=g.running, waiting=g.waiting, in_flight=g.in_flight)
         return {k: str(v) for k, v in out.items()}
 
     def publish(self, final: bool = False) -> None:
@@ -227,8 +248,8 @@ class FiguresPublisher:
         pipe = self._r.pipeline(transaction=True)
         for k, v in ints.items():
             pipe.hincrby(pkey, k, v)
-        for k, v in floats.items():
-            pipe.hincrbyfloat(pkey, k, v)
+        for k, x in floats.items():
+            pipe.hincrbyfloat(pkey, k, x)
         pipe.hset(pkey, "model", self.model)
         pipe.expire(pkey, F.COUNTERS_TTL_S)
         pipe.sadd(F.PIPELINES_INDEX_KEY, self.pipeline_id)
@@ -247,9 +268,18 @@ class RankFigures:
     """What one rank adds for the figures: on a stage leader, the engine's gauges, metered source and sink
     factories and a publisher; elsewhere nothing (the factories pass through and ``gauges`` is None)."""
 
-    def __init__(self, source_factory: Callable[[], Any] | None, sink_factory: Callable[[], Any] | None, *,
-                 leader: bool, pipeline_id: str, stage: int, model: str, interval_s: float,
-                 client_factory: Callable[[float], redis.Redis]) -> None:
+    def __init__(
+        self,
+        source_factory: Callable[[], Any] | None,
+        sink_factory: Callable[[], Any] | None,
+        *,
+        leader: bool,
+        pipeline_id: str,
+        stage: int,
+        model: str,
+        interval_s: float,
+        client_factory: Callable[[float], redis.Redis],
+    ) -> None:
         self.gauges: StageGauges | None = None
         self.publisher: FiguresPublisher | None = None
         self.source_factory, self.sink_factory = source_factory, sink_factory
@@ -259,16 +289,19 @@ class RankFigures:
         tally = F.Tally()
         self._source: Any = None
         if source_factory is not None:
+
             def metered_source() -> MeteredSource:
                 self._source = MeteredSource(source_factory())
                 return self._source
+
             self.source_factory = metered_source
         if sink_factory is not None:
             self.sink_factory = lambda: MeteredSink(sink_factory(), RequestTimer(tally))
-        self.publisher = FiguresPublisher(client_factory, pipeline_id, stage, model, self.gauges, tally,
-                                          interval_s, source=lambda: self._source)
+        self.publisher = FiguresPublisher(
+            client_factory, pipeline_id, stage, model, self.gauges, tally, interval_s, source=lambda: self._source
+        )
 
-    def start(self) -> "RankFigures":
+    def start(self) -> RankFigures:
         if self.publisher is not None:
             self.publisher.start()
         return self

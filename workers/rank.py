@@ -31,6 +31,7 @@ from hexgen.wire.connection import REDIS_ERRORS, connect
 from hexgen.wire.settings import sync_redis
 from workers.intake import RedisSource
 from workers.io_config import IOConfig
+from workers.metrics import RankFigures
 from workers.options import (
     EXIT_CONFIG,
     EXIT_DRAIN_TIMEOUT,
@@ -49,7 +50,6 @@ from workers.registry import (
     RegistryError,
     set_pipeline_state,
 )
-from workers.metrics import RankFigures
 from workers.sink import RedisSink
 
 log = logging.getLogger(__name__)

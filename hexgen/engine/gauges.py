@@ -6,12 +6,14 @@ them (single int/float attribute writes are atomic in CPython, and a reader only
 Importing this module imports no torch: a worker rank imports it before it blocks SIGTERM, and torch's
 import starts threads that would otherwise take the signal (workers/rank.py).
 """
+
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 class StepTimer:
@@ -78,8 +80,9 @@ class StageGauges:
 
         self.kv_blocks_total = runner.num_blocks
         self.kv_blocks_fit = getattr(runner, "blocks_fit", runner.num_blocks)
-        self.kv_bytes_per_block = kv_bytes_per_block(runner.cfg, runner.groups.stage, runner.n_kv_local,
-                                                     runner.engine.block_size, runner.dtype)
+        self.kv_bytes_per_block = kv_bytes_per_block(
+            runner.cfg, runner.groups.stage, runner.n_kv_local, runner.engine.block_size, runner.dtype
+        )
         runner.forward = self.timer.wrap(runner.forward)
 
     def observe_scheduler(self, scheduler: Any, in_flight: int) -> None:

@@ -22,13 +22,15 @@ reads them):
 
 Histogram bucket bounds are vLLM's (``vllm/v1/metrics/loggers.py``), so dashboards built for vLLM read ours.
 """
+
 from __future__ import annotations
 
 import bisect
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 METRICS_PREFIX = "hexgen:metrics:"
 PIPELINE_FIGURES_PREFIX = METRICS_PREFIX + "pipeline:"
@@ -42,22 +44,98 @@ COUNTERS_TTL_S = 7 * 86400  # a pipeline's counters outlive it by a week (auto-p
 PUBLISH_INTERVAL_S = 2.0  # how often stage leaders write their figures (the default; settings may lower it)
 GAUGE_TTL_INTERVALS = 3  # a stage's gauges expire after this many missed writes
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-               40.0, 80.0)
-REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 TTFT = "time_to_first_token_seconds"
 ITL = "inter_token_latency_seconds"
 E2E = "e2e_request_latency_seconds"
 QUEUE = "request_queue_time_seconds"
-HISTOGRAMS: dict[str, tuple[float, ...]] = {TTFT: TTFT_BUCKETS, ITL: ITL_BUCKETS, E2E: REQUEST_LATENCY_BUCKETS,
-                                            QUEUE: REQUEST_LATENCY_BUCKETS}
+HISTOGRAMS: dict[str, tuple[float, ...]] = {
+    TTFT: TTFT_BUCKETS,
+    ITL: ITL_BUCKETS,
+    E2E: REQUEST_LATENCY_BUCKETS,
+    QUEUE: REQUEST_LATENCY_BUCKETS,
+}
 
-STAGE_GAUGES = ("kv_blocks_total", "kv_blocks_used", "kv_blocks_fit", "kv_bytes_per_block", "step_seconds",
-                "running", "waiting", "in_flight", "interval_s", "updated_at")
+STAGE_GAUGES = (
+    "kv_blocks_total",
+    "kv_blocks_used",
+    "kv_blocks_fit",
+    "kv_bytes_per_block",
+    "step_seconds",
+    "running",
+    "waiting",
+    "in_flight",
+    "interval_s",
+    "updated_at",
+)
 
 
 def pipeline_figures_key(pipeline_id: str) -> str:
@@ -118,7 +196,7 @@ class Histogram:
             lower = bound
         return self.bounds[-1] if self.bounds else 0.0
 
-    def minus(self, other: "Histogram") -> "Histogram":
+    def minus(self, other: Histogram) -> Histogram:
         """The observations made between ``other`` (an earlier copy) and this one."""
         out = Histogram(self.bounds)
         out.counts = [max(0, a - b) for a, b in zip(self.counts, other.counts)]
@@ -126,7 +204,7 @@ class Histogram:
         out.count = max(0, self.count - other.count)
         return out
 
-    def copy(self) -> "Histogram":
+    def copy(self) -> Histogram:
         out = Histogram(self.bounds)
         out.counts, out.sum, out.count = list(self.counts), self.sum, self.count
         return out
@@ -168,7 +246,7 @@ class Tally:
                 h = self.hists[hist] = Histogram(HISTOGRAMS[hist])
             h.observe(value, n)
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: Tally) -> None:
         """Add ``other``'s counts (a batch gathered without the lock) in one step: a snapshot sees all or none."""
         with self._lock:
             for k, n in other.ints.items():
@@ -184,7 +262,7 @@ class Tally:
                     mine.sum += h.sum
                     mine.count += h.count
 
-    def snapshot(self) -> "Tally":
+    def snapshot(self) -> Tally:
         with self._lock:
             return Tally(dict(self.ints), dict(self.floats), {k: h.copy() for k, h in self.hists.items()})
 
@@ -237,24 +315,31 @@ def parse_pipeline_figures(pipeline_id: str, raw: Mapping[Any, Any]) -> Pipeline
         elif parts[0] == "success" and len(parts) == 2:
             out.success[parts[1]] = int(_num(v))
         elif parts[0] == "stage" and len(parts) == 3 and parts[1].isdigit():
-            stage = int(parts[1])
-            if parts[2] == "steps":
-                out.stage_steps[stage] = int(_num(v))
-            elif parts[2] == "step_seconds":
-                out.stage_step_seconds[stage] = _num(v)
+            _stage_counter(out, int(parts[1]), parts[2], v)
         elif parts[0] == "h" and len(parts) == 3 and parts[1] in HISTOGRAMS:
-            h = out.hists.get(parts[1])
-            if h is None:
-                h = out.hists[parts[1]] = Histogram(HISTOGRAMS[parts[1]])
-            if parts[2] == "sum":
-                h.sum = _num(v)
-            elif parts[2] == "count":
-                h.count = int(_num(v))
-            elif parts[2].isdigit() and int(parts[2]) < len(h.counts):
-                h.counts[int(parts[2])] = int(_num(v))
+            _histogram_field(out, parts[1], parts[2], v)
         elif len(parts) == 1:
             out.counters[key] = _num(v)
     return out
+
+
+def _stage_counter(out: PipelineFigures, stage: int, name: str, v: Any) -> None:
+    if name == "steps":
+        out.stage_steps[stage] = int(_num(v))
+    elif name == "step_seconds":
+        out.stage_step_seconds[stage] = _num(v)
+
+
+def _histogram_field(out: PipelineFigures, name: str, part: str, v: Any) -> None:
+    h = out.hists.get(name)
+    if h is None:
+        h = out.hists[name] = Histogram(HISTOGRAMS[name])
+    if part == "sum":
+        h.sum = _num(v)
+    elif part == "count":
+        h.count = int(_num(v))
+    elif part.isdigit() and int(part) < len(h.counts):
+        h.counts[int(part)] = int(_num(v))
 
 
 def parse_stage_figures(raw: Mapping[Any, Any]) -> dict[str, float]:
@@ -265,6 +350,6 @@ def parse_stage_figures(raw: Mapping[Any, Any]) -> dict[str, float]:
 
 def split_stage_key(key: Any) -> tuple[str, int] | None:
     """(pipeline id, stage) of a stage figures key, or None when it is not one."""
-    rest = _text(key)[len(STAGE_FIGURES_PREFIX):]
+    rest = _text(key)[len(STAGE_FIGURES_PREFIX) :]
     pid, _, stage = rest.rpartition(":")
     return (pid, int(stage)) if pid and stage.isdigit() else None

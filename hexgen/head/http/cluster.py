@@ -2,6 +2,7 @@
 pipelines, queues; :mod:`hexgen.head.status`), the figures the stage leaders publish
 (:mod:`hexgen.wire.figures`), the error counters and the dead-letter count.
 """
+
 from __future__ import annotations
 
 import time
@@ -11,9 +12,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from hexgen.wire import figures as F
-
 from hexgen.head.status import StatusReport, collect_status
+from hexgen.wire import figures as F
 from hexgen.wire import keys as C
 
 
@@ -54,12 +54,12 @@ async def read_figures(r: Any) -> tuple[dict[str, F.PipelineFigures], dict[tuple
     pipelines: dict[str, F.PipelineFigures] = {}
     stages: dict[tuple[str, int], dict[str, float]] = {}
     gone_p, gone_s = [], []
-    for pid, raw in zip(pids, replies[:len(pids)]):
+    for pid, raw in zip(pids, replies[: len(pids)]):
         if isinstance(raw, Exception) or not raw:
             gone_p.append(pid)
             continue
         pipelines[pid] = F.parse_pipeline_figures(pid, raw)
-    for sid, raw in zip(stage_ids, replies[len(pids):]):
+    for sid, raw in zip(stage_ids, replies[len(pids) :]):
         where = F.split_stage_key(F.STAGE_FIGURES_PREFIX + sid)
         if where is None or isinstance(raw, Exception) or not raw:
             gone_s.append(sid)
@@ -113,11 +113,14 @@ class RecentWindow:
         """``tokens_per_s``, ``ttft_p50_s``, ``ttft_p99_s``, ``requests`` (first tokens) and ``window_s``
         (the span actually covered); None where there is not enough to tell."""
         if len(self._samples) < 2:
-            return {"tokens_per_s": None, "ttft_p50_s": None, "ttft_p99_s": None, "requests": None,
-                    "window_s": 0.0}
+            return {"tokens_per_s": None, "ttft_p50_s": None, "ttft_p99_s": None, "requests": None, "window_s": 0.0}
         first, last = self._samples[0], self._samples[-1]
         span = max(1e-9, last.t - first.t)
         d = last.ttft.minus(first.ttft)
-        return {"tokens_per_s": max(0.0, last.generation_tokens - first.generation_tokens) / span,
-                "ttft_p50_s": d.quantile(0.5), "ttft_p99_s": d.quantile(0.99), "requests": d.count,
-                "window_s": span}
+        return {
+            "tokens_per_s": max(0.0, last.generation_tokens - first.generation_tokens) / span,
+            "ttft_p50_s": d.quantile(0.5),
+            "ttft_p99_s": d.quantile(0.99),
+            "requests": d.count,
+            "window_s": span,
+        }

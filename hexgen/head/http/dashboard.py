@@ -5,6 +5,7 @@ pipeline as a row of its stages (TP degree, layers, the hosts and devices of its
 with the queue depth, tokens/s and TTFT p50/p99 over the last minute, refreshed every 1.5 s, and a chat box
 that streams from ``/v1/chat/completions``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,38 +59,66 @@ def cluster_view(snap: ClusterSnapshot, window: RecentWindow, model: str) -> dic
             g = snap.stages.get((p.id, s), {})
             total = int(g.get("kv_blocks_total", 0))
             used = int(lead["kv_blocks_used"]) if "kv_blocks_used" in lead and total else None
-            stages.append({
-                "stage": s, "tp": tp, "layers": n_layers, "first_layer": first,
-                "last_layer": first + n_layers - 1,
-                "ranks": [{"rank": w.record.extra.get("rank", w.id.rpartition(":")[2]), "tp_rank": w.record.tp_rank,
-                           "host": w.record.host, "device": w.record.device, "alive": w.alive,
-                           "heartbeat_age_s": w.heartbeat_age_s}
-                          for w in sorted(ranks, key=lambda w: w.record.tp_rank) if w.record.stage == s],
-                "kv_blocks_used": used, "kv_blocks_total": total or None,
-                "kv_usage": used / total if used is not None and total else None,
-                "step_time_s": g.get("step_seconds"),
-                "steps": figures.stage_steps.get(s) if figures else None,
-                "live": bool(g),
-            })
+            stages.append(
+                {
+                    "stage": s,
+                    "tp": tp,
+                    "layers": n_layers,
+                    "first_layer": first,
+                    "last_layer": first + n_layers - 1,
+                    "ranks": [
+                        {
+                            "rank": w.record.extra.get("rank", w.id.rpartition(":")[2]),
+                            "tp_rank": w.record.tp_rank,
+                            "host": w.record.host,
+                            "device": w.record.device,
+                            "alive": w.alive,
+                            "heartbeat_age_s": w.heartbeat_age_s,
+                        }
+                        for w in sorted(ranks, key=lambda w: w.record.tp_rank)
+                        if w.record.stage == s
+                    ],
+                    "kv_blocks_used": used,
+                    "kv_blocks_total": total or None,
+                    "kv_usage": used / total if used is not None and total else None,
+                    "step_time_s": g.get("step_seconds"),
+                    "steps": figures.stage_steps.get(s) if figures else None,
+                    "live": bool(g),
+                }
+            )
             first += n_layers
-        pipelines.append({
-            "id": p.id, "state": p.state, "layout": p.layout, "workers": p.workers, "alive_workers": p.alive_workers,
-            "load": p.load, "stages": stages,
-            "running": lead.get("running"), "waiting": lead.get("waiting"), "in_flight": lead.get("in_flight"),
-            "finished": sum(figures.success.values()) if figures else 0,
-            "generation_tokens": figures.counters.get("generation_tokens", 0) if figures else 0,
-        })
+        pipelines.append(
+            {
+                "id": p.id,
+                "state": p.state,
+                "layout": p.layout,
+                "workers": p.workers,
+                "alive_workers": p.alive_workers,
+                "load": p.load,
+                "stages": stages,
+                "running": lead.get("running"),
+                "waiting": lead.get("waiting"),
+                "in_flight": lead.get("in_flight"),
+                "finished": sum(figures.success.values()) if figures else 0,
+                "generation_tokens": figures.counters.get("generation_tokens", 0) if figures else 0,
+            }
+        )
     work = [q for q in snap.status.queues if q.stream.startswith(C.WORK_STREAM_PREFIX)]
     return {
-        "time": snap.time, "model": model, "pipelines": pipelines,
-        "queues": [{"stream": q.stream, "group": q.group, "depth": q.depth, "pending": q.pending}
-                   for q in snap.status.queues],
+        "time": snap.time,
+        "model": model,
+        "pipelines": pipelines,
+        "queues": [
+            {"stream": q.stream, "group": q.group, "depth": q.depth, "pending": q.pending} for q in snap.status.queues
+        ],
         "queue_depth": sum(q.depth for q in work),
-        "recent": window.summary(), "errors": snap.head_errors, "dead_letters": snap.dead_letters,
+        "recent": window.summary(),
+        "errors": snap.head_errors,
+        "dead_letters": snap.dead_letters,
     }
 
 
-def install(app: "Starlette", ctx: "HttpContext") -> None:
+def install(app: Starlette, ctx: HttpContext) -> None:
     """Add ``GET /`` (the page), ``GET /api/cluster`` and ``/static`` to ``app``."""
     window = RecentWindow(60.0)
     index = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
@@ -102,8 +131,17 @@ def install(app: "Starlette", ctx: "HttpContext") -> None:
             snap = await read_cluster(ctx.redis, ctx.settings.limits.heartbeat_ttl_s)
         except (RedisError, OSError) as e:
             log.warning("/api/cluster: cannot read the cluster from Redis: %s", e)
-            return JSONResponse({"error": {"message": f"Redis unavailable: {e}", "type": "server_error",
-                                           "param": None, "code": "redis_unavailable"}}, status_code=503)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"Redis unavailable: {e}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "redis_unavailable",
+                    }
+                },
+                status_code=503,
+            )
         window.add(snap)
         return JSONResponse(cluster_view(snap, window, ctx.model), headers={"Cache-Control": "no-store"})
 

@@ -5,11 +5,13 @@ figures the stage leaders publish, the error counters, the dead-letter count) an
 own figures: its HTTP routes' counters (``ctx.counters``) and the process collectors of prometheus-client.
 Names are in the ``hexgen_`` namespace and follow vLLM's where vLLM has the metric.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -45,124 +47,170 @@ def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
+class _Builder:
+    """The families of one scrape, in the order they are declared."""
+
+    def __init__(self) -> None:
+        self.out: list[Metric] = []
+
+    def counter(self, name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+        m = CounterMetricFamily(NS + name, doc, labels=labels)
+        self.out.append(m)
+        return m
+
+    def gauge(self, name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+        m = GaugeMetricFamily(NS + name, doc, labels=labels)
+        self.out.append(m)
+        return m
+
+
 def cluster_families(snap: ClusterSnapshot) -> list[Metric]:
     """Metric families of one cluster snapshot (all but the head's own)."""
-    out: list[Metric] = []
+    b = _Builder()
+    _request_families(b, snap)
+    _stage_families(b, snap)
+    _registry_families(b, snap)
+    return b.out
 
-    def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
-        m = CounterMetricFamily(NS + name, doc, labels=labels)
-        out.append(m)
-        return m
 
-    def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
-        m = GaugeMetricFamily(NS + name, doc, labels=labels)
-        out.append(m)
-        return m
-
-    success = counter("request_success", "Requests finished by a pipeline, by finish_reason.",
-                      PIPE + ["finish_reason"])
-    prompt = counter("prompt_tokens", "Prompt tokens of finished requests.", PIPE)
-    generation = counter("generation_tokens", "Tokens generated.", PIPE)
-    preempt = counter("num_preemptions", "Sequences preempted (KV cache full) and recomputed later.", PIPE)
-    takeovers = counter("takeovers", "Work entries this pipeline claimed after their lease lapsed "
-                                     "(a dead or restarted pipeline's requests).", PIPE)
-    steps = counter("stage_steps", "Forward passes (micro-batches) this stage ran.", STAGE)
-    step_s = counter("stage_step_seconds", "Time this stage spent in its forward passes, in seconds.", STAGE)
+def _request_families(b: _Builder, snap: ClusterSnapshot) -> None:
+    """The pipelines' counters and histograms (the last-stage leaders' request timings)."""
+    success = b.counter(
+        "request_success", "Requests finished by a pipeline, by finish_reason.", PIPE + ["finish_reason"]
+    )
+    plain = {
+        "prompt_tokens": b.counter("prompt_tokens", "Prompt tokens of finished requests.", PIPE),
+        "generation_tokens": b.counter("generation_tokens", "Tokens generated.", PIPE),
+        "preemptions": b.counter("num_preemptions", "Sequences preempted (KV cache full) and recomputed later.", PIPE),
+        "takeovers": b.counter(
+            "takeovers",
+            "Work entries this pipeline claimed after their lease lapsed (a dead or restarted pipeline's requests).",
+            PIPE,
+        ),
+    }
+    steps = b.counter("stage_steps", "Forward passes (micro-batches) this stage ran.", STAGE)
+    step_s = b.counter("stage_step_seconds", "Time this stage spent in its forward passes, in seconds.", STAGE)
     hists = {name: HistogramMetricFamily(NS + name, doc, labels=PIPE) for name, doc in HISTOGRAM_HELP.items()}
     for pid, p in sorted(snap.pipelines.items()):
         lv = [p.model, pid]
         for reason, n in sorted(p.success.items()):
             success.add_metric(lv + [reason], n)
-        prompt.add_metric(lv, p.counters.get("prompt_tokens", 0.0))
-        generation.add_metric(lv, p.counters.get("generation_tokens", 0.0))
-        preempt.add_metric(lv, p.counters.get("preemptions", 0.0))
-        takeovers.add_metric(lv, p.counters.get("takeovers", 0.0))
+        for field, fam in plain.items():
+            fam.add_metric(lv, p.counters.get(field, 0.0))
         for stage, n in sorted(p.stage_steps.items()):
             steps.add_metric([pid, str(stage)], n)
         for stage, x in sorted(p.stage_step_seconds.items()):
             step_s.add_metric([pid, str(stage)], x)
-        for name, fam in hists.items():
+        for name, hist in hists.items():
             h = p.hists.get(name) or F.Histogram(F.HISTOGRAMS[name])
-            fam.add_metric(lv, [(_le(b), n) for b, n in h.cumulative()], sum_value=h.sum)
-    out.extend(hists.values())
+            hist.add_metric(lv, [(_le(bound), n) for bound, n in h.cumulative()], sum_value=h.sum)
+    b.out.extend(hists.values())
 
-    used = gauge("kv_blocks_used", "KV cache blocks in use (stage 0's block manager: the same on every "
-                                   "stage).", STAGE)
-    total = gauge("kv_blocks_total", "KV cache blocks allocated on this stage.", STAGE)
-    fit = gauge("kv_blocks_fit", "KV cache blocks this stage alone would have room for (the smallest "
-                                 "stage bounds kv_blocks_total).", STAGE)
-    usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", STAGE)
-    step_time = gauge("stage_step_time_seconds", "Mean forward time of this stage over the latest "
-                                                 "publishing interval that had steps.", STAGE)
-    running = gauge("num_requests_running", "Requests in the pipeline's running batch.", ["pipeline"])
-    waiting = gauge("num_requests_waiting", "Requests admitted by the pipeline, waiting for KV blocks or a "
-                                            "batch slot.", ["pipeline"])
-    in_flight = gauge("micro_batches_in_flight", "Micro-batches launched by stage 0 whose results have not "
-                                                 "come back yet.", ["pipeline"])
+
+def _stage_families(b: _Builder, snap: ClusterSnapshot) -> None:
+    """The stage leaders' gauges: KV blocks and step time per stage, the scheduler's figures per pipeline."""
+    used = b.gauge(
+        "kv_blocks_used", "KV cache blocks in use (stage 0's block manager: the same on every stage).", STAGE
+    )
+    per_stage = {
+        "kv_blocks_total": b.gauge("kv_blocks_total", "KV cache blocks allocated on this stage.", STAGE),
+        "kv_blocks_fit": b.gauge(
+            "kv_blocks_fit",
+            "KV cache blocks this stage alone would have room for (the smallest stage bounds kv_blocks_total).",
+            STAGE,
+        ),
+        "step_seconds": b.gauge(
+            "stage_step_time_seconds",
+            "Mean forward time of this stage over the latest publishing interval that had steps.",
+            STAGE,
+        ),
+    }
+    usage = b.gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", STAGE)
+    per_pipeline = {
+        "running": b.gauge("num_requests_running", "Requests in the pipeline's running batch.", ["pipeline"]),
+        "waiting": b.gauge(
+            "num_requests_waiting",
+            "Requests admitted by the pipeline, waiting for KV blocks or a batch slot.",
+            ["pipeline"],
+        ),
+        "in_flight": b.gauge(
+            "micro_batches_in_flight",
+            "Micro-batches launched by stage 0 whose results have not come back yet.",
+            ["pipeline"],
+        ),
+    }
     for (pid, stage), g in sorted(snap.stages.items()):
         lv = [pid, str(stage)]
-        if "kv_blocks_total" in g:
-            total.add_metric(lv, g["kv_blocks_total"])
-        if "kv_blocks_fit" in g:
-            fit.add_metric(lv, g["kv_blocks_fit"])
-        if "step_seconds" in g:
-            step_time.add_metric(lv, g["step_seconds"])
+        for field, fam in per_stage.items():
+            if field in g:
+                fam.add_metric(lv, g[field])
         if stage == 0 and "running" in g:
-            running.add_metric([pid], g["running"])
-            waiting.add_metric([pid], g.get("waiting", 0.0))
-            in_flight.add_metric([pid], g.get("in_flight", 0.0))
-    for (pid, stage), g in sorted(snap.stages.items()):  # every stage holds stage 0's block tables
-        lead = snap.stages.get((pid, 0), {})
+            for field, fam in per_pipeline.items():
+                fam.add_metric([pid], g.get(field, 0.0))
+        lead = snap.stages.get((pid, 0), {})  # every stage holds stage 0's block tables
         if "kv_blocks_used" in lead and g.get("kv_blocks_total"):
-            used.add_metric([pid, str(stage)], lead["kv_blocks_used"])
-            usage.add_metric([pid, str(stage)], lead["kv_blocks_used"] / g["kv_blocks_total"])
+            used.add_metric(lv, lead["kv_blocks_used"])
+            usage.add_metric(lv, lead["kv_blocks_used"] / g["kv_blocks_total"])
 
-    age = gauge("worker_heartbeat_age_seconds", "Seconds since the rank's last heartbeat (live ranks only).",
-                ["pipeline", "stage", "rank", "tp_rank", "host", "device"])
-    alive = gauge("worker_alive", "1 while the rank's heartbeat key exists, else 0.",
-                  ["pipeline", "stage", "rank", "tp_rank", "host", "device"])
+
+def _registry_families(b: _Builder, snap: ClusterSnapshot) -> None:
+    """Heartbeats, pipeline states and queues from the registry; error and dead-letter counts."""
+    rank_labels = ["pipeline", "stage", "rank", "tp_rank", "host", "device"]
+    age = b.gauge(
+        "worker_heartbeat_age_seconds", "Seconds since the rank's last heartbeat (live ranks only).", rank_labels
+    )
+    alive = b.gauge("worker_alive", "1 while the rank's heartbeat key exists, else 0.", rank_labels)
     for w in snap.status.workers:
         r = w.record
-        lv = [r.pipeline, str(r.stage), r.extra.get("rank", w.id.rpartition(":")[2]), str(r.tp_rank), r.host,
-              r.device]
+        rank = r.extra.get("rank", w.id.rpartition(":")[2])
+        lv = [r.pipeline, str(r.stage), rank, str(r.tp_rank), r.host, r.device]
         alive.add_metric(lv, 1.0 if w.alive else 0.0)
         if w.heartbeat_age_s is not None:
             age.add_metric(lv, w.heartbeat_age_s)
-    state = gauge("pipeline_state", "1 for the pipeline's registry state (forming, ready, degraded, stopped).",
-                  ["pipeline", "state"])
+    state = b.gauge(
+        "pipeline_state",
+        "1 for the pipeline's registry state (forming, ready, degraded, stopped).",
+        ["pipeline", "state"],
+    )
     for p in snap.status.pipelines:
         state.add_metric([p.id, p.state], 1.0)
-    depth = gauge("queue_depth", "Entries queued or pending in a stream's consumer group.", ["stream", "group"])
-    pending = gauge("queue_pending", "Entries delivered to a consumer and not yet acked.", ["stream", "group"])
+    depth = b.gauge("queue_depth", "Entries queued or pending in a stream's consumer group.", ["stream", "group"])
+    pending = b.gauge("queue_pending", "Entries delivered to a consumer and not yet acked.", ["stream", "group"])
     for q in snap.status.queues:
         depth.add_metric([q.stream, q.group], q.depth)
         pending.add_metric([q.stream, q.group], q.pending)
-    errors = counter("request_errors", "Error events written to result streams (requests refused by a head, "
-                                       "dead letters), by code.", ["code"])
+    errors = b.counter(
+        "request_errors",
+        "Error events written to result streams (requests refused by a head, dead letters), by code.",
+        ["code"],
+    )
     for code, n in sorted(snap.head_errors.items()):
         errors.add_metric([code], n)
-    dead = counter("dead_letters", "Entries moved to hexgen:deadletter (by heads and pipelines).", [])
+    dead = b.counter("dead_letters", "Entries moved to hexgen:deadletter (by heads and pipelines).", [])
     dead.add_metric([], snap.dead_letters)
-    return out
 
 
-def head_families(counters: "HttpCounters") -> list[Metric]:
+def head_families(counters: HttpCounters) -> list[Metric]:
     """This head's HTTP routes: requests by outcome and errors by status (OpenAI routes only)."""
-    req = CounterMetricFamily(NS + "http_requests", "Generation requests this head answered over HTTP, by "
-                                                    "endpoint and outcome.", labels=["endpoint", "outcome"])
+    req = CounterMetricFamily(
+        NS + "http_requests",
+        "Generation requests this head answered over HTTP, by endpoint and outcome.",
+        labels=["endpoint", "outcome"],
+    )
     for (endpoint, outcome), n in sorted(counters.requests.items()):
         req.add_metric([endpoint, outcome], n)
-    err = CounterMetricFamily(NS + "http_errors", "HTTP error responses of the generation routes, by status.",
-                              labels=["endpoint", "status"])
+    err = CounterMetricFamily(
+        NS + "http_errors", "HTTP error responses of the generation routes, by status.", labels=["endpoint", "status"]
+    )
     for (endpoint, status), n in sorted(counters.errors.items()):
         err.add_metric([endpoint, str(status)], n)
     prompt = CounterMetricFamily(NS + "http_prompt_tokens", "Prompt tokens of HTTP requests.", labels=[])
     prompt.add_metric([], counters.prompt_tokens)
-    completion = CounterMetricFamily(NS + "http_completion_tokens", "Completion tokens sent over HTTP.",
-                                     labels=[])
+    completion = CounterMetricFamily(NS + "http_completion_tokens", "Completion tokens sent over HTTP.", labels=[])
     completion.add_metric([], counters.completion_tokens)
-    flight = GaugeMetricFamily(NS + "http_requests_in_flight", "Generation requests being served over HTTP now.",
-                               labels=[])
+    flight = GaugeMetricFamily(
+        NS + "http_requests_in_flight", "Generation requests being served over HTTP now.", labels=[]
+    )
     flight.add_metric([], counters.in_flight)
     return [req, err, prompt, completion, flight]
 
@@ -180,7 +228,7 @@ class _Families:
 class MetricsEndpoint:
     """The ``/metrics`` route of one app: its own registry (process collectors + this scrape's families)."""
 
-    def __init__(self, ctx: "HttpContext") -> None:
+    def __init__(self, ctx: HttpContext) -> None:
         self.ctx = ctx
         self.registry = CollectorRegistry(auto_describe=False)
         for make in (ProcessCollector, PlatformCollector, GCCollector):
@@ -190,8 +238,7 @@ class MetricsEndpoint:
 
     async def render(self) -> bytes:
         families = head_families(self.ctx.counters)
-        up = GaugeMetricFamily(NS + "redis_up", "1 when this scrape could read the cluster from Redis.",
-                               labels=[])
+        up = GaugeMetricFamily(NS + "redis_up", "1 when this scrape could read the cluster from Redis.", labels=[])
         try:
             snap = await read_cluster(self.ctx.redis, self.ctx.settings.limits.heartbeat_ttl_s)
             families += cluster_families(snap)
@@ -207,7 +254,7 @@ class MetricsEndpoint:
             self._families.families = []
 
 
-def install(app: "Starlette", ctx: "HttpContext") -> None:
+def install(app: Starlette, ctx: HttpContext) -> None:
     """Add ``GET /metrics`` to ``app``."""
     endpoint = MetricsEndpoint(ctx)
 
