@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hexgen.bench import hf_baseline
+from hexgen.bench.ceiling import ceiling, count_workload, matmul_rate
 from hexgen.bench.engine_bench import at_once, run_engine
 from hexgen.bench.memory import memory_lines, memory_summary
 from hexgen.bench.roofline import copy_bandwidth, weight_bytes
@@ -64,6 +65,23 @@ def _roofline(setup: BenchSetup) -> dict:
     return {"copy_bandwidth_TBps": round(bw / 1e12, 3), "weight_GB": round(wb / 1e9, 3),
             "batch1_tokens_per_s": round(bw / wb, 1),
             "note": f"{what} copy bandwidth (read + write) / weight bytes read per token"}
+
+
+def _ceiling(setup: BenchSetup, shapes: list[Shape]) -> dict:
+    """The workload's physical limit (hexgen.bench.ceiling) from a matmul rate and a copy bandwidth measured
+    here, now; on GPUs one card's rates times the layout's GPUs."""
+    cuda = setup.engine.device == "cuda"
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = getattr(torch, setup.engine.dtype)
+    gpus = setup.layout.world_size if cuda else 1
+    flops = matmul_rate(dev, dtype) * gpus
+    bw = (copy_bandwidth(dev) if cuda else copy_bandwidth(dev, CPU_COPY_BYTES)) * gpus
+    kv_elem = 1 if getattr(setup.engine, "kv_cache_dtype", "auto") == "fp8" else None  # e4m3 (scales aside)
+    counts = count_workload(setup.model.config(), shapes, torch.empty(0, dtype=dtype).element_size(), kv_elem)
+    what = f"{gpus} GPU(s)" if cuda else f"the CPU ({torch.get_num_threads()} threads)"
+    return {**ceiling(counts, flops, bw),
+            "note": f"linear-layer FLOPs at a {setup.engine.dtype} matmul rate and K/V + weight bytes at the copy "
+                    f"bandwidth, both measured on {what} in this process (docs/benchmarks.md, 'The ceiling')"}
 
 
 def _hf_model(setup: BenchSetup):
@@ -140,6 +158,10 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
     out["engine"] = summarize([run.timings[r.request_id] for r in requests])
     out["engine"]["run_wall_s"] = round(run.wall_s, 2)
     out["memory"] = memory_summary(run.ranks)
+    out["ceiling"] = _ceiling(setup, shapes)
+    for key, name in (("tokens_per_s", "engine_vs_ceiling"), ("tokens_per_s_no_overlap", "engine_vs_no_overlap")):
+        if out["ceiling"][key]:
+            out[name] = round(out["engine"]["output_tokens_per_s"] / out["ceiling"][key], 3)
     if not setup.skip_hf:
         model, dev = _hf_model(setup)
         try:
@@ -171,7 +193,14 @@ def format_table(res: dict) -> str:
         r = res["roofline"]
         rows.append(f"roofline: {r['batch1_tokens_per_s']} tokens/s ({r['copy_bandwidth_TBps']} TB/s copy, "
                     f"{r['weight_GB']} GB weights)")
-    for k in ("engine_vs_hf", "engine_vs_roofline"):
+    if res.get("ceiling"):
+        c = res["ceiling"]
+        rows.append(f"ceiling: {c['tokens_per_s']} tokens/s ({c['bound']}-bound, {c['bound_s']} s), no overlap "
+                    f"{c['tokens_per_s_no_overlap']} tokens/s ({c['no_overlap_s']} s): {c['linear_PFLOP']} PFLOP "
+                    f"of linear layers at {c['matmul_TFLOPs']} TFLOP/s = {c['compute_s']} s; "
+                    f"{c['kv_read_TB'] + c['kv_write_TB'] + c['weight_read_TB']:.3f} TB of K/V + weights at "
+                    f"{c['copy_TBps']} TB/s = {c['memory_s']} s")
+    for k in ("engine_vs_ceiling", "engine_vs_no_overlap", "engine_vs_hf", "engine_vs_roofline"):
         if k in res:
             rows.append(f"{k}: {res[k]}x")
     if "hf" in res and res["hf"].get("note"):
