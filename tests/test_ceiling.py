@@ -84,3 +84,24 @@ def test_throughput_prints_the_ceiling_and_the_ratio():
     assert res["engine_vs_no_overlap"] >= res["engine_vs_ceiling"]
     table = format_table(res)
     assert "ceiling:" in table and "engine_vs_ceiling" in table
+
+
+def test_throughput_runs_both_hf_baselines_on_the_same_requests():
+    """HF static batches and transformers' continuous batching (a subset), each reported with its ratio."""
+    import dataclasses
+    setup = dataclasses.replace(tiny_setup(), skip_hf=False)
+    res = throughput(setup, num_requests=4, prompt_range=(4, 8), output_range=(2, 4), hf_batch_size=2,
+                     hf_max_batches=1, hf_cb_requests=3)
+    cb = res["hf_cb"]
+    assert "error" not in cb, cb
+    assert cb["requests_run"] == cb["requests_finished"] == 3 and cb["short_outputs"] == 0
+    assert cb["output_tokens"] == sum(r for r in _outputs(res)[:3])
+    assert res["engine_vs_hf_cb"] > 0 and res["engine_vs_hf"] > 0
+    assert "hf_cb" in format_table(res)
+
+
+def _outputs(res):
+    from hexgen.bench.workload import mixed_shapes
+    w = res["workload"]
+    return [s.output for s in mixed_shapes(w["requests"], tuple(w["prompt_range"]), tuple(w["output_range"]),
+                                           w["seed"])]
