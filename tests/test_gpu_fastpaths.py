@@ -156,3 +156,24 @@ def test_async_steps_tp2_with_graphs_match_synchronous_steps():
     sync = run_offline(layout, model, EngineConfig(**base, async_steps=False), reqs)
     fast = run_offline(layout, model, EngineConfig(**base, async_steps_tp=True), reqs)
     assert {k: v.token_ids for k, v in fast.items()} == {k: v.token_ids for k, v in sync.items()}
+
+
+def _mixed_requests(vocab: int, n: int, seed: int = 1) -> list[Request]:
+    """Prompts of 3-40 tokens and 2-20 outputs: rows of the static decode buffers change owner and width."""
+    rng = random.Random(seed)
+    return [Request(str(i), [rng.randrange(3, vocab) for _ in range(rng.randint(3, 40))],
+                    SamplingParams(max_new_tokens=rng.randint(2, 20), ignore_eos=True)) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_static_decode_path_with_changing_rows_matches_reference():
+    """More requests than max_num_seqs, outputs of different lengths: each step stages only its live table
+    columns, so what earlier steps left in the static buffers must never be read as context."""
+    base = dict(dtype="float32", device="cpu", block_size=4, cpu_kv_tokens=2048, collect_logits=True,
+                max_num_seqs=4)
+    model = ModelSpec(preset="tiny", random_weights=True)
+    layout = Layout.build(preset("tiny"), [1])
+    reqs = _mixed_requests(preset("tiny").vocab_size, 10)
+    ref = run_offline(layout, model, EngineConfig(**base), reqs)
+    fast = run_offline(layout, model, EngineConfig(**base, cuda_graphs=True), reqs)
+    _compare(ref, fast, atol=1e-4)

@@ -11,6 +11,7 @@ eagerly, uncaptured.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable
 
@@ -124,25 +125,31 @@ class DecodeGraphs:
             return None
         n = len(plan.q_lens)
         b = _bucket(n, self.batches)
-        w = _bucket(max(len(t) for t in plan.block_tables), self.widths)
+        lens = np.fromiter(map(len, plan.block_tables), dtype=np.int64, count=n)
+        live = int(lens.max())  # blocks the longest row holds
+        w = _bucket(live, self.widths)
         key = (b, w)
         if self.capture and key not in self.graphs:
             self.graphs[key] = self._capture(b, w)
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the staging buffer
+        # Only the live columns [:live] are staged and copied: a row reads no block past its context, so the
+        # columns beyond keep whatever valid block ids earlier steps left there (with the paged kernel the
+        # graph's width is the whole max_len, thousands of blocks, and staging all of it cost milliseconds a
+        # step). Padding rows need only their first block to be the scratch block (their one write goes there).
         stage = self._stage.numpy()
         ctx = stage[:b]
         ctx[:] = 1
         ctx[:n] = plan.ctx_lens
-        tables = stage[b:b + b * w].reshape(b, w)
+        tables = stage[b:b + b * live].reshape(b, live)
         tables[:] = self.scratch
-        for i, t in enumerate(plan.block_tables):
-            tables[i, :len(t)] = t
+        tables[:n][np.arange(live)[None, :] < lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(plan.block_tables), dtype=np.int64, count=int(lens.sum()))
         xs, tables_d, ctx_d = self._inputs(b, w)
-        flat = torch.from_numpy(np.ascontiguousarray(stage[:b + b * w])) if not self.capture \
-            else self._stage[:b + b * w]
+        flat = torch.from_numpy(np.ascontiguousarray(stage[:b + b * live])) if not self.capture \
+            else self._stage[:b + b * live]
         ctx_d.copy_(flat[:b], non_blocking=True)
-        tables_d.copy_(flat[b:].view(b, w), non_blocking=True)
+        tables_d[:, :live].copy_(flat[b:].view(b, live), non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         xs[:n].copy_(x)
