@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import InvalidRequest
-from hexgen.serving.validation import (FIELDS, RequestLimits, check_context, parse_request,
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import InvalidRequest
+from hexgen.head.validation import (FIELDS, RequestLimits, check_context, parse_request,
                                        peek_request_id)
 
 EID = "1700000000000-0"

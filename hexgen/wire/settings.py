@@ -31,18 +31,18 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import tomllib
 
 from hexgen.config import PRESETS, Layout, normalize_dtype
 from hexgen.errors import ConfigError
-from hexgen.serving import constants as C
-from hexgen.serving.validation import RequestLimits
+from hexgen.head.validation import RequestLimits
+from hexgen.wire import keys as C
 
 REDIS_URL_ENV = "HEXGEN_REDIS_URL"
 _NAME_RE = re.compile(C.ID_PATTERN)

@@ -1,6 +1,6 @@
 """Parse and validate one raw ``hexgen:requests`` entry (flat fields from XADD, ``bytes`` or ``str``).
 
-Every problem raises :class:`~hexgen.serving.protocol.InvalidRequest` whose message names the wire field and
+Every problem raises :class:`~hexgen.wire.protocol.InvalidRequest` whose message names the wire field and
 what is allowed. Sizes are checked before anything is decoded or parsed: the whole entry against
 ``max_request_bytes``, then each field against its own cap.
 
@@ -30,8 +30,8 @@ from typing import Any, Mapping
 
 from hexgen.engine.types import MAX_SEED, SamplingParams
 from hexgen.errors import ConfigError
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import Fields, InvalidRequest
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import Fields, InvalidRequest
 
 ROLES = ("system", "user", "assistant", "tool")
 FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "model",
