@@ -37,9 +37,9 @@ def _hints(requests: list[Request]):
                          num_requests=len(requests))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the manager's tensors are updated in place by its own thread, outside it
 def run_continuous_batching(model, requests: list[Request], device: torch.device, graphs: bool = True,
-                            max_memory_percent: float = 0.9, deadline_s: float = 600.0
+                            max_memory_percent: float = 0.75, deadline_s: float = 600.0
                             ) -> tuple[list[RequestTiming], dict]:
     """Every request offered at once to transformers' continuous batching. Returns their timings (only the
     finished ones) and what ran: transformers' version, the configuration, set-up seconds, finished count."""
@@ -63,7 +63,7 @@ def run_continuous_batching(model, requests: list[Request], device: torch.device
     if device.type != "cuda" and "warmup" in params:
         kw["warmup"] = False  # its warm-up captures graph sizes; on CPU it only costs time
     timings: dict[str, RequestTiming] = {}
-    short = 0
+    short, errors = 0, []
     t_setup = time.perf_counter()
     with cm(**kw) as manager:
         setup_s = time.perf_counter() - t_setup
@@ -82,6 +82,10 @@ def run_continuous_batching(model, requests: list[Request], device: torch.device
                 continue
             if not out.is_finished():
                 continue
+            if out.error or not out.generated_tokens:  # a failed request: counted, not timed
+                errors.append(str(out.error or "no tokens").splitlines()[0][:200])
+                timings[out.request_id] = None
+                continue
             ts = list(out.timestamps or [])
             if len(ts) != len(out.generated_tokens):  # no per-token stamps: the finish time for every token
                 ts = [time.perf_counter()] * len(out.generated_tokens)
@@ -89,6 +93,9 @@ def run_continuous_batching(model, requests: list[Request], device: torch.device
             short += len(out.generated_tokens) < want[out.request_id]
     info = {"baseline": f"transformers {transformers.__version__} continuous batching (paged sdpa)",
             "cuda_graphs": bool(kw["continuous_batching_config"].use_cuda_graph), "setup_s": round(setup_s, 1),
-            "requests_run": len(requests), "requests_finished": len(timings), "short_outputs": short,
-            "max_memory_percent": max_memory_percent}
-    return [timings[r.request_id] for r in requests if r.request_id in timings], info
+            "requests_run": len(requests), "requests_finished": sum(t is not None for t in timings.values()),
+            "short_outputs": short, "max_memory_percent": max_memory_percent}
+    if errors:
+        info["errors"] = len(errors)
+        info["first_error"] = errors[0]
+    return [timings[r.request_id] for r in requests if timings.get(r.request_id) is not None], info
