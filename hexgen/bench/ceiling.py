@@ -19,6 +19,7 @@ own process:
 their sum; the ceilings in tokens/s are the workload's output tokens over each. With several GPUs the rates
 measured on one are multiplied by the layout's number of GPUs (an ideal split of the work).
 """
+
 from __future__ import annotations
 
 import time
@@ -59,8 +60,9 @@ class WorkloadCounts:
         return self.kv_write_bytes + self.kv_read_bytes + self.weight_read_bytes
 
 
-def count_workload(cfg: ModelConfig, shapes: list[Shape], elem_bytes: int, kv_elem_bytes: float | None = None
-                   ) -> WorkloadCounts:
+def count_workload(
+    cfg: ModelConfig, shapes: list[Shape], elem_bytes: int, kv_elem_bytes: float | None = None
+) -> WorkloadCounts:
     """Counts for ``shapes`` on model ``cfg`` with weights of ``elem_bytes`` bytes and a K/V cache of
     ``kv_elem_bytes`` (default: the weights')."""
     kv_elem = elem_bytes if kv_elem_bytes is None else kv_elem_bytes
@@ -76,8 +78,16 @@ def count_workload(cfg: ModelConfig, shapes: list[Shape], elem_bytes: int, kv_el
     per_token = kv_bytes_per_token(cfg, kv_elem)
     steps = max((s.output for s in shapes), default=0)
     dtype = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32}[elem_bytes]
-    return WorkloadCounts(fed, sampled, linear, attention, fed * per_token, reads * per_token,
-                          float(weight_bytes(cfg, dtype)) * steps, steps)
+    return WorkloadCounts(
+        fed,
+        sampled,
+        linear,
+        attention,
+        fed * per_token,
+        reads * per_token,
+        float(weight_bytes(cfg, dtype)) * steps,
+        steps,
+    )
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
@@ -100,7 +110,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     del a, b, c
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return 2.0 * n ** 3 / dt
+    return 2.0 * n**3 / dt
 
 
 def ceiling(counts: WorkloadCounts, flops_per_s: float, bytes_per_s: float) -> dict:
@@ -108,13 +118,20 @@ def ceiling(counts: WorkloadCounts, flops_per_s: float, bytes_per_s: float) -> d
     t_flops = counts.linear_flops / flops_per_s
     t_bytes = counts.memory_bytes / bytes_per_s
     bound, serial = max(t_flops, t_bytes), t_flops + t_bytes
-    return {"linear_PFLOP": round(counts.linear_flops / 1e15, 4),
-            "attention_PFLOP_not_counted": round(counts.attention_flops / 1e15, 4),
-            "kv_write_TB": round(counts.kv_write_bytes / 1e12, 4), "kv_read_TB": round(counts.kv_read_bytes / 1e12, 4),
-            "weight_read_TB": round(counts.weight_read_bytes / 1e12, 4), "min_steps": counts.min_steps,
-            "matmul_TFLOPs": round(flops_per_s / 1e12, 3), "copy_TBps": round(bytes_per_s / 1e12, 3),
-            "compute_s": round(t_flops, 3), "memory_s": round(t_bytes, 3),
-            "bound": "compute" if t_flops >= t_bytes else "memory",
-            "bound_s": round(bound, 3), "no_overlap_s": round(serial, 3),
-            "tokens_per_s": round(counts.sampled_tokens / bound, 1) if bound else None,
-            "tokens_per_s_no_overlap": round(counts.sampled_tokens / serial, 1) if serial else None}
+    return {
+        "linear_PFLOP": round(counts.linear_flops / 1e15, 4),
+        "attention_PFLOP_not_counted": round(counts.attention_flops / 1e15, 4),
+        "kv_write_TB": round(counts.kv_write_bytes / 1e12, 4),
+        "kv_read_TB": round(counts.kv_read_bytes / 1e12, 4),
+        "weight_read_TB": round(counts.weight_read_bytes / 1e12, 4),
+        "min_steps": counts.min_steps,
+        "matmul_TFLOPs": round(flops_per_s / 1e12, 3),
+        "copy_TBps": round(bytes_per_s / 1e12, 3),
+        "compute_s": round(t_flops, 3),
+        "memory_s": round(t_bytes, 3),
+        "bound": "compute" if t_flops >= t_bytes else "memory",
+        "bound_s": round(bound, 3),
+        "no_overlap_s": round(serial, 3),
+        "tokens_per_s": round(counts.sampled_tokens / bound, 1) if bound else None,
+        "tokens_per_s_no_overlap": round(counts.sampled_tokens / serial, 1) if serial else None,
+    }
