@@ -105,3 +105,24 @@ def _outputs(res):
     w = res["workload"]
     return [s.output for s in mixed_shapes(w["requests"], tuple(w["prompt_range"]), tuple(w["output_range"]),
                                            w["seed"])]
+
+
+def test_cli_writes_the_engine_figures_before_the_baselines(tmp_path, monkeypatch):
+    """--out holds the engine's figures and the ceiling as soon as they exist: a baseline that then fails
+    (here: HF's model cannot be built) loses only itself."""
+    import json
+
+    from hexgen.bench import modes
+    from hexgen.cli import bench as bench_cli
+
+    def broken(*a, **k):
+        raise RuntimeError("no HF here")
+
+    monkeypatch.setattr(modes, "_hf_model", broken)
+    out = tmp_path / "t.json"
+    argv = ["throughput", "--preset", "tiny", "--random-weights", "--device", "cpu", "--num-requests", "2",
+            "--prompt-range", "4", "6", "--output-range", "2", "2", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="no HF here"):
+        bench_cli.main(argv)
+    res = json.loads(out.read_text())
+    assert res["engine"]["output_tokens"] == 4 and res["ceiling"]["tokens_per_s"] > 0 and "hf" not in res

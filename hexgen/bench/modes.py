@@ -10,6 +10,7 @@ import datetime
 import gc
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +138,13 @@ def latency(setup: BenchSetup, prompt_len: int = 128, new_tokens: int = 256, rep
 
 def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[int, int] = (64, 1024),
                output_range: tuple[int, int] = (32, 512), seed: int = 0, hf_batch_size: int = 64,
-               hf_max_batches: int | None = None, hf_cb_requests: int = 300) -> dict:
+               hf_max_batches: int | None = None, hf_cb_requests: int = 300,
+               checkpoint: Callable[[dict], None] | None = None) -> dict:
     """``num_requests`` of a fixed-seed mix, all offered at once (after a warm-up phase); HF runs the same
     requests in static batches of ``hf_batch_size`` (only the first ``hf_max_batches`` when given), then its
-    continuous batching on the first ``hf_cb_requests`` of them, all offered at once (0: not run)."""
+    continuous batching on the first ``hf_cb_requests`` of them, all offered at once (0: not run).
+    ``checkpoint`` gets the result so far once the engine's figures and the ceiling are in (before the
+    baselines run, so that a baseline that runs out of time loses only itself)."""
     cfg = setup.model.config()
     shapes = mixed_shapes(num_requests, prompt_range, output_range, seed)
     requests = make_requests(shapes, cfg.vocab_size, "req", seed)
@@ -163,6 +167,8 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
     for key, name in (("tokens_per_s", "engine_vs_ceiling"), ("tokens_per_s_no_overlap", "engine_vs_no_overlap")):
         if out["ceiling"][key]:
             out[name] = round(out["engine"]["output_tokens_per_s"] / out["ceiling"][key], 3)
+    if checkpoint is not None:
+        checkpoint(out)
     if not setup.skip_hf:
         model, dev = _hf_model(setup)
         try:
@@ -186,13 +192,16 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
     return out
 
 
+HF_CB_DEADLINE_S = 240.0  # continuous batching's results are collected this long at most
+
+
 def _hf_continuous(model, dev: torch.device, requests: list) -> dict:
     """transformers' continuous batching on ``requests`` (hexgen.bench.hf_cb); an error is reported, not
     raised, so that the engine's figures survive a baseline that breaks."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     try:
-        timings, info = hf_cb.run_continuous_batching(model, requests, dev)
+        timings, info = hf_cb.run_continuous_batching(model, requests, dev, deadline_s=HF_CB_DEADLINE_S)
     except Exception as e:  # noqa: BLE001 - any failure of the baseline library is reported beside the figures
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     res = {**summarize(timings), **info} if timings else dict(info)

@@ -82,8 +82,14 @@ def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
         return res, format_serve(res)
     else:
         res = throughput(setup, n, prompt, output, args.seed, args.hf_batch_size, args.hf_max_batches,
-                         args.hf_cb_requests)
+                         args.hf_cb_requests, checkpoint=lambda r: _save(args.out, r))
     return res, format_table(res)
+
+
+def _save(path: str | None, res: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hexgen bench: {e}", file=sys.stderr)
         return 2
     print(table)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    _save(args.out, res)
     return 0
 
 
