@@ -62,7 +62,10 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 variants() { local IFS='|'; VAR_LIST=(${VARIANTS:-}); [ ${#VAR_LIST[@]} -eq 0 ] && VAR_LIST=(""); }
 
 tests() {
+  # the GPU image's torch and Triton differ from the versions CI pins: their deprecation notices are shown here,
+  # not failed (every other warning is still an error, pyproject.toml)
   step "${TEST_LIMIT:-480}" $PY -m pytest -q -x -m gpu -p no:cacheprovider --durations=12 \
+    -W default::DeprecationWarning -W default::FutureWarning \
     ${TESTS:-tests/test_fused.py tests/test_gpu_fastpaths.py tests/test_paged_decode.py tests/test_gpu_layouts.py} \
     > "$OUT/gpu_tests.txt" 2>&1
   tail -20 "$OUT/gpu_tests.txt"
