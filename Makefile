@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 DEMO_ARGS ?=
 
-.PHONY: install demo lint test test-fast model redis clean
+.PHONY: install demo lint test test-fast soak model redis clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: install
 
 test: install redis lint
 	$(PY) -m pytest -q
+
+# the full soak (10,000 requests from 200 clients, a pipeline killed midway); `make test` runs a short one
+soak: install redis
+	$(PY) -m pytest -q -s tests/test_soak.py -k full --soak
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

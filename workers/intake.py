@@ -418,7 +418,7 @@ class RedisSource:
         if duplicate is not None:
             log.warning("request %s: entry %s duplicates in-flight entry %s; acking it", req.request_id, eid,
                         duplicate)
-            self._r.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+            self._ack(eid)
             return None
         req.meta = {**req.meta, "entry": eid}
         if resumed:
@@ -437,7 +437,7 @@ class RedisSource:
             self._dead_letter(eid, req.request_id, str(e), deliveries)
             return False
         if ended:
-            self._r.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+            self._ack(eid)
             return False
         req.output_ids = posted
         if len(posted) >= req.params.max_new_tokens:
@@ -464,6 +464,14 @@ class RedisSource:
             pipe.expire(stream, self.cfg.result_ttl_s)
             pipe.hincrby(figures.ERRORS_KEY, INTERNAL, 1)  # /metrics: hexgen_request_errors_total
         pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+        pipe.xdel(self.cfg.work_stream, eid)
+        pipe.execute()
+
+    def _ack(self, eid: str) -> None:
+        """Ack a work entry and delete it (an acked entry is never read again)."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+        pipe.xdel(self.cfg.work_stream, eid)
         pipe.execute()
 
     # ---- threads -------------------------------------------------------------------------------------------
