@@ -8,7 +8,8 @@ each command by name; keys by pattern, read-only ``%R~`` / write-only ``%W~`` wh
   agents (``--auto-plan``), and is the one role that may ``FUNCTION LOAD`` the HexGen function library.
 - ``hexgen-worker`` — worker ranks and agents: the work streams (read, claim, ack), result streams (post,
   resume from what was posted), the cancel stream (read only), dead letters and latency traces (write only),
-  its registry keys (workers, heartbeats, pipelines, agents), assignments (read only), the epoch (read only).
+  its registry keys (workers, heartbeats, pipelines, agents), assignments (read only), the epoch (read only),
+  its metrics (``hexgen:metrics:*``: counters, gauges, their index sets).
   No access to ``hexgen:requests`` (the raw prompts), dedupe keys, the plan or the placement lock.
 - ``hexgen-client`` — the async client (or redis-cli): ``XADD`` to ``hexgen:requests`` and ``hexgen:cancel``
   (write only: it cannot read other clients' requests), ``XREAD`` of result streams, ``GET hexgen:epoch``
@@ -24,7 +25,8 @@ switched off, so every connection must authenticate. The file stores SHA-256 has
 
 What a compromised worker can still do: post forged tokens or errors to any result stream, read any result
 stream and every work item (tokenized prompts), ack or claim work entries (dropping or stealing requests),
-register fake workers or agents and delete others' registrations (pipelines then re-form), and fill memory
+register fake workers or agents and delete others' registrations (pipelines then re-form), forge metrics,
+and fill memory
 (set ``maxmemory``). It cannot read raw requests, reserve ids, write the plan, load code, run its own Lua,
 change ACLs or configuration, or flush the database. A compromised client can submit and cancel requests and
 read results (any id: ids are uuid4 by default, so unguessable); nothing else.
@@ -36,6 +38,7 @@ import secrets
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from hexgen.wire import figures as F
 from hexgen.wire import keys as K
 
 _CONNECTION = ("ping", "select")
@@ -65,18 +68,21 @@ HEAD = Role("head", "hexgen-head", (
     "xinfo|groups", "xinfo|consumers", "xinfo|stream", "xadd", "xlen", "xrange", "xrevrange", "xread",
     # dedupe reservations, epoch, registry (status, health), plan and placement lock
     "set", "get", "del", "exists", "expire", "pexpire", "type", "scan", "hget", "hmget", "hgetall", "hset",
+    # metrics (/metrics, the dashboard): error counters, the index sets of pipelines and stages
+    "hincrby", "hincrbyfloat", "smembers", "sadd", "srem",
     "fcall", "function|load", "function|list", "wait"),
     (f"~{K.KEY_NAMESPACE}*",))
 
 WORKER = Role("worker", "hexgen-worker", (
     *_CONNECTION, *_TRANSACTION,
     "xreadgroup", "xack", "xdel", "xclaim", "xautoclaim", "xpending", "xgroup|create", "xadd", "xrange", "xrevrange",
-    "xread", "expire", "set", "get", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hincrby",
-    "fcall"),
+    "xread", "expire", "pexpire", "set", "get", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx",
+    "hincrby", "hincrbyfloat", "sadd", "fcall"),
     (f"~{K.WORK_STREAM_PREFIX}*", f"~{K.RESULT_STREAM_PREFIX}*", f"%R~{K.CANCEL_STREAM}",
      f"%W~{K.DEADLETTER_STREAM}", f"%W~{K.TRACE_STREAM}", f"~{K.WORKER_KEY_PREFIX}*",
      f"~{K.HEARTBEAT_KEY_PREFIX}*", f"~{K.PIPELINE_KEY_PREFIX}*", f"~{K.AGENT_KEY_PREFIX}*",
-     f"~{K.AGENT_HEARTBEAT_PREFIX}*", f"%R~{K.ASSIGN_STREAM_PREFIX}*", f"%R~{K.EPOCH_KEY}"))
+     f"~{K.AGENT_HEARTBEAT_PREFIX}*", f"%R~{K.ASSIGN_STREAM_PREFIX}*", f"%R~{K.EPOCH_KEY}",
+     f"~{F.METRICS_PREFIX}*"))
 
 CLIENT = Role("client", "hexgen-client", (*_CONNECTION, "xadd", "xread", "get", "wait"),
               (f"%W~{K.REQUESTS_STREAM}", f"%W~{K.CANCEL_STREAM}", f"%R~{K.RESULT_STREAM_PREFIX}*",
