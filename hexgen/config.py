@@ -112,7 +112,11 @@ class ModelConfig:
             return cls.from_hf_dict(json.load(f))
 
 
-# Exact-name presets: real Llama-2 shapes for benchmarks with --random-weights, and tiny ones for tests.
+LLAMA31_ROPE: tuple[tuple[str, Any], ...] = tuple(sorted({
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}.items()))
+
+# Exact-name presets: real Llama-2 and Llama-3.1 shapes for benchmarks with --random-weights, and tiny ones for tests.
 PRESETS: dict[str, ModelConfig] = {
     "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                               num_heads=32, num_kv_heads=32, max_position_embeddings=4096),
@@ -120,6 +124,14 @@ PRESETS: dict[str, ModelConfig] = {
                                num_heads=40, num_kv_heads=40, max_position_embeddings=4096),
     "llama-2-70b": ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
                                num_heads=64, num_kv_heads=8, max_position_embeddings=4096),
+    # Llama-3.1 (meta-llama/Llama-3.1-8B, -70B config.json): GQA with 8 KV heads, vocab 128,256, rope theta
+    # 500,000 with llama3 scaling (factor 8 over an original 8,192-token context), 131,072 positions.
+    "llama-3.1-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                num_heads=32, num_kv_heads=8, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+                                max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001,)),
+    "llama-3.1-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                 num_heads=64, num_kv_heads=8, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+                                 max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001,)),
     "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=6,
                         num_heads=8, num_kv_heads=2, max_position_embeddings=1024),
 }

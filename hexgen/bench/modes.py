@@ -70,7 +70,8 @@ def _hf_model(setup: BenchSetup):
     cfg = setup.model.config()
     dev = torch.device(setup.engine.device, 0) if setup.engine.device == "cuda" else torch.device("cpu")
     dtype = getattr(torch, setup.engine.dtype)
-    model = hf_baseline.load_hf_model(setup.model.model_dir, cfg, dtype, dev, setup.engine.seed)
+    model = hf_baseline.load_hf_model(setup.model.model_dir, cfg, dtype, dev, setup.engine.seed,
+                                      random_weights=setup.model.random_weights)
     hf_baseline.warm_up(model, dev, cfg.vocab_size)
     return model, dev
 
