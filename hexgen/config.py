@@ -9,6 +9,7 @@ from typing import Any
 from hexgen.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": e4m3 (hexgen.model.kv_quant)
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                   "float": "float32"}
 
@@ -309,6 +310,7 @@ class EngineConfig:
     async_steps_tp: bool = False  # the same for one-stage TP > 1 pipelines (docs/benchmarks.md, run 12)
     seed: int = 0  # random-weight initialisation seed
     collect_logits: bool = False  # attach float32 logits to every StepOutput (tests, debugging)
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with per-layer, per-KV-head scales
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -328,5 +330,8 @@ class EngineConfig:
             raise ConfigError(f"cpu_kv_tokens: {self.cpu_kv_tokens} must be ≥ 1")
         if not 0.05 <= self.gpu_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} must be in [0.05, 1.0]")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} must be one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}")
         if self.attention_backend not in ("auto", "torch", "sdpa"):
             raise ConfigError(f"attention_backend: {self.attention_backend!r} must be auto, torch or sdpa")
