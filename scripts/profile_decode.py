@@ -263,7 +263,7 @@ def main() -> None:
     ap.add_argument("--loop-gemv", default="triton", choices=["cublas", "triton", "auto"])
     ap.add_argument("--gemv-bench", action="store_true", help="time cuBLAS and Triton GEMV configurations")
     args = ap.parse_args()
-    from hexgen.engine.launcher import free_port
+    from hexgen.procs import free_port
 
     port = free_port()
     if args.tp == 1:

@@ -6,7 +6,7 @@ import argparse
 import pytest
 
 from hexgen.errors import ConfigError
-from hexgen.serving.settings import (LimitSettings, ModelSettings, PipelineSettings, RedisSettings, Settings,
+from hexgen.wire.settings import (LimitSettings, ModelSettings, PipelineSettings, RedisSettings, Settings,
                                      add_settings_args, load_redis_url, load_settings, redact_url,
                                      settings_from_args, settings_from_dict, sync_redis)
 
@@ -174,7 +174,7 @@ def test_redis_urls_with_password_reach_a_protected_server():
 
     import redis
 
-    from hexgen.serving.settings import async_redis
+    from hexgen.wire.settings import async_redis
     from tests.redis_server import RedisServer, redis_server_binary
 
     binary = redis_server_binary()

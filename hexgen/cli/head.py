@@ -1,4 +1,4 @@
-"""``bin/head``: parse flags → Settings → :func:`hexgen.serving.head.run_head`."""
+"""``bin/head``: parse flags → Settings → :func:`hexgen.head.service.run_head`."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +7,8 @@ import logging
 import sys
 
 from hexgen.errors import ConfigError
-from hexgen.serving.head import run_head
-from hexgen.serving.settings import add_settings_args, settings_from_args
+from hexgen.head.service import run_head
+from hexgen.wire.settings import add_settings_args, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,16 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def placement_options(args: argparse.Namespace):
-    """PlacementOptions from the flags, or None without --auto-plan."""
+def placement_options(args: argparse.Namespace, settings):
+    """The planner the head's placement loop asks (from the flags), or None without --auto-plan."""
     if not args.auto_plan:
         return None
-    from hexgen.planner.placement import PlacementOptions
+    from hexgen.planner.placement import PlacementOptions, Placer
 
-    return PlacementOptions(slo_latency_s=args.slo_latency, prompt_len=args.plan_prompt_len,
+    return Placer(settings, PlacementOptions(slo_latency_s=args.slo_latency, prompt_len=args.plan_prompt_len,
                             output_len=args.plan_output_len, max_num_seqs=args.plan_max_num_seqs,
                             settle_s=args.settle,
-                            time_budget_s=args.plan_time_budget, network_gbps=args.network_gbps)
+                            time_budget_s=args.plan_time_budget, network_gbps=args.network_gbps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
-        placement = placement_options(args)
+        placement = placement_options(args, settings)
     except ConfigError as e:
         print(f"head: {e}", file=sys.stderr)
         return 2

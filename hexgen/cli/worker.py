@@ -1,4 +1,4 @@
-"""``bin/worker``: parse flags → WorkerOptions → :class:`workers.worker.Worker` (the TP ranks of one stage),
+"""``bin/worker``: parse flags → WorkerOptions → :class:`workers.supervisor.Worker` (the TP ranks of one stage),
 or, without ``--stage``, AgentOptions → :class:`workers.agent.Agent` (waits for the planning head's assignment).
 
     bin/worker --config config/demo.toml --stage 1 [--pipeline p0] [--devices 0,1] [--redis-url URL]
@@ -13,7 +13,7 @@ import sys
 
 from hexgen.errors import HexGenError
 from hexgen.logutil import setup_logging
-from hexgen.serving.settings import add_settings_args, settings_from_args
+from hexgen.wire.settings import add_settings_args, settings_from_args
 
 ADVERTISE_HOST_ENV = "HEXGEN_ADVERTISE_HOST"
 
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is None:
         return agent_main(args, engine)
     setup_logging("parent", args.stage, args.log_level)
-    from workers.worker import Worker, WorkerOptions, pick_pipeline
+    from workers.options import WorkerOptions, pick_pipeline
+    from workers.supervisor import Worker
 
     try:
         settings = settings_from_args(args)

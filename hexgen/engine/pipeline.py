@@ -26,9 +26,16 @@ from hexgen.engine.report import RankReport, rank_report
 from hexgen.engine.runner import ModelSpec, StageRunner
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Scheduler
-from hexgen.engine.types import OutputSink, Request, RequestSource, SamplingParams, StepOutput
+from hexgen.engine.types import (
+    OutputSink,
+    Request,
+    RequestSource,
+    SamplingParams,
+    StepOutput,
+)
 from hexgen.logutil import setup_logging
 from hexgen.model.staging import upload
+from hexgen.model.tokenizer import has_tokenizer, load_tokenizer
 from hexgen.parallel.groups import PipelineGroups
 
 log = logging.getLogger(__name__)
@@ -46,13 +53,9 @@ class RankSpec:
     device_index: int | None = None
 
 
-def load_tokenizer(model: ModelSpec):
+def load_model_tokenizer(model: ModelSpec):
     """The model's Hugging Face tokenizer, or None (random-weight presets, directories without one)."""
-    if model.model_dir is None or not any(os.path.exists(os.path.join(model.model_dir, f))
-                                          for f in ("tokenizer.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model.model_dir, local_files_only=True)
+    return load_tokenizer(model.model_dir, field="model.path") if has_tokenizer(model.model_dir) else None
 
 
 class LastStage:
@@ -63,7 +66,7 @@ class LastStage:
         self.sink = sink
         self._lost = getattr(sink, "lost", None)  # optional OutputSink.lost (types.py), looked up once
         self.collect_logits = collect_logits
-        self.processor = OutputProcessor(load_tokenizer(model), runner.cfg.eos_token_ids)
+        self.processor = OutputProcessor(load_model_tokenizer(model), runner.cfg.eos_token_ids)
         self.requests: dict[int, Request] = {}  # seq_id -> request
 
     def _aborted(self, notice: dict) -> StepOutput:

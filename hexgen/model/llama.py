@@ -15,7 +15,12 @@ from hexgen.model import fused, kv_quant
 from hexgen.model.attention import AttnMeta, paged_attention, use_prefill_kernel
 from hexgen.model.rope import apply_rotary
 from hexgen.parallel.groups import TPContext
-from hexgen.parallel.layers import ReplicatedLinear, RowParallelLinear, gate_up_linear, qkv_linear
+from hexgen.parallel.layers import (
+    ReplicatedLinear,
+    RowParallelLinear,
+    gate_up_linear,
+    qkv_linear,
+)
 
 
 class RMSNorm(nn.Module):

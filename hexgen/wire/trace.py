@@ -2,7 +2,7 @@
 
 When on, the head, the stage-0 source and the last-stage sink write ``time.monotonic()`` stamps into the
 request's ``meta["trace"]`` (it travels with the work item and the engine's outputs); once a request's first
-token is posted, the sink XADDs its stamps to :data:`~hexgen.serving.constants.TRACE_STREAM`.
+token is posted, the sink XADDs its stamps to :data:`~hexgen.wire.keys.TRACE_STREAM`.
 CLOCK_MONOTONIC is host-wide on Linux, so the stamps of the head, the worker and a client on one host compare.
 ``scripts/serve_breakdown.py`` turns them into a per-hop table. Off, each hook is one boolean test.
 

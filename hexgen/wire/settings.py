@@ -31,18 +31,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import tomllib
 
 from hexgen.config import PRESETS, Layout, normalize_dtype
 from hexgen.errors import ConfigError
-from hexgen.serving import constants as C
-from hexgen.serving.validation import RequestLimits
+from hexgen.wire import keys as C
 
 REDIS_URL_ENV = "HEXGEN_REDIS_URL"
 _NAME_RE = re.compile(C.ID_PATTERN)
@@ -60,6 +59,18 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps the head enforces on every request (from the deployment's ``[limits]``)."""
+
+    max_new_tokens: int = C.MAX_NEW_TOKENS_CAP
+    default_max_new_tokens: int = C.DEFAULT_MAX_NEW_TOKENS
+    max_field_bytes: int = C.MAX_FIELD_BYTES
+    max_request_bytes: int = C.MAX_REQUEST_BYTES
+    max_messages: int = C.MAX_MESSAGES
+    max_stop_strings: int = C.MAX_STOP_STRINGS
 
 
 @dataclass(frozen=True)
