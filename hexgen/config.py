@@ -311,6 +311,7 @@ class EngineConfig:
     seed: int = 0  # random-weight initialisation seed
     collect_logits: bool = False  # attach float32 logits to every StepOutput (tests, debugging)
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with per-layer, per-KV-head scales
+    cpu_threads: int = 0  # CPU ranks: torch threads each; 0: the host's cores / its ranks (hexgen.engine.threads)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -323,7 +324,7 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs: {self.max_num_seqs} must be ≥ 1")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens: {self.max_num_batched_tokens} must be ≥ 1")
-        for name in ("num_kv_blocks", "max_model_len", "micro_batches"):
+        for name in ("num_kv_blocks", "max_model_len", "micro_batches", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be ≥ 0 (0: automatic)")
         if self.cpu_kv_tokens < 1:

@@ -37,9 +37,9 @@ def prompt_ids(model: ModelSpec, vocab_size: int, num_prompts: int = len(PROMPTS
                ) -> list[list[int]]:
     """The fixed prompt set: ``PROMPTS`` through the model's tokenizer, or (no tokenizer: random-weight presets)
     seeded random ids of lengths 16, 48, 80, ... over [3, vocab)."""
-    from hexgen.engine.pipeline import load_tokenizer
+    from hexgen.engine.pipeline import load_model_tokenizer
 
-    tok = load_tokenizer(model)
+    tok = load_model_tokenizer(model)
     if tok is not None:
         texts = [PROMPTS[i % len(PROMPTS)] for i in range(num_prompts)]
         return [tok.encode(t) for t in texts]

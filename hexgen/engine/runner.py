@@ -12,6 +12,7 @@ from hexgen.engine.emulation import memory_cap
 from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
 from hexgen.engine.plan import StepPlan
 from hexgen.engine.scheduler import max_step_batch
+from hexgen.engine.threads import CpuThreads
 from hexgen.errors import ConfigError
 from hexgen.model import cpu_layout, gemv, kv_quant
 from hexgen.model.attention import build_meta, decode_meta
@@ -87,6 +88,7 @@ class StageRunner:
         if self.graphs is not None:
             self.graphs.capture_all()
         self._graph_logits: tuple[int, torch.Tensor] | None = None  # (step id, logits) of the last graph step
+        self.cpu_threads: CpuThreads | None = None  # CPU ranks: set by run_rank
         log.info("stage %d: %d KV blocks (%d tokens, %s cache, %d bytes per token)", stage.index,
                  self.num_blocks, self.num_blocks * engine.block_size, engine.kv_cache_dtype,
                  kv_bytes_per_block(self.cfg, stage, self.n_kv_local, 1, self.kv_dtype))
@@ -128,6 +130,8 @@ class StageRunner:
         Decode steps go through the captured graphs when ``cuda_graphs`` is on; everything else (and
         decode steps no bucket covers) takes the reference path below."""
         self._graph_logits = None
+        if self.cpu_threads is not None:
+            self.cpu_threads.apply()  # the host's rank count may have changed (hexgen.engine.threads)
         if self.graphs is not None:
             outs = self.graphs.run(plan, x)
             if outs is not None:

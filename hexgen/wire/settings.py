@@ -39,7 +39,7 @@ import redis
 import redis.asyncio
 import tomllib
 
-from hexgen.config import PRESETS, Layout, normalize_dtype
+from hexgen.config import KV_CACHE_DTYPES, PRESETS, Layout, normalize_dtype
 from hexgen.errors import ConfigError
 from hexgen.wire import keys as C
 
@@ -235,11 +235,15 @@ class Settings:
     device: str = "cpu"
     pipelines: tuple[PipelineSettings, ...] = ()
     limits: LimitSettings = field(default_factory=LimitSettings)
+    kv_cache_dtype: str = "auto"  # the workers' KV cache: auto (the model dtype) or fp8 (EngineConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} must be one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}")
         object.__setattr__(self, "pipelines", tuple(self.pipelines))
         ids = [p.id for p in self.pipelines]
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -259,7 +263,7 @@ class Settings:
 
 
 _SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings}
-_TOP_KEYS = ("redis", "model", "limits", "pipelines", "dtype", "device")
+_TOP_KEYS = ("redis", "model", "limits", "pipelines", "dtype", "device", "kv_cache_dtype")
 
 
 def _build(cls: type, key: str, table: Any) -> Any:
@@ -287,7 +291,7 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
     if not isinstance(pipes, list):
         raise ConfigError("pipelines: must be an array of tables ([[pipelines]])")
     kw["pipelines"] = tuple(_build(PipelineSettings, f"pipelines[{i}]", p) for i, p in enumerate(pipes))
-    for k in ("dtype", "device"):
+    for k in ("dtype", "device", "kv_cache_dtype"):
         if k in data:
             kw[k] = data[k]
     return Settings(**kw)
