@@ -117,15 +117,17 @@ def test_compare_counts_shared_tokens_and_same_context_logits():
 
 
 @pytest.mark.slow
-def test_kv_accuracy_on_a_tiny_model(gqa):
-    layout = Layout.build(gqa.cfg, [1])
-    engine = EngineConfig(cpu_kv_tokens=2048)
-    prompts = [r.prompt_ids for r in gqa.requests]
-    res = kv_accuracy.kv_accuracy(layout, ModelSpec(model_dir=gqa.model_dir), engine, prompts, new_tokens=16)
-    assert res["prompts"] == 4 and res["tokens_per_prompt"] == 16
-    assert res["logit_steps_compared"] >= 4
-    assert 0 < res["logit_max_rel_error"] < 0.1  # quantized, yet close
-    assert res["greedy_agreement"] >= 0.5
+def test_kv_accuracy_on_smollm2(default_model_dir):
+    """The real checkpoint, two prompts of the fixed set: the fp8 cache picks the same first token and its
+    same-context logits stay within 10% of the largest logit (8 prompts x 32 tokens on CPU measured 5.8%,
+    docs/benchmarks.md); a broken cache read or scale is off by far more."""
+    spec = ModelSpec(model_dir=default_model_dir)
+    layout = Layout.build(spec.config(), [1])
+    prompts = kv_accuracy.prompt_ids(spec, spec.config().vocab_size, 2)
+    res = kv_accuracy.kv_accuracy(layout, spec, EngineConfig(cpu_kv_tokens=2048), prompts, new_tokens=8)
+    assert res["prompts"] == 2 and res["tokens_per_prompt"] == 8
+    assert res["first_token_agreement"] == 1.0 and res["logit_steps_compared"] >= 2
+    assert 0 < res["logit_max_rel_error"] < 0.1
     text = kv_accuracy.format_accuracy(res)
     assert "greedy agreement" in text and "same-context steps" in text
 
