@@ -35,7 +35,7 @@ class StepPlan:
         return msgpack.packb(self.__dict__, use_bin_type=True)
 
     @classmethod
-    def decode(cls, data: bytes) -> "StepPlan":
+    def decode(cls, data: bytes) -> StepPlan:
         return cls(**msgpack.unpackb(data, raw=False, strict_map_key=False))
 
 
@@ -53,5 +53,5 @@ class StepResult:
         return msgpack.packb(self.__dict__, use_bin_type=True)
 
     @classmethod
-    def decode(cls, data: bytes) -> "StepResult":
+    def decode(cls, data: bytes) -> StepResult:
         return cls(**msgpack.unpackb(data, raw=False, strict_map_key=False))

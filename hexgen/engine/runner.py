@@ -65,7 +65,7 @@ class StageRunner:
         self.kv_dtype = kv_quant.FP8 if engine.kv_cache_dtype == "fp8" else self.dtype
         # TP > 1: decode-sized all-reduces take the symmetric-memory one-shot kernel (bf16/fp32), which
         # captures into the decode graphs with no NCCL work inside them. NCCL all-reduces captured in a
-        # graph hung on two H100s (docs/benchmarks.md), so without the one-shot kernel TP > 1 stays eager.
+        # graph hung on two H100s, so without the one-shot kernel TP > 1 stays eager.
         # The most sequences a step carries: max_num_seqs split over the micro-batches in flight.
         self.step_batch = max_step_batch(engine.max_num_seqs, engine.micro_batches or groups.layout.num_stages)
         fast_ar = groups.enable_fast_all_reduce(self.step_batch * self.cfg.hidden_size, self.dtype)

@@ -113,6 +113,101 @@ def _starts(lens: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """A step's block tables, flattened: slots of (sequence, position) pairs and padded per-sequence tables."""
+
+    flat: np.ndarray  # every table's blocks, one after another
+    starts: np.ndarray  # [batch] index of each table's first block in ``flat``
+    n_blocks: np.ndarray  # [batch]
+    block_size: int
+
+    @classmethod
+    def of(cls, block_tables: list[list[int]], block_size: int) -> _Tables:
+        n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64,
+                           count=int(n_blocks.sum()))
+        return cls(flat, _starts(n_blocks), n_blocks, block_size)
+
+    def slots(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        bs = self.block_size
+        return self.flat[self.starts[seq] + pos // bs] * bs + pos % bs
+
+    def padded(self, seqs: np.ndarray, ctx_lens: np.ndarray) -> np.ndarray:
+        """[len(seqs) * width] the tables of ``seqs``, padded with block 0 to the longest context's blocks."""
+        j = np.arange(int(-(-ctx_lens[seqs].max() // self.block_size)))
+        ok = j[None, :] < self.n_blocks[seqs][:, None]
+        idx = np.minimum(self.starts[seqs][:, None] + j[None, :], len(self.flat) - 1)
+        return np.where(ok, self.flat[idx], 0).reshape(-1)
+
+
+def _upload_parts(parts: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every index array on ``device`` in one copy, addressed by the same names.
+
+    Each part starts on a 16-byte boundary (an even number of int64 before it): the Triton kernels then
+    always see aligned pointers, and compile one variant instead of one per alignment pattern."""
+    sizes = [len(p) for p in parts.values()]
+    padded = [n + (n & 1) for n in sizes]
+    flat = np.zeros(sum(padded), dtype=np.int64)
+    start = 0
+    for p, m in zip(parts.values(), padded):
+        flat[start:start + len(p)] = p
+        start += m
+    buf = upload(flat, torch.long, device)
+    return {name: v[:n] for name, v, n in zip(parts, buf.split(padded), sizes)}
+
+
+def _decode_parts(parts: dict[str, np.ndarray], tables: _Tables, dec: np.ndarray, all_decode: bool,
+                  q_starts: np.ndarray, cl: np.ndarray, kernel: bool) -> list[np.ndarray] | None:
+    """The decode rows' index arrays (into ``parts``); returns their context groups (reference path)."""
+    if not all_decode:
+        parts["decode_rows"] = q_starts[dec]
+    dec_ctx = cl[dec]
+    if kernel:
+        parts["decode_index"] = tables.padded(dec, cl)  # [n_dec * max_blocks] block tables
+        parts["decode_ctx"] = dec_ctx
+        return None
+    j = np.arange(int(dec_ctx.max()))  # [max_ctx] positions
+    ok = j[None, :] < dec_ctx[:, None]
+    seq = np.broadcast_to(dec[:, None], ok.shape)
+    parts["decode_index"] = np.where(ok, tables.slots(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1)  # slots
+    parts["decode_ctx"] = dec_ctx
+    groups = decode_groups(dec_ctx)
+    if groups is not None:
+        parts["decode_groups"] = np.concatenate(groups)
+    return groups
+
+
+def _prefill_parts(parts: dict[str, np.ndarray], tables: _Tables, pre: np.ndarray, chunked: np.ndarray,
+                   q_starts: np.ndarray, ql: np.ndarray, cl: np.ndarray, prefill_kernel: bool) -> None:
+    """The prefill sequences' index arrays (into ``parts``)."""
+    if len(pre) and prefill_kernel:
+        n_tiles = -(-ql[pre] // paged_decode.PREFILL_BLOCK_M)
+        tile_seq = np.repeat(np.arange(len(pre)), n_tiles)
+        parts.update(prefill_tables=tables.padded(pre, cl), prefill_q_starts=q_starts[pre], prefill_q_lens=ql[pre],
+                     prefill_ctx=cl[pre], prefill_tile_seq=tile_seq,
+                     prefill_tile_m=np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles))
+    if len(chunked):
+        lens = cl[chunked]
+        seq = np.repeat(chunked, lens)
+        parts["chunked_slots"] = tables.slots(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens))
+
+
+def _set_decode(meta: AttnMeta, t: dict[str, torch.Tensor], n_dec: int, dec_ctx: np.ndarray,
+                groups: list[np.ndarray] | None, kernel: bool, device: torch.device) -> None:
+    meta.decode_rows = t.get("decode_rows")
+    table_or_slots, ctx = t["decode_index"].view(n_dec, -1), t["decode_ctx"]
+    if kernel:
+        meta.decode_tables, meta.decode_ctx = table_or_slots, ctx
+        return
+    width = table_or_slots.shape[1]
+    meta.decode_slots = table_or_slots
+    meta.decode_mask = (torch.arange(width, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+    if groups is not None:
+        rows = t["decode_groups"].split([len(g) for g in groups])
+        meta.decode_groups = [(r, int(dec_ctx[g].max())) for r, g in zip(rows, groups)]
+
+
 def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
                block_size: int, device: torch.device, kernel: bool | None = None,
                prefill_kernel: bool | None = None) -> AttnMeta:
@@ -126,87 +221,32 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
         kernel = use_decode_kernel(device)
     if prefill_kernel is None:
         prefill_kernel = use_prefill_kernel(device)
-    bs = block_size
     ql = np.asarray(q_lens, dtype=np.int64)  # [batch]
     cl = np.asarray(ctx_lens, dtype=np.int64)
     n_seq, n_tok = len(ql), len(positions)
     q_starts = _starts(ql)
-    n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n_seq)
-    flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64, count=int(n_blocks.sum()))
-    t_starts = _starts(n_blocks)  # [batch] index of each table's first block in ``flat``
-
-    def slots_of(seq: np.ndarray, pos: np.ndarray) -> np.ndarray:  # slots of (sequence, position) pairs
-        return flat[t_starts[seq] + pos // bs] * bs + pos % bs
-
-    def tables_of(seqs: np.ndarray) -> np.ndarray:  # [len(seqs) * width] tables padded with block 0
-        j = np.arange(int(-(-cl[seqs].max() // bs)))
-        ok = j[None, :] < n_blocks[seqs][:, None]
-        idx = np.minimum(t_starts[seqs][:, None] + j[None, :], len(flat) - 1)
-        return np.where(ok, flat[idx], 0).reshape(-1)
+    tables = _Tables.of(block_tables, block_size)
 
     tok_seq = np.repeat(np.arange(n_seq), ql)  # [tokens]
     tok_pos = np.arange(n_tok) - q_starts[tok_seq] + (cl - ql)[tok_seq]
-    parts = [slots_of(tok_seq, tok_pos), np.asarray(positions, dtype=np.int64)]
-
+    parts = {"slots": tables.slots(tok_seq, tok_pos), "positions": np.asarray(positions, dtype=np.int64)}
     dec = np.flatnonzero(ql == 1)
     all_decode = len(dec) == n_seq
-    if len(dec) and not all_decode:
-        parts.append(q_starts[dec])
-    dec_ctx = cl[dec]
-    groups = None
-    if len(dec) and kernel:
-        parts += [tables_of(dec), dec_ctx]
-    elif len(dec):
-        width = int(dec_ctx.max())  # tokens
-        j = np.arange(width)
-        ok = j[None, :] < dec_ctx[:, None]
-        seq = np.broadcast_to(dec[:, None], ok.shape)
-        parts += [np.where(ok, slots_of(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1), dec_ctx]
-        groups = decode_groups(dec_ctx)
-        if groups is not None:
-            parts.append(np.concatenate(groups))
-
+    groups = _decode_parts(parts, tables, dec, all_decode, q_starts, cl, kernel) if len(dec) else None
     pre = np.flatnonzero(ql != 1)
     chunked = pre[ql[pre] < cl[pre]] if not prefill_kernel else pre[:0]  # continuing a cached context
-    if len(pre) and prefill_kernel:
-        n_tiles = -(-ql[pre] // paged_decode.PREFILL_BLOCK_M)
-        tile_seq = np.repeat(np.arange(len(pre)), n_tiles)
-        tile_m = np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles)
-        parts += [tables_of(pre), q_starts[pre], ql[pre], cl[pre], tile_seq, tile_m]
-    if len(chunked):
-        lens = cl[chunked]
-        seq = np.repeat(chunked, lens)
-        parts.append(slots_of(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens)))
+    _prefill_parts(parts, tables, pre, chunked, q_starts, ql, cl, prefill_kernel)
 
-    # Each part starts on a 16-byte boundary (an even number of int64 before it): the Triton kernels then
-    # always see aligned pointers, and compile one variant instead of one per alignment pattern.
-    sizes = [len(p) for p in parts]
-    padded = [n + (n & 1) for n in sizes]
-    flat_parts = np.zeros(sum(padded), dtype=np.int64)
-    start = 0
-    for p, m in zip(parts, padded):
-        flat_parts[start:start + len(p)] = p
-        start += m
-    buf = upload(flat_parts, torch.long, device)
-    views = iter(v[:n] for v, n in zip(buf.split(padded), sizes))
-    meta = AttnMeta(next(views), next(views), block_size=bs)
+    t = _upload_parts(parts, device)
+    meta = AttnMeta(t["slots"], t["positions"], block_size=block_size)
     if len(dec):
-        meta.decode_rows = None if all_decode else next(views)
-        table_or_slots, ctx = next(views).view(len(dec), -1), next(views)
-        if kernel:
-            meta.decode_tables, meta.decode_ctx = table_or_slots, ctx
-        else:
-            width = table_or_slots.shape[1]
-            meta.decode_slots = table_or_slots
-            meta.decode_mask = (torch.arange(width, device=device)[None, :] < ctx[:, None])[:, None, None, :]
-            if groups is not None:
-                rows = next(views).split([len(g) for g in groups])
-                meta.decode_groups = [(r, int(dec_ctx[g].max())) for r, g in zip(rows, groups)]
+        _set_decode(meta, t, len(dec), cl[dec], groups, kernel, device)
     if len(pre) and prefill_kernel:
-        tables = next(views).view(len(pre), -1)
-        meta.prefill_batch = PrefillBatch(tables, *(next(views) for _ in range(5)))
+        meta.prefill_batch = PrefillBatch(t["prefill_tables"].view(len(pre), -1), t["prefill_q_starts"],
+                                          t["prefill_q_lens"], t["prefill_ctx"], t["prefill_tile_seq"],
+                                          t["prefill_tile_m"])
         return meta
-    ctx_slots = iter(next(views).split(cl[chunked].tolist())) if len(chunked) else iter(())
+    ctx_slots = iter(t["chunked_slots"].split(cl[chunked].tolist())) if len(chunked) else iter(())
     for s in pre.tolist():
         slots = next(ctx_slots) if ql[s] < cl[s] else None
         meta.prefills.append(PrefillSeq(int(q_starts[s]), int(ql[s]), int(cl[s]), slots))

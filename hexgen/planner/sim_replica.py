@@ -16,8 +16,8 @@ free (the real loop reads it when it has nothing else to launch or P micro-batch
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 # Event priorities at equal times: results first (they free sequences), then arrivals, then the leader's turn.
 RESULT, ARRIVAL, LEADER_FREE = 0, 1, 2
