@@ -290,6 +290,12 @@ def check_devices(layout: Layout, device: str, available: int) -> None:
                           f"{layout.world_size} GPUs but {available} are available")
 
 
+def check_kv_cache_dtype(value: str) -> None:
+    """ConfigError naming the field and the choices unless ``value`` is one of KV_CACHE_DTYPES."""
+    if value not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_dtype: {value!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine knobs shared by every rank of a pipeline."""
@@ -331,8 +337,6 @@ class EngineConfig:
             raise ConfigError(f"cpu_kv_tokens: {self.cpu_kv_tokens} must be ≥ 1")
         if not 0.05 <= self.gpu_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} must be in [0.05, 1.0]")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} must be one of "
-                              f"{', '.join(KV_CACHE_DTYPES)}")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.attention_backend not in ("auto", "torch", "sdpa"):
             raise ConfigError(f"attention_backend: {self.attention_backend!r} must be auto, torch or sdpa")

@@ -20,7 +20,7 @@ import time
 
 import redis
 
-from hexgen.demo import Deployment, start_redis, wait_ready
+from hexgen.demo import Deployment, start_redis
 from hexgen.engine.threads import host_cores
 from hexgen.model.fetch import ensure_default_model
 from hexgen.wire import keys as C
@@ -53,13 +53,14 @@ def run_case(model_dir: str, pipelines: int, threads: int | None, requests: int,
                                              *extra])
         r = redis.Redis(port=dep.port, socket_timeout=10)
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:  # every pipeline ready (wait_ready returns on the first)
+        while time.monotonic() < deadline:  # every pipeline ready
             states = [r.hget(C.pipeline_key(f"p{i}"), "state") for i in range(pipelines)]
             if all(s == b"ready" for s in states):
                 break
             dep.check_alive()
             time.sleep(0.2)
-        wait_ready(dep, 60)
+        else:
+            raise TimeoutError(f"pipelines not ready after 600 s; logs in {work}")
         t0 = time.monotonic()
         for n in range(requests):
             r.xadd(C.REQUESTS_STREAM, {"prompt": f"{PROMPT} ({n})", "max_new_tokens": str(new_tokens),

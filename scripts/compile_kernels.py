@@ -1,6 +1,6 @@
-"""Compile the Triton kernels (attention, with bf16/fp16 and fp8 caches; GEMV and fused, with and without PDL) for an NVIDIA target with no
-GPU present (Triton's bundled LLVM and ptxas), so a CPU machine catches what only the real compiler rejects.
-Run without TRITON_INTERPRET.
+"""Compile the Triton kernels (attention, with bf16/fp16 and fp8 caches; GEMV and fused, with and without PDL)
+for an NVIDIA target with no GPU present (Triton's bundled LLVM and ptxas), so a CPU machine catches what only
+the real compiler rejects. Run without TRITON_INTERPRET.
 
     PYTHONPATH=. python scripts/compile_kernels.py [--arch 90] [--full]
 """

@@ -35,7 +35,7 @@ def capture(model_dir: str) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         hooks = []
         for i, layer in enumerate(model.model.layers):
             for j, proj in enumerate((layer.self_attn.k_proj, layer.self_attn.v_proj)):
-                def hook(_m, _inp, o, i=i, j=j):
+                def hook(_m, _inp, o, i=i, j=j, layers=layers):
                     layers[i][j] = o[0].detach().view(-1, n_kv, d)
                 hooks.append(proj.register_forward_hook(hook))
         with torch.no_grad():

@@ -104,8 +104,8 @@ def test_watch_shrinks_threads_when_a_pipeline_joins_the_host():
 
 def test_worker_flags_and_settings():
     from hexgen.cli.worker import build_parser, engine_overrides
-    from hexgen.wire.settings import settings_from_dict
     from hexgen.errors import ConfigError
+    from hexgen.wire.settings import settings_from_dict
 
     args = build_parser().parse_args(["--stage", "0", "--threads", "1", "--kv-cache-dtype", "fp8"])
     assert engine_overrides(args) == {"cpu_threads": 1, "kv_cache_dtype": "fp8"}

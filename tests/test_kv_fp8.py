@@ -17,8 +17,18 @@ import pytest
 import torch
 
 from hexgen.model import attention, fused, kv_quant, paged_decode
-from tests.test_paged_decode import (ATOL, HAS_CUDA, KERNEL_DEVICE, LONG_PREFILLS, MIXED, _padded, _step, _tables,
-                                     requires_cuda, requires_triton)
+from tests.test_paged_decode import (
+    ATOL,
+    HAS_CUDA,
+    KERNEL_DEVICE,
+    LONG_PREFILLS,
+    MIXED,
+    _padded,
+    _step,
+    _tables,
+    requires_cuda,
+    requires_triton,
+)
 
 FP8 = kv_quant.FP8
 

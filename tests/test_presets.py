@@ -74,9 +74,8 @@ def test_cluster_plan_with_a_llama31_preset(capsys):
 
 def test_hf_baseline_random_weights_reads_only_the_config(tmp_path):
     """A directory with a config.json and no weights: the baseline builds the model from the config."""
-    from tests.models import llama_config
-
     from hexgen.bench.hf_baseline import load_hf_model
+    from tests.models import llama_config
 
     llama_config(num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,

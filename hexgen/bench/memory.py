@@ -34,7 +34,7 @@ def memory_summary(ranks: tuple[RankReport, ...] | list[RankReport]) -> dict:
                        "kv_vs_memory_allows": round(kv / best, 3) if best else None,
                        "kv_cache_dtype": mine[0].kv_cache_dtype,
                        "kv_bytes_per_token": max(r.kv_bytes_per_token for r in mine)})
-    ratios = [st["kv_vs_memory_allows"] for st in stages if st["kv_vs_memory_allows"] is not None]
+    ratios = [float(st["kv_vs_memory_allows"]) for st in stages if st["kv_vs_memory_allows"] is not None]
     out = {"ranks": rows, "stages": stages, "kv_target": KV_TARGET,
            "kv_target_met": (min(ratios) >= KV_TARGET) if ratios else None}
     if not ratios:

@@ -151,7 +151,8 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     from hexgen.wire.settings import ModelSettings, PipelineSettings, Settings
     from workers.options import WorkerOptions, build_plan
 
-    over = {"max_num_seqs": setup.engine.max_num_seqs, "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
+    over: dict[str, int | bool | str] = {"max_num_seqs": setup.engine.max_num_seqs,
+                                         "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
     if setup.engine.cuda_graphs:
         over["cuda_graphs"] = True
     if setup.engine.kv_cache_dtype != "auto":

@@ -25,8 +25,8 @@ from hexgen.engine.plan import StepPlan, StepResult
 from hexgen.engine.report import RankReport, rank_report
 from hexgen.engine.runner import ModelSpec, StageRunner
 from hexgen.engine.sampler import sample
-from hexgen.engine.threads import CpuThreads
 from hexgen.engine.scheduler import Scheduler
+from hexgen.engine.threads import CpuThreads
 from hexgen.engine.types import (
     OutputSink,
     Request,

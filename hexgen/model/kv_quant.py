@@ -8,8 +8,9 @@ layer, K or V, and KV head: ``scales`` [layers, 2, n_kv_local]. A value x is sto
 Scales are computed at write time: each (layer, K/V, KV head) scale starts unset (0) and is fixed by the first
 write that carries a non-zero value for it, as ``amax * HEADROOM / 448`` over that write's tokens and the
 head's channels (``update_scales``; K's amax over rotary pairs, so it does not depend on positions), then kept
-for the cache's life (every later write and read of the cache uses it). The first write is the first prefill a rank runs, so a cache calibrates on the first request it serves; later
-values up to HEADROOM times that request's largest pass unclipped, and larger ones saturate at 448 * scale.
+for the cache's life (every later write and read of the cache uses it). The first write is the first prefill a
+rank runs, so a cache calibrates on the first request it serves; later values up to HEADROOM times that
+request's largest pass unclipped, and larger ones saturate at 448 * scale.
 A CUDA-graph capture writes zeros only (its inputs are zero), so it never sets a scale. All of it runs on the
 device with no host sync (``torch.where`` on the scales), so it also runs inside captured decode graphs.
 docs/benchmarks.md ("FP8 KV cache") has the measurement behind the choice and HEADROOM.
@@ -71,6 +72,8 @@ def write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torc
     if not is_fp8(cache):
         cache.index_copy_(0, slots, x)
         return
+    if scale is None:
+        raise ValueError("kv_quant.write: an fp8 cache needs its scales")
     # index_copy_ has no fp8 kernel on CPU: copy the bytes
     cache.view(torch.uint8).index_copy_(0, slots, quantize(x, scale).view(torch.uint8))
 

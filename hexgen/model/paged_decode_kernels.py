@@ -6,9 +6,10 @@ Stage 1: one program per (sequence, KV head, split). It loads the query heads th
 tokens at a time: each token's block number comes from the block table, K and V rows are loaded straight
 from the paged cache (slot = block * BS + offset), and an online softmax accumulates in fp32. With one
 split (SPLIT false) it writes the output; with several it writes a partial output and its log-sum-exp
-(base 2), and stage 2 merges the splits. With FP8, K and V are e4m3 (``hexgen.model.kv_quant``): each tile
-is converted to q's dtype (exactly), K's per-head scale joins the softmax scale and V's multiplies the output. The split count is a runtime argument, so one compiled variant
-serves every count; only SPLIT and stage 2's BLOCK_S (a power of two ≥ the count) are compile-time.
+(base 2), and stage 2 merges the splits. The split count is a runtime argument, so one compiled variant
+serves every count; only SPLIT and stage 2's BLOCK_S (a power of two ≥ the count) are compile-time. With FP8,
+K and V are e4m3 (``hexgen.model.kv_quant``): each tile is converted to q's dtype (exactly), K's per-head
+scale joins the softmax scale and V's multiplies the output.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import triton.language as tl
 # The block table's width (stride_tb) and the split count vary from step to step in eager steps: Triton does
 # not specialize on them (divisibility by 16, == 1), so that no serving step waits for it to compile another
 # variant (a compile takes about half a second, far longer than a step).
+# Both attention kernels branch on compile-time flags (dtype paths, FP8, splits): one body per variant rather
+# than copies, hence their complexity (noqa: C901).
 @triton.jit(do_not_specialize=["stride_tb", "num_splits"])
-def decode_stage1(Q, K, V, KScale, VScale, Tables, Ctx, Out, Lse, qk_scale, num_splits,
+def decode_stage1(Q, K, V, KScale, VScale, Tables, Ctx, Out, Lse, qk_scale, num_splits,  # noqa: C901
                   stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -132,7 +135,7 @@ def decode_stage2(Mid, Lse, Out, num_splits, stride_mb, stride_mh, stride_ms, st
 
 
 @triton.jit(do_not_specialize=["stride_tb"])
-def prefill_fwd(Q, K, V, KScale, VScale, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM, qk_scale,
+def prefill_fwd(Q, K, V, KScale, VScale, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM, qk_scale,  # noqa: C901
                 stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ot, stride_oh,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio
 
-from hexgen.config import KV_CACHE_DTYPES, PRESETS, Layout, normalize_dtype
+from hexgen.config import PRESETS, Layout, check_kv_cache_dtype, normalize_dtype
 from hexgen.errors import ConfigError
 from hexgen.wire import keys as C
 
@@ -242,9 +242,7 @@ class Settings:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} must be one of "
-                              f"{', '.join(KV_CACHE_DTYPES)}")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         object.__setattr__(self, "pipelines", tuple(self.pipelines))
         ids = [p.id for p in self.pipelines]
         dup = sorted({i for i in ids if ids.count(i) > 1})
