@@ -14,6 +14,7 @@ from hexgen.config import EngineConfig, Layout, StageSpec, preset
 from hexgen.engine.kv_cache import kv_bytes_per_block
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
+from hexgen.engine.types import Request, SamplingParams
 from hexgen.errors import ConfigError
 from hexgen.model.kv_quant import FP8
 from tests.models import N_NEW, Case, gqa_case
@@ -141,19 +142,24 @@ def test_prompt_ids_without_a_tokenizer_are_fixed():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_engine_fp8_cache_close_to_bf16(gqa):
-    """On a GPU the fp8 cache goes through the Triton kernels and the fused cache write: greedy tokens of the
-    tiny model stay close to the bf16 cache's, and the fp8 cache holds twice the tokens in the same budget."""
-    layout = Layout.build(gqa.cfg, [1])
+def test_gpu_engine_fp8_cache_close_to_bf16():
+    """On a GPU the fp8 cache goes through the Triton kernels and the fused cache write: the tiny preset's
+    same-context logits stay within 10% of the largest logit of the bf16 cache's (its CPU fp32 run measured
+    3.5%: `hexgen bench kv-accuracy --preset tiny --random-weights --new-tokens 16 --num-requests 4`), and the
+    fp8 cache holds about twice the tokens in the same budget."""
+    spec = ModelSpec(preset="tiny", random_weights=True)
+    layout = Layout.build(spec.config(), [1])
     engine = EngineConfig(dtype="bfloat16", device="cuda", gpu_memory_fraction=0.3)
-    res = kv_accuracy.kv_accuracy(layout, ModelSpec(model_dir=gqa.model_dir), engine,
-                                  [r.prompt_ids for r in gqa.requests], new_tokens=16)
-    assert res["logit_max_rel_error"] < 0.1 and res["greedy_agreement"] >= 0.5
+    prompts = kv_accuracy.prompt_ids(spec, spec.config().vocab_size, 4)
+    res = kv_accuracy.kv_accuracy(layout, spec, engine, prompts, new_tokens=16)
+    assert res["first_token_agreement"] == 1.0 and 0 < res["logit_max_rel_error"] < 0.1
     tokens = {}
     for kv in ("auto", "fp8"):
         reports: list = []
-        run_offline(layout, ModelSpec(model_dir=gqa.model_dir), EngineConfig(
-            dtype="bfloat16", device="cuda", gpu_memory_fraction=0.3, kv_cache_dtype=kv), gqa.requests[:1],
-            on_report=reports.append)
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        run_offline(layout, spec, EngineConfig(dtype="bfloat16", device="cuda", gpu_memory_fraction=0.3,
+                                               kv_cache_dtype=kv), [Request("r", prompts[0], params)],
+                    on_report=reports.append)
         tokens[kv] = reports[0].kv_tokens
+        assert reports[0].kv_cache_dtype == kv
     assert tokens["fp8"] > 1.8 * tokens["auto"]
