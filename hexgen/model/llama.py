@@ -58,22 +58,28 @@ class Attention(nn.Module):
         """kv_scales: [2, n_kv] (k, v) with an fp8 cache (``hexgen.model.kv_quant``), else None."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [tokens, (n_q + 2 n_kv) * d]
-        q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim,
-                             self.n_kv * self.head_dim], dim=-1)
-        k = k.view(t, self.n_kv, self.head_dim)  # [tokens, n_kv, d]
-        v = v.view(t, self.n_kv, self.head_dim)
         ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
-        if kv_scales is not None and meta.calibrate_kv:  # before rotary: K's scale is the same either side
-            kv_quant.update_scales(ks, vs, k, v)
         if fast and use_prefill_kernel(x.device):  # every attention read goes through the cache
+            if kv_scales is not None and meta.calibrate_kv:  # before rotary: K's scale is the same either side
+                kv_quant.update_scales(ks, vs, *self._kv_heads(qkv))
             q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv,
                                       ks, vs)
             o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale, ks, vs)  # [tokens, n_q, d]
             return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
-        q = q.view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
+        q = qkv[:, :self.n_q * self.head_dim].view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
+        k, v = self._kv_heads(qkv)  # [tokens, n_kv, d] each
+        if kv_scales is not None and meta.calibrate_kv:
+            kv_quant.update_scales(ks, vs, k, v)
         q, k = apply_rotary(q, k, cos, sin)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ks, vs)  # [tokens, n_q, d]
         return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
+
+    def _kv_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [tokens, n_kv, d] views of the fused projection's output."""
+        t, n = qkv.shape[0], self.n_q * self.head_dim
+        w = self.n_kv * self.head_dim
+        return (qkv[:, n:n + w].view(t, self.n_kv, self.head_dim),
+                qkv[:, n + w:n + 2 * w].view(t, self.n_kv, self.head_dim))
 
 
 class MLP(nn.Module):
