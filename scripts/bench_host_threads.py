@@ -3,6 +3,7 @@ from the first submit until every request is done, for the thread settings of ea
 (hexgen/engine/threads.py).
 
     PYTHONPATH=. python scripts/bench_host_threads.py [--requests 6] [--new-tokens 48] [--out FILE]
+        [--cases 1:auto,2:auto,2:<cores>]
 
 Cases, in this order, each a fresh redis-server + head + workers: one pipeline (automatic threads); two
 pipelines (automatic: the host's cores shared by both ranks); two pipelines each given every core
@@ -88,9 +89,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--out", help="append the JSON lines here too")
+    ap.add_argument("--cases", default=f"1:auto,2:auto,2:{host_cores()}",
+                    help="comma-separated PIPELINES:THREADS (auto: sized by the host), default: the three above")
     args = ap.parse_args()
     model_dir = ensure_default_model()
-    cases = [(1, None), (2, None), (2, host_cores())]
+    cases = []
+    for case in args.cases.split(","):
+        n, _, t = case.partition(":")
+        cases.append((int(n), None if t in ("", "auto") else int(t)))
     for pipelines, threads in cases:
         res = run_case(model_dir, pipelines, threads, args.requests, args.new_tokens)
         line = json.dumps(res)
