@@ -20,8 +20,6 @@ import logging
 import os
 import threading
 
-import torch
-
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +65,8 @@ class CpuThreads:
         """On the engine thread: set torch's intra-op threads when the wanted count changed; returns it."""
         n = self.wanted()
         if n != self._applied:
+            import torch  # here, not at import: worker ranks import this module before they block SIGTERM
+
             torch.set_num_threads(n)
             if self._applied:
                 log.info("torch threads %d -> %d (%d cores, %d ranks on this host)", self._applied, n,
