@@ -3,8 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
+DEMO_ARGS ?=
 
-.PHONY: install demo lint test test-fast model redis clean
+.PHONY: install demo lint test test-fast soak model redis clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +25,9 @@ redis:
 model: install
 	$(PY) -m hexgen.cli.fetch_model
 
+# prints the dashboard's URL; `make demo DEMO_ARGS=--keep` keeps it up until Ctrl-C
 demo: install redis model
-	$(PY) -m hexgen.cli demo
+	$(PY) -m hexgen.cli demo $(DEMO_ARGS)
 
 # The quality gate: ruff (lint + format check) and mypy over the packages; settings in pyproject.toml.
 lint: install
@@ -35,6 +37,10 @@ lint: install
 
 test: install redis lint
 	$(PY) -m pytest -q
+
+# the full soak (10,000 requests from 200 clients, a pipeline killed midway); `make test` runs a short one
+soak: install redis
+	$(PY) -m pytest -q -s tests/test_soak.py -k full --soak
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -54,8 +54,8 @@ from typing import Any
 import redis
 
 from hexgen.engine.types import Request
+from hexgen.wire import figures, trace
 from hexgen.wire import keys as C
-from hexgen.wire import trace
 from hexgen.wire.connection import REDIS_ERRORS, Backoff, ClientFactory, connect
 from hexgen.wire.protocol import (
     INTERNAL,
@@ -306,6 +306,7 @@ class RedisSource:
         self._draining = threading.Event()
         self._stop = threading.Event()
         self._backoff = Backoff()  # admission's Redis errors (logging; the prefetcher backs off its reads)
+        self.takeovers = 0  # entries claimed from a lapsed lease and admitted (prefetch thread only)
         self._prefetch = Prefetcher(self._r, cfg, self._admit, self._owned_entries)
         self._threads = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True),
                          threading.Thread(target=self._watch_control, name="cancel-reader", daemon=True)]
@@ -417,9 +418,11 @@ class RedisSource:
         if duplicate is not None:
             log.warning("request %s: entry %s duplicates in-flight entry %s; acking it", req.request_id, eid,
                         duplicate)
-            self._r.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+            self._ack(eid)
             return None
         req.meta = {**req.meta, "entry": eid}
+        if resumed:
+            self.takeovers += 1  # read by the figures publisher (workers/metrics.py)
         if req.output_ids:
             log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids),
                      deliveries)
@@ -434,7 +437,7 @@ class RedisSource:
             self._dead_letter(eid, req.request_id, str(e), deliveries)
             return False
         if ended:
-            self._r.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+            self._ack(eid)
             return False
         req.output_ids = posted
         if len(posted) >= req.params.max_new_tokens:
@@ -459,7 +462,16 @@ class RedisSource:
             pipe.xadd(stream, error_event(INTERNAL, f"request failed: {reason}; moved to "
                                                     f"{C.DEADLETTER_STREAM}"))
             pipe.expire(stream, self.cfg.result_ttl_s)
+            pipe.hincrby(figures.ERRORS_KEY, INTERNAL, 1)  # /metrics: hexgen_request_errors_total
         pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+        pipe.xdel(self.cfg.work_stream, eid)
+        pipe.execute()
+
+    def _ack(self, eid: str) -> None:
+        """Ack a work entry and delete it (an acked entry is never read again)."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+        pipe.xdel(self.cfg.work_stream, eid)
         pipe.execute()
 
     # ---- threads -------------------------------------------------------------------------------------------
