@@ -47,7 +47,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from hexgen.config import PRESETS, Layout, normalize_dtype
+from hexgen.config import PRESETS, Layout, check_kv_cache_dtype, normalize_dtype
 from hexgen.errors import ConfigError
 from hexgen.wire import keys as C
 from hexgen.wire.redis_url import RedisUrlError, async_client, parse_redis_url, redact_url, sync_client, with_options
@@ -309,11 +309,13 @@ class Settings:
     pipelines: tuple[PipelineSettings, ...] = ()
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    kv_cache_dtype: str = "auto"  # the workers' KV cache: auto (the model dtype) or fp8 (EngineConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         object.__setattr__(self, "pipelines", tuple(self.pipelines))
         ids = [p.id for p in self.pipelines]
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -334,7 +336,7 @@ class Settings:
 
 _SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings,
                               "http": HttpSettings}
-_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device")
+_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device", "kv_cache_dtype")
 
 
 def _build(cls: type, key: str, table: Any) -> Any:
@@ -362,7 +364,7 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
     if not isinstance(pipes, list):
         raise ConfigError("pipelines: must be an array of tables ([[pipelines]])")
     kw["pipelines"] = tuple(_build(PipelineSettings, f"pipelines[{i}]", p) for i, p in enumerate(pipes))
-    for k in ("dtype", "device"):
+    for k in ("dtype", "device", "kv_cache_dtype"):
         if k in data:
             kw[k] = data[k]
     return Settings(**kw)
