@@ -19,7 +19,8 @@ No role gets ``EVAL``/``EVALSHA``/``SCRIPT``: the atomic steps run as Redis func
 (:mod:`hexgen.wire.functions`, ``FCALL``), loaded by the head. Commands run inside a function are checked
 against the caller's ACL too, so a function cannot do for a worker what the worker may not do itself. No role
 gets ``FLUSHALL``/``FLUSHDB``, ``CONFIG``, ``ACL``, ``KEYS``, ``DEBUG``, ``SHUTDOWN``, ``MONITOR``,
-``REPLICAOF`` or pub/sub; ``SCAN`` (head only) lists key names but reads no values. The ``default`` user is
+``REPLICAOF`` or pub/sub; ``SCAN`` (head, and workers to count the ranks on their host) lists key names but
+reads no values. The ``default`` user is
 switched off, so every connection must authenticate. The file stores SHA-256 hashes of the passwords
 (``#<hex>``), never the passwords; the URLs printed by ``hexgen redis-acl`` carry them.
 
@@ -77,7 +78,8 @@ WORKER = Role("worker", "hexgen-worker", (
     *_CONNECTION, *_TRANSACTION,
     "xreadgroup", "xack", "xdel", "xclaim", "xautoclaim", "xpending", "xgroup|create", "xadd", "xrange", "xrevrange",
     "xread", "expire", "pexpire", "set", "get", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx",
-    "hincrby", "hincrbyfloat", "sadd", "fcall"),
+    "hincrby", "hincrbyfloat", "sadd", "fcall",
+    "scan"),  # workers/host_threads.py lists the ranks registered on this host (key names only)
     (f"~{K.WORK_STREAM_PREFIX}*", f"~{K.RESULT_STREAM_PREFIX}*", f"%R~{K.CANCEL_STREAM}",
      f"%W~{K.DEADLETTER_STREAM}", f"%W~{K.TRACE_STREAM}", f"~{K.WORKER_KEY_PREFIX}*",
      f"~{K.HEARTBEAT_KEY_PREFIX}*", f"~{K.PIPELINE_KEY_PREFIX}*", f"~{K.AGENT_KEY_PREFIX}*",
