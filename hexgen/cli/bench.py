@@ -1,5 +1,6 @@
 """`hexgen bench`: engine latency / throughput against Hugging Face generate and the memory roofline; a Poisson
-request-rate sweep (`sweep`, or `throughput --rates ...`); the Redis serving path against the engine (`serve`)."""
+request-rate sweep (`sweep`, or `throughput --rates ...`); the Redis and HTTP serving paths against the engine
+(`serve`)."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None,
                    help="serve: Poisson request rate (requests/s); default: every request offered at once")
     p.add_argument("--log-dir", help="serve: keep the deployment's logs here")
+    p.add_argument("--no-http", action="store_true", help="serve: skip the HTTP path (the head's OpenAI API)")
     p.add_argument("--tokenizer", help="serve: the head's tokenizer directory (default: the model's; needed with "
                    "--preset)")
     p.add_argument("--direct-input", default=None, metavar="{text,ids}",
@@ -53,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-batch-size", type=int, default=64, help="throughput: HF static batch size")
     p.add_argument("--hf-max-batches", type=int, default=None,
                    help="throughput: run only the first N HF batches (a subsample, reported as such)")
+    p.add_argument("--hf-cb-requests", type=int, default=300,
+                   help="throughput: HF continuous batching on the first N requests, all at once (0: skip)")
     return p
 
 
@@ -75,12 +79,20 @@ def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
         return res, format_sweep(res)
     elif args.mode == "serve":
         res = serve(setup, ServeOptions(n, prompt, output, args.seed, args.rate, log_dir=args.log_dir,
-                                        tokenizer=args.tokenizer, direct_input=args.direct_input or "ids"),
+                                        tokenizer=args.tokenizer, direct_input=args.direct_input or "ids",
+                                        http=not args.no_http),
                     say=lambda m: print(m, file=sys.stderr, flush=True))
         return res, format_serve(res)
     else:
-        res = throughput(setup, n, prompt, output, args.seed, args.hf_batch_size, args.hf_max_batches)
+        res = throughput(setup, n, prompt, output, args.seed, args.hf_batch_size, args.hf_max_batches,
+                         args.hf_cb_requests, checkpoint=lambda r: _save(args.out, r))
     return res, format_table(res)
+
+
+def _save(path: str | None, res: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode != "sweep" and (args.rates or args.tpot_slo_ms != 100.0):
             raise ConfigError("--rates/--tpot-slo-ms: only for sweep (or throughput --rates)")
-        if args.mode != "serve" and (args.rate is not None or args.log_dir or args.tokenizer or args.direct_input):
-            raise ConfigError("--rate/--log-dir/--tokenizer/--direct-input: only for serve")
+        if args.hf_cb_requests < 0:
+            raise ConfigError(f"--hf-cb-requests: {args.hf_cb_requests} must be ≥ 0 (0: skip)")
+        if args.mode != "serve" and (args.rate is not None or args.log_dir or args.tokenizer or args.direct_input
+                                     or args.no_http):
+            raise ConfigError("--rate/--log-dir/--tokenizer/--direct-input/--no-http: only for serve")
         model = resolve_model(args)
         layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
         engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs,
@@ -105,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hexgen bench: {e}", file=sys.stderr)
         return 2
     print(table)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    _save(args.out, res)
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 
 from hexgen.config import EngineConfig, Layout, StageSpec
 from hexgen.engine.emulation import limited_device
+from hexgen.engine.gauges import StageGauges
 from hexgen.engine.kv_cache import BlockManager
 from hexgen.engine.loop_clock import LoopClock
 from hexgen.engine.output import OutputProcessor
@@ -183,8 +184,9 @@ class FirstLeader:
     """The stage-0 leader's scheduling loop."""
 
     def __init__(self, groups: PipelineGroups, runner: StageRunner, engine: EngineConfig,
-                 source: RequestSource, last: LastStage | None) -> None:
+                 source: RequestSource, last: LastStage | None, gauges: StageGauges | None = None) -> None:
         self.groups, self.runner, self.source, self.last = groups, runner, source, last
+        self.gauges = gauges
         blocks = BlockManager(runner.num_blocks, engine.block_size)
         self.max_in_flight = engine.micro_batches or groups.layout.num_stages
         self.scheduler = Scheduler(blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len,
@@ -253,6 +255,8 @@ class FirstLeader:
                 self._apply(pending[0], self.last.complete(*pending))
                 clock.lap("complete")
             pending = launched
+            if self.gauges is not None:
+                self.gauges.observe_scheduler(self.scheduler, int(pending is not None))
         if self.tp_ranks > 1:
             self.groups.broadcast_bytes(StepPlan(step, shutdown=True).encode())
         log.info("asynchronous steps: %d steps, %d decode tokens scheduled ahead of their input",
@@ -304,6 +308,8 @@ class FirstLeader:
             if in_flight and (plan is None or len(in_flight) >= self.max_in_flight):
                 result = StepResult.decode(self.groups.recv_bytes(self.groups.last_leader))
                 self._apply(in_flight.popleft(), result)
+            if self.gauges is not None:
+                self.gauges.observe_scheduler(self.scheduler, len(in_flight))
         log.info("scheduler: %s", self.scheduler.stats.line())
         shutdown = StepPlan(step, shutdown=True).encode()
         self.groups.broadcast_bytes(shutdown)
@@ -348,9 +354,10 @@ def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | N
 
 def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
              sink_factory: Callable[[], OutputSink] | None,
-             report: Callable[[RankReport], None] | None = None) -> None:
+             report: Callable[[RankReport], None] | None = None, gauges: StageGauges | None = None) -> None:
     """Run one rank of a pipeline until stage 0's source is exhausted and all work is done; then hand
-    ``report`` (when given) this rank's peak memory and KV capacity."""
+    ``report`` (when given) this rank's peak memory and KV capacity. A stage leader given ``gauges`` keeps
+    them current (KV blocks, its forward time; the stage-0 leader its scheduler's figures too)."""
     stage = spec.layout.stage_of_rank(spec.rank)
     setup_logging(spec.rank, stage.index)
     if spec.engine.device == "cuda":
@@ -360,24 +367,26 @@ def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.layout.world_size))
     with limited_device(spec.rank, device):
-        _run_rank(spec, stage, device, source_factory, sink_factory, report)
+        _run_rank(spec, stage, device, source_factory, sink_factory, report, gauges)
 
 
 def _run_rank(spec: RankSpec, stage: StageSpec, device: torch.device,
               source_factory: Callable[[], RequestSource] | None,
               sink_factory: Callable[[], OutputSink] | None,
-              report: Callable[[RankReport], None] | None = None) -> None:
+              report: Callable[[RankReport], None] | None = None, gauges: StageGauges | None = None) -> None:
     groups = PipelineGroups(spec.layout, spec.rank, spec.init_method, device)
     source = sink = None
     try:
         runner = StageRunner(spec.model, spec.engine, groups)
+        if gauges is not None and groups.is_leader:
+            gauges.watch(runner)
         last = None
         if stage.is_last and groups.is_leader:
             sink = sink_factory()
             last = LastStage(runner, spec.model, sink, spec.engine.collect_logits)
         if spec.rank == 0:
             source = source_factory()
-            FirstLeader(groups, runner, spec.engine, source, last).run()
+            FirstLeader(groups, runner, spec.engine, source, last, gauges).run()
         else:
             _stage_loop(groups, runner, last)
         if report is not None:
