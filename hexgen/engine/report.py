@@ -40,6 +40,7 @@ class RankReport:
     memory_total_bytes: int | None = None
     memory_budget_bytes: int | None = None
     kv_tokens_memory_allows: int | None = None
+    preemptions: int | None = None  # the scheduler's preemptions (stage-0 leader only; None on other ranks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,8 +58,9 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), CPU_PEAK  # Linux reports KiB
 
 
-def rank_report(rank: int, runner: Any) -> RankReport:
-    """The report of ``runner`` (a StageRunner) on global ``rank``, taken after its pipeline has finished."""
+def rank_report(rank: int, runner: Any, preemptions: int | None = None) -> RankReport:
+    """The report of ``runner`` (a StageRunner) on global ``rank``, taken after its pipeline has finished;
+    ``preemptions`` is the scheduler's count on the stage-0 leader."""
     device = runner.device
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     weights += sum(b.numel() * b.element_size() for b in runner.model.buffers())
@@ -75,4 +77,5 @@ def rank_report(rank: int, runner: Any) -> RankReport:
     return RankReport(rank=rank, stage=runner.groups.stage.index, device=str(device), peak_memory_bytes=peak,
                       peak_memory_kind=kind, weight_bytes=int(weights), kv_tokens=int(kv_tokens),
                       kv_bytes=int(kv_tokens * per_token), kv_bytes_per_token=int(per_token),
-                      memory_total_bytes=total, memory_budget_bytes=budget, kv_tokens_memory_allows=allows)
+                      memory_total_bytes=total, memory_budget_bytes=budget, kv_tokens_memory_allows=allows,
+                      preemptions=preemptions)
