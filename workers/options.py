@@ -59,8 +59,9 @@ def build_plan(opts: WorkerOptions):
     if not 0 <= opts.stage < layout.num_stages:
         raise ConfigError(f"--stage: {opts.stage} is not a stage of pipeline {pipe.id!r} "
                           f"({layout.num_stages} stages: 0..{layout.num_stages - 1})")
-    engine = EngineConfig(dtype=opts.settings.dtype, device=opts.settings.device,
-                          max_model_len=m.max_model_len, **opts.engine_overrides)
+    engine = EngineConfig(**{"dtype": opts.settings.dtype, "device": opts.settings.device,
+                             "max_model_len": m.max_model_len, "kv_cache_dtype": opts.settings.kv_cache_dtype,
+                             **opts.engine_overrides})
     return model, layout, engine
 
 

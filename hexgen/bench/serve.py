@@ -154,9 +154,12 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     from hexgen.wire.settings import ModelSettings, PipelineSettings, Settings
     from workers.options import WorkerOptions, build_plan
 
-    over = {"max_num_seqs": setup.engine.max_num_seqs, "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
+    over: dict[str, int | bool | str] = {"max_num_seqs": setup.engine.max_num_seqs,
+                                         "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
     if setup.engine.cuda_graphs:
         over["cuda_graphs"] = True
+    if setup.engine.kv_cache_dtype != "auto":
+        over["kv_cache_dtype"] = setup.engine.kv_cache_dtype
     m = setup.model
     model = ModelSettings(preset=m.preset) if m.preset else ModelSettings(path=cast(str, m.model_dir))
     settings = Settings(model=model, dtype=setup.engine.dtype,
@@ -169,7 +172,8 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     if diff:
         raise ConfigError(f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
                           "leave --gpu-memory-fraction, --max-num-batched-tokens and the async-step flags at their "
-                          "defaults (workers take only --max-num-seqs, --kv-tokens and --cuda-graphs)")
+                          "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs and "
+                          "--kv-cache-dtype)")
     return over
 
 
@@ -294,6 +298,8 @@ def run_served_paths(setup: BenchSetup, opts: ServeOptions, overrides: dict, leg
                     "--max-num-seqs", str(overrides["max_num_seqs"]), "--kv-tokens", str(overrides["cpu_kv_tokens"])]
             if overrides.get("cuda_graphs"):
                 argv.append("--cuda-graphs")
+            if overrides.get("kv_cache_dtype"):
+                argv += ["--kv-cache-dtype", overrides["kv_cache_dtype"]]
             if eng.device == "cuda":
                 argv += ["--devices", ",".join(str(setup.devices[r] if setup.devices else r) for r in st.ranks)]
             dep.spawn(f"worker-stage{st.index}", py + argv)

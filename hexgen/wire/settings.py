@@ -45,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio
 
-from hexgen.config import PRESETS, Layout, normalize_dtype
+from hexgen.config import PRESETS, Layout, check_kv_cache_dtype, normalize_dtype
 from hexgen.errors import ConfigError
 from hexgen.wire import keys as C
 
@@ -270,11 +270,13 @@ class Settings:
     pipelines: tuple[PipelineSettings, ...] = ()
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    kv_cache_dtype: str = "auto"  # the workers' KV cache: auto (the model dtype) or fp8 (EngineConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         object.__setattr__(self, "pipelines", tuple(self.pipelines))
         ids = [p.id for p in self.pipelines]
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -295,7 +297,7 @@ class Settings:
 
 _SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings,
                               "http": HttpSettings}
-_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device")
+_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device", "kv_cache_dtype")
 
 
 def _build(cls: type, key: str, table: Any) -> Any:
@@ -323,7 +325,7 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
     if not isinstance(pipes, list):
         raise ConfigError("pipelines: must be an array of tables ([[pipelines]])")
     kw["pipelines"] = tuple(_build(PipelineSettings, f"pipelines[{i}]", p) for i, p in enumerate(pipes))
-    for k in ("dtype", "device"):
+    for k in ("dtype", "device", "kv_cache_dtype"):
         if k in data:
             kw[k] = data[k]
     return Settings(**kw)
