@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4 (docs/benchmarks.md "Run 15"), one H200 (nvidia-h200): batch-1 decode with programmatic dependent
-# launch (hexgen/model/pdl.py) against without (HEXGEN_PDL=0), alternating, each beside the roofline measured
+# launch (hexgen/model/pdl.py) against without (--kernel pdl=off), alternating, each beside the roofline measured
 # in its own process; the GEMV tuner's per-shape timings (INFO log lines "gemv [N, K]"); the GPU tests of the
 # kernels first.
 # `tput`: Llama-2-7B on REQUESTS (300) requests all at once with and without PDL (no HF baseline), a check
@@ -28,19 +28,19 @@ if [ "$M" = lat ]; then
   i=0
   for P in ${ORDER:-1 0 1 0}; do
     i=$((i + 1))
-    HEXGEN_PDL=$P step 150 $PY -m hexgen.cli bench latency --preset llama-2-7b --random-weights --dtype bf16 \
+    step 150 $PY -m hexgen.cli bench latency --preset llama-2-7b --random-weights --dtype bf16 --kernel pdl=$P \
       --cuda-graphs --no-hf --reps 3 --out "$OUT/lat_pdl${P}_$i.json" > "$OUT/lat_pdl${P}_$i.log" 2>&1
-    echo "--- run $i HEXGEN_PDL=$P"; grep -v "$F" "$OUT/lat_pdl${P}_$i.log" | grep -v INFO | tail -5
+    echo "--- run $i pdl=$P"; grep -v "$F" "$OUT/lat_pdl${P}_$i.log" | grep -v INFO | tail -5
     [ $i -le 2 ] && grep "gemv \[" "$OUT/lat_pdl${P}_$i.log" | sed 's/^.*gemv \[/gemv [/'
   done
 fi
 if [ "$M" = tput ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   for P in 1 0; do
-    HEXGEN_PDL=$P step 200 $PY -m hexgen.cli bench throughput --preset llama-2-7b --random-weights --dtype bf16 \
+    step 200 $PY -m hexgen.cli bench throughput --preset llama-2-7b --random-weights --dtype bf16 --kernel pdl=$P \
       --cuda-graphs --num-requests ${REQUESTS:-300} --max-num-seqs 256 --max-num-batched-tokens 4096 --no-hf \
       --out "$OUT/tput_pdl$P.json" > "$OUT/tput_pdl$P.log" 2>&1
-    echo "--- throughput HEXGEN_PDL=$P"; grep -v "$F" "$OUT/tput_pdl$P.log" | grep -v "preempting\|INFO" | tail -8
+    echo "--- throughput pdl=$P"; grep -v "$F" "$OUT/tput_pdl$P.log" | grep -v "preempting\|INFO" | tail -8
   done
   unset PYTORCH_CUDA_ALLOC_CONF
 fi

@@ -13,7 +13,7 @@ step 420 $PY -m pytest -q -x -p no:cacheprovider tests/test_paged_decode.py test
 step 120 env PYTHONPATH=. $PY scripts/bench_paged_decode.py --out "$OUT/paged_decode.json" 2>&1 | tee "$OUT/paged_decode.log"
 step 300 $PY -m hexgen.cli bench throughput --preset llama-2-7b --random-weights --dtype bf16 --cuda-graphs \
   --num-requests 128 --hf-max-batches 1 --out "$OUT/tput.json" 2>&1 | grep -v "$F" | tee "$OUT/tput.log"
-step 300 env HEXGEN_DECODE_KERNEL=0 HEXGEN_PREFILL_KERNEL=0 $PY -m hexgen.cli bench throughput \
+step 300 $PY -m hexgen.cli bench throughput --kernel decode_kernel=off --kernel prefill_kernel=off \
   --preset llama-2-7b --random-weights --dtype bf16 --cuda-graphs --num-requests 128 --no-hf \
   --out "$OUT/tput_gather.json" 2>&1 | grep -v "$F" | tee "$OUT/tput_gather.log"
 step 150 $PY -m hexgen.cli bench latency --preset llama-2-7b --random-weights --dtype bf16 --cuda-graphs --no-hf \

@@ -25,7 +25,7 @@ keep() { grep --line-buffered "^===\|^{\|Error\|error\|Traceback\|passed\|failed
 export HEXGEN_LOG_LEVEL=${HEXGEN_LOG_LEVEL:-INFO}
 if [ "$M" = 1 ] || [ "$M" = all ]; then
   PROF="--preset llama-2-70b --dtype bf16 --batch 1 8 32 128 --context 128 1024 --prefill 128 512 2048 --quiet"
-  (timeout 150 env HEXGEN_EMULATE_DEVICES=0=40:80 $PY -m hexgen.cli profile $PROF --tp-degrees 1 --device cuda:1 \
+  (timeout 150 $PY -m hexgen.cli profile $PROF --tp-degrees 1 --device cuda:1 --emulate 40:80 \
      --device-name H200-40SM --out "$OUT/cal_h200-40sm_70b.json" > "$OUT/profile_emulated.log" 2>&1
    echo "rc $?" >> "$OUT/profile_emulated.log") &
   step 150 $PY -m hexgen.cli profile $PROF --tp-degrees 1 2 --device cuda:0 --out "$OUT/cal_h200_70b.json"

@@ -13,6 +13,7 @@ from the sink's clock.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,6 +32,7 @@ from hexgen.engine.cuda_graph import DecodeGraphs  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
 from hexgen.model.gemv import tune as tune_gemv  # noqa: E402
+from hexgen.model.kernels import resolve  # noqa: E402
 from hexgen.model.timing import graph_time, replay_time  # noqa: E402
 from hexgen.parallel.groups import PipelineGroups  # noqa: E402
 
@@ -43,7 +45,17 @@ def _plan(step: int, ctx: int, bs: int) -> StepPlan:
 
 def _fresh_graphs(r: StageRunner) -> DecodeGraphs:
     return DecodeGraphs(r._decode_forward, r.groups.stage.is_first, r.cfg.hidden_size, r.dtype, r.device,
-                        r.engine.block_size, r.engine.max_num_seqs, r.max_len, scratch_block=r.num_blocks)
+                        r.engine.block_size, r.engine.max_num_seqs, r.max_len, scratch_block=r.num_blocks,
+                        kernels=r.kernels)
+
+
+def _use_kernels(r: StageRunner, fused_on: bool, gemv: str) -> dict:
+    """Switch the runner's stage to these kernel choices (re-tuning the GEMV, fresh graphs); the GEMV choice."""
+    r.kernels = resolve(dataclasses.replace(r.engine.kernels, fused=fused_on, gemv=gemv), r.device)
+    r.model.set_kernels(r.kernels)
+    choice = tune_gemv(r.linears, r.kernels.gemv)
+    r.graphs = _fresh_graphs(r)
+    return choice
 
 
 def _kernels(r: StageRunner, ctx: int, steps: int = 4) -> dict:
@@ -74,10 +86,7 @@ def _kernels(r: StageRunner, ctx: int, steps: int = 4) -> dict:
 
 
 def _setting(r: StageRunner, ctx: int, fused_on: bool, gemv: str, n: int = 60) -> dict:
-    os.environ["HEXGEN_FUSED"] = "1" if fused_on else "0"
-    os.environ["HEXGEN_GEMV"] = gemv
-    choice = tune_gemv(r.linears)
-    r.graphs = _fresh_graphs(r)
+    choice = _use_kernels(r, fused_on, gemv)
     head = r.model.lm_head is not None
     ids = torch.tensor([5], device=r.device)
 
@@ -238,9 +247,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         if args.gemv_bench:
             res["gemv"] = _gemv(dev, 1, True) + _gemv(dev, 2, True)[:4]
         if args.loop:
-            os.environ["HEXGEN_FUSED"], os.environ["HEXGEN_GEMV"] = "1", args.loop_gemv
-            tune_gemv(runner.linears)
-            runner.graphs = _fresh_graphs(runner)
+            _use_kernels(runner, True, args.loop_gemv)
             res["loop"] = _loop(runner, model, args.new_tokens)
     if rank == 0:
         text = json.dumps(res)

@@ -67,10 +67,9 @@ def test_layout_matches_hugging_face(request, fixture, hetero, part, engine_kw):
     check_against_hf(results, case.requests, case.hf, case.reference)
 
 
-def test_tiny_kv_cache_preempts_and_stays_token_identical(gqa, capfd, monkeypatch):
+def test_tiny_kv_cache_preempts_and_stays_token_identical(gqa, capfd):
     """12 blocks of 8 tokens hold at most two of the four sequences: the rest are preempted and recomputed."""
-    monkeypatch.setenv("HEXGEN_LOG_LEVEL", "INFO")  # the ranks inherit it
-    results = run(gqa, (2, 1), (3, 2), num_kv_blocks=12, block_size=8)
+    results = run(gqa, (2, 1), (3, 2), num_kv_blocks=12, block_size=8, log_level="INFO")
     err = capfd.readouterr().err
     assert "preempting request" in err, "the KV cache was not small enough to force a preemption"
     check_against_hf(results, gqa.requests, gqa.hf, gqa.reference)

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from hexgen.cli.engine_flags import add_engine_flags, engine_fields, env_log_level
 from hexgen.config import EngineConfig, Layout, check_devices, preset, PRESETS
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
@@ -24,6 +25,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    metavar="LAYERS", help="layers of each stage, e.g. 20 10 (default: in proportion to TP)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_engine_flags(p)
 
 
 def resolve_model(args: argparse.Namespace) -> ModelSpec:
@@ -43,7 +45,7 @@ def resolve_engine(args: argparse.Namespace, layout: Layout, **extra) -> EngineC
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_devices(layout, device, torch.cuda.device_count() if device == "cuda" else 0)
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    return EngineConfig(dtype=dtype, device=device, **extra)
+    return EngineConfig(dtype=dtype, device=device, log_level=env_log_level(), **engine_fields(args), **extra)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -188,6 +188,7 @@ class FirstLeader:
                                    self.max_in_flight)
         self.run_ahead = runs_ahead(engine, groups)
         self.tp_ranks = groups.tp.size
+        self.profile_loop = engine.profile_loop
 
     def _launch(self, plan: StepPlan) -> StepResult | None:
         data = plan.encode()
@@ -257,7 +258,7 @@ class FirstLeader:
         log.info("scheduler: %s; loop %s", self.scheduler.stats.line(), clock.line())
 
     def run(self) -> None:
-        path = os.environ.get("HEXGEN_PROFILE_LOOP")  # a file: where this loop's host profile goes (cProfile)
+        path = self.profile_loop  # a file: where this loop's host profile goes (cProfile)
         if not path:
             self._run()
             return
@@ -349,14 +350,14 @@ def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
     """Run one rank of a pipeline until stage 0's source is exhausted and all work is done; then hand
     ``report`` (when given) this rank's peak memory and KV capacity."""
     stage = spec.layout.stage_of_rank(spec.rank)
-    setup_logging(spec.rank, stage.index)
+    setup_logging(spec.rank, stage.index, spec.engine.log_level)
     if spec.engine.device == "cuda":
         device = torch.device("cuda", spec.device_index if spec.device_index is not None else spec.rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.layout.world_size))
-    with limited_device(spec.rank, device):
+    with limited_device(spec.engine.device_limit(spec.rank), device):
         _run_rank(spec, stage, device, source_factory, sink_factory, report)
 
 

@@ -7,7 +7,6 @@ on gloo CPU groups so it never forces a device synchronisation.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -177,9 +176,9 @@ class PipelineGroups:
     def enable_fast_all_reduce(self, max_elems: int, dtype: torch.dtype) -> bool:
         """Route this stage's TP all-reduces of up to ``max_elems`` elements through the symmetric-memory
         one-shot kernel (checked against NCCL first); NCCL stays for larger ones. Collective over the TP
-        group. False (NCCL only) without CUDA, for TP 1, for fp16, or with HEXGEN_ALLREDUCE=nccl."""
-        off = os.environ.get("HEXGEN_ALLREDUCE", "symm") == "nccl"
-        if self.tp.size == 1 or self.device.type != "cuda" or dtype not in SYMM_DTYPES or off:
+        group. False (NCCL only) without CUDA, for TP 1 or for fp16 (``KernelConfig.all_reduce`` nccl: the
+        runner does not call this)."""
+        if self.tp.size == 1 or self.device.type != "cuda" or dtype not in SYMM_DTYPES:
             return False
         try:
             fast = OneShotAllReduce(self.tp.group, max_elems, dtype, self.device)
