@@ -176,7 +176,7 @@ def _copy_bw(dev: torch.device) -> float:
 
 def _loop(r: StageRunner, model: ModelSpec, new_tokens: int) -> dict:
     """The FirstLeader loop on one request (prompt 128) with host timers on each phase."""
-    from hexgen.engine import pipeline, scheduler
+    from hexgen.engine import last_stage, leader, scheduler
     from hexgen.engine.offline import ListSource
     from hexgen.engine.output import OutputProcessor
     from hexgen.engine.types import Request, SamplingParams
@@ -209,18 +209,19 @@ def _loop(r: StageRunner, model: ModelSpec, new_tokens: int) -> dict:
     timed(StepPlan, "encode", "plan.encode")
     timed(StageRunner, "forward", "runner.forward (enqueue)")
     timed(StageRunner, "logits", "runner.logits")
-    timed(pipeline, "sample", "sample (argmax, no sync)")
-    timed(pipeline.LastStage, "finish_step", "finish_step (incl. .tolist sync; synchronous loop)")
-    timed(pipeline.LastStage, "complete", "complete (waits for the step's ids)")
-    timed(pipeline.FirstLeader, "_input_ids", "_input_ids (asynchronous loop)")
+    timed(last_stage, "sample", "sample (argmax, no sync)")
+    timed(last_stage.LastStage, "finish_step", "finish_step (incl. .tolist sync; synchronous loop)")
+    timed(last_stage.LastStage, "complete", "complete (waits for the step's ids)")
+    timed(leader, "input_ids", "input_ids (asynchronous loop)")
     timed(OutputProcessor, "step", "output.step")
-    timed(pipeline.FirstLeader, "_launch", "_launch (all of a step's work; synchronous loop)")
+    timed(leader.PipelinedSteps, "launch", "launch (all of a step's work; synchronous loop)")
+    timed(leader.AheadSteps, "launch", "launch (enqueue a step; asynchronous loop)")
     sink = Sink()
-    last = pipeline.LastStage(r, model, sink, False)
+    last = last_stage.LastStage(r, model, sink, False)
     req = Request("0", [7] * 128, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    leader = pipeline.FirstLeader(r.groups, r, r.engine, ListSource([req.to_dict()]), last)
+    first = leader.FirstLeader(r.groups, r, r.engine, ListSource([req.to_dict()]), last)
     timed(sink, "emit", "sink.emit")
-    leader.run()
+    first.run()
     skip = 32  # prefill and the first decode steps (graph capture)
     gaps = [b - a for a, b in zip(sink.stamps[skip:], sink.stamps[skip + 1:])]
     return {"step_wall_ms": round(1e3 * statistics.median(gaps), 3),

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from hexgen.config import EngineConfig, Layout, preset
+from hexgen.config import EngineConfig, KernelConfig, Layout, preset
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams

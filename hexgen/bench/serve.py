@@ -129,7 +129,7 @@ def serve_tokenizer_dir(setup: BenchSetup, opts: ServeOptions) -> str | None:
 
 def serve_tokenizer(setup: BenchSetup, opts: ServeOptions):
     """The tokenizer the head will use: ``opts.tokenizer``, else the model directory's; ConfigError if none."""
-    from hexgen.engine.pipeline import load_tokenizer
+    from hexgen.engine.last_stage import load_tokenizer
     from hexgen.engine.runner import ModelSpec
 
     path = serve_tokenizer_dir(setup, opts)

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _encode(model: ModelSpec, prompts: list[str], chat: bool, vocab: int) -> list[list[int]]:
-    from hexgen.engine.pipeline import load_tokenizer
+    from hexgen.engine.last_stage import load_tokenizer
     tok = load_tokenizer(model)
     if tok is None:  # random-weight presets: a deterministic id per prompt byte
         return [[3 + b % (vocab - 3) for b in p.encode()] for p in prompts]

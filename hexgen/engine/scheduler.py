@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hexgen.engine.kv_cache import BlockManager
-from hexgen.engine.plan import StepPlan, StepResult
+from hexgen.engine.plan import Abort, NewSequence, StepPlan, StepResult
 from hexgen.engine.types import Request
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.by_request: dict[str, Sequence] = {}
         self._next_id = 0
-        self._notices: list[dict] = []  # aborted sequences the last stage must report
+        self._notices: list[Abort] = []  # aborted sequences the last stage must report
         self.ahead_tokens = 0  # decode tokens scheduled before their input was sampled (asynchronous steps)
         self.stats = StepStats()
 
@@ -120,8 +120,7 @@ class Scheduler:
         seq = Sequence(self._next_id, req, tokens, len(req.prompt_ids))
         self._next_id += 1
         if room < 1 or remaining < 1 or not tokens:
-            self._notices.append({"seq_id": seq.seq_id, "request_id": req.request_id, "reason": "length",
-                                  "request": req.to_dict()})
+            self._notices.append(Abort(seq.seq_id, req.request_id, "length", req))
             return
         if remaining > room:  # cap the completion so prompt + completion fit the context and the cache
             cap = len(req.output_ids) + room
@@ -141,8 +140,8 @@ class Scheduler:
 
     def _abort(self, seq: Sequence, reason: str) -> None:
         self._remove(seq)
-        self._notices.append({"seq_id": seq.seq_id, "request_id": seq.request.request_id, "reason": reason,
-                              "request": None if seq.announced else seq.request.to_dict()})
+        self._notices.append(Abort(seq.seq_id, seq.request.request_id, reason,
+                                   None if seq.announced else seq.request))
 
     def _remove(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -187,7 +186,7 @@ class Scheduler:
         plan.sample.append(start + chunk == len(seq.tokens))
         plan.out_lens.append(seq.num_output)
         if not seq.announced:
-            plan.new_requests.append({"seq_id": seq.seq_id, "request": seq.request.to_dict()})
+            plan.new_requests.append(NewSequence(seq.seq_id, seq.request))
             seq.announced = True
         seq.in_flight = chunk
 
@@ -276,7 +275,7 @@ class Scheduler:
             if seq is not None:
                 seq.num_computed += chunk
                 seq.in_flight -= chunk
-        released = [n["request_id"] for n in plan.cancelled]
+        released = [n.request_id for n in plan.cancelled]
         for sid, token, finished in zip(result.seq_ids, result.tokens, result.finished):
             seq = by_id.get(sid)
             if seq is None:

@@ -139,71 +139,94 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
 
     tok_seq = np.repeat(np.arange(n_seq), ql)  # [tokens]
     tok_pos = np.arange(n_tok) - q_starts[tok_seq] + (cl - ql)[tok_seq]
-    parts = [slots_of(tok_seq, tok_pos), np.asarray(positions, dtype=np.int64)]
+    packed = _Packed()
+    packed.add("slot_mapping", slots_of(tok_seq, tok_pos))
+    packed.add("positions", np.asarray(positions, dtype=np.int64))
 
     dec = np.flatnonzero(ql == 1)
     all_decode = len(dec) == n_seq
     if len(dec) and not all_decode:
-        parts.append(q_starts[dec])
+        packed.add("decode_rows", q_starts[dec])
     dec_ctx = cl[dec]
     groups = None
     if len(dec) and kernel:
-        parts += [tables_of(dec), dec_ctx]
+        packed.add("decode_tables", tables_of(dec))
+        packed.add("decode_ctx", dec_ctx)
     elif len(dec):
         width = int(dec_ctx.max())  # tokens
         j = np.arange(width)
         ok = j[None, :] < dec_ctx[:, None]
         seq = np.broadcast_to(dec[:, None], ok.shape)
-        parts += [np.where(ok, slots_of(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1), dec_ctx]
+        packed.add("decode_slots", np.where(ok, slots_of(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1))
+        packed.add("decode_ctx", dec_ctx)
         groups = decode_groups(dec_ctx) if group_rows else None
         if groups is not None:
-            parts.append(np.concatenate(groups))
+            packed.add("group_rows", np.concatenate(groups))
 
     pre = np.flatnonzero(ql != 1)
     chunked = pre[ql[pre] < cl[pre]] if not prefill_kernel else pre[:0]  # continuing a cached context
     if len(pre) and prefill_kernel:
         n_tiles = -(-ql[pre] // paged_decode.PREFILL_BLOCK_M)
         tile_seq = np.repeat(np.arange(len(pre)), n_tiles)
-        tile_m = np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles)
-        parts += [tables_of(pre), q_starts[pre], ql[pre], cl[pre], tile_seq, tile_m]
+        packed.add("tables", tables_of(pre))
+        packed.add("q_starts", q_starts[pre])
+        packed.add("q_lens", ql[pre])
+        packed.add("ctx_lens", cl[pre])
+        packed.add("tile_seq", tile_seq)
+        packed.add("tile_m", np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles))
     if len(chunked):
         lens = cl[chunked]
         seq = np.repeat(chunked, lens)
-        parts.append(slots_of(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens)))
+        packed.add("ctx_slots", slots_of(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens)))
 
-    # Each part starts on a 16-byte boundary (an even number of int64 before it): the Triton kernels then
-    # always see aligned pointers, and compile one variant instead of one per alignment pattern.
-    sizes = [len(p) for p in parts]
-    padded = [n + (n & 1) for n in sizes]
-    flat_parts = np.zeros(sum(padded), dtype=np.int64)
-    start = 0
-    for p, m in zip(parts, padded):
-        flat_parts[start:start + len(p)] = p
-        start += m
-    buf = upload(flat_parts, torch.long, device)
-    views = iter(v[:n] for v, n in zip(buf.split(padded), sizes))
-    meta = AttnMeta(next(views), next(views), block_size=bs)
+    v = packed.upload(device)
+    meta = AttnMeta(v["slot_mapping"], v["positions"], block_size=bs)
     if len(dec):
-        meta.decode_rows = None if all_decode else next(views)
-        table_or_slots, ctx = next(views).view(len(dec), -1), next(views)
+        meta.decode_rows = v.get("decode_rows")  # None: every token is a decode row
+        ctx = v["decode_ctx"]
         if kernel:
-            meta.decode_tables, meta.decode_ctx = table_or_slots, ctx
+            meta.decode_tables, meta.decode_ctx = v["decode_tables"].view(len(dec), -1), ctx
         else:
-            width = table_or_slots.shape[1]
-            meta.decode_slots = table_or_slots
+            meta.decode_slots = v["decode_slots"].view(len(dec), -1)
+            width = meta.decode_slots.shape[1]
             meta.decode_mask = (torch.arange(width, device=device)[None, :] < ctx[:, None])[:, None, None, :]
             if groups is not None:
-                rows = next(views).split([len(g) for g in groups])
+                rows = v["group_rows"].split([len(g) for g in groups])
                 meta.decode_groups = [(r, int(dec_ctx[g].max())) for r, g in zip(rows, groups)]
     if len(pre) and prefill_kernel:
-        tables = next(views).view(len(pre), -1)
-        meta.prefill_batch = PrefillBatch(tables, *(next(views) for _ in range(5)))
+        meta.prefill_batch = PrefillBatch(v["tables"].view(len(pre), -1), v["q_starts"], v["q_lens"],
+                                          v["ctx_lens"], v["tile_seq"], v["tile_m"])
         return meta
-    ctx_slots = iter(next(views).split(cl[chunked].tolist())) if len(chunked) else iter(())
+    ctx_slots = iter(v["ctx_slots"].split(cl[chunked].tolist())) if len(chunked) else iter(())
     for s in pre.tolist():
         slots = next(ctx_slots) if ql[s] < cl[s] else None
         meta.prefills.append(PrefillSeq(int(q_starts[s]), int(ql[s]), int(cl[s]), slots))
     return meta
+
+
+class _Packed:
+    """Named int64 index arrays of one step, uploaded to the device in one copy. Each array starts on a
+    16-byte boundary (an even number of int64 before it): the Triton kernels then always see aligned
+    pointers, and compile one variant instead of one per alignment pattern."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        if name in self.arrays:
+            raise ValueError(f"build_meta: index array {name!r} added twice")
+        self.arrays[name] = values
+
+    def upload(self, device: torch.device) -> dict[str, torch.Tensor]:
+        sizes = [len(a) for a in self.arrays.values()]
+        padded = [n + (n & 1) for n in sizes]
+        flat = np.zeros(sum(padded), dtype=np.int64)
+        start = 0
+        for a, m in zip(self.arrays.values(), padded):
+            flat[start:start + len(a)] = a
+            start += m
+        buf = upload(flat, torch.long, device)
+        return {name: view[:n] for name, view, n in zip(self.arrays, buf.split(padded), sizes)}
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
