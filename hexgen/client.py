@@ -25,11 +25,21 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from hexgen.errors import HexGenError
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import (DoneEvent, ErrorEvent, InternalError, InvalidRequest, NotFound,
-                                     Overloaded, TokenEvent, cancel_fields, parse_event, request_fields)
-from hexgen.serving.protocol import RequestError as HexGenRequestError
-from hexgen.serving.settings import RedisSettings, async_redis
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import (
+    DoneEvent,
+    ErrorEvent,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    TokenEvent,
+    cancel_fields,
+    parse_event,
+    request_fields,
+)
+from hexgen.wire.protocol import RequestError as HexGenRequestError
+from hexgen.wire.settings import RedisSettings, async_redis
 
 __all__ = ["HexGenClient", "Result", "GenerationStream", "TokenEvent", "DoneEvent", "HexGenRequestError",
            "InvalidRequest", "Overloaded", "NotFound", "InternalError", "GenerationTimeout"]
@@ -143,7 +153,7 @@ class HexGenClient:
         """A request whose token deltas are read by iterating the returned stream.
 
         ``params``: max_new_tokens, temperature, top_k, top_p, seed, stop, model, ignore_eos (the server
-        validates them; see hexgen.serving.validation).
+        validates them; see hexgen.head.validation).
         """
         request_id = request_id or uuid.uuid4().hex
         params.setdefault("model", self.model)

@@ -13,8 +13,8 @@ import json
 
 import torch
 
-from hexgen.model.timing import replay_time
 from hexgen.model import attention, paged_decode
+from hexgen.model.timing import replay_time
 
 N_Q, N_KV, D, BS = 32, 32, 128, 16
 

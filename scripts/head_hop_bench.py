@@ -24,11 +24,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from hexgen.bench.stats import percentile  # noqa: E402
-from hexgen.serving import constants as C  # noqa: E402
-from hexgen.serving.demo import Deployment, start_redis  # noqa: E402
-from hexgen.serving.head import Head  # noqa: E402
-from hexgen.serving.protocol import encode_work_item  # noqa: E402
-from hexgen.serving.settings import LimitSettings, ModelSettings, RedisSettings, Settings, async_redis  # noqa: E402
+from hexgen.demo import Deployment, start_redis  # noqa: E402
+from hexgen.head.service import Head  # noqa: E402
+from hexgen.wire import keys as C  # noqa: E402
+from hexgen.wire.protocol import encode_work_item  # noqa: E402
+from hexgen.wire.settings import (  # noqa: E402
+    LimitSettings,
+    ModelSettings,
+    RedisSettings,
+    Settings,
+    async_redis,
+)
 
 
 def _prompts(tok, n: int, lo: int, hi: int, seed: int) -> list[str]:

@@ -10,7 +10,7 @@ DIR needs only a config.json: the weights are random. Prints:
    to pass 64 MiB, so the weights come from memory; the two orders alternate, medians of 5;
 2. one decode step of ``--batch`` rows with contexts drawn uniformly from ``--ctx`` (the whole stage forward
    and the logits, the weights laid out by ``cpu_layout.tune`` as the engine lays them), with the reference
-   path's decode groups on and off (HEXGEN_DECODE_GROUPS), alternating, medians of 5; then the operators
+   path's decode groups on and off (build_meta's group_rows), alternating, medians of 5; then the operators
    of one grouped step (torch.profiler).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python3 scripts/profile_decode.py --tp 1 [--ctx 256] [--loop]   # --loop: the engine's own step loop too
 
-Per setting (fused kernels off / on, cuBLAS or Triton GEMV; HEXGEN_FUSED, HEXGEN_GEMV): the captured
+Per setting (fused kernels off / on, cuBLAS or Triton GEMV; KernelConfig.fused, .gemv): the captured
 decode graph's replay time (CUDA events, back to back), the serial step (forward + logits + argmax +
 .item(), host clock), the host time to enqueue one step, and the kernels of one eager step
 (torch.profiler: count and µs per step, top kernels). TP 1 only: cuBLAS and Triton GEMV at batch 1 for
@@ -271,7 +271,7 @@ def main() -> None:
     ap.add_argument("--loop-gemv", default="triton", choices=["cublas", "triton", "auto"])
     ap.add_argument("--gemv-bench", action="store_true", help="time cuBLAS and Triton GEMV configurations")
     args = ap.parse_args()
-    from hexgen.engine.launcher import free_port
+    from hexgen.procs import free_port
 
     port = free_port()
     if args.tp == 1:

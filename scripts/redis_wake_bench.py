@@ -30,7 +30,7 @@ import redis
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hexgen.serving.demo import Deployment, start_redis  # noqa: E402
+from hexgen.demo import Deployment, start_redis  # noqa: E402
 
 MODES = ("raw", "sync", "unix", "asyncio", "uvloop", "spin", "pipe")
 SOCK = "redis.sock"  # in the bench's temporary folder (--dir); the ``unix`` mode's writer and reader use it

@@ -3,7 +3,7 @@
 
 Runs the ``hexgen bench serve`` workload (same flags, same requests, same arrival times) through a private
 redis-server, ``hexgen head`` and ``hexgen worker`` started with ``HEXGEN_TRACE_TIMING=1``
-(hexgen.serving.trace): the head, the stage-0 source and the sink stamp ``time.monotonic()`` into each request,
+(hexgen.wire.trace): the head, the stage-0 source and the sink stamp ``time.monotonic()`` into each request,
 the client stamps its XADD and the arrival of the first token. CLOCK_MONOTONIC is host-wide, so the stamps of
 the four processes compare. Prints the median / p90 / mean of every hop of the first token::
 
@@ -28,15 +28,21 @@ sys.path.insert(0, ROOT)
 
 from hexgen.bench.engine_bench import run_engine  # noqa: E402
 from hexgen.bench.modes import BenchSetup  # noqa: E402
-from hexgen.bench.serve import ServeOptions, build_items, run_redis_path, sleep_until  # noqa: E402
-from hexgen.bench.serve import serve_tokenizer, worker_engine_overrides  # noqa: E402
+from hexgen.bench.serve import (  # noqa: E402  # noqa: E402
+    ServeOptions,
+    build_items,
+    run_redis_path,
+    serve_tokenizer,
+    sleep_until,
+    worker_engine_overrides,
+)
 from hexgen.bench.stats import percentile, summarize  # noqa: E402
 from hexgen.bench.workload import mixed_shapes, poisson_offsets  # noqa: E402
 from hexgen.cli.bench import _parser  # noqa: E402
 from hexgen.cli.generate import resolve_engine, resolve_model  # noqa: E402
 from hexgen.config import Layout  # noqa: E402
-from hexgen.serving import constants as C  # noqa: E402
-from hexgen.serving import trace  # noqa: E402
+from hexgen.wire import keys as C  # noqa: E402
+from hexgen.wire import trace  # noqa: E402
 
 # (label, from stamp, to stamp); "arrival", "send" and "client" are the client's own stamps
 HOPS = (

@@ -21,11 +21,11 @@ sys.path.insert(0, ROOT)
 import redis  # noqa: E402
 
 from hexgen.engine.types import Request, SamplingParams  # noqa: E402
-from hexgen.serving import constants as C  # noqa: E402
-from hexgen.serving.protocol import encode_work_item  # noqa: E402
-from hexgen.serving.source import RedisSource  # noqa: E402
-from hexgen.serving.worker_io import IOConfig  # noqa: E402
+from hexgen.wire import keys as C  # noqa: E402
+from hexgen.wire.protocol import encode_work_item  # noqa: E402
 from tests.redis_server import RedisServer, redis_server_binary  # noqa: E402
+from workers.intake import RedisSource  # noqa: E402
+from workers.io_config import IOConfig  # noqa: E402
 
 
 def main() -> int:
@@ -40,7 +40,7 @@ def main() -> int:
     server = RedisServer(binary)
     url = server.start()
     r = redis.Redis.from_url(url)
-    src = RedisSource(IOConfig(url, "tiny", "p0"))
+    src = RedisSource(IOConfig(url, "tiny", "p0")).start()
     try:
         src.poll(64, 0.2)  # creates the group
         costs: list[float] = []

@@ -8,6 +8,8 @@ import subprocess
 import tempfile
 import time
 
+from hexgen.procs import free_port
+
 
 class RedisServerError(RuntimeError):
     """redis-server could not be started."""
@@ -17,12 +19,6 @@ def redis_server_binary() -> str | None:
     """Path of redis-server (REDIS_SERVER env overrides), or None when it is not installed."""
     return os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or (
         "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ping(port: int) -> bool:
@@ -52,7 +48,7 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="hexgen-redis-")
         last = ""
         for _ in range(attempts):
-            self.port = _free_port()
+            self.port = free_port()
             log = os.path.join(self.dir, f"redis-{self.port}.log")
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,

@@ -6,7 +6,6 @@ Everything runs as separate processes started through the real command line (``p
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from hexgen.serving import constants as C
+from hexgen.procs import Child, spawn
+from hexgen.wire import keys as C
 from tests.redis_server import RedisServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,18 +56,18 @@ class Deployment:
     log_dir: str
     server: RedisServer
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    children: dict[str, Child] = field(default_factory=dict)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=10)
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HEXGEN_LOG_LEVEL": "INFO", "TQDM_DISABLE": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "hexgen.cli", *args, "--config", self.config],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
-        self.procs[name] = proc
-        return proc
+        child = spawn(name, [sys.executable, "-m", "hexgen.cli", *args, "--config", self.config],
+                      os.path.join(self.log_dir, f"{name}.log"), env=env, cwd=REPO)
+        self.children[name] = child
+        self.procs[name] = child.proc
+        return child.proc
 
     def start_head(self) -> None:
         self.spawn("head", "head", "--log-level", "INFO")
@@ -109,20 +109,14 @@ class Deployment:
 
     def terminate(self, name: str, timeout_s: float = 60.0) -> int:
         """SIGTERM one process and wait for it; returns its exit code (killed: -9)."""
-        proc = self.procs[name]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return -9
+        return self.children[name].terminate(timeout_s)
 
     def stop(self) -> None:
         for name in [n for n in self.procs if n.startswith("worker")] + ["head"]:
             if name in self.procs:
                 self.terminate(name, 40.0)
+        for child in self.children.values():  # a rank orphaned by a killed worker is in its group
+            child.reap()
         self.server.stop()
 
 

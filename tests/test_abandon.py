@@ -1,5 +1,4 @@
 """A request whose results another pipeline took over stops at stage 0 (sink.lost() → StepResult.abandoned)."""
-import socket
 
 import torch
 import torch.distributed as dist
@@ -10,6 +9,7 @@ from hexgen.engine.pipeline import FirstLeader, LastStage
 from hexgen.engine.runner import ModelSpec, StageRunner
 from hexgen.engine.types import Request, SamplingParams, StepOutput
 from hexgen.parallel.groups import PipelineGroups
+from hexgen.procs import free_port
 
 
 class LosingSink:
@@ -34,17 +34,11 @@ class LosingSink:
         pass
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_abandoned_request_stops_and_others_finish():
     model = ModelSpec(preset="tiny", random_weights=True)
     layout = Layout.build(preset("tiny"), [1], None)
     engine = EngineConfig(cpu_kv_tokens=4096)
-    groups = PipelineGroups(layout, 0, f"tcp://127.0.0.1:{_port()}", torch.device("cpu"))
+    groups = PipelineGroups(layout, 0, f"tcp://127.0.0.1:{free_port()}", torch.device("cpu"))
     try:
         runner = StageRunner(model, engine, groups)
         sink = LosingSink("victim", after=3)

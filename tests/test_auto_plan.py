@@ -11,9 +11,10 @@ import time
 import pytest
 import redis
 
-from hexgen.serving import constants as C
-from hexgen.serving.agent_protocol import Assignment, PlanRecord
-from hexgen.serving.protocol import DoneEvent, ErrorEvent, parse_event, request_fields
+from hexgen.procs import Child, spawn, stop_in_order
+from hexgen.wire import keys as C
+from hexgen.wire.placement import Assignment, PlanRecord
+from hexgen.wire.protocol import DoneEvent, ErrorEvent, parse_event, request_fields
 from tests.serving_harness import REPO, make_tiny_model, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -24,37 +25,22 @@ class Procs:
 
     def __init__(self, config: str, log_dir: str) -> None:
         self.config, self.log_dir = config, log_dir
+        self.children: dict[str, Child] = {}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        with open(os.path.join(self.log_dir, f"{name}.log"), "ab") as log:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "HEXGEN_LOG_LEVEL": "INFO", "TQDM_DISABLE": "1"}
-            proc = subprocess.Popen([sys.executable, "-m", "hexgen.cli", *args, "--config", self.config,
-                                     "--log-level", "INFO"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
-        self.procs[name] = proc
-        return proc
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HEXGEN_LOG_LEVEL": "INFO", "TQDM_DISABLE": "1"}
+        child = spawn(name, [sys.executable, "-m", "hexgen.cli", *args, "--config", self.config, "--log-level",
+                             "INFO"], os.path.join(self.log_dir, f"{name}.log"), env=env, cwd=REPO)
+        self.children[name] = child
+        self.procs[name] = child.proc
+        return child.proc
 
     def logs(self) -> str:
-        out = []
-        for name in self.procs:
-            with open(os.path.join(self.log_dir, f"{name}.log"), encoding="utf-8", errors="replace") as f:
-                out.append(f"--- {name}\n{f.read()[-3000:]}")
-        return "\n".join(out)
+        return "\n".join(f"--- {name}\n{c.tail(60)}" for name, c in self.children.items())
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 40
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs.values():
-            group_alive(proc.pid) and os.killpg(proc.pid, signal.SIGKILL)
-            proc.poll() is None and proc.wait()
+        stop_in_order([list(self.children.values())], 40.0)
 
 
 def group_alive(pgid: int) -> bool:

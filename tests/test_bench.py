@@ -247,8 +247,8 @@ def test_serve_carries_cuda_graphs_and_a_preset_to_the_workers(tmp_path):
     """Workers take --cuda-graphs; a preset's deployment config names the preset and the head's tokenizer."""
     from hexgen.bench.serve import ServeOptions, serve_tokenizer, worker_engine_overrides
     from hexgen.cli.worker import build_parser, engine_overrides
-    from hexgen.serving.demo import DemoOptions, write_config
-    from hexgen.serving.settings import load_settings
+    from hexgen.demo import DemoOptions, write_config
+    from hexgen.wire.settings import load_settings
     from tests.tiny_tokenizer import save_tiny_tokenizer
 
     setup = tiny_setup()

@@ -9,10 +9,10 @@ from redis.exceptions import ResponseError
 
 from hexgen.client import (GenerationTimeout, HexGenClient, HexGenRequestError, InternalError, InvalidRequest,
                            NotFound, Overloaded, Result, TokenEvent)
-from hexgen.serving import constants as C
-from hexgen.serving.head import run_head
-from hexgen.serving.protocol import decode_work_item, done_event, error_event, parse_cancel, token_event
-from hexgen.serving.settings import LimitSettings, ModelSettings, RedisSettings, Settings, async_redis
+from hexgen.wire import keys as C
+from hexgen.head.service import run_head
+from hexgen.wire.protocol import decode_work_item, done_event, error_event, parse_cancel, token_event
+from hexgen.wire.settings import LimitSettings, ModelSettings, RedisSettings, Settings, async_redis
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from hexgen.config import Layout, ModelConfig
-from hexgen.serving import demo
-from hexgen.serving.settings import load_settings
+from hexgen import demo
+from hexgen.wire.settings import load_settings
 
 pytestmark = pytest.mark.timeout(60)
 SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from hexgen.client import HexGenClient
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import DoneEvent, TokenEvent, decode_work_item, parse_event
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import DoneEvent, TokenEvent, decode_work_item, parse_event
 from tests.serving_harness import PipelineSpec, start_deployment
 from tests.test_serving_integration import offline_reference
 

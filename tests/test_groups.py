@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hexgen.config import Layout, preset
-from hexgen.engine.launcher import free_port
+from hexgen.procs import free_port
 from hexgen.parallel.groups import PipelineGroups
 
 SIZES = [0, 10, 4088, 4089, 10000]  # around the one-message limit (4096 bytes with an 8-byte length)

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from hexgen.serving import constants as C
-from hexgen.serving.head import Head, run_head
-from hexgen.serving.protocol import ErrorEvent, TokenEvent, decode_work_item, parse_event, token_event
-from hexgen.serving.settings import LimitSettings, ModelSettings, RedisSettings, Settings, async_redis
+from hexgen.wire import keys as C
+from hexgen.head.service import Head, run_head
+from hexgen.wire.protocol import ErrorEvent, TokenEvent, decode_work_item, parse_event, token_event
+from hexgen.wire.settings import LimitSettings, ModelSettings, RedisSettings, Settings, async_redis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -266,7 +266,7 @@ async def test_health_watch_logs_dead_workers(make_head, fake, caplog):
     [p] = report.pipelines
     assert (p.id, p.state, p.workers, p.alive_workers) == ("p0", "ready", 2, 2)
     await fake.delete(C.heartbeat_key("w1"))
-    with caplog.at_level(logging.WARNING, logger="hexgen.serving.head"):
+    with caplog.at_level(logging.WARNING, logger="hexgen.head.service"):
         report = await head.check_health()
     assert [w.alive for w in report.workers] == [True, False]
     assert "worker w1 (pipeline p0 stage 1 rank 0 on h1 cuda:0) is dead" in caplog.text
@@ -328,7 +328,7 @@ def test_bin_head_subprocess(redis_server, tiny_tokenizer_dir):
 # ---- latency: what the head does per entry -------------------------------------------------------------------
 
 async def test_short_prompt_is_tokenized_on_the_loop_long_one_in_a_thread(make_head, fake, monkeypatch):
-    from hexgen.serving import head as head_mod
+    from hexgen.head import service as head_mod
 
     threaded = []
     real = asyncio.to_thread
@@ -371,7 +371,7 @@ async def test_dedupe_and_depth_on_real_redis(redis_server, tiny_tokenizer):
 
 
 async def test_trace_stamps_ride_in_the_work_item_only_when_tracing_is_on(make_head, fake, monkeypatch):
-    from hexgen.serving import trace
+    from hexgen.wire import trace
 
     head = await make_head()
     await submit(fake, prompt="hi", id="plain")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hexgen.cli.engine_flags import add_engine_flags, engine_fields
+from hexgen.cli.flags import add_engine_flags, engine_fields
 from hexgen.config import EngineConfig, KernelConfig, Layout, preset
 from hexgen.errors import ConfigError
 from hexgen.model import attention, fused
@@ -156,3 +156,22 @@ def test_runner_resolves_once_and_hands_the_choice_down(monkeypatch):
         groups.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_no_environment_switches_below_the_cli_and_settings():
+    """``os.environ`` is read only by the CLIs, settings loading, the model cache's folder, the demo (the
+    environment of its children) and, for Triton's own ``TRITON_INTERPRET``, where the kernels launch."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    allowed = {"hexgen/wire/settings.py", "hexgen/model/fetch.py", "hexgen/demo.py"}
+    found = []
+    for path in [*root.glob("hexgen/**/*.py"), *root.glob("workers/**/*.py")]:
+        rel = str(path.relative_to(root))
+        if rel.startswith("hexgen/cli/") or rel in allowed:
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if ("os.environ" in line or "getenv" in line) and "TRITON_INTERPRET" not in line:
+                found.append(f"{rel}:{n}: {line.strip()}")
+    assert found == []
+    assert "os.environ" in (root / "hexgen/wire/settings.py").read_text(encoding="utf-8")  # the scan sees reads

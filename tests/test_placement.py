@@ -6,16 +6,37 @@ import fakeredis
 import pytest
 
 from hexgen.errors import ConfigError
+from hexgen.head.placement import (
+    PlacementLoop,
+    format_placement,
+    live_agents,
+    placement_status,
+    publish_plan,
+    read_plan,
+)
 from hexgen.planner.cluster import Gpu
 from hexgen.planner.devices import GiB, device_spec
-from hexgen.planner.placement import (PlacementLoop, PlacementOptions, agents_by_model, assign, cluster_from_agents,
-                                      gpu_type_name, model_config, plan_summary)
+from hexgen.planner.placement import (
+    PlacementOptions,
+    Placer,
+    assign,
+    cluster_from_agents,
+    gpu_type_name,
+    model_config,
+)
 from hexgen.planner.plans import Plan, PlannerError, ReplicaPlan, StagePlan
-from hexgen.serving import constants as C
-from hexgen.serving.agent_protocol import AgentRecord, Assignment, PlanRecord, Role
-from hexgen.serving.agents import AgentRegistry, live_agents, publish_plan, read_plan
-from hexgen.serving.protocol import ProtocolError
-from hexgen.serving.settings import LimitSettings, ModelSettings, Settings
+from hexgen.wire import keys as C
+from hexgen.wire.placement import (
+    AgentRecord,
+    Assignment,
+    PlanRecord,
+    Role,
+    agents_by_model,
+    plan_summary,
+)
+from hexgen.wire.protocol import ProtocolError
+from hexgen.wire.settings import LimitSettings, ModelSettings, Settings
+from workers.agent_registry import AgentRegistry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,9 +156,9 @@ def test_options_and_model():
 def test_plan_batches_stay_within_the_agents_max_num_seqs():
     """The head plans for the batch the agents' workers will run (--plan-max-num-seqs), not the planner's 256."""
     agents = [agent("a"), agent("b")]
-    small = PlacementLoop(settings(), PlacementOptions(max_num_seqs=3), redis=None, consumer="h")._plan(agents)
+    small = Placer(settings(), PlacementOptions(max_num_seqs=3)).plan(agents)
     assert small.replicas and all(1 <= r.max_batch <= 3 for r in small.replicas)
-    wide = PlacementLoop(settings(), PlacementOptions(max_num_seqs=200), redis=None, consumer="h")._plan(agents)
+    wide = Placer(settings(), PlacementOptions(max_num_seqs=200)).plan(agents)
     assert max(r.max_batch for r in wide.replicas) > 3
 
 
@@ -159,8 +180,7 @@ async def last_assignment(r, aid: str) -> Assignment:
 
 
 async def test_loop_waits_for_settle_then_plans_and_replans_on_leave(fake):
-    loop = PlacementLoop(settings(), PlacementOptions(settle_s=1.0), redis=fake, consumer="head-1",
-                         planner=one_replica_each)
+    loop = PlacementLoop(settings(), Placer(settings(), PlacementOptions(settle_s=1.0), planner=one_replica_each), redis=fake, consumer="head-1")
     assert await loop.step(now=0.0) is None  # no agents, no plan
     await put_agent(fake, agent("a"))
     await put_agent(fake, agent("b"))
@@ -182,8 +202,7 @@ async def test_loop_waits_for_settle_then_plans_and_replans_on_leave(fake):
 
 
 async def test_loop_replans_when_an_agent_restarts(fake):
-    loop = PlacementLoop(settings(), PlacementOptions(settle_s=0.5), redis=fake, consumer="h",
-                         planner=one_replica_each)
+    loop = PlacementLoop(settings(), Placer(settings(), PlacementOptions(settle_s=0.5), planner=one_replica_each), redis=fake, consumer="h")
     await put_agent(fake, agent("a"))
     await loop.step(now=0.0)
     assert (await loop.step(now=1.0)).generation == 1
@@ -201,7 +220,7 @@ async def test_loop_logs_and_keeps_serving_when_nothing_fits(fake, caplog):
         calls.append(cluster)
         raise PlannerError("no layout fits: the model needs 13 GiB, the cluster has 1")
 
-    loop = PlacementLoop(settings(), PlacementOptions(settle_s=0.5), redis=fake, consumer="h", planner=failing)
+    loop = PlacementLoop(settings(), Placer(settings(), PlacementOptions(settle_s=0.5), planner=failing), redis=fake, consumer="h")
     await put_agent(fake, agent("a"))
     await loop.step(now=0.0)
     assert await loop.step(now=1.0) is None
@@ -212,8 +231,8 @@ async def test_loop_logs_and_keeps_serving_when_nothing_fits(fake, caplog):
 
 async def test_only_the_leader_plans(fake):
     opts = PlacementOptions(settle_s=0.5)
-    one = PlacementLoop(settings(), opts, redis=fake, consumer="h1", planner=one_replica_each)
-    two = PlacementLoop(settings(), opts, redis=fake, consumer="h2", planner=one_replica_each)
+    one = PlacementLoop(settings(), Placer(settings(), opts, planner=one_replica_each), redis=fake, consumer="h1")
+    two = PlacementLoop(settings(), Placer(settings(), opts, planner=one_replica_each), redis=fake, consumer="h2")
     await put_agent(fake, agent("a"))
     assert await one.lead() and not await two.lead()
     assert await one.lead()  # renewed
@@ -225,8 +244,7 @@ async def test_only_the_leader_plans(fake):
 
 async def test_empty_agent_set_publishes_an_empty_plan(fake):
     await publish_plan(fake, PlanRecord(3, {"a": "x"}, {"auto-g3-r0": {"signature": "s"}}), [])
-    loop = PlacementLoop(settings(), PlacementOptions(settle_s=0.5), redis=fake, consumer="h",
-                         planner=one_replica_each)
+    loop = PlacementLoop(settings(), Placer(settings(), PlacementOptions(settle_s=0.5), planner=one_replica_each), redis=fake, consumer="h")
     await loop.step(now=0.0)
     rec = await loop.step(now=1.0)
     assert rec.generation == 4 and rec.pipelines == {} and rec.agents == {}
@@ -266,7 +284,6 @@ def test_role_options_and_cpu_devices():
 
 
 async def test_placement_status_shows_agents_assignments_and_plan(fake):
-    from hexgen.serving.agents import format_placement, placement_status
 
     assert format_placement(await placement_status(fake)) == ""
     await put_agent(fake, agent("a"))

@@ -12,7 +12,7 @@ from hexgen.planner.cluster import cluster_from_dict
 from hexgen.planner.costmodel import CostModel
 from hexgen.planner.report import plan_table, plan_to_dict, plan_to_toml
 from hexgen.planner.search import Slo, Workload, best_symmetric, plan_cluster
-from hexgen.serving.settings import load_settings
+from hexgen.wire.settings import load_settings
 
 CLUSTER = {
     "network": {"bandwidth_gbps": 9, "latency_us": 50},

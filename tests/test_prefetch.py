@@ -1,4 +1,4 @@
-"""The stage-0 work prefetcher (hexgen/serving/prefetch.py): delivery, its bound, claims, drain and close on
+"""The stage-0 work prefetcher (workers/intake.py): delivery, its bound, claims, drain and close on
 fakeredis; wake-up, close and a dying worker's prefetched entries on a real redis-server."""
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ import redis
 
 from hexgen.client import HexGenClient, InvalidRequest
 from hexgen.engine.types import Request, SamplingParams
-from hexgen.serving import constants as C
-from hexgen.serving import trace
-from hexgen.serving.prefetch import Prefetcher
-from hexgen.serving.protocol import ErrorEvent, decode_work_item, encode_work_item, parse_event, token_event
-from hexgen.serving.source import RedisSource
-from hexgen.serving.worker_io import IOConfig, as_text
+from hexgen.wire import keys as C
+from hexgen.wire import trace
+from hexgen.wire.protocol import (
+    ErrorEvent,
+    as_text,
+    decode_work_item,
+    encode_work_item,
+    parse_event,
+    token_event,
+)
+from workers.intake import Prefetcher, RedisSource
+from workers.io_config import IOConfig
 
 pytestmark = pytest.mark.timeout(60)
 WORK = C.work_stream("tiny")
@@ -84,7 +90,7 @@ def make_prefetcher(server):
     def make(pipeline_id: str = "p0", admit: Admitted | None = None, **kw) -> tuple[Prefetcher, Admitted]:
         admit = admit or Admitted()
         p = Prefetcher(fakeredis.FakeRedis(server=server), config(pipeline_id, **kw), admit,
-                       lambda: set(admit.owned))
+                       lambda: set(admit.owned)).start()
         made.append(p)
         return p, admit
 
@@ -99,7 +105,7 @@ def make_source(server):
 
     def make(pipeline_id: str = "p0", factory=None, **kw) -> RedisSource:
         src = RedisSource(config(pipeline_id, **kw),
-                          client_factory=factory or (lambda _t: fakeredis.FakeRedis(server=server)))
+                          client_factory=factory or (lambda _t: fakeredis.FakeRedis(server=server))).start()
         made.append(src)
         return src
 
@@ -261,7 +267,7 @@ def real(redis_server):
     def source(pipeline_id: str, **kw) -> RedisSource:
         cfg = IOConfig(redis_server, "tiny", pipeline_id, **{"lease_s": 1.0, "block_ms": 5000,
                                                              "control_block_ms": 1000, **kw})
-        src = RedisSource(cfg)
+        src = RedisSource(cfg).start()
         made.append(src)
         return src
 

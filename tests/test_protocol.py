@@ -1,12 +1,12 @@
-"""Codecs of hexgen.serving.protocol and names of hexgen.serving.constants."""
+"""Codecs of hexgen.wire.protocol and names of hexgen.wire.keys."""
 from __future__ import annotations
 
 import msgpack
 import pytest
 
 from hexgen.engine.types import Request, SamplingParams
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import (DoneEvent, ErrorEvent, InternalError, InvalidRequest, NotFound,
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import (DoneEvent, ErrorEvent, InternalError, InvalidRequest, NotFound,
                                      Overloaded, PipelineRecord, ProtocolError, RequestError, TokenEvent,
                                      WorkerRecord, cancel_fields, decode_work_item, done_event,
                                      encode_work_item, error_event, parse_cancel, parse_event, request_error,

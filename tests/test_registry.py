@@ -7,8 +7,8 @@ import time
 import fakeredis
 import pytest
 
-from hexgen.serving import constants as C
-from hexgen.serving.registry import (STATE_DRAINING, STATE_FORMING, Heartbeat, Registry, RegistryError,
+from hexgen.wire import keys as C
+from workers.registry import (STATE_DRAINING, STATE_FORMING, Heartbeat, Registry, RegistryError,
                                      worker_id)
 
 pytestmark = pytest.mark.timeout(30)

@@ -31,7 +31,7 @@ def test_client_lateness_counts_from_the_scheduled_arrival():
 
 def test_group_depth_matches_queue_status_depth():
     """The head's one-MULTI depth (XLEN + XINFO GROUPS) counts what QueueStatus.depth counts."""
-    from hexgen.serving.status import QueueStatus, group_depth
+    from hexgen.head.status import QueueStatus, group_depth
 
     groups = [{"name": b"other", "pending": 9, "lag": 9}, {"name": b"pipelines", "pending": 2, "lag": 3}]
     assert group_depth(7, groups, "pipelines") == 5 == QueueStatus("s", "pipelines", 7, 2, 3).depth

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from hexgen.client import HexGenClient, InvalidRequest, Overloaded
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import DoneEvent, TokenEvent, parse_event
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import DoneEvent, TokenEvent, parse_event
 from tests.serving_harness import PipelineSpec, start_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -8,8 +8,8 @@ import fakeredis
 import pytest
 
 from hexgen.cli.status import main as status_main
-from hexgen.serving import constants as C
-from hexgen.serving.status import collect_status, format_status
+from hexgen.head.status import collect_status, format_status
+from hexgen.wire import keys as C
 
 
 async def seed(r):
@@ -52,7 +52,7 @@ async def test_collect_status():
 def test_cli_json_and_text_on_real_redis(redis_server, capsys):
     import asyncio
 
-    from hexgen.serving.settings import async_redis
+    from hexgen.wire.settings import async_redis
 
     async def go():
         r = async_redis(redis_server)
@@ -70,11 +70,9 @@ def test_cli_json_and_text_on_real_redis(redis_server, capsys):
 
 
 def test_cli_reports_unreachable_redis(capsys):
-    import socket
+    from hexgen.procs import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
+    port = free_port()  # nothing listens here once the probe socket is closed
     assert status_main(["--redis-url", f"redis://:pw@127.0.0.1:{port}/0"]) == 1
     err = capsys.readouterr().err
     assert "cannot reach Redis at redis://:***@127.0.0.1" in err and "pw" not in err.replace("***", "")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from hexgen.serving import constants as C
-from hexgen.serving.settings import async_redis
-from hexgen.serving.status import queue_status
-from hexgen.serving.submit import DUPLICATE, OVER_LIMIT, QUEUED, Submitted, Submitter
+from hexgen.wire import keys as C
+from hexgen.wire.settings import async_redis
+from hexgen.head.status import queue_status
+from hexgen.head.submit import DUPLICATE, OVER_LIMIT, QUEUED, Submitted, Submitter
 
 WORK = "hexgen:work:tiny"
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import InvalidRequest
-from hexgen.serving.validation import (FIELDS, RequestLimits, check_context, parse_request,
-                                       peek_request_id)
+from hexgen.head.validation import FIELDS, check_context, parse_request, peek_request_id
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import InvalidRequest
+from hexgen.wire.settings import RequestLimits
 
 EID = "1700000000000-0"
 

@@ -11,9 +11,22 @@ import pytest
 
 from hexgen.config import PRESETS, Layout
 from hexgen.errors import ConfigError
-from hexgen.serving.settings import (LimitSettings, ModelSettings, PipelineSettings, RedisSettings, Settings,
-                                     load_settings)
-from workers.worker import EXIT_CONFIG, Worker, WorkerOptions, build_plan, device_indices, pick_pipeline
+from hexgen.wire.settings import (
+    LimitSettings,
+    ModelSettings,
+    PipelineSettings,
+    RedisSettings,
+    Settings,
+    load_settings,
+)
+from workers.options import (
+    EXIT_CONFIG,
+    WorkerOptions,
+    build_plan,
+    device_indices,
+    pick_pipeline,
+)
+from workers.supervisor import Worker
 
 pytestmark = pytest.mark.timeout(60)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

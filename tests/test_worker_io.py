@@ -8,12 +8,18 @@ import fakeredis
 import pytest
 
 from hexgen.engine.types import Request, SamplingParams, StepOutput
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import (DoneEvent, ErrorEvent, TokenEvent, encode_work_item, parse_event,
-                                     token_event)
-from hexgen.serving.sink import RedisSink
-from hexgen.serving.source import RedisSource
-from hexgen.serving.worker_io import IOConfig, read_posted
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import (
+    DoneEvent,
+    ErrorEvent,
+    TokenEvent,
+    encode_work_item,
+    parse_event,
+    token_event,
+)
+from workers.intake import RedisSource, read_posted
+from workers.io_config import IOConfig
+from workers.sink import RedisSink
 
 pytestmark = pytest.mark.timeout(30)
 WORK = C.work_stream("tiny")
@@ -34,7 +40,7 @@ def make_source(server):
         kw.setdefault("block_ms", 100)
         kw.setdefault("control_block_ms", 50)
         cfg = IOConfig("redis://fake", "tiny", pipeline_id, **kw)
-        src = RedisSource(cfg, client_factory=lambda _t: fakeredis.FakeRedis(server=server))
+        src = RedisSource(cfg, client_factory=lambda _t: fakeredis.FakeRedis(server=server)).start()
         made.append(src)
         return src
 
@@ -49,7 +55,7 @@ def make_sink(server):
 
     def make(pipeline_id: str = "p0", **kw) -> RedisSink:
         cfg = IOConfig("redis://fake", "tiny", pipeline_id, **kw)
-        sink = RedisSink(cfg, client_factory=lambda _t: fakeredis.FakeRedis(server=server))
+        sink = RedisSink(cfg, client_factory=lambda _t: fakeredis.FakeRedis(server=server)).start()
         made.append(sink)
         return sink
 
@@ -333,7 +339,7 @@ def test_sink_appends_only_right_after_the_last_posted_position(make_sink, r, lu
 
 
 def test_trace_stamps_reach_the_trace_stream_only_when_tracing_is_on(make_source, make_sink, r, lua, monkeypatch):
-    from hexgen.serving import trace
+    from hexgen.wire import trace
 
     src = make_source()
     src.poll(1, 0)

@@ -3,11 +3,11 @@ and runs whatever stages it is assigned.
 
 1. Registers ``hexgen:agent:<id>`` (node, device type, count, memory per device, device indices, a fresh
    instance token) and heartbeats ``hexgen:agent-hb:<id>`` from a daemon thread
-   (:mod:`hexgen.serving.agents`).
+   (:mod:`workers.agent_registry`).
 2. A listener thread blocks with XREAD on ``hexgen:assign:<id>`` and hands every assignment addressed to this
    instance to the main thread.
 3. The main thread reconciles: each assigned role (one stage of one planned pipeline) runs as a child process
-   running the ordinary :class:`workers.worker.Worker` with a Settings whose only pipeline is the assigned one.
+   running the ordinary :class:`workers.supervisor.Worker` with a Settings whose only pipeline is the assigned one.
    Roles no longer assigned are drained first (SIGTERM to their child: the Worker sets the pipeline's drain
    flag, in-flight requests finish), then new roles start. Roles kept by a re-plan keep running. An agent
    left out of the plan idles.
@@ -32,10 +32,11 @@ from dataclasses import dataclass, field, replace
 from hexgen import __version__
 from hexgen.errors import ConfigError
 from hexgen.logutil import setup_logging
-from hexgen.serving import constants as C
-from hexgen.serving.agent_protocol import AgentRecord, Assignment, Role
-from hexgen.serving.agents import REDIS_ERRORS, AgentHeartbeat, AgentRegistry
-from hexgen.serving.settings import PipelineSettings, Settings, sync_redis
+from hexgen.wire import keys as C
+from hexgen.wire.connection import REDIS_ERRORS
+from hexgen.wire.placement import AgentRecord, Assignment, Role
+from hexgen.wire.settings import PipelineSettings, Settings, sync_redis
+from workers.agent_registry import AgentHeartbeat, AgentRegistry
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def detect_devices(settings: Settings, devices: tuple[int, ...], gpu_type: str |
 
 def role_options(opts: AgentOptions, role: Role):
     """WorkerOptions of one assigned role: the agent's settings with the role's pipeline as the only one."""
-    from workers.worker import WorkerOptions
+    from workers.options import WorkerOptions
 
     pipe = PipelineSettings(role.pipeline, role.hetero_config, role.pp_partition)
     settings = replace(opts.settings, pipelines=(pipe,))
@@ -123,7 +124,7 @@ def _watch_parent(parent: int) -> None:
 
 def role_main(wopts, parent: int) -> None:
     """Entry point of one role's child process: run the stage's Worker until it drains."""
-    from workers.worker import Worker
+    from workers.supervisor import Worker
 
     setup_logging("parent", wopts.stage, wopts.log_level)
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()

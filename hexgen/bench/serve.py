@@ -5,7 +5,7 @@ Both paths get the same requests (prompt texts tokenized exactly as the head tok
 gets the ids, or with ``--direct-input text`` the texts, tokenized on arrival in its loop) at the same arrival
 offsets (all at once, or a seeded Poisson process at ``rate``), one after the other in one run:
 first the engine through ``run_offline`` (stamps in the parent as outputs arrive), then a private
-deployment started the way ``hexgen demo`` starts one (hexgen.serving.demo: redis-server on a free port,
+deployment started the way ``hexgen demo`` starts one (hexgen.demo: redis-server on a free port,
 ``hexgen head``, one ``hexgen worker`` per stage, the same layout and engine settings), fed through
 :class:`hexgen.client.HexGenClient` with every token stamped on the client side. Each path has its own
 warm-up requests first. TTFT and TPOT count from each request's scheduled arrival.
@@ -29,7 +29,13 @@ from hexgen.bench.memory import memory_lines, memory_summary
 from hexgen.bench.modes import BenchSetup, device_info
 from hexgen.bench.stats import RequestTiming, percentile, summarize
 from hexgen.bench.sweep import check_range
-from hexgen.bench.workload import TimedSource, mixed_shapes, poisson_offsets, random_prompt
+from hexgen.bench.workload import (
+    TimedSource,
+    mixed_shapes,
+    poisson_offsets,
+    random_prompt,
+)
+from hexgen.config import KernelConfig
 from hexgen.engine.types import Request, SamplingParams
 from hexgen.errors import ConfigError
 
@@ -76,8 +82,8 @@ class _Item:
 
 def build_items(tokenizer, shapes, vocab: int, seed: int, offsets: list[float], prefix: str) -> list[_Item]:
     """Prompt texts (decoded random ids) and the ids the head makes of them, with their arrival offsets."""
-    from hexgen.serving.tokenizing import tokenize
-    from hexgen.serving.validation import ParsedRequest
+    from hexgen.head.tokenizing import tokenize
+    from hexgen.head.validation import ParsedRequest
 
     rng = random.Random(seed + 1)
     out = []
@@ -91,7 +97,7 @@ def build_items(tokenizer, shapes, vocab: int, seed: int, offsets: list[float], 
 
 class TokenizingSource(TimedSource):
     """The direct engine's source for ``--direct-input text``: each request arrives as its prompt text and is
-    tokenized on arrival with the head's :func:`~hexgen.serving.tokenizing.tokenize` and tokenizer, the way an
+    tokenized on arrival with the head's :func:`~hexgen.head.tokenizing.tokenize` and tokenizer, the way an
     offline text API would: in the engine's process, on its loop, so the tokenizing also delays the steps of
     the requests already running (the head tokenizes in its own process). The default, ``ids``, gives the
     direct engine the ids alone: the stricter baseline.
@@ -111,13 +117,13 @@ class TokenizingSource(TimedSource):
         super()._arrive()
         if len(self._pending) == before:
             return
-        from hexgen.serving.tokenizing import tokenize
-        from hexgen.serving.validation import ParsedRequest
+        from hexgen.head.tokenizing import tokenize
+        from hexgen.head.validation import ParsedRequest
 
         if self._tok is None:
-            from transformers import AutoTokenizer
+            from hexgen.model.tokenizer import load_tokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(self._tokenizer_dir, local_files_only=True)
+            self._tok = load_tokenizer(self._tokenizer_dir)
         for r in self._pending[before:]:
             text = self._texts.pop(r.request_id)
             r.prompt_ids = tokenize(self._tok, ParsedRequest(r.request_id, text, None, r.params, None))
@@ -129,11 +135,11 @@ def serve_tokenizer_dir(setup: BenchSetup, opts: ServeOptions) -> str | None:
 
 def serve_tokenizer(setup: BenchSetup, opts: ServeOptions):
     """The tokenizer the head will use: ``opts.tokenizer``, else the model directory's; ConfigError if none."""
-    from hexgen.engine.last_stage import load_tokenizer
+    from hexgen.engine.last_stage import load_model_tokenizer
     from hexgen.engine.runner import ModelSpec
 
     path = serve_tokenizer_dir(setup, opts)
-    tok = load_tokenizer(ModelSpec(model_dir=path)) if path else None
+    tok = load_model_tokenizer(ModelSpec(model_dir=path)) if path else None
     if tok is None:
         raise ConfigError(f"--model/--tokenizer: serve mode needs a tokenizer for the head (a model directory with "
                           f"one, or --tokenizer DIR with a --preset); {path or 'a preset'} has none")
@@ -142,13 +148,17 @@ def serve_tokenizer(setup: BenchSetup, opts: ServeOptions):
 
 def worker_engine_overrides(setup: BenchSetup) -> dict:
     """The engine flags ``hexgen worker`` takes; ConfigError if the bench's engine differs otherwise."""
-    from hexgen.serving.demo import PIPELINE_ID
-    from hexgen.serving.settings import ModelSettings, PipelineSettings, Settings
-    from workers.worker import WorkerOptions, build_plan
+    from hexgen.demo import PIPELINE_ID
+    from hexgen.wire.settings import ModelSettings, PipelineSettings, Settings
+    from workers.options import WorkerOptions, build_plan
 
-    over = {"max_num_seqs": setup.engine.max_num_seqs, "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
+    over: dict = {"max_num_seqs": setup.engine.max_num_seqs, "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
     if setup.engine.cuda_graphs:
         over["cuda_graphs"] = True
+    if setup.engine.kernels != KernelConfig():
+        over["kernels"] = setup.engine.kernels
+    if setup.engine.emulate_devices:
+        over["emulate_devices"] = setup.engine.emulate_devices
     m = setup.model
     model = ModelSettings(preset=m.preset) if m.preset else ModelSettings(path=m.model_dir)
     settings = Settings(model=model, dtype=setup.engine.dtype,
@@ -157,11 +167,13 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
                                                     setup.layout.pp_partition),))
     _, _, worker = build_plan(WorkerOptions(settings, PIPELINE_ID, 0, engine_overrides=over))
     diff = [f"{k}={getattr(setup.engine, k)!r} (workers: {getattr(worker, k)!r})"
-            for k in worker.__dataclass_fields__ if k != "extra" and getattr(worker, k) != getattr(setup.engine, k)]
+            for k in worker.__dataclass_fields__
+            if k not in ("log_level", "profile_loop") and getattr(worker, k) != getattr(setup.engine, k)]
     if diff:
         raise ConfigError(f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
                           "leave --gpu-memory-fraction, --max-num-batched-tokens and the async-step flags at their "
-                          "defaults (workers take only --max-num-seqs, --kv-tokens and --cuda-graphs)")
+                          "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs, --kernel and "
+                          "--emulate-devices)")
     return over
 
 
@@ -242,7 +254,13 @@ def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm:
 
     ``offer_fn(url, items)`` (a coroutine function) sends them; returns what it returned for ``items`` (by
     default the timings) and the seconds the pipeline took to form."""
-    from hexgen.serving.demo import DemoOptions, Deployment, start_redis, wait_ready, write_config
+    from hexgen.demo import (
+        DemoOptions,
+        Deployment,
+        start_redis,
+        wait_ready,
+        write_config,
+    )
 
     work_dir = opts.log_dir or tempfile.mkdtemp(prefix="hexgen-bench-serve-")
     os.makedirs(work_dir, exist_ok=True)
@@ -260,6 +278,12 @@ def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm:
                     "--max-num-seqs", str(overrides["max_num_seqs"]), "--kv-tokens", str(overrides["cpu_kv_tokens"])]
             if overrides.get("cuda_graphs"):
                 argv.append("--cuda-graphs")
+            if "kernels" in overrides:
+                for item in overrides["kernels"].describe().split():
+                    argv += ["--kernel", item]
+            if overrides.get("emulate_devices"):
+                argv += ["--emulate-devices", ",".join(f"{r}={lim.sms}:{lim.memory_gib}"
+                                                       for r, lim in overrides["emulate_devices"])]
             if eng.device == "cuda":
                 argv += ["--devices", ",".join(str(setup.devices[r] if setup.devices else r) for r in st.ranks)]
             dep.spawn(f"worker-stage{st.index}", py + argv)

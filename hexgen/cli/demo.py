@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hexgen.demo import DEFAULT_QUESTIONS, DemoOptions, run_demo
 from hexgen.errors import HexGenError
-from hexgen.serving.demo import DEFAULT_QUESTIONS, DemoOptions, run_demo
 
 
 def build_parser() -> argparse.ArgumentParser:

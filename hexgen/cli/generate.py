@@ -6,8 +6,8 @@ import json
 import sys
 import time
 
-from hexgen.cli.engine_flags import add_engine_flags, engine_fields, env_log_level
-from hexgen.config import EngineConfig, Layout, check_devices, preset, PRESETS
+from hexgen.cli.flags import add_engine_flags, engine_fields, env_log_level
+from hexgen.config import PRESETS, EngineConfig, Layout, check_devices, preset
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _encode(model: ModelSpec, prompts: list[str], chat: bool, vocab: int) -> list[list[int]]:
-    from hexgen.engine.last_stage import load_tokenizer
-    tok = load_tokenizer(model)
+    from hexgen.engine.last_stage import load_model_tokenizer
+    tok = load_model_tokenizer(model)
     if tok is None:  # random-weight presets: a deterministic id per prompt byte
         return [[3 + b % (vocab - 3) for b in p.encode()] for p in prompts]
     if chat:

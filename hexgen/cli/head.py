@@ -1,4 +1,4 @@
-"""``bin/head``: parse flags → Settings → :func:`hexgen.serving.head.run_head`."""
+"""``bin/head``: parse flags → Settings → :func:`hexgen.head.service.run_head`."""
 from __future__ import annotations
 
 import argparse
@@ -6,16 +6,19 @@ import asyncio
 import logging
 import sys
 
+from hexgen.cli.flags import env_log_level
 from hexgen.errors import ConfigError
-from hexgen.serving.head import run_head
-from hexgen.serving.settings import add_settings_args, settings_from_args
+from hexgen.head.service import run_head
+from hexgen.wire import trace
+from hexgen.wire.settings import add_settings_args, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="head", description="HexGen head: validate, tokenize and queue "
                                      "requests from hexgen:requests")
     add_settings_args(parser)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default=env_log_level("INFO"),
+                        help="DEBUG, INFO, WARNING, ERROR (default $HEXGEN_LOG_LEVEL, else INFO)")
     g = parser.add_argument_group("automatic placement")
     g.add_argument("--auto-plan", action="store_true", help="plan the stages of the registered agents "
                    "(bin/worker without --stage) and re-plan when agents join or leave")
@@ -33,16 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def placement_options(args: argparse.Namespace):
-    """PlacementOptions from the flags, or None without --auto-plan."""
+def placement_options(args: argparse.Namespace, settings):
+    """The planner the head's placement loop asks (from the flags), or None without --auto-plan."""
     if not args.auto_plan:
         return None
-    from hexgen.planner.placement import PlacementOptions
+    from hexgen.planner.placement import PlacementOptions, Placer
 
-    return PlacementOptions(slo_latency_s=args.slo_latency, prompt_len=args.plan_prompt_len,
+    return Placer(settings, PlacementOptions(slo_latency_s=args.slo_latency, prompt_len=args.plan_prompt_len,
                             output_len=args.plan_output_len, max_num_seqs=args.plan_max_num_seqs,
                             settle_s=args.settle,
-                            time_budget_s=args.plan_time_budget, network_gbps=args.network_gbps)
+                            time_budget_s=args.plan_time_budget, network_gbps=args.network_gbps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
-        placement = placement_options(args)
+        placement = placement_options(args, settings)
     except ConfigError as e:
         print(f"head: {e}", file=sys.stderr)
         return 2
+    trace.configure(settings.trace_timing)
     try:
         import uvloop
     except ImportError:

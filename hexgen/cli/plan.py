@@ -10,7 +10,7 @@ import sys
 from hexgen.cli.generate import add_layout_args, resolve_model
 from hexgen.config import Layout, ModelConfig, normalize_dtype, preset, valid_tp_degrees
 from hexgen.errors import ConfigError, HexGenError
-from hexgen.serving import constants as C
+from hexgen.wire import keys as C
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +64,13 @@ def _plan_cluster(args: argparse.Namespace) -> int:
     from hexgen.planner.cluster import load_cluster
     from hexgen.planner.costmodel import CostModel
     from hexgen.planner.report import plan_table, plan_to_dict, plan_to_toml
-    from hexgen.planner.search import Slo, Workload, best_symmetric, plan_cluster, symmetric_options
+    from hexgen.planner.search import (
+        Slo,
+        Workload,
+        best_symmetric,
+        plan_cluster,
+        symmetric_options,
+    )
 
     path = args.model_path or args.model
     if bool(path) == bool(args.preset):

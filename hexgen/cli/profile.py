@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from hexgen.config import ModelConfig, PRESETS, preset
+from hexgen.config import PRESETS, ModelConfig, preset
 from hexgen.errors import HexGenError
 
 
@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from hexgen.config import normalize_dtype
-        from hexgen.planner.calibration import ProfileConfig, calibration_to_dict, measure, save_calibration
+        from hexgen.planner.calibration import (
+            ProfileConfig,
+            calibration_to_dict,
+            measure,
+            save_calibration,
+        )
         cfg = preset(args.preset) if args.preset else ModelConfig.from_dir(args.model_path)
         device = args.device
         if device == "auto":

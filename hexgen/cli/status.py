@@ -10,8 +10,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hexgen.errors import ConfigError
-from hexgen.serving.settings import REDIS_URL_ENV, async_redis, load_redis_url, redact_url
-from hexgen.serving.status import StatusReport, collect_status, format_status
+from hexgen.head.status import StatusReport, collect_status, format_status
+from hexgen.wire.settings import REDIS_URL_ENV, async_redis, load_redis_url, redact_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ async def fetch_status(url: str) -> StatusReport:
 
 async def fetch_placement(url: str) -> dict:
     """Agents and the deployed plan (automatic placement)."""
-    from hexgen.serving.agents import placement_status
+    from hexgen.head.placement import placement_status
 
     r = async_redis(url, socket_timeout=10)
     try:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({**report.to_dict(), "placement": placement}, indent=2, sort_keys=True))
     else:
-        from hexgen.serving.agents import format_placement
+        from hexgen.head.placement import format_placement
 
         extra = format_placement(placement)
         print(format_status(report) + (f"\n\n{extra}" if extra else ""))

@@ -1,4 +1,4 @@
-"""``bin/worker``: parse flags → WorkerOptions → :class:`workers.worker.Worker` (the TP ranks of one stage),
+"""``bin/worker``: parse flags → WorkerOptions → :class:`workers.supervisor.Worker` (the TP ranks of one stage),
 or, without ``--stage``, AgentOptions → :class:`workers.agent.Agent` (waits for the planning head's assignment).
 
     bin/worker --config config/demo.toml --stage 1 [--pipeline p0] [--devices 0,1] [--redis-url URL]
@@ -11,10 +11,10 @@ import os
 import socket
 import sys
 
-from hexgen.cli.engine_flags import add_engine_flags, engine_fields
+from hexgen.cli.flags import add_engine_flags, engine_fields, env_log_level
 from hexgen.errors import HexGenError
 from hexgen.logutil import setup_logging
-from hexgen.serving.settings import add_settings_args, settings_from_args
+from hexgen.wire.settings import add_settings_args, settings_from_args
 
 ADVERTISE_HOST_ENV = "HEXGEN_ADVERTISE_HOST"
 
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens per rank on CPU")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs")
     add_engine_flags(p)
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-level", default=env_log_level("INFO"),
+                        help="DEBUG, INFO, WARNING, ERROR (default $HEXGEN_LOG_LEVEL, else INFO)")
     a = p.add_argument_group("placement agent (no --stage)")
     a.add_argument("--node", help="node name the planner sees (default: the hostname)")
     a.add_argument("--agent-id", help="registry id of this agent (default: the node name); one agent per id")
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is None:
         return agent_main(args, engine)
     setup_logging("parent", args.stage, args.log_level)
-    from workers.worker import Worker, WorkerOptions, pick_pipeline
+    from workers.options import WorkerOptions, pick_pipeline
+    from workers.supervisor import Worker
 
     try:
         settings = settings_from_args(args)

@@ -2,7 +2,6 @@
 result to stage 0."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -12,15 +11,12 @@ from hexgen.engine.plan import Abort, StepPlan, StepResult
 from hexgen.engine.runner import ModelSpec, StageRunner
 from hexgen.engine.sampler import sample
 from hexgen.engine.types import OutputSink, Request, SamplingParams, StepOutput
+from hexgen.model.tokenizer import has_tokenizer, load_tokenizer
 
 
-def load_tokenizer(model: ModelSpec):
+def load_model_tokenizer(model: ModelSpec):
     """The model's Hugging Face tokenizer, or None (random-weight presets, directories without one)."""
-    if model.model_dir is None or not any(os.path.exists(os.path.join(model.model_dir, f))
-                                          for f in ("tokenizer.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model.model_dir, local_files_only=True)
+    return load_tokenizer(model.model_dir, field="model.path") if has_tokenizer(model.model_dir) else None
 
 
 class LastStage:
@@ -31,7 +27,7 @@ class LastStage:
         self.sink = sink
         self._lost = getattr(sink, "lost", None)  # optional OutputSink.lost (types.py), looked up once
         self.collect_logits = collect_logits
-        self.processor = OutputProcessor(load_tokenizer(model), runner.cfg.eos_token_ids)
+        self.processor = OutputProcessor(load_model_tokenizer(model), runner.cfg.eos_token_ids)
         self.requests: dict[int, Request] = {}  # seq_id -> request
 
     def _aborted(self, notice: Abort) -> StepOutput:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import socket
 import time
 from typing import Callable
 
@@ -12,18 +11,13 @@ from hexgen.engine.pipeline import RankSpec, run_rank
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import OutputSink, RequestSource
 from hexgen.errors import HexGenError
+from hexgen.procs import free_port
 
 log = logging.getLogger(__name__)
 
 
 class LaunchError(HexGenError):
     """A rank process failed."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,

@@ -154,7 +154,7 @@ class Scheduler:
 
     # -- one step -------------------------------------------------------------------------------------
     def _ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
-        need = self.blocks.blocks_for(num_tokens) - len(seq.blocks)
+        need = -(-num_tokens // self.blocks.block_size) - len(seq.blocks)  # blocks_for(num_tokens), inlined
         if need <= 0:
             return True
         if not self.blocks.can_allocate(need):
@@ -162,7 +162,8 @@ class Scheduler:
         seq.blocks += self.blocks.allocate(need)
         return True
 
-    def _preempt_one(self, keep: Sequence) -> bool:
+    def _preempt_one(self, keep: Sequence) -> Sequence | None:
+        """Preempt the youngest idle running sequence other than ``keep``; it, or None when there is none."""
         for victim in reversed(self.running):
             if victim is not keep and not victim.in_flight:
                 log.info("KV cache full: preempting request %s", victim.request.request_id)
@@ -172,19 +173,23 @@ class Scheduler:
                 self.blocks.free(victim.blocks)
                 victim.blocks, victim.num_computed = [], 0
                 self.waiting.appendleft(victim)
-                return True
-        return False
+                return victim
+        return None
 
     def _add_chunk(self, plan: StepPlan, seq: Sequence, chunk: int) -> None:
-        start = seq.num_computed
+        start, end, tokens = seq.num_computed, seq.num_computed + chunk, seq.tokens
         plan.seq_ids.append(seq.seq_id)
-        plan.input_ids += seq.tokens[start:start + chunk]
-        plan.positions += list(range(start, start + chunk))
+        if chunk == 1:  # a decode row (most rows of most steps)
+            plan.input_ids.append(tokens[start])
+            plan.positions.append(start)
+        else:
+            plan.input_ids += tokens[start:end]
+            plan.positions += range(start, end)
         plan.q_lens.append(chunk)
-        plan.ctx_lens.append(start + chunk)
-        plan.block_tables.append(list(seq.blocks))
-        plan.sample.append(start + chunk == len(seq.tokens))
-        plan.out_lens.append(seq.num_output)
+        plan.ctx_lens.append(end)
+        plan.block_tables.append(seq.blocks.copy())
+        plan.sample.append(end == len(tokens))
+        plan.out_lens.append(len(tokens) - seq.num_prompt)
         if not seq.announced:
             plan.new_requests.append(NewSequence(seq.seq_id, seq.request))
             seq.announced = True
@@ -229,10 +234,11 @@ class Scheduler:
         # With P micro-batches in flight, each takes about 1/P of the sequences so every stage stays busy.
         share = -(-(len(self.running) + len(self.waiting)) // self.micro_batches)
         added: list[Sequence] = []
+        preempted: set[int] = set()  # seq ids this call took out of running
         for seq in list(self.running):
-            if len(plan.seq_ids) >= share:
+            if len(plan.seq_ids) >= share or budget <= 0:
                 break
-            if budget <= 0 or seq not in self.running:
+            if seq.seq_id in preempted:
                 continue
             if seq.in_flight:
                 if ahead and self._can_run_ahead(seq) and self._add_ahead(plan, seq):
@@ -241,8 +247,10 @@ class Scheduler:
                 continue
             chunk = min(len(seq.tokens) - seq.num_computed, budget)
             while not self._ensure_blocks(seq, seq.num_computed + chunk):
-                if not self._preempt_one(keep=seq):
+                victim = self._preempt_one(keep=seq)
+                if victim is None:
                     break
+                preempted.add(victim.seq_id)
             else:
                 self._add_chunk(plan, seq, chunk)
                 added.append(seq)

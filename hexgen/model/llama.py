@@ -15,7 +15,12 @@ from hexgen.model import fused
 from hexgen.model.attention import AttnMeta, paged_attention
 from hexgen.model.rope import apply_rotary
 from hexgen.parallel.groups import TPContext
-from hexgen.parallel.layers import ReplicatedLinear, RowParallelLinear, gate_up_linear, qkv_linear
+from hexgen.parallel.layers import (
+    ReplicatedLinear,
+    RowParallelLinear,
+    gate_up_linear,
+    qkv_linear,
+)
 
 
 class RMSNorm(nn.Module):

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from hexgen.config import Layout, StageSpec
-from hexgen.parallel.symm import DTYPES as SYMM_DTYPES, OneShotAllReduce
+from hexgen.parallel.symm import DTYPES as SYMM_DTYPES
+from hexgen.parallel.symm import OneShotAllReduce
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,20 @@ signalling rates; the cost model uses them as given.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+import tomllib
+
 from hexgen.errors import ConfigError
-from hexgen.planner.devices import DEVICE_SPECS, GB, GiB, TFLOPS, DeviceSpec, device_spec
+from hexgen.planner.devices import (
+    DEVICE_SPECS,
+    GB,
+    TFLOPS,
+    DeviceSpec,
+    GiB,
+    device_spec,
+)
 
 
 @dataclass(frozen=True)

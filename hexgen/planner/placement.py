@@ -10,33 +10,30 @@ Pure functions (tested without Redis):
   degrees and layers) keeps that pipeline's id, so its agents keep running it through a re-plan; every other
   replica gets a new id ``auto-g<generation>-r<replica>``.
 
-:class:`PlacementLoop` (run by ``bin/head --auto-plan``) watches the agents and re-plans: one head at a time
-holds ``hexgen:placement:leader`` (SET NX PX, renewed under WATCH); when the set of live agents (id and
-instance) differs from the one the deployed plan was made for and has not changed for the settle period, it
-plans again and publishes ``hexgen:plan`` with generation + 1 and every agent's assignment in one MULTI.
+:class:`Placer` is what the head's placement loop (:mod:`hexgen.head.placement`, ``bin/head --auto-plan``)
+is handed: the search and the assignments, behind two calls, so the head itself never imports the search.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
-import time
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError, WatchError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from typing import Any, Sequence
 
 from hexgen.config import ModelConfig, preset
-from hexgen.errors import ConfigError, HexGenError
+from hexgen.errors import ConfigError
 from hexgen.planner.cluster import DEFAULT_INTER, Cluster, Link, Node, default_intra
 from hexgen.planner.devices import device_spec
-from hexgen.serving import constants as C
-from hexgen.serving.agent_protocol import AgentRecord, Assignment, PlanRecord, Role
-from hexgen.serving.agents import forget_agents, publish_plan, read_agents, read_plan, record_plan_error
-from hexgen.serving.settings import Settings
+from hexgen.wire import keys as C
+from hexgen.wire.placement import (
+    AgentRecord,
+    Assignment,
+    PlanRecord,
+    Role,
+    agent_instances,
+)
+from hexgen.wire.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +131,6 @@ def signature(replica: Any) -> str:
                     for s in replica.stages)
 
 
-def agent_instances(agents: Sequence[AgentRecord]) -> dict[str, str]:
-    """agent id -> instance token: what a plan was made for (a restarted agent counts as a change)."""
-    return {a.id: a.instance for a in agents}
-
-
 def assign(plan: Any, agents: Sequence[AgentRecord], generation: int, previous: PlanRecord | None = None,
            *, table: str = "", leader: str = "", now: float = 0.0) -> tuple[PlanRecord, list[Assignment]]:
     """The plan record and one assignment per agent (agents outside the plan get an empty one: idle).
@@ -174,150 +166,19 @@ def idle_assignments(agents: Sequence[AgentRecord], generation: int) -> list[Ass
     return [Assignment(a.id, a.instance, generation) for a in agents]
 
 
-def plan_summary(record: PlanRecord) -> str:
-    """One line per pipeline: id, layout and which agent runs each stage."""
-    lines = [f"plan generation {record.generation}: {len(record.pipelines)} pipeline(s) on "
-             f"{len(record.agents)} agent(s), predicted {record.rate:.3g} requests/s"]
-    for pid, p in sorted(record.pipelines.items()):
-        stages = ", ".join(f"stage {i} on {st['agent']} devices {st['devices']}" for i, st in enumerate(p["stages"]))
-        lines.append(f"  {pid}: hetero-config {p['hetero_config']} pp-partition {p['pp_partition']}: {stages}")
-    return "\n".join(lines)
-
-
-def agents_by_model(agents: Mapping[str, AgentRecord] | Sequence[AgentRecord], model: str) -> list[AgentRecord]:
-    """The agents registered for ``model`` (others serve another deployment sharing this Redis)."""
-    seq = agents.values() if isinstance(agents, Mapping) else agents
-    return [a for a in seq if not a.model or a.model == model]
-
-
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
-class PlacementLoop:
-    """The planning side of one head: leader election, agent watching, re-planning (see the module doc).
+class Placer:
+    """Plans registered agents into pipelines for the head's placement loop.
 
     ``planner`` (tests) replaces ``plan_cluster``: it gets the Cluster and returns a Plan.
     """
 
-    def __init__(self, settings: Settings, options: PlacementOptions, *, redis: Any, consumer: str,
-                 planner: Any | None = None) -> None:
+    def __init__(self, settings: Settings, options: PlacementOptions, planner: Any | None = None) -> None:
         self.settings = settings
         self.options = options
-        self.redis = redis
-        self.consumer = consumer
         self.planner = planner
-        self.interval_s = settings.limits.heartbeat_interval_s
-        self.settle_s = options.settle(self.interval_s)
-        # the lock outlives a search (the loop does not renew it while plan_cluster runs)
-        self.lock_ms = int((settings.limits.heartbeat_ttl_s + options.time_budget_s) * 1000)
-        self.leader = False
-        self._seen: dict[str, str] | None = None  # live agents at the last look
-        self._changed_at = 0.0
-        self._failed: dict[str, str] | None = None  # agent set of the last failed attempt
-        self._stopping = asyncio.Event()
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
-        """Step every heartbeat interval until ``stop()``; give up leadership on the way out."""
-        log.info("placement: auto-plan on (settle %.1fs, SLO %gs, workload %d+%d tokens)", self.settle_s,
-                 self.options.slo_latency_s, self.options.prompt_len, self.options.output_len)
-        try:
-            while not self._stopping.is_set():
-                try:
-                    await self.step()
-                except (RedisConnectionError, RedisTimeoutError, ResponseError) as e:
-                    log.warning("placement: Redis error (%s); retrying", e)
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), self.interval_s)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            if self.leader:
-                await asyncio.shield(self._release())
-
-    async def lead(self) -> bool:
-        """Take or renew the placement lock; True while this head is the one that plans."""
-        r, key = self.redis, C.PLACEMENT_LEADER_KEY
-        ok = bool(await r.set(key, self.consumer, nx=True, px=self.lock_ms))
-        if not ok:
-            async with r.pipeline(transaction=True) as p:
-                try:
-                    await p.watch(key)
-                    owner = await p.get(key)
-                    if owner is not None and _s(owner) == self.consumer:
-                        p.multi()
-                        p.pexpire(key, self.lock_ms)
-                        await p.execute()
-                        ok = True
-                except WatchError:
-                    ok = False
-        if ok != self.leader:
-            log.info("placement: %s the planning head", "became" if ok else "is no longer")
-            self._seen = None
-        self.leader = ok
-        return ok
-
-    async def _release(self) -> None:
-        try:
-            if _s(await self.redis.get(C.PLACEMENT_LEADER_KEY) or b"") == self.consumer:
-                await self.redis.delete(C.PLACEMENT_LEADER_KEY)
-        except RedisError as e:  # best effort on the way out; the lock expires anyway
-            log.debug("placement: could not release the lock: %s", e)
-        self.leader = False
-
-    async def step(self, now: float | None = None) -> PlanRecord | None:
-        """One look: returns the plan published by this step, or None."""
-        now = time.monotonic() if now is None else now
-        if not await self.lead():
-            return None
-        everyone = await read_agents(self.redis)
-        mine = agents_by_model([a for a, _ in everyone], self.settings.model.name)
-        live = [a for a, alive in everyone if alive and a in mine]
-        current = agent_instances(live)
-        if current != self._seen:
-            if self._seen is not None:
-                joined = sorted(set(current) - set(self._seen))
-                left = sorted(set(self._seen) - set(current))
-                log.info("placement: agents changed (joined %s, left %s); re-planning once stable for %.1fs",
-                         joined or "-", left or "-", self.settle_s)
-            self._seen, self._changed_at = current, now
-        deployed = await read_plan(self.redis)
-        if (deployed is not None and deployed.agents == current) or current == self._failed:
-            return None
-        if deployed is None and not current:
-            return None
-        if now - self._changed_at < self.settle_s:
-            return None
-        await forget_agents(self.redis, [a.id for a, alive in everyone if not alive])
-        return await self.replan(live, deployed)
-
-    async def replan(self, agents: list[AgentRecord], deployed: PlanRecord | None) -> PlanRecord | None:
-        """Plan for ``agents`` and publish; on failure log why, note it in the plan hash and keep serving."""
-        generation = (deployed.generation if deployed else 0) + 1
-        current = agent_instances(agents)
-        try:
-            plan = await asyncio.to_thread(self._plan, agents) if agents else None
-        except HexGenError as e:  # PlannerError (nothing fits) or ConfigError (a bad agent record)
-            self._failed = current
-            msg = f"no plan for agents {sorted(current)}: {e}"
-            log.error("placement: %s; keeping the deployed plan (generation %d)", msg,
-                      deployed.generation if deployed else 0)
-            await record_plan_error(self.redis, msg)
-            return None
-        if plan is None:
-            record, assignments = PlanRecord(generation, {}, {}, "", 0.0, time.time(), self.consumer), []
-        else:
-            record, assignments = assign(plan, agents, generation, deployed, table=self._table(plan),
-                                         leader=self.consumer, now=time.time())
-        await publish_plan(self.redis, record, assignments)
-        self._failed = None
-        log.info("placement: published %s\n%s", plan_summary(record), record.table)
-        return record
-
-    def _plan(self, agents: list[AgentRecord]) -> Any:
+    def plan(self, agents: list[AgentRecord]) -> Any:
+        """A Plan for these agents (raises PlannerError when nothing fits, ConfigError for a bad record)."""
         cluster = cluster_from_agents(agents, self.options.inter())
         if self.planner is not None:
             return self.planner(cluster)
@@ -328,6 +189,13 @@ class PlacementLoop:
         workload = Workload(self.options.prompt_len, self.options.output_len, self.options.max_num_seqs)
         return plan_cluster(cluster, cost, workload, Slo(self.options.slo_latency_s),
                             time_budget_s=self.options.time_budget_s, seed=self.options.seed)
+
+    def assignments(self, plan: Any, agents: list[AgentRecord], generation: int, deployed: PlanRecord | None,
+                    *, leader: str, now: float) -> tuple[PlanRecord, list[Assignment]]:
+        """The plan record and one assignment per agent (``plan`` None: an empty plan)."""
+        if plan is None:
+            return PlanRecord(generation, agent_instances(agents), {}, "", 0.0, now, leader), []
+        return assign(plan, agents, generation, deployed, table=self._table(plan), leader=leader, now=now)
 
     @staticmethod
     def _table(plan: Any) -> str:

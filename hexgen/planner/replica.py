@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from hexgen.config import default_partition
 from hexgen.planner.cluster import Cluster, Link
 from hexgen.planner.costmodel import GPU_RUNTIME_BYTES, CostModel
 from hexgen.planner.devices import DeviceSpec
-from hexgen.config import default_partition
 from hexgen.planner.plans import Workload
 
 MEMORY_FRACTION = 0.9  # EngineConfig.gpu_memory_fraction

@@ -86,7 +86,7 @@ def _q(text: str) -> str:
 
 def plan_to_toml(plan: Plan, *, model_name: str, model_path: str | None, preset: str | None, dtype: str,
                  redis_url: str, config_path: str = "deploy.toml") -> str:
-    """A deployment file for ``plan``; loads with hexgen.serving.settings.load_settings. ``config_path`` is
+    """A deployment file for ``plan``; loads with hexgen.wire.settings.load_settings. ``config_path`` is
     the name the worker commands in its comments use."""
     if bool(model_path) == bool(preset):
         from hexgen.errors import ConfigError

@@ -20,8 +20,20 @@ from hexgen.errors import ConfigError
 from hexgen.planner.cluster import Cluster, Gpu
 from hexgen.planner.costmodel import CostModel
 from hexgen.planner.partition import State, anneal, greedy_states
-from hexgen.planner.planbuild import assemble, model_weight_bytes, plan_score, plan_score_of
-from hexgen.planner.plans import Plan, PlannerError, ReplicaPlan, Slo, StagePlan, Workload
+from hexgen.planner.planbuild import (
+    assemble,
+    model_weight_bytes,
+    plan_score,
+    plan_score_of,
+)
+from hexgen.planner.plans import (
+    Plan,
+    PlannerError,
+    ReplicaPlan,
+    Slo,
+    StagePlan,
+    Workload,
+)
 from hexgen.planner.refine import refine_splits
 from hexgen.planner.replica import Eval, Evaluator, Key, rank_budget
 from hexgen.planner.symmetric import best_symmetric, symmetric_options, symmetric_states

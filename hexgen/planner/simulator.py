@@ -1,9 +1,10 @@
 """Discrete-event simulation of a request stream through a planned deployment.
 
 Requests arrive as a Poisson stream (or all at once), a dispatcher hands each to the replica with the most free
-room (as HexGen's pipelines pull from a Redis consumer group when they have room), and each replica runs HexGen's
-stage-0 continuous-batching scheduler with up to P micro-batches in flight through P stages, every stage a FIFO
-server whose service times come from the cost model. See hexgen/planner/sim_replica.py for the replica model.
+room (as HexGen's pipelines pull from a Redis consumer group when they have room), and each replica runs the
+engine's own stage-0 scheduler (hexgen.engine.scheduler, on a simulated clock) with up to P micro-batches in flight
+through P stages, every stage a FIFO server whose service times come from the cost model. See
+hexgen/planner/sim_replica.py for the replica model.
 """
 from __future__ import annotations
 

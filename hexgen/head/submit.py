@@ -7,7 +7,7 @@ then work XADD + XACK) cost one round trip and cannot be torn apart:
    it is acked and nothing else is written (the original's result stream is the answer to both). A
    redelivery of the same entry finds its own entry id and carries on.
 2. The work stream's depth (the ``pipelines`` group's pending + lag, or the stream length when the lag is
-   unknown; the same count as :attr:`~hexgen.serving.status.QueueStatus.depth`). At the limit nothing is
+   unknown; the same count as :attr:`~hexgen.head.status.QueueStatus.depth`). At the limit nothing is
    written: the head then writes the ``overloaded`` error (the id stays spent, as before).
 3. Otherwise the work item is XADDed and the request entry acked.
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hexgen.serving import constants as C
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import as_text
 
 # KEYS: dedupe key, work stream, requests stream.
 # ARGV: entry id, dedupe TTL (s), pipelines group, heads group, max queue depth, then the work item's field pairs.
@@ -83,5 +84,5 @@ class Submitter:
             args += [k, v]
         keys = [C.dedupe_key(request_id), self.work_stream, C.REQUESTS_STREAM]
         status, owner, depth = await self._script(keys=keys, args=args)
-        owner = owner.decode("utf-8", "replace") if isinstance(owner, bytes) else str(owner)
+        owner = as_text(owner)
         return Submitted(int(status), owner, int(depth))

@@ -12,27 +12,18 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from hexgen.config import ModelConfig, preset
-from hexgen.errors import ConfigError
-from hexgen.serving.protocol import InternalError, InvalidRequest
-from hexgen.serving.settings import Settings
-from hexgen.serving.validation import ParsedRequest
+from hexgen.head.validation import ParsedRequest
+from hexgen.model.tokenizer import load_tokenizer
+from hexgen.wire.protocol import InternalError, InvalidRequest
+from hexgen.wire.settings import Settings
 
 INLINE_TOKENIZE_CHARS = 16384  # shorter texts are tokenized on the event loop (about 1 ms); longer in a thread
 TOKENIZER_ERRORS = (ValueError, TypeError, KeyError, IndexError, RuntimeError)
 
 
-def load_tokenizer(settings: Settings) -> Any:
+def load_head_tokenizer(settings: Settings) -> Any:
     """The model's Hugging Face tokenizer (``model.tokenizer``, defaulting to ``model.path``)."""
-    path = settings.model.tokenizer
-    if not path:
-        raise ConfigError("model.tokenizer: the head needs a tokenizer; set model.path or model.tokenizer "
-                          "(a preset has none)")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
+    return load_tokenizer(settings.model.tokenizer, local_only=False)
 
 
 def model_context_len(settings: Settings) -> int:

@@ -9,7 +9,7 @@
       event error code invalid_request|overloaded|not_found|internal message <text naming the field>
 
 - Requests (``hexgen:requests``): flat string fields; :func:`request_fields` builds them for clients,
-  :mod:`hexgen.serving.validation` parses them.
+  :mod:`hexgen.head.validation` parses them.
 - Cancels (``hexgen:cancel``): ``id <request id>``.
 - Registry records (``hexgen:worker:<id>``, ``hexgen:pipeline:<pid>``): hashes of plain strings so that
   ``redis-cli HGETALL`` stays readable.
@@ -91,7 +91,13 @@ def request_error(code: str, message: str) -> RequestError:
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
+def as_text(v: bytes | str) -> str:
+    """A Redis reply value as str, undecodable bytes replaced (clients may or may not decode responses)."""
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
 def _s(v: Any) -> str:
+    """A wire field as str; bytes that are not UTF-8 are a ProtocolError."""
     if isinstance(v, bytes):
         try:
             return v.decode("utf-8")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from hexgen.errors import ConfigError
-from hexgen.serving.protocol import Fields, ProtocolError, str_fields
+from hexgen.wire.protocol import Fields, ProtocolError, str_fields
 
 
 def _int(f: dict[str, str], name: str, kind: str, default: int | None = None) -> int:
@@ -188,3 +188,24 @@ class PlanRecord:
         return cls(generation=_int(f, "generation", kind, 0), agents=_json(f, "agents", kind, {}),
                    pipelines=_json(f, "pipelines", kind, {}), table=f.get("table", ""), rate=rate,
                    created_at=created, leader=f.get("leader", ""), error=f.get("error", ""))
+
+
+def agent_instances(agents: Sequence[AgentRecord]) -> dict[str, str]:
+    """agent id -> instance token: what a plan was made for (a restarted agent counts as a change)."""
+    return {a.id: a.instance for a in agents}
+
+
+def agents_by_model(agents: Mapping[str, AgentRecord] | Sequence[AgentRecord], model: str) -> list[AgentRecord]:
+    """The agents registered for ``model`` (others serve another deployment sharing this Redis)."""
+    seq = agents.values() if isinstance(agents, Mapping) else agents
+    return [a for a in seq if not a.model or a.model == model]
+
+
+def plan_summary(record: PlanRecord) -> str:
+    """One line per pipeline: id, layout and which agent runs each stage."""
+    lines = [f"plan generation {record.generation}: {len(record.pipelines)} pipeline(s) on "
+             f"{len(record.agents)} agent(s), predicted {record.rate:.3g} requests/s"]
+    for pid, p in sorted(record.pipelines.items()):
+        stages = ", ".join(f"stage {i} on {st['agent']} devices {st['devices']}" for i, st in enumerate(p["stages"]))
+        lines.append(f"  {pid}: hetero-config {p['hetero_config']} pp-partition {p['pp_partition']}: {stages}")
+    return "\n".join(lines)

@@ -1,6 +1,18 @@
-"""RedisSink: the last-stage leader's output sink; posts token/done events off the engine loop.
+"""Result posting: the last-stage leader's sink posts token/done events off the engine loop, exactly once.
 
-See :mod:`hexgen.serving.worker_io` for the posting rules (explicit event ids, ack after done).
+:class:`RedisSink` queues each step's outputs and a thread writes them with :class:`Poster`.
+
+Exactly-once posting. Events are appended by :data:`APPEND_SCRIPT` (one EVALSHA per step, atomic), at
+explicit stream ids: the token with ``seq`` n is entry ``<n+1>-0`` and ``done`` after n tokens is ``<n+1>-0``.
+An event at position p is appended only if the stream currently ends at position p-1 (empty for p = 0); if
+the stream already holds exactly this event (a retried write whose reply was lost) it counts as written;
+anything else means another pipeline holds the request (a lease lapsed under a live pipeline): this writer
+stops posting it and never acks it. So the client sees each position once, in order, with no gap. Error
+events (dead letters) use ``*`` ids, which also end any late writer.
+
+Acks. The same script XACKs a request's work entry when it writes that request's ``done``, so a ``done`` is
+never written without its ack or the other way round; a claimed entry whose stream already ends with
+``done`` or ``error`` is only acked.
 """
 from __future__ import annotations
 
@@ -14,13 +26,100 @@ from functools import partial
 import redis
 
 from hexgen.engine.types import StepOutput
-from hexgen.serving import constants as C
-from hexgen.serving import trace
-from hexgen.serving.protocol import INTERNAL, ProtocolError, done_event, error_event, token_event
-from hexgen.serving.worker_io import (REDIS_ERRORS, REFUSED, Backoff, ClientFactory, IOConfig, Post, Poster,
-                                      connect)
+from hexgen.wire import keys as C
+from hexgen.wire import trace
+from hexgen.wire.connection import REDIS_ERRORS, Backoff, ClientFactory, connect
+from hexgen.wire.protocol import (
+    INTERNAL,
+    ProtocolError,
+    done_event,
+    error_event,
+    token_event,
+)
+from workers.io_config import IOConfig
 
 log = logging.getLogger(__name__)
+
+
+def event_id(position: int) -> str:
+    """Explicit result-stream id of the event at ``position`` (token seq, or the token count for done)."""
+    return f"{position + 1}-0"
+
+
+# KEYS[1] = work stream, KEYS[2..] = one result stream per event (in posting order).
+# ARGV = group, ttl, then per event: position, entry id to ack ("" = none), n field pairs, fields...
+# Returns per event: 1 appended, 2 already there (a retry), 0 refused (another writer holds the request).
+APPEND_SCRIPT = """
+local unpack = unpack or table.unpack
+local out, refused = {}, {}
+local a = 3
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local pos, entry, n = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local fields = {}
+  for j = 1, 2 * n do fields[j] = ARGV[a + 2 + j] end
+  a = a + 3 + 2 * n
+  local id = (pos + 1) .. '-0'
+  local status = 0
+  if not refused[key] then
+    local here = redis.call('XRANGE', key, id, id)
+    if #here > 0 then
+      local same = #here[1][2] == #fields
+      for j = 1, #fields do same = same and here[1][2][j] == fields[j] end
+      if same then status = 2 end
+    else
+      local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+      local top_id = (#top > 0) and top[1][1] or nil
+      if (pos == 0 and top_id == nil) or top_id == (pos .. '-0') then
+        redis.call('XADD', key, id, unpack(fields))
+        status = 1
+      end
+    end
+  end
+  if status == 0 then
+    refused[key] = true
+  else
+    redis.call('EXPIRE', key, ARGV[2])
+    if entry ~= '' then redis.call('XACK', KEYS[1], ARGV[1], entry) end
+  end
+  out[#out + 1] = status
+end
+return out
+"""
+APPENDED, ALREADY_THERE, REFUSED = 1, 2, 0
+
+
+@dataclass(frozen=True)
+class Post:
+    """One result event to append: at ``position`` of ``request_id``'s stream; ack ``entry`` once written."""
+
+    request_id: str
+    position: int
+    fields: dict[str, str]
+    entry: str = ""
+
+
+class Poster:
+    """Appends result events with :data:`APPEND_SCRIPT` (loaded once per client, EVALSHA afterwards)."""
+
+    def __init__(self, client: redis.Redis, work_stream: str, result_ttl_s: int) -> None:
+        self.client = client
+        self.work_stream = work_stream
+        self.result_ttl_s = result_ttl_s
+        self._script = client.register_script(APPEND_SCRIPT)
+
+    def post(self, posts: list[Post]) -> list[int]:
+        """Status of each post (APPENDED, ALREADY_THERE or REFUSED), in order; one round trip."""
+        if not posts:
+            return []
+        keys = [self.work_stream] + [C.result_stream(p.request_id) for p in posts]
+        args: list[str | int] = [C.PIPELINES_GROUP, self.result_ttl_s]
+        for p in posts:
+            args += [p.position, p.entry, len(p.fields)]
+            for k, v in p.fields.items():
+                args += [k, v]
+        return [int(x) for x in self._script(keys=keys, args=args)]
+
 
 _MAX_STEPS_PER_WRITE = 256  # steps that piled up while Redis was slow go out together
 _MAX_REFUSALS = 5  # error replies (not connection errors) before a batch is dropped
@@ -63,7 +162,11 @@ class RedisSink:
         self.steps_written = 0
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
+
+    def start(self) -> "RedisSink":
+        """Start the writer thread; returns self."""
         self._thread.start()
+        return self
 
     def emit(self, outputs: list[StepOutput]) -> None:
         if outputs:
@@ -81,7 +184,8 @@ class RedisSink:
         """Flush queued events (up to ``flush_timeout_s``), then release the connection."""
         self._closing_deadline = time.monotonic() + self.cfg.flush_timeout_s
         self._q.put(None)
-        self._thread.join(self.cfg.flush_timeout_s + 5)
+        if self._thread.ident is not None:
+            self._thread.join(self.cfg.flush_timeout_s + 5)
         self._r.close()
 
     def flush(self, timeout_s: float = 10.0) -> bool:

@@ -22,7 +22,7 @@ RESULT_STREAM_PREFIX = "hexgen:result:"  # + request id: token / done / error ev
 CANCEL_STREAM = "hexgen:cancel"  # XADD hexgen:cancel '*' id <request id>; read with plain XREAD
 CANCEL_ID_FIELD = "id"
 DEADLETTER_STREAM = "hexgen:deadletter"  # entries that kept failing, with the reason
-TRACE_STREAM = "hexgen:trace"  # first-token latency stamps, only with HEXGEN_TRACE_TIMING=1 (hexgen.serving.trace)
+TRACE_STREAM = "hexgen:trace"  # first-token latency stamps, only with HEXGEN_TRACE_TIMING=1 (hexgen.wire.trace)
 TRACE_STREAM_MAXLEN = 10000
 
 # ---- keys ------------------------------------------------------------------------------------------------

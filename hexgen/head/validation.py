@@ -1,6 +1,6 @@
 """Parse and validate one raw ``hexgen:requests`` entry (flat fields from XADD, ``bytes`` or ``str``).
 
-Every problem raises :class:`~hexgen.serving.protocol.InvalidRequest` whose message names the wire field and
+Every problem raises :class:`~hexgen.wire.protocol.InvalidRequest` whose message names the wire field and
 what is allowed. Sizes are checked before anything is decoded or parsed: the whole entry against
 ``max_request_bytes``, then each field against its own cap.
 
@@ -30,8 +30,9 @@ from typing import Any, Mapping
 
 from hexgen.engine.types import MAX_SEED, SamplingParams
 from hexgen.errors import ConfigError
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import Fields, InvalidRequest
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import Fields, InvalidRequest
+from hexgen.wire.settings import RequestLimits
 
 ROLES = ("system", "user", "assistant", "tool")
 FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "model",
@@ -42,18 +43,6 @@ MAX_TOP_K = 2**31 - 1
 _ID_RE = re.compile(C.ID_PATTERN)
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Caps the head enforces on every request (from the deployment's ``[limits]``)."""
-
-    max_new_tokens: int = C.MAX_NEW_TOKENS_CAP
-    default_max_new_tokens: int = C.DEFAULT_MAX_NEW_TOKENS
-    max_field_bytes: int = C.MAX_FIELD_BYTES
-    max_request_bytes: int = C.MAX_REQUEST_BYTES
-    max_messages: int = C.MAX_MESSAGES
-    max_stop_strings: int = C.MAX_STOP_STRINGS
 
 
 @dataclass(frozen=True)

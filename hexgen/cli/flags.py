@@ -1,5 +1,6 @@
-"""The engine flags shared by ``hexgen generate``, ``hexgen bench`` and ``bin/worker``: kernel choices
-(``--kernel NAME=VALUE``, see ``hexgen.config.KernelConfig``) and device emulation."""
+"""What the CLIs share: the engine flags of ``hexgen generate``, ``hexgen bench`` and ``bin/worker`` (kernel
+choices, ``--kernel NAME=VALUE``, see ``hexgen.config.KernelConfig``, and device emulation), and the log level
+from the environment (``HEXGEN_LOG_LEVEL``), read here and passed down."""
 from __future__ import annotations
 
 import argparse

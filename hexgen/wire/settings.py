@@ -1,11 +1,12 @@
 """Deployment settings: a frozen dataclass tree loaded from TOML, then the environment, then flags.
 
-Precedence, highest first: command-line flags, ``HEXGEN_REDIS_URL`` (Redis URL only), the TOML file, the
-defaults here. Unknown keys are a ConfigError naming the key (a typo must not silently fall back to a
+Precedence, highest first: command-line flags, the environment (``HEXGEN_REDIS_URL`` for the Redis URL,
+``HEXGEN_TRACE_TIMING=1`` for ``trace_timing``), the TOML file, the defaults here. Unknown keys are a ConfigError naming the key (a typo must not silently fall back to a
 default). Example file::
 
     dtype = "bf16"                 # fp32 | fp16 | bf16
     device = "cuda"                # cpu | cuda
+    # trace_timing = true          # latency stamps along the serving path (hexgen.wire.trace)
 
     [redis]
     url = "rediss://:secret@redis.example:6380/0"   # redis://, rediss:// (TLS) or unix://; passwords ok
@@ -25,26 +26,29 @@ default). Example file::
     [limits]
     max_queue_depth = 1024
     max_new_tokens = 4096
+
+    [kernels]                      # optional: the workers' kernel choices (hexgen.config.KernelConfig)
+    gemv = "cublas"                # bin/worker --kernel NAME=VALUE overrides the whole table
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import tomllib
 
-from hexgen.config import PRESETS, Layout, normalize_dtype
+from hexgen.config import PRESETS, KernelConfig, Layout, normalize_dtype
 from hexgen.errors import ConfigError
-from hexgen.serving import constants as C
-from hexgen.serving.validation import RequestLimits
+from hexgen.wire import keys as C
 
 REDIS_URL_ENV = "HEXGEN_REDIS_URL"
+TRACE_TIMING_ENV = "HEXGEN_TRACE_TIMING"
 _NAME_RE = re.compile(C.ID_PATTERN)
 
 
@@ -60,6 +64,18 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps the head enforces on every request (from the deployment's ``[limits]``)."""
+
+    max_new_tokens: int = C.MAX_NEW_TOKENS_CAP
+    default_max_new_tokens: int = C.DEFAULT_MAX_NEW_TOKENS
+    max_field_bytes: int = C.MAX_FIELD_BYTES
+    max_request_bytes: int = C.MAX_REQUEST_BYTES
+    max_messages: int = C.MAX_MESSAGES
+    max_stop_strings: int = C.MAX_STOP_STRINGS
 
 
 @dataclass(frozen=True)
@@ -224,9 +240,13 @@ class Settings:
     device: str = "cpu"
     pipelines: tuple[PipelineSettings, ...] = ()
     limits: LimitSettings = field(default_factory=LimitSettings)
+    kernels: KernelConfig = KernelConfig()  # the workers' kernel choices ([kernels]; --kernel overrides)
+    trace_timing: bool = False  # latency stamps along the serving path (hexgen.wire.trace; $HEXGEN_TRACE_TIMING=1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if not isinstance(self.trace_timing, bool):
+            raise ConfigError(f"trace_timing: {self.trace_timing!r} must be true or false")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
         object.__setattr__(self, "pipelines", tuple(self.pipelines))
@@ -248,7 +268,7 @@ class Settings:
 
 
 _SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings}
-_TOP_KEYS = ("redis", "model", "limits", "pipelines", "dtype", "device")
+_TOP_KEYS = ("redis", "model", "limits", "pipelines", "dtype", "device", "kernels", "trace_timing")
 
 
 def _build(cls: type, key: str, table: Any) -> Any:
@@ -276,7 +296,11 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
     if not isinstance(pipes, list):
         raise ConfigError("pipelines: must be an array of tables ([[pipelines]])")
     kw["pipelines"] = tuple(_build(PipelineSettings, f"pipelines[{i}]", p) for i, p in enumerate(pipes))
-    for k in ("dtype", "device"):
+    if "kernels" in data:
+        if not isinstance(data["kernels"], dict):
+            raise ConfigError("kernels: must be a table ([kernels])")
+        kw["kernels"] = KernelConfig.from_dict(data["kernels"])
+    for k in ("dtype", "device", "trace_timing"):
         if k in data:
             kw[k] = data[k]
     return Settings(**kw)
@@ -284,7 +308,8 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
 
 def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
-    """Load a deployment: TOML file (optional), then ``HEXGEN_REDIS_URL``, then ``overrides``.
+    """Load a deployment: TOML file (optional), then the environment (``HEXGEN_REDIS_URL``,
+    ``HEXGEN_TRACE_TIMING``), then ``overrides``.
 
     ``overrides`` uses dotted keys (``"redis.url"``, ``"model.path"``, ``"limits.max_queue_depth"``,
     ``"dtype"``); None values are ignored so argparse defaults can be passed straight through.
@@ -302,6 +327,8 @@ def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | Non
     merged: dict[str, Any] = {}
     if env.get(REDIS_URL_ENV):
         merged["redis.url"] = env[REDIS_URL_ENV]
+    if env.get(TRACE_TIMING_ENV) == "1":
+        merged["trace_timing"] = True
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     model_keys = {"model.path", "model.preset"} & set(merged)
     if model_keys and isinstance(data.get("model"), dict):  # a flag's model source replaces the file's

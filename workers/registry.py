@@ -1,7 +1,7 @@
 """Worker registration, heartbeats and pipeline formation through Redis.
 
 Every TP rank of every stage registers ``hexgen:worker:<pipeline>:<rank>`` (a hash of plain strings, see
-:class:`~hexgen.serving.protocol.WorkerRecord`) with a fresh random ``instance`` token, and refreshes
+:class:`~hexgen.wire.protocol.WorkerRecord`) with a fresh random ``instance`` token, and refreshes
 ``hexgen:hb:<pipeline>:<rank>`` (value: time of the beat, with a TTL) from a daemon thread.
 
 Formation, one **generation** at a time:
@@ -35,12 +35,13 @@ from urllib.parse import urlsplit
 import redis
 
 from hexgen.errors import HexGenError
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import PipelineRecord, WorkerRecord
+from hexgen.procs import free_port
+from hexgen.wire import keys as C
+from hexgen.wire.connection import REDIS_ERRORS
+from hexgen.wire.protocol import PipelineRecord, WorkerRecord, as_text
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 STATE_FORMING, STATE_READY, STATE_DEGRADED, STATE_STOPPED = C.PIPELINE_STATES
 STATE_DRAINING = "draining"  # extra state: the pipeline takes no new work and finishes what it holds
 
@@ -49,20 +50,9 @@ class RegistryError(HexGenError):
     """Pipeline formation failed: mismatched ranks, or no rendezvous before the deadline."""
 
 
-def _text(v: bytes | str) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
 def worker_id(pipeline_id: str, rank: int) -> str:
     """Registry id of one rank: ``<pipeline>:<global rank>``."""
     return f"{pipeline_id}:{rank}"
-
-
-def free_port(host: str) -> int:
-    """A TCP port that is free on ``host`` right now (the TCPStore binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def routable_address(redis_url: str) -> str:
@@ -138,7 +128,7 @@ class Registry:
         """Remove this rank's record and heartbeat, unless a newer instance already replaced them."""
         wid = worker_id(self.pipeline_id, rank)
         current = self.r.hget(C.worker_key(wid), "instance")
-        if current is not None and _text(current) != instance:
+        if current is not None and as_text(current) != instance:
             return
         self.r.delete(C.worker_key(wid), C.heartbeat_key(wid))
         log.info("deregistered worker %s", wid)
@@ -263,7 +253,7 @@ class Registry:
             pipe.exists(C.heartbeat_key(wid))
             pipe.hget(C.worker_key(wid), "instance")
         res = pipe.execute()
-        number, state = (_text(v) if v is not None else None for v in res[0])
+        number, state = (as_text(v) if v is not None else None for v in res[0])
         if state in (STATE_DRAINING, STATE_STOPPED):
             return None
         if number is not None and int(number) != gen.number:
@@ -274,7 +264,7 @@ class Registry:
             alive, inst = res[1 + 2 * peer], res[2 + 2 * peer]
             if not alive:
                 return f"peer rank {peer} lost its heartbeat"
-            if inst is None or _text(inst) != gen.members[peer]:
+            if inst is None or as_text(inst) != gen.members[peer]:
                 return f"peer rank {peer} restarted (instance changed)"
         return None
 
@@ -287,7 +277,7 @@ class Registry:
         request_drain(self.r, self.pipeline_id)
 
     def drain_requested(self) -> bool:
-        return _text(self.r.hget(self.key, "drain") or "") == "1"
+        return as_text(self.r.hget(self.key, "drain") or "") == "1"
 
 
 def request_drain(client: redis.Redis, pipeline_id: str) -> None:

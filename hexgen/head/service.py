@@ -4,7 +4,7 @@ For each entry (consumer group ``heads``; several heads may share it):
 
 1. The request id is its ``id`` field when valid, else the entry id; every event for it goes to
    ``hexgen:result:<id>``.
-2. Validate (:mod:`hexgen.serving.validation`); unknown model → ``not_found``; tokenize (chat template with
+2. Validate (:mod:`hexgen.head.validation`); unknown model → ``not_found``; tokenize (chat template with
    ``add_generation_prompt=True`` for ``messages``); prompt + max_new_tokens must fit the model's context.
    This needs no Redis, so it runs first.
 3. **Duplicates** — the id is reserved with ``SET hexgen:dedupe:<id> <entry id> NX EX``. An entry whose id is
@@ -14,7 +14,7 @@ For each entry (consumer group ``heads``; several heads may share it):
 4. Back-pressure: when the work stream's pending + queued depth has reached ``limits.max_queue_depth``, the
    request is refused at once with ``overloaded``.
 5. A valid request's reservation, depth check, work item and ack are one script call (one round trip, atomic;
-   :mod:`hexgen.serving.submit`). A request that failed step 2 has its id reserved (MULTI) and, unless it is
+   :mod:`hexgen.head.submit`). A request that failed step 2 has its id reserved (MULTI) and, unless it is
    a duplicate, an error event written (with EXPIRE) and acked in one MULTI. Entries left pending by a dead
    head are reclaimed with XAUTOCLAIM after ``limits.lease_s``; after ``limits.max_deliveries`` they go to
    ``hexgen:deadletter`` with an ``internal`` error event.
@@ -36,23 +36,34 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hexgen.engine.types import Request
-from hexgen.serving import constants as C
-from hexgen.serving import trace
-from hexgen.serving.protocol import (InternalError, NotFound, Overloaded, RequestError, encode_work_item,
-                                     error_event)
-from hexgen.serving.settings import Settings, async_redis
-from hexgen.serving.submit import DUPLICATE, OVER_LIMIT, Submitter
-from hexgen.serving.status import StatusReport, collect_status, queue_status
-from hexgen.serving.tokenizing import INLINE_TOKENIZE_CHARS, load_tokenizer, model_context_len, text_chars, tokenize
-from hexgen.serving.validation import check_context, parse_request, peek_request_id
+from hexgen.head.status import StatusReport, collect_status, queue_status
+from hexgen.head.submit import DUPLICATE, OVER_LIMIT, Submitter
+from hexgen.head.tokenizing import (
+    INLINE_TOKENIZE_CHARS,
+    load_head_tokenizer,
+    model_context_len,
+    text_chars,
+    tokenize,
+)
+from hexgen.head.validation import check_context, parse_request, peek_request_id
+from hexgen.wire import keys as C
+from hexgen.wire import trace
+from hexgen.wire.protocol import (
+    InternalError,
+    NotFound,
+    Overloaded,
+    RequestError,
+    as_text,
+    encode_work_item,
+    error_event,
+)
+from hexgen.wire.settings import Settings, async_redis
 
 log = logging.getLogger(__name__)
 
 READ_COUNT = 16
 
 
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
 class Head:
@@ -150,14 +161,14 @@ class Head:
             return []
         out = []
         for _stream, entries in read.result() or []:
-            out += [(_s(eid), fields) for eid, fields in entries]
+            out += [(as_text(eid), fields) for eid, fields in entries]
         return out
 
     async def _leave_group(self) -> None:
         """Remove this head's consumer from the group when it holds no pending entries."""
         try:
             for c in await self.redis.xinfo_consumers(C.REQUESTS_STREAM, C.HEADS_GROUP):
-                if _s(c["name"]) == self.consumer and int(c["pending"]) == 0:
+                if as_text(c["name"]) == self.consumer and int(c["pending"]) == 0:
                     await self.redis.xgroup_delconsumer(C.REQUESTS_STREAM, C.HEADS_GROUP, self.consumer)
         except (RedisConnectionError, RedisTimeoutError, ResponseError) as e:
             log.debug("head %s: could not leave the group: %s", self.consumer, e)
@@ -167,7 +178,7 @@ class Head:
     async def handle_entry(self, entry_id: str, fields: dict) -> str:
         """Handle one request entry; returns ``queued``, ``duplicate`` or the error code written.
 
-        A valid request costs one round trip after tokenizing (:mod:`hexgen.serving.submit`: reserve the id,
+        A valid request costs one round trip after tokenizing (:mod:`hexgen.head.submit`: reserve the id,
         depth check, work XADD and ack in one script). A request that fails validation has its id reserved
         (MULTI) before its error is written, so a duplicate of an earlier entry is dropped without one.
         """
@@ -215,7 +226,7 @@ class Head:
             p.set(C.dedupe_key(request_id), entry_id, nx=True, ex=self.limits.dedupe_ttl_s)
             p.get(C.dedupe_key(request_id))
             _, owner = await p.execute()
-        return None if owner is None else _s(owner)
+        return None if owner is None else as_text(owner)
 
     async def _prepare(self, entry_id: str, request_id: str, fields: dict) -> tuple[Request, str]:
         parsed = parse_request(fields, entry_id, self.request_limits)
@@ -251,9 +262,9 @@ class Head:
         while True:
             reply = await self.redis.xautoclaim(C.REQUESTS_STREAM, C.HEADS_GROUP, self.consumer, idle_ms,
                                                 start_id=start, count=READ_COUNT)
-            start, entries = _s(reply[0]), reply[1]
+            start, entries = as_text(reply[0]), reply[1]
             for eid, fields in entries:
-                eid = _s(eid)
+                eid = as_text(eid)
                 if fields is None:
                     continue
                 if await self._deliveries(eid) > self.limits.max_deliveries:
@@ -279,7 +290,7 @@ class Head:
             p.xadd(C.DEADLETTER_STREAM, dl, maxlen=C.DEADLETTER_MAXLEN, approximate=True)
             await asyncio.shield(p.execute())
         owner = await self.redis.get(C.dedupe_key(request_id))
-        if owner is not None and _s(owner) != entry_id:  # a duplicate: the id's stream is the original's
+        if owner is not None and as_text(owner) != entry_id:  # a duplicate: the id's stream is the original's
             await self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
             return
         await self.fail(request_id, entry_id, InternalError(reason))
@@ -323,10 +334,10 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
                    placement: Any | None = None) -> None:
     """Run a head until SIGTERM/SIGINT: load the tokenizer, connect, serve, close connections.
 
-    ``placement`` (:class:`~hexgen.planner.placement.PlacementOptions`, ``--auto-plan``) also runs the
+    ``placement`` (a :class:`~hexgen.head.placement.Placer`, ``--auto-plan``) also runs the
     placement loop: this head may become the one that plans the registered agents' stages.
     """
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings)
+    tokenizer = tokenizer if tokenizer is not None else load_head_tokenizer(settings)
     max_len = model_context_len(settings)
     url = settings.redis.url
     redis = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
@@ -340,7 +351,7 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
              settings.model.name, max_len)
     planning = None
     if placement is not None:
-        from hexgen.planner.placement import PlacementLoop
+        from hexgen.head.placement import PlacementLoop
 
         planner = PlacementLoop(settings, placement, redis=redis, consumer=head.consumer)
         planning = asyncio.create_task(planner.run(), name="hexgen-head-placement")

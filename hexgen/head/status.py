@@ -11,8 +11,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from hexgen.serving import constants as C
-from hexgen.serving.protocol import PipelineRecord, ProtocolError, WorkerRecord
+from hexgen.wire import keys as C
+from hexgen.wire.protocol import PipelineRecord, ProtocolError, WorkerRecord, as_text
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,12 @@ class StatusReport:
         return asdict(self)
 
 
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
 def group_depth(length: int, groups: list[dict], group: str) -> int:
     """:attr:`QueueStatus.depth` of ``group`` from an XLEN and an XINFO GROUPS reply (no XINFO CONSUMERS)."""
     for g in groups:
-        if _s(g.get("name")) == group:
+        if as_text(g.get("name")) == group:
             lag = g.get("lag")
             return QueueStatus("", group, length, int(g.get("pending") or 0), None if lag is None else int(lag)).depth
     return length
@@ -89,16 +87,16 @@ async def queue_status(r: Any, stream: str, group: str) -> QueueStatus:
     except ResponseError:  # no such key
         return QueueStatus(stream, group, 0, 0, 0)
     for g in groups:
-        if _s(g.get("name")) == group:
+        if as_text(g.get("name")) == group:
             lag = g.get("lag")
-            consumers = {_s(c["name"]): int(c["pending"]) for c in await r.xinfo_consumers(stream, group)}
+            consumers = {as_text(c["name"]): int(c["pending"]) for c in await r.xinfo_consumers(stream, group)}
             return QueueStatus(stream, group, length, int(g.get("pending") or 0),
                                None if lag is None else int(lag), consumers)
     return QueueStatus(stream, group, length, 0, length)
 
 
 async def _scan(r: Any, pattern: str) -> list[str]:
-    return sorted({_s(k) async for k in r.scan_iter(match=pattern, count=500)})
+    return sorted({as_text(k) async for k in r.scan_iter(match=pattern, count=500)})
 
 
 async def read_workers(r: Any, now: float | None = None,
@@ -128,7 +126,7 @@ async def read_workers(r: Any, now: float | None = None,
         age = None
         if alive:
             try:
-                age = max(0.0, now - float(_s(beat)))
+                age = max(0.0, now - float(as_text(beat)))
             except ValueError:
                 age = max(0.0, heartbeat_ttl_s - pttl / 1000.0) if isinstance(pttl, int) and pttl >= 0 else None
         out.append(WorkerStatus(wid, record, alive, age))
@@ -164,7 +162,7 @@ async def collect_status(r: Any, heartbeat_ttl_s: float = C.HEARTBEAT_TTL_S) -> 
     workers = await read_workers(r, now, heartbeat_ttl_s)
     queues = [await queue_status(r, C.REQUESTS_STREAM, C.HEADS_GROUP)]
     for stream in await _scan(r, C.WORK_STREAM_PREFIX + "*"):
-        if _s(await r.type(stream)) == "stream":
+        if as_text(await r.type(stream)) == "stream":
             queues.append(await queue_status(r, stream, C.PIPELINES_GROUP))
     pipelines = await read_pipelines(r, workers, queues[1:])
     return StatusReport(now, tuple(workers), tuple(pipelines), tuple(queues))

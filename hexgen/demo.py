@@ -13,16 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 from hexgen.errors import HexGenError
-from hexgen.serving import constants as C
+from hexgen.procs import Child, free_port, spawn, stop_in_order
+from hexgen.wire import keys as C
 
 DEFAULT_QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.",
                      "Give me three tips for learning to code.")
@@ -46,31 +44,20 @@ class DemoOptions:
 
 
 @dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen
-    log: str
-
-
-@dataclass
 class Deployment:
     """The demo's processes; :meth:`shutdown` stops them in order and reaps every one."""
 
     work_dir: str
     port: int = 0
-    children: list[_Child] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def spawn(self, name: str, argv: list[str]) -> _Child:
-        log = os.path.join(self.work_dir, f"{name}.log")
-        with open(log, "ab") as f:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "HEXGEN_LOG_LEVEL": "INFO", "TQDM_DISABLE": "1"}
-            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
-        child = _Child(name, proc, log)
+    def spawn(self, name: str, argv: list[str]) -> Child:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HEXGEN_LOG_LEVEL": "INFO", "TQDM_DISABLE": "1"}
+        child = spawn(name, argv, os.path.join(self.work_dir, f"{name}.log"), env=env)
         self.children.append(child)
         return child
 
@@ -78,44 +65,14 @@ class Deployment:
         for c in self.children:
             if c.proc.poll() is not None:
                 raise DemoError(f"{c.name} exited with code {c.proc.returncode}; last lines of {c.log}:\n"
-                                f"{_tail(c.log)}")
+                                f"{c.tail()}")
 
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Workers first (they drain), then the head, then redis-server; kill whatever overstays."""
         order = [c for c in self.children if c.name.startswith("worker")] + \
                 [c for c in self.children if c.name == "head"] + \
                 [c for c in self.children if c.name == "redis-server"]
-        for group in (order[:-2], order[-2:-1], order[-1:]):
-            for c in group:
-                if c.proc.poll() is None:
-                    c.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            for c in group:
-                try:
-                    c.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-        for c in self.children:  # each child leads its own session: reap its whole process group
-            try:
-                os.killpg(c.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if c.proc.poll() is None:
-                c.proc.wait(5)
-
-
-def _tail(path: str, lines: int = 25) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return "".join(f.read().replace("\r", "\n").splitlines(True)[-lines:])
-    except OSError:
-        return ""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        stop_in_order((order[:-2], order[-2:-1], order[-1:]), grace_s)
 
 
 def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str, ...] = ()) -> None:
@@ -127,7 +84,7 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str,
     import redis
 
     for _ in range(5):
-        dep.port = _free_port()
+        dep.port = free_port()
         child = dep.spawn("redis-server", [binary, "--port", str(dep.port), "--bind", "127.0.0.1", "--dir",
                                            dep.work_dir, "--save", "", "--appendonly", "no", *extra_args])
         deadline = time.monotonic() + timeout_s
@@ -140,7 +97,7 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str,
         child.proc.kill()
         child.proc.wait()
         dep.children.remove(child)  # the port was taken in the meantime: try another
-    raise DemoError(f"redis-server did not start; see {child.log}:\n{_tail(child.log)}")
+    raise DemoError(f"redis-server did not start; see {child.log}:\n{child.tail()}")
 
 
 def write_config(path: str, url: str, model_dir: str | None, opts: DemoOptions, dtype: str = "fp32",

@@ -1,0 +1,1 @@
+"""The head: reads requests, validates and tokenizes them, submits work, watches health and placement."""
