@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast model redis clean
+.PHONY: install demo lint test test-fast model redis clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ model: install
 demo: install redis model
 	$(PY) -m hexgen.cli demo
 
-test: install redis
+# The quality gate: ruff (lint + format check) and mypy over the packages; settings in pyproject.toml.
+lint: install
+	$(PY) -m ruff check hexgen workers
+	$(PY) -m ruff format --check hexgen workers
+	$(PY) -m mypy
+
+test: install redis lint
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from hexgen.errors import HexGenError
 from hexgen.wire import keys as C
@@ -68,7 +69,7 @@ class GenerationStream:
     resumed request never shows a token twice.
     """
 
-    def __init__(self, client: "HexGenClient", fields: dict[str, str], request_id: str,
+    def __init__(self, client: HexGenClient, fields: dict[str, str], request_id: str,
                  timeout_s: float | None) -> None:
         self._client = client
         self._fields = fields
@@ -133,10 +134,11 @@ class HexGenClient:
         self.block_ms = block_ms
         self.timeout_s = timeout_s
         self._own = redis is None
-        self.redis = redis if redis is not None else async_redis(
+        # any redis.asyncio-compatible client (fakeredis in tests): redis-py's own annotations mix sync and async
+        self.redis: Any = redis if redis is not None else async_redis(
             self.url, socket_timeout=C.socket_timeout_for(block_ms))
 
-    async def __aenter__(self) -> "HexGenClient":
+    async def __aenter__(self) -> HexGenClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

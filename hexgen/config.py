@@ -65,7 +65,7 @@ class ModelConfig:
         return dict(self.rope_scaling)
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face LlamaConfig dict (old rope_theta/rope_scaling or new rope_parameters)."""
         arch = d.get("model_type", "llama")
         if arch not in ("llama", "mistral"):
@@ -103,7 +103,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: str) -> "ModelConfig":
+    def from_dir(cls, model_dir: str) -> ModelConfig:
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"model: {model_dir!r} has no config.json (expected a Hugging Face model "
@@ -215,7 +215,7 @@ class Layout:
 
     @classmethod
     def build(cls, model: ModelConfig, hetero_config: list[int] | tuple[int, ...] | None,
-              pp_partition: list[int] | tuple[int, ...] | None = None) -> "Layout":
+              pp_partition: list[int] | tuple[int, ...] | None = None) -> Layout:
         """Validate a layout against a model; the partition defaults to layers in proportion to TP."""
         hetero = tuple(int(t) for t in (hetero_config or (1,)))
         for t in hetero:
@@ -392,7 +392,7 @@ class EngineConfig:
     micro_batches: int = 0  # 0: one per stage
     cuda_graphs: bool = False
     async_steps: bool = True  # one-stage TP 1 pipelines: enqueue step N+1 before step N's ids reach the host
-    async_steps_tp: bool = False  # the same for one-stage TP > 1 pipelines (docs/benchmarks.md)
+    async_steps_tp: bool = False  # the same for one-stage TP > 1 pipelines (opt-in: not yet measured under load)
     seed: int = 0  # random-weight initialisation seed
     collect_logits: bool = False  # attach float32 logits to every StepOutput (tests, debugging)
     kernels: KernelConfig = KernelConfig()

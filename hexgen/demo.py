@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from hexgen.errors import HexGenError
 from hexgen.procs import Child, free_port, spawn, stop_in_order
@@ -157,7 +158,7 @@ async def ask_all(url: str, questions: tuple[str, ...], max_new_tokens: int, out
         streams = [client.stream(messages=[{"role": "user", "content": q}], max_new_tokens=max_new_tokens,
                                  temperature=0) for q in questions]
         queues: list[asyncio.Queue] = [asyncio.Queue() for _ in streams]
-        stats = [{"id": s.id, "tokens": 0, "first": None, "end": None} for s in streams]
+        stats: list[dict[str, Any]] = [{"id": s.id, "tokens": 0, "first": None, "end": None} for s in streams]
         t0 = time.monotonic()
 
         async def pump(i: int) -> None:

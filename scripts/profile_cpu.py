@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where a CPU decode step's time goes (docs/benchmarks.md, "CPU linear layouts" and "CPU batched decode").
+"""Where a CPU decode step's time goes (the CPU rows of docs/benchmarks.md).
 
     python scripts/profile_cpu.py --model DIR [--rows 1 4 8 64 256] [--batch 64] [--ctx 64 400]
 

@@ -48,8 +48,8 @@ from hexgen.wire import trace  # noqa: E402
 HOPS = (
     ("scheduled arrival -> client XADD (client's event loop)", "arrival", "send"),
     ("client XADD -> head has the entry (XREADGROUP)", "send", "head_read"),
-    ("head: validate, tokenize (before round 4: + dedupe MULTI)", "head_read", "head_tok"),
-    ("head: queue-depth check (round 4: in the submit script)", "head_tok", "head_send"),
+    ("head: validate, tokenize", "head_read", "head_tok"),
+    ("head: queue-depth check (in the submit script)", "head_tok", "head_send"),
     ("head submit script / MULTI -> prefetch thread's XREADGROUP", "head_send", "src_read"),
     ("prefetch queue -> engine loop takes it (end of a running step)", "src_read", "src_take"),
     ("engine loop took it -> first token sampled (prefill)", "src_take", "emit"),

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. Append new fixtures below; don't remove others' code."""
+"""Shared pytest fixtures: a real redis-server, the default model, the tiny tokenizer, a fakeredis server."""
 from __future__ import annotations
 
 import os

@@ -79,6 +79,7 @@ async def test_error_after_tokens_raises(client, fake):
     assert seen == [TokenEvent(0, (1,), "a")]
 
 
+@pytest.mark.perf
 async def test_timeout(fake):
     async with HexGenClient(redis=fake, block_ms=1000, timeout_s=0.2) as c:
         t0 = time.monotonic()

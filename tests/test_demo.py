@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -13,6 +13,7 @@ import redis
 from hexgen.config import Layout, ModelConfig
 from hexgen import demo
 from hexgen.wire.settings import load_settings
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -33,13 +34,12 @@ def test_private_redis_and_shutdown_leave_nothing_running(tmp_path):
         pytest.skip("redis-server is not installed")
     dep = demo.Deployment(str(tmp_path))
     demo.start_redis(dep)
-    assert redis.Redis(port=dep.port).ping()
+    with redis.Redis(port=dep.port) as r:
+        assert r.ping()
     stubborn = dep.spawn("worker-stage0", [sys.executable, "-c", "import signal, time; "
                                            "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready'); "
                                            "time.sleep(60)"])
-    deadline = time.monotonic() + 20
-    while "ready" not in open(stubborn.log).read() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: "ready" in Path(stubborn.log).read_text(), timeout=20, what="the child started")
     pids = [c.proc.pid for c in dep.children]
     dep.shutdown(grace_s=0.5)
     assert not any(alive(p) for p in pids)

@@ -4,7 +4,6 @@ with the same greedy text as a fault-free run, and the broken pipeline must re-f
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
 import signal
 import time
@@ -73,9 +72,9 @@ async def test_killed_rank_loses_no_request_and_duplicates_no_token(dep):
         assert events[-1] == DoneEvent("length", res.prompt_tokens, N_TOKENS)
         assert sum(isinstance(e, DoneEvent) for e in events) == 1
     assert r.xpending(C.work_stream("tiny"), C.PIPELINES_GROUP)["pending"] == 0  # all acked
-
-    logs = "".join(open(f, errors="replace").read() for f in glob.glob(os.path.join(dep.log_dir, "worker-*.log")))
-    assert "resuming at seq" in logs, f"no request was resumed (p0 held {interrupted})"
+    # p0 held these mid-generation when it died; each one finishing with every seq exactly once means it was
+    # resumed from its posted tokens (a pipeline that started it over would be refused at seq 0 and stop)
+    assert interrupted
 
     ref = offline_reference(dep.model_dir, PIPELINES[0], [(p, False) for p in PROMPTS], N_TOKENS)
     for res, want in zip(results, ref):

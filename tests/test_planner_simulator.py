@@ -12,7 +12,7 @@ from hexgen.planner.simulator import SimConfig, SimResult, max_rate_under_slo, p
     saturated_rate, simulate
 
 
-# -- stubs shaped like API.md's Plan / ReplicaPlan / StagePlan / Cluster / CostModel ---------------------------
+# -- stubs shaped like hexgen.planner.search's Plan / ReplicaPlan / StagePlan / Cluster / CostModel ------------
 @dataclass(frozen=True)
 class Dev:
     name: str
@@ -296,6 +296,7 @@ def test_latency_grows_with_load():
     assert lat[0] < lat[1] < lat[2]
 
 
+@pytest.mark.perf
 def test_2000_requests_is_fast():
     plan = make_plan([(FAST, 8), (SLOW, 4)], [(FAST, 6), (FAST, 6)], [(SLOW, 12)])
     t0 = time.perf_counter()

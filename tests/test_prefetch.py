@@ -22,6 +22,7 @@ from hexgen.wire.protocol import (
     parse_event,
     token_event,
 )
+from tests.waiting import wait_until
 from workers.intake import Prefetcher, RedisSource
 from workers.io_config import IOConfig
 
@@ -114,7 +115,7 @@ def make_source(server):
         s.close()
 
 
-def test_delivers_entries_in_order_and_an_idle_take_wakes_on_new_work(make_prefetcher, r):
+def test_delivers_entries_in_order(make_prefetcher, r):
     p, admit = make_prefetcher()
     assert p.take(4, 0.3) == []  # the group does not exist yet: the thread creates it, nothing comes
     entries = [add_work(r, f"a{i}") for i in range(3)]
@@ -122,6 +123,12 @@ def test_delivers_entries_in_order_and_an_idle_take_wakes_on_new_work(make_prefe
     assert [q.request_id for q in got] == ["a0", "a1", "a2"]
     assert [q.meta["entry"] for q in got] == entries
     assert all(resumed is False and n == 1 for _, _, resumed, n in admit.calls)
+
+
+@pytest.mark.perf
+def test_an_idle_take_wakes_on_new_work(make_prefetcher, r):
+    p, _ = make_prefetcher()
+    assert p.take(4, 0.3) == []
     t_add = []
     threading.Timer(0.3, lambda: t_add.append(add_work(r, "late"))).start()
     t0 = time.monotonic()
@@ -135,16 +142,16 @@ def test_holds_no_more_than_the_engine_can_take(make_prefetcher, r):
         add_work(r, f"b{i}")
     assert p.take(0, 0.0) == [] and p.take(2, 0.0) == []  # the engine has room for two
     assert wait_for(lambda: p.held == 2)
-    time.sleep(0.3)
+    time.sleep(0.3)  # the test is that nothing more happens meanwhile
     assert p.held == 2 and len(pending(r)) == 2  # the other four stay in the stream for other pipelines
     got = p.take(1, 0.0)  # room for one only now: take one; what it took leaves room for none
     assert [q.request_id for q in got] == ["b0"]
-    time.sleep(0.3)
+    time.sleep(0.3)  # nothing more is read meanwhile
     assert p.held == 1 and len(pending(r)) == 2
     got = p.take(5, 0.0)  # a request finished: room for five
     assert [q.request_id for q in got] == ["b1"]
     assert wait_for(lambda: p.held == 4)
-    time.sleep(0.3)
+    time.sleep(0.3)  # nothing more is read meanwhile
     assert p.held == 4 and len(pending(r)) == 6
 
 
@@ -189,11 +196,12 @@ def test_pause_stops_reading_and_queued_requests_are_still_taken(make_prefetcher
     assert not p.exhausted()
     assert [q.request_id for q in p.take(8, 0.0)] == ["d0", "d1"]
     assert wait_for(p.exhausted)
-    time.sleep(0.3)
+    time.sleep(0.3)  # the test is that nothing is read meanwhile
     assert p.take(8, 0.2) == []
     assert len(pending(r)) == 2  # "after" was not read
 
 
+@pytest.mark.perf
 def test_close_returns_promptly_while_the_read_blocks(make_prefetcher, r):
     p, _ = make_prefetcher(block_ms=30_000, control_block_ms=300)
     assert p.take(4, 0.5) == []  # the thread now sits in XREADGROUP
@@ -276,12 +284,14 @@ def real(redis_server):
         m.close()
 
 
+@pytest.mark.perf
 def test_real_redis_an_idle_read_wakes_on_new_work_and_close_is_prompt(real):
     client, source = real
     r = client()
     src = source("p0", lease_s=60.0, block_ms=20_000, control_block_ms=1000)  # claims due every 6 s
     assert src.poll(4, 0.2) == []
-    time.sleep(0.2)  # the prefetch thread blocks in XREADGROUP now
+    wait_until(lambda: any(c.get("cmd") == "xreadgroup" for c in r.client_list()),
+               what="the prefetch thread blocks in XREADGROUP")
     t0 = time.monotonic()
     add_work(r, "wake")
     got = []

@@ -8,6 +8,7 @@ import fakeredis
 import pytest
 
 from hexgen.wire import keys as C
+from tests.waiting import wait_until
 from workers.registry import (STATE_DRAINING, STATE_FORMING, Heartbeat, Registry, RegistryError,
                                      worker_id)
 
@@ -75,7 +76,7 @@ def test_pipeline_forms_when_all_ranks_registered_in_any_order(make_registry):
         recs[0].extra["instance"], advertise_host=None, redis_url="redis://localhost:6379/0", timeout_s=10,
         interval_s=0.02)))
     leader.start()
-    time.sleep(0.2)
+    time.sleep(0.2)  # the test is that nothing forms meanwhile
     assert 0 not in results, "formed before every rank registered"
     recs[1] = register(regs[1], 1, stage=1, tp_rank=0)
     join(1)
@@ -154,18 +155,16 @@ def test_heartbeat_refreshes_and_watchdog_fires_after_strikes(make_registry, ser
     hb0.watch(lambda: reg.check_peers(0, gen), broken.append)
     hb0.start()
     hb1.start()
-    time.sleep(1.3)  # longer than the TTL: only the refreshes keep the keys
+    time.sleep(1.3)  # the test is that time passes: longer than the TTL, only the refreshes keep the keys
     assert reg.r.exists(C.heartbeat_key("p0:0"), C.heartbeat_key("p0:1")) == 2
     assert broken == []
     server.connected = False  # a Redis outage is neither fatal nor a dead peer
-    time.sleep(0.3)
+    time.sleep(0.3)  # an outage of several heartbeat intervals
     server.connected = True
     assert hb0.is_alive() and broken == []
     hb1.stop()
     reg.r.delete(C.heartbeat_key("p0:1"))  # as if rank 1 was killed and its TTL ran out
-    deadline = time.monotonic() + 5
-    while not broken and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert broken and broken[0] == "peer rank 1 lost its heartbeat"
+    wait_until(lambda: broken, timeout=5, what="the watchdog fired")
+    assert broken[0] == "peer rank 1 lost its heartbeat"
     hb0.stop()
     assert not hb0.is_alive()

@@ -197,7 +197,7 @@ def test_step_stats_count_what_was_sent():
 
 def test_sequences_compare_by_identity():
     """Membership tests in running/waiting run per sequence per step: they must not compare token lists
-    (an O(batch² × tokens) cost that took 16 ms a step at 256 sequences; docs/benchmarks.md, run 13)."""
+    (an O(batch² × tokens) cost: milliseconds a step at 256 sequences)."""
     s = make()
     s.add(req("a", 4))
     s.add(req("a2", 4))

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,6 +21,7 @@ from hexgen.wire.settings import (
     Settings,
     load_settings,
 )
+from tests.waiting import wait_until
 from workers.options import (
     EXIT_CONFIG,
     WorkerOptions,
@@ -105,23 +108,41 @@ def test_cli_reports_config_errors(tmp_path):
 
 
 def test_worker_waits_for_redis_and_stops_cleanly_on_sigterm(tmp_path):
-    """No Redis yet: the rank keeps retrying registration; SIGTERM then ends the worker with status 0."""
+    """No Redis yet (a socket that hangs up on every connection): the rank keeps retrying registration;
+    SIGTERM then ends the worker with status 0."""
+    hang_up = socket.socket()
+    hang_up.bind(("127.0.0.1", 0))
+    hang_up.listen(16)
+    hang_up.settimeout(0.2)
+    attempts: list[float] = []
+    stop = threading.Event()
+
+    def refuse() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = hang_up.accept()
+            except OSError:
+                continue
+            attempts.append(time.monotonic())
+            conn.close()
+
+    threading.Thread(target=refuse, daemon=True).start()
     cfg = tmp_path / "w.toml"
-    cfg.write_text('[redis]\nurl = "redis://127.0.0.1:9/0"\n[model]\npreset = "tiny"\n'
+    cfg.write_text(f'[redis]\nurl = "redis://127.0.0.1:{hang_up.getsockname()[1]}/0"\n[model]\npreset = "tiny"\n'
                    '[[pipelines]]\nid = "p0"\nhetero_config = [1]\n')
     log = tmp_path / "worker.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "hexgen.cli", "worker", "--config", str(cfg), "--stage",
                                  "0", "--log-level", "INFO"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while "cannot register" not in log.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        assert "cannot register" in log.read_text()
+        wait_until(lambda: len(attempts) >= 2 or proc.poll() is not None, timeout=60,
+                   what="the rank connected to Redis twice (it retries)")
+        assert proc.poll() is None, log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     finally:
+        stop.set()
+        hang_up.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

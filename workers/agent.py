@@ -221,7 +221,7 @@ class Agent:
         """SIGTERM the roles' workers (they drain their pipelines) and wait; a second signal kills them."""
         procs = [self.roles.pop(r) for r in roles]
         for r, p in zip(roles, procs):
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 log.info("draining %s", r.describe())
                 os.kill(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.opts.drain_timeout_s + 15
@@ -269,7 +269,7 @@ class Agent:
 
     def _reap(self) -> None:
         for role, p in self.roles.items():
-            if p.exitcode is not None and p.pid not in self.reported:
+            if p.exitcode is not None and p.pid is not None and p.pid not in self.reported:
                 self.reported.add(p.pid)
                 (log.info if p.exitcode == 0 else log.warning)(
                     "%s exited with status %d; waiting for the next assignment", role.describe(), p.exitcode)

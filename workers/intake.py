@@ -19,13 +19,13 @@ Cancellation. Every source reads ``hexgen:cancel`` with a plain XREAD in a threa
 while in flight are handed to the engine by :meth:`RedisSource.poll_cancelled`; ids cancelled before their
 work entry arrived are finished at admission with ``done cancelled``.
 
-Prefetch. The :class:`Prefetcher` thread blocks in XREADGROUP (BLOCK) on ``hexgen:work:<model>`` for the ``pipelines`` group, claims stale
-pending entries (this pipeline's own after half a lease with XCLAIM, dead pipelines' after a lease with
-XAUTOCLAIM) every ``lease_s / 10``, turns the entries into requests with the source's ``admit`` (decoding,
-dead letters, resume from posted tokens, cancels, duplicates; above) and queues
-them. The engine loop takes them with :meth:`Prefetcher.take`: without waiting while it is busy, with a
-timeout while it is idle. It makes no Redis call to take work, so a request that lands during a step waits
-for the step to end, not for the step and a read.
+Prefetch. The :class:`Prefetcher` thread blocks in XREADGROUP (BLOCK) on ``hexgen:work:<model>`` for the
+``pipelines`` group, claims stale pending entries (this pipeline's own after half a lease with XCLAIM, dead
+pipelines' after a lease with XAUTOCLAIM) every ``lease_s / 10``, turns the entries into requests with the source's
+``admit`` (decoding, dead letters, resume from posted tokens, cancels, duplicates; above) and queues them. The
+engine loop takes them with :meth:`Prefetcher.take`: without waiting while it is busy, with a timeout while it is
+idle. It makes no Redis call to take work, so a request that lands during a step waits for the step to end, not for
+the step and a read.
 
 Bound. The thread asks for at most ``want - held`` entries (XREADGROUP and claims' COUNT): ``want`` is the
 engine's free capacity (``max_num_seqs`` less the requests it has running or waiting) as of its last
@@ -47,8 +47,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
@@ -122,7 +123,7 @@ class Prefetcher:
         self._group_ok = False
         self._thread = threading.Thread(target=self._run, name="work-prefetch", daemon=True)
 
-    def start(self) -> "Prefetcher":
+    def start(self) -> Prefetcher:
         """Start the reading thread; returns self."""
         self._thread.start()
         return self
@@ -309,7 +310,7 @@ class RedisSource:
         self._threads = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True),
                          threading.Thread(target=self._watch_control, name="cancel-reader", daemon=True)]
 
-    def start(self) -> "RedisSource":
+    def start(self) -> RedisSource:
         """Start the lease keeper, the cancel reader and the prefetch thread; returns self."""
         for t in self._threads:
             t.start()
@@ -403,19 +404,8 @@ class RedisSource:
             self._dead_letter(eid, req.request_id, f"delivered {deliveries} times; the pipelines serving it "
                               "kept failing", deliveries)
             return None
-        if resumed:
-            try:
-                posted, ended = read_posted(self._r, req.request_id)
-            except ProtocolError as e:
-                self._dead_letter(eid, req.request_id, str(e), deliveries)
-                return None
-            if ended:
-                self._r.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
-                return None
-            req.output_ids = posted
-            if len(posted) >= req.params.max_new_tokens:
-                self._finish(eid, req, "length")
-                return None
+        if resumed and not self._resume(eid, req, deliveries):
+            return None
         with self._lock:
             cancelled = req.request_id in self._cancelled
             duplicate = self._inflight.get(req.request_id)
@@ -434,6 +424,23 @@ class RedisSource:
             log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids),
                      deliveries)
         return req
+
+    def _resume(self, eid: str, req: Request, deliveries: int) -> bool:
+        """A redelivered request continues from the tokens already posted; False when it is settled here
+        (unreadable result stream: dead letter; already ended: acked; no tokens left: ``done length``)."""
+        try:
+            posted, ended = read_posted(self._r, req.request_id)
+        except ProtocolError as e:
+            self._dead_letter(eid, req.request_id, str(e), deliveries)
+            return False
+        if ended:
+            self._r.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+            return False
+        req.output_ids = posted
+        if len(posted) >= req.params.max_new_tokens:
+            self._finish(eid, req, "length")
+            return False
+        return True
 
     def _finish(self, eid: str, req: Request, reason: str) -> None:
         """Post ``done`` for a request the engine never saw, then ack its entry."""

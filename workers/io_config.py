@@ -28,9 +28,9 @@ class IOConfig:
     flush_timeout_s: float = 30.0  # RedisSink.close() waits this long for pending writes
 
     @classmethod
-    def from_settings(cls, settings: Settings, pipeline_id: str, **overrides: Any) -> "IOConfig":
+    def from_settings(cls, settings: Settings, pipeline_id: str, **overrides: Any) -> IOConfig:
         lim = settings.limits
-        kw = dict(redis_url=settings.redis.url, model=settings.model.name, pipeline_id=pipeline_id,
+        kw: dict[str, Any] = dict(redis_url=settings.redis.url, model=settings.model.name, pipeline_id=pipeline_id,
                   lease_s=lim.lease_s, max_deliveries=lim.max_deliveries, block_ms=lim.block_ms,
                   result_ttl_s=lim.result_ttl_s)
         kw.update(overrides)

@@ -1,6 +1,6 @@
-"""One rank process (:func:`rank_main`, started by :mod:`workers.supervisor`) registers in Redis, heartbeats from a daemon thread, forms or joins
-the pipeline's current generation (:mod:`workers.registry`), then runs the engine's ``run_rank``
-with a Redis source (stage-0 leader) and sink (last-stage leader).
+"""One rank process (:func:`rank_main`, started by :mod:`workers.supervisor`) registers in Redis, heartbeats from a
+daemon thread, forms or joins the pipeline's current generation (:mod:`workers.registry`), then runs the engine's
+``run_rank`` with a Redis source (stage-0 leader) and sink (last-stage leader).
 
 Watchdog and restart. After joining a generation, every rank's heartbeat thread also checks its peers
 (:meth:`Registry.check_peers`): when a peer's heartbeat expires, a peer restarted (new instance token) or

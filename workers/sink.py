@@ -163,7 +163,7 @@ class RedisSink:
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
 
-    def start(self) -> "RedisSink":
+    def start(self) -> RedisSink:
         """Start the writer thread; returns self."""
         self._thread.start()
         return self
@@ -240,8 +240,8 @@ class RedisSink:
                     return
                 time.sleep(self._backoff.delay)
 
-    def _write(self, outs: list[_Out]) -> None:
-        picked = time.monotonic() if trace.ENABLED else 0.0
+    def _posts(self, outs: list[_Out]) -> list[Post]:
+        """The events of ``outs`` to post (none for requests another pipeline now posts)."""
         posts: list[Post] = []
         for o in outs:
             if o.request_id in self._lost:
@@ -255,6 +255,11 @@ class RedisSink:
                     log.error("request %s: %s", o.request_id, e)
                     final = error_event(INTERNAL, f"the engine ended the request with {o.finish_reason!r}")
                 posts.append(Post(o.request_id, o.seq + len(o.ids), final, o.entry or ""))
+        return posts
+
+    def _write(self, outs: list[_Out]) -> None:
+        picked = time.monotonic() if trace.ENABLED else 0.0
+        posts = self._posts(outs)
         statuses = self._poster.post(posts)
         posted = time.monotonic() if trace.ENABLED else 0.0
         for post, status in zip(posts, statuses):
@@ -276,7 +281,7 @@ class RedisSink:
             return
         pipe = self._r.pipeline(transaction=False)
         for o in traced:
-            fields = {k: repr(v) for k, v in {**o.trace, "picked": picked, "posted": posted}.items()}
+            fields = {k: repr(v) for k, v in {**(o.trace or {}), "picked": picked, "posted": posted}.items()}
             pipe.xadd(C.TRACE_STREAM, {"id": o.request_id, **fields}, maxlen=C.TRACE_STREAM_MAXLEN,
                       approximate=True)
         pipe.execute()

@@ -6,10 +6,10 @@ source stops taking work, in-flight requests finish, every rank leaves ``run_ran
 A rank still running ``drain_timeout_s`` after the signal exits with EXIT_DRAIN_TIMEOUT; its entries stay
 pending and another pipeline takes them over after the lease. A second signal to the parent kills the ranks.
 
-Restart. When a rank exits non-zero, the parent kills its other local ranks (their generation is broken) and, unless ``restart`` is off, starts fresh ranks after a backoff
-(1 s doubling to 30 s); they register new instance tokens, so the pipeline re-forms as a new generation
-once every stage's ranks are back. Past ``max_restarts`` restarts within ``restart_window_s`` the parent
-gives up and exits 1. A configuration error (EXIT_CONFIG) is never retried.
+Restart. When a rank exits non-zero, the parent kills its other local ranks (their generation is broken) and, unless
+``restart`` is off, starts fresh ranks after a backoff (1 s doubling to 30 s); they register new instance tokens, so
+the pipeline re-forms as a new generation once every stage's ranks are back. Past ``max_restarts`` restarts within
+``restart_window_s`` the parent gives up and exits 1. A configuration error (EXIT_CONFIG) is never retried.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class Worker:
 
     def kill_ranks(self, sig: int = signal.SIGKILL, grace_s: float = 5.0) -> None:
         for p in self.procs:
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, sig)
         deadline = time.monotonic() + grace_s
         for p in self.procs:
@@ -87,7 +87,7 @@ class Worker:
         finally:
             client.close()
         for p in self.procs:
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.opts.drain_timeout_s + 15
         while any(p.is_alive() for p in self.procs):
@@ -109,6 +109,23 @@ class Worker:
             return None
         return min(30.0, 2.0 ** (len(self.restarts) - 1))
 
+    def _restart(self, bad: int) -> int | None:
+        """After a rank exited with ``bad``: stop the stage's other ranks and start fresh ones after the backoff;
+        the exit code instead when that is not done (a configuration error, too many restarts, a signal)."""
+        log.warning("a rank exited with code %s; stopping this stage's other ranks", bad)
+        self.kill_ranks()
+        delay = None if bad == EXIT_CONFIG else self._restart_delay()
+        if delay is None:
+            return EXIT_CONFIG if bad == EXIT_CONFIG else EXIT_FAILED
+        log.info("restarting ranks %s in %.0fs", self.stage.ranks, delay)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not self.signals:
+            time.sleep(0.1)
+        if self.signals:
+            return EXIT_OK
+        self.start_ranks()
+        return None
+
     def run(self) -> int:
         """Run until the pipeline drains (0), a signal drains it, or a failure that is not restarted."""
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -126,19 +143,9 @@ class Worker:
                         log.info("pipeline %s drained; exiting", self.opts.pipeline_id)
                         return EXIT_OK
                     continue
-                bad = next(c for c in codes if c not in (None, 0))
-                log.warning("a rank exited with code %s; stopping this stage's other ranks", bad)
-                self.kill_ranks()
-                delay = None if bad == EXIT_CONFIG else self._restart_delay()
-                if delay is None:
-                    return EXIT_CONFIG if bad == EXIT_CONFIG else EXIT_FAILED
-                log.info("restarting ranks %s in %.0fs", self.stage.ranks, delay)
-                deadline = time.monotonic() + delay
-                while time.monotonic() < deadline and not self.signals:
-                    time.sleep(0.1)
-                if self.signals:
-                    return EXIT_OK
-                self.start_ranks()
+                code = self._restart(next(c for c in codes if c not in (None, 0)))
+                if code is not None:
+                    return code
         finally:
             if any(p.is_alive() for p in self.procs):
                 self.kill_ranks()

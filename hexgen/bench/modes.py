@@ -36,7 +36,7 @@ class BenchSetup:
 
 def device_info(engine: EngineConfig) -> dict:
     info = {"device": engine.device, "torch": torch.__version__, "dtype": engine.dtype,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "host_cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
             "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()],  # other work on the host, at the end
             "kernels": engine.kernels.describe()}

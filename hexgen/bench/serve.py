@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from hexgen.bench.engine_bench import run_engine
 from hexgen.bench.memory import memory_lines, memory_summary
@@ -160,7 +160,7 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     if setup.engine.emulate_devices:
         over["emulate_devices"] = setup.engine.emulate_devices
     m = setup.model
-    model = ModelSettings(preset=m.preset) if m.preset else ModelSettings(path=m.model_dir)
+    model = ModelSettings(preset=m.preset) if m.preset else ModelSettings(path=cast(str, m.model_dir))
     settings = Settings(model=model, dtype=setup.engine.dtype,
                         device=setup.engine.device,
                         pipelines=(PipelineSettings(PIPELINE_ID, setup.layout.hetero_config,
@@ -335,7 +335,7 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
     source = None
     if opts.direct_input == "text":
         source = TokenizingSource(phases, {i.request.request_id: i.text for i in direct_warm + direct},
-                                  serve_tokenizer_dir(setup, opts))
+                                  cast(str, serve_tokenizer_dir(setup, opts)))  # serve_tokenizer checked it
     run = run_engine(setup.layout, setup.model, setup.engine, phases, setup.devices, source=source)
     direct_timings = [run.timings[i.request.request_id] for i in direct]
     direct_sum = summarize(direct_timings)

@@ -49,7 +49,7 @@ def poisson_offsets(n: int, rate: float, seed: int = 0) -> list[float]:
         raise ValueError(f"rate: {rate!r} must be a finite number > 0")
     rng = random.Random(seed)
     t, out = 0.0, []
-    for i in range(n):
+    for _ in range(n):
         out.append(t)
         t += rng.expovariate(1.0) / rate
     return out

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from hexgen.cli.generate import add_layout_args, resolve_model
 from hexgen.config import Layout, ModelConfig, normalize_dtype, preset, valid_tp_degrees
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except HexGenError as e:
         print(f"hexgen plan: {e}", file=sys.stderr)
         return 2
-    stages = [{"stage": s.index, "tp": s.tp, "layers": [s.layer_start, s.layer_end - 1], "ranks": s.ranks}
-              for s in layout.stages()]
+    stages: list[dict[str, Any]] = [
+        {"stage": s.index, "tp": s.tp, "layers": [s.layer_start, s.layer_end - 1], "ranks": s.ranks}
+        for s in layout.stages()]
     if args.json:
         print(json.dumps({"layout": layout.describe(), "world_size": layout.world_size, "stages": stages,
                           "valid_tp_degrees": valid_tp_degrees(cfg)}))
@@ -99,7 +101,8 @@ def _plan_cluster(args: argparse.Namespace) -> int:
                            "rate": o.plan.rate if o.plan else 0.0, "reason": o.reason} for o in pure],
             "out": args.out}))
         return 0
-    notes = [f"{o.name} (TP {o.tp} x PP {o.pp}): " + (o.reason or f"{o.plan.rate:.2f} req/s") for o in pure]
+    notes = [f"{o.name} (TP {o.tp} x PP {o.pp}): "
+             + (o.reason if o.reason or o.plan is None else f"{o.plan.rate:.2f} req/s") for o in pure]
     print(plan_table(plan, baseline=baseline, notes=notes))
     if args.out:
         print(f"wrote {args.out}: bin/head --config {args.out}; workers: see the comments in the file")

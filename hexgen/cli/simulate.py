@@ -12,6 +12,7 @@ import math
 import random
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from hexgen.errors import ConfigError, HexGenError
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         from hexgen.planner.report import plan_to_dict
-        out = {"plan": plan_to_dict(plan), "result": res.as_dict()}
+        out: dict[str, Any] = {"plan": plan_to_dict(plan), "result": res.as_dict()}
         if max_rate is not None:
             out["max_rate_under_slo"] = max_rate
             out["attainment"] = args.attainment

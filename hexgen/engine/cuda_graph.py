@@ -12,7 +12,7 @@ eagerly, uncaptured.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import time
-from typing import Callable
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 
 from hexgen.config import EngineConfig, Layout
 from hexgen.engine.pipeline import RankSpec, run_rank
@@ -22,13 +23,13 @@ class LaunchError(HexGenError):
 
 def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,
                 source_factory: Callable[[], RequestSource], sink_factory: Callable[[], OutputSink],
-                devices: list[int] | None = None, report: Callable | None = None) -> list[mp.Process]:
+                devices: list[int] | None = None, report: Callable | None = None) -> list[BaseProcess]:
     """Spawn every rank of ``layout`` on this host; rank 0 gets the source, the last leader the sink, and
     every rank ``report`` (picklable; see run_rank)."""
     init = f"tcp://127.0.0.1:{free_port()}"
     last = layout.stages()[-1].leader
     ctx = mp.get_context("spawn")
-    procs = []
+    procs: list[BaseProcess] = []
     for rank in range(layout.world_size):
         dev = devices[rank] if devices else None
         spec = RankSpec(rank, layout, model, engine, init, dev)
@@ -40,7 +41,7 @@ def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,
     return procs
 
 
-def stop_ranks(procs: list[mp.Process], grace_s: float = 5.0) -> None:
+def stop_ranks(procs: list[BaseProcess], grace_s: float = 5.0) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -52,7 +53,7 @@ def stop_ranks(procs: list[mp.Process], grace_s: float = 5.0) -> None:
             p.join()
 
 
-def wait_ranks(procs: list[mp.Process], on_tick: Callable[[], None] | None = None,
+def wait_ranks(procs: list[BaseProcess], on_tick: Callable[[], None] | None = None,
                tick_s: float = 0.05) -> None:
     """Wait for every rank; if one fails, stop the others and raise LaunchError."""
     try:

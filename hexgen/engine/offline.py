@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgpack
 import torch
@@ -102,7 +102,7 @@ def run_offline(layout: Layout, model: ModelSpec, engine: EngineConfig, requests
     send.close()
 
     def drain() -> None:
-        while reports is not None and not reports.empty():
+        while reports is not None and on_report is not None and not reports.empty():
             on_report(RankReport.from_dict(reports.get()))
         while recv.poll(0.05):
             try:

@@ -74,7 +74,7 @@ class StepPlan:
         return msgpack.packb(d, use_bin_type=True)
 
     @classmethod
-    def decode(cls, data: bytes) -> "StepPlan":
+    def decode(cls, data: bytes) -> StepPlan:
         d = msgpack.unpackb(data, raw=False, strict_map_key=False)
         d["new_requests"] = [NewSequence.unpack(v) for v in d["new_requests"]]
         d["cancelled"] = [Abort.unpack(v) for v in d["cancelled"]]
@@ -95,5 +95,5 @@ class StepResult:
         return msgpack.packb(self.__dict__, use_bin_type=True)
 
     @classmethod
-    def decode(cls, data: bytes) -> "StepResult":
+    def decode(cls, data: bytes) -> StepResult:
         return cls(**msgpack.unpackb(data, raw=False, strict_map_key=False))

@@ -45,7 +45,7 @@ class RankReport:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RankReport":
+    def from_dict(cls, d: dict[str, Any]) -> RankReport:
         return cls(**d)
 
 

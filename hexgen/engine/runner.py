@@ -66,7 +66,7 @@ class StageRunner:
         self.n_kv_local = self.model.layers[0].attn.n_kv
         # TP > 1: decode-sized all-reduces take the symmetric-memory one-shot kernel (bf16/fp32), which
         # captures into the decode graphs with no NCCL work inside them. NCCL all-reduces captured in a
-        # graph hung on two H100s (docs/benchmarks.md), so without the one-shot kernel TP > 1 stays eager.
+        # graph hung on two H100s, so without the one-shot kernel TP > 1 stays eager.
         # The most sequences a step carries: max_num_seqs split over the micro-batches in flight.
         self.step_batch = max_step_batch(engine.max_num_seqs, engine.micro_batches or groups.layout.num_stages)
         fast_ar = self.kernels.all_reduce == "symm" and \

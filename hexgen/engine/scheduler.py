@@ -234,6 +234,20 @@ class Scheduler:
         # With P micro-batches in flight, each takes about 1/P of the sequences so every stage stays busy.
         share = -(-(len(self.running) + len(self.waiting)) // self.micro_batches)
         added: list[Sequence] = []
+        budget = self._schedule_running(plan, budget, share, ahead, added)
+        budget = self._admit_waiting(plan, budget, share, added)
+        if not plan.seq_ids and not plan.cancelled:
+            return None
+        self.stats.count(plan)
+        row = 0
+        for seq, samples in zip(added, plan.sample):
+            seq.sample_row = row if samples else -1
+            row += samples
+        return plan
+
+    def _schedule_running(self, plan: StepPlan, budget: int, share: int, ahead: bool,
+                          added: list[Sequence]) -> int:
+        """Running sequences' next chunks (preempting others for blocks); returns the token budget left."""
         preempted: set[int] = set()  # seq ids this call took out of running
         for seq in list(self.running):
             if len(plan.seq_ids) >= share or budget <= 0:
@@ -255,6 +269,10 @@ class Scheduler:
                 self._add_chunk(plan, seq, chunk)
                 added.append(seq)
                 budget -= chunk
+        return budget
+
+    def _admit_waiting(self, plan: StepPlan, budget: int, share: int, added: list[Sequence]) -> int:
+        """Waiting sequences admitted in order while blocks, budget and the share allow; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
                 and len(plan.seq_ids) < share:
             seq = self.waiting[0]
@@ -266,14 +284,7 @@ class Scheduler:
             self._add_chunk(plan, seq, chunk)
             added.append(seq)
             budget -= chunk
-        if not plan.seq_ids and not plan.cancelled:
-            return None
-        self.stats.count(plan)
-        row = 0
-        for seq, samples in zip(added, plan.sample):
-            seq.sample_row = row if samples else -1
-            row += samples
-        return plan
+        return budget
 
     def update(self, plan: StepPlan, result: StepResult) -> list[str]:
         """Apply the last stage's result; returns request ids released by this step."""

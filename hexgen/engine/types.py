@@ -50,7 +50,7 @@ class SamplingParams:
                 "stop": list(self.stop), "ignore_eos": self.ignore_eos}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         return cls(max_new_tokens=d["max_new_tokens"], temperature=d["temperature"], top_k=d["top_k"],
                    top_p=d["top_p"], seed=d.get("seed"), stop=tuple(d.get("stop") or ()),
                    ignore_eos=bool(d.get("ignore_eos", False)))
@@ -76,7 +76,7 @@ class Request:
                 "params": self.params.to_dict(), "output_ids": list(self.output_ids), "meta": self.meta}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Request":
+    def from_dict(cls, d: dict[str, Any]) -> Request:
         return cls(request_id=d["request_id"], prompt_ids=list(d["prompt_ids"]),
                    params=SamplingParams.from_dict(d["params"]), output_ids=list(d.get("output_ids") or []),
                    meta=dict(d.get("meta") or {}))

@@ -186,7 +186,7 @@ class PlacementLoop:
                     log.warning("placement: Redis error (%s); retrying", e)
                 try:
                     await asyncio.wait_for(self._stopping.wait(), self.interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             if self.leader:

@@ -142,7 +142,7 @@ class Head:
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stopping.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _read(self) -> list[tuple[str, dict]]:

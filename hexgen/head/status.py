@@ -73,7 +73,7 @@ class StatusReport:
 def group_depth(length: int, groups: list[dict], group: str) -> int:
     """:attr:`QueueStatus.depth` of ``group`` from an XLEN and an XINFO GROUPS reply (no XINFO CONSUMERS)."""
     for g in groups:
-        if as_text(g.get("name")) == group:
+        if as_text(g.get("name", b"")) == group:
             lag = g.get("lag")
             return QueueStatus("", group, length, int(g.get("pending") or 0), None if lag is None else int(lag)).depth
     return length
@@ -87,7 +87,7 @@ async def queue_status(r: Any, stream: str, group: str) -> QueueStatus:
     except ResponseError:  # no such key
         return QueueStatus(stream, group, 0, 0, 0)
     for g in groups:
-        if as_text(g.get("name")) == group:
+        if as_text(g.get("name", b"")) == group:
             lag = g.get("lag")
             consumers = {as_text(c["name"]): int(c["pending"]) for c in await r.xinfo_consumers(stream, group)}
             return QueueStatus(stream, group, length, int(g.get("pending") or 0),

@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from hexgen.engine.types import MAX_SEED, SamplingParams
 from hexgen.errors import ConfigError
@@ -143,7 +144,7 @@ def parse_request_id(fields: Mapping[str, str], entry_id: str) -> str:
 def peek_request_id(fields: Fields, entry_id: str) -> str:
     """Where a request's events go, even when the rest of it is invalid: its ``id`` field when that is a
     valid id, else the entry id. Never raises."""
-    raw = fields.get("id", fields.get(b"id"))  # type: ignore[call-overload]
+    raw = fields.get("id", fields.get(b"id"))
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -200,24 +201,31 @@ def _bool(name: str, raw: str) -> bool:
     raise InvalidRequest(f"{name}: {raw[:40]!r} must be one of 0, 1, true, false")
 
 
+def _temperature(raw: str) -> float:
+    t = _float("temperature", raw, f"[0, {MAX_TEMPERATURE:g}] (0 = greedy)")
+    if not 0 <= t <= MAX_TEMPERATURE:
+        raise InvalidRequest(f"temperature: {t:g} is out of range; allowed: [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
+    return t
+
+
+def _top_p(raw: str) -> float:
+    p = _float("top_p", raw, "0 < top_p ≤ 1")
+    if not 0 < p <= 1:
+        raise InvalidRequest(f"top_p: {p:g} is out of range; allowed: 0 < top_p ≤ 1")
+    return p
+
+
 def parse_params(f: Mapping[str, str], limits: RequestLimits) -> SamplingParams:
     """SamplingParams from the request's fields; messages name the wire field and its range."""
     kw: dict[str, Any] = {"max_new_tokens": limits.default_max_new_tokens}
     if "max_new_tokens" in f:
         kw["max_new_tokens"] = _int("max_new_tokens", f["max_new_tokens"], 1, limits.max_new_tokens)
     if "temperature" in f:
-        t = _float("temperature", f["temperature"], f"[0, {MAX_TEMPERATURE:g}] (0 = greedy)")
-        if not 0 <= t <= MAX_TEMPERATURE:
-            raise InvalidRequest(f"temperature: {t:g} is out of range; allowed: [0, {MAX_TEMPERATURE:g}] "
-                                 "(0 = greedy)")
-        kw["temperature"] = t
+        kw["temperature"] = _temperature(f["temperature"])
     if "top_k" in f:
         kw["top_k"] = _int("top_k", f["top_k"], 0, MAX_TOP_K)
     if "top_p" in f:
-        p = _float("top_p", f["top_p"], "0 < top_p ≤ 1")
-        if not 0 < p <= 1:
-            raise InvalidRequest(f"top_p: {p:g} is out of range; allowed: 0 < top_p ≤ 1")
-        kw["top_p"] = p
+        kw["top_p"] = _top_p(f["top_p"])
     if "seed" in f:
         kw["seed"] = _int("seed", f["seed"], 0, MAX_SEED)
     if "stop" in f:

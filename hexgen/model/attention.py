@@ -79,7 +79,6 @@ def use_decode_kernel(device: torch.device) -> bool:
     return device.type == "cuda" and paged_decode.available()
 
 
-
 GROUP_MIN_ROWS = 8  # the reference decode path groups its rows when each group gets at least this many
 GROUP_MAX = 8  # ... into at most this many groups
 
@@ -105,6 +104,101 @@ def _starts(lens: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """A step's block tables, flattened: slots of (sequence, position) pairs and padded per-sequence tables."""
+
+    flat: np.ndarray  # every table's blocks, one after another
+    starts: np.ndarray  # [batch] index of each table's first block in ``flat``
+    n_blocks: np.ndarray  # [batch]
+    block_size: int
+
+    @classmethod
+    def of(cls, block_tables: list[list[int]], block_size: int) -> _Tables:
+        n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64,
+                           count=int(n_blocks.sum()))
+        return cls(flat, _starts(n_blocks), n_blocks, block_size)
+
+    def slots(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        bs = self.block_size
+        return self.flat[self.starts[seq] + pos // bs] * bs + pos % bs
+
+    def padded(self, seqs: np.ndarray, ctx_lens: np.ndarray) -> np.ndarray:
+        """[len(seqs) * width] the tables of ``seqs``, padded with block 0 to the longest context's blocks."""
+        j = np.arange(int(-(-ctx_lens[seqs].max() // self.block_size)))
+        ok = j[None, :] < self.n_blocks[seqs][:, None]
+        idx = np.minimum(self.starts[seqs][:, None] + j[None, :], len(self.flat) - 1)
+        return np.where(ok, self.flat[idx], 0).reshape(-1)
+
+
+def _upload_parts(parts: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every index array on ``device`` in one copy, addressed by the same names.
+
+    Each part starts on a 16-byte boundary (an even number of int64 before it): the Triton kernels then
+    always see aligned pointers, and compile one variant instead of one per alignment pattern."""
+    sizes = [len(p) for p in parts.values()]
+    padded = [n + (n & 1) for n in sizes]
+    flat = np.zeros(sum(padded), dtype=np.int64)
+    start = 0
+    for p, m in zip(parts.values(), padded):
+        flat[start:start + len(p)] = p
+        start += m
+    buf = upload(flat, torch.long, device)
+    return {name: v[:n] for name, v, n in zip(parts, buf.split(padded), sizes)}
+
+
+def _decode_parts(parts: dict[str, np.ndarray], tables: _Tables, dec: np.ndarray, all_decode: bool,
+                  q_starts: np.ndarray, cl: np.ndarray, kernel: bool, group_rows: bool) -> list[np.ndarray] | None:
+    """The decode rows' index arrays (into ``parts``); returns their context groups (reference path)."""
+    if not all_decode:
+        parts["decode_rows"] = q_starts[dec]
+    dec_ctx = cl[dec]
+    if kernel:
+        parts["decode_index"] = tables.padded(dec, cl)  # [n_dec * max_blocks] block tables
+        parts["decode_ctx"] = dec_ctx
+        return None
+    j = np.arange(int(dec_ctx.max()))  # [max_ctx] positions
+    ok = j[None, :] < dec_ctx[:, None]
+    seq = np.broadcast_to(dec[:, None], ok.shape)
+    parts["decode_index"] = np.where(ok, tables.slots(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1)  # slots
+    parts["decode_ctx"] = dec_ctx
+    groups = decode_groups(dec_ctx) if group_rows else None
+    if groups is not None:
+        parts["decode_groups"] = np.concatenate(groups)
+    return groups
+
+
+def _prefill_parts(parts: dict[str, np.ndarray], tables: _Tables, pre: np.ndarray, chunked: np.ndarray,
+                   q_starts: np.ndarray, ql: np.ndarray, cl: np.ndarray, prefill_kernel: bool) -> None:
+    """The prefill sequences' index arrays (into ``parts``)."""
+    if len(pre) and prefill_kernel:
+        n_tiles = -(-ql[pre] // paged_decode.PREFILL_BLOCK_M)
+        tile_seq = np.repeat(np.arange(len(pre)), n_tiles)
+        parts.update(prefill_tables=tables.padded(pre, cl), prefill_q_starts=q_starts[pre], prefill_q_lens=ql[pre],
+                     prefill_ctx=cl[pre], prefill_tile_seq=tile_seq,
+                     prefill_tile_m=np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles))
+    if len(chunked):
+        lens = cl[chunked]
+        seq = np.repeat(chunked, lens)
+        parts["chunked_slots"] = tables.slots(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens))
+
+
+def _set_decode(meta: AttnMeta, t: dict[str, torch.Tensor], n_dec: int, dec_ctx: np.ndarray,
+                groups: list[np.ndarray] | None, kernel: bool, device: torch.device) -> None:
+    meta.decode_rows = t.get("decode_rows")
+    table_or_slots, ctx = t["decode_index"].view(n_dec, -1), t["decode_ctx"]
+    if kernel:
+        meta.decode_tables, meta.decode_ctx = table_or_slots, ctx
+        return
+    width = table_or_slots.shape[1]
+    meta.decode_slots = table_or_slots
+    meta.decode_mask = (torch.arange(width, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+    if groups is not None:
+        rows = t["decode_groups"].split([len(g) for g in groups])
+        meta.decode_groups = [(r, int(dec_ctx[g].max())) for r, g in zip(rows, groups)]
+
+
 def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
                block_size: int, device: torch.device, kernel: bool | None = None,
                prefill_kernel: bool | None = None, group_rows: bool = True) -> AttnMeta:
@@ -119,114 +213,36 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
         kernel = use_decode_kernel(device)
     if prefill_kernel is None:
         prefill_kernel = use_decode_kernel(device)
-    bs = block_size
     ql = np.asarray(q_lens, dtype=np.int64)  # [batch]
     cl = np.asarray(ctx_lens, dtype=np.int64)
     n_seq, n_tok = len(ql), len(positions)
     q_starts = _starts(ql)
-    n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=n_seq)
-    flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64, count=int(n_blocks.sum()))
-    t_starts = _starts(n_blocks)  # [batch] index of each table's first block in ``flat``
-
-    def slots_of(seq: np.ndarray, pos: np.ndarray) -> np.ndarray:  # slots of (sequence, position) pairs
-        return flat[t_starts[seq] + pos // bs] * bs + pos % bs
-
-    def tables_of(seqs: np.ndarray) -> np.ndarray:  # [len(seqs) * width] tables padded with block 0
-        j = np.arange(int(-(-cl[seqs].max() // bs)))
-        ok = j[None, :] < n_blocks[seqs][:, None]
-        idx = np.minimum(t_starts[seqs][:, None] + j[None, :], len(flat) - 1)
-        return np.where(ok, flat[idx], 0).reshape(-1)
+    tables = _Tables.of(block_tables, block_size)
 
     tok_seq = np.repeat(np.arange(n_seq), ql)  # [tokens]
     tok_pos = np.arange(n_tok) - q_starts[tok_seq] + (cl - ql)[tok_seq]
-    packed = _Packed()
-    packed.add("slot_mapping", slots_of(tok_seq, tok_pos))
-    packed.add("positions", np.asarray(positions, dtype=np.int64))
-
+    parts = {"slots": tables.slots(tok_seq, tok_pos), "positions": np.asarray(positions, dtype=np.int64)}
     dec = np.flatnonzero(ql == 1)
     all_decode = len(dec) == n_seq
-    if len(dec) and not all_decode:
-        packed.add("decode_rows", q_starts[dec])
-    dec_ctx = cl[dec]
-    groups = None
-    if len(dec) and kernel:
-        packed.add("decode_tables", tables_of(dec))
-        packed.add("decode_ctx", dec_ctx)
-    elif len(dec):
-        width = int(dec_ctx.max())  # tokens
-        j = np.arange(width)
-        ok = j[None, :] < dec_ctx[:, None]
-        seq = np.broadcast_to(dec[:, None], ok.shape)
-        packed.add("decode_slots", np.where(ok, slots_of(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1))
-        packed.add("decode_ctx", dec_ctx)
-        groups = decode_groups(dec_ctx) if group_rows else None
-        if groups is not None:
-            packed.add("group_rows", np.concatenate(groups))
-
+    groups = _decode_parts(parts, tables, dec, all_decode, q_starts, cl, kernel, group_rows) if len(dec) else None
     pre = np.flatnonzero(ql != 1)
     chunked = pre[ql[pre] < cl[pre]] if not prefill_kernel else pre[:0]  # continuing a cached context
-    if len(pre) and prefill_kernel:
-        n_tiles = -(-ql[pre] // paged_decode.PREFILL_BLOCK_M)
-        tile_seq = np.repeat(np.arange(len(pre)), n_tiles)
-        packed.add("tables", tables_of(pre))
-        packed.add("q_starts", q_starts[pre])
-        packed.add("q_lens", ql[pre])
-        packed.add("ctx_lens", cl[pre])
-        packed.add("tile_seq", tile_seq)
-        packed.add("tile_m", np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles))
-    if len(chunked):
-        lens = cl[chunked]
-        seq = np.repeat(chunked, lens)
-        packed.add("ctx_slots", slots_of(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens)))
+    _prefill_parts(parts, tables, pre, chunked, q_starts, ql, cl, prefill_kernel)
 
-    v = packed.upload(device)
-    meta = AttnMeta(v["slot_mapping"], v["positions"], block_size=bs)
+    t = _upload_parts(parts, device)
+    meta = AttnMeta(t["slots"], t["positions"], block_size=block_size)
     if len(dec):
-        meta.decode_rows = v.get("decode_rows")  # None: every token is a decode row
-        ctx = v["decode_ctx"]
-        if kernel:
-            meta.decode_tables, meta.decode_ctx = v["decode_tables"].view(len(dec), -1), ctx
-        else:
-            meta.decode_slots = v["decode_slots"].view(len(dec), -1)
-            width = meta.decode_slots.shape[1]
-            meta.decode_mask = (torch.arange(width, device=device)[None, :] < ctx[:, None])[:, None, None, :]
-            if groups is not None:
-                rows = v["group_rows"].split([len(g) for g in groups])
-                meta.decode_groups = [(r, int(dec_ctx[g].max())) for r, g in zip(rows, groups)]
+        _set_decode(meta, t, len(dec), cl[dec], groups, kernel, device)
     if len(pre) and prefill_kernel:
-        meta.prefill_batch = PrefillBatch(v["tables"].view(len(pre), -1), v["q_starts"], v["q_lens"],
-                                          v["ctx_lens"], v["tile_seq"], v["tile_m"])
+        meta.prefill_batch = PrefillBatch(t["prefill_tables"].view(len(pre), -1), t["prefill_q_starts"],
+                                          t["prefill_q_lens"], t["prefill_ctx"], t["prefill_tile_seq"],
+                                          t["prefill_tile_m"])
         return meta
-    ctx_slots = iter(v["ctx_slots"].split(cl[chunked].tolist())) if len(chunked) else iter(())
+    ctx_slots = iter(t["chunked_slots"].split(cl[chunked].tolist())) if len(chunked) else iter(())
     for s in pre.tolist():
         slots = next(ctx_slots) if ql[s] < cl[s] else None
         meta.prefills.append(PrefillSeq(int(q_starts[s]), int(ql[s]), int(cl[s]), slots))
     return meta
-
-
-class _Packed:
-    """Named int64 index arrays of one step, uploaded to the device in one copy. Each array starts on a
-    16-byte boundary (an even number of int64 before it): the Triton kernels then always see aligned
-    pointers, and compile one variant instead of one per alignment pattern."""
-
-    def __init__(self) -> None:
-        self.arrays: dict[str, np.ndarray] = {}
-
-    def add(self, name: str, values: np.ndarray) -> None:
-        if name in self.arrays:
-            raise ValueError(f"build_meta: index array {name!r} added twice")
-        self.arrays[name] = values
-
-    def upload(self, device: torch.device) -> dict[str, torch.Tensor]:
-        sizes = [len(a) for a in self.arrays.values()]
-        padded = [n + (n & 1) for n in sizes]
-        flat = np.zeros(sum(padded), dtype=np.int64)
-        start = 0
-        for a, m in zip(self.arrays.values(), padded):
-            flat[start:start + len(a)] = a
-            start += m
-        buf = upload(flat, torch.long, device)
-        return {name: view[:n] for name, view, n in zip(self.arrays, buf.split(padded), sizes)}
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,

@@ -1,10 +1,10 @@
 """Storage order of the linear weights on CPU, chosen per shape by timing batch-1 decode's GEMV.
 
 A linear's weight is ``[N, K]`` (out, in), loaded row-major. For one row of input, BLAS's GEMV speed on CPU
-depends on the storage order and the shape. On this project's 2-core CPU machine, fp32, one row
-(scripts/profile_cpu.py; docs/benchmarks.md "CPU linear layouts"): ``[3072, 576]`` runs 1.73x faster and the
-``[49152, 576]`` LM head 1.88x faster column-major, while ``[576, 1536]`` runs 0.77x as fast. With 64-256 rows
-the two orders were within ±7% (the LM head at 64 rows: 1.21x); with 4-8 rows column-major was mostly slower.
+depends on the storage order and the shape: on a 2-core EPYC in fp32, one row of SmolLM2's ``[3072, 576]``
+and ``[49152, 576]`` weights runs much faster column-major, while ``[576, 1536]`` runs slower; with several
+rows the two orders are close, or column-major is slower (``scripts/profile_cpu.py``; figures in
+docs/benchmarks.md).
 
 :func:`tune` times ``F.linear`` on one row with each shape's weights as loaded and column-major: the same
 ``[N, K]`` tensor over a ``[K, N]`` contiguous storage (``w.t().contiguous().t()``), alternating, over the
@@ -20,7 +20,7 @@ import logging
 import statistics
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -17,6 +17,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -131,7 +132,7 @@ def _run_logged(cmd: list[str], progress: bool) -> tuple[int, str]:
     """Run `cmd`, logging its output lines when `progress` is set; return its exit status and last lines."""
     tail: collections.deque[str] = collections.deque(maxlen=40)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             line = line.rstrip()
             tail.append(line)
             if progress and line:
@@ -267,8 +268,8 @@ def _hf_name(gguf_name: str) -> str:
 
 def _expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Hugging Face name -> shape of every tensor a Llama checkpoint with this config holds."""
-    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
-    q_rows, kv_rows = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, cast(int, config.head_dim)
+    q_rows, kv_rows = config.num_attention_heads * head_dim, cast(int, config.num_key_value_heads) * head_dim
     shapes = {
         "model.embed_tokens.weight": (config.vocab_size, hidden),
         "model.norm.weight": (hidden,),
@@ -304,7 +305,7 @@ def _state_dict(reader: GGUFReader, config: LlamaConfig) -> dict[str, torch.Tens
         if name.endswith("q_proj.weight"):
             weights = _unpermute_rotary(weights, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
-            weights = _unpermute_rotary(weights, config.num_key_value_heads)
+            weights = _unpermute_rotary(weights, cast(int, config.num_key_value_heads))
         state[name] = torch.from_numpy(np.array(weights, dtype=np.float32, order="C"))  # owned, writable copy
     _check_shapes(state, expected)
     return state

@@ -1,8 +1,8 @@
 """Batch-1 linear layers (GEMV) as a Triton kernel, for decode steps whose time is the weight reads.
 
-At batch 1 a linear layer is a pass over its weight. On an H100, cuBLAS reads Llama-2-7B's shapes at
-2.0–2.75 TB/s and the kernel here at 2.36–2.97 TB/s with its best configuration per shape; in a whole
-captured decode step the kernel everywhere beat the per-shape best of the two (docs/benchmarks.md, run 7).
+At batch 1 a linear layer is a pass over its weight. With its best configuration per shape the kernel reads
+Llama-2-7B's shapes faster than cuBLAS for most of them, and in a whole captured decode step the kernel
+everywhere beats the per-shape best of the two (hence ``gemv="triton"`` by default; docs/benchmarks.md).
 ``tune`` times the configurations on a stage's real weights (every layer's matrix of a shape in turn, so
 L2 holds none of them; captured in a CUDA graph and replayed, as the decode steps run) and sets each layer's
 ``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K, num_warps, ahead) configuration (``ahead``: the
@@ -125,7 +125,7 @@ def tune(layers: list[torch.nn.Module], mode: str = "triton") -> dict[tuple[int,
             if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
                 log.warning("gemv %s on [%d, %d]: differs from cuBLAS; not used", cfg, n, k)
                 continue
-            times[cfg] = _time_us(lambda a, b: gemv(a, b, cfg), weights, x)
+            times[cfg] = _time_us(lambda a, b, c=cfg: gemv(a, b, c), weights, x)
         best = min(times, key=times.get) if times else None
         chosen[(n, k)] = best
         for m in group:

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open

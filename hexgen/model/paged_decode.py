@@ -91,10 +91,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     ignored. Returns [batch, n_q, d] in q's dtype. ``splits`` (split-K partitions) and ``block_n`` (tokens
     per tile) default to heuristics. ``num_warps``, ``num_stages`` and ``head_major`` (grid order: the KV
     heads of one sequence launched together, rather than one head of many sequences) are launch settings;
-    the defaults (64-token tiles, 2 warps, 2 stages, head-major) were the fastest or within 2% of it at every
-    shape of a sweep on an H200 (scripts/bench_paged_decode.py --sweep; docs/benchmarks.md, run 13): 4.36-4.46
-    TB/s of K/V reads at batch 256 × 300-700 tokens and batch 128 × 1200, 5-7% above the earlier (32-token,
-    4-warp, sequence-major) settings, and 8% faster at batch 1 (7.7 against 8.4 µs).
+    the defaults (64-token tiles, 2 warps, 2 stages, head-major) are the fastest or within 2% of it at every
+    shape of ``scripts/bench_paged_decode.py --sweep`` on an H200, at batch 1 and at throughput shapes
+    (figures in docs/benchmarks.md).
     """
     q = _check(q, k_cache, v_cache, "paged_decode")
     batch, n_q, d = q.shape

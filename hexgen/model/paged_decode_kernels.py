@@ -17,7 +17,7 @@ import triton.language as tl
 
 # The block table's width (stride_tb) and the split count vary from step to step in eager steps: Triton does
 # not specialize on them (divisibility by 16, == 1), so that no serving step waits for it to compile another
-# variant (a throughput run on an H200 spent 6.5 s in 15 such compiles; docs/benchmarks.md, run 13).
+# variant (a compile takes about half a second, far longer than a step).
 @triton.jit(do_not_specialize=["stride_tb", "num_splits"])
 def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
                   stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,

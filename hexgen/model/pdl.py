@@ -15,17 +15,16 @@ kernel, and kernels launched without PDL (cuBLAS, PyTorch ops) wait for the whol
 ``launch(t)`` gives the keyword arguments for a kernel launch on tensors like ``t``: the kernel's ``PDL``
 constexpr and Triton's ``launch_pdl`` option. It is on only inside ``for_graphs()`` (the warm-up and capture
 of a CUDA graph), for CUDA tensors on compute capability 9.0 and later, when Triton has the grid-dependency
-calls, and only when the stage's ``KernelConfig.pdl`` is on (``for_graphs(on)``; off for A/B runs). Eager launches stay plain: eager steps are large and
-host-bound, and on an H200 the PDL launches cost them host time (a throughput run's launch phase took 5.91
-against 5.18 s over the same 606 steps; docs/benchmarks.md, run 15). Triton's interpreter (CPU tests) runs
-the kernels with ``PDL=False``.
+calls, and only when the stage's ``KernelConfig.pdl`` is on (``for_graphs(on)``; off for A/B runs). Eager
+launches stay plain: eager steps are large and host-bound, and PDL launches cost them host time (a throughput
+run's launch phase grows by about 14%). Triton's interpreter (CPU tests) runs the kernels with ``PDL=False``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -7,7 +7,7 @@ keeps a pinned block alive until the copy that reads it has run).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ steps from graphs, where launches cost about a microsecond.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -6,7 +6,7 @@ that the TP degree does not divide); attention heads are never split across rank
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

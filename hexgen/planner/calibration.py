@@ -13,11 +13,13 @@ returns None and the cost model falls back to its datasheet estimate.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import cast
 
 from hexgen.errors import ConfigError
 
@@ -100,31 +102,34 @@ class Calibration:
         context = max(context, tokens)
         if context < PREFILL_RATIO * tokens:
             return _interp_tokens([p for p in pts if p.is_prefill], tokens)
-        # Decode: per-family (context per token) value at `tokens`, then affine in context.
-        families: dict[float, list[Point]] = {}
-        for p in pts:
-            if not p.is_prefill:
-                families.setdefault(round(p.context / p.tokens, 6), []).append(p)
-        vals = []
-        for ratio in sorted(families):
-            t = _interp_tokens(families[ratio], tokens)
-            if t is not None:
-                vals.append((ratio * tokens, t))
-        if not vals:
-            return None
-        if len(vals) == 1:
-            c0, t0 = vals[0]
-            return t0 if 0.5 <= context / c0 <= 2.0 else None
-        # Linear between the two families bracketing the query context; beyond the measured contexts,
-        # extrapolated from the nearest end with the end segment's slope (clamped >= 0).
-        cs = [c for c, _ in vals]
-        i = min(max(bisect.bisect_left(cs, context), 1), len(vals) - 1)
-        (c0, t0), (c1, t1) = vals[i - 1], vals[i]
-        slope = (t1 - t0) / (c1 - c0) if c1 > c0 else 0.0
-        if c0 <= context <= c1:
-            return t1 if context == c1 else t0 + slope * (context - c0)
-        end_c, end_t = (c0, t0) if context < c0 else (c1, t1)
-        return max(min(t0, t1), end_t + max(0.0, slope) * (context - end_c))
+        return _interp_decode([p for p in pts if not p.is_prefill], tokens, context)
+
+
+def _interp_decode(pts: list[Point], tokens: int, context: int) -> float | None:
+    """Decode time: per-family (context per token) value at ``tokens``, then affine in context."""
+    families: dict[float, list[Point]] = {}
+    for p in pts:
+        families.setdefault(round(p.context / p.tokens, 6), []).append(p)
+    vals = []
+    for ratio in sorted(families):
+        t = _interp_tokens(families[ratio], tokens)
+        if t is not None:
+            vals.append((ratio * tokens, t))
+    if not vals:
+        return None
+    if len(vals) == 1:
+        c0, t0 = vals[0]
+        return t0 if 0.5 <= context / c0 <= 2.0 else None
+    # Linear between the two families bracketing the query context; beyond the measured contexts,
+    # extrapolated from the nearest end with the end segment's slope (clamped >= 0).
+    cs = [c for c, _ in vals]
+    i = min(max(bisect.bisect_left(cs, context), 1), len(vals) - 1)
+    (c0, t0), (c1, t1) = vals[i - 1], vals[i]
+    slope = (t1 - t0) / (c1 - c0) if c1 > c0 else 0.0
+    if c0 <= context <= c1:
+        return t1 if context == c1 else t0 + slope * (context - c0)
+    end_c, end_t = (c0, t0) if context < c0 else (c1, t1)
+    return max(min(t0, t1), end_t + max(0.0, slope) * (context - end_c))
 
 
 def _interp_tokens(pts: list[Point], tokens: int) -> float | None:
@@ -172,13 +177,7 @@ def calibration_from_dict(d: dict) -> Calibration:
     for k in ("device", "model", "points"):
         if k not in d:
             raise ConfigError(f"calibration.{k}: missing")
-    if not isinstance(d["points"], list):
-        raise ConfigError("calibration.points: must be a list of {tp, tokens, context, seconds}")
-    points = []
-    for i, p in enumerate(d["points"]):
-        if not isinstance(p, dict) or set(p) != {"tp", "tokens", "context", "seconds"}:
-            raise ConfigError(f"calibration.points[{i}]: {p!r} must have exactly tp, tokens, context, seconds")
-        points.append(Point(p["tp"], p["tokens"], p["context"], p["seconds"]))
+    points = _points_from_list(d["points"])
     meta = d.get("meta", {})
     if not isinstance(meta, dict):
         raise ConfigError("calibration.meta: must be an object")
@@ -186,6 +185,17 @@ def calibration_from_dict(d: dict) -> Calibration:
     if not isinstance(dtype, str):
         raise ConfigError(f"calibration.dtype: {dtype!r} must be a string")
     return Calibration(d["device"], d["model"], tuple(points), dtype, meta)
+
+
+def _points_from_list(items: object) -> list[Point]:
+    if not isinstance(items, list):
+        raise ConfigError("calibration.points: must be a list of {tp, tokens, context, seconds}")
+    points = []
+    for i, p in enumerate(items):
+        if not isinstance(p, dict) or set(p) != {"tp", "tokens", "context", "seconds"}:
+            raise ConfigError(f"calibration.points[{i}]: {p!r} must have exactly tp, tokens, context, seconds")
+        points.append(Point(p["tp"], p["tokens"], p["context"], p["seconds"]))
+    return points
 
 
 def load_calibration(path: str) -> Calibration:
@@ -260,6 +270,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
     from hexgen.config import StageSpec, normalize_dtype, valid_tp_degrees
     from hexgen.engine.kv_cache import allocate_cache
     from hexgen.model.attention import build_meta
+    from hexgen.model.llama import DecoderLayer
     from hexgen.model.loader import build_stage, init_random
     from hexgen.model.rope import RotaryCache
     from hexgen.model.timing import replay_time
@@ -287,7 +298,7 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
         stage = StageSpec(index=1, tp=tp, layer_start=0, layer_end=1, first_rank=0, num_stages=3)  # no embed/head
         model = build_stage(cfg, stage, ShardOnly(0, tp), tdtype, dev)
         init_random(model, prof.seed, 0)
-        n_kv = model.layers[0].attn.n_kv
+        n_kv = cast(DecoderLayer, model.layers[0]).attn.n_kv
         for tokens, context in shapes:
             per_seq = context // tokens
             seqs, q_len = (tokens, 1) if context > tokens else (1, tokens)
@@ -297,13 +308,13 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
             ctx_len = per_seq if context > tokens else tokens
             positions = [p for _ in range(seqs) for p in range(ctx_len - q_len, ctx_len)]
             meta = build_meta(positions, [q_len] * seqs, [ctx_len] * seqs, tables, bs, dev)
-            cos, sin = rotary.lookup(meta.positions, tdtype)
+            cos, sin = rotary.lookup(cast(torch.Tensor, meta.positions), tdtype)  # build_meta sets them
             g = torch.Generator(device=dev).manual_seed(prof.seed)
             x = torch.randn(tokens, cfg.hidden_size, generator=g, device=dev).to(tdtype)  # [tokens, hidden]
             times = []
             with torch.inference_mode():
                 if cuda and prof.graphs and context > tokens:
-                    step = (lambda m=model, c=kv: m(x, cos, sin, c, meta))  # noqa: E731
+                    step = functools.partial(model, x, cos, sin, kv, meta)
                     times.append(replay_time(step, prof.warmup, prof.reps))
                 for i in range(0 if times else prof.warmup + prof.reps):
                     if cuda:
@@ -327,10 +338,10 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
         if cuda:
             torch.cuda.empty_cache()
     from hexgen.planner.costmodel import layer_shape
-    meta = {"torch": torch.__version__, "host": platform.node(), "torch_device": device,
+    info = {"torch": torch.__version__, "host": platform.node(), "torch_device": device,
             "device_label": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
             "warmup": prof.warmup, "reps": prof.reps, "block_size": bs,
             "graphs": prof.graphs and cuda,
             "note": "one decoder layer, one TP rank's shard shapes, all-reduce excluded"
                     + ("; decode points: mean of CUDA-graph replays" if prof.graphs and cuda else "")}
-    return Calibration(device_name, layer_shape(cfg), tuple(points), normalize_dtype(dtype), meta)
+    return Calibration(device_name, layer_shape(cfg), tuple(points), normalize_dtype(dtype), info)

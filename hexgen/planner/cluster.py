@@ -24,20 +24,13 @@ signalling rates; the cost model uses them as given.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Mapping
-
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from hexgen.errors import ConfigError
-from hexgen.planner.devices import (
-    DEVICE_SPECS,
-    GB,
-    TFLOPS,
-    DeviceSpec,
-    GiB,
-    device_spec,
-)
+from hexgen.planner.devices import DEVICE_SPECS, GB, TFLOPS, DeviceSpec, GiB, device_spec
 
 
 @dataclass(frozen=True)
@@ -210,9 +203,9 @@ def _devices(table: Any) -> dict[str, DeviceSpec]:
                 base = None
         mem, bw, fl = (_number(d, k, where) for k in ("memory_gib", "mem_bandwidth_gbs", "peak_tflops"))
         if base is None:
-            missing = [k for k, v in zip(("memory_gib", "mem_bandwidth_gbs", "peak_tflops"), (mem, bw, fl))
-                       if v is None]
-            if missing:
+            if mem is None or bw is None or fl is None:
+                missing = [k for k, v in zip(("memory_gib", "mem_bandwidth_gbs", "peak_tflops"), (mem, bw, fl))
+                           if v is None]
                 raise ConfigError(f"{where}: a new device needs {', '.join(missing)} (or base = a known device)")
             base = DeviceSpec(name, int(mem * GiB), bw * GB, fl * TFLOPS)
         out[name] = DeviceSpec(

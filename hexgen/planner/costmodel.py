@@ -11,11 +11,16 @@ intermediate unevenly when TP does not divide it: the largest shard is costed); 
 tp <= n_kv, else each rank holds one replicated KV head; the embedding (first stage) and the final norm + LM
 head (last stage) are replicated on every rank of their stage, the LM head as its own copy even when the
 checkpoint ties it to the embedding (hexgen/model/llama.py).
+
+Memory follows the engine: a stage holds its weights, the activation workspace the engine reserves for a step
+of ``max_tokens`` tokens and ``max_seqs`` sequences (hexgen/engine/runner.py), and its KV cache;
+``kv_capacity_tokens`` also leaves ``GPU_RUNTIME_BYTES`` for the CUDA runtime (not on "CPU"). A TP degree the
+model's heads do not allow raises ConfigError; ``tokens`` and ``context`` may be fractional (mean shapes).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hexgen.config import ModelConfig, valid_tp_degrees
 from hexgen.errors import ConfigError
@@ -62,6 +67,9 @@ class CostModel:
     dtype_bytes: int = 2
     # one Calibration, or several (one per device type: each covers the points of the device it measured)
     calibration: Calibration | tuple[Calibration, ...] | None = None
+    # derived in __post_init__
+    _valid_tp: frozenset[int] = field(init=False, repr=False, compare=False)
+    _cals: tuple[Calibration, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):

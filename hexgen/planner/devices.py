@@ -8,8 +8,8 @@ A cluster TOML may override any field or add a device (see hexgen/planner/cluste
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from hexgen.errors import ConfigError
 

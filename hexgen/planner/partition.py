@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 Stage = tuple[int, int]  # (node index, TP degree)
 Replica = tuple[Stage, ...]
@@ -76,75 +76,130 @@ def greedy_states(counts: Sequence[int], degrees: Sequence[Sequence[int]], group
     return list(dict.fromkeys(starts))
 
 
+_Reps = list[list[Stage]]
+_Slots = list[tuple[int, int]]  # (replica, stage) of every stage
+
+
+def _add_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+               degrees: Sequence[Sequence[int]]) -> bool:
+    """Add a stage from free GPUs."""
+    nodes = [i for i, f in enumerate(free) if f > 0 and any(d <= f for d in degrees[i])]
+    if not nodes:
+        return False
+    ni = rng.choice(nodes)
+    tp = rng.choice([d for d in degrees[ni] if d <= free[ni]])
+    r = rng.randrange(len(reps) + 1)
+    if r == len(reps):
+        reps.append([])
+    reps[r].insert(rng.randrange(len(reps[r]) + 1), (ni, tp))
+    return True
+
+
+def _remove_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+                  degrees: Sequence[Sequence[int]]) -> bool:
+    r, s = rng.choice(stages)
+    del reps[r][s]
+    return True
+
+
+def _retype_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+                  degrees: Sequence[Sequence[int]]) -> bool:
+    """Change a stage's TP degree."""
+    r, s = rng.choice(stages)
+    ni, tp = reps[r][s]
+    options = [d for d in degrees[ni] if d != tp and d <= free[ni] + tp]
+    if not options:
+        return False
+    reps[r][s] = (ni, rng.choice(options))
+    return True
+
+
+def _move_to_node(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+                  degrees: Sequence[Sequence[int]]) -> bool:
+    """Move a stage to another node, at the TP degree nearest its own that fits there."""
+    r, s = rng.choice(stages)
+    ni, tp = reps[r][s]
+    nodes = [i for i, f in enumerate(free) if i != ni and any(d <= f for d in degrees[i])]
+    if not nodes:
+        return False
+    nj = rng.choice(nodes)
+    near = [d for d in degrees[nj] if d <= free[nj]]
+    reps[r][s] = (nj, min(near, key=lambda d: (abs(d - tp), d)))
+    return True
+
+
+def _swap_stages(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+                 degrees: Sequence[Sequence[int]]) -> bool:
+    """Swap two stages (anywhere)."""
+    if len(stages) < 2:
+        return False
+    (r1, s1), (r2, s2) = rng.sample(stages, 2)
+    reps[r1][s1], reps[r2][s2] = reps[r2][s2], reps[r1][s1]
+    return True
+
+
+def _move_to_replica(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+                     degrees: Sequence[Sequence[int]]) -> bool:
+    """Move a stage into another (or a new) replica."""
+    r, s = rng.choice(stages)
+    st = reps[r].pop(s)
+    t = rng.randrange(len(reps) + 1)
+    if t == len(reps):
+        reps.append([])
+    reps[t].insert(rng.randrange(len(reps[t]) + 1), st)
+    return True
+
+
+def _merge_replicas(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+                    degrees: Sequence[Sequence[int]]) -> bool:
+    if len(reps) < 2:
+        return False
+    a, b = rng.sample(range(len(reps)), 2)
+    reps[a] = reps[a] + reps[b]
+    reps[b] = []
+    return True
+
+
+def _split_replica(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+                   degrees: Sequence[Sequence[int]]) -> bool:
+    long = [r for r in range(len(reps)) if len(reps[r]) >= 2]
+    if not long:
+        return False
+    r = rng.choice(long)
+    cut = rng.randrange(1, len(reps[r]))
+    reps.append(reps[r][cut:])
+    reps[r] = reps[r][:cut]
+    return True
+
+
+def _reorder_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
+                   degrees: Sequence[Sequence[int]]) -> bool:
+    """Move a stage to another position in its pipeline."""
+    r, s = rng.choice(stages)
+    if len(reps[r]) < 2:
+        return False
+    st = reps[r].pop(s)
+    reps[r].insert(rng.randrange(len(reps[r]) + 1), st)
+    return True
+
+
+# Drawn uniformly by neighbour(); each edits the replicas in place and returns False when it does not apply.
+_MOVES = (_add_stage, _remove_stage, _retype_stage, _move_to_node, _swap_stages, _move_to_replica,
+          _merge_replicas, _split_replica, _reorder_stage)
+
+
 def neighbour(state: State, rng: random.Random, counts: Sequence[int], degrees: Sequence[Sequence[int]],
               max_stages: int) -> State | None:
     """A random small change of ``state`` that keeps every node within its GPU count; None if the drawn move
     does not apply."""
     reps = [list(r) for r in state]
     free = free_gpus(state, counts)
-    move = rng.randrange(9)
+    move = rng.randrange(len(_MOVES))
     stages = [(r, s) for r in range(len(reps)) for s in range(len(reps[r]))]
-    if move == 0 or not stages:  # add a stage from free GPUs
-        nodes = [i for i, f in enumerate(free) if f > 0 and any(d <= f for d in degrees[i])]
-        if not nodes:
-            return None
-        ni = rng.choice(nodes)
-        tp = rng.choice([d for d in degrees[ni] if d <= free[ni]])
-        r = rng.randrange(len(reps) + 1)
-        if r == len(reps):
-            reps.append([])
-        reps[r].insert(rng.randrange(len(reps[r]) + 1), (ni, tp))
-    elif move == 1:  # remove a stage
-        r, s = rng.choice(stages)
-        del reps[r][s]
-    elif move == 2:  # change a stage's TP degree
-        r, s = rng.choice(stages)
-        ni, tp = reps[r][s]
-        options = [d for d in degrees[ni] if d != tp and d <= free[ni] + tp]
-        if not options:
-            return None
-        reps[r][s] = (ni, rng.choice(options))
-    elif move == 3:  # move a stage to another node
-        r, s = rng.choice(stages)
-        ni, tp = reps[r][s]
-        nodes = [i for i, f in enumerate(free) if i != ni and any(d <= f for d in degrees[i])]
-        if not nodes:
-            return None
-        nj = rng.choice(nodes)
-        near = [d for d in degrees[nj] if d <= free[nj]]
-        reps[r][s] = (nj, min(near, key=lambda d: (abs(d - tp), d)))
-    elif move == 4:  # swap two stages (anywhere)
-        if len(stages) < 2:
-            return None
-        (r1, s1), (r2, s2) = rng.sample(stages, 2)
-        reps[r1][s1], reps[r2][s2] = reps[r2][s2], reps[r1][s1]
-    elif move == 5:  # move a stage into another (or a new) replica
-        r, s = rng.choice(stages)
-        st = reps[r].pop(s)
-        t = rng.randrange(len(reps) + 1)
-        if t == len(reps):
-            reps.append([])
-        reps[t].insert(rng.randrange(len(reps[t]) + 1), st)
-    elif move == 6:  # merge two replicas
-        if len(reps) < 2:
-            return None
-        a, b = rng.sample(range(len(reps)), 2)
-        reps[a] = reps[a] + reps[b]
-        reps[b] = []
-    elif move == 7:  # split a replica in two
-        long = [r for r in range(len(reps)) if len(reps[r]) >= 2]
-        if not long:
-            return None
-        r = rng.choice(long)
-        cut = rng.randrange(1, len(reps[r]))
-        reps.append(reps[r][cut:])
-        reps[r] = reps[r][:cut]
-    else:  # move a stage to another position in its pipeline
-        r, s = rng.choice(stages)
-        if len(reps[r]) < 2:
-            return None
-        st = reps[r].pop(s)
-        reps[r].insert(rng.randrange(len(reps[r]) + 1), st)
+    if not stages:  # nothing to change yet: only adding a stage applies
+        move = 0
+    if not _MOVES[move](reps, stages, free, rng, degrees):
+        return None
     if any(len(r) > max_stages for r in reps):
         return None
     new = canonical(reps)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 from hexgen.config import ModelConfig, preset
 from hexgen.errors import ConfigError

@@ -1,7 +1,7 @@
 """Turning evaluated replicas into a Plan, and scoring plans (shared by the search and the symmetric baseline)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hexgen.planner.cluster import Gpu
 from hexgen.planner.costmodel import CostModel

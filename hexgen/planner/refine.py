@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from hexgen.planner.planbuild import assemble
 from hexgen.planner.plans import Slo

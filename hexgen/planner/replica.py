@@ -17,8 +17,8 @@ Latency model for ``b`` requests in flight on ``P`` stages, micro-batches of ``m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from hexgen.config import default_partition
 from hexgen.planner.cluster import Cluster, Link
@@ -241,11 +241,11 @@ def split_candidates(slots: Sequence[Slot], costs: Costs, num_layers: int,
         if len(split) == len(slots) and tuple(split) not in out:
             out.append(tuple(split))
     for b in sorted({min(t, costs.workload.max_batch) for t in BATCH_TARGETS}):
-        split = split_for_batch(slots, costs, num_layers, b)
-        if split is None:
+        made = split_for_batch(slots, costs, num_layers, b)
+        if made is None:
             break  # a larger reserve only shrinks the caps
-        if tuple(split) not in out:
-            out.append(tuple(split))
+        if tuple(made) not in out:
+            out.append(tuple(made))
     return out
 
 

@@ -4,7 +4,8 @@ and the worker command for it)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hexgen.config import normalize_dtype
 from hexgen.planner.plans import Plan, ReplicaPlan, StagePlan

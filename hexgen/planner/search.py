@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from hexgen.config import valid_tp_degrees
 from hexgen.errors import ConfigError

@@ -18,8 +18,8 @@ free (the real loop reads it when it has nothing else to launch or P micro-batch
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hexgen.engine.kv_cache import BlockManager
 from hexgen.engine.plan import StepPlan, StepResult

@@ -1,6 +1,7 @@
 """Every Redis stream, group and key name HexGen uses, and the serving defaults.
 
-The names are the public wire interface (see DESIGN.md); redis-cli users and other processes rely on them.
+The names are the public wire interface (README, "Serving through Redis"); redis-cli users and other
+processes rely on them.
 Declarative only: no Redis calls and no msgpack here.
 
 Cancellation from redis-cli::

@@ -11,8 +11,9 @@ Field names and values may arrive as ``bytes`` or ``str``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from hexgen.errors import ConfigError
 from hexgen.wire.protocol import Fields, ProtocolError, str_fields
@@ -76,7 +77,7 @@ class AgentRecord:
                 "version": self.version, "model": self.model}
 
     @classmethod
-    def from_fields(cls, fields: Fields) -> "AgentRecord":
+    def from_fields(cls, fields: Fields) -> AgentRecord:
         f = str_fields(fields)
         kind = "agent record"
         for name in ("id", "node", "device_type", "instance"):
@@ -141,7 +142,7 @@ class Assignment:
                 "roles": json.dumps([r.to_dict() for r in self.roles]), "summary": summary}
 
     @classmethod
-    def from_fields(cls, fields: Fields) -> "Assignment":
+    def from_fields(cls, fields: Fields) -> Assignment:
         f = str_fields(fields)
         kind = "assignment"
         roles = _json(f, "roles", kind, [])
@@ -178,7 +179,7 @@ class PlanRecord:
                 "error": self.error}
 
     @classmethod
-    def from_fields(cls, fields: Fields) -> "PlanRecord":
+    def from_fields(cls, fields: Fields) -> PlanRecord:
         f = str_fields(fields)
         kind = "plan record"
         try:

@@ -2,7 +2,7 @@
 
 - Work items (``hexgen:work:<model>``): fields ``id`` (readable request id), ``model`` (readable) and ``data``
   (msgpack of ``Request.to_dict()`` plus ``model``).
-- Result events (``hexgen:result:<id>``): flat string fields exactly as DESIGN.md's wire protocol::
+- Result events (``hexgen:result:<id>``): flat string fields, the public wire protocol (README)::
 
       event token seq <n> ids <comma-separated ids> text <delta>
       event done finish_reason length|stop|eos|cancelled prompt_tokens <n> completion_tokens <n>
@@ -19,8 +19,9 @@ Field names and values may arrive as ``bytes`` (redis-py default) or ``str`` (``
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any
 
 import msgpack
 
@@ -33,7 +34,7 @@ NOT_FOUND = "not_found"
 INTERNAL = "internal"
 ERROR_CODES = (INVALID_REQUEST, OVERLOADED, NOT_FOUND, INTERNAL)
 
-Fields = Mapping[Union[str, bytes], Union[str, bytes, int, float]]
+Fields = Mapping[str | bytes, str | bytes | int | float]
 
 
 class ProtocolError(HexGenError, ValueError):
@@ -79,7 +80,7 @@ class InternalError(RequestError):
         super().__init__(INTERNAL, message)
 
 
-_ERROR_CLASSES: dict[str, type[RequestError]] = {
+_ERROR_CLASSES: dict[str, Callable[[str], RequestError]] = {  # each takes the message
     INVALID_REQUEST: InvalidRequest, OVERLOADED: Overloaded, NOT_FOUND: NotFound, INTERNAL: InternalError}
 
 
@@ -146,7 +147,7 @@ def encode_work_item(req: Request, model: str) -> dict[str, bytes]:
 
 def decode_work_item(fields: Fields) -> tuple[Request, str]:
     """Inverse of :func:`encode_work_item`: ``(Request, model)``; ProtocolError on anything malformed."""
-    data = fields.get("data", fields.get(b"data"))  # type: ignore[call-overload]
+    data = fields.get("data", fields.get(b"data"))
     if data is None:
         raise ProtocolError(f"work item: field 'data' is missing (fields: {sorted(map(_s, fields))})")
     if isinstance(data, str):
@@ -192,7 +193,7 @@ class ErrorEvent:
         return request_error(self.code, self.message)
 
 
-Event = Union[TokenEvent, DoneEvent, ErrorEvent]
+Event = TokenEvent | DoneEvent | ErrorEvent
 
 
 def token_event(seq: int, ids: list[int] | tuple[int, ...], text: str) -> dict[str, str]:
@@ -300,7 +301,7 @@ class WorkerRecord:
         return out
 
     @classmethod
-    def from_fields(cls, fields: Fields) -> "WorkerRecord":
+    def from_fields(cls, fields: Fields) -> WorkerRecord:
         f = str_fields(fields)
         known = ("pipeline", "stage", "tp_rank", "host", "device", "memory", "pid", "version", "model")
         return cls(pipeline=_get(f, "pipeline", "worker record"), stage=_int(f, "stage", "worker record"),
@@ -325,7 +326,7 @@ class PipelineRecord:
         return out
 
     @classmethod
-    def from_fields(cls, fields: Fields) -> "PipelineRecord":
+    def from_fields(cls, fields: Fields) -> PipelineRecord:
         f = str_fields(fields)
         return cls(state=f.get("state", "unknown"), layout=f.get("layout", ""),
                    rendezvous=f.get("rendezvous", ""),

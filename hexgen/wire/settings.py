@@ -35,13 +35,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
-import tomllib
 
 from hexgen.config import PRESETS, KernelConfig, Layout, normalize_dtype
 from hexgen.errors import ConfigError

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# The GPU benchmarks and GPU tests, one scenario at a time, from the repository root on a GPU machine:
+#
+#   OUT=/some/dir bench/gpu.sh SCENARIO [SCENARIO ...]
+#
+# Every scenario writes its JSON and logs under $OUT (default /tmp/hexgen-bench) and prints the lines that
+# carry the figures. docs/benchmarks.md names the scenario behind each figure; docs/development.md lists them.
+#
+#   tests            the GPU tests of the kernels and fast paths (TESTS: the files, TEST_LIMIT: seconds)
+#   latency          Llama-2-7B bf16 batch-1 decode beside the roofline measured in the same process; with
+#                    VARIANTS="flags|flags" each variant runs ROUNDS times (default 2), alternating, e.g.
+#                    VARIANTS="--kernel pdl=on|--kernel pdl=off" or VARIANTS="|--no-async-steps"
+#   tp               batch-1 decode at TP 1, TP 2 with asynchronous steps and TP 2 synchronous (2 GPUs)
+#   throughput       Llama-2-7B on REQUESTS (1,000) requests all at once beside HF static batches of 64 on the
+#                    first HF_BATCHES (2) batches of the same requests
+#   throughput-ab    Llama-2-7B on REQUESTS (300) requests, no HF, VARIANTS alternating as for `latency`
+#   serve            the Redis path against the engine driven directly (`hexgen bench serve`, 96 requests at a
+#                    Poisson 4 req/s, once per DIRECT_INPUTS entry, default "text ids"), all at once
+#                    (AT_ONCE=0 skips it), then the per-hop breakdown (BREAKDOWN=0 skips it). Needs
+#                    redis-server on PATH or unpacked under .redis/usr/bin (dpkg -x of Debian's packages)
+#   kernels          every launch setting of the paged decode kernel at throughput shapes and at batch 1, then
+#                    the cost of each kind of engine step (scripts/bench_paged_decode.py, scripts/profile_steps.py)
+#   profile          one captured decode step, its kernels and the engine loop's phases (scripts/profile_decode.py)
+#   planner-x2       2 GPUs: calibrations of Llama-2-70B layers (a whole H200 at TP 1 and 2, and one cut to 40
+#                    SMs / 80 GiB), then the 70B layouts of bench/planner/runs_h200x2.json under load
+#   planner-emulated 2 GPUs: the same load on the emulated unequal pair (bench/planner/runs_h200x2_emulated.json)
+#   planner-phases   2 GPUs: decode-only and prefill-only loads on TP 2 and PP 2 (runs_h200x2_phases.json)
+#   planner-x4       4 GPUs: calibrations at TP 1, 2 and 4 (NO_PROFILE=1 skips them), then the 70B layouts of
+#                    bench/planner/runs_h200x4.json (X4_RUNS: a comma-separated subset, in that order)
+#   planner-auto     CLUSTER=file BASE=spec.json [CALS="a.json b.json"]: plan the cluster, then measure the
+#                    planner's layout against the best symmetric one (scripts/plan_runs.py)
+set -u
+SCENARIOS="tests latency tp throughput throughput-ab serve kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto"
+[ $# -ge 1 ] || { echo "usage: bench/gpu.sh SCENARIO [SCENARIO ...]; scenarios: $SCENARIOS" >&2; exit 2; }
+for S in "$@"; do
+  case " $SCENARIOS " in *" $S "*) ;; *) echo "bench/gpu.sh: unknown scenario '$S'; choose from: $SCENARIOS" >&2; exit 2;; esac
+done
+cd "$(dirname "$0")/.."
+# NVLink multicast stays off (the lent machines do not offer it)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 HEXGEN_NO_VENV=1 TQDM_DISABLE=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/hexgen-bench}; mkdir -p "$OUT"
+PY=${PY:-python3}
+NOISE='it/s\]\|tensor/s\]'
+step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; timeout -s INT -k 30 "$t" "$@"; echo "=== rc $?"; }
+keep() { grep --line-buffered "^===\|^{\|^engine \|^hf \|roofline\|Error\|error\|Traceback\|passed\|failed\|KV \|ratio" \
+  | cut -c1-1500; }
+M7="--preset llama-2-7b --random-weights --dtype bf16 --cuda-graphs"
+PROF70="--preset llama-2-70b --dtype bf16 --batch 1 8 32 128 --context 128 1024 --prefill 128 512 2048 --quiet"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+# variants VAR_LIST: the `|`-separated flag sets of VARIANTS ("" when unset: one run of the defaults)
+variants() { local IFS='|'; VAR_LIST=(${VARIANTS:-}); [ ${#VAR_LIST[@]} -eq 0 ] && VAR_LIST=(""); }
+
+tests() {
+  step "${TEST_LIMIT:-480}" $PY -m pytest -q -x -m gpu -p no:cacheprovider --durations=12 \
+    ${TESTS:-tests/test_fused.py tests/test_gpu_fastpaths.py tests/test_paged_decode.py tests/test_gpu_layouts.py} \
+    > "$OUT/gpu_tests.txt" 2>&1
+  tail -20 "$OUT/gpu_tests.txt"
+}
+
+latency() {
+  variants; local i=0 r v
+  for r in $(seq "${ROUNDS:-$([ -n "${VARIANTS:-}" ] && echo 2 || echo 1)}"); do
+    for v in "${!VAR_LIST[@]}"; do
+      i=$((i + 1))
+      step 150 $PY -m hexgen.cli bench latency $M7 --no-hf --reps 3 ${VAR_LIST[$v]} ${EXTRA:-} \
+        --out "$OUT/lat_v${v}_$i.json" > "$OUT/lat_v${v}_$i.log" 2>&1
+      echo "--- run $i, variant $v: ${VAR_LIST[$v]:-defaults}"; grep -v "$NOISE" "$OUT/lat_v${v}_$i.log" | keep | tail -6
+    done
+  done
+}
+
+tp() {
+  local P="$M7 --no-hf --reps 3"
+  step 90 $PY -m hexgen.cli bench latency $P --out "$OUT/lat_tp1.json" 2>&1 | keep
+  step 90 $PY -m hexgen.cli bench latency $P --hetero-config 2 --async-steps-tp --out "$OUT/lat_tp2_async.json" 2>&1 | keep
+  step 90 $PY -m hexgen.cli bench latency $P --hetero-config 2 --no-async-steps --out "$OUT/lat_tp2_sync.json" 2>&1 | keep
+}
+
+throughput() {
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "${TPUT_LIMIT:-420}" $PY -m hexgen.cli bench throughput $M7 \
+    --num-requests "${REQUESTS:-1000}" --max-num-seqs 256 --max-num-batched-tokens 4096 \
+    --hf-max-batches "${HF_BATCHES:-2}" ${EXTRA:-} --out "$OUT/tput_7b.json" > "$OUT/tput_7b.log" 2>&1
+  grep -v "$NOISE" "$OUT/tput_7b.log" | grep -v "preempting\|INFO" | tail -14
+}
+
+throughput_ab() {
+  variants; local i=0 r v
+  for r in $(seq "${ROUNDS:-$([ -n "${VARIANTS:-}" ] && echo 2 || echo 1)}"); do
+    for v in "${!VAR_LIST[@]}"; do
+      i=$((i + 1))
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step 200 $PY -m hexgen.cli bench throughput $M7 \
+        --num-requests "${REQUESTS:-300}" --max-num-seqs 256 --max-num-batched-tokens 4096 --no-hf \
+        ${VAR_LIST[$v]} ${EXTRA:-} --out "$OUT/tput_v${v}_$i.json" > "$OUT/tput_v${v}_$i.log" 2>&1
+      echo "--- run $i, variant $v: ${VAR_LIST[$v]:-defaults}"
+      grep -v "$NOISE" "$OUT/tput_v${v}_$i.log" | grep -v "preempting\|INFO" | tail -8
+    done
+  done
+}
+
+serve() {
+  export PATH=$PWD/.redis/usr/bin:$PATH
+  export LD_LIBRARY_PATH=$PWD/.redis/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  redis-server --version || { echo "redis-server: not found (PATH or .redis/usr/bin)"; return 1; }
+  $PY -c "import redis, redis.utils as u; print('redis-py', redis.__version__, 'hiredis', u.HIREDIS_AVAILABLE)" || return 1
+  # random weights: the head tokenizes with the tests' offline tiny tokenizer (the token counts matter, not the text)
+  local TOK=$OUT/tiny-tokenizer i=0 D
+  $PY -c "from tests.tiny_tokenizer import save_tiny_tokenizer; save_tiny_tokenizer('$TOK')" || return 1
+  local A="$M7 --tokenizer $TOK --num-requests 96 --prompt-range 64 1024 --output-range 32 256 --seed 0"
+  # the first run also compiles the Triton kernels (cached on disk for the later ones): its TTFT is not clean
+  for D in ${DIRECT_INPUTS:-text ids}; do
+    i=$((i + 1))
+    step 200 $PY -m hexgen.cli bench serve $A --rate 4 --direct-input "$D" --log-dir "$OUT/logs_rate4_${i}_$D" \
+      --out "$OUT/serve_rate4_${i}_$D.json"
+  done
+  [ "${AT_ONCE:-1}" = 1 ] && step 130 $PY -m hexgen.cli bench serve $A --log-dir "$OUT/logs_at_once" \
+    --out "$OUT/serve_at_once.json"
+  [ "${BREAKDOWN:-1}" = 1 ] && step 110 $PY scripts/serve_breakdown.py $A --rate 4 --log-dir "$OUT/logs_breakdown" \
+    --out "$OUT/breakdown_rate4.json"
+  return 0
+}
+
+kernels() {
+  step 300 $PY scripts/bench_paged_decode.py --sweep 256 700 1024 --sweep 256 300 512 --sweep 128 1200 2048 \
+    --sweep 1 384 4096 --out "$OUT/decode_sweep.json"
+  step 200 $PY scripts/profile_steps.py --ctx 300 700 1200 > "$OUT/steps.log" 2>&1
+  grep -v "^STEPS" "$OUT/steps.log" | tail -8
+}
+
+profile() {
+  step 110 $PY scripts/profile_decode.py --tp 1 --loop 2>&1 | grep "^PROFILE" | cut -c1-3000
+  [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && step 80 $PY scripts/profile_decode.py --tp 2 2>&1 | grep "^PROFILE" | cut -c1-2500
+  return 0
+}
+
+measure() {  # measure SPEC NAME [RUNS]: the layouts of a run spec under load (scripts/planner_measure.py)
+  HEXGEN_LOG_LEVEL=${HEXGEN_LOG_LEVEL:-INFO} step "${MEASURE_LIMIT:-400}" $PY scripts/planner_measure.py "$1" \
+    "$OUT/measure_$2.json" ${3:-} 2>&1 | tee "$OUT/measure_$2.log" | keep
+}
+
+planner_x2() {
+  (timeout 150 $PY -m hexgen.cli profile $PROF70 --tp-degrees 1 --device cuda:1 --emulate 40:80 \
+     --device-name H200-40SM --out "$OUT/cal_h200-40sm_70b.json" > "$OUT/profile_emulated.log" 2>&1
+   echo "rc $?" >> "$OUT/profile_emulated.log") &
+  step 150 $PY -m hexgen.cli profile $PROF70 --tp-degrees 1 2 --device cuda:0 --out "$OUT/cal_h200_70b.json"
+  wait; tail -3 "$OUT/profile_emulated.log"
+  measure bench/planner/runs_h200x2.json h200x2
+}
+
+planner_x4() {
+  [ -z "${NO_PROFILE:-}" ] && step 200 $PY -m hexgen.cli profile $PROF70 --tp-degrees 1 2 4 --device cuda:0 \
+    --out "$OUT/cal_h200_70b_x4.json"
+  nvidia-smi topo -m | head -6
+  measure bench/planner/runs_h200x4.json h200x4 "${X4_RUNS:-}"
+}
+
+planner_auto() {
+  : "${CLUSTER:?planner-auto needs CLUSTER=cluster.toml}" "${BASE:?planner-auto needs BASE=spec.json}"
+  local CAL_ARGS=""; [ -n "${CALS:-}" ] && CAL_ARGS="--calibration $CALS"
+  step 120 $PY -m hexgen.cli plan --cluster "$CLUSTER" --preset llama-2-70b --dtype bf16 --slo-latency 0 \
+    --workload-prompt 288 --workload-output 144 --max-num-seqs 128 $CAL_ARGS --json > "$OUT/plan.json"
+  step 30 $PY scripts/plan_runs.py "$OUT/plan.json" "$CLUSTER" "$BASE" "$OUT/runs_auto.json"
+  measure "$OUT/runs_auto.json" auto
+}
+
+for S in "$@"; do
+  echo "##### $S"
+  case "$S" in
+    tests) tests ;;
+    latency) latency ;;
+    tp) tp ;;
+    throughput) throughput ;;
+    throughput-ab) throughput_ab ;;
+    serve) serve ;;
+    kernels) kernels ;;
+    profile) profile ;;
+    planner-x2) planner_x2 ;;
+    planner-emulated) measure bench/planner/runs_h200x2_emulated.json emulated "${EMU_RUNS:-}" ;;
+    planner-phases) measure bench/planner/runs_h200x2_phases.json phases ;;
+    planner-x4) planner_x4 ;;
+    planner-auto) planner_auto ;;
+  esac
+done
+date -u
