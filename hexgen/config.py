@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from hexgen.errors import ConfigError
 
@@ -312,7 +313,7 @@ class KernelConfig:
                 raise ConfigError(f"kernels.{f.name}: {getattr(self, f.name)!r} must be on or off (true or false)")
 
     @classmethod
-    def from_dict(cls, table: Mapping[str, Any], key: str = "kernels") -> "KernelConfig":
+    def from_dict(cls, table: Mapping[str, Any], key: str = "kernels") -> KernelConfig:
         """From a mapping of setting names to values (a TOML ``[kernels]`` table, or parsed flags); booleans
         may also be given as on/off, true/false, yes/no, 1/0."""
         names = [f.name for f in fields(cls)]
@@ -329,7 +330,7 @@ class KernelConfig:
         return cls(**out)
 
     @classmethod
-    def from_flags(cls, items: list[str] | tuple[str, ...] | None) -> "KernelConfig":
+    def from_flags(cls, items: list[str] | tuple[str, ...] | None) -> KernelConfig:
         """From ``--kernel NAME=VALUE`` flags; later flags win."""
         table: dict[str, str] = {}
         for item in items or ():
@@ -376,6 +377,15 @@ def parse_limits(text: str) -> dict[int, DeviceLimit]:
     return out
 
 
+def _device_limits(value: Any) -> tuple[tuple[int, DeviceLimit], ...]:
+    """``EngineConfig.emulate_devices`` from text (``parse_limits``), a mapping or pairs: sorted pairs."""
+    limits = dict(parse_limits(value) if isinstance(value, str) else value)
+    for rank, limit in limits.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or not isinstance(limit, DeviceLimit):
+            raise ConfigError(f"emulate_devices: {rank!r}: {limit!r} must map a global rank ≥ 0 to a DeviceLimit")
+    return tuple(sorted(limits.items()))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine knobs shared by every rank of a pipeline."""
@@ -419,20 +429,17 @@ class EngineConfig:
             raise ConfigError(f"cpu_kv_tokens: {self.cpu_kv_tokens} must be ≥ 1")
         if not 0.05 <= self.gpu_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} must be in [0.05, 1.0]")
+        self._check_process_fields()
+
+    def _check_process_fields(self) -> None:
+        """The log level, the kernel choices and the emulated devices (normalized in place)."""
         level = str(self.log_level).upper()
         if level not in LOG_LEVELS:
             raise ConfigError(f"log_level: {self.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
         object.__setattr__(self, "log_level", level)
         if not isinstance(self.kernels, KernelConfig):
             raise ConfigError(f"kernels: {self.kernels!r} must be a KernelConfig (e.g. KernelConfig(gemv='cublas'))")
-        limits = self.emulate_devices
-        if isinstance(limits, str):
-            limits = parse_limits(limits)
-        limits = dict(limits)
-        for rank, limit in limits.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or not isinstance(limit, DeviceLimit):
-                raise ConfigError(f"emulate_devices: {rank!r}: {limit!r} must map a global rank ≥ 0 to a DeviceLimit")
-        object.__setattr__(self, "emulate_devices", tuple(sorted(limits.items())))
+        object.__setattr__(self, "emulate_devices", _device_limits(self.emulate_devices))
 
     def device_limit(self, rank: int) -> DeviceLimit | None:
         """The emulated cut-down of global ``rank``'s GPU, or None (the whole GPU)."""

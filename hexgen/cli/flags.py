@@ -1,6 +1,7 @@
 """What the CLIs share: the engine flags of ``hexgen generate``, ``hexgen bench`` and ``bin/worker`` (kernel
 choices, ``--kernel NAME=VALUE``, see ``hexgen.config.KernelConfig``, and device emulation), and the log level
 from the environment (``HEXGEN_LOG_LEVEL``), read here and passed down."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,17 +20,22 @@ def env_log_level(default: str = "WARNING") -> str:
 
 
 def _kernel_help() -> str:
-    names = ", ".join(f"{f.name} ({'/'.join(KERNEL_CHOICES.get(f.name, ('on', 'off')))})"
-                      for f in fields(KernelConfig))
-    return (f"kernel choice NAME=VALUE, repeatable, e.g. --kernel gemv=cublas --kernel fused=off; names: {names}; "
-            f"default: {KernelConfig().describe()}")
+    names = ", ".join(f"{f.name} ({'/'.join(KERNEL_CHOICES.get(f.name, ('on', 'off')))})" for f in fields(KernelConfig))
+    return (
+        f"kernel choice NAME=VALUE, repeatable, e.g. --kernel gemv=cublas --kernel fused=off; names: {names}; "
+        f"default: {KernelConfig().describe()}"
+    )
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", action="append", default=[], metavar="NAME=VALUE", help=_kernel_help())
-    p.add_argument("--emulate-devices", default="", metavar="RANK=SMS:GIB,...",
-                   help="cut GPUs down to fewer SMs and less memory, per global rank, e.g. 2=40:24,3=16:16 "
-                        "(0 keeps that resource; hexgen/engine/emulation.py)")
+    p.add_argument(
+        "--emulate-devices",
+        default="",
+        metavar="RANK=SMS:GIB,...",
+        help="cut GPUs down to fewer SMs and less memory, per global rank, e.g. 2=40:24,3=16:16 "
+        "(0 keeps that resource; hexgen/engine/emulation.py)",
+    )
 
 
 def engine_fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The last stage's leader: samples each step's tokens, turns them into outputs for its sink, and returns a
 result to stage 0."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,13 +36,15 @@ class LastStage:
         if req is not None and notice.reason == "cancelled" and req.request_id in self.processor:
             return self.processor.cancel(req.request_id)
         req = req or notice.request
+        if req is None:
+            raise RuntimeError(f"sequence {notice.seq_id}: aborted ({notice.reason}) but never announced here")
         n = len(req.output_ids)
         return StepOutput(req.request_id, n, [], "", notice.reason, len(req.prompt_ids), n, req.meta)
 
-    def finish_step(self, plan: StepPlan, hidden: torch.Tensor) -> StepResult:
+    def finish_step(self, plan: StepPlan, hidden: torch.Tensor | None) -> StepResult:
         return self.complete(plan, self.sample(plan, hidden))
 
-    def sample(self, plan: StepPlan, hidden: torch.Tensor | None) -> "Sampled":
+    def sample(self, plan: StepPlan, hidden: torch.Tensor | None) -> Sampled:
         """Enqueue the step's sampling on the device; no host sync (``complete`` reads the ids)."""
         for item in plan.new_requests:
             self.requests[item.seq_id] = item.request
@@ -51,12 +54,13 @@ class LastStage:
             return Sampled(rows=[])
         logits = self.runner.logits(plan, hidden)  # [n_sampled, vocab]
         # A request may already be gone (finished one step earlier while this step ran ahead): any params do.
-        params = [self.requests[sid].params if sid in self.requests else GREEDY
-                  for sid in (plan.seq_ids[i] for i in rows)]
+        params = [
+            self.requests[sid].params if sid in self.requests else GREEDY for sid in (plan.seq_ids[i] for i in rows)
+        ]
         ids = sample(logits, params, [plan.out_lens[i] for i in rows])  # [n_sampled] int64, on the device
         return Sampled(rows, ids, host_copy(ids), logits if self.collect_logits else None)
 
-    def complete(self, plan: StepPlan, sampled: "Sampled") -> StepResult:
+    def complete(self, plan: StepPlan, sampled: Sampled) -> StepResult:
         """Wait for the sampled ids, turn them into outputs for the sink and a result for stage 0."""
         outputs = [self._aborted(n) for n in plan.cancelled]
         result = StepResult(plan.step_id)
@@ -85,7 +89,7 @@ class LastStage:
 GREEDY = SamplingParams()
 
 
-def host_copy(ids: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+def host_copy(ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """Start copying ``ids`` to pinned host memory now, on the current stream, so that a later read waits
     for this step's work only and not for steps enqueued after it."""
     if ids.device.type != "cuda":
@@ -104,7 +108,7 @@ class Sampled:
 
     rows: list[int]
     ids: torch.Tensor | None = None  # [n_sampled] int64 on the device
-    host: tuple[torch.Tensor, "torch.cuda.Event | None"] | None = None
+    host: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
     logits: torch.Tensor | None = None  # [n_sampled, vocab] float32
 
     def wait(self) -> None:

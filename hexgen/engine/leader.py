@@ -10,6 +10,7 @@ One loop (``FirstLeader.run``) and a small strategy for how steps are launched a
   work between steps overlaps the device's. With TP > 1 the followers get each plan as before and each
   step's sampled ids by a device broadcast, in the same order on every rank (``pipeline._stage_loop``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,12 @@ def runs_ahead(engine: EngineConfig, groups: PipelineGroups) -> bool:
     so the next step can be enqueued before the last one's ids are on the host; scheduler module notes).
     TP > 1 only with ``async_steps_tp``: 36% faster batch-1 decode at TP 2, but under load at TP 4 it
     measured slower in a run whose order may have favoured the synchronous loop (docs/benchmarks.md)."""
-    return (engine.async_steps and groups.layout.num_stages == 1 and not engine.collect_logits
-            and (groups.tp.size == 1 or engine.async_steps_tp))
+    return (
+        engine.async_steps
+        and groups.layout.num_stages == 1
+        and not engine.collect_logits
+        and (groups.tp.size == 1 or engine.async_steps_tp)
+    )
 
 
 def input_ids(ids: list[int], prev: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -96,13 +101,20 @@ class Steps(Protocol):
 class FirstLeader:
     """The stage-0 leader: owns the scheduler and runs the loop."""
 
-    def __init__(self, groups: PipelineGroups, runner: StageRunner, engine: EngineConfig,
-                 source: RequestSource, last: LastStage | None) -> None:
+    def __init__(
+        self,
+        groups: PipelineGroups,
+        runner: StageRunner,
+        engine: EngineConfig,
+        source: RequestSource,
+        last: LastStage | None,
+    ) -> None:
         self.groups, self.runner, self.source, self.last = groups, runner, source, last
         blocks = BlockManager(runner.num_blocks, engine.block_size)
         self.max_in_flight = engine.micro_batches or groups.layout.num_stages
-        self.scheduler = Scheduler(blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len,
-                                   self.max_in_flight)
+        self.scheduler = Scheduler(
+            blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len, self.max_in_flight
+        )
         self.run_ahead = runs_ahead(engine, groups)
         self.profile_loop = engine.profile_loop
         self.steps: Steps = AheadSteps(self) if self.run_ahead else PipelinedSteps(self)
@@ -264,5 +276,7 @@ class AheadSteps:
 
     def summary(self) -> str | None:
         steps = self.leader.scheduler.stats.steps
-        return (f"asynchronous steps: {steps} steps, {self.leader.scheduler.ahead_tokens} decode tokens "
-                "scheduled ahead of their input")
+        return (
+            f"asynchronous steps: {steps} steps, {self.leader.scheduler.ahead_tokens} decode tokens "
+            "scheduled ahead of their input"
+        )

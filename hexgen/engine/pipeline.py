@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -105,9 +105,13 @@ def _run_rank(spec: RankSpec, stage: StageSpec, device: torch.device,
         runner = StageRunner(spec.model, spec.engine, groups)
         last = None
         if stage.is_last and groups.is_leader:
+            if sink_factory is None:
+                raise ValueError("run_rank: the last stage's leader needs a sink factory")
             sink = sink_factory()
             last = LastStage(runner, spec.model, sink, spec.engine.collect_logits)
         if spec.rank == 0:
+            if source_factory is None:
+                raise ValueError("run_rank: rank 0 needs a source factory")
             source = source_factory()
             FirstLeader(groups, runner, spec.engine, source, last).run()
         else:

@@ -4,6 +4,7 @@ the activations to every rank) and the step result (what the last stage sampled,
 They travel between ranks as msgpack bytes on the CPU (gloo) side channel; ``encode``/``decode`` are the only
 codecs, and the typed parts (``NewSequence``, ``Abort``) travel as fixed-order arrays.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ class NewSequence:
         return [self.seq_id, self.request.to_dict()]
 
     @classmethod
-    def unpack(cls, v: list[Any]) -> "NewSequence":
+    def unpack(cls, v: list[Any]) -> NewSequence:
         return cls(int(v[0]), Request.from_dict(v[1]))
 
 
@@ -42,7 +43,7 @@ class Abort:
         return [self.seq_id, self.request_id, self.reason, None if self.request is None else self.request.to_dict()]
 
     @classmethod
-    def unpack(cls, v: list[Any]) -> "Abort":
+    def unpack(cls, v: list[Any]) -> Abort:
         return cls(int(v[0]), v[1], v[2], None if v[3] is None else Request.from_dict(v[3]))
 
 

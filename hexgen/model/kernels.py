@@ -4,6 +4,7 @@
 PDL below compute capability 9.0 or under Triton's interpreter, the CPU weight layout on GPUs), so the layers
 read plain booleans and never look at the device or the environment again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,16 @@ from hexgen.model import pdl
 from hexgen.model.paged_decode import triton_importable
 
 # Every fast path off: the PyTorch reference math (CPU, and tests that build a stage by hand).
-REFERENCE = KernelConfig(gemv="cublas", fused=False, pdl=False, decode_kernel=False, prefill_kernel=False,
-                         all_reduce="nccl", cpu_layout=False, decode_groups=True)
+REFERENCE = KernelConfig(
+    gemv="cublas",
+    fused=False,
+    pdl=False,
+    decode_kernel=False,
+    prefill_kernel=False,
+    all_reduce="nccl",
+    cpu_layout=False,
+    decode_groups=True,
+)
 
 
 def resolve(cfg: KernelConfig, device: torch.device) -> KernelConfig:

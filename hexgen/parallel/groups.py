@@ -80,14 +80,18 @@ class PipelineGroups:
         return self.rank == self.stage.leader
 
     @property
-    def next_leader(self) -> int | None:
-        stages = self.layout.stages()
-        return None if self.stage.is_last else stages[self.stage.index + 1].leader
+    def next_leader(self) -> int:
+        """The next stage's leader (there is none after the last stage)."""
+        if self.stage.is_last:
+            raise RuntimeError(f"stage {self.stage.index} is the last stage: no next leader")
+        return self.layout.stages()[self.stage.index + 1].leader
 
     @property
-    def prev_leader(self) -> int | None:
-        stages = self.layout.stages()
-        return None if self.stage.is_first else stages[self.stage.index - 1].leader
+    def prev_leader(self) -> int:
+        """The previous stage's leader (there is none before the first stage)."""
+        if self.stage.is_first:
+            raise RuntimeError("stage 0 is the first stage: no previous leader")
+        return self.layout.stages()[self.stage.index - 1].leader
 
     @property
     def first_leader(self) -> int:

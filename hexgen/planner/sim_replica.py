@@ -15,6 +15,7 @@ heap then only needs the leader's own events (stage 0 free, a result back at sta
 One simplification: a result that reaches stage 0 while the leader computes is applied as soon as the leader is
 free (the real loop reads it when it has nothing else to launch or P micro-batches are in flight).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -44,8 +45,7 @@ class StageModel:
 class SimSeq:
     """One request's lengths and timestamps inside the simulator (the scheduler holds its state)."""
 
-    __slots__ = ("rid", "prompt", "target", "arrival", "generated", "first_token", "done_at", "rejected",
-                 "replica")
+    __slots__ = ("rid", "prompt", "target", "arrival", "generated", "first_token", "done_at", "rejected", "replica")
 
     def __init__(self, rid: int, prompt: int, output: int, arrival: float) -> None:
         self.rid, self.prompt, self.target, self.arrival = rid, prompt, output, arrival
@@ -67,15 +67,26 @@ class MicroBatch:
 class ReplicaSim:
     """A replica: the engine's continuous-batching scheduler at stage 0 plus its stages as FIFO servers."""
 
-    def __init__(self, index: int, stages: list[StageModel], return_latency: float, *, num_blocks: int,
-                 block_size: int, max_num_seqs: int, max_batched_tokens: int, max_len: int,
-                 max_in_flight: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        stages: list[StageModel],
+        return_latency: float,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_batched_tokens: int,
+        max_len: int,
+        max_in_flight: int,
+    ) -> None:
         self.index = index
         self.stages = stages
         self.return_latency = return_latency
         self.max_in_flight = max_in_flight
-        self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_batched_tokens,
-                                   max_len, max_in_flight)
+        self.scheduler = Scheduler(
+            BlockManager(num_blocks, block_size), max_num_seqs, max_batched_tokens, max_len, max_in_flight
+        )
         self.queued: dict[str, SimSeq] = {}  # request id -> request, until its first plan names its sequence
         self.seqs: dict[int, tuple[SimSeq, Sequence]] = {}  # the scheduler's sequence id -> (request, sequence)
         self.in_flight: deque[MicroBatch] = deque()

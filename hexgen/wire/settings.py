@@ -1,8 +1,8 @@
 """Deployment settings: a frozen dataclass tree loaded from TOML, then the environment, then flags.
 
 Precedence, highest first: command-line flags, the environment (``HEXGEN_REDIS_URL`` for the Redis URL,
-``HEXGEN_TRACE_TIMING=1`` for ``trace_timing``), the TOML file, the defaults here. Unknown keys are a ConfigError naming the key (a typo must not silently fall back to a
-default). Example file::
+``HEXGEN_TRACE_TIMING=1`` for ``trace_timing``), the TOML file, the defaults here. Unknown keys are a
+ConfigError naming the key (a typo must not silently fall back to a default). Example file::
 
     dtype = "bf16"                 # fp32 | fp16 | bf16
     device = "cuda"                # cpu | cuda
