@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo lint test test-fast model redis clean
+.PHONY: install demo lint test test-fast soak model redis clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: install
 
 test: install redis lint
 	$(PY) -m pytest -q
+
+# the full soak (10,000 requests from 200 clients, a pipeline killed midway); `make test` runs a short one
+soak: install redis
+	$(PY) -m pytest -q -s tests/test_soak.py -k full --soak
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

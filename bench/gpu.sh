@@ -13,6 +13,13 @@
 #   tp               batch-1 decode at TP 1, TP 2 with asynchronous steps and TP 2 synchronous (2 GPUs)
 #   throughput       Llama-2-7B on REQUESTS (1,000) requests all at once beside HF static batches of 64 on the
 #                    first HF_BATCHES (2) batches of the same requests
+#   throughput-runs  RUNS="tag:preset:seqs:budget[:kv[:hf]] ..." (default: the figures of docs/benchmarks.md, "GPU:
+#                    throughput against the ceiling"): REQUESTS (1,000) requests all at once each, with the printed
+#                    ceiling; kv auto|fp8; hf 1: beside HF static batches of 64 on the first HF_BATCHES (1) batches
+#                    and HF continuous batching on the first HF_CB (64) requests, else --no-hf. The loop's phase
+#                    clock and the scheduler's counters (INFO) are kept in each log
+#   decode-fp8       the paged decode kernel over an fp8 cache against a bf16 one, a few launch settings
+#                    (scripts/bench_decode_fp8.py, Llama-2-7B shape, batch 256 x context 700)
 #   throughput-ab    Llama-2-7B on REQUESTS (300) requests, no HF, VARIANTS alternating as for `latency`
 #   serve            the Redis path against the engine driven directly (`hexgen bench serve`, 96 requests at a
 #                    Poisson 4 req/s, once per DIRECT_INPUTS entry, default "text ids"), all at once
@@ -30,7 +37,7 @@
 #   planner-auto     CLUSTER=file BASE=spec.json [CALS="a.json b.json"]: plan the cluster, then measure the
 #                    planner's layout against the best symmetric one (scripts/plan_runs.py)
 set -u
-SCENARIOS="tests latency tp throughput throughput-ab serve kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto"
+SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto"
 [ $# -ge 1 ] || { echo "usage: bench/gpu.sh SCENARIO [SCENARIO ...]; scenarios: $SCENARIOS" >&2; exit 2; }
 for S in "$@"; do
   case " $SCENARIOS " in *" $S "*) ;; *) echo "bench/gpu.sh: unknown scenario '$S'; choose from: $SCENARIOS" >&2; exit 2;; esac
@@ -55,7 +62,10 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 variants() { local IFS='|'; VAR_LIST=(${VARIANTS:-}); [ ${#VAR_LIST[@]} -eq 0 ] && VAR_LIST=(""); }
 
 tests() {
+  # the GPU image's torch and Triton differ from the versions CI pins: their deprecation notices are shown here,
+  # not failed (every other warning is still an error, pyproject.toml)
   step "${TEST_LIMIT:-480}" $PY -m pytest -q -x -m gpu -p no:cacheprovider --durations=12 \
+    -W default::DeprecationWarning -W default::FutureWarning \
     ${TESTS:-tests/test_fused.py tests/test_gpu_fastpaths.py tests/test_paged_decode.py tests/test_gpu_layouts.py} \
     > "$OUT/gpu_tests.txt" 2>&1
   tail -20 "$OUT/gpu_tests.txt"
@@ -85,6 +95,23 @@ throughput() {
     --num-requests "${REQUESTS:-1000}" --max-num-seqs 256 --max-num-batched-tokens 4096 \
     --hf-max-batches "${HF_BATCHES:-2}" ${EXTRA:-} --out "$OUT/tput_7b.json" > "$OUT/tput_7b.log" 2>&1
   grep -v "$NOISE" "$OUT/tput_7b.log" | grep -v "preempting\|INFO" | tail -14
+}
+
+RUNS_DEFAULT="l31-8b:llama-3.1-8b:1024:16384:auto:1 l2-7b:llama-2-7b:256:4096:auto:1 l2-7b-fp8:llama-2-7b:512:8192:fp8:0"
+throughput_runs() {
+  local X tag m s b kv hf hfa
+  for X in ${RUNS:-$RUNS_DEFAULT}; do
+    IFS=: read -r tag m s b kv hf <<< "$X"
+    hfa="--no-hf"
+    [ "${hf:-0}" = 1 ] && hfa="--hf-max-batches ${HF_BATCHES:-1} --hf-cb-requests ${HF_CB:-64}"
+    HEXGEN_LOG_LEVEL=INFO PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "${TPUT_LIMIT:-200}" $PY -m hexgen.cli \
+      bench throughput --preset "$m" --random-weights --dtype bf16 --cuda-graphs --kv-cache-dtype "${kv:-auto}" \
+      --num-requests "${REQUESTS:-1000}" --max-num-seqs "$s" --max-num-batched-tokens "$b" $hfa ${EXTRA:-} \
+      --out "$OUT/tput_$tag.json" > "$OUT/tput_$tag.log" 2>&1
+    echo "--- $tag: $m, max-num-seqs $s, budget $b, kv ${kv:-auto}, $hfa"
+    grep -v "$NOISE" "$OUT/tput_$tag.log" | grep -v "preempting\|INFO\|WARNING\|^\s*$" | tail -14 | cut -c1-400
+    grep "scheduler:\|KV blocks" "$OUT/tput_$tag.log" | sed 's/^.*INFO//' | tail -2
+  done
 }
 
 throughput_ab() {
@@ -173,6 +200,8 @@ for S in "$@"; do
     latency) latency ;;
     tp) tp ;;
     throughput) throughput ;;
+    throughput-runs) throughput_runs ;;
+    decode-fp8) step 120 $PY scripts/bench_decode_fp8.py --out "$OUT/decode_fp8.json" 2>&1 | grep -v "$NOISE" | tail -12 ;;
     throughput-ab) throughput_ab ;;
     serve) serve ;;
     kernels) kernels ;;

@@ -46,6 +46,9 @@ __all__ = ["HexGenClient", "Result", "GenerationStream", "TokenEvent", "DoneEven
            "InvalidRequest", "Overloaded", "NotFound", "InternalError", "GenerationTimeout"]
 
 
+MAX_CONNECTIONS = 10_000  # default pool cap of a client: Redis's own default maxclients
+
+
 class GenerationTimeout(HexGenError, TimeoutError):
     """No ``done`` or ``error`` event arrived within the client's timeout."""
 
@@ -123,12 +126,18 @@ class HexGenClient:
 
     ``block_ms`` is the XREAD BLOCK per read (the socket timeout is set longer); ``timeout_s`` bounds a
     whole generation (None: wait as long as it takes). ``model`` is sent with every request when set.
+    ``max_connections`` caps the connection pool: each stream being read holds one connection while its
+    XREAD blocks, so it bounds the generations one client can follow at once (redis-py's own default, 100,
+    would fail the 101st with MaxConnectionsError).
     """
 
     def __init__(self, url: str = C.DEFAULT_REDIS_URL, *, model: str | None = None,
-                 block_ms: int = C.BLOCK_MS, timeout_s: float | None = None, redis: Any | None = None) -> None:
+                 block_ms: int = C.BLOCK_MS, timeout_s: float | None = None, redis: Any | None = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         if block_ms < 1:
             raise ValueError(f"block_ms: {block_ms} must be ≥ 1")
+        if max_connections < 1:
+            raise ValueError(f"max_connections: {max_connections} must be ≥ 1")
         self.url = RedisSettings(url).url
         self.model = model
         self.block_ms = block_ms
@@ -136,7 +145,7 @@ class HexGenClient:
         self._own = redis is None
         # any redis.asyncio-compatible client (fakeredis in tests): redis-py's own annotations mix sync and async
         self.redis: Any = redis if redis is not None else async_redis(
-            self.url, socket_timeout=C.socket_timeout_for(block_ms))
+            self.url, socket_timeout=C.socket_timeout_for(block_ms), max_connections=max_connections)
 
     async def __aenter__(self) -> HexGenClient:
         return self

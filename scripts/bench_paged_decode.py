@@ -45,6 +45,8 @@ def case(batch: int, ctx: int, width_tokens: int) -> dict:
                 max_err=err)
 
 
+QUICK = ((False, True), (32, 64, 128), (2, 4), (2, 3))  # --quick: head order, tile, warps, stages
+QUICK_GRID = False
 DEFAULTS = (64, 2, 2, True)  # paged_decode's defaults: block_n, num_warps, num_stages, head_major
 
 
@@ -59,10 +61,11 @@ def sweep(batch: int, ctx: int, width_tokens: int) -> list[dict]:
     live = batch * ctx * N_KV * D * 2 * 2
     ref = paged_decode.paged_decode(q, k, v, tables, lens, D ** -0.5, BS).float()
     out = []
-    for head_major in (False, True):
-        for block_n in (16, 32, 64):
-            for warps in (2, 4, 8):
-                for stages in (1, 2, 3):
+    grid = QUICK if QUICK_GRID else ((False, True), (16, 32, 64), (2, 4, 8), (1, 2, 3))
+    for head_major in grid[0]:
+        for block_n in grid[1]:
+            for warps in grid[2]:
+                for stages in grid[3]:
                     for splits in sorted({1, 2, paged_decode.num_splits(batch, N_KV, blocks * BS, q.device)}):
                         kw = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
                                   head_major=head_major)
@@ -84,7 +87,13 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--sweep", type=int, nargs=3, action="append", metavar=("BATCH", "CTX", "WIDTH"),
                     help="time every launch setting at this shape (repeatable); the 5 best are printed")
+    ap.add_argument("--heads", type=int, nargs=2, metavar=("N_Q", "N_KV"), default=(32, 32),
+                    help="query and KV heads (default 32 32, Llama-2-7B; 32 8 is Llama-3.1-8B)")
+    ap.add_argument("--quick", action="store_true", help="sweep: a smaller grid of settings (%s)" % (QUICK,))
     args = ap.parse_args()
+    global N_Q, N_KV, QUICK_GRID
+    N_Q, N_KV = args.heads
+    QUICK_GRID = args.quick
     if args.sweep:
         res = []
         for batch, ctx, width in args.sweep:
@@ -93,7 +102,8 @@ def main() -> None:
             splits = paged_decode.num_splits(batch, N_KV, -(-width // BS) * BS, torch.device("cuda", 0))
             default = [r for r in rows if r["splits"] == splits and DEFAULTS == (
                 r.get("block_n"), r.get("num_warps"), r.get("num_stages"), r.get("head_major"))]
-            print(json.dumps({"batch": batch, "ctx": ctx, "best": rows[:5], "default": default}), flush=True)
+            print(json.dumps({"heads": [N_Q, N_KV], "batch": batch, "ctx": ctx, "best": rows[:5],
+                              "default": default}), flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "sweeps": res}, f, indent=1)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hexgen.config import EngineConfig, Layout, preset  # noqa: E402
+from hexgen.config import EngineConfig, Layout, ModelConfig, preset  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
 from hexgen.model import paged_decode  # noqa: E402
@@ -105,9 +105,25 @@ def _graph_step(r: StageRunner, plan: StepPlan) -> None:
     r.logits(plan, h).argmax(-1)
 
 
+def _kernel_table(name: str, fn) -> None:
+    """The CUDA kernels of three runs of ``fn`` by total device time, and the host time they took."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    print(f"KERNELS {name} (3 steps)", flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-2-7b")
+    ap.add_argument("--model", help="a model directory (its config.json gives the shape; weights random)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also print the CUDA kernel times of one mixed and one decode step (torch.profiler)")
     ap.add_argument("--max-seqs", type=int, default=256)
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--ctx", type=int, nargs="+", default=[300, 700, 1200])
@@ -117,11 +133,13 @@ def main() -> None:
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    cfg = preset(args.preset)
+    cfg = ModelConfig.from_dir(args.model) if args.model else preset(args.preset)
+    spec = ModelSpec(model_dir=args.model, random_weights=True) if args.model else \
+        ModelSpec(preset=args.preset, random_weights=True)
     groups = PipelineGroups(Layout.build(cfg, [1]), 0, f"tcp://127.0.0.1:{free_port()}", dev)
     engine = EngineConfig(dtype="bfloat16" if cuda else "float32", device=dev.type, cuda_graphs=cuda,
                           max_num_seqs=args.max_seqs, max_num_batched_tokens=args.budget, gpu_memory_fraction=0.9)
-    r = StageRunner(ModelSpec(preset=args.preset, random_weights=True), engine, groups)
+    r = StageRunner(spec, engine, groups)
     bs = engine.block_size
     blocks = Blocks(bs, r.num_blocks)
     res = {"gpu": torch.cuda.get_device_name(dev) if cuda else "cpu", "preset": args.preset, "max_seqs": args.max_seqs,
@@ -153,6 +171,9 @@ def main() -> None:
         row["mixed_chunk_tokens"] = chunk
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
+        if args.kernels and cuda and ctx == args.ctx[0]:
+            _kernel_table("mixed", lambda: _eager_step(r, mixed))
+            _kernel_table("decode (graph)", lambda: _graph_step(r, dec))
     n_pre = max(1, args.budget // 1024)
     pre = _plan(0, [], [(args.budget // n_pre, args.budget // n_pre)] * n_pre, blocks)
     res["eager_prefill_ms"] = round(_median_ms(lambda: _eager_step(r, pre), args.reps), 3)

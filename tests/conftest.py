@@ -91,3 +91,8 @@ def _interpret_triton_without_cuda() -> None:
 
 
 _interpret_triton_without_cuda()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="also run the full soak (tests/test_soak.py::test_soak_full; `make soak`)")

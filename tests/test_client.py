@@ -196,3 +196,22 @@ def test_client_under_uvloop(redis_server, tiny_tokenizer):
 
     res = uvloop.run(main())
     assert res.completion_tokens == 2 and res.finish_reason == "length"
+
+
+async def test_more_concurrent_streams_than_redis_py_pools_by_default(redis_server):
+    """Each stream being read holds a connection while its XREAD blocks: 150 at once (redis-py's async pool
+    stops at 100 unless told otherwise) all finish."""
+    n = 150
+    async with HexGenClient(redis_server, block_ms=2000, timeout_s=30) as client:
+        tasks = [asyncio.create_task(client.generate("hi", request_id=f"many{i}")) for i in range(n)]
+        r = async_redis(redis_server)
+        try:
+            deadline = time.monotonic() + 20
+            while await r.xlen(C.REQUESTS_STREAM) < n and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            for i in range(n):
+                await post(r, f"many{i}", token_event(0, [5], "x"), done_event("length", 1, 1))
+        finally:
+            await r.aclose()
+        results = await asyncio.gather(*tasks)
+    assert [res.token_ids for res in results] == [[5]] * n

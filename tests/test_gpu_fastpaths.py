@@ -151,3 +151,61 @@ def test_async_steps_tp2_with_graphs_match_synchronous_steps():
     sync = run_offline(layout, model, EngineConfig(**base, async_steps=False), reqs)
     fast = run_offline(layout, model, EngineConfig(**base, async_steps_tp=True), reqs)
     assert {k: v.token_ids for k, v in fast.items()} == {k: v.token_ids for k, v in sync.items()}
+
+
+def _mixed_requests(vocab: int, n: int, seed: int = 1) -> list[Request]:
+    """Prompts of 3-40 tokens and 2-20 outputs: rows of the static decode buffers change owner and width."""
+    rng = random.Random(seed)
+    return [Request(str(i), [rng.randrange(3, vocab) for _ in range(rng.randint(3, 40))],
+                    SamplingParams(max_new_tokens=rng.randint(2, 20), ignore_eos=True)) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_static_decode_path_with_changing_rows_matches_reference():
+    """More requests than max_num_seqs, outputs of different lengths: each step stages only its live table
+    columns, so what earlier steps left in the static buffers must never be read as context."""
+    base = dict(dtype="float32", device="cpu", block_size=4, cpu_kv_tokens=2048, collect_logits=True,
+                max_num_seqs=4)
+    model = ModelSpec(preset="tiny", random_weights=True)
+    layout = Layout.build(preset("tiny"), [1])
+    reqs = _mixed_requests(preset("tiny").vocab_size, 10)
+    ref = run_offline(layout, model, EngineConfig(**base), reqs)
+    fast = run_offline(layout, model, EngineConfig(**base, cuda_graphs=True), reqs)
+    _compare(ref, fast, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_batch", [1, 7, 64, 256, 300, 512, 1024, 2048])
+def test_batch_buckets_cover_every_batch_with_little_padding(max_batch):
+    from hexgen.engine.cuda_graph import batch_buckets, bucket_of
+    buckets = batch_buckets(max_batch)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == max_batch
+    for n in range(1, max_batch + 1):
+        b = bucket_of(n, buckets)
+        assert n <= b <= max_batch
+        if n > 128:  # above 128 rows no step pads by more than a quarter
+            assert b <= 1.25 * n, (n, b)
+    assert bucket_of(max_batch + 1, buckets) is None
+
+
+def test_graph_outputs_are_reserved_in_the_kv_budget():
+    """Each captured graph keeps hidden [b, hidden] and float32 logits [b, vocab]: the budget counts them all."""
+    from hexgen.engine.cuda_graph import batch_buckets, graph_output_bytes
+    assert graph_output_bytes(1024, 4096, 2, 128256, True) == sum(batch_buckets(1024)) * (4096 * 2 + 128256 * 4)
+    assert graph_output_bytes(64, 4096, 2, 128256, False) == sum(batch_buckets(64)) * 4096 * 2
+
+
+def test_simulated_padding_on_the_default_workload_is_small():
+    """The scheduler on the 1,000-request workload at max_num_seqs 1024 (scripts/sim_decode_buckets.py):
+    the decode graphs replay under 1.10x the rows the steps carry (the buckets that jumped from 512 to
+    1024 replayed 1.30x)."""
+    import importlib.util
+    from pathlib import Path
+    from hexgen.engine.cuda_graph import batch_buckets, bucket_of
+    path = Path(__file__).resolve().parent.parent / "scripts" / "sim_decode_buckets.py"
+    spec = importlib.util.spec_from_file_location("sim_decode_buckets", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    steps, rows = sim.decode_steps(1024, 16384, 54732)
+    buckets = batch_buckets(1024)
+    assert len(rows) > 400 and steps >= 512  # the longest request needs 512 steps
+    assert sum(bucket_of(n, buckets) for n in rows) < 1.10 * sum(rows)

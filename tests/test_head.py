@@ -413,3 +413,33 @@ async def test_valid_request_is_one_script_call_invalid_one_a_reservation_on_rea
         assert len(await events(r, "bad")) == 1 and await heads_pending(r) == 0
     finally:
         await r.aclose()
+
+
+async def test_an_unexpected_failure_is_answered_internal_and_the_head_carries_on(make_head, fake, tiny_tokenizer):
+    class Broken:
+        """A tokenizer with a bug for one prompt."""
+
+        def __getattr__(self, name):
+            return getattr(tiny_tokenizer, name)
+
+        def __call__(self, text, **kw):
+            if "boom" in text:
+                raise AssertionError("a bug")
+            return tiny_tokenizer(text, **kw)
+
+    head = await make_head(tokenizer=Broken())
+    await submit(fake, prompt="boom", id="b1")
+    await submit(fake, prompt="fine", id="b2")
+    assert await handle_all(head) == ["internal", "queued"]
+    [ev] = await events(fake, "b1")
+    assert isinstance(ev, ErrorEvent) and "AssertionError" in ev.message and await heads_pending(fake) == 0
+
+
+async def test_handled_request_entries_are_deleted(make_head, fake):
+    head = await make_head()
+    await submit(fake, prompt="hi", id="d1")  # queued
+    await submit(fake, prompt="hi", max_tokens="1", id="d2")  # refused
+    await submit(fake, prompt="again", id="d1")  # duplicate
+    assert await handle_all(head) == ["queued", "invalid_request", "duplicate"]
+    assert await fake.xlen(C.REQUESTS_STREAM) == 0 and await heads_pending(fake) == 0
+    assert len(await work_items(fake)) == 1

@@ -40,15 +40,6 @@ def pending(r) -> dict[str, str]:
     return {as_text(row["message_id"]): as_text(row["consumer"]) for row in rows}
 
 
-def wait_for(pred, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return bool(pred())
-
-
 def take_until(p, n: int, want: int = 8, timeout_s: float = 5.0) -> list[Request]:
     out: list[Request] = []
     deadline = time.monotonic() + timeout_s
@@ -141,7 +132,7 @@ def test_holds_no_more_than_the_engine_can_take(make_prefetcher, r):
     for i in range(6):
         add_work(r, f"b{i}")
     assert p.take(0, 0.0) == [] and p.take(2, 0.0) == []  # the engine has room for two
-    assert wait_for(lambda: p.held == 2)
+    wait_until(lambda: p.held == 2)
     time.sleep(0.3)  # the test is that nothing more happens meanwhile
     assert p.held == 2 and len(pending(r)) == 2  # the other four stay in the stream for other pipelines
     got = p.take(1, 0.0)  # room for one only now: take one; what it took leaves room for none
@@ -150,7 +141,7 @@ def test_holds_no_more_than_the_engine_can_take(make_prefetcher, r):
     assert p.held == 1 and len(pending(r)) == 2
     got = p.take(5, 0.0)  # a request finished: room for five
     assert [q.request_id for q in got] == ["b1"]
-    assert wait_for(lambda: p.held == 4)
+    wait_until(lambda: p.held == 4)
     time.sleep(0.3)  # nothing more is read meanwhile
     assert p.held == 4 and len(pending(r)) == 6
 
@@ -159,7 +150,7 @@ def test_a_full_pipeline_leaves_work_to_the_others(make_prefetcher, r):
     full, _ = make_prefetcher("full")
     free, _ = make_prefetcher("free")
     assert full.take(1, 0.0) == []
-    assert wait_for(lambda: full.held == 0)
+    wait_until(lambda: full.held == 0)
     for i in range(4):
         add_work(r, f"c{i}")
     got_full = take_until(full, 1, want=1)
@@ -190,12 +181,12 @@ def test_pause_stops_reading_and_queued_requests_are_still_taken(make_prefetcher
     for i in range(2):
         add_work(r, f"d{i}")
     p.take(2, 0.0)
-    assert wait_for(lambda: p.held == 2)
+    wait_until(lambda: p.held == 2)
     p.pause()
     add_work(r, "after")
     assert not p.exhausted()
     assert [q.request_id for q in p.take(8, 0.0)] == ["d0", "d1"]
-    assert wait_for(p.exhausted)
+    wait_until(p.exhausted)
     time.sleep(0.3)  # the test is that nothing is read meanwhile
     assert p.take(8, 0.2) == []
     assert len(pending(r)) == 2  # "after" was not read
@@ -239,9 +230,9 @@ def test_a_cancel_before_the_engine_took_the_request_waits_for_it(make_source, r
     src = make_source()
     src.poll(1, 0.0)
     add_work(r, "x")
-    assert wait_for(lambda: src._prefetch.held == 1)  # admitted and queued, not taken
+    wait_until(lambda: src._prefetch.held == 1)  # admitted and queued, not taken
     r.xadd(C.CANCEL_STREAM, {"id": "x"})
-    assert wait_for(lambda: bool(src._cancel_new))
+    wait_until(lambda: bool(src._cancel_new))
     assert src.poll_cancelled() == []  # the engine does not know it yet: cancelling now would be lost
     (req,) = src.poll(1, 0.0)
     assert req.request_id == "x"
@@ -254,11 +245,11 @@ def test_the_source_drains_what_was_read_before_the_drain(make_source, r):
     src.poll(2, 0.0)
     add_work(r, "q0")
     add_work(r, "q1")
-    assert wait_for(lambda: src._prefetch.held == 2)
+    wait_until(lambda: src._prefetch.held == 2)
     src.drain()
     assert not src.exhausted()
     assert [q.request_id for q in src.poll(2, 0.0)] == ["q0", "q1"]
-    assert wait_for(src.exhausted)
+    wait_until(src.exhausted)
 
 
 # ---- real redis-server -------------------------------------------------------------------------------------
@@ -312,7 +303,7 @@ def test_real_redis_a_dead_workers_prefetched_entries_are_served_by_another(real
     for i in range(3):
         add_work(r, f"g{i}", max_new_tokens=4)
     r.xadd(C.result_stream("g1"), token_event(0, [42], "x"), id="1-0")  # a's engine had posted one token of g1
-    assert wait_for(lambda: a._prefetch.held == 3)
+    wait_until(lambda: a._prefetch.held == 3)
     assert set(pending(r).values()) == {"pipeline-a"}
     a._stop.set()  # dies: lease keeper and reader stop
     a._prefetch.close()
@@ -363,7 +354,7 @@ async def test_requests_flow_head_to_worker_to_client_through_the_prefetcher(tmp
         reply = r.xread({C.result_stream("corrupt-1"): "0-0"}, block=20_000)
         ev = parse_event(reply[0][1][0][1])
         assert isinstance(ev, ErrorEvent) and ev.code == "internal" and "corrupt" in ev.message
-        assert wait_for(lambda: r.xpending(C.work_stream("tiny"), C.PIPELINES_GROUP)["pending"] == 0)
+        wait_until(lambda: r.xpending(C.work_stream("tiny"), C.PIPELINES_GROUP)["pending"] == 0)
     finally:
         r.close()
         dep.stop()

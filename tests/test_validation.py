@@ -163,3 +163,12 @@ def test_check_context_names_both_fields():
         check_context(11, 20, 30)
     with pytest.raises(InvalidRequest, match="prompt: tokenizes to 0 tokens"):
         check_context(0, 1, 30)
+
+
+@pytest.mark.parametrize("fields", [{"messages": "[" * 5000 + "]" * 5000},
+                                    {"prompt": "hi", "stop": "[" * 1500 + "]" * 1500}])
+def test_json_nested_too_deeply_is_invalid_request(fields):
+    name = "messages" if "messages" in fields else "stop"
+    with pytest.raises(InvalidRequest) as e:
+        parse_request(fields, "1-0")
+    assert e.value.message == f"{name}: JSON nested too deeply"

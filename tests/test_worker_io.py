@@ -93,15 +93,6 @@ def die(src: RedisSource) -> None:
     src._prefetch.close()
 
 
-def wait_for(pred, timeout_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return bool(pred())
-
-
 def test_reads_only_as_many_as_there_is_room_for(make_source, r):
     src = make_source()
     src.poll(1, 0)  # creates the group
@@ -169,7 +160,7 @@ def test_claimed_entry_that_already_finished_is_only_acked(make_source, r):
            id="2-0")
     die(a)
     b = make_source("b")
-    assert wait_for(lambda: not b.poll(4, 0.05) and not pending(r))
+    wait_until(lambda: not b.poll(4, 0.05) and not pending(r))
     assert b.in_flight == {}
 
 
@@ -223,7 +214,7 @@ def test_cancel_in_flight_reaches_the_engine(make_source, r):
     r.xadd(C.CANCEL_STREAM, {"id": "b"})
     r.xadd(C.CANCEL_STREAM, {"id": "unknown"})
     got: list[str] = []
-    assert wait_for(lambda: got.extend(src.poll_cancelled()) or got == ["b"])
+    wait_until(lambda: got.extend(src.poll_cancelled()) or got == ["b"])
     src.finished("a")
     assert set(src.in_flight) == {"b"}
 
@@ -243,7 +234,7 @@ def test_drain_flag_exhausts_the_source(make_source, r):
     src.poll(1, 0)
     assert not src.exhausted()
     r.hset(C.pipeline_key("p0"), mapping={"drain": "1"})
-    assert wait_for(src.exhausted)
+    wait_until(src.exhausted)
     add_work(r, "after-drain")
     assert src.poll(4, 0.05) == []
 

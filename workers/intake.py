@@ -417,7 +417,7 @@ class RedisSource:
         if duplicate is not None:
             log.warning("request %s: entry %s duplicates in-flight entry %s; acking it", req.request_id, eid,
                         duplicate)
-            self._r.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+            self._ack(eid)
             return None
         req.meta = {**req.meta, "entry": eid}
         if req.output_ids:
@@ -434,7 +434,7 @@ class RedisSource:
             self._dead_letter(eid, req.request_id, str(e), deliveries)
             return False
         if ended:
-            self._r.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+            self._ack(eid)
             return False
         req.output_ids = posted
         if len(posted) >= req.params.max_new_tokens:
@@ -460,6 +460,14 @@ class RedisSource:
                                                     f"{C.DEADLETTER_STREAM}"))
             pipe.expire(stream, self.cfg.result_ttl_s)
         pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+        pipe.xdel(self.cfg.work_stream, eid)
+        pipe.execute()
+
+    def _ack(self, eid: str) -> None:
+        """Ack a work entry and delete it (an acked entry is never read again)."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
+        pipe.xdel(self.cfg.work_stream, eid)
         pipe.execute()
 
     # ---- threads -------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ daemon thread, forms or joins the pipeline's current generation (:mod:`workers.r
 Watchdog and restart. After joining a generation, every rank's heartbeat thread also checks its peers
 (:meth:`Registry.check_peers`): when a peer's heartbeat expires, a peer restarted (new instance token) or
 the pipeline re-formed, the rank exits at once with EXIT_PEER_LOST (a collective waiting on a dead peer
-could otherwise hang for the backend's timeout). When a rank exits non-zero, the parent kills its other
+could otherwise hang for the backend's timeout). A rank cut off from Redis past its heartbeat TTL checks its
+generation before beating again and exits the same way if its peers re-formed or restarted meanwhile
+(:mod:`workers.registry`, point 4). When a rank exits non-zero, the parent kills its other
 local ranks (their generation is broken) and, unless ``restart`` is off, starts fresh ranks after a backoff
 (1 s doubling to 30 s); they register new instance tokens, so the pipeline re-forms as a new generation
 once every stage's ranks are back. Past ``max_restarts`` restarts within ``restart_window_s`` the parent
@@ -48,6 +50,7 @@ from workers.registry import (
     Heartbeat,
     Registry,
     RegistryError,
+    routable_address,
     set_pipeline_state,
 )
 from workers.sink import RedisSink
@@ -105,7 +108,8 @@ class _Rank:
                                  heartbeat_ttl_s=s.limits.heartbeat_ttl_s)
         device, memory = _device_info(self.engine, a.device_index)
         self.record = self.registry.new_record(a.rank, self.stage.index, a.rank - self.stage.first_rank,
-                                               device=device, memory=memory, version=__version__)
+                                               device=device, memory=memory, version=__version__,
+                                               address=routable_address(s.redis.url))
         self.instance = self.record.extra["instance"]
         self.heartbeat = Heartbeat(self.registry, a.rank, self.record, s.limits.heartbeat_interval_s)
         self.stop = threading.Event()
@@ -186,7 +190,8 @@ class _Rank:
                 return EXIT_OK
             log.error("%s", e)
             return EXIT_CONFIG
-        self.heartbeat.watch(partial(self.registry.check_peers, self.a.rank, gen), partial(self.on_broken, gen=gen))
+        self.heartbeat.watch(partial(self.registry.check_peers, self.a.rank, gen), partial(self.on_broken, gen=gen),
+                             rejoin=partial(self.registry.check_peers, self.a.rank, gen, after_lapse=True))
         io = IOConfig.from_settings(self.a.opts.settings, self.a.opts.pipeline_id, **self.a.opts.io_overrides)
         spec = RankSpec(self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index)
         run_rank(spec, partial(open_source, io, gen.number), partial(open_sink, io))

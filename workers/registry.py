@@ -16,9 +16,16 @@ Formation, one **generation** at a time:
 3. While a generation runs, each rank's watchdog (:meth:`Registry.check_peers`) compares the live registry
    with the generation's members: a missing heartbeat, a changed instance token (the peer restarted) or a
    newer generation means the peer group is broken and the rank should exit so the pipeline re-forms.
+4. A rank that could not refresh its heartbeat for longer than its TTL (its host cut off from Redis) has
+   dropped out as far as its peers can tell: they exit and re-form without it. So before it writes a
+   heartbeat again it checks its generation (:meth:`Registry.check_peers` with ``after_lapse``): if the
+   pipeline re-formed or a peer restarted meanwhile, it exits without beating, and never revives a record
+   its peers already gave up on. If nothing changed (Redis itself was away, for everyone), it carries on.
 
 The rendezvous host is ``127.0.0.1`` when every rank runs on the leader's host, else the leader's address on
-the route to Redis, unless one is configured (``advertise_host``).
+the route to Redis, unless one is configured (``advertise_host``). "The leader's host" means the same
+hostname *and* the same address towards Redis (each rank registers that as ``addr``): network namespaces
+and containers often share a hostname without sharing a loopback.
 """
 from __future__ import annotations
 
@@ -99,13 +106,14 @@ class Registry:
     # ---- one rank ----------------------------------------------------------------------------------------
 
     def new_record(self, rank: int, stage: int, tp_rank: int, *, device: str, memory: int,
-                   version: str) -> WorkerRecord:
-        """A fresh registration record for ``rank`` with a new random instance token."""
+                   version: str, address: str = "") -> WorkerRecord:
+        """A fresh registration record for ``rank`` with a new random instance token; ``address``: this
+        host's address on the route to Redis (:func:`routable_address`)."""
         return WorkerRecord(
             pipeline=self.pipeline_id, stage=stage, tp_rank=tp_rank, host=socket.gethostname(), device=device,
             memory=memory, pid=os.getpid(), version=version, model=self.model,
             extra={"rank": str(rank), "instance": uuid.uuid4().hex[:16], "layout": self.layout,
-                   "world_size": str(self.world_size), "started": f"{time.time():.3f}"})
+                   "world_size": str(self.world_size), "started": f"{time.time():.3f}", "addr": address})
 
     def register(self, rank: int, record: WorkerRecord) -> None:
         """Write the record (replacing an older instance's) and the first heartbeat."""
@@ -199,9 +207,9 @@ class Registry:
                     raise RegistryError(f"pipeline {self.pipeline_id}: {problem}")
             if not missing and ranks[0][0] is not None and ranks[0][0].extra.get("instance") == instance:
                 members = [rec.extra.get("instance", "") for rec, _ in ranks if rec is not None]
-                hosts = {rec.host for rec, _ in ranks if rec is not None}
-                host = advertise_host or ("127.0.0.1" if hosts == {socket.gethostname()}
-                                          else routable_address(redis_url))
+                places = {(rec.host, rec.extra.get("addr", "")) for rec, _ in ranks if rec is not None}
+                one_host = len(places) == 1 and ranks[0][0].host == socket.gethostname()
+                host = advertise_host or ("127.0.0.1" if one_host else routable_address(redis_url))
                 bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host
                 return self.publish(f"tcp://{host}:{free_port(bind)}", members)
             if time.monotonic() - last_log > 10:
@@ -242,10 +250,13 @@ class Registry:
                             self.pipeline_id, what, e)
                 time.sleep(1.0)
 
-    def check_peers(self, rank: int, gen: Generation) -> str | None:
+    def check_peers(self, rank: int, gen: Generation, after_lapse: bool = False) -> str | None:
         """Why this rank's peer group is broken (a peer gone, restarted or re-formed), or None when healthy.
 
         Peers are not checked while the pipeline drains: ranks leave one by one as they finish.
+        ``after_lapse`` (this rank's own heartbeat lapsed; module doc, point 4): only a newer generation or a
+        peer registered under another instance count; missing heartbeats and records do not, since every
+        heartbeat lapses when Redis itself was away.
         """
         pipe = self.r.pipeline(transaction=False)
         pipe.hmget(self.key, ["generation", "state"])
@@ -263,6 +274,10 @@ class Registry:
             if peer == rank:
                 continue
             alive, inst = res[1 + 2 * peer], res[2 + 2 * peer]
+            if after_lapse:
+                if inst is not None and as_text(inst) != gen.members[peer]:
+                    return f"peer rank {peer} restarted (instance changed) while this rank was cut off"
+                continue
             if not alive:
                 return f"peer rank {peer} lost its heartbeat"
             if inst is None or as_text(inst) != gen.members[peer]:
@@ -309,6 +324,8 @@ class Heartbeat(threading.Thread):
     Redis errors are logged (rate-limited) and retried on the next tick; they never stop the thread.
     ``on_tick`` returning a string means "peer group broken": the thread calls ``on_broken`` with it after
     ``strikes`` consecutive such answers (one miss can be a heartbeat racing its TTL after a Redis hiccup).
+    Once no beat succeeded for longer than the heartbeat TTL, ``rejoin`` (when watching) runs before the next
+    beat, and a string from it calls ``on_broken`` at once, without beating (module doc, point 4).
     """
 
     def __init__(self, registry: Registry, rank: int, record: WorkerRecord, interval_s: float, *,
@@ -323,17 +340,25 @@ class Heartbeat(threading.Thread):
         self._lock = threading.Lock()
         self._check: Callable[[], str | None] | None = None
         self._on_broken: Callable[[str], Any] | None = None
+        self._rejoin: Callable[[], str | None] | None = None
         self._bad = 0
         self._last_error = 0.0
+        self._last_beat = time.monotonic()
 
-    def watch(self, check: Callable[[], str | None], on_broken: Callable[[str], Any]) -> None:
-        """Start checking peers with ``check`` after each beat."""
+    def watch(self, check: Callable[[], str | None], on_broken: Callable[[str], Any],
+              rejoin: Callable[[], str | None] | None = None) -> None:
+        """Start checking peers with ``check`` after each beat (and ``rejoin`` after a lapse)."""
         with self._lock:
-            self._check, self._on_broken, self._bad = check, on_broken, 0
+            self._check, self._on_broken, self._rejoin, self._bad = check, on_broken, rejoin, 0
 
     def unwatch(self) -> None:
         with self._lock:
-            self._check = self._on_broken = None
+            self._check = self._on_broken = self._rejoin = None
+
+    @property
+    def lapsed(self) -> bool:
+        """No beat succeeded for longer than the heartbeat TTL: peers count this rank as gone."""
+        return time.monotonic() - self._last_beat > self.registry.heartbeat_ttl_s
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._halt.set()
@@ -343,14 +368,22 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._halt.wait(self.interval_s):
             try:
-                self.registry.beat(self.rank, self.record)
                 with self._lock:
-                    check, on_broken = self._check, self._on_broken
+                    check, on_broken, rejoin = self._check, self._on_broken, self._rejoin
+                if self.lapsed and rejoin is not None and on_broken is not None:
+                    problem = rejoin()
+                    if problem is not None and not self._halt.is_set():
+                        on_broken(problem)
+                        continue
+                self.registry.beat(self.rank, self.record)
+                self._last_beat = time.monotonic()
                 problem = check() if check is not None else None
             except REDIS_ERRORS as e:
                 self._bad = 0  # a Redis outage is not a dead peer
                 if time.monotonic() - self._last_error > 10:
-                    log.warning("heartbeat: Redis unreachable (%s); retrying every %.1fs", e, self.interval_s)
+                    log.warning("heartbeat: Redis unreachable (%s); retrying every %.1fs%s", e, self.interval_s,
+                                "; the heartbeat has lapsed, so the generation is checked before the next "
+                                "beat" if self.lapsed else "")
                     self._last_error = time.monotonic()
                 continue
             if problem is None:

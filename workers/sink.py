@@ -12,7 +12,8 @@ events (dead letters) use ``*`` ids, which also end any late writer.
 
 Acks. The same script XACKs a request's work entry when it writes that request's ``done``, so a ``done`` is
 never written without its ack or the other way round; a claimed entry whose stream already ends with
-``done`` or ``error`` is only acked.
+``done`` or ``error`` is only acked. An acked entry is also deleted (XDEL, in the same script or MULTI):
+nothing reads it again, and the work stream would otherwise keep every request ever served.
 """
 from __future__ import annotations
 
@@ -80,7 +81,10 @@ for i = 2, #KEYS do
     refused[key] = true
   else
     redis.call('EXPIRE', key, ARGV[2])
-    if entry ~= '' then redis.call('XACK', KEYS[1], ARGV[1], entry) end
+    if entry ~= '' then
+      redis.call('XACK', KEYS[1], ARGV[1], entry)
+      redis.call('XDEL', KEYS[1], entry)
+    end
   end
   out[#out + 1] = status
 end

@@ -10,11 +10,13 @@ import datetime
 import gc
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from hexgen.bench import hf_baseline
+from hexgen.bench import hf_baseline, hf_cb
+from hexgen.bench.ceiling import ceiling, count_workload, matmul_rate
 from hexgen.bench.engine_bench import at_once, run_engine
 from hexgen.bench.memory import memory_lines, memory_summary
 from hexgen.bench.roofline import copy_bandwidth, weight_bytes
@@ -65,6 +67,23 @@ def _roofline(setup: BenchSetup) -> dict:
     return {"copy_bandwidth_TBps": round(bw / 1e12, 3), "weight_GB": round(wb / 1e9, 3),
             "batch1_tokens_per_s": round(bw / wb, 1),
             "note": f"{what} copy bandwidth (read + write) / weight bytes read per token"}
+
+
+def _ceiling(setup: BenchSetup, shapes: list[Shape]) -> dict:
+    """The workload's physical limit (hexgen.bench.ceiling) from a matmul rate and a copy bandwidth measured
+    here, now; on GPUs one card's rates times the layout's GPUs."""
+    cuda = setup.engine.device == "cuda"
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = getattr(torch, setup.engine.dtype)
+    gpus = setup.layout.world_size if cuda else 1
+    flops = matmul_rate(dev, dtype) * gpus
+    bw = (copy_bandwidth(dev) if cuda else copy_bandwidth(dev, CPU_COPY_BYTES)) * gpus
+    kv_elem = 1 if getattr(setup.engine, "kv_cache_dtype", "auto") == "fp8" else None  # e4m3 (scales aside)
+    counts = count_workload(setup.model.config(), shapes, torch.empty(0, dtype=dtype).element_size(), kv_elem)
+    what = f"{gpus} GPU(s)" if cuda else f"the CPU ({torch.get_num_threads()} threads)"
+    return {**ceiling(counts, flops, bw),
+            "note": f"linear-layer FLOPs at a {setup.engine.dtype} matmul rate and K/V + weight bytes at the copy "
+                    f"bandwidth, both measured on {what} in this process (docs/benchmarks.md, 'The ceiling')"}
 
 
 def _hf_model(setup: BenchSetup):
@@ -120,9 +139,13 @@ def latency(setup: BenchSetup, prompt_len: int = 128, new_tokens: int = 256, rep
 
 def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[int, int] = (64, 1024),
                output_range: tuple[int, int] = (32, 512), seed: int = 0, hf_batch_size: int = 64,
-               hf_max_batches: int | None = None) -> dict:
+               hf_max_batches: int | None = None, hf_cb_requests: int = 300,
+               checkpoint: Callable[[dict], None] | None = None) -> dict:
     """``num_requests`` of a fixed-seed mix, all offered at once (after a warm-up phase); HF runs the same
-    requests in static batches of ``hf_batch_size`` (only the first ``hf_max_batches`` when given)."""
+    requests in static batches of ``hf_batch_size`` (only the first ``hf_max_batches`` when given), then its
+    continuous batching on the first ``hf_cb_requests`` of them, all offered at once (0: not run).
+    ``checkpoint`` gets the result so far once the engine's figures and the ceiling are in (before the
+    baselines run, so that a baseline that runs out of time loses only itself)."""
     cfg = setup.model.config()
     shapes = mixed_shapes(num_requests, prompt_range, output_range, seed)
     requests = make_requests(shapes, cfg.vocab_size, "req", seed)
@@ -141,6 +164,12 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
     out["engine"] = summarize([run.timings[r.request_id] for r in requests])
     out["engine"]["run_wall_s"] = round(run.wall_s, 2)
     out["memory"] = memory_summary(run.ranks)
+    out["ceiling"] = _ceiling(setup, shapes)
+    for key, name in (("tokens_per_s", "engine_vs_ceiling"), ("tokens_per_s_no_overlap", "engine_vs_no_overlap")):
+        if out["ceiling"][key]:
+            out[name] = round(out["engine"]["output_tokens_per_s"] / out["ceiling"][key], 3)
+    if checkpoint is not None:
+        checkpoint(out)
     if not setup.skip_hf:
         model, dev = _hf_model(setup)
         try:
@@ -149,14 +178,39 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
             _release(model)
             out["hf"] = {"error": f"out of memory at static batch {hf_batch_size}: {str(e).splitlines()[0]}"}
             return out
-        _release(model)
         out["hf"] = {**summarize(hf), **info}
         if info["batches_run"] < info["batches_total"]:
             out["hf"]["note"] = (f"subsample: the first {info['batches_run']} of {info['batches_total']} "
                                  "static batches ran; tokens/s is over those batches (same mix, fixed seed); "
                                  "TTFT counts queueing behind the sampled batches only")
         out["engine_vs_hf"] = round(out["engine"]["output_tokens_per_s"] / out["hf"]["output_tokens_per_s"], 3)
+        if hf_cb_requests:
+            out["hf_cb"] = _hf_continuous(model, dev, requests[:hf_cb_requests])
+            if "output_tokens_per_s" in out["hf_cb"]:
+                out["engine_vs_hf_cb"] = round(out["engine"]["output_tokens_per_s"]
+                                               / out["hf_cb"]["output_tokens_per_s"], 3)
+        _release(model)
     return out
+
+
+HF_CB_DEADLINE_S = 240.0  # continuous batching's results are collected this long at most
+
+
+def _hf_continuous(model, dev: torch.device, requests: list) -> dict:
+    """transformers' continuous batching on ``requests`` (hexgen.bench.hf_cb); an error is reported, not
+    raised, so that the engine's figures survive a baseline that breaks."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        timings, info = hf_cb.run_continuous_batching(model, requests, dev, deadline_s=HF_CB_DEADLINE_S)
+    except Exception as e:  # noqa: BLE001 - any failure of the baseline library is reported beside the figures
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    res = {**summarize(timings), **info} if timings else dict(info)
+    if info["requests_run"]:
+        res["note"] = (f"the first {info['requests_run']} requests of the same mix, all offered at once"
+                       + ("" if info["requests_finished"] == info["requests_run"]
+                          else f"; only {info['requests_finished']} finished before the deadline"))
+    return res
 
 
 def format_table(res: dict) -> str:
@@ -165,18 +219,26 @@ def format_table(res: dict) -> str:
     cols = ("output_tokens_per_s", "decode_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
             "tpot_p99_ms")
     rows.append(f"{'':<10}" + "".join(f"{c:>22}" for c in cols))
-    for name in ("engine", "hf"):
-        if name in res:
+    for name in ("engine", "hf", "hf_cb"):
+        if name in res and "error" not in res[name]:
             rows.append(f"{name:<10}" + "".join(f"{str(res[name].get(c, '-')):>22}" for c in cols))
     if res.get("roofline"):
         r = res["roofline"]
         rows.append(f"roofline: {r['batch1_tokens_per_s']} tokens/s ({r['copy_bandwidth_TBps']} TB/s copy, "
                     f"{r['weight_GB']} GB weights)")
-    for k in ("engine_vs_hf", "engine_vs_roofline"):
+    if res.get("ceiling"):
+        c = res["ceiling"]
+        rows.append(f"ceiling: {c['tokens_per_s']} tokens/s ({c['bound']}-bound, {c['bound_s']} s), no overlap "
+                    f"{c['tokens_per_s_no_overlap']} tokens/s ({c['no_overlap_s']} s): {c['linear_PFLOP']} PFLOP "
+                    f"of linear layers at {c['matmul_TFLOPs']} TFLOP/s = {c['compute_s']} s; "
+                    f"{c['kv_read_TB'] + c['kv_write_TB'] + c['weight_read_TB']:.3f} TB of K/V + weights at "
+                    f"{c['copy_TBps']} TB/s = {c['memory_s']} s")
+    for k in ("engine_vs_ceiling", "engine_vs_no_overlap", "engine_vs_hf", "engine_vs_hf_cb", "engine_vs_roofline"):
         if k in res:
             rows.append(f"{k}: {res[k]}x")
-    if "hf" in res and res["hf"].get("note"):
-        rows.append(f"hf: {res['hf']['note']}")
+    for name in ("hf", "hf_cb"):
+        if name in res and (res[name].get("note") or res[name].get("error")):
+            rows.append(f"{name}: {res[name].get('error') or res[name]['note']}")
     if res.get("memory"):
         rows += memory_lines(res["memory"])
     return "\n".join(rows)

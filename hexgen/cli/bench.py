@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-batch-size", type=int, default=64, help="throughput: HF static batch size")
     p.add_argument("--hf-max-batches", type=int, default=None,
                    help="throughput: run only the first N HF batches (a subsample, reported as such)")
+    p.add_argument("--hf-cb-requests", type=int, default=300,
+                   help="throughput: HF continuous batching on the first N requests, all at once (0: skip)")
     return p
 
 
@@ -81,8 +83,15 @@ def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
                     say=lambda m: print(m, file=sys.stderr, flush=True))
         return res, format_serve(res)
     else:
-        res = throughput(setup, n, prompt, output, args.seed, args.hf_batch_size, args.hf_max_batches)
+        res = throughput(setup, n, prompt, output, args.seed, args.hf_batch_size, args.hf_max_batches,
+                         args.hf_cb_requests, checkpoint=lambda r: _save(args.out, r))
     return res, format_table(res)
+
+
+def _save(path: str | None, res: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode != "sweep" and (args.rates or args.tpot_slo_ms != 100.0):
             raise ConfigError("--rates/--tpot-slo-ms: only for sweep (or throughput --rates)")
+        if args.hf_cb_requests < 0:
+            raise ConfigError(f"--hf-cb-requests: {args.hf_cb_requests} must be ≥ 0 (0: skip)")
         if args.mode != "serve" and (args.rate is not None or args.log_dir or args.tokenizer or args.direct_input):
             raise ConfigError("--rate/--log-dir/--tokenizer/--direct-input: only for serve")
         model = resolve_model(args)
@@ -108,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hexgen bench: {e}", file=sys.stderr)
         return 2
     print(table)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    _save(args.out, res)
     return 0
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from hexgen.config import EngineConfig, ModelConfig, preset
-from hexgen.engine.cuda_graph import DecodeGraphs
+from hexgen.engine.cuda_graph import DecodeGraphs, graph_output_bytes
 from hexgen.engine.emulation import memory_cap
 from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
 from hexgen.engine.plan import StepPlan
@@ -75,6 +75,7 @@ class StageRunner:
         if engine.cuda_graphs and not use_graphs:
             log.warning("stage %d: CUDA graphs are off: TP %d without the symmetric-memory all-reduce",
                         stage.index, groups.tp.size)
+        self._use_graphs = use_graphs
         # With decode graphs one extra block (index num_blocks, never handed out) takes padding rows' writes.
         spare = 1 if use_graphs else 0
         self.num_blocks = groups.world_min(self._blocks_that_fit() - spare)
@@ -117,7 +118,9 @@ class StageRunner:
         elem = torch.empty(0, dtype=self.dtype).element_size()
         mlp = 3 * t * (self.cfg.intermediate_size // self.groups.tp.size + 1) * elem
         logits = self.step_batch * self.cfg.vocab_size * 4 * 2
-        return mlp + 4 * t * self.cfg.hidden_size * elem + logits + (256 << 20)
+        graphs = graph_output_bytes(self.step_batch, self.cfg.hidden_size, elem, self.cfg.vocab_size,
+                                    self.model.lm_head is not None) if self._use_graphs else 0
+        return mlp + 4 * t * self.cfg.hidden_size * elem + logits + graphs + (256 << 20)
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,12 @@ For each entry (consumer group ``heads``; several heads may share it):
    request is refused at once with ``overloaded``.
 5. A valid request's reservation, depth check, work item and ack are one script call (one round trip, atomic;
    :mod:`hexgen.head.submit`). A request that failed step 2 has its id reserved (MULTI) and, unless it is
-   a duplicate, an error event written (with EXPIRE) and acked in one MULTI. Entries left pending by a dead
-   head are reclaimed with XAUTOCLAIM after ``limits.lease_s``; after ``limits.max_deliveries`` they go to
-   ``hexgen:deadletter`` with an ``internal`` error event.
+   a duplicate, an error event written (with EXPIRE) and acked in one MULTI; an unexpected failure there (a
+   bug, never the request's fault) is answered ``internal`` the same way, so one request cannot stop the head.
+   Acked entries are deleted (XDEL, in the same script or MULTI): the requests stream holds only entries
+   still to handle, so Redis memory does not grow with the number of requests served. Entries left pending
+   by a dead head are reclaimed with XAUTOCLAIM after ``limits.lease_s``; after ``limits.max_deliveries``
+   they go to ``hexgen:deadletter`` with an ``internal`` error event.
 
 Cancellation is not the head's business: ``XADD hexgen:cancel '*' id <id>`` is read by the pipelines.
 """
@@ -188,6 +191,11 @@ class Head:
             req, model = await self._prepare(entry_id, request_id, fields)
         except RequestError as e:
             return await self._refuse(request_id, entry_id, e)
+        except Exception as e:  # noqa: BLE001 -- the per-request boundary: a bug for one request (in parsing,
+            # the tokenizer or the chat template; no Redis call happens in _prepare) must not stop the head
+            log.exception("head: request %r (entry %s) failed in validation or tokenizing", request_id, entry_id)
+            return await self._refuse(request_id, entry_id, InternalError(
+                f"the head could not process this request ({type(e).__name__}); it was not queued"))
         trace.stamp(req.meta, "head_read", t_read)
         trace.stamp(req.meta, "head_tok")
         trace.stamp(req.meta, "head_send")
@@ -209,7 +217,7 @@ class Head:
         owner = await self._reserve(request_id, entry_id)
         if owner is not None and owner != entry_id:
             self._log_duplicate(request_id, entry_id, owner)
-            await asyncio.shield(self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id))
+            await self._ack(entry_id)
             return "duplicate"
         await self.fail(request_id, entry_id, error)
         return error.code
@@ -246,13 +254,22 @@ class Head:
         return (await queue_status(self.redis, self.work_stream, C.PIPELINES_GROUP)).depth
 
     async def fail(self, request_id: str, entry_id: str, error: RequestError) -> None:
-        """Write an error event to the request's result stream (with EXPIRE) and ack the entry, atomically."""
+        """Write an error event to the request's result stream (with EXPIRE), ack and delete the entry, atomically."""
         log.info("head: request %r refused: %s", request_id, error)
         stream = C.result_stream(request_id)
         async with self.redis.pipeline(transaction=True) as p:
             p.xadd(stream, error_event(error.code, error.message))
             p.expire(stream, self.limits.result_ttl_s)
             p.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
+            p.xdel(C.REQUESTS_STREAM, entry_id)
+            await asyncio.shield(p.execute())
+
+    async def _ack(self, entry_id: str) -> None:
+        """Ack a request entry and delete it (an acked entry is never read again); one round trip, no MULTI
+        (an XDEL lost between the two would only leave the entry's memory behind)."""
+        async with self.redis.pipeline(transaction=False) as p:
+            p.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
+            p.xdel(C.REQUESTS_STREAM, entry_id)
             await asyncio.shield(p.execute())
 
     async def reclaim(self) -> int:
@@ -291,7 +308,7 @@ class Head:
             await asyncio.shield(p.execute())
         owner = await self.redis.get(C.dedupe_key(request_id))
         if owner is not None and as_text(owner) != entry_id:  # a duplicate: the id's stream is the original's
-            await self.redis.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
+            await self._ack(entry_id)
             return
         await self.fail(request_id, entry_id, InternalError(reason))
 

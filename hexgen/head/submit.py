@@ -4,12 +4,15 @@
 then work XADD + XACK) cost one round trip and cannot be torn apart:
 
 1. ``SET hexgen:dedupe:<id> <entry id> NX EX``; if the key names another entry, the entry is a duplicate:
-   it is acked and nothing else is written (the original's result stream is the answer to both). A
+   it is acked (and deleted) and nothing else is written (the original's result stream is the answer to both). A
    redelivery of the same entry finds its own entry id and carries on.
 2. The work stream's depth (the ``pipelines`` group's pending + lag, or the stream length when the lag is
    unknown; the same count as :attr:`~hexgen.head.status.QueueStatus.depth`). At the limit nothing is
    written: the head then writes the ``overloaded`` error (the id stays spent, as before).
 3. Otherwise the work item is XADDed and the request entry acked.
+
+An acked request entry is deleted as well (XDEL): nothing reads it again, and the requests stream would
+otherwise keep every request ever sent.
 
 Requests that fail validation never get here: the head reserves their id with its MULTI and writes the error.
 """
@@ -31,6 +34,7 @@ redis.call('SET', KEYS[1], entry, 'NX', 'EX', ARGV[2])
 local owner = redis.call('GET', KEYS[1])
 if owner and owner ~= entry then
   redis.call('XACK', KEYS[3], ARGV[4], entry)
+  redis.call('XDEL', KEYS[3], entry)
   return {0, owner, 0}
 end
 local depth = 0
@@ -52,6 +56,7 @@ if depth >= tonumber(ARGV[5]) then
 end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
 redis.call('XACK', KEYS[3], ARGV[4], entry)
+redis.call('XDEL', KEYS[3], entry)
 return {1, entry, depth}
 """
 QUEUED, DUPLICATE, OVER_LIMIT = 1, 0, 2

@@ -15,6 +15,9 @@ Policies:
   stop string that itself starts with ``[`` must be sent as a JSON list).
 - ``id`` defaults to the entry id XADD returned; an explicit id uses the characters in ``ID_ALLOWED_CHARS``.
 - Numbers are plain decimal literals; NaN and infinities are rejected.
+- JSON values (``messages``, a ``stop`` list) nested deeper than the decoder recurses are rejected.
+- A field given twice (redis-cli allows it): the last value counts, as for every reader that sees the entry
+  as a map (redis-py included).
 - ``messages`` items are objects with exactly the keys ``role`` (system, user, assistant, tool) and
   ``content`` (a string).
 
@@ -129,6 +132,8 @@ def _json(name: str, raw: str) -> Any:
         return json.loads(raw, parse_constant=_reject_constant)
     except ValueError as e:
         raise InvalidRequest(f"{name}: not valid JSON ({e})") from e
+    except RecursionError as e:  # json's decoder recurses once per level of nesting
+        raise InvalidRequest(f"{name}: JSON nested too deeply") from e
 
 
 def parse_request_id(fields: Mapping[str, str], entry_id: str) -> str:

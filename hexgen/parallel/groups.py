@@ -6,9 +6,14 @@ on gloo CPU groups so it never forces a device synchronisation.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import socket
+import struct
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -22,6 +27,62 @@ log = logging.getLogger(__name__)
 # Idle pipelines wait in recv for as long as no request comes; failures are detected by heartbeats.
 _IDLE_TIMEOUT = timedelta(days=7)
 _BCAST_HEAD = 4096  # bytes of broadcast_bytes' first message: a batch-1 decode plan is about 100
+
+
+_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"  # the only knob torch's gloo backend reads for its interface
+
+
+def local_address_towards(host: str) -> str | None:
+    """This host's IPv4 address on the route to ``host`` (None when there is no route)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # UDP connect sends nothing; it only picks the route and source address
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def interface_of(address: str) -> str | None:
+    """Name of the local network interface whose IPv4 address is ``address`` (Linux), or None."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    for name in names:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                reply = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+        if socket.inet_ntoa(reply[20:24]) == address:
+            return name
+    return None
+
+
+def gloo_interface_for(init_method: str) -> str | None:
+    """The interface gloo should use to reach the rendezvous host of ``init_method`` (``tcp://host:port``).
+
+    Without ``GLOO_SOCKET_IFNAME`` gloo binds the address this machine's hostname resolves to and falls
+    back to 127.0.0.1 when that address is not local: in containers and network namespaces (whose
+    hostname is often 127.0.0.1 in /etc/hosts, or another machine's address) peers on other hosts would be
+    told to connect to their own loopback. The interface that holds our address on the route to the
+    rendezvous host is reachable by every peer that reaches the rendezvous. None when the rendezvous is on
+    this host's loopback (gloo's default is then right) or the interface cannot be found.
+    """
+    host = urlsplit(init_method).hostname
+    if not host:
+        return None
+    try:
+        host = socket.gethostbyname(host)
+    except OSError:
+        return None
+    if host.startswith("127."):
+        return None
+    addr = local_address_towards(host)
+    if addr is None or addr.startswith("127."):
+        return None
+    return interface_of(addr)
 
 
 @dataclass
@@ -51,6 +112,11 @@ class PipelineGroups:
         self.device = device
         self.stage: StageSpec = layout.stage_of_rank(rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if GLOO_IFNAME_ENV not in os.environ:  # an operator's choice wins
+            iface = gloo_interface_for(init_method)
+            if iface is not None:
+                os.environ[GLOO_IFNAME_ENV] = iface  # read by every gloo group this process creates
+                log.info("rank %d: gloo uses interface %s (towards %s)", rank, iface, init_method)
         dist.init_process_group(backend, init_method=init_method, world_size=layout.world_size, rank=rank,
                                 timeout=_IDLE_TIMEOUT)
         self._device_world_is_cpu = backend == "gloo"
