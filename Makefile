@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
+DEMO_ARGS ?=
 
 .PHONY: install demo lint test test-fast soak model redis clean
 
@@ -24,8 +25,9 @@ redis:
 model: install
 	$(PY) -m hexgen.cli.fetch_model
 
+# prints the dashboard's URL; `make demo DEMO_ARGS=--keep` keeps it up until Ctrl-C
 demo: install redis model
-	$(PY) -m hexgen.cli demo
+	$(PY) -m hexgen.cli demo $(DEMO_ARGS)
 
 # The quality gate: ruff (lint + format check) and mypy over the packages; settings in pyproject.toml.
 lint: install

@@ -1,6 +1,7 @@
 """``hexgen demo``: a whole deployment on this machine, then a few chat requests streamed to the terminal.
 
-It starts a private redis-server on a free port, a head, and one asymmetric pipeline of the embedded
+It starts a private redis-server on a free port, a head serving HTTP (it prints the dashboard's address;
+``/metrics`` and the OpenAI routes are there too), and one asymmetric pipeline of the embedded
 SmolLM2-135M-Instruct on CPU (default: stage 0 with TP 3 holding 20 layers, stage 1 with TP 1 holding 10,
 one ``hexgen worker`` per stage), sends the questions concurrently through :class:`hexgen.client.HexGenClient`
 and prints each answer as it streams. It ends by listing redis-cli commands to try (``--keep`` leaves the
@@ -40,6 +41,7 @@ class DemoOptions:
     max_new_tokens: int = 64
     model_dir: str | None = None  # default: the embedded SmolLM2 (fetched and converted once)
     keep: bool = False  # stay up after the answers until Ctrl-C
+    http_port: int = 0  # the head's HTTP port (dashboard, /metrics, /v1); 0: a free one
     ready_timeout_s: float = 300.0
     log_dir: str | None = None  # default: a temporary folder, removed at the end
 
@@ -186,8 +188,15 @@ async def ask_all(url: str, questions: tuple[str, ...], max_new_tokens: int, out
         return stats
 
 
-def print_try_it(port: int, out=sys.stdout) -> None:
+def print_try_it(port: int, out=sys.stdout, http: str = "") -> None:
     cli = f"redis-cli -p {port}"
+    if http:
+        out.write(f"""
+Dashboard (the pipeline's stages, live figures, a chat box): {http}/
+  curl {http}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"messages":[{{"role":"user","content":"Hi!"}}],"stream":true}}'
+  curl {http}/metrics
+""")
     out.write(f"""
 Try it with redis-cli while the demo runs (hexgen demo --keep):
   {cli} XADD {C.REQUESTS_STREAM} '*' prompt "The capital of Italy is" max_new_tokens 16 id try-1
@@ -217,7 +226,10 @@ def run_demo(opts: DemoOptions, say=print) -> int:
         start_redis(dep)
         say(f"redis-server on port {dep.port} (logs of every process in {work_dir})")
         cfg = write_config(os.path.join(work_dir, "demo.toml"), dep.url, model_dir, opts)
-        dep.spawn("head", py + ["head", "--config", cfg])
+        http_port = opts.http_port or free_port()
+        http = f"http://127.0.0.1:{http_port}"
+        dep.spawn("head", py + ["head", "--config", cfg, "--http-host", "127.0.0.1", "--http-port", str(http_port)])
+        say(f"head with HTTP on; dashboard: {http}/")
         for st in reversed(layout.stages()):  # stages may start in any order
             dep.spawn(f"worker-stage{st.index}", py + ["worker", "--config", cfg, "--stage", str(st.index),
                                                        "--drain-timeout", "20"])
@@ -233,9 +245,9 @@ def run_demo(opts: DemoOptions, say=print) -> int:
         say(f"\n{total} tokens in {wall:.1f}s ({total / wall:.1f} tokens/s over {len(stats)} concurrent "
             f"requests; first token after {min(s['first'] or wall for s in stats):.2f}s); finish reasons: "
             f"{', '.join(s['finish_reason'] for s in stats)}")
-        print_try_it(dep.port)
+        print_try_it(dep.port, http=http)
         if opts.keep:
-            say("serving until Ctrl-C ...")
+            say(f"dashboard: {http}/ -- serving until Ctrl-C ...")
             while True:
                 dep.check_alive()
                 time.sleep(1.0)

@@ -167,11 +167,14 @@ def test_serve_end_to_end_against_the_direct_engine(tmp_path, capsys):
     assert code == 0
     res = json.loads(out.read_text())
     assert res["workload"]["direct_input"] == "ids"  # the default
-    for path in ("direct", "redis"):
+    for path in ("direct", "redis", "http"):
         assert res[path]["requests"] == 3 and res[path]["output_tokens"] == res["workload"]["output_tokens"]
     assert set(res["overhead"]) >= {"throughput_ratio", "ttft_p50_diff_ms", "targets"}
+    assert set(res["http_overhead"]) == {"vs_direct", "vs_redis"}
+    assert set(res["http_overhead"]["vs_redis"]) >= {"throughput_ratio", "ttft_p50_diff_ms", "ttft_paired_diff_p50_ms"}
     assert [r["kv_tokens"] for r in res["memory"]["ranks"]] == [1024, 1024]
-    assert "Redis path:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Redis path:" in out and "HTTP path:" in out
 
 
 @pytest.mark.slow
@@ -186,10 +189,12 @@ def test_serve_a_preset_with_the_heads_tokenizer(tmp_path):
     out = tmp_path / "serve.json"
     code = bench_cli.main(["serve", "--preset", "tiny", "--random-weights", "--tokenizer", tok,
                            "--num-requests", "3", "--prompt-range", "4", "8", "--output-range", "2", "4",
-                           "--kv-tokens", "1024", "--rate", "20", "--direct-input", "text", "--out", str(out)])
+                           "--kv-tokens", "1024", "--rate", "20", "--direct-input", "text", "--no-http",
+                           "--out", str(out)])
     assert code == 0
     res = json.loads(out.read_text())
     assert res["workload"]["direct_input"] == "text"  # the direct engine tokenized each text on arrival
+    assert "http" not in res and "http_overhead" not in res
     for path in ("direct", "redis"):
         assert res[path]["requests"] == 3 and res[path]["output_tokens"] == res["workload"]["output_tokens"]
 

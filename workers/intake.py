@@ -54,8 +54,8 @@ from typing import Any
 import redis
 
 from hexgen.engine.types import Request
+from hexgen.wire import figures, trace
 from hexgen.wire import keys as C
-from hexgen.wire import trace
 from hexgen.wire.connection import REDIS_ERRORS, Backoff, ClientFactory, connect
 from hexgen.wire.protocol import (
     INTERNAL,
@@ -306,6 +306,7 @@ class RedisSource:
         self._draining = threading.Event()
         self._stop = threading.Event()
         self._backoff = Backoff()  # admission's Redis errors (logging; the prefetcher backs off its reads)
+        self.takeovers = 0  # entries claimed from a lapsed lease and admitted (prefetch thread only)
         self._prefetch = Prefetcher(self._r, cfg, self._admit, self._owned_entries)
         self._threads = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True),
                          threading.Thread(target=self._watch_control, name="cancel-reader", daemon=True)]
@@ -420,6 +421,8 @@ class RedisSource:
             self._ack(eid)
             return None
         req.meta = {**req.meta, "entry": eid}
+        if resumed:
+            self.takeovers += 1  # read by the figures publisher (workers/metrics.py)
         if req.output_ids:
             log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids),
                      deliveries)
@@ -459,6 +462,7 @@ class RedisSource:
             pipe.xadd(stream, error_event(INTERNAL, f"request failed: {reason}; moved to "
                                                     f"{C.DEADLETTER_STREAM}"))
             pipe.expire(stream, self.cfg.result_ttl_s)
+            pipe.hincrby(figures.ERRORS_KEY, INTERNAL, 1)  # /metrics: hexgen_request_errors_total
         pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
         pipe.xdel(self.cfg.work_stream, eid)
         pipe.execute()

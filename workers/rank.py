@@ -30,10 +30,11 @@ from hexgen.config import EngineConfig
 from hexgen.errors import ConfigError
 from hexgen.logutil import setup_logging
 from hexgen.wire import trace
-from hexgen.wire.connection import REDIS_ERRORS
+from hexgen.wire.connection import REDIS_ERRORS, connect
 from hexgen.wire.settings import sync_redis
 from workers.intake import RedisSource
 from workers.io_config import IOConfig
+from workers.metrics import RankFigures
 from workers.options import (
     EXIT_CONFIG,
     EXIT_DRAIN_TIMEOUT,
@@ -194,7 +195,16 @@ class _Rank:
                              rejoin=partial(self.registry.check_peers, self.a.rank, gen, after_lapse=True))
         io = IOConfig.from_settings(self.a.opts.settings, self.a.opts.pipeline_id, **self.a.opts.io_overrides)
         spec = RankSpec(self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index)
-        run_rank(spec, partial(open_source, io, gen.number), partial(open_sink, io))
+        s = self.a.opts.settings
+        figures = RankFigures(partial(open_source, io, gen.number), partial(open_sink, io),
+                              leader=self.a.rank == self.stage.leader, pipeline_id=self.a.opts.pipeline_id,
+                              stage=self.stage.index, model=s.model.name,
+                              interval_s=s.limits.heartbeat_interval_s, client_factory=partial(connect, s.redis.url))
+        figures.start()
+        try:
+            run_rank(spec, figures.source_factory, figures.sink_factory, gauges=figures.gauges)
+        finally:
+            figures.stop()
         if self.a.rank == 0:
             try:
                 self.registry.set_state(STATE_STOPPED, gen)

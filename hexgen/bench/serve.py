@@ -1,5 +1,5 @@
-"""``hexgen bench serve``: the same load through redis-server, a head and workers, against the engine driven
-directly: the overhead of the Redis path.
+"""``hexgen bench serve``: the same load through redis-server, a head and workers, and through the head's
+OpenAI-compatible HTTP front, against the engine driven directly: the overhead of the Redis and HTTP paths.
 
 Both paths get the same requests (prompt texts tokenized exactly as the head tokenizes them; the direct engine
 gets the ids, or with ``--direct-input text`` the texts, tokenized on arrival in its loop) at the same arrival
@@ -7,8 +7,10 @@ offsets (all at once, or a seeded Poisson process at ``rate``), one after the ot
 first the engine through ``run_offline`` (stamps in the parent as outputs arrive), then a private
 deployment started the way ``hexgen demo`` starts one (hexgen.demo: redis-server on a free port,
 ``hexgen head``, one ``hexgen worker`` per stage, the same layout and engine settings), fed through
-:class:`hexgen.client.HexGenClient` with every token stamped on the client side. Each path has its own
-warm-up requests first. TTFT and TPOT count from each request's scheduled arrival.
+:class:`hexgen.client.HexGenClient` with every token stamped on the client side, then (unless ``--no-http``)
+the same requests again through the same deployment's ``POST /v1/completions`` with ``stream: true``
+(:mod:`hexgen.bench.http_load`: httpx, every chunk stamped as it is read). Each path has its own warm-up
+requests first. TTFT and TPOT count from each request's scheduled arrival.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class ServeOptions:
     log_dir: str | None = None  # keep the deployment's logs here (default: a temporary folder, removed)
     tokenizer: str | None = None  # the head's tokenizer directory (default: the model's); needed with a preset
     direct_input: str = "ids"  # the direct engine's input: "ids" or "text" (tokenized on arrival, in its loop)
+    http: bool = True  # also send the requests through the head's HTTP front
 
     def __post_init__(self) -> None:
         if self.direct_input not in DIRECT_INPUTS:
@@ -177,6 +180,18 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     return over
 
 
+def worker_engine_flags(overrides: dict) -> list[str]:
+    """``bin/worker`` flags for the engine fields of ``worker_engine_overrides`` beyond the sizes."""
+    argv = ["--cuda-graphs"] if overrides.get("cuda_graphs") else []
+    if "kernels" in overrides:
+        for item in overrides["kernels"].describe().split():
+            argv += ["--kernel", item]
+    if overrides.get("emulate_devices"):
+        argv += ["--emulate-devices", ",".join(f"{r}={lim.sms}:{lim.memory_gib}"
+                                               for r, lim in overrides["emulate_devices"])]
+    return argv
+
+
 async def sleep_until(deadline: float, margin_s: float = SEND_MARGIN_S) -> None:
     """Return at ``time.monotonic()`` ≥ ``deadline``, a few tens of µs after it: an asyncio sleep until
     ``margin_s`` before it (asyncio timers wake a millisecond or more late: epoll's millisecond timeout, then
@@ -254,6 +269,18 @@ def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm:
 
     ``offer_fn(url, items)`` (a coroutine function) sends them; returns what it returned for ``items`` (by
     default the timings) and the seconds the pipeline took to form."""
+    results, ready_s = run_served_paths(setup, opts, overrides, [("redis", offer_fn, warm, items)], say=say)
+    return results["redis"], ready_s
+
+
+def run_served_paths(setup: BenchSetup, opts: ServeOptions, overrides: dict, legs: list[tuple], say=print,
+                     ) -> tuple[dict[str, Any], float]:
+    """Start redis-server, head and workers for ``setup``'s layout; for each leg ``(name, offer_fn, warm,
+    items)`` in turn, offer its warm-up then its items; stop all. A leg named ``http`` gets the head's HTTP
+    base URL (the head then serves HTTP on a free port), the others the Redis URL.
+
+    Returns what each leg's ``offer_fn(target, items)`` returned for its items, and the seconds the pipeline
+    took to form."""
     from hexgen.demo import (
         DemoOptions,
         Deployment,
@@ -261,43 +288,73 @@ def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm:
         wait_ready,
         write_config,
     )
+    from hexgen.procs import free_port
 
     work_dir = opts.log_dir or tempfile.mkdtemp(prefix="hexgen-bench-serve-")
     os.makedirs(work_dir, exist_ok=True)
     dep = Deployment(work_dir)
     py = [sys.executable, "-m", "hexgen.cli"]
     layout, eng = setup.layout, setup.engine
+    http = any(leg[0] == "http" for leg in legs)
     try:
         start_redis(dep)
         cfg = write_config(os.path.join(work_dir, "bench.toml"), dep.url, setup.model.model_dir,
                            DemoOptions(layout.hetero_config, layout.pp_partition), dtype=eng.dtype, device=eng.device,
                            preset=setup.model.preset or "", tokenizer=opts.tokenizer or "")
-        dep.spawn("head", py + ["head", "--config", cfg])
+        head = py + ["head", "--config", cfg]
+        base_url = ""
+        if http:
+            port = free_port()
+            head += ["--http-port", str(port)]
+            base_url = f"http://127.0.0.1:{port}"
+        dep.spawn("head", head)
         for st in reversed(layout.stages()):
             argv = ["worker", "--config", cfg, "--stage", str(st.index), "--drain-timeout", "30",
                     "--max-num-seqs", str(overrides["max_num_seqs"]), "--kv-tokens", str(overrides["cpu_kv_tokens"])]
-            if overrides.get("cuda_graphs"):
-                argv.append("--cuda-graphs")
-            if "kernels" in overrides:
-                for item in overrides["kernels"].describe().split():
-                    argv += ["--kernel", item]
-            if overrides.get("emulate_devices"):
-                argv += ["--emulate-devices", ",".join(f"{r}={lim.sms}:{lim.memory_gib}"
-                                                       for r, lim in overrides["emulate_devices"])]
+            argv += worker_engine_flags(overrides)
             if eng.device == "cuda":
                 argv += ["--devices", ",".join(str(setup.devices[r] if setup.devices else r) for r in st.ranks)]
             dep.spawn(f"worker-stage{st.index}", py + argv)
-        say(f"bench serve: redis-server on port {dep.port}, head and {layout.num_stages} worker(s) starting "
-            f"(logs in {work_dir})")
+        say(f"bench serve: redis-server on port {dep.port}, head{' (HTTP ' + base_url + ')' if http else ''} and "
+            f"{layout.num_stages} worker(s) starting (logs in {work_dir})")
         ready_s = wait_ready(dep, opts.ready_timeout_s)
-        asyncio.run(offer_fn(dep.url, warm))
-        timings = asyncio.run(offer_fn(dep.url, items))
-        dep.check_alive()
-        return timings, ready_s
+        if http:
+            wait_http_ready(base_url, opts.ready_timeout_s)
+        results = {}
+        for name, offer_fn, warm, items in legs:
+            target = base_url if name == "http" else dep.url
+            asyncio.run(offer_fn(target, warm))
+            results[name] = asyncio.run(offer_fn(target, items))
+            dep.check_alive()
+        return results, ready_s
     finally:
         dep.shutdown()
         if opts.log_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def wait_http_ready(base_url: str, timeout_s: float) -> None:
+    """Until the head's ``GET /ready`` answers 200."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(base_url + "/ready", timeout=5, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ConfigError(f"bench serve: {base_url}/ready did not answer 200 within {timeout_s:g}s")
+        time.sleep(0.1)
+
+
+def versus(path: dict, base: dict) -> dict:
+    """One path's throughput ratio and p50 TTFT / TPOT differences against another's."""
+    def diff(key: str) -> float | None:
+        return None if path[key] is None or base[key] is None else round(path[key] - base[key], 3)
+    return {"throughput_ratio": round(path["output_tokens_per_s"] / base["output_tokens_per_s"], 4),
+            "ttft_p50_diff_ms": diff("ttft_p50_ms"), "tpot_p50_diff_ms": diff("tpot_p50_ms")}
 
 
 def overhead(direct: dict, redis: dict) -> dict:
@@ -326,6 +383,8 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
     direct = build_items(tok, shapes, vocab, opts.seed, offsets, "direct-")
     redis_warm = build_items(tok, warm_shapes, vocab, 99, [0.0] * 4, "warm-r")
     redis_items = build_items(tok, shapes, vocab, opts.seed, offsets, "redis-")
+    http_warm = build_items(tok, warm_shapes, vocab, 99, [0.0] * 4, "warm-h")
+    http_items = build_items(tok, shapes, vocab, opts.seed, offsets, "http-")
     context = setup.engine.max_model_len or cfg.max_position_embeddings
     for it in direct:
         if len(it.request.prompt_ids) + it.request.params.max_new_tokens > context:
@@ -342,11 +401,29 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
     direct_sum["run_wall_s"] = round(run.wall_s, 2)
     t0 = time.monotonic()
     sent: dict[str, float] = {}
-    timings, ready_s = run_redis_path(setup, opts, overrides, redis_warm, redis_items, say=say,
-                                      offer_fn=partial(offer, sent=sent))
+    legs = [("redis", partial(offer, sent=sent), redis_warm, redis_items)]
+    if opts.http:
+        from hexgen.bench.http_load import offer_http
+
+        legs.append(("http", partial(offer_http, sent=sent), http_warm, http_items))
+    results, ready_s = run_served_paths(setup, opts, overrides, legs, say=say)
+    timings = results["redis"]
     redis_sum = summarize(timings)
     redis_sum.update(client_lateness(redis_items, timings, sent))
     redis_sum.update(run_wall_s=round(time.monotonic() - t0, 2), pipeline_ready_s=round(ready_s, 2))
+    paths = {"direct": direct_sum, "redis": redis_sum}
+    extra: dict[str, Any] = {}
+    if opts.http:
+        http_timings = results["http"]
+        http_sum = summarize(http_timings)
+        http_sum.update(client_lateness(http_items, http_timings, sent))
+        paths["http"] = http_sum
+        extra["http_overhead"] = {
+            "vs_direct": {**versus(http_sum, direct_sum),
+                          **paired_ttft_diff(direct_timings, http_timings)},
+            "vs_redis": {**versus(http_sum, redis_sum),
+                         "ttft_paired_diff_p50_ms": _ms(percentile(
+                             [h.ttft - r.ttft for r, h in zip(timings, http_timings)], 50))}}
     return {"mode": "serve", "command": setup.command, **device_info(setup.engine),
             "layout": setup.layout.describe(),
             "workload": {"requests": opts.num_requests, "prompt_range": list(opts.prompt_range),
@@ -358,10 +435,11 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
             "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
                               "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
                               "cpu_kv_tokens": setup.engine.cpu_kv_tokens},
-            "direct": direct_sum, "redis": redis_sum,
+            **paths,
             "overhead": {**overhead(direct_sum, redis_sum),
                          **paired_ttft_diff(direct_timings, timings,
                                             [sent[i.request.request_id] for i in redis_items])},
+            **extra,
             "memory": memory_summary(run.ranks)}
 
 
@@ -372,8 +450,9 @@ def format_serve(res: dict) -> str:
             f"{res['workload']['requests']} requests, {res['workload']['arrivals']}; the direct engine given "
             f"{'token ids' if res['workload'].get('direct_input') == 'ids' else 'texts (tokenized on arrival)'}",
             f"{'':<8}" + "".join(f"{c:>22}" for c in cols)]
-    for name in ("direct", "redis"):
-        rows.append(f"{name:<8}" + "".join(f"{str(res[name].get(c, '-')):>22}" for c in cols))
+    for name in ("direct", "redis", "http"):
+        if name in res:
+            rows.append(f"{name:<8}" + "".join(f"{str(res[name].get(c, '-')):>22}" for c in cols))
     o, t = res["overhead"], res["overhead"]["targets"]
     rows.append(f"Redis path: {o['throughput_ratio']:.3f}x direct throughput (cost {o['throughput_cost']:.1%}, "
                 f"target ≤ {t['throughput_cost_max']:.0%}: {'met' if t['throughput_met'] else 'missed'}); "
@@ -387,5 +466,11 @@ def format_serve(res: dict) -> str:
         rows.append(f"Redis path client: sent {res['redis']['client_send_late_p50_ms']:.2f} ms after the scheduled "
                     f"arrival (p50; counted in its TTFT); TTFT from the send: p50 "
                     f"{res['redis']['ttft_from_send_p50_ms']:.1f} ms")
+    if "http_overhead" in res:
+        d, r = res["http_overhead"]["vs_direct"], res["http_overhead"]["vs_redis"]
+        rows.append(f"HTTP path: {d['throughput_ratio']:.3f}x direct and {r['throughput_ratio']:.3f}x Redis-path "
+                    f"throughput; p50 TTFT {d['ttft_p50_diff_ms']:+.1f} ms vs direct, "
+                    f"{r['ttft_p50_diff_ms']:+.1f} ms vs Redis (per request, median: "
+                    f"{d['ttft_paired_diff_p50_ms']:+.1f} / {r['ttft_paired_diff_p50_ms']:+.1f} ms)")
     rows += ["memory (direct run):"] + memory_lines(res["memory"])
     return "\n".join(rows)

@@ -1,5 +1,6 @@
 """`hexgen bench`: engine latency / throughput against Hugging Face generate and the memory roofline; a Poisson
-request-rate sweep (`sweep`, or `throughput --rates ...`); the Redis serving path against the engine (`serve`)."""
+request-rate sweep (`sweep`, or `throughput --rates ...`); the Redis and HTTP serving paths against the engine
+(`serve`)."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None,
                    help="serve: Poisson request rate (requests/s); default: every request offered at once")
     p.add_argument("--log-dir", help="serve: keep the deployment's logs here")
+    p.add_argument("--no-http", action="store_true", help="serve: skip the HTTP path (the head's OpenAI API)")
     p.add_argument("--tokenizer", help="serve: the head's tokenizer directory (default: the model's; needed with "
                    "--preset)")
     p.add_argument("--direct-input", default=None, metavar="{text,ids}",
@@ -79,7 +81,8 @@ def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
         return res, format_sweep(res)
     elif args.mode == "serve":
         res = serve(setup, ServeOptions(n, prompt, output, args.seed, args.rate, log_dir=args.log_dir,
-                                        tokenizer=args.tokenizer, direct_input=args.direct_input or "ids"),
+                                        tokenizer=args.tokenizer, direct_input=args.direct_input or "ids",
+                                        http=not args.no_http),
                     say=lambda m: print(m, file=sys.stderr, flush=True))
         return res, format_serve(res)
     else:
@@ -104,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--rates/--tpot-slo-ms: only for sweep (or throughput --rates)")
         if args.hf_cb_requests < 0:
             raise ConfigError(f"--hf-cb-requests: {args.hf_cb_requests} must be ≥ 0 (0: skip)")
-        if args.mode != "serve" and (args.rate is not None or args.log_dir or args.tokenizer or args.direct_input):
-            raise ConfigError("--rate/--log-dir/--tokenizer/--direct-input: only for serve")
+        if args.mode != "serve" and (args.rate is not None or args.log_dir or args.tokenizer or args.direct_input
+                                     or args.no_http):
+            raise ConfigError("--rate/--log-dir/--tokenizer/--direct-input/--no-http: only for serve")
         model = resolve_model(args)
         layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
         engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs,

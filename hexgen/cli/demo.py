@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--model", dest="model_dir", help="Hugging Face model directory (default: embedded SmolLM2)")
     p.add_argument("--keep", action="store_true", help="keep serving after the answers until Ctrl-C")
+    p.add_argument("--http-port", type=int, default=0, help="the head's HTTP port: dashboard, /metrics, /v1 "
+                   "(default: a free one; the demo prints the address)")
     p.add_argument("--log-dir", help="keep every process's log in this folder (default: a temporary one)")
     return p
 
@@ -26,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = DemoOptions(hetero_config=tuple(args.hetero_config), pp_partition=tuple(args.pp_partition),
                        questions=tuple(args.question or DEFAULT_QUESTIONS), max_new_tokens=args.max_new_tokens,
-                       model_dir=args.model_dir, keep=args.keep, log_dir=args.log_dir)
+                       model_dir=args.model_dir, keep=args.keep, log_dir=args.log_dir,
+                       http_port=args.http_port)
     try:
         return run_demo(opts, say=lambda msg: print(msg, flush=True))
     except HexGenError as e:

@@ -10,7 +10,7 @@ from hexgen.cli.flags import env_log_level
 from hexgen.errors import ConfigError
 from hexgen.head.service import run_head
 from hexgen.wire import trace
-from hexgen.wire.settings import add_settings_args, settings_from_args
+from hexgen.wire.settings import API_KEY_ENV, add_settings_args, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_args(parser)
     parser.add_argument("--log-level", default=env_log_level("INFO"),
                         help="DEBUG, INFO, WARNING, ERROR (default $HEXGEN_LOG_LEVEL, else INFO)")
+    h = parser.add_argument_group("HTTP API (OpenAI-compatible; docs/http-api.md)")
+    h.add_argument("--http-port", type=int, help="serve HTTP on this port (default: [http] port; 0: off)")
+    h.add_argument("--http-host", help="address to listen on (default: [http] host, 127.0.0.1)")
+    h.add_argument("--api-key", help=f"key /v1/* requests must send as 'Authorization: Bearer <key>' (default: "
+                   f"${API_KEY_ENV}, then [http] api_key; prefer those: a flag shows in ps)")
     g = parser.add_argument_group("automatic placement")
     g.add_argument("--auto-plan", action="store_true", help="plan the stages of the registered agents "
                    "(bin/worker without --stage) and re-plan when agents join or leave")
@@ -48,12 +53,17 @@ def placement_options(args: argparse.Namespace, settings):
                             time_budget_s=args.plan_time_budget, network_gbps=args.network_gbps))
 
 
+def http_settings_overrides(args: argparse.Namespace) -> dict:
+    """The dotted [http] overrides of the flags (None: not given)."""
+    return {"http.port": args.http_port, "http.host": args.http_host, "http.api_key": args.api_key}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_args(args, extra=http_settings_overrides(args))
         placement = placement_options(args, settings)
     except ConfigError as e:
         print(f"head: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from hexgen.config import EngineConfig
+from hexgen.engine.gauges import StageGauges
 from hexgen.engine.kv_cache import BlockManager
 from hexgen.engine.last_stage import LastStage, Sampled
 from hexgen.engine.plan import StepPlan, StepResult
@@ -84,6 +85,10 @@ class Steps(Protocol):
     def busy(self) -> bool:
         """Some step is launched and not yet applied."""
 
+    @property
+    def in_flight_count(self) -> int:
+        """Steps launched and not yet applied."""
+
     def schedule(self, step_id: int) -> StepPlan | None:
         """The next plan, or None (nothing to send, or no room in flight)."""
 
@@ -108,8 +113,10 @@ class FirstLeader:
         engine: EngineConfig,
         source: RequestSource,
         last: LastStage | None,
+        gauges: StageGauges | None = None,
     ) -> None:
         self.groups, self.runner, self.source, self.last = groups, runner, source, last
+        self.gauges = gauges  # kept current with the scheduler's figures after every iteration
         blocks = BlockManager(runner.num_blocks, engine.block_size)
         self.max_in_flight = engine.micro_batches or groups.layout.num_stages
         self.scheduler = Scheduler(
@@ -152,6 +159,8 @@ class FirstLeader:
                 steps.launch(plan)
             clock.lap("launch")
             steps.collect(plan is not None, clock)
+            if self.gauges is not None:
+                self.gauges.observe_scheduler(self.scheduler, steps.in_flight_count)
         steps.shutdown(step)
         summary = steps.summary()
         if summary:
@@ -188,6 +197,10 @@ class PipelinedSteps:
     @property
     def busy(self) -> bool:
         return bool(self.in_flight)
+
+    @property
+    def in_flight_count(self) -> int:
+        return len(self.in_flight)
 
     def schedule(self, step_id: int) -> StepPlan | None:
         if len(self.in_flight) >= self.leader.max_in_flight:
@@ -245,6 +258,10 @@ class AheadSteps:
     @property
     def busy(self) -> bool:
         return self.pending is not None
+
+    @property
+    def in_flight_count(self) -> int:
+        return int(self.pending is not None)
 
     def schedule(self, step_id: int) -> StepPlan | None:
         return self.leader.scheduler.schedule(step_id, ahead=self.pending is not None)

@@ -19,6 +19,7 @@ import torch
 
 from hexgen.config import EngineConfig, Layout, StageSpec
 from hexgen.engine.emulation import limited_device
+from hexgen.engine.gauges import StageGauges
 from hexgen.engine.last_stage import LastStage
 from hexgen.engine.leader import FirstLeader, input_ids, runs_ahead
 from hexgen.engine.plan import StepPlan
@@ -80,9 +81,10 @@ def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | N
 
 def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
              sink_factory: Callable[[], OutputSink] | None,
-             report: Callable[[RankReport], None] | None = None) -> None:
+             report: Callable[[RankReport], None] | None = None, gauges: StageGauges | None = None) -> None:
     """Run one rank of a pipeline until stage 0's source is exhausted and all work is done; then hand
-    ``report`` (when given) this rank's peak memory and KV capacity."""
+    ``report`` (when given) this rank's peak memory and KV capacity. A stage leader given ``gauges`` keeps
+    them current (KV blocks, its forward time; the stage-0 leader its scheduler's figures too)."""
     stage = spec.layout.stage_of_rank(spec.rank)
     setup_logging(spec.rank, stage.index, spec.engine.log_level)
     if spec.engine.device == "cuda":
@@ -92,17 +94,19 @@ def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.layout.world_size))
     with limited_device(spec.engine.device_limit(spec.rank), device):
-        _run_rank(spec, stage, device, source_factory, sink_factory, report)
+        _run_rank(spec, stage, device, source_factory, sink_factory, report, gauges)
 
 
 def _run_rank(spec: RankSpec, stage: StageSpec, device: torch.device,
               source_factory: Callable[[], RequestSource] | None,
               sink_factory: Callable[[], OutputSink] | None,
-              report: Callable[[RankReport], None] | None = None) -> None:
+              report: Callable[[RankReport], None] | None = None, gauges: StageGauges | None = None) -> None:
     groups = PipelineGroups(spec.layout, spec.rank, spec.init_method, device)
     source = sink = None
     try:
         runner = StageRunner(spec.model, spec.engine, groups)
+        if gauges is not None and groups.is_leader:
+            gauges.watch(runner)
         last = None
         if stage.is_last and groups.is_leader:
             if sink_factory is None:
@@ -113,7 +117,7 @@ def _run_rank(spec: RankSpec, stage: StageSpec, device: torch.device,
             if source_factory is None:
                 raise ValueError("run_rank: rank 0 needs a source factory")
             source = source_factory()
-            FirstLeader(groups, runner, spec.engine, source, last).run()
+            FirstLeader(groups, runner, spec.engine, source, last, gauges).run()
         else:
             _stage_loop(groups, runner, last)
         if report is not None:

@@ -78,7 +78,8 @@ class StageRunner:
         self._use_graphs = use_graphs
         # With decode graphs one extra block (index num_blocks, never handed out) takes padding rows' writes.
         spare = 1 if use_graphs else 0
-        self.num_blocks = groups.world_min(self._blocks_that_fit() - spare)
+        self.blocks_fit = self._blocks_that_fit() - spare  # this rank alone; every rank keeps the smallest
+        self.num_blocks = groups.world_min(self.blocks_fit)
         self.kv = allocate_cache(stage.num_layers, self.num_blocks + spare, engine.block_size, self.n_kv_local,
                                  self.cfg.head_dim, self.dtype, self.device)
         self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,

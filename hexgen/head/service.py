@@ -49,8 +49,8 @@ from hexgen.head.tokenizing import (
     tokenize,
 )
 from hexgen.head.validation import check_context, parse_request, peek_request_id
+from hexgen.wire import figures, trace
 from hexgen.wire import keys as C
-from hexgen.wire import trace
 from hexgen.wire.protocol import (
     InternalError,
     NotFound,
@@ -260,6 +260,7 @@ class Head:
         async with self.redis.pipeline(transaction=True) as p:
             p.xadd(stream, error_event(error.code, error.message))
             p.expire(stream, self.limits.result_ttl_s)
+            p.hincrby(figures.ERRORS_KEY, error.code, 1)  # /metrics: hexgen_request_errors_total
             p.xack(C.REQUESTS_STREAM, C.HEADS_GROUP, entry_id)
             p.xdel(C.REQUESTS_STREAM, entry_id)
             await asyncio.shield(p.execute())
@@ -347,15 +348,29 @@ class Head:
             await self._sleep(self.limits.heartbeat_ttl_s / 2)
 
 
+def _http_front(settings: Settings) -> Any:
+    """The head's HTTP front (:class:`hexgen.head.http.app.HttpFront`, its port bound), or None when off."""
+    if not settings.http.enabled:
+        return None
+    from hexgen.head.http.app import HttpFront
+
+    return HttpFront(settings, settings.http.host, settings.http.port, settings.http.api_key)
+
+
 async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_signals: bool = True,
                    placement: Any | None = None) -> None:
     """Run a head until SIGTERM/SIGINT: load the tokenizer, connect, serve, close connections.
+
+    With ``settings.http`` enabled the head also serves the OpenAI-compatible HTTP API on its loop
+    (:class:`hexgen.head.http.app.HttpFront`; the port is bound first, so a busy one fails the start). It
+    stops with the head: no new connections, open responses get a few seconds to finish.
 
     ``placement`` (a :class:`~hexgen.head.placement.Placer`, ``--auto-plan``) also runs the
     placement loop: this head may become the one that plans the registered agents' stages.
     """
     tokenizer = tokenizer if tokenizer is not None else load_head_tokenizer(settings)
     max_len = model_context_len(settings)
+    front = _http_front(settings)  # binds the port first: a busy one fails here
     url = settings.redis.url
     redis = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
     reader = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
@@ -372,9 +387,13 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
 
         planner = PlacementLoop(settings, placement, redis=redis, consumer=head.consumer)
         planning = asyncio.create_task(planner.run(), name="hexgen-head-placement")
+    if front is not None:
+        front.start(on_failure=head.stop)  # the HTTP server dying stops the head too
     try:
         await head.run()
     finally:
+        if front is not None:
+            await front.close()
         if planning is not None:
             planner.stop()
             await asyncio.gather(planning, return_exceptions=True)

@@ -1,8 +1,9 @@
 """Deployment settings: a frozen dataclass tree loaded from TOML, then the environment, then flags.
 
 Precedence, highest first: command-line flags, the environment (``HEXGEN_REDIS_URL`` for the Redis URL,
-``HEXGEN_TRACE_TIMING=1`` for ``trace_timing``), the TOML file, the defaults here. Unknown keys are a
-ConfigError naming the key (a typo must not silently fall back to a default). Example file::
+``HEXGEN_API_KEY`` for the HTTP API key, ``HEXGEN_TRACE_TIMING=1`` for ``trace_timing``), the TOML file, the
+defaults here. Unknown keys are a ConfigError naming the key (a typo must not silently fall back to a
+default). Example file::
 
     dtype = "bf16"                 # fp32 | fp16 | bf16
     device = "cuda"                # cpu | cuda
@@ -27,6 +28,11 @@ ConfigError naming the key (a typo must not silently fall back to a default). Ex
     max_queue_depth = 1024
     max_new_tokens = 4096
 
+    [http]                         # the head's OpenAI-compatible HTTP front (docs/http-api.md)
+    port = 8000                    # 0 (default): off
+    host = "127.0.0.1"
+    api_key = "..."                # /v1/* needs "Authorization: Bearer <key>"; or HEXGEN_API_KEY
+
     [kernels]                      # optional: the workers' kernel choices (hexgen.config.KernelConfig)
     gemv = "cublas"                # bin/worker --kernel NAME=VALUE overrides the whole table
 """
@@ -50,6 +56,7 @@ from hexgen.wire import keys as C
 
 REDIS_URL_ENV = "HEXGEN_REDIS_URL"
 TRACE_TIMING_ENV = "HEXGEN_TRACE_TIMING"
+API_KEY_ENV = "HEXGEN_API_KEY"
 _NAME_RE = re.compile(C.ID_PATTERN)
 
 
@@ -232,6 +239,33 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The head's optional HTTP front: off while ``port`` is 0. ``api_key`` is kept out of repr."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host):
+            raise ConfigError(f"http.host: {self.host!r} must be a host name or address (127.0.0.1: this machine "
+                              "only; 0.0.0.0: every interface)")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"http.port: {self.port!r} must be an integer in [0, 65535] (0: no HTTP server)")
+        if not isinstance(self.api_key, str):
+            raise ConfigError("http.api_key: must be a string")
+        if any(c.isspace() for c in self.api_key):
+            raise ConfigError("http.api_key: must not contain whitespace (it is sent as 'Bearer <key>')")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+    def __repr__(self) -> str:
+        return f"HttpSettings(host={self.host!r}, port={self.port}, api_key={'set' if self.api_key else 'unset'})"
+
+
+@dataclass(frozen=True)
 class Settings:
     """One deployment: Redis, the model, its pipelines and the serving limits."""
 
@@ -241,6 +275,7 @@ class Settings:
     device: str = "cpu"
     pipelines: tuple[PipelineSettings, ...] = ()
     limits: LimitSettings = field(default_factory=LimitSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     kernels: KernelConfig = KernelConfig()  # the workers' kernel choices ([kernels]; --kernel overrides)
     trace_timing: bool = False  # latency stamps along the serving path (hexgen.wire.trace; $HEXGEN_TRACE_TIMING=1)
 
@@ -268,8 +303,9 @@ class Settings:
                           f"{', '.join(p.id for p in self.pipelines) or '(none)'}")
 
 
-_SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings}
-_TOP_KEYS = ("redis", "model", "limits", "pipelines", "dtype", "device", "kernels", "trace_timing")
+_SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings,
+                              "http": HttpSettings}
+_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device", "kernels", "trace_timing")
 
 
 def _build(cls: type, key: str, table: Any) -> Any:
@@ -307,9 +343,21 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
     return Settings(**kw)
 
 
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the environment sets, as dotted keys."""
+    merged: dict[str, Any] = {}
+    if env.get(REDIS_URL_ENV):
+        merged["redis.url"] = env[REDIS_URL_ENV]
+    if env.get(TRACE_TIMING_ENV) == "1":
+        merged["trace_timing"] = True
+    if env.get(API_KEY_ENV):
+        merged["http.api_key"] = env[API_KEY_ENV]
+    return merged
+
+
 def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
-    """Load a deployment: TOML file (optional), then the environment (``HEXGEN_REDIS_URL``,
+    """Load a deployment: TOML file (optional), then the environment (``HEXGEN_REDIS_URL``, ``HEXGEN_API_KEY``,
     ``HEXGEN_TRACE_TIMING``), then ``overrides``.
 
     ``overrides`` uses dotted keys (``"redis.url"``, ``"model.path"``, ``"limits.max_queue_depth"``,
@@ -325,11 +373,7 @@ def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | Non
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path!r} is not valid TOML: {e}") from e
     env = os.environ if env is None else env
-    merged: dict[str, Any] = {}
-    if env.get(REDIS_URL_ENV):
-        merged["redis.url"] = env[REDIS_URL_ENV]
-    if env.get(TRACE_TIMING_ENV) == "1":
-        merged["trace_timing"] = True
+    merged = _env_overrides(env)
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     model_keys = {"model.path", "model.preset"} & set(merged)
     if model_keys and isinstance(data.get("model"), dict):  # a flag's model source replaces the file's
@@ -374,11 +418,12 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="fp32, fp16 or bf16")
 
 
-def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from parsed :func:`add_settings_args` flags."""
+def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None,
+                       extra: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from parsed :func:`add_settings_args` flags (and a program's own dotted ``extra`` overrides)."""
     return load_settings(ns.config, env=env, overrides={
         "redis.url": ns.redis_url, "model.name": ns.model_name, "model.path": ns.model_path,
-        "model.preset": ns.preset, "model.tokenizer": ns.tokenizer, "dtype": ns.dtype})
+        "model.preset": ns.preset, "model.tokenizer": ns.tokenizer, "dtype": ns.dtype, **(extra or {})})
 
 
 def with_redis_url(settings: Settings, url: str) -> Settings:
