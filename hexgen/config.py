@@ -10,6 +10,7 @@ from typing import Any
 from hexgen.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": e4m3 (hexgen.model.kv_quant)
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                   "float": "float32"}
 
@@ -113,7 +114,11 @@ class ModelConfig:
             return cls.from_hf_dict(json.load(f))
 
 
-# Exact-name presets: real Llama-2 shapes for benchmarks with --random-weights, and tiny ones for tests.
+LLAMA31_ROPE: tuple[tuple[str, Any], ...] = tuple(sorted({
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}.items()))
+
+# Exact-name presets: real Llama-2 and Llama-3.1 shapes for benchmarks with --random-weights, and tiny ones for tests.
 PRESETS: dict[str, ModelConfig] = {
     "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                               num_heads=32, num_kv_heads=32, max_position_embeddings=4096),
@@ -121,6 +126,14 @@ PRESETS: dict[str, ModelConfig] = {
                                num_heads=40, num_kv_heads=40, max_position_embeddings=4096),
     "llama-2-70b": ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
                                num_heads=64, num_kv_heads=8, max_position_embeddings=4096),
+    # Llama-3.1 (meta-llama/Llama-3.1-8B, -70B config.json): GQA with 8 KV heads, vocab 128,256, rope theta
+    # 500,000 with llama3 scaling (factor 8 over an original 8,192-token context), 131,072 positions.
+    "llama-3.1-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                num_heads=32, num_kv_heads=8, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+                                max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001,)),
+    "llama-3.1-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                 num_heads=64, num_kv_heads=8, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+                                 max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001,)),
     "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=6,
                         num_heads=8, num_kv_heads=2, max_position_embeddings=1024),
 }
@@ -386,6 +399,12 @@ def _device_limits(value: Any) -> tuple[tuple[int, DeviceLimit], ...]:
     return tuple(sorted(limits.items()))
 
 
+def check_kv_cache_dtype(value: str) -> None:
+    """ConfigError naming the field and the choices unless ``value`` is one of KV_CACHE_DTYPES."""
+    if value not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_dtype: {value!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine knobs shared by every rank of a pipeline."""
@@ -411,6 +430,8 @@ class EngineConfig:
     emulate_devices: tuple[tuple[int, DeviceLimit], ...] = ()
     profile_loop: str = ""  # a file: the stage-0 leader's loop runs under cProfile and writes its profile there
     log_level: str = "WARNING"  # of the rank processes: DEBUG, INFO, WARNING, ERROR or CRITICAL
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with per-layer, per-KV-head scales
+    cpu_threads: int = 0  # CPU ranks: torch threads each; 0: the host's cores / its ranks (hexgen.engine.threads)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -422,13 +443,14 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs: {self.max_num_seqs} must be ≥ 1")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens: {self.max_num_batched_tokens} must be ≥ 1")
-        for name in ("num_kv_blocks", "max_model_len", "micro_batches"):
+        for name in ("num_kv_blocks", "max_model_len", "micro_batches", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be ≥ 0 (0: automatic)")
         if self.cpu_kv_tokens < 1:
             raise ConfigError(f"cpu_kv_tokens: {self.cpu_kv_tokens} must be ≥ 1")
         if not 0.05 <= self.gpu_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} must be in [0.05, 1.0]")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         self._check_process_fields()
 
     def _check_process_fields(self) -> None:

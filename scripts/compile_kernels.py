@@ -1,6 +1,6 @@
-"""Compile the Triton kernels (attention; GEMV and fused, with and without PDL) for an NVIDIA target with no
-GPU present (Triton's bundled LLVM and ptxas), so a CPU machine catches what only the real compiler rejects.
-Run without TRITON_INTERPRET.
+"""Compile the Triton kernels (attention, with bf16/fp16 and fp8 caches; GEMV and fused, with and without PDL)
+for an NVIDIA target with no GPU present (Triton's bundled LLVM and ptxas), so a CPU machine catches what only
+the real compiler rejects. Run without TRITON_INTERPRET.
 
     PYTHONPATH=. python scripts/compile_kernels.py [--arch 90] [--full]
 """
@@ -26,14 +26,21 @@ def _compile(fn, sig: dict[str, str], cons: dict, target: GPUTarget, **options):
     return triton.compile(triton.compiler.ASTSource(fn, sig, constexprs=cons), target=target, options=options)
 
 
-def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget, pdl: bool = False):
+def _cache(dtype: str, fp8: bool) -> tuple[str, str]:
+    """(cache pointer type, scale pointer type): e4m3 caches with float32 scales, or the model dtype."""
+    return ("*fp8e4nv", "*fp32") if fp8 else (f"*{dtype}", "*i64")
+
+
+def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget, pdl: bool = False, fp8: bool = False):
     ptr, mid = f"*{dtype}", "*fp32" if splits > 1 else f"*{dtype}"
-    sig = {"Q": ptr, "K": ptr, "V": ptr, "Tables": "*i64", "Ctx": "*i64", "Out": mid, "Lse": mid, "qk_scale": "fp32",
-           "num_splits": "i32"}
+    cache, scale = _cache(dtype, fp8)
+    sig = {"Q": ptr, "K": cache, "V": cache, "KScale": scale, "VScale": scale, "Tables": "*i64", "Ctx": "*i64",
+           "Out": mid, "Lse": mid, "qk_scale": "fp32", "num_splits": "i32"}
     sig.update({a: "i32" for a in ("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh",
                                    "stride_tb", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh")})
     cons = dict(GROUP=group, BLOCK_G=_pow2(group), HEAD_DIM=d, BLOCK_D=_pow2(d), BS=16,
-                BLOCK_N=64, SPLIT=splits > 1, IEEE=dtype == "fp32", DOT_F32=False, HEAD_MAJOR=True, PDL=pdl)
+                BLOCK_N=64, SPLIT=splits > 1, IEEE=dtype == "fp32", DOT_F32=False, HEAD_MAJOR=True, FP8=fp8,
+                PDL=pdl)
     _compile(kern.decode_stage1, sig, cons, target, num_warps=2, num_stages=2, launch_pdl=pdl)
     if splits > 1:
         sig = {"Mid": "*fp32", "Lse": "*fp32", "Out": f"*{dtype}", "num_splits": "i32"}
@@ -54,23 +61,28 @@ def batch1(dtype: str, target: GPUTarget, pdl: bool) -> None:
     sig.update({a: "i32" for a in ("stride_x", "stride_r", "stride_o", "stride_ro")})
     _compile(fused_kernels.add_rms_norm, sig, dict(HAS_RES=True, BLOCK=4096, PDL=pdl), target, num_warps=8,
              launch_pdl=pdl)
-    sig = {"QKV": ptr, "Cos": ptr, "Sin": ptr, "Slots": "*i64", "QOut": ptr, "KCache": ptr, "VCache": ptr}
-    sig.update({a: "i32" for a in ("stride_t", "stride_c", "stride_qt", "stride_qh", "stride_ks", "stride_kh",
-                                   "stride_vs", "stride_vh")})
-    _compile(fused_kernels.rotary_kv_write, sig, dict(N_Q=32, N_KV=32, HALF=64, BLOCK_H=64, PDL=pdl), target,
-             num_warps=1, launch_pdl=pdl)
+    for fp8 in (False, True):
+        cache, scale = _cache(dtype, fp8)
+        sig = {"QKV": ptr, "Cos": ptr, "Sin": ptr, "Slots": "*i64", "QOut": ptr, "KCache": cache, "VCache": cache,
+               "KScale": scale, "VScale": scale}
+        sig.update({a: "i32" for a in ("stride_t", "stride_c", "stride_qt", "stride_qh", "stride_ks", "stride_kh",
+                                       "stride_vs", "stride_vh")})
+        _compile(fused_kernels.rotary_kv_write, sig, dict(N_Q=32, N_KV=32, HALF=64, BLOCK_H=64, FP8=fp8, PDL=pdl),
+                 target, num_warps=1, launch_pdl=pdl)
     sig = {"X": ptr, "Out": ptr, "n_cols": "i32", "stride_x": "i32", "stride_o": "i32"}
     _compile(fused_kernels.silu_mul, sig, dict(BLOCK=1024, PDL=pdl), target, num_warps=4, launch_pdl=pdl)
 
 
-def prefill(dtype: str, group: int, d: int, target: GPUTarget):
+def prefill(dtype: str, group: int, d: int, target: GPUTarget, fp8: bool = False):
     ptr = f"*{dtype}"
-    sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Tables": "*i64", "SeqQStart": "*i64", "SeqQLen": "*i64",
-           "SeqCtx": "*i64", "TileSeq": "*i64", "TileM": "*i64", "qk_scale": "fp32"}
+    cache, scale = _cache(dtype, fp8)
+    sig = {"Q": ptr, "K": cache, "V": cache, "KScale": scale, "VScale": scale, "Out": ptr, "Tables": "*i64",
+           "SeqQStart": "*i64", "SeqQLen": "*i64", "SeqCtx": "*i64", "TileSeq": "*i64", "TileM": "*i64",
+           "qk_scale": "fp32"}
     sig.update({a: "i32" for a in ("stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh",
                                    "stride_tb", "stride_ot", "stride_oh")})
     cons = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=_pow2(d), BS=16, BLOCK_M=paged_decode.PREFILL_BLOCK_M,
-                BLOCK_N=64, IEEE=dtype == "fp32", DOT_F32=False)
+                BLOCK_N=64, IEEE=dtype == "fp32", DOT_F32=False, FP8=fp8)
     _compile(kern.prefill_fwd, sig, cons, target, num_warps=4, num_stages=2)
 
 
@@ -91,7 +103,12 @@ def main() -> None:
             decode(dtype, group, d, splits, target)
             decode(dtype, group, d, splits, target, pdl=True)
         prefill(dtype, group, d, target)
-        print(f"sm_{args.arch} {dtype} group {group} head_dim {d}: ok", flush=True)
+        if dtype != "fp32":  # an fp8 KV cache beside bf16/fp16 activations
+            for splits in (1, 9):
+                decode(dtype, group, d, splits, target, fp8=True)
+            prefill(dtype, group, d, target, fp8=True)
+        print(f"sm_{args.arch} {dtype} group {group} head_dim {d}: ok"
+              + (" (and with an fp8 cache)" if dtype != "fp32" else ""), flush=True)
     for dtype in ("bf16", "fp16"):
         for pdl in (False, True):
             batch1(dtype, target, pdl)

@@ -146,7 +146,7 @@ def main() -> None:
            "budget": args.budget, "kv_blocks": r.num_blocks, "rows": []}
     layers = cfg.num_layers
     n_kv, d = r.n_kv_local, cfg.head_dim
-    kv_elem = torch.empty(0, dtype=r.dtype).element_size()
+    kv_elem = r.kv.element_size()  # 1 with an fp8 cache
     for ctx in args.ctx:
         b = args.max_seqs
         if b * ctx > r.num_blocks * bs:
@@ -162,7 +162,8 @@ def main() -> None:
             lens = torch.tensor(dec.ctx_lens, device=dev)
             q = torch.randn(b, cfg.num_heads, d, device=dev, dtype=r.dtype)
             k, v = r.kv[0, 0], r.kv[0, 1]
-            att = _median_ms(lambda: paged_decode.paged_decode(q, k, v, tables, lens, d ** -0.5, bs), 20)
+            sc = {} if r.kv_scales is None else {"k_scale": r.kv_scales[0, 0], "v_scale": r.kv_scales[0, 1]}
+            att = _median_ms(lambda: paged_decode.paged_decode(q, k, v, tables, lens, d ** -0.5, bs, **sc), 20)
             row["decode_attention_ms_all_layers"] = round(att * layers, 3)
             row["decode_attention_TBps"] = round(live / (att * 1e-3) / 1e12, 3)
         chunk = args.budget - (b - 1)

@@ -126,7 +126,7 @@ def test_memory_summary_cuda_checks_the_kv_target():
 def test_memory_summary_cpu_says_na():
     mem = memory_summary([RankReport(0, 0, "cpu", 2**29, CPU_PEAK, 2**20, 4096, 2**22, 1024)])
     assert mem["stages"] == [{"stage": 0, "kv_tokens": 4096, "kv_tokens_memory_allows": None,
-                              "kv_vs_memory_allows": None}]
+                              "kv_vs_memory_allows": None, "kv_cache_dtype": "auto", "kv_bytes_per_token": 1024}]
     assert mem["kv_target_met"] is None and "CPU" in mem["note"]
 
 

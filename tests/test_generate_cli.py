@@ -109,7 +109,8 @@ def test_bad_arguments_exit_2_before_starting_ranks(model_dir, capsys, monkeypat
 def test_unknown_preset_lists_presets(capsys):
     assert generate_main(["--preset", "llama-2-7B", "--random-weights", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert "preset: 'llama-2-7B' is unknown; choose one of llama-2-13b, llama-2-70b, llama-2-7b, tiny" in err
+    assert ("preset: 'llama-2-7B' is unknown; choose one of llama-2-13b, llama-2-70b, llama-2-7b, llama-3.1-70b, "
+            "llama-3.1-8b, tiny") in err
 
 
 def test_model_dir_without_config(tmp_path, capsys):

@@ -27,11 +27,13 @@ from functools import partial
 
 from hexgen import __version__
 from hexgen.config import EngineConfig
+from hexgen.engine.threads import CpuThreads
 from hexgen.errors import ConfigError
 from hexgen.logutil import setup_logging
 from hexgen.wire import trace
 from hexgen.wire.connection import REDIS_ERRORS, connect
 from hexgen.wire.settings import sync_redis
+from workers.host_threads import HostRankWatch, count_host_ranks
 from workers.intake import RedisSource
 from workers.io_config import IOConfig
 from workers.metrics import RankFigures
@@ -115,6 +117,7 @@ class _Rank:
         self.heartbeat = Heartbeat(self.registry, a.rank, self.record, s.limits.heartbeat_interval_s)
         self.stop = threading.Event()
         self.left = False
+        self.host_watch: HostRankWatch | None = None
 
     def register(self) -> bool:
         """Register (retrying while Redis is unreachable) and start heartbeating; False if stopped first."""
@@ -170,6 +173,24 @@ class _Rank:
         except REDIS_ERRORS as e:
             log.warning("could not deregister: %s", e)
 
+    def cpu_threads(self) -> CpuThreads | None:
+        """CPU ranks: threads sized by every CPU rank registered on this host (``workers.host_threads``),
+        recounted while the rank runs; or ``--threads``. None on GPUs."""
+        if self.engine.device != "cpu":
+            return None
+        own = self.stage.tp  # this worker's ranks, registered before the pipeline formed
+        threads = CpuThreads(self.engine.cpu_threads, own)
+        if threads.fixed:
+            return threads
+        try:
+            threads.set_ranks_on_host(max(own, count_host_ranks(self.client, self.record.host)))
+        except REDIS_ERRORS as e:
+            log.warning("cannot count this host's ranks (%s); assuming %d", e, own)
+        self.host_watch = HostRankWatch(self.client, self.record.host, threads,
+                                        self.a.opts.settings.limits.heartbeat_interval_s, at_least=own)
+        self.host_watch.start()
+        return threads
+
     def join(self) -> Generation:
         opts = self.a.opts
         if self.a.rank == 0:
@@ -194,7 +215,9 @@ class _Rank:
         self.heartbeat.watch(partial(self.registry.check_peers, self.a.rank, gen), partial(self.on_broken, gen=gen),
                              rejoin=partial(self.registry.check_peers, self.a.rank, gen, after_lapse=True))
         io = IOConfig.from_settings(self.a.opts.settings, self.a.opts.pipeline_id, **self.a.opts.io_overrides)
-        spec = RankSpec(self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index)
+        threads = self.cpu_threads()
+        spec = RankSpec(self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index,
+                        cpu_threads=threads)
         s = self.a.opts.settings
         figures = RankFigures(partial(open_source, io, gen.number), partial(open_sink, io),
                               leader=self.a.rank == self.stage.leader, pipeline_id=self.a.opts.pipeline_id,
@@ -205,6 +228,8 @@ class _Rank:
             run_rank(spec, figures.source_factory, figures.sink_factory, gauges=figures.gauges)
         finally:
             figures.stop()
+            if self.host_watch is not None:
+                self.host_watch.stop()
         if self.a.rank == 0:
             try:
                 self.registry.set_state(STATE_STOPPED, gen)

@@ -13,23 +13,35 @@ from hexgen.config import ModelConfig
 from hexgen.engine.types import Request
 
 
+def hf_config(cfg: ModelConfig):
+    """A transformers LlamaConfig of ``cfg``'s shape (rope theta and llama3 scaling included)."""
+    from transformers import LlamaConfig
+    rope = {"rope_type": "default", **cfg.rope_scaling_dict, "rope_theta": cfg.rope_theta}
+    eos = list(cfg.eos_token_ids)
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                       head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                       rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope,
+                       tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+                       eos_token_id=eos[0] if len(eos) == 1 else (eos or None))
+
+
 def load_hf_model(model_dir: str | None, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                  seed: int = 0):
-    """The checkpoint in ``model_dir``, or (None) a random-init LlamaForCausalLM of ``cfg``'s shape."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-    if model_dir is not None:
+                  seed: int = 0, random_weights: bool = False):
+    """The checkpoint in ``model_dir``; or, with ``random_weights`` (or no ``model_dir``: a preset), a
+    random-init LlamaForCausalLM of that shape: ``model_dir``'s config.json when given, else ``cfg``'s.
+    Random weights never read the directory's safetensors (it may have none)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if model_dir is not None and not random_weights:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-                         rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings)
+    hf_cfg = AutoConfig.from_pretrained(model_dir) if model_dir is not None else hf_config(cfg)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(hf_cfg)
+            model = AutoModelForCausalLM.from_config(hf_cfg)
     finally:
         torch.set_default_dtype(prev)
     return model.eval()

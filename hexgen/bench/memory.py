@@ -31,8 +31,10 @@ def memory_summary(ranks: tuple[RankReport, ...] | list[RankReport]) -> dict:
         kv = min(r.kv_tokens for r in mine)
         best = min(allows) if allows else None
         stages.append({"stage": s, "kv_tokens": kv, "kv_tokens_memory_allows": best,
-                       "kv_vs_memory_allows": round(kv / best, 3) if best else None})
-    ratios = [st["kv_vs_memory_allows"] for st in stages if st["kv_vs_memory_allows"] is not None]
+                       "kv_vs_memory_allows": round(kv / best, 3) if best else None,
+                       "kv_cache_dtype": mine[0].kv_cache_dtype,
+                       "kv_bytes_per_token": max(r.kv_bytes_per_token for r in mine)})
+    ratios = [float(st["kv_vs_memory_allows"]) for st in stages if st["kv_vs_memory_allows"] is not None]
     out = {"ranks": rows, "stages": stages, "kv_target": KV_TARGET,
            "kv_target_met": (min(ratios) >= KV_TARGET) if ratios else None}
     if not ratios:
@@ -58,5 +60,6 @@ def memory_lines(mem: dict) -> list[str]:
         allows = s["kv_tokens_memory_allows"]
         tail = (f"; memory allows {allows} -> {s['kv_vs_memory_allows']:.1%} (target ≥ {mem['kv_target']:.0%})"
                 if allows else "; memory allows: n/a (CPU)")
-        out.append(f"stage {s['stage']}: KV capacity {s['kv_tokens']} tokens{tail}")
+        out.append(f"stage {s['stage']}: KV capacity {s['kv_tokens']} tokens ({s['kv_cache_dtype']} cache, "
+                   f"{s['kv_bytes_per_token']} bytes per token per rank){tail}")
     return out

@@ -38,6 +38,7 @@ class BenchSetup:
 
 def device_info(engine: EngineConfig) -> dict:
     info = {"device": engine.device, "torch": torch.__version__, "dtype": engine.dtype,
+            "kv_cache_dtype": engine.kv_cache_dtype,
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "host_cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
             "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()],  # other work on the host, at the end
@@ -90,7 +91,8 @@ def _hf_model(setup: BenchSetup):
     cfg = setup.model.config()
     dev = torch.device(setup.engine.device, 0) if setup.engine.device == "cuda" else torch.device("cpu")
     dtype = getattr(torch, setup.engine.dtype)
-    model = hf_baseline.load_hf_model(setup.model.model_dir, cfg, dtype, dev, setup.engine.seed)
+    model = hf_baseline.load_hf_model(setup.model.model_dir, cfg, dtype, dev, setup.engine.seed,
+                                      random_weights=setup.model.random_weights)
     hf_baseline.warm_up(model, dev, cfg.vocab_size)
     return model, dev
 
@@ -215,7 +217,8 @@ def _hf_continuous(model, dev: torch.device, requests: list) -> dict:
 
 def format_table(res: dict) -> str:
     """A short human-readable table of one result."""
-    rows = [f"hexgen bench {res['mode']} | {res['card']} | {res['dtype']} | {res['layout']} | {res['date']}"]
+    kv = f" (KV cache {res['kv_cache_dtype']})" if res.get("kv_cache_dtype", "auto") != "auto" else ""
+    rows = [f"hexgen bench {res['mode']} | {res['card']} | {res['dtype']}{kv} | {res['layout']} | {res['date']}"]
     cols = ("output_tokens_per_s", "decode_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
             "tpot_p99_ms")
     rows.append(f"{'':<10}" + "".join(f"{c:>22}" for c in cols))

@@ -162,6 +162,8 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
         over["kernels"] = setup.engine.kernels
     if setup.engine.emulate_devices:
         over["emulate_devices"] = setup.engine.emulate_devices
+    if setup.engine.kv_cache_dtype != "auto":
+        over["kv_cache_dtype"] = setup.engine.kv_cache_dtype
     m = setup.model
     model = ModelSettings(preset=m.preset) if m.preset else ModelSettings(path=cast(str, m.model_dir))
     settings = Settings(model=model, dtype=setup.engine.dtype,
@@ -175,8 +177,8 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     if diff:
         raise ConfigError(f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
                           "leave --gpu-memory-fraction, --max-num-batched-tokens and the async-step flags at their "
-                          "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs, --kernel and "
-                          "--emulate-devices)")
+                          "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs, --kernel, "
+                          "--emulate-devices and --kv-cache-dtype)")
     return over
 
 
@@ -186,6 +188,8 @@ def worker_engine_flags(overrides: dict) -> list[str]:
     if "kernels" in overrides:
         for item in overrides["kernels"].describe().split():
             argv += ["--kernel", item]
+    if overrides.get("kv_cache_dtype"):
+        argv += ["--kv-cache-dtype", overrides["kv_cache_dtype"]]
     if overrides.get("emulate_devices"):
         argv += ["--emulate-devices", ",".join(f"{r}={lim.sms}:{lim.memory_gib}"
                                                for r, lim in overrides["emulate_devices"])]

@@ -1,6 +1,6 @@
 """`hexgen bench`: engine latency / throughput against Hugging Face generate and the memory roofline; a Poisson
 request-rate sweep (`sweep`, or `throughput --rates ...`); the Redis and HTTP serving paths against the engine
-(`serve`)."""
+(`serve`); the FP8 KV cache's greedy agreement and logit error against the model-dtype cache (`kv-accuracy`)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,7 @@ from hexgen.errors import ConfigError, HexGenError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hexgen bench", description=__doc__)
-    p.add_argument("mode", choices=("latency", "throughput", "sweep", "serve"))
+    p.add_argument("mode", choices=("latency", "throughput", "sweep", "serve", "kv-accuracy"))
     add_layout_args(p)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
@@ -32,12 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--prompt-len", type=int, default=128, help="latency: prompt tokens")
-    p.add_argument("--new-tokens", type=int, default=256, help="latency: tokens to generate")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="latency: tokens to generate (default 256); kv-accuracy: greedy tokens per prompt (32)")
     p.add_argument("--reps", type=int, default=3, help="latency: measured requests, one after another")
     p.add_argument("--kv-tokens", type=int, default=65536, help="KV cache capacity in tokens per rank on CPU")
     p.add_argument("--num-requests", type=int, default=None,
                    help="throughput: requests offered at once (default 1000); sweep: requests per rate (64); "
-                        "serve: requests (32)")
+                        "serve: requests (32); kv-accuracy: prompts of the fixed set (8)")
     p.add_argument("--prompt-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="prompt tokens (default 64 1024; sweep 64 512; serve 64 256)")
     p.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
@@ -75,7 +76,13 @@ def _workload(args: argparse.Namespace) -> tuple[int, tuple[int, int], tuple[int
 def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
     n, prompt, output = _workload(args)
     if args.mode == "latency":
-        res = latency(setup, args.prompt_len, args.new_tokens, args.reps)
+        res = latency(setup, args.prompt_len, args.new_tokens or 256, args.reps)
+    elif args.mode == "kv-accuracy":
+        from hexgen.bench.kv_accuracy import format_accuracy, kv_accuracy, prompt_ids
+        prompts = prompt_ids(setup.model, setup.model.config().vocab_size, args.num_requests or 8, args.seed)
+        res = kv_accuracy(setup.layout, setup.model, setup.engine, prompts, args.new_tokens or 32)
+        res["command"] = setup.command
+        return res, format_accuracy(res)
     elif args.mode == "sweep":
         res = sweep(setup, SweepOptions(tuple(args.rates or ()), n, prompt, output, args.seed, args.tpot_slo_ms))
         return res, format_sweep(res)

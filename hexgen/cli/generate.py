@@ -7,7 +7,7 @@ import sys
 import time
 
 from hexgen.cli.flags import add_engine_flags, engine_fields, env_log_level
-from hexgen.config import PRESETS, EngineConfig, Layout, check_devices, preset
+from hexgen.config import KV_CACHE_DTYPES, PRESETS, EngineConfig, Layout, check_devices, preset
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
@@ -26,6 +26,8 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_engine_flags(p)
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="KV cache storage: auto (the model dtype) or fp8 (e4m3, scales per layer and KV head)")
 
 
 def resolve_model(args: argparse.Namespace) -> ModelSpec:
@@ -45,6 +47,7 @@ def resolve_engine(args: argparse.Namespace, layout: Layout, **extra) -> EngineC
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_devices(layout, device, torch.cuda.device_count() if device == "cuda" else 0)
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    extra.setdefault("kv_cache_dtype", getattr(args, "kv_cache_dtype", "auto"))
     return EngineConfig(dtype=dtype, device=device, log_level=env_log_level(), **engine_fields(args), **extra)
 
 

@@ -11,9 +11,8 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +24,7 @@ from hexgen.engine.leader import FirstLeader, input_ids, runs_ahead
 from hexgen.engine.plan import StepPlan
 from hexgen.engine.report import RankReport, rank_report
 from hexgen.engine.runner import ModelSpec, StageRunner
+from hexgen.engine.threads import CpuThreads
 from hexgen.engine.types import OutputSink, RequestSource
 from hexgen.logutil import setup_logging
 from hexgen.parallel.groups import PipelineGroups
@@ -42,6 +42,9 @@ class RankSpec:
     engine: EngineConfig
     init_method: str  # tcp://host:port of the rendezvous
     device_index: int | None = None
+    # CPU: the rank's thread sizing (workers count the host's ranks in Redis); None: this pipeline's world
+    # size is the host's rank count (every rank local), or engine.cpu_threads when set
+    cpu_threads: CpuThreads | None = field(default=None, compare=False)
 
 
 def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | None) -> None:
@@ -92,19 +95,25 @@ def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.layout.world_size))
+    threads = None
+    if device.type == "cpu":
+        threads = spec.cpu_threads or CpuThreads(spec.engine.cpu_threads, spec.layout.world_size)
+        log.info("torch threads: %d (%d cores, %d ranks on this host%s)", threads.apply(), threads.cores,
+                 threads.ranks_on_host, ", fixed" if threads.fixed else "")
     with limited_device(spec.engine.device_limit(spec.rank), device):
-        _run_rank(spec, stage, device, source_factory, sink_factory, report, gauges)
+        _run_rank(spec, stage, device, source_factory, sink_factory, report, gauges, threads)
 
 
 def _run_rank(spec: RankSpec, stage: StageSpec, device: torch.device,
               source_factory: Callable[[], RequestSource] | None,
               sink_factory: Callable[[], OutputSink] | None,
-              report: Callable[[RankReport], None] | None = None, gauges: StageGauges | None = None) -> None:
+              report: Callable[[RankReport], None] | None = None, gauges: StageGauges | None = None,
+              threads: CpuThreads | None = None) -> None:
     groups = PipelineGroups(spec.layout, spec.rank, spec.init_method, device)
     source = sink = None
     try:
         runner = StageRunner(spec.model, spec.engine, groups)
+        runner.cpu_threads = threads
         if gauges is not None and groups.is_leader:
             gauges.watch(runner)
         last = None

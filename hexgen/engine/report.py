@@ -40,6 +40,7 @@ class RankReport:
     memory_total_bytes: int | None = None
     memory_budget_bytes: int | None = None
     kv_tokens_memory_allows: int | None = None
+    kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype: fp8 halves kv_bytes_per_token against bf16
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,4 +76,5 @@ def rank_report(rank: int, runner: Any) -> RankReport:
     return RankReport(rank=rank, stage=runner.groups.stage.index, device=str(device), peak_memory_bytes=peak,
                       peak_memory_kind=kind, weight_bytes=int(weights), kv_tokens=int(kv_tokens),
                       kv_bytes=int(kv_tokens * per_token), kv_bytes_per_token=int(per_token),
-                      memory_total_bytes=total, memory_budget_bytes=budget, kv_tokens_memory_allows=allows)
+                      memory_total_bytes=total, memory_budget_bytes=budget, kv_tokens_memory_allows=allows,
+                      kv_cache_dtype=runner.engine.kv_cache_dtype)

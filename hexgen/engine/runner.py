@@ -12,8 +12,9 @@ from hexgen.engine.emulation import memory_cap
 from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
 from hexgen.engine.plan import StepPlan
 from hexgen.engine.scheduler import max_step_batch
+from hexgen.engine.threads import CpuThreads
 from hexgen.errors import ConfigError
-from hexgen.model import cpu_layout, gemv
+from hexgen.model import cpu_layout, gemv, kv_quant
 from hexgen.model.attention import build_meta, decode_meta
 from hexgen.model.kernels import resolve
 from hexgen.model.loader import build_stage, init_random, load_stage
@@ -64,6 +65,7 @@ class StageRunner:
         self.max_len = engine.max_model_len or self.cfg.max_position_embeddings
         self.rotary = RotaryCache(self.cfg, self.max_len, self.device)
         self.n_kv_local = self.model.layers[0].attn.n_kv
+        self.kv_dtype = kv_quant.FP8 if engine.kv_cache_dtype == "fp8" else self.dtype
         # TP > 1: decode-sized all-reduces take the symmetric-memory one-shot kernel (bf16/fp32), which
         # captures into the decode graphs with no NCCL work inside them. NCCL all-reduces captured in a
         # graph hung on two H100s, so without the one-shot kernel TP > 1 stays eager.
@@ -81,21 +83,27 @@ class StageRunner:
         self.blocks_fit = self._blocks_that_fit() - spare  # this rank alone; every rank keeps the smallest
         self.num_blocks = groups.world_min(self.blocks_fit)
         self.kv = allocate_cache(stage.num_layers, self.num_blocks + spare, engine.block_size, self.n_kv_local,
-                                 self.cfg.head_dim, self.dtype, self.device)
+                                 self.cfg.head_dim, self.kv_dtype, self.device)
+        # fp8: [layers, 2, n_kv_local] scales, fixed by the first eager step that writes (hexgen.model.kv_quant)
+        self.kv_scales = (kv_quant.allocate_scales(stage.num_layers, self.n_kv_local, self.device)
+                          if self.kv_dtype == kv_quant.FP8 else None)
+        self._kv_written = False
         self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,
                                    self.device, engine.block_size, self.step_batch, self.max_len,
                                    scratch_block=self.num_blocks, kernels=self.kernels) if use_graphs else None
         if self.graphs is not None:
             self.graphs.capture_all()
         self._graph_logits: tuple[int, torch.Tensor] | None = None  # (step id, logits) of the last graph step
-        log.info("stage %d: %d KV blocks (%d tokens)", stage.index, self.num_blocks,
-                 self.num_blocks * engine.block_size)
+        self.cpu_threads: CpuThreads | None = None  # CPU ranks: set by run_rank
+        log.info("stage %d: %d KV blocks (%d tokens, %s cache, %d bytes per token)", stage.index,
+                 self.num_blocks, self.num_blocks * engine.block_size, engine.kv_cache_dtype,
+                 kv_bytes_per_block(self.cfg, stage, self.n_kv_local, 1, self.kv_dtype))
 
     def _blocks_that_fit(self) -> int:
         e = self.engine
         if e.num_kv_blocks:
             return e.num_kv_blocks
-        per_block = kv_bytes_per_block(self.cfg, self.groups.stage, self.n_kv_local, e.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.cfg, self.groups.stage, self.n_kv_local, e.block_size, self.kv_dtype)
         if self.device.type != "cuda":
             return max(1, e.cpu_kv_tokens // e.block_size)
         torch.cuda.synchronize(self.device)
@@ -130,6 +138,8 @@ class StageRunner:
         Decode steps go through the captured graphs when ``cuda_graphs`` is on; everything else (and
         decode steps no bucket covers) takes the reference path below."""
         self._graph_logits = None
+        if self.cpu_threads is not None:
+            self.cpu_threads.apply()  # the host's rank count may have changed (hexgen.engine.threads)
         if self.graphs is not None:
             outs = self.graphs.run(plan, x)
             if outs is not None:
@@ -141,7 +151,10 @@ class StageRunner:
                           self.device, kernel=k.decode_kernel, prefill_kernel=k.prefill_kernel,
                           group_rows=k.decode_groups)
         cos, sin = self.rotary.lookup(meta.positions, self.dtype)
-        return self.model(x, cos, sin, self.kv, meta)
+        if self.kv_scales is not None and not self._kv_written:
+            meta.calibrate_kv = True  # fp8: this step's writes fix the cache's scales
+            self._kv_written = plan.num_tokens > 0
+        return self.model(x, cos, sin, self.kv, meta, self.kv_scales)
 
     def _decode_forward(self, x: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor
                         ) -> tuple[torch.Tensor, ...]:
@@ -151,7 +164,7 @@ class StageRunner:
         with torch.inference_mode():
             meta = decode_meta(block_tables, ctx_lens, self.engine.block_size, kernel=self.kernels.decode_kernel)
             cos, sin = self.rotary.lookup(ctx_lens - 1, self.dtype)
-            hidden = self.model(x, cos, sin, self.kv, meta)
+            hidden = self.model(x, cos, sin, self.kv, meta, self.kv_scales)  # fp8: scales fixed by eager steps
             if self.model.lm_head is None:
                 return (hidden,)
             return hidden, self.model.logits(hidden)

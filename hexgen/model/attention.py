@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hexgen.model import paged_decode
+from hexgen.model import kv_quant, paged_decode
 from hexgen.model.staging import upload
 
 
@@ -67,6 +67,9 @@ class AttnMeta:
     block_size: int = 0
     prefills: list[PrefillSeq] = field(default_factory=list)
     prefill_batch: PrefillBatch | None = None
+    # fp8 caches: this step's writes fix the still-unset scales (``kv_quant.update_scales``). The runner sets
+    # it on eager steps until its cache has seen a write; graph-captured steps leave it off.
+    calibrate_kv: bool = False
 
     @property
     def has_decode(self) -> bool:
@@ -246,24 +249,31 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttnMeta, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttnMeta, scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [tokens, n_q, d]; k, v: [tokens, n_kv, d]; caches [slots, n_kv, d]. Returns [tokens, n_q, d].
 
     k and v None: the caller wrote them to the cache already (``fused.rotary_kv_write``); then every
-    prefill must take the Triton prefill kernel, which reads its context from the cache."""
+    prefill must take the Triton prefill kernel, which reads its context from the cache. An fp8 cache
+    (``hexgen.model.kv_quant``) comes with its scales, k_scale and v_scale [n_kv]: writes quantize, and every
+    read, the new tokens' own K/V included, sees the values as the cache holds them."""
+    fp8 = kv_quant.is_fp8(k_cache)
     if k is not None:
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        kv_quant.write(k_cache, meta.slot_mapping, k, k_scale)
+        kv_quant.write(v_cache, meta.slot_mapping, v, v_scale)
     if meta.has_decode and meta.decode_rows is None:
-        return _decode_batch(q, k_cache, v_cache, meta, scale)
+        return _decode_batch(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     out = torch.empty_like(q)
     if meta.has_decode:
         rows = meta.decode_rows
-        out.index_copy_(0, rows, _decode_batch(q.index_select(0, rows), k_cache, v_cache, meta, scale))
+        out.index_copy_(0, rows, _decode_batch(q.index_select(0, rows), k_cache, v_cache, meta, scale, k_scale,
+                                               v_scale))
     if meta.prefill_batch is not None:
         b = meta.prefill_batch
         paged_decode.paged_prefill(q, k_cache, v_cache, out, b.tables, b.q_starts, b.q_lens, b.ctx_lens,
-                                   b.tile_seq, b.tile_m, scale, meta.block_size)
+                                   b.tile_seq, b.tile_m, scale, meta.block_size, k_scale, v_scale)
+    if meta.prefills and fp8:  # what the cache holds, as the kernels read it
+        k, v = kv_quant.round_trip(k, k_scale), kv_quant.round_trip(v, v_scale)
     for p in meta.prefills:
         qs, ql, cl = p.q_start, p.q_len, p.ctx_len
         qb = q[qs:qs + ql].transpose(0, 1)[None]  # [1, n_q, q_len, d]
@@ -272,8 +282,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
             vb = v[qs:qs + ql].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kb = k_cache[p.ctx_slots].transpose(0, 1)[None]  # [1, n_kv, ctx_len, d]
-            vb = v_cache[p.ctx_slots].transpose(0, 1)[None]
+            kb = _read(k_cache, p.ctx_slots, k_scale, q.dtype).transpose(0, 1)[None]  # [1, n_kv, ctx_len, d]
+            vb = _read(v_cache, p.ctx_slots, v_scale, q.dtype).transpose(0, 1)[None]
             qpos = torch.arange(cl - ql, cl, device=q.device)[:, None]  # [q_len, 1]
             mask = torch.arange(cl, device=q.device)[None, :] <= qpos  # [q_len, ctx_len]
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -281,34 +291,44 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
     return out
 
 
+def _read(cache: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+          ) -> torch.Tensor:
+    """cache[slots] in ``dtype`` (slots of any shape; result [*slots.shape, n_kv, d]), dequantized when fp8."""
+    x = cache[slots]
+    return kv_quant.dequantize(x, scale, dtype) if kv_quant.is_fp8(cache) else x
+
+
 def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-                  scale: float) -> torch.Tensor:
+                  scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     """q: [n_dec, n_q, d], one query token per decode row. Returns [n_dec, n_q, d]."""
     if meta.decode_tables is not None:
         return paged_decode.paged_decode(q, k_cache, v_cache, meta.decode_tables, meta.decode_ctx, scale,
-                                         meta.block_size)
-    return _decode(q, k_cache, v_cache, meta, scale)
+                                         meta.block_size, k_scale=k_scale, v_scale=v_scale)
+    return _decode(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-            scale: float) -> torch.Tensor:
+            scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: batched single-token decode over padded contexts gathered from the cache; with
     ``decode_groups``, one call per group of rows over the group's own width."""
+    scales = (k_scale, v_scale)
     if not meta.decode_groups:
-        return _decode_padded(q, k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale)
+        return _decode_padded(q, k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale, *scales)
     out = torch.empty_like(q)
     for rows, width in meta.decode_groups:
         slots = meta.decode_slots[:, :width].index_select(0, rows)  # [n_g, width]
         mask = meta.decode_mask[..., :width].index_select(0, rows)  # [n_g, 1, 1, width]
-        out.index_copy_(0, rows, _decode_padded(q.index_select(0, rows), k_cache, v_cache, slots, mask, scale))
+        out.index_copy_(0, rows, _decode_padded(q.index_select(0, rows), k_cache, v_cache, slots, mask, scale,
+                                                *scales))
     return out
 
 
 def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                   mask: torch.Tensor, scale: float) -> torch.Tensor:
+                   mask: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [batch, n_q, d]; slots [batch, width] (padded), mask [batch, 1, 1, width]. Returns [batch, n_q, d]."""
-    kb = k_cache[slots].transpose(1, 2)  # [batch, n_kv, width, d]
-    vb = v_cache[slots].transpose(1, 2)
+    kb = _read(k_cache, slots, k_scale, q.dtype).transpose(1, 2)  # [batch, n_kv, width, d]
+    vb = _read(v_cache, slots, v_scale, q.dtype).transpose(1, 2)
     qb = q[:, :, None, :]  # [batch, n_q, 1, d]
     o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
     return o[:, :, 0, :]  # [batch, n_q, d]

@@ -54,35 +54,44 @@ def add_rms_norm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor
 
 
 def rotary_kv_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int, n_kv: int) -> torch.Tensor:
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int, n_kv: int,
+                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    from hexgen.model import kv_quant
     from hexgen.model.rope import apply_rotary
 
     t, d = qkv.shape[0], k_cache.shape[-1]
     q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
     q, k = apply_rotary(q.view(t, n_q, d), k.view(t, n_kv, d), cos, sin)
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v.view(t, n_kv, d))
+    kv_quant.write(k_cache, slots, k, k_scale)
+    kv_quant.write(v_cache, slots, v.view(t, n_kv, d), v_scale)
     return q
 
 
 def rotary_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int, n_kv: int) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int, n_kv: int,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [tokens, (n_q + 2 n_kv) * d] (q heads, k heads, v heads); cos, sin: [tokens, 1, d] in qkv's
     dtype; slots: [tokens] cache slot of each token; caches [slots, n_kv, d]. Writes rotated k and v to the
-    caches; returns rotated q [tokens, n_q, d]."""
+    caches (fp8 caches: quantized with k_scale, v_scale [n_kv], as ``kv_quant.write``); returns rotated q
+    [tokens, n_q, d]."""
     from hexgen.model import fused_kernels as kern
+    from hexgen.model.kv_quant import FP8
 
     t, d = qkv.shape[0], k_cache.shape[-1]
     if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("rotary_kv_write: last dimensions must be contiguous")
+    fp8 = k_cache.dtype == FP8
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("rotary_kv_write: an fp8 cache needs k_scale and v_scale")
     q = torch.empty(t, n_q, d, dtype=qkv.dtype, device=qkv.device)
     if t == 0:
         return q
     cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)  # [tokens, d]
+    ks, vs = (k_scale, v_scale) if fp8 else (slots, slots)  # unread without FP8
     kern.rotary_kv_write[(t, n_q + n_kv)](
-        qkv, cos2, sin2, slots, q, k_cache, v_cache, qkv.stride(0), cos2.stride(0), q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        N_Q=n_q, N_KV=n_kv, HALF=d // 2, BLOCK_H=_pow2(d // 2), num_warps=1, **pdl.launch(qkv))
+        qkv, cos2, sin2, slots, q, k_cache, v_cache, ks, vs, qkv.stride(0), cos2.stride(0), q.stride(0),
+        q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        N_Q=n_q, N_KV=n_kv, HALF=d // 2, BLOCK_H=_pow2(d // 2), FP8=fp8, num_warps=1, **pdl.launch(qkv))
     return q
 
 

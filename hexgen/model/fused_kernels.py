@@ -34,12 +34,13 @@ def add_rms_norm(X, Res, W, Out, ResOut, eps, n_cols, stride_x, stride_r, stride
 
 
 @triton.jit
-def rotary_kv_write(QKV, Cos, Sin, Slots, QOut, KCache, VCache, stride_t, stride_c, stride_qt, stride_qh,
-                    stride_ks, stride_kh, stride_vs, stride_vh,
+def rotary_kv_write(QKV, Cos, Sin, Slots, QOut, KCache, VCache, KScale, VScale, stride_t, stride_c, stride_qt,
+                    stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                     N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                    PDL: tl.constexpr):
+                    FP8: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, head of q or k): rotate-half rotary on the head; q heads go to QOut, k heads
-    (and the v head of the same index) to the cache slot of the token."""
+    (and the v head of the same index) to the cache slot of the token. FP8: k and v are stored as
+    e4m3(clamp(x / scale, ±448)), the scale of their KV head (``hexgen.model.kv_quant.quantize``)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
@@ -70,12 +71,31 @@ def rotary_kv_write(QKV, Cos, Sin, Slots, QOut, KCache, VCache, stride_t, stride
         kvh = h - N_Q
         slot = tl.load(Slots + t).to(tl.int64)
         k = KCache + slot * stride_ks + kvh * stride_kh
-        tl.store(k + offs, o1, mask=ok)
-        tl.store(k + HALF + offs, o2, mask=ok)
         vsrc = QKV + t * stride_t + (N_Q + N_KV + kvh) * (2 * HALF)
         v = VCache + slot * stride_vs + kvh * stride_vh
-        tl.store(v + offs, tl.load(vsrc + offs, mask=ok, other=0.0), mask=ok)
-        tl.store(v + HALF + offs, tl.load(vsrc + HALF + offs, mask=ok, other=0.0), mask=ok)
+        v1 = tl.load(vsrc + offs, mask=ok, other=0.0)
+        v2 = tl.load(vsrc + HALF + offs, mask=ok, other=0.0)
+        if FP8:  # a runtime branch may not change a variable's type: new names
+            ks = tl.load(KScale + kvh)
+            vs = tl.load(VScale + kvh)
+            ks = tl.where(ks > 0, ks, 1.0)  # unset: nothing non-zero written yet
+            vs = tl.where(vs > 0, vs, 1.0)
+            tl.store(k + offs, _fp8(o1, ks, KCache.dtype.element_ty), mask=ok)
+            tl.store(k + HALF + offs, _fp8(o2, ks, KCache.dtype.element_ty), mask=ok)
+            tl.store(v + offs, _fp8(v1, vs, VCache.dtype.element_ty), mask=ok)
+            tl.store(v + HALF + offs, _fp8(v2, vs, VCache.dtype.element_ty), mask=ok)
+        else:
+            tl.store(k + offs, o1, mask=ok)
+            tl.store(k + HALF + offs, o2, mask=ok)
+            tl.store(v + offs, v1, mask=ok)
+            tl.store(v + HALF + offs, v2, mask=ok)
+
+
+@triton.jit
+def _fp8(x, scale, dtype: tl.constexpr):
+    """e4m3(clamp(x / scale, ±448)), as ``kv_quant.quantize`` (float32 division, round to nearest even)."""
+    y = x.to(tl.float32) / scale
+    return tl.minimum(tl.maximum(y, -448.0), 448.0).to(dtype)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hexgen.config import KernelConfig, ModelConfig, StageSpec
-from hexgen.model import fused
+from hexgen.model import fused, kv_quant
 from hexgen.model.attention import AttnMeta, paged_attention
 from hexgen.model.rope import apply_rotary
 from hexgen.parallel.groups import TPContext
@@ -56,21 +56,33 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttnMeta,
+                kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        """kv_scales: [2, n_kv] (k, v) with an fp8 cache (``hexgen.model.kv_quant``), else None."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [tokens, (n_q + 2 n_kv) * d]
-        if self.through_cache:
-            q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv)
-            o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)  # [tokens, n_q, d]
+        ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
+        if self.through_cache:  # every attention read goes through the cache
+            if kv_scales is not None and meta.calibrate_kv:  # before rotary: K's scale is the same either side
+                kv_quant.update_scales(ks, vs, *self._kv_heads(qkv))
+            q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv,
+                                      ks, vs)
+            o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale, ks, vs)  # [tokens, n_q, d]
             return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
-        q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim,
-                             self.n_kv * self.head_dim], dim=-1)
-        q = q.view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
-        k = k.view(t, self.n_kv, self.head_dim)  # [tokens, n_kv, d]
-        v = v.view(t, self.n_kv, self.head_dim)
+        q = qkv[:, :self.n_q * self.head_dim].view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
+        k, v = self._kv_heads(qkv)  # [tokens, n_kv, d] each
+        if kv_scales is not None and meta.calibrate_kv:
+            kv_quant.update_scales(ks, vs, k, v)
         q, k = apply_rotary(q, k, cos, sin)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [tokens, n_q, d]
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ks, vs)  # [tokens, n_q, d]
         return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
+
+    def _kv_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [tokens, n_kv, d] views of the fused projection's output."""
+        t, n = qkv.shape[0], self.n_q * self.head_dim
+        w = self.n_kv * self.head_dim
+        return (qkv[:, n:n + w].view(t, self.n_kv, self.head_dim),
+                qkv[:, n + w:n + 2 * w].view(t, self.n_kv, self.head_dim))
 
 
 class MLP(nn.Module):
@@ -103,12 +115,13 @@ class DecoderLayer(nn.Module):
         self.attn.through_cache = kernels.fused and kernels.prefill_kernel
 
     def forward(self, x: torch.Tensor, res: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
+                kv_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream form: the layer's input hidden is x + res (res None: x). Returns (mlp output,
         residual), whose sum is its output hidden, so the next layer's norm can fuse the add."""
         fast = self.fast
         h, res = self.input_norm.add_forward(x, res, fast)  # [tokens, hidden] x2
-        h, res = self.post_norm.add_forward(self.attn(h, cos, sin, k_cache, v_cache, meta), res, fast)
+        h, res = self.post_norm.add_forward(self.attn(h, cos, sin, k_cache, v_cache, meta, kv_scales), res, fast)
         return self.mlp(h), res
 
 
@@ -140,14 +153,16 @@ class LlamaStage(nn.Module):
             self.norm.fast = kernels.fused
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttnMeta) -> torch.Tensor:
+                meta: AttnMeta, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids [tokens] on the first stage, else hidden states [tokens, hidden].
-        kv_cache: [layers, 2, slots, n_kv_local, d]. Returns hidden states [tokens, hidden]."""
+        kv_cache: [layers, 2, slots, n_kv_local, d]; kv_scales: [layers, 2, n_kv_local] with an fp8 cache
+        (``hexgen.model.kv_quant``), else None. Returns hidden states [tokens, hidden]."""
         if self.embed is not None:
             x = self.embed(x)  # [tokens, hidden]
         res = None
         for i, layer in enumerate(self.layers):
-            x, res = layer(x, res, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+            x, res = layer(x, res, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta,
+                           None if kv_scales is None else kv_scales[i])
         return x if res is None else x + res
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

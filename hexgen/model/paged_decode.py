@@ -18,6 +18,7 @@ import os
 import torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8 = torch.float8_e4m3fn  # an fp8 cache (hexgen.model.kv_quant) comes with per-KV-head scales
 _LOG2E = 1.4426950408889634  # the kernels take the softmax scale times log2(e) and work in base 2
 
 
@@ -63,13 +64,18 @@ def _dot_mode(dtype: torch.dtype) -> tuple[bool, bool]:
     return dot_f32, dtype == torch.float32 or dot_f32
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, what: str) -> torch.Tensor:
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, what: str,
+           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     n_q, n_kv = q.shape[1], k_cache.shape[1]
     if n_q % n_kv:
         raise ValueError(f"{what}: n_q ({n_q}) must be a multiple of n_kv ({n_kv})")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    fp8 = k_cache.dtype == FP8
+    if q.dtype not in _DTYPES or v_cache.dtype != k_cache.dtype or (k_cache.dtype != q.dtype and not fp8):
         raise ValueError(f"{what}: q/k/v dtypes {q.dtype}/{k_cache.dtype}/{v_cache.dtype}; "
-                         f"expected one of {_DTYPES}, all equal")
+                         f"expected one of {_DTYPES}, all equal, or caches of {FP8}")
+    if fp8 and (k_scale is None or v_scale is None or k_scale.shape != (n_kv,) or v_scale.shape != (n_kv,)
+                or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32):
+        raise ValueError(f"{what}: an fp8 cache needs float32 k_scale and v_scale of shape [{n_kv}]")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{what}: the caches' last dimension must be contiguous")
     return q if q.stride(-1) == 1 else q.contiguous()
@@ -82,20 +88,24 @@ def _next_pow2(n: int) -> int:
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  ctx_lens: torch.Tensor, scale: float, block_size: int, splits: int | None = None,
                  block_n: int | None = None, num_warps: int = 2, num_stages: int = 2,
-                 head_major: bool = True) -> torch.Tensor:
+                 head_major: bool = True, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q: [batch, n_q, d]; k_cache, v_cache: [slots, n_kv, d] (slot = block * block_size + offset);
     block_tables: [batch, max_blocks] int32/int64, rows padded with any valid block; ctx_lens: [batch]
     int32/int64, tokens of context (the query's own K/V already written). Keys at positions ≥ ctx_len are
-    ignored. Returns [batch, n_q, d] in q's dtype. ``splits`` (split-K partitions) and ``block_n`` (tokens
+    ignored. Returns [batch, n_q, d] in q's dtype. fp8 caches (``hexgen.model.kv_quant``): k_scale, v_scale
+    [n_kv] float32, the dequantization scale of each KV head. ``splits`` (split-K partitions) and ``block_n`` (tokens
     per tile) default to heuristics. ``num_warps``, ``num_stages`` and ``head_major`` (grid order: the KV
     heads of one sequence launched together, rather than one head of many sequences) are launch settings;
     the defaults (64-token tiles, 2 warps, 2 stages, head-major) are the fastest or within 2% of it at every
     shape of ``scripts/bench_paged_decode.py --sweep`` on an H200, at batch 1 and at throughput shapes
     (figures in docs/benchmarks.md).
     """
-    q = _check(q, k_cache, v_cache, "paged_decode")
+    q = _check(q, k_cache, v_cache, "paged_decode", k_scale, v_scale)
+    fp8 = k_cache.dtype == FP8
+    ks, vs = (k_scale, v_scale) if fp8 else (ctx_lens, ctx_lens)  # unread without FP8
     batch, n_q, d = q.shape
     n_kv = k_cache.shape[1]
     group = n_q // n_kv
@@ -116,19 +126,20 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     from hexgen.model import pdl
 
     common = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BS=block_size, BLOCK_N=block_n,
-                  SPLIT=splits > 1, IEEE=ieee, DOT_F32=dot_f32, HEAD_MAJOR=head_major, num_warps=num_warps,
+                  SPLIT=splits > 1, IEEE=ieee, DOT_F32=dot_f32, HEAD_MAJOR=head_major, FP8=fp8,
+                  num_warps=num_warps,
                   num_stages=num_stages, **pdl.launch(q))
     grid = (n_kv, batch, splits) if head_major else (batch, n_kv, splits)
     if splits == 1:
         kern.decode_stage1[grid](
-            q, k_cache, v_cache, block_tables, ctx_lens, out, out, qk_scale, 1,
+            q, k_cache, v_cache, ks, vs, block_tables, ctx_lens, out, out, qk_scale, 1,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             block_tables.stride(0), out.stride(0), out.stride(1), 0, 0, 0, **common)
         return out
     mid = torch.empty(batch, n_q, splits, d, dtype=torch.float32, device=q.device)  # partial outputs
     lse = torch.empty(batch, n_q, splits, dtype=torch.float32, device=q.device)
     kern.decode_stage1[grid](
-        q, k_cache, v_cache, block_tables, ctx_lens, mid, lse, qk_scale, splits,
+        q, k_cache, v_cache, ks, vs, block_tables, ctx_lens, mid, lse, qk_scale, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_tables.stride(0), mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
         **common)
@@ -144,16 +155,20 @@ PREFILL_BLOCK_M = 64  # query tokens per program of the prefill kernel (``build_
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                   tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor,
-                  tile_seq: torch.Tensor, tile_m: torch.Tensor, scale: float, block_size: int) -> None:
+                  tile_seq: torch.Tensor, tile_m: torch.Tensor, scale: float, block_size: int,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Causal attention of prefill chunks over their paged contexts, written into ``out``'s rows.
 
     q, out: [tokens, n_q, d], the step's ragged queries; caches [slots, n_kv, d] already hold this step's
     K/V. Per prefill sequence: tables [n_pre, max_blocks], q_starts [n_pre] (its first token in q), q_lens
     [n_pre], ctx_lens [n_pre] (context after this step). Per query tile of PREFILL_BLOCK_M tokens:
     tile_seq [n_tiles] (its sequence) and tile_m [n_tiles] (its index within the sequence). Rows of ``out``
-    that belong to no prefill sequence are left as they are.
+    that belong to no prefill sequence are left as they are. fp8 caches: k_scale, v_scale as in
+    ``paged_decode``.
     """
-    q = _check(q, k_cache, v_cache, "paged_prefill")
+    q = _check(q, k_cache, v_cache, "paged_prefill", k_scale, v_scale)
+    fp8 = k_cache.dtype == FP8
+    ks, vs = (k_scale, v_scale) if fp8 else (ctx_lens, ctx_lens)
     n_tiles = tile_seq.shape[0]
     if n_tiles == 0:
         return
@@ -163,8 +178,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_d = max(16, _next_pow2(d))
     dot_f32, ieee = _dot_mode(q.dtype)
     kern.prefill_fwd[(n_tiles, n_q)](
-        q, k_cache, v_cache, out, tables, q_starts, q_lens, ctx_lens, tile_seq, tile_m, scale * _LOG2E,
+        q, k_cache, v_cache, ks, vs, out, tables, q_starts, q_lens, ctx_lens, tile_seq, tile_m, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         tables.stride(0), out.stride(0), out.stride(1),
         GROUP=n_q // k_cache.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BS=block_size, BLOCK_M=PREFILL_BLOCK_M,
-        BLOCK_N=64, IEEE=ieee, DOT_F32=dot_f32, num_warps=4, num_stages=2)
+        BLOCK_N=64, IEEE=ieee, DOT_F32=dot_f32, FP8=fp8, num_warps=4, num_stages=2)

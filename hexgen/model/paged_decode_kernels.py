@@ -7,7 +7,9 @@ tokens at a time: each token's block number comes from the block table, K and V 
 from the paged cache (slot = block * BS + offset), and an online softmax accumulates in fp32. With one
 split (SPLIT false) it writes the output; with several it writes a partial output and its log-sum-exp
 (base 2), and stage 2 merges the splits. The split count is a runtime argument, so one compiled variant
-serves every count; only SPLIT and stage 2's BLOCK_S (a power of two ≥ the count) are compile-time.
+serves every count; only SPLIT and stage 2's BLOCK_S (a power of two ≥ the count) are compile-time. With FP8,
+K and V are e4m3 (``hexgen.model.kv_quant``): each tile is converted to q's dtype (exactly), K's per-head
+scale joins the softmax scale and V's multiplies the output.
 """
 from __future__ import annotations
 
@@ -18,13 +20,15 @@ import triton.language as tl
 # The block table's width (stride_tb) and the split count vary from step to step in eager steps: Triton does
 # not specialize on them (divisibility by 16, == 1), so that no serving step waits for it to compile another
 # variant (a compile takes about half a second, far longer than a step).
+# Both attention kernels branch on compile-time flags (dtype paths, FP8, splits): one body per variant rather
+# than copies, hence their complexity (noqa: C901).
 @triton.jit(do_not_specialize=["stride_tb", "num_splits"])
-def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
+def decode_stage1(Q, K, V, KScale, VScale, Tables, Ctx, Out, Lse, qk_scale, num_splits,  # noqa: C901
                   stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                  DOT_F32: tl.constexpr, HEAD_MAJOR: tl.constexpr, PDL: tl.constexpr):
+                  DOT_F32: tl.constexpr, HEAD_MAJOR: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # launched early (hexgen.model.pdl): everything it reads, another kernel writes
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -47,6 +51,9 @@ def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     if DOT_F32:
         q = q.to(tl.float32)
+    if FP8:  # fp8 K/V: K's scale joins the softmax scale, V's multiplies the output
+        qk_scale = qk_scale * tl.load(KScale + kvh)
+        v_scale = tl.load(VScale + kvh)
 
     # this split's token range, rounded to whole tiles
     per_split = ((ctx + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -68,6 +75,8 @@ def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
         k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         if DOT_F32:  # Triton's interpreter multiplies bf16 as raw integers: upcast there
             k = k.to(tl.float32)
+        elif FP8:  # e4m3 values are exact in q's dtype
+            k = k.to(q.dtype)
         if IEEE:  # fp32 inputs: full-precision products, not TF32
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -81,6 +90,8 @@ def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
         v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         if DOT_F32:
             v = v.to(tl.float32)
+        elif FP8:
+            v = v.to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -90,6 +101,8 @@ def decode_stage1(Q, K, V, Tables, Ctx, Out, Lse, qk_scale, num_splits,
 
     l_safe = tl.where(l_sum > 0, l_sum, 1.0)
     o = acc / l_safe[:, None]
+    if FP8:
+        o = o * v_scale
     out_ptr = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(out_ptr, o.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     if SPLIT:
@@ -122,10 +135,11 @@ def decode_stage2(Mid, Lse, Out, num_splits, stride_mb, stride_mh, stride_ms, st
 
 
 @triton.jit(do_not_specialize=["stride_tb"])
-def prefill_fwd(Q, K, V, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM, qk_scale,
+def prefill_fwd(Q, K, V, KScale, VScale, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM, qk_scale,  # noqa: C901
                 stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ot, stride_oh,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+                FP8: tl.constexpr):
     """Causal attention of a ragged batch of prefill chunks over their paged contexts (this step's K/V
     already written). One program per (query tile of BLOCK_M tokens of one sequence, query head)."""
     tile = tl.program_id(0)
@@ -149,6 +163,9 @@ def prefill_fwd(Q, K, V, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM
         q = q.to(tl.float32)
 
     kvh = h // GROUP
+    if FP8:  # as in decode_stage1
+        qk_scale = qk_scale * tl.load(KScale + kvh)
+        v_scale = tl.load(VScale + kvh)
     end = tl.minimum(ctx, ctx - q_len + (mt + 1) * BLOCK_M)  # keys this tile can see
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -165,6 +182,8 @@ def prefill_fwd(Q, K, V, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM
         k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         if DOT_F32:
             k = k.to(tl.float32)
+        elif FP8:
+            k = k.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -178,6 +197,8 @@ def prefill_fwd(Q, K, V, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM
         v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0)
         if DOT_F32:
             v = v.to(tl.float32)
+        elif FP8:
+            v = v.to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -186,5 +207,7 @@ def prefill_fwd(Q, K, V, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM
         m = m_new
 
     o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    if FP8:
+        o = o * v_scale
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], o.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])

@@ -50,7 +50,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio
 
-from hexgen.config import PRESETS, KernelConfig, Layout, normalize_dtype
+from hexgen.config import PRESETS, KernelConfig, Layout, check_kv_cache_dtype, normalize_dtype
 from hexgen.errors import ConfigError
 from hexgen.wire import keys as C
 
@@ -278,6 +278,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     kernels: KernelConfig = KernelConfig()  # the workers' kernel choices ([kernels]; --kernel overrides)
     trace_timing: bool = False  # latency stamps along the serving path (hexgen.wire.trace; $HEXGEN_TRACE_TIMING=1)
+    kv_cache_dtype: str = "auto"  # the workers' KV cache: auto (the model dtype) or fp8 (EngineConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -285,6 +286,7 @@ class Settings:
             raise ConfigError(f"trace_timing: {self.trace_timing!r} must be true or false")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         object.__setattr__(self, "pipelines", tuple(self.pipelines))
         ids = [p.id for p in self.pipelines]
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -305,7 +307,8 @@ class Settings:
 
 _SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings,
                               "http": HttpSettings}
-_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device", "kernels", "trace_timing")
+_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device", "kv_cache_dtype", "kernels",
+             "trace_timing")
 
 
 def _build(cls: type, key: str, table: Any) -> Any:
@@ -337,7 +340,7 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
         if not isinstance(data["kernels"], dict):
             raise ConfigError("kernels: must be a table ([kernels])")
         kw["kernels"] = KernelConfig.from_dict(data["kernels"])
-    for k in ("dtype", "device", "trace_timing"):
+    for k in ("dtype", "device", "kv_cache_dtype", "trace_timing"):
         if k in data:
             kw[k] = data[k]
     return Settings(**kw)
