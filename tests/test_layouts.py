@@ -15,11 +15,25 @@ import pytest
 
 from hexgen.config import EngineConfig, Layout, ModelConfig
 from hexgen.engine.offline import run_offline
+from hexgen.engine.report import RankReport
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
-from tests.models import (LENGTHS, N_NEW, Case, build_llama, check_against_hf, gqa_case, hf_greedy,
-                          llama3_tied_sharded_case, llama_config, mha_case, mqa_case, printable_only, set_eos,
-                          smol_case)
+from tests.models import (
+    LENGTHS,
+    N_NEW,
+    Case,
+    build_llama,
+    check_against_hf,
+    gqa_case,
+    hf_greedy,
+    llama3_tied_sharded_case,
+    llama_config,
+    mha_case,
+    mqa_case,
+    printable_only,
+    set_eos,
+    smol_case,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +60,11 @@ def llama3_tied_sharded(tmp_path_factory) -> Case:
     return llama3_tied_sharded_case(str(tmp_path_factory.mktemp("llama3")))
 
 
-def run(case: Case, hetero: tuple[int, ...], part: tuple[int, ...], **engine_kw) -> dict:
+def run(case: Case, hetero: tuple[int, ...], part: tuple[int, ...], on_report=None, **engine_kw) -> dict:
     layout = Layout.build(case.cfg, hetero, part)
     engine = EngineConfig(**{"collect_logits": True, "cpu_kv_tokens": 2048,
                              "max_num_batched_tokens": BUDGET, **engine_kw})
-    return run_offline(layout, ModelSpec(model_dir=case.model_dir), engine, case.requests)
+    return run_offline(layout, ModelSpec(model_dir=case.model_dir), engine, case.requests, on_report=on_report)
 
 
 @pytest.mark.parametrize(("fixture", "hetero", "part", "engine_kw"), [
@@ -67,11 +81,14 @@ def test_layout_matches_hugging_face(request, fixture, hetero, part, engine_kw):
     check_against_hf(results, case.requests, case.hf, case.reference)
 
 
-def test_tiny_kv_cache_preempts_and_stays_token_identical(gqa, capfd):
+def test_tiny_kv_cache_preempts_and_stays_token_identical(gqa):
     """12 blocks of 8 tokens hold at most two of the four sequences: the rest are preempted and recomputed."""
-    results = run(gqa, (2, 1), (3, 2), num_kv_blocks=12, block_size=8, log_level="INFO")
-    err = capfd.readouterr().err
-    assert "preempting request" in err, "the KV cache was not small enough to force a preemption"
+    reports: list[RankReport] = []
+    results = run(gqa, (2, 1), (3, 2), on_report=reports.append, num_kv_blocks=12, block_size=8)
+    by_rank = {r.rank: r for r in reports}
+    assert sorted(by_rank) == [0, 1, 2]
+    assert (by_rank[0].preemptions or 0) > 0, "the KV cache was not small enough to force a preemption"
+    assert by_rank[1].preemptions is None and by_rank[2].preemptions is None  # only the scheduler counts
     check_against_hf(results, gqa.requests, gqa.hf, gqa.reference)
 
 

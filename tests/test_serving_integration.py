@@ -174,14 +174,20 @@ async def test_result_streams_expire(dep, client):
         r.close()
 
 
+async def _collect(it) -> list:
+    return [ev async for ev in it]
+
+
 async def test_sigterm_on_any_stage_drains_the_pipeline(dep, client):
-    """Last test of the module: it shuts the pipeline down."""
+    """Last test of the module: it shuts the pipeline down. The client keeps reading while the worker drains:
+    the results expire RESULT_TTL_S after the last post, sooner than a loaded machine takes to stop a worker."""
     s = client.stream("hello world", max_new_tokens=60, ignore_eos=True)
     it = s.__aiter__()
     await it.__anext__()  # the request is in flight
     t0 = time.monotonic()
+    reading = asyncio.ensure_future(_collect(it))
     code = await asyncio.to_thread(dep.terminate, "worker-p0-1", 60)
-    rest = [ev async for ev in it]
+    rest = await reading
     assert code == 0
     assert s.done is not None and s.done.completion_tokens == 60 and len(rest) == 59
     assert await asyncio.to_thread(dep.procs["worker-p0-0"].wait, 30) == 0

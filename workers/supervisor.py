@@ -96,7 +96,9 @@ class Worker:
                 self.kill_ranks()
                 return EXIT_FAILED
             self._wait(0.2)
-        return EXIT_OK if all(p.exitcode == 0 for p in self.procs) else EXIT_FAILED
+        codes = [p.exitcode for p in self.procs]
+        log.info("pipeline %s: ranks %s exited with %s; exiting", self.opts.pipeline_id, self.stage.ranks, codes)
+        return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
 
     def _restart_delay(self) -> float | None:
         """Seconds to wait before restarting, or None when restarts are off or exhausted."""

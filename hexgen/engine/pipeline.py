@@ -122,15 +122,18 @@ def _run_rank(spec: RankSpec, stage: StageSpec, device: torch.device,
                 raise ValueError("run_rank: the last stage's leader needs a sink factory")
             sink = sink_factory()
             last = LastStage(runner, spec.model, sink, spec.engine.collect_logits)
+        preemptions = None
         if spec.rank == 0:
             if source_factory is None:
                 raise ValueError("run_rank: rank 0 needs a source factory")
             source = source_factory()
-            FirstLeader(groups, runner, spec.engine, source, last, gauges).run()
+            leader = FirstLeader(groups, runner, spec.engine, source, last, gauges)
+            leader.run()
+            preemptions = leader.scheduler.stats.preemptions
         else:
             _stage_loop(groups, runner, last)
         if report is not None:
-            report(rank_report(spec.rank, runner))
+            report(rank_report(spec.rank, runner, preemptions))
     finally:
         if sink is not None:
             sink.close()

@@ -41,6 +41,7 @@ class RankReport:
     memory_budget_bytes: int | None = None
     kv_tokens_memory_allows: int | None = None
     kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype: fp8 halves kv_bytes_per_token against bf16
+    preemptions: int | None = None  # the scheduler's preemptions (stage-0 leader only; None on other ranks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,8 +59,9 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), CPU_PEAK  # Linux reports KiB
 
 
-def rank_report(rank: int, runner: Any) -> RankReport:
-    """The report of ``runner`` (a StageRunner) on global ``rank``, taken after its pipeline has finished."""
+def rank_report(rank: int, runner: Any, preemptions: int | None = None) -> RankReport:
+    """The report of ``runner`` (a StageRunner) on global ``rank``, taken after its pipeline has finished;
+    ``preemptions`` is the scheduler's count on the stage-0 leader."""
     device = runner.device
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     weights += sum(b.numel() * b.element_size() for b in runner.model.buffers())
@@ -77,4 +79,4 @@ def rank_report(rank: int, runner: Any) -> RankReport:
                       peak_memory_kind=kind, weight_bytes=int(weights), kv_tokens=int(kv_tokens),
                       kv_bytes=int(kv_tokens * per_token), kv_bytes_per_token=int(per_token),
                       memory_total_bytes=total, memory_budget_bytes=budget, kv_tokens_memory_allows=allows,
-                      kv_cache_dtype=runner.engine.kv_cache_dtype)
+                      kv_cache_dtype=runner.engine.kv_cache_dtype, preemptions=preemptions)
