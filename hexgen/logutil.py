@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s stage %(stage)s] %(name)s: %(message)s"
 
@@ -19,8 +18,9 @@ class _RankFilter(logging.Filter):
 
 
 def setup_logging(rank: int | str = "-", stage: int | str = "-", level: str | None = None) -> None:
-    """Configure the root logger of this process (idempotent)."""
-    level = level or os.environ.get("HEXGEN_LOG_LEVEL", "WARNING")
+    """Configure the root logger of this process (idempotent); ``level`` defaults to WARNING (the CLIs read
+    ``HEXGEN_LOG_LEVEL`` and pass it down)."""
+    level = level or "WARNING"
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_hexgen", False):

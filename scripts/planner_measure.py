@@ -14,12 +14,11 @@ A run may set its own "requests", "prompt_range", "output_range", "max_num_seqs"
 
 Every run offers the same fixed-seed requests at once (after a warm-up phase) and records output tokens/s,
 TTFT/TPOT percentiles and the mean request latency; ``emulate`` (or the spec's ``emulate_by_device``) sets
-HEXGEN_EMULATE_DEVICES for its ranks. A run that fails is recorded with its error and the next one still runs.
+``EngineConfig.emulate_devices`` for its ranks. A run that fails is recorded with its error and the next one still runs.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import traceback
@@ -32,7 +31,7 @@ from hexgen.engine.runner import ModelSpec
 
 
 def emulate_text(run: dict, by_device: dict) -> str:
-    """HEXGEN_EMULATE_DEVICES for a run: its own ``emulate`` text, else the spec's per-physical-device
+    """``EngineConfig.emulate_devices`` of a run: its own ``emulate`` text, else the spec's per-physical-device
     profiles (``{"2": "40:24"}``: cuda:2 has 40 SMs and 24 GiB) mapped onto the ranks that use each device."""
     if run.get("emulate"):
         return run["emulate"]
@@ -51,13 +50,13 @@ def measure(spec: dict, run: dict) -> dict:
                           max_num_seqs=run.get("max_num_seqs", spec.get("max_num_seqs", 128)),
                           async_steps=run.get("async_steps", True), async_steps_tp=run.get("async_steps_tp", False),
                           max_num_batched_tokens=spec.get("max_num_batched_tokens", 2048),
-                          gpu_memory_fraction=spec.get("gpu_memory_fraction", 0.9))
+                          gpu_memory_fraction=spec.get("gpu_memory_fraction", 0.9),
+                          emulate_devices=emulate_text(run, spec.get("emulate_by_device", {})))
     spec = {**spec, **{k: run[k] for k in ("requests", "prompt_range", "output_range") if k in run}}
     shapes = mixed_shapes(spec["requests"], tuple(spec["prompt_range"]), tuple(spec["output_range"]),
                           spec.get("seed", 0))
     requests = make_requests(shapes, cfg.vocab_size, "req", spec.get("seed", 0))
     warm = make_requests([Shape(spec["prompt_range"][0], 8)] * 4, cfg.vocab_size, "warm", seed=99)
-    os.environ["HEXGEN_EMULATE_DEVICES"] = emulate_text(run, spec.get("emulate_by_device", {}))
     t0 = time.monotonic()
     res = run_engine(layout, model, engine, at_once([warm, requests]), run.get("devices"))
     mine = [res.timings[r.request_id] for r in requests]

@@ -10,7 +10,7 @@ DIR needs only a config.json: the weights are random. Prints:
    to pass 64 MiB, so the weights come from memory; the two orders alternate, medians of 5;
 2. one decode step of ``--batch`` rows with contexts drawn uniformly from ``--ctx`` (the whole stage forward
    and the logits, the weights laid out by ``cpu_layout.tune`` as the engine lays them), with the reference
-   path's decode groups on and off (HEXGEN_DECODE_GROUPS), alternating, medians of 5; then the operators
+   path's decode groups on and off (build_meta's group_rows), alternating, medians of 5; then the operators
    of one grouped step (torch.profiler).
 """
 from __future__ import annotations
@@ -69,8 +69,9 @@ def decode_step(model, cfg: ModelConfig, batch: int, ctx_range: tuple[int, int],
     rotary = RotaryCache(cfg, ctx_range[1] + 1, CPU)
     tokens = torch.randint(0, cfg.vocab_size, (batch,))
 
-    def step() -> torch.Tensor:
-        meta = build_meta([c - 1 for c in ctx], [1] * batch, ctx, tables, BLOCK, CPU, kernel=False)
+    def step(grouped: bool = True) -> torch.Tensor:
+        meta = build_meta([c - 1 for c in ctx], [1] * batch, ctx, tables, BLOCK, CPU, kernel=False,
+                          group_rows=grouped)
         cos, sin = rotary.lookup(meta.positions, torch.float32)
         with torch.no_grad():
             return model.logits(model(tokens, cos, sin, kv, meta))
@@ -96,18 +97,15 @@ def main() -> int:
     step = decode_step(model, cfg, a.batch, tuple(a.ctx))
     times: dict[str, list[float]] = {"1": [], "0": []}
     for g in times:  # warm-up
-        os.environ["HEXGEN_DECODE_GROUPS"] = g
-        step()
+        step(g == "1")
     for _ in range(5):
         for g in times:
-            os.environ["HEXGEN_DECODE_GROUPS"] = g
             t = time.perf_counter()
-            step()
+            step(g == "1")
             times[g].append(time.perf_counter() - t)
     for g, label in (("1", "grouped"), ("0", "ungrouped")):
         print(f"decode step, {a.batch} rows, contexts {a.ctx[0]}-{a.ctx[1]}, {label}: "
               f"{statistics.median(times[g]) * 1e3:.1f} ms (median of 5)")
-    os.environ["HEXGEN_DECODE_GROUPS"] = "1"
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

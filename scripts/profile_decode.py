@@ -2,7 +2,7 @@
 
     python3 scripts/profile_decode.py --tp 1 [--ctx 256] [--loop]   # --loop: the engine's own step loop too
 
-Per setting (fused kernels off / on, cuBLAS or Triton GEMV; HEXGEN_FUSED, HEXGEN_GEMV): the captured
+Per setting (fused kernels off / on, cuBLAS or Triton GEMV; KernelConfig.fused, .gemv): the captured
 decode graph's replay time (CUDA events, back to back), the serial step (forward + logits + argmax +
 .item(), host clock), the host time to enqueue one step, and the kernels of one eager step
 (torch.profiler: count and µs per step, top kernels). TP 1 only: cuBLAS and Triton GEMV at batch 1 for
@@ -13,6 +13,7 @@ from the sink's clock.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,6 +32,7 @@ from hexgen.engine.cuda_graph import DecodeGraphs  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
 from hexgen.model.gemv import tune as tune_gemv  # noqa: E402
+from hexgen.model.kernels import resolve  # noqa: E402
 from hexgen.model.timing import graph_time, replay_time  # noqa: E402
 from hexgen.parallel.groups import PipelineGroups  # noqa: E402
 
@@ -43,7 +45,17 @@ def _plan(step: int, ctx: int, bs: int) -> StepPlan:
 
 def _fresh_graphs(r: StageRunner) -> DecodeGraphs:
     return DecodeGraphs(r._decode_forward, r.groups.stage.is_first, r.cfg.hidden_size, r.dtype, r.device,
-                        r.engine.block_size, r.engine.max_num_seqs, r.max_len, scratch_block=r.num_blocks)
+                        r.engine.block_size, r.engine.max_num_seqs, r.max_len, scratch_block=r.num_blocks,
+                        kernels=r.kernels)
+
+
+def _use_kernels(r: StageRunner, fused_on: bool, gemv: str) -> dict:
+    """Switch the runner's stage to these kernel choices (re-tuning the GEMV, fresh graphs); the GEMV choice."""
+    r.kernels = resolve(dataclasses.replace(r.engine.kernels, fused=fused_on, gemv=gemv), r.device)
+    r.model.set_kernels(r.kernels)
+    choice = tune_gemv(r.linears, r.kernels.gemv)
+    r.graphs = _fresh_graphs(r)
+    return choice
 
 
 def _kernels(r: StageRunner, ctx: int, steps: int = 4) -> dict:
@@ -74,10 +86,7 @@ def _kernels(r: StageRunner, ctx: int, steps: int = 4) -> dict:
 
 
 def _setting(r: StageRunner, ctx: int, fused_on: bool, gemv: str, n: int = 60) -> dict:
-    os.environ["HEXGEN_FUSED"] = "1" if fused_on else "0"
-    os.environ["HEXGEN_GEMV"] = gemv
-    choice = tune_gemv(r.linears)
-    r.graphs = _fresh_graphs(r)
+    choice = _use_kernels(r, fused_on, gemv)
     head = r.model.lm_head is not None
     ids = torch.tensor([5], device=r.device)
 
@@ -167,7 +176,7 @@ def _copy_bw(dev: torch.device) -> float:
 
 def _loop(r: StageRunner, model: ModelSpec, new_tokens: int) -> dict:
     """The FirstLeader loop on one request (prompt 128) with host timers on each phase."""
-    from hexgen.engine import pipeline, scheduler
+    from hexgen.engine import last_stage, leader, scheduler
     from hexgen.engine.offline import ListSource
     from hexgen.engine.output import OutputProcessor
     from hexgen.engine.types import Request, SamplingParams
@@ -200,18 +209,19 @@ def _loop(r: StageRunner, model: ModelSpec, new_tokens: int) -> dict:
     timed(StepPlan, "encode", "plan.encode")
     timed(StageRunner, "forward", "runner.forward (enqueue)")
     timed(StageRunner, "logits", "runner.logits")
-    timed(pipeline, "sample", "sample (argmax, no sync)")
-    timed(pipeline.LastStage, "finish_step", "finish_step (incl. .tolist sync; synchronous loop)")
-    timed(pipeline.LastStage, "complete", "complete (waits for the step's ids)")
-    timed(pipeline.FirstLeader, "_input_ids", "_input_ids (asynchronous loop)")
+    timed(last_stage, "sample", "sample (argmax, no sync)")
+    timed(last_stage.LastStage, "finish_step", "finish_step (incl. .tolist sync; synchronous loop)")
+    timed(last_stage.LastStage, "complete", "complete (waits for the step's ids)")
+    timed(leader, "input_ids", "input_ids (asynchronous loop)")
     timed(OutputProcessor, "step", "output.step")
-    timed(pipeline.FirstLeader, "_launch", "_launch (all of a step's work; synchronous loop)")
+    timed(leader.PipelinedSteps, "launch", "launch (all of a step's work; synchronous loop)")
+    timed(leader.AheadSteps, "launch", "launch (enqueue a step; asynchronous loop)")
     sink = Sink()
-    last = pipeline.LastStage(r, model, sink, False)
+    last = last_stage.LastStage(r, model, sink, False)
     req = Request("0", [7] * 128, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    leader = pipeline.FirstLeader(r.groups, r, r.engine, ListSource([req.to_dict()]), last)
+    first = leader.FirstLeader(r.groups, r, r.engine, ListSource([req.to_dict()]), last)
     timed(sink, "emit", "sink.emit")
-    leader.run()
+    first.run()
     skip = 32  # prefill and the first decode steps (graph capture)
     gaps = [b - a for a, b in zip(sink.stamps[skip:], sink.stamps[skip + 1:])]
     return {"step_wall_ms": round(1e3 * statistics.median(gaps), 3),
@@ -238,9 +248,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
         if args.gemv_bench:
             res["gemv"] = _gemv(dev, 1, True) + _gemv(dev, 2, True)[:4]
         if args.loop:
-            os.environ["HEXGEN_FUSED"], os.environ["HEXGEN_GEMV"] = "1", args.loop_gemv
-            tune_gemv(runner.linears)
-            runner.graphs = _fresh_graphs(runner)
+            _use_kernels(runner, True, args.loop_gemv)
             res["loop"] = _loop(runner, model, args.new_tokens)
     if rank == 0:
         text = json.dumps(res)

@@ -136,10 +136,9 @@ def run(case: Case, tp: int = 1, **engine_kw) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
-def test_async_steps_match_hugging_face_and_run_ahead(gqa, capfd, monkeypatch, tp):
+def test_async_steps_match_hugging_face_and_run_ahead(gqa, capfd, tp):
     """TP 2: the follower resolves the placeholders from the ids the leader broadcasts after each step."""
-    monkeypatch.setenv("HEXGEN_LOG_LEVEL", "INFO")
-    results = run(gqa, tp, async_steps_tp=True)
+    results = run(gqa, tp, async_steps_tp=True, log_level="INFO")
     err = capfd.readouterr().err
     ahead = [line for line in err.splitlines() if "asynchronous steps:" in line]
     assert ahead, "the one-rank pipeline did not take the asynchronous loop"
@@ -148,11 +147,10 @@ def test_async_steps_match_hugging_face_and_run_ahead(gqa, capfd, monkeypatch, t
 
 
 @pytest.mark.slow
-def test_async_steps_with_preemption_equal_the_synchronous_loop(gqa, capfd, monkeypatch):
+def test_async_steps_with_preemption_equal_the_synchronous_loop(gqa, capfd):
     """10 blocks of 8 tokens cannot hold the four sequences: preemption, recompute and run-ahead refusals
     interleave; the tokens must still equal HF's and the synchronous loop's."""
-    monkeypatch.setenv("HEXGEN_LOG_LEVEL", "INFO")
-    fast = run(gqa, num_kv_blocks=10, block_size=8)
+    fast = run(gqa, num_kv_blocks=10, block_size=8, log_level="INFO")
     assert "preempting request" in capfd.readouterr().err, "the KV cache was not small enough"
     slow = run(gqa, num_kv_blocks=10, block_size=8, async_steps=False)
     assert {k: v.token_ids for k, v in fast.items()} == {k: v.token_ids for k, v in slow.items()}

@@ -63,10 +63,6 @@ def test_tune_groups_by_shape_and_skips_small_weights_and_the_switch(monkeypatch
     assert cpu_layout.tune([small], timer=_timer_favouring(3.0)) == {}
     assert small.weight.is_contiguous()
 
-    monkeypatch.setenv("HEXGEN_CPU_LAYOUT", "0")
-    off = _linear(64, 32)
-    assert cpu_layout.tune([off], timer=_timer_favouring(3.0), min_bytes=0) == {}
-    assert off.weight.is_contiguous()
 
 
 def test_tune_with_the_real_timer_picks_a_layout_and_keeps_outputs():

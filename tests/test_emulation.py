@@ -14,22 +14,33 @@ def test_parse_limits():
 
 @pytest.mark.parametrize("text", ["2=40", "x=1:2", "2=-8:1", "1=8:-3", "3:16:16"])
 def test_parse_limits_rejects(text):
-    with pytest.raises(ConfigError, match="HEXGEN_EMULATE_DEVICES"):
+    with pytest.raises(ConfigError, match="emulate_devices"):
         parse_limits(text)
 
 
-def test_cpu_rank_is_never_limited(monkeypatch):
-    monkeypatch.setenv("HEXGEN_EMULATE_DEVICES", "0=8:1")
-    with limited_device(0, torch.device("cpu")) as limit:
+def test_engine_config_keeps_limits_per_rank():
+    from hexgen.config import EngineConfig
+
+    engine = EngineConfig(emulate_devices="3=16:16, 2=40:24")
+    assert engine.emulate_devices == ((2, DeviceLimit(40, 24.0)), (3, DeviceLimit(16, 16.0)))
+    assert engine.device_limit(2) == DeviceLimit(40, 24.0) and engine.device_limit(0) is None
+    assert EngineConfig(emulate_devices={1: DeviceLimit(8, 0.0)}).device_limit(1) == DeviceLimit(8, 0.0)
+    with pytest.raises(ConfigError, match="emulate_devices"):
+        EngineConfig(emulate_devices="1=8")
+    with pytest.raises(ConfigError, match="emulate_devices: -1"):
+        EngineConfig(emulate_devices={-1: DeviceLimit(8, 0.0)})
+
+
+def test_cpu_rank_is_never_limited():
+    with limited_device(DeviceLimit(8, 1.0), torch.device("cpu")) as limit:
         assert limit is None
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_green_context_and_memory_cap(monkeypatch):
+def test_green_context_and_memory_cap():
     dev = torch.device("cuda", 0)
-    monkeypatch.setenv("HEXGEN_EMULATE_DEVICES", "0=16:8")
-    with limited_device(0, dev) as limit:
+    with limited_device(DeviceLimit(16, 8.0), dev) as limit:
         assert limit == DeviceLimit(16, 8.0)
         assert memory_cap(dev) == 8 << 30
         x = torch.randn(256, 256, device=dev)

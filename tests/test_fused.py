@@ -55,12 +55,14 @@ def test_silu_mul(dtype):
     torch.testing.assert_close(fused.silu_mul(x), fused.silu_mul_ref(x), **TOL[dtype])
 
 
-def test_enabled_only_on_cuda(monkeypatch):
-    assert not fused.enabled(torch.zeros(1))
+def test_fused_resolves_on_only_on_cuda():
+    from hexgen.config import KernelConfig
+    from hexgen.model.kernels import resolve
+
+    assert not resolve(KernelConfig(), torch.device("cpu")).fused
     if torch.cuda.is_available():
-        assert fused.enabled(torch.zeros(1, device="cuda"))
-        monkeypatch.setenv("HEXGEN_FUSED", "0")
-        assert not fused.enabled(torch.zeros(1, device="cuda"))
+        assert resolve(KernelConfig(), torch.device("cuda")).fused
+        assert not resolve(KernelConfig(fused=False), torch.device("cuda")).fused
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -104,22 +106,20 @@ def test_gemv_silu_equals_gemv_of_silu_mul(dtype):
         gemv.gemv_silu(gu[:, :1000], w)
 
 
-def test_pdl_is_off_on_cpu_and_outside_graphs(monkeypatch):
+def test_pdl_is_off_on_cpu_and_outside_graphs():
+    from hexgen.config import KernelConfig
     from hexgen.model import pdl
+    from hexgen.model.kernels import resolve
 
     assert pdl.launch(torch.zeros(1)) == {"PDL": False}
     with pdl.for_graphs():
         assert pdl.launch(torch.zeros(1)) == {"PDL": False}  # CPU (or the interpreter): never
+    assert not resolve(KernelConfig(), torch.device("cpu")).pdl
     if torch.cuda.is_available():
         assert pdl.launch(torch.zeros(1, device="cuda")) == {"PDL": False}  # eager launches: plain
-        monkeypatch.setenv("HEXGEN_PDL", "0")
-        pdl._on.cache_clear()
-        try:
-            with pdl.for_graphs():
-                assert pdl.launch(torch.zeros(1, device="cuda")) == {"PDL": False}
-        finally:
-            monkeypatch.delenv("HEXGEN_PDL")
-            pdl._on.cache_clear()
+        with pdl.for_graphs(on=False):  # KernelConfig.pdl off
+            assert pdl.launch(torch.zeros(1, device="cuda")) == {"PDL": False}
+        assert not resolve(KernelConfig(pdl=False), torch.device("cuda")).pdl
 
 
 @pytest.mark.gpu
@@ -132,7 +132,7 @@ def test_pdl_chain_in_a_graph_reads_what_the_kernel_before_wrote():
 
     with pdl.for_graphs():
         if not pdl.enabled(torch.zeros(1, device="cuda")):
-            pytest.skip("PDL is off here (compute capability below 9.0, HEXGEN_PDL=0, or no grid-dependency calls)")
+            pytest.skip("PDL is off here (compute capability below 9.0, or no grid-dependency calls)")
     dt, hidden, inter = torch.bfloat16, 4096, 11008
     g = torch.Generator(device="cuda").manual_seed(0)
     w_up = torch.randn(2 * inter, hidden, device="cuda", dtype=dt, generator=g) * 0.02

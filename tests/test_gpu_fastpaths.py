@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from hexgen.config import EngineConfig, Layout, preset
+from hexgen.config import EngineConfig, KernelConfig, Layout, preset
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
@@ -88,35 +88,30 @@ def test_cuda_graph_decode_matches_reference(dtype):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_kernels_and_graphs_match_unfused_reference(dtype, monkeypatch):
+def test_fused_kernels_and_graphs_match_unfused_reference(dtype):
     """Fused norm/rotary/SiLU kernels, the tuned GEMV and CUDA graphs (LM head inside) against the unfused
     eager path. float32: every token and logit; bfloat16, where one rounding step apart can flip a greedy
     token of this tiny random model and the runs then diverge: the first token's logits."""
     base = dict(dtype=dtype, device="cuda", block_size=16, collect_logits=True, max_num_seqs=8,
                 gpu_memory_fraction=0.3, num_kv_blocks=256)
-    monkeypatch.setenv("HEXGEN_FUSED", "0")  # the spawned ranks inherit the environment
-    monkeypatch.setenv("HEXGEN_GEMV", "cublas")
-    ref = _run(EngineConfig(**base), n=6, new_tokens=16)
-    monkeypatch.setenv("HEXGEN_FUSED", "1")
-    monkeypatch.setenv("HEXGEN_GEMV", "triton")
-    fast = _run(EngineConfig(**base, cuda_graphs=True), n=6, new_tokens=16)
+    ref = _run(EngineConfig(**base, kernels=KernelConfig(fused=False, gemv="cublas")), n=6, new_tokens=16)
+    fast = _run(EngineConfig(**base, cuda_graphs=True, kernels=KernelConfig(fused=True, gemv="triton")), n=6,
+                new_tokens=16)
     compare_for_dtype(ref, fast, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("hetero,part", [((2,), None), ((1, 1), (3, 3))])
-def test_cuda_graph_decode_multi_gpu_matches_reference(hetero, part, monkeypatch):
+def test_cuda_graph_decode_multi_gpu_matches_reference(hetero, part):
     """float32 graphs with fused kernels and (TP 2) the symmetric-memory all-reduce, against the unfused
     eager path with NCCL all-reduces: every greedy token and logit."""
     base = dict(dtype="float32", device="cuda", block_size=16, collect_logits=True, max_num_seqs=8,
                 gpu_memory_fraction=0.3, num_kv_blocks=256)
-    monkeypatch.setenv("HEXGEN_FUSED", "0")
-    monkeypatch.setenv("HEXGEN_ALLREDUCE", "nccl")
-    ref = _run(EngineConfig(**base), hetero=hetero, part=part, n=4, new_tokens=12)
-    monkeypatch.setenv("HEXGEN_FUSED", "1")
-    monkeypatch.setenv("HEXGEN_ALLREDUCE", "symm")
-    fast = _run(EngineConfig(**base, cuda_graphs=True), hetero=hetero, part=part, n=4, new_tokens=12)
+    ref = _run(EngineConfig(**base, kernels=KernelConfig(fused=False, all_reduce="nccl")), hetero=hetero, part=part,
+               n=4, new_tokens=12)
+    fast = _run(EngineConfig(**base, cuda_graphs=True, kernels=KernelConfig(fused=True, all_reduce="symm")),
+                hetero=hetero, part=part, n=4, new_tokens=12)
     _compare(ref, fast, atol=2e-3)
 
 

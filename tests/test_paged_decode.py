@@ -172,11 +172,15 @@ def test_split_count_is_static():
         assert paged_decode.num_splits(1, 32, 256, dev) == 1  # short: nothing to split
 
 
-def test_available_honours_switches(monkeypatch):
-    monkeypatch.setenv("HEXGEN_DECODE_KERNEL", "0")
-    monkeypatch.setenv("HEXGEN_PREFILL_KERNEL", "0")
-    assert not paged_decode.available() and not paged_decode.prefill_available()
-    assert not attention.use_decode_kernel(KERNEL_DEVICE) and not attention.use_prefill_kernel(KERNEL_DEVICE)
+def test_kernel_config_turns_the_kernels_off():
+    from hexgen.config import KernelConfig
+    from hexgen.model.kernels import resolve
+
+    off = resolve(KernelConfig(decode_kernel=False, prefill_kernel=False), KERNEL_DEVICE)
+    assert not off.decode_kernel and not off.prefill_kernel
+    on = resolve(KernelConfig(), KERNEL_DEVICE)
+    assert on.decode_kernel == on.prefill_kernel == (KERNEL_DEVICE.type == "cuda" and paged_decode.available())
+    assert not resolve(KernelConfig(), torch.device("cpu")).decode_kernel  # CPU: the PyTorch path
 
 
 # ------------------------------------------------------------------------------ the step's two halves
@@ -361,18 +365,15 @@ def test_gpu_step_kernel_vs_gather(steps):
 @requires_triton
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_gpu_engine_kernel_matches_gather_path(monkeypatch, graphs, dtype):
+def test_gpu_engine_kernel_matches_gather_path(graphs, dtype):
     """The whole engine (mixed steps while requests arrive, decode graphs) with the kernels off and on:
     float32 tokens and logits, bfloat16 first-token logits (see compare_for_dtype)."""
-    from hexgen.config import EngineConfig
+    from hexgen.config import EngineConfig, KernelConfig
     from tests.test_gpu_fastpaths import _run, compare_for_dtype
 
     base = dict(dtype=dtype, device="cuda", block_size=16, collect_logits=True, max_num_seqs=8,
                 gpu_memory_fraction=0.3, cuda_graphs=graphs)
-    monkeypatch.setenv("HEXGEN_DECODE_KERNEL", "0")
-    monkeypatch.setenv("HEXGEN_PREFILL_KERNEL", "0")
-    ref = _run(EngineConfig(**base), n=10, new_tokens=20)
-    monkeypatch.setenv("HEXGEN_DECODE_KERNEL", "1")
-    monkeypatch.setenv("HEXGEN_PREFILL_KERNEL", "1")
+    ref = _run(EngineConfig(**base, kernels=KernelConfig(decode_kernel=False, prefill_kernel=False)), n=10,
+               new_tokens=20)
     fast = _run(EngineConfig(**base), n=10, new_tokens=20)
     compare_for_dtype(ref, fast, dtype)

@@ -216,6 +216,24 @@ def test_small_kv_preempts_and_still_finishes():
     assert res.completed == 12
 
 
+def test_replicas_drive_the_engine_scheduler():
+    """Each replica's micro-batches are the engine's own Scheduler plans over its BlockManager: every block
+    comes back when the requests are done, and a rejected request (reported to the scheduler's last stage
+    with no forward pass) costs no micro-batch."""
+    from hexgen.engine.scheduler import Scheduler
+    from hexgen.planner.simulator import _build_replicas, _run
+
+    plan = make_plan([(FAST, 2, 64)])
+    seqs, (rep,), _ = _run(plan, StubCost(), StubCluster(), math.inf, 4, [(100, 4), (8, 4)], 0, True, SimConfig())
+    assert isinstance(rep.scheduler, Scheduler) and rep.scheduler.idle
+    assert rep.scheduler.blocks.num_free == rep.scheduler.blocks.num_blocks == 4
+    assert rep.steps == rep.scheduler.stats.steps == 4  # the rejections' notices ride with the first plan
+    assert [s.rejected for s in seqs] == [True, False, True, False]
+    _, (alone,), _ = _run(plan, StubCost(), StubCluster(), math.inf, 2, [(8, 4)], 0, True, SimConfig())
+    assert alone.steps == rep.steps
+    assert _build_replicas(plan, StubCost(), StubCluster(), SimConfig(), True)[0].scheduler.max_len == 64
+
+
 def test_prompt_longer_than_cache_is_rejected():
     plan = make_plan([(FAST, 2, 64)])
     res = simulate(plan, StubCost(), StubCluster(), rate=math.inf, num_requests=4,

@@ -99,7 +99,7 @@ def test_budget_is_shared_between_decodes_and_new_prefills():
     assert plan.q_lens[rows["a"]] == 1  # running decodes first
     assert plan.q_lens[rows["b"]] == 7  # the rest of the budget to the new prompt
     assert plan.num_tokens == 8
-    assert [r["request"]["request_id"] for r in plan.new_requests] == ["b"]
+    assert [r.request.request_id for r in plan.new_requests] == ["b"]
 
 
 def test_waiting_prompt_does_not_start_when_budget_is_spent():
@@ -243,8 +243,8 @@ def test_cancel_waiting_request_reports_it_without_running_it():
     finish_step(s, plan)
     plan = s.schedule(1)
     (notice,) = plan.cancelled
-    assert notice["request_id"] == "b" and notice["reason"] == "cancelled"
-    assert notice["request"]["request_id"] == "b"  # never announced: the last stage needs the request
+    assert notice.request_id == "b" and notice.reason == "cancelled"
+    assert notice.request.request_id == "b"  # never announced: the last stage needs the request
     assert "b" in finish_step(s, plan)
 
 
@@ -256,7 +256,7 @@ def test_cancel_idle_running_request_frees_blocks_at_once():
     assert s.cancel("a")
     assert s.blocks.num_free == s.blocks.num_blocks and not s.running
     plan = s.schedule(1)
-    assert plan.seq_ids == [] and plan.cancelled[0]["request"] is None  # announced: id only
+    assert plan.seq_ids == [] and plan.cancelled[0].request is None  # announced: id only
     assert finish_step(s, plan) == ["a"]
     assert s.idle
 
@@ -272,7 +272,7 @@ def test_cancel_in_flight_request_waits_for_its_step():
     finish_step(s, plan)
     assert a not in s.running and "a" not in s.by_request and a.blocks == []
     nxt = s.schedule(1)
-    assert [n["request_id"] for n in nxt.cancelled] == ["a"]
+    assert [n.request_id for n in nxt.cancelled] == ["a"]
     assert by_rid(s, nxt) == {"b": 0}
 
 
@@ -324,7 +324,7 @@ def test_request_without_room_finishes_with_length(prompt_len, max_new, output):
     plan = s.schedule(0)
     assert plan.seq_ids == []
     (notice,) = plan.cancelled
-    assert notice["reason"] == "length" and notice["request"]["request_id"] == "a"
+    assert notice.reason == "length" and notice.request.request_id == "a"
     assert finish_step(s, plan) == ["a"]
 
 

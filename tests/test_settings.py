@@ -232,3 +232,40 @@ def test_redis_table_options_fold_into_the_url(toml_file):
 def test_redis_table_errors_name_the_key(table, match):
     with pytest.raises(ConfigError, match=match):
         settings_from_dict({"model": {"path": "/m"}, "redis": table})
+
+
+def test_kernels_table_and_trace_timing(tmp_path):
+    from hexgen.config import KernelConfig
+
+    path = tmp_path / "k.toml"
+    path.write_text('trace_timing = true\n[model]\npreset = "tiny"\n[kernels]\ngemv = "cublas"\nfused = "off"\n')
+    s = load_settings(str(path), env={})
+    assert s.kernels == KernelConfig(gemv="cublas", fused=False) and s.trace_timing
+    plain = tmp_path / "p.toml"
+    plain.write_text('[model]\npreset = "tiny"\n')
+    assert not load_settings(str(plain), env={}).trace_timing
+    assert load_settings(str(plain), env={"HEXGEN_TRACE_TIMING": "1"}).trace_timing
+    assert load_settings(str(plain), env={}).kernels == KernelConfig()
+    path.write_text('[model]\npreset = "tiny"\n[kernels]\ngemv = "torch"\n')
+    with pytest.raises(ConfigError, match="kernels.gemv: 'torch' is not allowed; choose one of triton"):
+        load_settings(str(path), env={})
+    path.write_text('[model]\npreset = "tiny"\n[kernels]\nflash = true\n')
+    with pytest.raises(ConfigError, match="kernels: 'flash' is not a kernel setting"):
+        load_settings(str(path), env={})
+    path.write_text('trace_timing = "yes"\n[model]\npreset = "tiny"\n')
+    with pytest.raises(ConfigError, match="trace_timing: 'yes' must be true or false"):
+        load_settings(str(path), env={})
+
+
+def test_worker_engine_takes_the_kernels_table_and_the_flags_override_it(tmp_path):
+    from hexgen.config import KernelConfig
+    from workers.options import WorkerOptions, build_plan
+
+    path = tmp_path / "k.toml"
+    path.write_text('[model]\npreset = "tiny"\n[[pipelines]]\nid = "p0"\nhetero_config = [1]\n'
+                    '[kernels]\ngemv = "cublas"\n')
+    s = load_settings(str(path), env={})
+    _, _, engine = build_plan(WorkerOptions(s, "p0", 0, log_level="info"))
+    assert engine.kernels == KernelConfig(gemv="cublas") and engine.log_level == "INFO"
+    _, _, engine = build_plan(WorkerOptions(s, "p0", 0, engine_overrides={"kernels": KernelConfig(pdl=False)}))
+    assert engine.kernels == KernelConfig(pdl=False)

@@ -59,9 +59,10 @@ def build_plan(opts: WorkerOptions):
     if not 0 <= opts.stage < layout.num_stages:
         raise ConfigError(f"--stage: {opts.stage} is not a stage of pipeline {pipe.id!r} "
                           f"({layout.num_stages} stages: 0..{layout.num_stages - 1})")
+    logs = {"log_level": opts.log_level} if opts.log_level else {}
     engine = EngineConfig(**{"dtype": opts.settings.dtype, "device": opts.settings.device,
                              "max_model_len": m.max_model_len, "kv_cache_dtype": opts.settings.kv_cache_dtype,
-                             **opts.engine_overrides})
+                             "kernels": opts.settings.kernels, **logs, **opts.engine_overrides})
     return model, layout, engine
 
 

@@ -30,6 +30,7 @@ from hexgen.config import EngineConfig
 from hexgen.engine.threads import CpuThreads
 from hexgen.errors import ConfigError
 from hexgen.logutil import setup_logging
+from hexgen.wire import trace
 from hexgen.wire.connection import REDIS_ERRORS, connect
 from hexgen.wire.settings import sync_redis
 from workers.host_threads import HostRankWatch, count_host_ranks
@@ -243,8 +244,7 @@ def rank_main(a: RankArgs) -> None:
     """Entry point of one rank process (multiprocessing spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before any thread starts: all inherit it
-    if a.opts.log_level:
-        os.environ["HEXGEN_LOG_LEVEL"] = a.opts.log_level.upper()  # run_rank sets up logging from it
+    trace.configure(a.opts.settings.trace_timing)
     layout_stage = "?"
     try:
         rank = _Rank(a)

@@ -37,7 +37,7 @@ def prompt_ids(model: ModelSpec, vocab_size: int, num_prompts: int = len(PROMPTS
                ) -> list[list[int]]:
     """The fixed prompt set: ``PROMPTS`` through the model's tokenizer, or (no tokenizer: random-weight presets)
     seeded random ids of lengths 16, 48, 80, ... over [3, vocab)."""
-    from hexgen.engine.pipeline import load_model_tokenizer
+    from hexgen.engine.last_stage import load_model_tokenizer
 
     tok = load_model_tokenizer(model)
     if tok is not None:

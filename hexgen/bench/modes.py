@@ -41,7 +41,8 @@ def device_info(engine: EngineConfig) -> dict:
             "kv_cache_dtype": engine.kv_cache_dtype,
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "host_cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()]}  # other work on the host, at the end
+            "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()],  # other work on the host, at the end
+            "kernels": engine.kernels.describe()}
     if engine.device == "cuda":
         info["card"] = torch.cuda.get_device_name(0)
         info["cards"] = torch.cuda.device_count()

@@ -37,6 +37,7 @@ from hexgen.bench.workload import (
     poisson_offsets,
     random_prompt,
 )
+from hexgen.config import KernelConfig
 from hexgen.engine.types import Request, SamplingParams
 from hexgen.errors import ConfigError
 
@@ -137,7 +138,7 @@ def serve_tokenizer_dir(setup: BenchSetup, opts: ServeOptions) -> str | None:
 
 def serve_tokenizer(setup: BenchSetup, opts: ServeOptions):
     """The tokenizer the head will use: ``opts.tokenizer``, else the model directory's; ConfigError if none."""
-    from hexgen.engine.pipeline import load_model_tokenizer
+    from hexgen.engine.last_stage import load_model_tokenizer
     from hexgen.engine.runner import ModelSpec
 
     path = serve_tokenizer_dir(setup, opts)
@@ -154,10 +155,13 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     from hexgen.wire.settings import ModelSettings, PipelineSettings, Settings
     from workers.options import WorkerOptions, build_plan
 
-    over: dict[str, int | bool | str] = {"max_num_seqs": setup.engine.max_num_seqs,
-                                         "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
+    over: dict = {"max_num_seqs": setup.engine.max_num_seqs, "cpu_kv_tokens": setup.engine.cpu_kv_tokens}
     if setup.engine.cuda_graphs:
         over["cuda_graphs"] = True
+    if setup.engine.kernels != KernelConfig():
+        over["kernels"] = setup.engine.kernels
+    if setup.engine.emulate_devices:
+        over["emulate_devices"] = setup.engine.emulate_devices
     if setup.engine.kv_cache_dtype != "auto":
         over["kv_cache_dtype"] = setup.engine.kv_cache_dtype
     m = setup.model
@@ -168,13 +172,28 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
                                                     setup.layout.pp_partition),))
     _, _, worker = build_plan(WorkerOptions(settings, PIPELINE_ID, 0, engine_overrides=over))
     diff = [f"{k}={getattr(setup.engine, k)!r} (workers: {getattr(worker, k)!r})"
-            for k in worker.__dataclass_fields__ if k != "extra" and getattr(worker, k) != getattr(setup.engine, k)]
+            for k in worker.__dataclass_fields__
+            if k not in ("log_level", "profile_loop") and getattr(worker, k) != getattr(setup.engine, k)]
     if diff:
         raise ConfigError(f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
                           "leave --gpu-memory-fraction, --max-num-batched-tokens and the async-step flags at their "
-                          "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs and "
-                          "--kv-cache-dtype)")
+                          "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs, --kernel, "
+                          "--emulate-devices and --kv-cache-dtype)")
     return over
+
+
+def worker_engine_flags(overrides: dict) -> list[str]:
+    """``bin/worker`` flags for the engine fields of ``worker_engine_overrides`` beyond the sizes."""
+    argv = ["--cuda-graphs"] if overrides.get("cuda_graphs") else []
+    if "kernels" in overrides:
+        for item in overrides["kernels"].describe().split():
+            argv += ["--kernel", item]
+    if overrides.get("kv_cache_dtype"):
+        argv += ["--kv-cache-dtype", overrides["kv_cache_dtype"]]
+    if overrides.get("emulate_devices"):
+        argv += ["--emulate-devices", ",".join(f"{r}={lim.sms}:{lim.memory_gib}"
+                                               for r, lim in overrides["emulate_devices"])]
+    return argv
 
 
 async def sleep_until(deadline: float, margin_s: float = SEND_MARGIN_S) -> None:
@@ -296,10 +315,7 @@ def run_served_paths(setup: BenchSetup, opts: ServeOptions, overrides: dict, leg
         for st in reversed(layout.stages()):
             argv = ["worker", "--config", cfg, "--stage", str(st.index), "--drain-timeout", "30",
                     "--max-num-seqs", str(overrides["max_num_seqs"]), "--kv-tokens", str(overrides["cpu_kv_tokens"])]
-            if overrides.get("cuda_graphs"):
-                argv.append("--cuda-graphs")
-            if overrides.get("kv_cache_dtype"):
-                argv += ["--kv-cache-dtype", overrides["kv_cache_dtype"]]
+            argv += worker_engine_flags(overrides)
             if eng.device == "cuda":
                 argv += ["--devices", ",".join(str(setup.devices[r] if setup.devices else r) for r in st.ranks)]
             dep.spawn(f"worker-stage{st.index}", py + argv)

@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="one-stage layouts: wait for each step's ids before enqueueing the next (the old loop)")
     p.add_argument("--async-steps-tp", action="store_true",
                    help="one-stage TP > 1 layouts: asynchronous steps too (off by default; docs/benchmarks.md)")
+    p.add_argument("--profile-loop", default="", metavar="FILE",
+                   help="run the stage-0 leader's loop under cProfile and write its profile to FILE")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = resolve_engine(args, layout, cuda_graphs=args.cuda_graphs,
                                 gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_tokens=args.kv_tokens,
-                                async_steps=not args.no_async_steps, async_steps_tp=args.async_steps_tp)
+                                async_steps=not args.no_async_steps, async_steps_tp=args.async_steps_tp,
+                                profile_loop=args.profile_loop)
         setup = BenchSetup(model, layout, engine, "hexgen bench " + " ".join(argv), skip_hf=args.no_hf)
         res, table = _run(args, setup)
     except HexGenError as e:

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from hexgen.cli.flags import add_engine_flags, engine_fields, env_log_level
 from hexgen.config import KV_CACHE_DTYPES, PRESETS, EngineConfig, Layout, check_devices, preset
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
@@ -24,6 +25,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    metavar="LAYERS", help="layers of each stage, e.g. 20 10 (default: in proportion to TP)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_engine_flags(p)
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="KV cache storage: auto (the model dtype) or fp8 (e4m3, scales per layer and KV head)")
 
@@ -46,7 +48,7 @@ def resolve_engine(args: argparse.Namespace, layout: Layout, **extra) -> EngineC
     check_devices(layout, device, torch.cuda.device_count() if device == "cuda" else 0)
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     extra.setdefault("kv_cache_dtype", getattr(args, "kv_cache_dtype", "auto"))
-    return EngineConfig(dtype=dtype, device=device, **extra)
+    return EngineConfig(dtype=dtype, device=device, log_level=env_log_level(), **engine_fields(args), **extra)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _encode(model: ModelSpec, prompts: list[str], chat: bool, vocab: int) -> list[list[int]]:
-    from hexgen.engine.pipeline import load_model_tokenizer
+    from hexgen.engine.last_stage import load_model_tokenizer
     tok = load_model_tokenizer(model)
     if tok is None:  # random-weight presets: a deterministic id per prompt byte
         return [[3 + b % (vocab - 3) for b in p.encode()] for p in prompts]

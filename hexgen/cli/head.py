@@ -6,8 +6,10 @@ import asyncio
 import logging
 import sys
 
+from hexgen.cli.flags import env_log_level
 from hexgen.errors import ConfigError
 from hexgen.head.service import run_head
+from hexgen.wire import trace
 from hexgen.wire.settings import API_KEY_ENV, add_settings_args, settings_from_args
 
 
@@ -15,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="head", description="HexGen head: validate, tokenize and queue "
                                      "requests from hexgen:requests")
     add_settings_args(parser)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default=env_log_level("INFO"),
+                        help="DEBUG, INFO, WARNING, ERROR (default $HEXGEN_LOG_LEVEL, else INFO)")
     h = parser.add_argument_group("HTTP API (OpenAI-compatible; docs/http-api.md)")
     h.add_argument("--http-port", type=int, help="serve HTTP on this port (default: [http] port; 0: off)")
     h.add_argument("--http-host", help="address to listen on (default: [http] host, 127.0.0.1)")
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"head: {e}", file=sys.stderr)
         return 2
+    trace.configure(settings.trace_timing)
     try:
         import uvloop
     except ImportError:

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="CPU: torch intra-op threads (default 0: torch's default; match the engine's setting)")
     p.add_argument("--no-graphs", action="store_true",
                    help="time decode points eagerly (default on CUDA: CUDA-graph replays, as the engine decodes)")
+    p.add_argument("--emulate", default="", metavar="SMS:GIB",
+                   help="profile a cut-down GPU: this many SMs and GiB (0 keeps that resource; "
+                        "hexgen/engine/emulation.py); name it with --device-name so the cluster file can refer to it")
     p.add_argument("--out", help="output JSON file (default: print to stdout)")
     p.add_argument("--quiet", action="store_true", help="no per-point progress on stderr")
     return p
@@ -86,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         log = (lambda m: None) if args.quiet else (lambda m: print(f"hexgen profile: {m}", file=sys.stderr))
-        # HEXGEN_EMULATE_DEVICES="0=SMs:GiB" profiles a cut-down GPU (hexgen/engine/emulation.py): name it
-        # with --device-name so the cluster file can refer to it
+        from hexgen.config import parse_limits
         from hexgen.engine.emulation import limited_device
+        limit = parse_limits(f"0={args.emulate}")[0] if args.emulate else None
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        with limited_device(0, dev):
+        with limited_device(limit, dev):
             cal = measure(cfg, device, dtype, name, prof, log=log)
     except HexGenError as e:
         print(f"hexgen profile: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 
+from hexgen.cli.flags import add_engine_flags, engine_fields, env_log_level
 from hexgen.config import KV_CACHE_DTYPES
 from hexgen.errors import HexGenError
 from hexgen.logutil import setup_logging
@@ -53,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help="requests in flight per pipeline (engine default 64)")
     p.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens per rank on CPU")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs")
+    add_engine_flags(p)
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                    help="KV cache: auto (the model dtype) or fp8 (e4m3); default: the config's kv_cache_dtype")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch threads per rank (default: the host's cores shared evenly by every CPU rank "
                         "registered on this host, of all pipelines, recounted while running)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-level", default=env_log_level("INFO"),
+                        help="DEBUG, INFO, WARNING, ERROR (default $HEXGEN_LOG_LEVEL, else INFO)")
     a = p.add_argument_group("placement agent (no --stage)")
     a.add_argument("--node", help="node name the planner sees (default: the hostname)")
     a.add_argument("--agent-id", help="registry id of this agent (default: the node name); one agent per id")
@@ -93,14 +96,19 @@ def agent_main(args: argparse.Namespace, engine: dict) -> int:
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     """The EngineConfig fields the flags set (those not given keep the engine's defaults)."""
-    return {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("cpu_kv_tokens", args.kv_tokens),
-                              ("cuda_graphs", args.cuda_graphs or None), ("kv_cache_dtype", args.kv_cache_dtype),
-                              ("cpu_threads", args.threads)) if v is not None}
+    out = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("cpu_kv_tokens", args.kv_tokens),
+                             ("cuda_graphs", args.cuda_graphs or None), ("kv_cache_dtype", args.kv_cache_dtype),
+                             ("cpu_threads", args.threads)) if v is not None}
+    return {**out, **engine_fields(args)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    engine = engine_overrides(args)
+    try:
+        engine = engine_overrides(args)
+    except HexGenError as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return 2
     if args.stage is None:
         return agent_main(args, engine)
     setup_logging("parent", args.stage, args.log_level)

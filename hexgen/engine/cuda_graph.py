@@ -18,9 +18,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from hexgen.config import KernelConfig
 from hexgen.engine.plan import StepPlan
 from hexgen.model import pdl
-from hexgen.model.attention import use_decode_kernel
+from hexgen.model.kernels import resolve
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,10 @@ class DecodeGraphs:
     """Captured decode steps for one stage; ``run`` returns None for plans it does not cover."""
 
     def __init__(self, fn: DecodeFn, first_stage: bool, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device, block_size: int, max_batch: int, max_len: int, scratch_block: int) -> None:
+                 device: torch.device, block_size: int, max_batch: int, max_len: int, scratch_block: int,
+                 kernels: KernelConfig | None = None) -> None:
         self.fn = fn
+        self.kernels = resolve(kernels or KernelConfig(), device)  # the stage's: which decode path ``fn`` takes
         self.first_stage = first_stage
         self.device = device
         self.block_size = block_size
@@ -83,7 +86,7 @@ class DecodeGraphs:
         self.batches = batch_buckets(max_batch)
         # The paged kernel reads only each sequence's live context, so one width (all blocks) serves every
         # step; the gather fallback reads the whole width, so it gets width buckets.
-        self.widths = [max_blocks] if use_decode_kernel(device) else \
+        self.widths = [max_blocks] if self.kernels.decode_kernel else \
             width_buckets(max_blocks, smallest=max(1, min(max_blocks, 256 // block_size)))
         mb = self.batches[-1]
         self.ids = torch.zeros(mb, dtype=torch.long, device=device)  # [batch]
@@ -105,7 +108,7 @@ class DecodeGraphs:
         return x, self.tables[:b, :w], self.ctx[:b]
 
     def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
-        with pdl.for_graphs():  # warm-up too, so that it compiles the kernels the capture launches
+        with pdl.for_graphs(self.kernels.pdl):  # warm-up too, so that it compiles the kernels the capture launches
             return self._capture_pdl(b, w)
 
     def _capture_pdl(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:

@@ -1,9 +1,9 @@
 """Make a GPU behave like a smaller, slower one: fewer SMs (CUDA green contexts) and a memory cap.
 
 Used to measure asymmetric layouts and the planner on identical H100s (see docs/planner.md). Set
-``HEXGEN_EMULATE_DEVICES`` to a comma-separated list of ``<global rank>=<SMs>:<GiB>`` entries, e.g.
-``2=40:24,3=16:16`` (rank 2 gets 40 SMs and 24 GiB, rank 3 16 SMs and 16 GiB; 0 leaves that resource
-alone). Ranks not listed run on the whole GPU.
+``EngineConfig.emulate_devices`` (``--emulate-devices``) to a comma-separated list of
+``<global rank>=<SMs>:<GiB>`` entries, e.g. ``2=40:24,3=16:16`` (rank 2 gets 40 SMs and 24 GiB, rank 3 16 SMs
+and 16 GiB; 0 leaves that resource alone). Ranks not listed run on the whole GPU.
 
 Inside :func:`limited_device` every kernel this thread launches on the current stream goes to a stream of a
 green context holding only the requested SMs; NCCL launches its kernels on its own streams, so collectives
@@ -15,47 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
-from hexgen.errors import ConfigError
+from hexgen.config import DeviceLimit, parse_limits
+
+__all__ = ["DeviceLimit", "limited_device", "memory_cap", "parse_limits"]
 
 log = logging.getLogger(__name__)
 
-ENV = "HEXGEN_EMULATE_DEVICES"
 _caps: dict[int, int] = {}  # device index -> bytes cap, set by limited_device for this process
-
-
-@dataclass(frozen=True)
-class DeviceLimit:
-    """What one rank's GPU is cut down to: ``sms`` streaming multiprocessors (0: all), ``memory_gib`` (0: all)."""
-
-    sms: int = 0
-    memory_gib: float = 0.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.sms, bool) or not isinstance(self.sms, int) or self.sms < 0:
-            raise ConfigError(f"{ENV}: SM count {self.sms!r} must be an integer ≥ 0 (0: all SMs)")
-        if not self.memory_gib >= 0:
-            raise ConfigError(f"{ENV}: memory {self.memory_gib!r} GiB must be ≥ 0 (0: the whole card)")
-
-
-def parse_limits(text: str) -> dict[int, DeviceLimit]:
-    """``"2=40:24,3=16:16"`` → {2: DeviceLimit(40, 24.0), 3: DeviceLimit(16, 16.0)}."""
-    out: dict[int, DeviceLimit] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        rank, sep, rest = item.partition("=")
-        sms, sep2, mem = rest.partition(":")
-        try:
-            if not sep or not sep2:
-                raise ValueError(item)
-            out[int(rank)] = DeviceLimit(int(sms), float(mem))
-        except ValueError as e:
-            raise ConfigError(f"{ENV}: {item!r} must look like <rank>=<SMs>:<GiB>, e.g. 2=40:24") from e
-    return out
 
 
 def memory_cap(device: torch.device) -> int | None:
@@ -85,9 +55,11 @@ def _green_stream(device: torch.device, sms: int) -> torch.cuda.ExternalStream:
 
 
 @contextlib.contextmanager
-def limited_device(rank: int, device: torch.device) -> Iterator[DeviceLimit | None]:
-    """Run the body on a cut-down ``device`` when ``HEXGEN_EMULATE_DEVICES`` lists ``rank``; else as is."""
-    limit = parse_limits(os.environ.get(ENV, "")).get(rank) if device.type == "cuda" else None
+def limited_device(limit: DeviceLimit | None, device: torch.device) -> Iterator[DeviceLimit | None]:
+    """Run the body on ``device`` cut down to ``limit`` (``EngineConfig.device_limit(rank)``); as is when
+    ``limit`` is None or the device is not a GPU."""
+    if device.type != "cuda":
+        limit = None
     if limit is None:
         yield None
         return

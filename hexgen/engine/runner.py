@@ -16,6 +16,7 @@ from hexgen.engine.threads import CpuThreads
 from hexgen.errors import ConfigError
 from hexgen.model import cpu_layout, gemv, kv_quant
 from hexgen.model.attention import build_meta, decode_meta
+from hexgen.model.kernels import resolve
 from hexgen.model.loader import build_stage, init_random, load_stage
 from hexgen.model.rope import RotaryCache
 from hexgen.model.staging import upload
@@ -49,16 +50,18 @@ class StageRunner:
         self.groups = groups
         self.device = groups.device
         self.dtype = getattr(torch, engine.dtype)
+        self.kernels = resolve(engine.kernels, self.device)  # what runs here, handed to every layer
         stage = groups.stage
         self.model = build_stage(self.cfg, stage, groups.tp, self.dtype, self.device,
-                                 with_head=groups.is_leader)
+                                 with_head=groups.is_leader, kernels=self.kernels)
         if model.random_weights:
             init_random(self.model, engine.seed, groups.tp.rank)
         else:
             load_stage(self.model, model.model_dir, progress=groups.is_leader)
         self.linears = [m for m in self.model.modules() if hasattr(m, "gemv")]
-        gemv.tune(self.linears)  # batch-1 linears: the Triton GEMV, configuration timed on these weights
-        cpu_layout.tune(self.linears)  # on CPU: each shape's weights in the storage order its GEMV reads fastest
+        gemv.tune(self.linears, self.kernels.gemv)  # batch-1 linears: the Triton GEMV, timed on these weights
+        if self.kernels.cpu_layout:  # on CPU: each shape's weights in the storage order its GEMV reads fastest
+            cpu_layout.tune(self.linears)
         self.max_len = engine.max_model_len or self.cfg.max_position_embeddings
         self.rotary = RotaryCache(self.cfg, self.max_len, self.device)
         self.n_kv_local = self.model.layers[0].attn.n_kv
@@ -68,7 +71,8 @@ class StageRunner:
         # graph hung on two H100s, so without the one-shot kernel TP > 1 stays eager.
         # The most sequences a step carries: max_num_seqs split over the micro-batches in flight.
         self.step_batch = max_step_batch(engine.max_num_seqs, engine.micro_batches or groups.layout.num_stages)
-        fast_ar = groups.enable_fast_all_reduce(self.step_batch * self.cfg.hidden_size, self.dtype)
+        fast_ar = self.kernels.all_reduce == "symm" and \
+            groups.enable_fast_all_reduce(self.step_batch * self.cfg.hidden_size, self.dtype)
         use_graphs = engine.cuda_graphs and (groups.tp.size == 1 or fast_ar)
         if engine.cuda_graphs and not use_graphs:
             log.warning("stage %d: CUDA graphs are off: TP %d without the symmetric-memory all-reduce",
@@ -86,7 +90,7 @@ class StageRunner:
         self._kv_written = False
         self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,
                                    self.device, engine.block_size, self.step_batch, self.max_len,
-                                   scratch_block=self.num_blocks) if use_graphs else None
+                                   scratch_block=self.num_blocks, kernels=self.kernels) if use_graphs else None
         if self.graphs is not None:
             self.graphs.capture_all()
         self._graph_logits: tuple[int, torch.Tensor] | None = None  # (step id, logits) of the last graph step
@@ -142,8 +146,10 @@ class StageRunner:
                 if len(outs) > 1:
                     self._graph_logits = (plan.step_id, outs[1])
                 return outs[0]
+        k = self.kernels
         meta = build_meta(plan.positions, plan.q_lens, plan.ctx_lens, plan.block_tables, self.engine.block_size,
-                          self.device)
+                          self.device, kernel=k.decode_kernel, prefill_kernel=k.prefill_kernel,
+                          group_rows=k.decode_groups)
         cos, sin = self.rotary.lookup(meta.positions, self.dtype)
         if self.kv_scales is not None and not self._kv_written:
             meta.calibrate_kv = True  # fp8: this step's writes fix the cache's scales
@@ -156,7 +162,7 @@ class StageRunner:
         block_tables [batch, n_blocks]; ctx_lens [batch]. Returns (hidden [batch, hidden],) and, where this
         rank holds the LM head, float32 logits [batch, vocab] too: the head runs inside the graph."""
         with torch.inference_mode():
-            meta = decode_meta(block_tables, ctx_lens, self.engine.block_size)
+            meta = decode_meta(block_tables, ctx_lens, self.engine.block_size, kernel=self.kernels.decode_kernel)
             cos, sin = self.rotary.lookup(ctx_lens - 1, self.dtype)
             hidden = self.model(x, cos, sin, self.kv, meta, self.kv_scales)  # fp8: scales fixed by eager steps
             if self.model.lm_head is None:

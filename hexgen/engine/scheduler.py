@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hexgen.engine.kv_cache import BlockManager
-from hexgen.engine.plan import StepPlan, StepResult
+from hexgen.engine.plan import Abort, NewSequence, StepPlan, StepResult
 from hexgen.engine.types import Request
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.by_request: dict[str, Sequence] = {}
         self._next_id = 0
-        self._notices: list[dict] = []  # aborted sequences the last stage must report
+        self._notices: list[Abort] = []  # aborted sequences the last stage must report
         self.ahead_tokens = 0  # decode tokens scheduled before their input was sampled (asynchronous steps)
         self.stats = StepStats()
 
@@ -120,8 +120,7 @@ class Scheduler:
         seq = Sequence(self._next_id, req, tokens, len(req.prompt_ids))
         self._next_id += 1
         if room < 1 or remaining < 1 or not tokens:
-            self._notices.append({"seq_id": seq.seq_id, "request_id": req.request_id, "reason": "length",
-                                  "request": req.to_dict()})
+            self._notices.append(Abort(seq.seq_id, req.request_id, "length", req))
             return
         if remaining > room:  # cap the completion so prompt + completion fit the context and the cache
             cap = len(req.output_ids) + room
@@ -141,8 +140,8 @@ class Scheduler:
 
     def _abort(self, seq: Sequence, reason: str) -> None:
         self._remove(seq)
-        self._notices.append({"seq_id": seq.seq_id, "request_id": seq.request.request_id, "reason": reason,
-                              "request": None if seq.announced else seq.request.to_dict()})
+        self._notices.append(Abort(seq.seq_id, seq.request.request_id, reason,
+                                   None if seq.announced else seq.request))
 
     def _remove(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -155,7 +154,7 @@ class Scheduler:
 
     # -- one step -------------------------------------------------------------------------------------
     def _ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
-        need = self.blocks.blocks_for(num_tokens) - len(seq.blocks)
+        need = -(-num_tokens // self.blocks.block_size) - len(seq.blocks)  # blocks_for(num_tokens), inlined
         if need <= 0:
             return True
         if not self.blocks.can_allocate(need):
@@ -163,7 +162,8 @@ class Scheduler:
         seq.blocks += self.blocks.allocate(need)
         return True
 
-    def _preempt_one(self, keep: Sequence) -> bool:
+    def _preempt_one(self, keep: Sequence) -> Sequence | None:
+        """Preempt the youngest idle running sequence other than ``keep``; it, or None when there is none."""
         for victim in reversed(self.running):
             if victim is not keep and not victim.in_flight:
                 log.info("KV cache full: preempting request %s", victim.request.request_id)
@@ -173,21 +173,25 @@ class Scheduler:
                 self.blocks.free(victim.blocks)
                 victim.blocks, victim.num_computed = [], 0
                 self.waiting.appendleft(victim)
-                return True
-        return False
+                return victim
+        return None
 
     def _add_chunk(self, plan: StepPlan, seq: Sequence, chunk: int) -> None:
-        start = seq.num_computed
+        start, end, tokens = seq.num_computed, seq.num_computed + chunk, seq.tokens
         plan.seq_ids.append(seq.seq_id)
-        plan.input_ids += seq.tokens[start:start + chunk]
-        plan.positions += list(range(start, start + chunk))
+        if chunk == 1:  # a decode row (most rows of most steps)
+            plan.input_ids.append(tokens[start])
+            plan.positions.append(start)
+        else:
+            plan.input_ids += tokens[start:end]
+            plan.positions += range(start, end)
         plan.q_lens.append(chunk)
-        plan.ctx_lens.append(start + chunk)
-        plan.block_tables.append(list(seq.blocks))
-        plan.sample.append(start + chunk == len(seq.tokens))
-        plan.out_lens.append(seq.num_output)
+        plan.ctx_lens.append(end)
+        plan.block_tables.append(seq.blocks.copy())
+        plan.sample.append(end == len(tokens))
+        plan.out_lens.append(len(tokens) - seq.num_prompt)
         if not seq.announced:
-            plan.new_requests.append({"seq_id": seq.seq_id, "request": seq.request.to_dict()})
+            plan.new_requests.append(NewSequence(seq.seq_id, seq.request))
             seq.announced = True
         seq.in_flight = chunk
 
@@ -244,10 +248,11 @@ class Scheduler:
     def _schedule_running(self, plan: StepPlan, budget: int, share: int, ahead: bool,
                           added: list[Sequence]) -> int:
         """Running sequences' next chunks (preempting others for blocks); returns the token budget left."""
+        preempted: set[int] = set()  # seq ids this call took out of running
         for seq in list(self.running):
-            if len(plan.seq_ids) >= share:
+            if len(plan.seq_ids) >= share or budget <= 0:
                 break
-            if budget <= 0 or seq not in self.running:
+            if seq.seq_id in preempted:
                 continue
             if seq.in_flight:
                 if ahead and self._can_run_ahead(seq) and self._add_ahead(plan, seq):
@@ -256,8 +261,10 @@ class Scheduler:
                 continue
             chunk = min(len(seq.tokens) - seq.num_computed, budget)
             while not self._ensure_blocks(seq, seq.num_computed + chunk):
-                if not self._preempt_one(keep=seq):
+                victim = self._preempt_one(keep=seq)
+                if victim is None:
                     break
+                preempted.add(victim.seq_id)
             else:
                 self._add_chunk(plan, seq, chunk)
                 added.append(seq)
@@ -287,7 +294,7 @@ class Scheduler:
             if seq is not None:
                 seq.num_computed += chunk
                 seq.in_flight -= chunk
-        released = [n["request_id"] for n in plan.cancelled]
+        released = [n.request_id for n in plan.cancelled]
         for sid, token, finished in zip(result.seq_ids, result.tokens, result.finished):
             seq = by_id.get(sid)
             if seq is None:

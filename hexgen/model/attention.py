@@ -13,7 +13,6 @@ take one call of the Triton prefill kernel on CUDA, else a loop of SDPA calls, o
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,13 +77,9 @@ class AttnMeta:
 
 
 def use_decode_kernel(device: torch.device) -> bool:
-    """Whether decode rows on ``device`` take the Triton paged kernel."""
+    """Whether the Triton paged kernels can run on ``device`` (the default of ``build_meta`` and
+    ``decode_meta`` when the caller's ``KernelConfig`` does not say)."""
     return device.type == "cuda" and paged_decode.available()
-
-
-def use_prefill_kernel(device: torch.device) -> bool:
-    """Whether prefill sequences on ``device`` take the Triton paged prefill kernel."""
-    return device.type == "cuda" and paged_decode.prefill_available()
 
 
 GROUP_MIN_ROWS = 8  # the reference decode path groups its rows when each group gets at least this many
@@ -96,10 +91,9 @@ def decode_groups(ctx: np.ndarray) -> list[np.ndarray] | None:
     first, for the reference path: each group gathers and attends its own longest context instead of the
     batch's, so a mixed batch moves less padding (a 64-row decode step of SmolLM2's shape, contexts 64-400, on
     this project's 2-core CPU machine: 446.5 -> 337.6 ms; scripts/profile_cpu.py).
-    None when there are too few rows to group, or with ``HEXGEN_DECODE_GROUPS=0``."""
+    None when there are too few rows to group (``build_meta``'s ``group_rows``, ``KernelConfig.decode_groups``,
+    turns grouping off)."""
     n = len(ctx)
-    if os.environ.get("HEXGEN_DECODE_GROUPS", "1") == "0":
-        return None
     groups = min(GROUP_MAX, n // GROUP_MIN_ROWS)
     if groups < 2:
         return None
@@ -158,7 +152,7 @@ def _upload_parts(parts: dict[str, np.ndarray], device: torch.device) -> dict[st
 
 
 def _decode_parts(parts: dict[str, np.ndarray], tables: _Tables, dec: np.ndarray, all_decode: bool,
-                  q_starts: np.ndarray, cl: np.ndarray, kernel: bool) -> list[np.ndarray] | None:
+                  q_starts: np.ndarray, cl: np.ndarray, kernel: bool, group_rows: bool) -> list[np.ndarray] | None:
     """The decode rows' index arrays (into ``parts``); returns their context groups (reference path)."""
     if not all_decode:
         parts["decode_rows"] = q_starts[dec]
@@ -172,7 +166,7 @@ def _decode_parts(parts: dict[str, np.ndarray], tables: _Tables, dec: np.ndarray
     seq = np.broadcast_to(dec[:, None], ok.shape)
     parts["decode_index"] = np.where(ok, tables.slots(seq, np.where(ok, j[None, :], 0)), 0).reshape(-1)  # slots
     parts["decode_ctx"] = dec_ctx
-    groups = decode_groups(dec_ctx)
+    groups = decode_groups(dec_ctx) if group_rows else None
     if groups is not None:
         parts["decode_groups"] = np.concatenate(groups)
     return groups
@@ -210,17 +204,18 @@ def _set_decode(meta: AttnMeta, t: dict[str, torch.Tensor], n_dec: int, dec_ctx:
 
 def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
                block_size: int, device: torch.device, kernel: bool | None = None,
-               prefill_kernel: bool | None = None) -> AttnMeta:
+               prefill_kernel: bool | None = None, group_rows: bool = True) -> AttnMeta:
     """Derive slot indices from block tables. ``positions`` are the step's flattened token positions.
 
     Host work is vectorized (numpy) and every index tensor reaches the device in one copy. ``kernel`` and
     ``prefill_kernel`` pick the layouts of decode rows and of prefill sequences (default:
-    ``use_decode_kernel(device)``, ``use_prefill_kernel(device)``).
+    ``use_decode_kernel(device)``); ``group_rows`` lets the reference decode path group its rows
+    (``decode_groups``).
     """
     if kernel is None:
         kernel = use_decode_kernel(device)
     if prefill_kernel is None:
-        prefill_kernel = use_prefill_kernel(device)
+        prefill_kernel = use_decode_kernel(device)
     ql = np.asarray(q_lens, dtype=np.int64)  # [batch]
     cl = np.asarray(ctx_lens, dtype=np.int64)
     n_seq, n_tok = len(ql), len(positions)
@@ -232,7 +227,7 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
     parts = {"slots": tables.slots(tok_seq, tok_pos), "positions": np.asarray(positions, dtype=np.int64)}
     dec = np.flatnonzero(ql == 1)
     all_decode = len(dec) == n_seq
-    groups = _decode_parts(parts, tables, dec, all_decode, q_starts, cl, kernel) if len(dec) else None
+    groups = _decode_parts(parts, tables, dec, all_decode, q_starts, cl, kernel, group_rows) if len(dec) else None
     pre = np.flatnonzero(ql != 1)
     chunked = pre[ql[pre] < cl[pre]] if not prefill_kernel else pre[:0]  # continuing a cached context
     _prefill_parts(parts, tables, pre, chunked, q_starts, ql, cl, prefill_kernel)

@@ -11,13 +11,12 @@ docs/benchmarks.md).
 layers of that shape. Shapes where column-major takes at most ``MARGIN`` of the row-major time are re-laid.
 The values are copied, not changed, and every caller still sees ``[N, K]``: the choice changes only which BLAS
 kernel runs, so outputs agree to fp32 rounding. CUDA weights are left alone (the Triton GEMV and cuBLAS read
-row-major), and so are weights under ``MIN_BYTES``, which sit in cache. ``HEXGEN_CPU_LAYOUT=0`` keeps every
-weight row-major.
+row-major), and so are weights under ``MIN_BYTES``, which sit in cache. ``KernelConfig.cpu_layout`` off keeps
+every weight row-major (the runner then does not call ``tune``).
 """
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -57,16 +56,10 @@ def time_linear(weights: list[torch.Tensor], x: torch.Tensor) -> float:
     return (time.perf_counter() - t) / len(weights)
 
 
-def enabled() -> bool:
-    return os.environ.get("HEXGEN_CPU_LAYOUT", "1") != "0"
-
-
 def tune(layers: list[nn.Module], timer: Timer = time_linear, min_bytes: int = MIN_BYTES
          ) -> dict[tuple[int, int], str]:
     """Re-lay the ``weight`` of CPU ``layers`` column-major for the shapes where one-row ``F.linear`` is faster
     that way (see the module doc). Returns {(N, K): "column" or "row"} for the shapes timed."""
-    if not enabled():
-        return {}
     by_shape: dict[tuple[int, int], list[nn.Module]] = defaultdict(list)
     for layer in layers:
         w = layer.weight

@@ -9,22 +9,16 @@ inside a CUDA graph each still costs a few microseconds, about a third of the st
   cache slots, rotated q returned;
 - ``silu_mul``: SiLU(gate) * up from the fused gate/up projection.
 
-``enabled(t)`` says whether tensors like ``t`` take the kernels (CUDA, triton importable, ``HEXGEN_FUSED``
-not 0). The ``*_ref`` functions are the reference math; tests run the kernels under Triton's interpreter.
+A stage takes the kernels when its resolved ``KernelConfig.fused`` is on (CUDA, triton importable, not turned
+off; ``hexgen.model.kernels``). The ``*_ref`` functions are the reference math; tests run the kernels under
+Triton's interpreter.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from hexgen.model import pdl
-from hexgen.model.paged_decode import triton_importable
-
-
-def enabled(t: torch.Tensor) -> bool:
-    return t.is_cuda and os.environ.get("HEXGEN_FUSED", "1") != "0" and triton_importable()
 
 
 def _pow2(n: int) -> int:

@@ -7,7 +7,7 @@ everywhere beats the per-shape best of the two (hence ``gemv="triton"`` by defau
 L2 holds none of them; captured in a CUDA graph and replayed, as the decode steps run) and sets each layer's
 ``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K, num_warps, ahead) configuration (``ahead``: the
 loop loads the next tile before it multiplies the current one).
-``linear(x, w, config)`` applies it to one-row inputs. HEXGEN_GEMV picks the candidates: ``triton``
+``linear(x, w, config)`` applies it to one-row inputs. ``KernelConfig.gemv`` picks the candidates: ``triton``
 (default) the kernel's configurations, ``auto`` those and cuBLAS, ``cublas`` none.
 
 One program reads BLOCK_N whole rows of the weight, BLOCK_K columns at a time (16-byte loads along K), and
@@ -18,7 +18,6 @@ instead of two; the same roundings as ``fused.silu_mul``).
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 
 import torch
@@ -101,11 +100,10 @@ def _time_us(fn, weights: list[torch.Tensor], x: torch.Tensor, reps: int = 5) ->
     return start.elapsed_time(end) * 1e3 / (reps * len(weights))
 
 
-def tune(layers: list[torch.nn.Module]) -> dict[tuple[int, int], Config | None]:
-    """Set ``layer.gemv`` on every layer (each has ``weight`` [N, K]) to the fastest candidate (see the
-    module docstring), timed per weight shape over all layers of that shape. cuBLAS everywhere without
-    CUDA or triton, for fp32 weights, or with HEXGEN_GEMV=cublas."""
-    mode = os.environ.get("HEXGEN_GEMV", "triton")
+def tune(layers: list[torch.nn.Module], mode: str = "triton") -> dict[tuple[int, int], Config | None]:
+    """Set ``layer.gemv`` on every layer (each has ``weight`` [N, K]) to the fastest candidate of ``mode``
+    (``KernelConfig.gemv``; see the module docstring), timed per weight shape over all layers of that shape.
+    cuBLAS everywhere without CUDA or triton, for fp32 weights, or with mode ``cublas``."""
     for layer in layers:
         layer.gemv = None
     if not layers or mode == "cublas" or not triton_importable() or not layers[0].weight.is_cuda:

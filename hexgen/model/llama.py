@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hexgen.config import ModelConfig, StageSpec
+from hexgen.config import KernelConfig, ModelConfig, StageSpec
 from hexgen.model import fused, kv_quant
-from hexgen.model.attention import AttnMeta, paged_attention, use_prefill_kernel
+from hexgen.model.attention import AttnMeta, paged_attention
 from hexgen.model.rope import apply_rotary
 from hexgen.parallel.groups import TPContext
 from hexgen.parallel.layers import (
@@ -24,13 +24,14 @@ from hexgen.parallel.layers import (
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, fast: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.fast = fast  # the fused Triton kernel (KernelConfig.fused, resolved for the device)
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.enabled(x):
+        if self.fast:
             return fused.add_rms_norm(x, None, self.weight, self.eps)[0]
         return fused.rms_norm_ref(x, self.weight, self.eps)
 
@@ -45,6 +46,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
         super().__init__()
+        # rotary + K/V written by one kernel: every attention read then goes through the cache (set_kernels)
+        self.through_cache = False
         self.head_dim = cfg.head_dim
         self.qkv_proj, self.n_q, self.n_kv = qkv_linear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                                                         cfg.head_dim, tp)
@@ -53,13 +56,13 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttnMeta, fast: bool = False,
+                v_cache: torch.Tensor, meta: AttnMeta,
                 kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         """kv_scales: [2, n_kv] (k, v) with an fp8 cache (``hexgen.model.kv_quant``), else None."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [tokens, (n_q + 2 n_kv) * d]
         ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
-        if fast and use_prefill_kernel(x.device):  # every attention read goes through the cache
+        if self.through_cache:  # every attention read goes through the cache
             if kv_scales is not None and meta.calibrate_kv:  # before rotary: K's scale is the same either side
                 kv_quant.update_scales(ks, vs, *self._kv_heads(qkv))
             q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv,
@@ -85,13 +88,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
         super().__init__()
+        self.fast = False  # SiLU * up fused into the down projection's input (set_kernels)
         self.gate_up, start, size = gate_up_linear(cfg.hidden_size, cfg.intermediate_size, tp)
         self.size = size
         self.down = RowParallelLinear(start, size, cfg.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)  # [tokens, 2 * local_inter]: gate | up
-        if fast:
+        if self.fast:
             return self.down.forward_silu(gu)
         gate, up = gu.split(self.size, dim=-1)  # [tokens, local_inter] each
         return self.down(F.silu(gate) * up)
@@ -100,27 +104,33 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext) -> None:
         super().__init__()
+        self.fast = False  # the fused norm, rotary and SiLU kernels (set_kernels)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, tp)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
+
+    def set_kernels(self, kernels: KernelConfig) -> None:
+        self.fast = self.input_norm.fast = self.post_norm.fast = self.mlp.fast = kernels.fused
+        self.attn.through_cache = kernels.fused and kernels.prefill_kernel
 
     def forward(self, x: torch.Tensor, res: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
                 kv_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream form: the layer's input hidden is x + res (res None: x). Returns (mlp output,
         residual), whose sum is its output hidden, so the next layer's norm can fuse the add."""
-        fast = fused.enabled(x)
+        fast = self.fast
         h, res = self.input_norm.add_forward(x, res, fast)  # [tokens, hidden] x2
-        h, res = self.post_norm.add_forward(self.attn(h, cos, sin, k_cache, v_cache, meta, fast, kv_scales), res,
-                                            fast)
-        return self.mlp(h, fast), res
+        h, res = self.post_norm.add_forward(self.attn(h, cos, sin, k_cache, v_cache, meta, kv_scales), res, fast)
+        return self.mlp(h), res
 
 
 class LlamaStage(nn.Module):
-    """The layers of one stage, plus embedding (first stage) and norm + LM head (last stage)."""
+    """The layers of one stage, plus embedding (first stage) and norm + LM head (last stage). ``kernels`` is
+    the stage's KernelConfig resolved for its device (``hexgen.model.kernels.resolve``)."""
 
-    def __init__(self, cfg: ModelConfig, stage: StageSpec, tp: TPContext, with_head: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, stage: StageSpec, tp: TPContext, kernels: KernelConfig,
+                 with_head: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.stage = stage
@@ -131,6 +141,16 @@ class LlamaStage(nn.Module):
         has_head = stage.is_last and with_head
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if has_head else None
         self.lm_head = ReplicatedLinear(cfg.hidden_size, cfg.vocab_size) if has_head else None
+        self.set_kernels(kernels)
+
+    def set_kernels(self, kernels: KernelConfig) -> None:
+        """Hand ``kernels`` (resolved for this stage's device) to every layer; the stage is built with it, and
+        A/B profiles switch it between runs."""
+        self.kernels = kernels
+        for layer in self.layers:
+            layer.set_kernels(kernels)
+        if self.norm is not None:
+            self.norm.fast = kernels.fused
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttnMeta, kv_scales: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from hexgen.config import ModelConfig, StageSpec
+from hexgen.config import KernelConfig, ModelConfig, StageSpec
 from hexgen.errors import LoadError
+from hexgen.model.kernels import resolve
 from hexgen.model.llama import LlamaStage
 from hexgen.parallel.groups import TPContext
 
@@ -109,12 +110,13 @@ def _stage_loaders(model: LlamaStage, reader: CheckpointReader, cfg: ModelConfig
 
 
 def build_stage(cfg: ModelConfig, stage: StageSpec, tp: TPContext, dtype: torch.dtype,
-                device: torch.device, with_head: bool = True) -> LlamaStage:
+                device: torch.device, with_head: bool = True, kernels: KernelConfig | None = None) -> LlamaStage:
     """The stage module with uninitialised storage on ``device`` (built on meta: no full-size init). The dtype
     is set on meta first, so the device never holds an fp32 copy (twice the bf16 size: a 60-layer 70B stage
-    would not fit an H200)."""
+    would not fit an H200). ``kernels`` (default: every fast path) is resolved for ``device`` here."""
+    kernels = resolve(kernels or KernelConfig(), device)
     with torch.device("meta"):
-        model = LlamaStage(cfg, stage, tp, with_head=with_head)
+        model = LlamaStage(cfg, stage, tp, kernels, with_head=with_head)
     return model.to(dtype).to_empty(device=device).eval()
 
 

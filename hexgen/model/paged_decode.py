@@ -7,8 +7,7 @@ reads on the device. Triton is imported lazily, on the first call; ``available()
 can run here. On CPU the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``, tests); the
 engine uses the PyTorch reference in ``hexgen.model.attention`` there.
 
-Set ``HEXGEN_DECODE_KERNEL=0`` (or ``HEXGEN_PREFILL_KERNEL=0``) to turn a kernel off, for A/B runs against
-the PyTorch path.
+``KernelConfig.decode_kernel`` and ``prefill_kernel`` turn a kernel off, for A/B runs against the PyTorch path.
 """
 from __future__ import annotations
 
@@ -35,16 +34,9 @@ def triton_importable() -> bool:
     return True
 
 
-def available(switch: str = "HEXGEN_DECODE_KERNEL") -> bool:
-    """True when the kernel can run on this machine's GPU: CUDA is present, triton imports, and the
-    environment variable ``switch`` is not 0."""
-    if os.environ.get(switch, "1") == "0":
-        return False
+def available() -> bool:
+    """True when the kernels can run on this machine's GPU: CUDA is present and triton imports."""
     return torch.cuda.is_available() and triton_importable()
-
-
-def prefill_available() -> bool:
-    return available("HEXGEN_PREFILL_KERNEL")
 
 
 MAX_SPLITS = 64  # the most splits the heuristic picks; stage 2 merges this many at once (one compiled variant)
@@ -67,7 +59,7 @@ def num_splits(batch: int, n_kv: int, max_ctx: int, device: torch.device) -> int
 
 def _dot_mode(dtype: torch.dtype) -> tuple[bool, bool]:
     """(DOT_F32, IEEE): fp32 inputs get exact products (no TF32); under Triton's interpreter bf16 dots run
-    in fp32, since it multiplies bf16 as raw integers."""
+    in fp32, since it multiplies bf16 as raw integers (``TRITON_INTERPRET`` is Triton's own switch)."""
     dot_f32 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
     return dot_f32, dtype == torch.float32 or dot_f32
 

@@ -15,10 +15,9 @@ kernel, and kernels launched without PDL (cuBLAS, PyTorch ops) wait for the whol
 ``launch(t)`` gives the keyword arguments for a kernel launch on tensors like ``t``: the kernel's ``PDL``
 constexpr and Triton's ``launch_pdl`` option. It is on only inside ``for_graphs()`` (the warm-up and capture
 of a CUDA graph), for CUDA tensors on compute capability 9.0 and later, when Triton has the grid-dependency
-calls; ``HEXGEN_PDL=0`` turns it off (A/B runs). Eager launches stay plain: eager steps are large and
-host-bound, and PDL launches cost them host time (a throughput run's launch phase grows by about 14%).
-Triton's interpreter (CPU tests) runs
-the kernels with ``PDL=False``.
+calls, and only when the stage's ``KernelConfig.pdl`` is on (``for_graphs(on)``; off for A/B runs). Eager
+launches stay plain: eager steps are large and host-bound, and PDL launches cost them host time (a throughput
+run's launch phase grows by about 14%). Triton's interpreter (CPU tests) runs the kernels with ``PDL=False``.
 """
 from __future__ import annotations
 
@@ -34,8 +33,9 @@ from hexgen.model.paged_decode import triton_importable
 
 @functools.cache
 def _on(index: int) -> bool:
-    """Read once per device (the launch path is hot in eager steps); ``_on.cache_clear()`` re-reads."""
-    if os.environ.get("HEXGEN_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+    """Checked once per device (the launch path is hot in eager steps). ``TRITON_INTERPRET`` is Triton's own
+    switch: its interpreter has no grid-dependency calls."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if not triton_importable() or torch.cuda.get_device_capability(index)[0] < 9:
         return False
@@ -46,11 +46,16 @@ def _on(index: int) -> bool:
     return True
 
 
-def enabled(t: torch.Tensor) -> bool:
-    """Whether kernels on tensors like ``t`` are launched with PDL."""
-    if not t.is_cuda:
+def supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can be launched with PDL."""
+    if device.type != "cuda":
         return False
-    return _on(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _on(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on tensors like ``t`` are launched with PDL inside ``for_graphs()``."""
+    return supported(t.device)
 
 
 _OFF = {"PDL": False}
@@ -59,14 +64,16 @@ _graph_depth = 0  # > 0 inside for_graphs(); graphs are captured on the engine t
 
 
 @contextlib.contextmanager
-def for_graphs() -> Iterator[None]:
-    """Kernels launched inside (a CUDA graph's warm-up and capture) use PDL where ``enabled``."""
+def for_graphs(on: bool = True) -> Iterator[None]:
+    """Kernels launched inside (a CUDA graph's warm-up and capture) use PDL where ``enabled``; ``on`` False
+    (``KernelConfig.pdl`` off): plain launches."""
     global _graph_depth
-    _graph_depth += 1
+    step = 1 if on else 0
+    _graph_depth += step
     try:
         yield
     finally:
-        _graph_depth -= 1
+        _graph_depth -= step
 
 
 def launch(t: torch.Tensor) -> dict:

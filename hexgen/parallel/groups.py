@@ -146,14 +146,18 @@ class PipelineGroups:
         return self.rank == self.stage.leader
 
     @property
-    def next_leader(self) -> int | None:
-        stages = self.layout.stages()
-        return None if self.stage.is_last else stages[self.stage.index + 1].leader
+    def next_leader(self) -> int:
+        """The next stage's leader (there is none after the last stage)."""
+        if self.stage.is_last:
+            raise RuntimeError(f"stage {self.stage.index} is the last stage: no next leader")
+        return self.layout.stages()[self.stage.index + 1].leader
 
     @property
-    def prev_leader(self) -> int | None:
-        stages = self.layout.stages()
-        return None if self.stage.is_first else stages[self.stage.index - 1].leader
+    def prev_leader(self) -> int:
+        """The previous stage's leader (there is none before the first stage)."""
+        if self.stage.is_first:
+            raise RuntimeError("stage 0 is the first stage: no previous leader")
+        return self.layout.stages()[self.stage.index - 1].leader
 
     @property
     def first_leader(self) -> int:
@@ -243,9 +247,9 @@ class PipelineGroups:
     def enable_fast_all_reduce(self, max_elems: int, dtype: torch.dtype) -> bool:
         """Route this stage's TP all-reduces of up to ``max_elems`` elements through the symmetric-memory
         one-shot kernel (checked against NCCL first); NCCL stays for larger ones. Collective over the TP
-        group. False (NCCL only) without CUDA, for TP 1, for fp16, or with HEXGEN_ALLREDUCE=nccl."""
-        off = os.environ.get("HEXGEN_ALLREDUCE", "symm") == "nccl"
-        if self.tp.size == 1 or self.device.type != "cuda" or dtype not in SYMM_DTYPES or off:
+        group. False (NCCL only) without CUDA, for TP 1 or for fp16 (``KernelConfig.all_reduce`` nccl: the
+        runner does not call this)."""
+        if self.tp.size == 1 or self.device.type != "cuda" or dtype not in SYMM_DTYPES:
             return False
         try:
             fast = OneShotAllReduce(self.tp.group, max_elems, dtype, self.device)

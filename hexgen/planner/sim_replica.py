@@ -1,10 +1,12 @@
-"""One replica of the discrete-event simulator: HexGen's stage-0 scheduler and its pipeline of stage servers.
+"""One replica of the discrete-event simulator: HexGen's own stage-0 scheduler and its pipeline of stage servers.
 
-The scheduler mirrors hexgen/engine/scheduler.py: each micro-batch takes decodes and (chunked) prefills of idle
-sequences under a token budget, at most ceil(sequences / P) of them, with KV blocks allocated as chunks advance
-and the youngest idle sequence preempted (and later recomputed) when the cache is full. The leader mirrors
-hexgen/engine/pipeline.py FirstLeader: it computes stage 0 itself, keeps up to P micro-batches in flight, and a
-sequence is schedulable again only once its micro-batch's sampled ids are back at stage 0.
+Each replica drives the engine's real ``Scheduler`` and ``BlockManager`` (hexgen/engine/scheduler.py,
+kv_cache.py) on a simulated clock, so the simulator's batching, chunked prefill, KV allocation and preemption
+are the engine's by construction. Requests enter it as ``Request``s whose prompt ids are placeholders and whose
+completion is capped as the engine caps it; each plan's sampled rows get a result as the last stage would send
+it (a token, finished at the request's ``max_new_tokens``). The leader mirrors the synchronous loop of
+hexgen/engine/leader.py (``PipelinedSteps``): it computes stage 0 itself, keeps up to P micro-batches in
+flight, and a sequence is schedulable again only once its micro-batch's sampled ids are back at stage 0.
 
 Stages are FIFO servers with busy-until times. Micro-batches enter every stage in launch order, so when a
 micro-batch is launched its start and end on every stage follow from the stages' busy-until times; the event
@@ -13,11 +15,17 @@ heap then only needs the leader's own events (stage 0 free, a result back at sta
 One simplification: a result that reaches stage 0 while the leader computes is applied as soon as the leader is
 free (the real loop reads it when it has nothing else to launch or P micro-batches are in flight).
 """
+
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from hexgen.engine.kv_cache import BlockManager
+from hexgen.engine.plan import StepPlan, StepResult
+from hexgen.engine.scheduler import Scheduler, Sequence
+from hexgen.engine.types import Request, SamplingParams
 
 # Event priorities at equal times: results first (they free sequences), then arrivals, then the leader's turn.
 RESULT, ARRIVAL, LEADER_FREE = 0, 1, 2
@@ -35,19 +43,13 @@ class StageModel:
 
 
 class SimSeq:
-    """One request's state inside the simulator."""
+    """One request's lengths and timestamps inside the simulator (the scheduler holds its state)."""
 
-    __slots__ = ("rid", "prompt", "target", "arrival", "num_tokens", "num_computed", "blocks", "in_flight",
-                 "generated", "running", "first_token", "done_at", "rejected", "replica")
+    __slots__ = ("rid", "prompt", "target", "arrival", "generated", "first_token", "done_at", "rejected", "replica")
 
     def __init__(self, rid: int, prompt: int, output: int, arrival: float) -> None:
         self.rid, self.prompt, self.target, self.arrival = rid, prompt, output, arrival
-        self.num_tokens = prompt  # prompt + generated so far
-        self.num_computed = 0  # tokens whose K/V are cached
-        self.blocks = 0
-        self.in_flight = 0  # tokens of the chunk now in the pipeline
         self.generated = 0
-        self.running = False
         self.first_token: float | None = None
         self.done_at: float | None = None
         self.rejected = False
@@ -55,43 +57,54 @@ class SimSeq:
 
 
 class MicroBatch:
-    __slots__ = ("items", "tokens", "emit_at")
+    __slots__ = ("plan", "emit_at")
 
-    def __init__(self, items: list[tuple[SimSeq, int]], tokens: int) -> None:
-        self.items, self.tokens = items, tokens
+    def __init__(self, plan: StepPlan) -> None:
+        self.plan = plan
         self.emit_at = 0.0  # the last stage finishes (tokens reach the output sink)
 
 
 class ReplicaSim:
-    """A replica: continuous-batching scheduler at stage 0 plus its stages as FIFO servers."""
+    """A replica: the engine's continuous-batching scheduler at stage 0 plus its stages as FIFO servers."""
 
-    def __init__(self, index: int, stages: list[StageModel], return_latency: float, *, num_blocks: int,
-                 block_size: int, max_num_seqs: int, max_batched_tokens: int, max_len: int,
-                 max_in_flight: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        stages: list[StageModel],
+        return_latency: float,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_batched_tokens: int,
+        max_len: int,
+        max_in_flight: int,
+    ) -> None:
         self.index = index
         self.stages = stages
         self.return_latency = return_latency
-        self.free_blocks = num_blocks
-        self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
-        self.max_batched_tokens = max_batched_tokens
-        self.max_len = min(max_len, num_blocks * block_size)
         self.max_in_flight = max_in_flight
-        self.waiting: deque[SimSeq] = deque()
-        self.running: list[SimSeq] = []
+        self.scheduler = Scheduler(
+            BlockManager(num_blocks, block_size), max_num_seqs, max_batched_tokens, max_len, max_in_flight
+        )
+        self.queued: dict[str, SimSeq] = {}  # request id -> request, until its first plan names its sequence
+        self.seqs: dict[int, tuple[SimSeq, Sequence]] = {}  # the scheduler's sequence id -> (request, sequence)
         self.in_flight: deque[MicroBatch] = deque()
         self.busy = [0.0] * len(stages)  # busy-until of each stage
         self.pending: list[MicroBatch] = []  # results back while the leader computes stage 0
-        self.preemptions = 0
         self.steps = 0
         self.peak_running = 0
         self.stage_busy_s = [0.0] * len(stages)
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.stats.preemptions
 
     # -- admission ------------------------------------------------------------------------------------
     @property
     def free_capacity(self) -> int:
         """Requests the leader would still pull from the work stream (max_num_seqs less running and queued)."""
-        return max(0, self.max_num_seqs - len(self.running) - len(self.waiting))
+        return self.scheduler.free_capacity
 
     @property
     def polling(self) -> bool:
@@ -99,77 +112,39 @@ class ReplicaSim:
         return not self.in_flight
 
     def add(self, seq: SimSeq) -> bool:
-        """Queue ``seq``; False (and the request rejected) when its prompt leaves no room in the context."""
+        """Queue ``seq``; False (and the request rejected) when its prompt leaves no room in the context, as
+        ``Scheduler.add`` rejects it; a longer output is capped as it caps it."""
         seq.replica = self.index
-        room = self.max_len - seq.prompt
-        if room < 1 or seq.target < 1:
+        rid = str(seq.rid)
+        req = Request(rid, [0] * seq.prompt, SamplingParams(max_new_tokens=seq.target, ignore_eos=True))
+        self.scheduler.add(req)
+        if rid not in self.scheduler.by_request:
             seq.rejected = True
             return False
-        seq.target = min(seq.target, room)
-        self.waiting.append(seq)
+        seq.target = req.params.max_new_tokens
+        self.queued[rid] = seq
         return True
 
     # -- scheduling -----------------------------------------------------------------------------------
-    def _ensure_blocks(self, seq: SimSeq, num_tokens: int) -> bool:
-        need = -(-num_tokens // self.block_size) - seq.blocks
-        if need <= 0:
-            return True
-        if need > self.free_blocks:
-            return False
-        self.free_blocks -= need
-        seq.blocks += need
-        return True
+    def _schedule(self) -> StepPlan | None:
+        """The scheduler's next plan with rows; plans that only report aborted sequences (rejected requests)
+        are applied at once: the engine sends them without a forward pass."""
+        while True:
+            plan = self.scheduler.schedule(self.steps)
+            if plan is None or plan.seq_ids:
+                return plan
+            self.scheduler.update(plan, StepResult(plan.step_id))
 
-    def _preempt_one(self, keep: SimSeq) -> bool:
-        for i in range(len(self.running) - 1, -1, -1):
-            victim = self.running[i]
-            if victim is not keep and not victim.in_flight:
-                del self.running[i]
-                victim.running = False
-                self.free_blocks += victim.blocks
-                victim.blocks, victim.num_computed = 0, 0
-                self.waiting.appendleft(victim)
-                self.preemptions += 1
-                return True
-        return False
-
-    def _schedule(self) -> MicroBatch | None:
-        budget = self.max_batched_tokens
-        share = -(-(len(self.running) + len(self.waiting)) // self.max_in_flight)
-        items: list[tuple[SimSeq, int]] = []
-        for seq in list(self.running):
-            if len(items) >= share:
-                break
-            if seq.in_flight or budget <= 0 or not seq.running:
-                continue
-            chunk = min(seq.num_tokens - seq.num_computed, budget)
-            while not self._ensure_blocks(seq, seq.num_computed + chunk):
-                if not self._preempt_one(keep=seq):
-                    break
-            else:
-                items.append((seq, chunk))
-                seq.in_flight = chunk
-                budget -= chunk
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(items) < share:
-            seq = self.waiting[0]
-            chunk = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._ensure_blocks(seq, seq.num_computed + chunk):
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
-            seq.running = True
-            items.append((seq, chunk))
-            seq.in_flight = chunk
-            budget -= chunk
-        if not items:
-            return None
-        if len(self.running) > self.peak_running:
-            self.peak_running = len(self.running)
-        return MicroBatch(items, self.max_batched_tokens - budget)
-
-    def _launch(self, mb: MicroBatch, now: float, push: Push) -> None:
-        tokens = mb.tokens
-        context = sum(seq.num_computed + chunk for seq, chunk in mb.items)
+    def _launch(self, plan: StepPlan, now: float, push: Push) -> None:
+        for new in plan.new_requests:
+            rid = new.request.request_id
+            self.seqs[new.seq_id] = (self.queued.pop(rid), self.scheduler.by_request[rid])
+        running = len(self.scheduler.running)
+        if running > self.peak_running:
+            self.peak_running = running
+        mb = MicroBatch(plan)
+        tokens = plan.num_tokens
+        context = sum(plan.ctx_lens)
         t = now
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
@@ -191,13 +166,13 @@ class ReplicaSim:
         and some sequence is ready."""
         if now < self.busy[0] or len(self.in_flight) >= self.max_in_flight:
             return
-        mb = self._schedule()
-        if mb is not None:
-            self._launch(mb, now, push)
+        plan = self._schedule()
+        if plan is not None:
+            self._launch(plan, now, push)
 
     # -- results --------------------------------------------------------------------------------------
     def on_result(self, now: float, mb: MicroBatch, push: Push) -> list[SimSeq]:
-        """A micro-batch's sampled ids are back at stage 0; returns the sequences that finished."""
+        """A micro-batch's sampled ids are back at stage 0; returns the requests that finished."""
         self.pending.append(mb)
         if now < self.busy[0]:
             return []
@@ -213,24 +188,28 @@ class ReplicaSim:
         return done
 
     def _apply(self, mb: MicroBatch) -> list[SimSeq]:
+        """The last stage's result for the plan: one token per sampled row, finished at the request's
+        (capped) length; the scheduler applies it as the engine's leader does."""
         head = self.in_flight.popleft()
         if head is not mb:  # stages are FIFO, so results come back in launch order
             raise RuntimeError("simulator: micro-batch results out of order")
+        plan = mb.plan
+        result = StepResult(plan.step_id)
         done = []
-        for seq, chunk in mb.items:
-            seq.in_flight = 0
-            seq.num_computed += chunk
-            if seq.num_computed < seq.num_tokens:
+        for sid, samples in zip(plan.seq_ids, plan.sample):
+            if not samples:
                 continue  # a prefill chunk that does not end the prompt samples nothing
-            seq.num_tokens += 1
+            seq = self.seqs[sid][0]
             seq.generated += 1
             if seq.first_token is None:
                 seq.first_token = mb.emit_at
-            if seq.generated >= seq.target:
+            finished = seq.generated >= seq.target
+            result.seq_ids.append(sid)
+            result.tokens.append(0)
+            result.finished.append(finished)
+            if finished:
                 seq.done_at = mb.emit_at
-                self.running.remove(seq)
-                seq.running = False
-                self.free_blocks += seq.blocks
-                seq.blocks = 0
+                del self.seqs[sid]
                 done.append(seq)
+        self.scheduler.update(plan, result)
         return done

@@ -1,17 +1,18 @@
 """Discrete-event simulation of a request stream through a planned deployment.
 
 Requests arrive as a Poisson stream (or all at once), a dispatcher hands each to the replica with the most free
-room (as HexGen's pipelines pull from a Redis consumer group when they have room), and each replica runs HexGen's
-stage-0 continuous-batching scheduler with up to P micro-batches in flight through P stages, every stage a FIFO
-server whose service times come from the cost model. See hexgen/planner/sim_replica.py for the replica model.
+room (as HexGen's pipelines pull from a Redis consumer group when they have room), and each replica runs the
+engine's own stage-0 scheduler (hexgen.engine.scheduler, on a simulated clock) with up to P micro-batches in flight
+through P stages, every stage a FIFO server whose service times come from the cost model. See
+hexgen/planner/sim_replica.py for the replica model.
 """
 from __future__ import annotations
 
 import heapq
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from hexgen.errors import ConfigError
 from hexgen.planner.sim_replica import ARRIVAL, RESULT, ReplicaSim, SimSeq, StageModel
@@ -229,34 +230,43 @@ def _run(plan, cost, cluster, rate, num_requests, workload, seed, micro_batches,
             done = replicas[r].on_leader_free(now, push)
         in_system -= len(done)
         if qhead < len(queue):
-            touched = set()
-            while qhead < len(queue):
-                best = max(replicas, key=lambda x: x.free_capacity)
-                if not best.free_capacity:
-                    break
-                s = queue[qhead]
-                qhead += 1
-                if best.add(s):
-                    touched.add(best.index)
-                else:
-                    in_system -= 1
-            for i in sorted(touched):
-                if replicas[i].polling:
-                    replicas[i].kick(now, push)
+            qhead, rejected = _dispatch(queue, qhead, replicas, now, push)
+            in_system -= rejected
     return seqs, replicas, area
 
 
+def _dispatch(queue: list[SimSeq], qhead: int, replicas: list[ReplicaSim], now: float, push) -> tuple[int, int]:
+    """Hand queued requests (from ``qhead`` on) to the replicas with the most free room while any has room, and
+    kick the idle ones that got work; returns the new queue head and how many requests were rejected."""
+    touched, rejected = set(), 0
+    while qhead < len(queue):
+        best = max(replicas, key=lambda x: x.free_capacity)
+        if not best.free_capacity:
+            break
+        s = queue[qhead]
+        qhead += 1
+        if best.add(s):
+            touched.add(best.index)
+        else:
+            rejected += 1
+    for i in sorted(touched):
+        if replicas[i].polling:
+            replicas[i].kick(now, push)
+    return qhead, rejected
+
+
 def _summarize(seqs: list[SimSeq], replicas: list[ReplicaSim], slo, area: float) -> SimResult:
-    done = [s for s in seqs if s.done_at is not None]
+    # (request, first token, done) of the completed requests
+    done = [(s, s.first_token, s.done_at) for s in seqs if s.done_at is not None and s.first_token is not None]
     start = seqs[0].arrival
-    end = max((s.done_at for s in done), default=start)
+    end = max((d for _, _, d in done), default=start)
     duration = end - start
-    ttft = [s.first_token - s.arrival for s in done]
-    lat = [s.done_at - s.arrival for s in done]
-    tpot = [(s.done_at - s.first_token) / (s.generated - 1) for s in done if s.generated > 1]
+    ttft = [f - s.arrival for s, f, _ in done]
+    lat = [d - s.arrival for s, _, d in done]
+    tpot = [(d - f) / (s.generated - 1) for s, f, d in done if s.generated > 1]
     bound = getattr(slo, "latency_s", 0) or 0
     ok = sum(1 for x in lat if not bound or x <= bound)
-    out_tokens = sum(s.generated for s in done)
+    out_tokens = sum(s.generated for s, _, _ in done)
     busiest = max((b for rep in replicas for b in rep.stage_busy_s), default=0.0)
     return SimResult(
         completed=len(done),

@@ -1,11 +1,13 @@
 """Deployment settings: a frozen dataclass tree loaded from TOML, then the environment, then flags.
 
-Precedence, highest first: command-line flags, ``HEXGEN_REDIS_URL`` (Redis URL only) and ``HEXGEN_API_KEY``
-(the HTTP API key only), the TOML file, the defaults here. Unknown keys are a ConfigError naming the key (a
-typo must not silently fall back to a default). Example file::
+Precedence, highest first: command-line flags, the environment (``HEXGEN_REDIS_URL`` for the Redis URL,
+``HEXGEN_API_KEY`` for the HTTP API key, ``HEXGEN_TRACE_TIMING=1`` for ``trace_timing``), the TOML file, the
+defaults here. Unknown keys are a ConfigError naming the key (a typo must not silently fall back to a
+default). Example file::
 
     dtype = "bf16"                 # fp32 | fp16 | bf16
     device = "cuda"                # cpu | cuda
+    # trace_timing = true          # latency stamps along the serving path (hexgen.wire.trace)
 
     [redis]
     url = "rediss://:secret@redis.example:6380/0"   # redis://, rediss:// (TLS), unix://, redis+sentinel://
@@ -33,6 +35,9 @@ typo must not silently fall back to a default). Example file::
     port = 8000                    # 0 (default): off
     host = "127.0.0.1"
     api_key = "..."                # /v1/* needs "Authorization: Bearer <key>"; or HEXGEN_API_KEY
+
+    [kernels]                      # optional: the workers' kernel choices (hexgen.config.KernelConfig)
+    gemv = "cublas"                # bin/worker --kernel NAME=VALUE overrides the whole table
 """
 from __future__ import annotations
 
@@ -47,12 +52,13 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from hexgen.config import PRESETS, Layout, check_kv_cache_dtype, normalize_dtype
+from hexgen.config import PRESETS, KernelConfig, Layout, check_kv_cache_dtype, normalize_dtype
 from hexgen.errors import ConfigError
 from hexgen.wire import keys as C
 from hexgen.wire.redis_url import RedisUrlError, async_client, parse_redis_url, redact_url, sync_client, with_options
 
 REDIS_URL_ENV = "HEXGEN_REDIS_URL"
+TRACE_TIMING_ENV = "HEXGEN_TRACE_TIMING"
 API_KEY_ENV = "HEXGEN_API_KEY"
 _NAME_RE = re.compile(C.ID_PATTERN)
 
@@ -309,10 +315,14 @@ class Settings:
     pipelines: tuple[PipelineSettings, ...] = ()
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    kernels: KernelConfig = KernelConfig()  # the workers' kernel choices ([kernels]; --kernel overrides)
+    trace_timing: bool = False  # latency stamps along the serving path (hexgen.wire.trace; $HEXGEN_TRACE_TIMING=1)
     kv_cache_dtype: str = "auto"  # the workers' KV cache: auto (the model dtype) or fp8 (EngineConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if not isinstance(self.trace_timing, bool):
+            raise ConfigError(f"trace_timing: {self.trace_timing!r} must be true or false")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
         check_kv_cache_dtype(self.kv_cache_dtype)
@@ -336,7 +346,8 @@ class Settings:
 
 _SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings,
                               "http": HttpSettings}
-_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device", "kv_cache_dtype")
+_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device", "kv_cache_dtype", "kernels",
+             "trace_timing")
 
 
 def _build(cls: type, key: str, table: Any) -> Any:
@@ -364,16 +375,32 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
     if not isinstance(pipes, list):
         raise ConfigError("pipelines: must be an array of tables ([[pipelines]])")
     kw["pipelines"] = tuple(_build(PipelineSettings, f"pipelines[{i}]", p) for i, p in enumerate(pipes))
-    for k in ("dtype", "device", "kv_cache_dtype"):
+    if "kernels" in data:
+        if not isinstance(data["kernels"], dict):
+            raise ConfigError("kernels: must be a table ([kernels])")
+        kw["kernels"] = KernelConfig.from_dict(data["kernels"])
+    for k in ("dtype", "device", "kv_cache_dtype", "trace_timing"):
         if k in data:
             kw[k] = data[k]
     return Settings(**kw)
 
 
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the environment sets, as dotted keys."""
+    merged: dict[str, Any] = {}
+    if env.get(REDIS_URL_ENV):
+        merged["redis.url"] = env[REDIS_URL_ENV]
+    if env.get(TRACE_TIMING_ENV) == "1":
+        merged["trace_timing"] = True
+    if env.get(API_KEY_ENV):
+        merged["http.api_key"] = env[API_KEY_ENV]
+    return merged
+
+
 def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
-    """Load a deployment: TOML file (optional), then ``HEXGEN_REDIS_URL`` and ``HEXGEN_API_KEY``, then
-    ``overrides``.
+    """Load a deployment: TOML file (optional), then the environment (``HEXGEN_REDIS_URL``, ``HEXGEN_API_KEY``,
+    ``HEXGEN_TRACE_TIMING``), then ``overrides``.
 
     ``overrides`` uses dotted keys (``"redis.url"``, ``"model.path"``, ``"limits.max_queue_depth"``,
     ``"dtype"``); None values are ignored so argparse defaults can be passed straight through.
@@ -388,11 +415,7 @@ def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | Non
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path!r} is not valid TOML: {e}") from e
     env = os.environ if env is None else env
-    merged: dict[str, Any] = {}
-    if env.get(REDIS_URL_ENV):
-        merged["redis.url"] = env[REDIS_URL_ENV]
-    if env.get(API_KEY_ENV):
-        merged["http.api_key"] = env[API_KEY_ENV]
+    merged = _env_overrides(env)
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     model_keys = {"model.path", "model.preset"} & set(merged)
     if model_keys and isinstance(data.get("model"), dict):  # a flag's model source replaces the file's

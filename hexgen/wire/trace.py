@@ -1,4 +1,6 @@
-"""Opt-in latency stamps along the serving path (``HEXGEN_TRACE_TIMING=1``; off by default).
+"""Opt-in latency stamps along the serving path (``Settings.trace_timing``, from ``HEXGEN_TRACE_TIMING=1`` or
+``trace_timing = true``; off by default). Each process turns them on once, from its settings, with
+:func:`configure` (the head's CLI, each worker rank).
 
 When on, the head, the stage-0 source and the last-stage sink write ``time.monotonic()`` stamps into the
 request's ``meta["trace"]`` (it travels with the work item and the engine's outputs); once a request's first
@@ -14,13 +16,21 @@ XREADGROUP returned it and it is admitted), ``src_take`` (the engine loop took i
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
-ENV = "HEXGEN_TRACE_TIMING"
-ENABLED = os.environ.get(ENV) == "1"
+from hexgen.wire.settings import TRACE_TIMING_ENV as ENV
+
+__all__ = ["ENABLED", "ENV", "KEY", "configure", "stamp", "stamps"]
+
+ENABLED = False  # set by configure()
 KEY = "trace"
+
+
+def configure(on: bool) -> None:
+    """Turn the stamps on or off for this process (from its settings' ``trace_timing``)."""
+    global ENABLED
+    ENABLED = bool(on)
 
 
 def stamp(meta: dict[str, Any], name: str, t: float | None = None) -> None:

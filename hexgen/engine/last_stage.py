@@ -1,0 +1,123 @@
+"""The last stage's leader: samples each step's tokens, turns them into outputs for its sink, and returns a
+result to stage 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hexgen.engine.output import OutputProcessor
+from hexgen.engine.plan import Abort, StepPlan, StepResult
+from hexgen.engine.runner import ModelSpec, StageRunner
+from hexgen.engine.sampler import sample
+from hexgen.engine.types import OutputSink, Request, SamplingParams, StepOutput
+from hexgen.model.tokenizer import has_tokenizer, load_tokenizer
+
+
+def load_model_tokenizer(model: ModelSpec):
+    """The model's Hugging Face tokenizer, or None (random-weight presets, directories without one)."""
+    return load_tokenizer(model.model_dir, field="model.path") if has_tokenizer(model.model_dir) else None
+
+
+class LastStage:
+    """Sampling and output processing on the last stage's leader."""
+
+    def __init__(self, runner: StageRunner, model: ModelSpec, sink: OutputSink, collect_logits: bool) -> None:
+        self.runner = runner
+        self.sink = sink
+        self._lost = getattr(sink, "lost", None)  # optional OutputSink.lost (types.py), looked up once
+        self.collect_logits = collect_logits
+        self.processor = OutputProcessor(load_model_tokenizer(model), runner.cfg.eos_token_ids)
+        self.requests: dict[int, Request] = {}  # seq_id -> request
+
+    def _aborted(self, notice: Abort) -> StepOutput:
+        req = self.requests.pop(notice.seq_id, None)
+        if req is not None and notice.reason == "cancelled" and req.request_id in self.processor:
+            return self.processor.cancel(req.request_id)
+        req = req or notice.request
+        if req is None:
+            raise RuntimeError(f"sequence {notice.seq_id}: aborted ({notice.reason}) but never announced here")
+        n = len(req.output_ids)
+        return StepOutput(req.request_id, n, [], "", notice.reason, len(req.prompt_ids), n, req.meta)
+
+    def finish_step(self, plan: StepPlan, hidden: torch.Tensor | None) -> StepResult:
+        return self.complete(plan, self.sample(plan, hidden))
+
+    def sample(self, plan: StepPlan, hidden: torch.Tensor | None) -> Sampled:
+        """Enqueue the step's sampling on the device; no host sync (``complete`` reads the ids)."""
+        for item in plan.new_requests:
+            self.requests[item.seq_id] = item.request
+            self.processor.add(item.request)
+        rows = [i for i, s in enumerate(plan.sample) if s]
+        if not rows or hidden is None:
+            return Sampled(rows=[])
+        logits = self.runner.logits(plan, hidden)  # [n_sampled, vocab]
+        # A request may already be gone (finished one step earlier while this step ran ahead): any params do.
+        params = [
+            self.requests[sid].params if sid in self.requests else GREEDY for sid in (plan.seq_ids[i] for i in rows)
+        ]
+        ids = sample(logits, params, [plan.out_lens[i] for i in rows])  # [n_sampled] int64, on the device
+        return Sampled(rows, ids, host_copy(ids), logits if self.collect_logits else None)
+
+    def complete(self, plan: StepPlan, sampled: Sampled) -> StepResult:
+        """Wait for the sampled ids, turn them into outputs for the sink and a result for stage 0."""
+        outputs = [self._aborted(n) for n in plan.cancelled]
+        result = StepResult(plan.step_id)
+        tokens = sampled.tokens()
+        for row, (i, tok) in enumerate(zip(sampled.rows, tokens)):
+            sid = plan.seq_ids[i]
+            req = self.requests.get(sid)
+            if req is None:  # finished at the step before (ran ahead): drop the extra token
+                continue
+            out = self.processor.step(req.request_id, tok)
+            if sampled.logits is not None:
+                out.logits = sampled.logits[row].cpu()
+            if out.finish_reason is not None:
+                del self.requests[sid]
+            outputs.append(out)
+            result.seq_ids.append(sid)
+            result.tokens.append(tok)
+            result.finished.append(out.finish_reason is not None)
+        if outputs:
+            self.sink.emit(outputs)
+        if self._lost is not None:
+            result.abandoned = list(self._lost())
+        return result
+
+
+GREEDY = SamplingParams()
+
+
+def host_copy(ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``ids`` to pinned host memory now, on the current stream, so that a later read waits
+    for this step's work only and not for steps enqueued after it."""
+    if ids.device.type != "cuda":
+        return ids, None
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+@dataclass
+class Sampled:
+    """One step's sampling, enqueued: the plan rows that sampled, their ids on the device and in flight to
+    the host, and (collect_logits) their logits."""
+
+    rows: list[int]
+    ids: torch.Tensor | None = None  # [n_sampled] int64 on the device
+    host: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+    logits: torch.Tensor | None = None  # [n_sampled, vocab] float32
+
+    def wait(self) -> None:
+        """Block until the ids are on the host."""
+        if self.host is not None and self.host[1] is not None:
+            self.host[1].synchronize()
+
+    def tokens(self) -> list[int]:
+        if self.host is None:
+            return []
+        self.wait()
+        return self.host[0].tolist()
