@@ -17,6 +17,7 @@ A request is an XADD to ``hexgen:requests`` with a fresh uuid4-hex ``id``; its e
 ``hexgen:result:<id>`` with XREAD BLOCK. Refusals and failures raise :class:`HexGenRequestError`
 subclasses carrying the server's ``code`` and ``message``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,9 +49,21 @@ from hexgen.wire.protocol import RequestError as HexGenRequestError
 from hexgen.wire.redis_url import async_wait_replicas, parse_redis_url
 from hexgen.wire.settings import RedisSettings, async_redis
 
-__all__ = ["HexGenClient", "Result", "GenerationStream", "TokenEvent", "DoneEvent", "HexGenRequestError",
-           "InvalidRequest", "Overloaded", "NotFound", "InternalError", "GenerationTimeout", "RequestLost",
-           "RedisUnavailable"]
+__all__ = [
+    "HexGenClient",
+    "Result",
+    "GenerationStream",
+    "TokenEvent",
+    "DoneEvent",
+    "HexGenRequestError",
+    "InvalidRequest",
+    "Overloaded",
+    "NotFound",
+    "InternalError",
+    "GenerationTimeout",
+    "RequestLost",
+    "RedisUnavailable",
+]
 
 
 MAX_CONNECTIONS = 10_000  # default pool cap of a client: Redis's own default maxclients
@@ -88,8 +101,7 @@ class GenerationStream:
     resumed request never shows a token twice.
     """
 
-    def __init__(self, client: HexGenClient, fields: dict[str, str], request_id: str,
-                 timeout_s: float | None) -> None:
+    def __init__(self, client: HexGenClient, fields: dict[str, str], request_id: str, timeout_s: float | None) -> None:
         self._client = client
         self._fields = fields
         self.id = request_id
@@ -171,9 +183,17 @@ class HexGenClient:
     hold it (``WAIT``), so a failover cannot lose it.
     """
 
-    def __init__(self, url: str = C.DEFAULT_REDIS_URL, *, model: str | None = None,
-                 block_ms: int = C.BLOCK_MS, timeout_s: float | None = None, reconnect_s: float = 60.0,
-                 redis: Any | None = None, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        url: str = C.DEFAULT_REDIS_URL,
+        *,
+        model: str | None = None,
+        block_ms: int = C.BLOCK_MS,
+        timeout_s: float | None = None,
+        reconnect_s: float = 60.0,
+        redis: Any | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         if block_ms < 1:
             raise ValueError(f"block_ms: {block_ms} must be ≥ 1")
         if not reconnect_s >= 0:
@@ -189,9 +209,16 @@ class HexGenClient:
         self._own = redis is None
         # no retries inside redis-py: this client must see each lost connection to resend its requests
         # any redis.asyncio-compatible client (fakeredis in tests): redis-py's own annotations mix sync and async
-        self.redis: Any = redis if redis is not None else async_redis(
-            self.url, socket_timeout=C.socket_timeout_for(block_ms), retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections)
+        self.redis: Any = (
+            redis
+            if redis is not None
+            else async_redis(
+                self.url,
+                socket_timeout=C.socket_timeout_for(block_ms),
+                retry=Retry(NoBackoff(), 0),
+                max_connections=max_connections,
+            )
+        )
 
     async def _submit(self, fields: dict[str, str], request_id: str) -> bytes | None:
         """XADD the request (retried through outages; with ``wait_replicas``, then WAIT); returns the epoch."""
@@ -212,8 +239,9 @@ class HexGenClient:
         delay = 0.05
         while True:
             if time.monotonic() + delay > deadline:
-                raise RedisUnavailable(f"request {request_id}: Redis unreachable for {self.reconnect_s}s "
-                                       f"({err})") from err
+                raise RedisUnavailable(
+                    f"request {request_id}: Redis unreachable for {self.reconnect_s}s ({err})"
+                ) from err
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
             try:
@@ -233,8 +261,10 @@ class HexGenClient:
             except REDIS_ERRORS as e:
                 await self._reconnect(e, request_id)
         if now != epoch:
-            raise RequestLost(f"request {request_id}: Redis lost its data while the request was in flight (a "
-                              "new, empty server); it will not be answered")
+            raise RequestLost(
+                f"request {request_id}: Redis lost its data while the request was in flight (a "
+                "new, empty server); it will not be answered"
+            )
 
     async def __aenter__(self) -> HexGenClient:
         return self
@@ -247,9 +277,15 @@ class HexGenClient:
         if self._own:
             await self.redis.aclose()
 
-    def stream(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, *,
-               request_id: str | None = None, timeout_s: float | None = None,
-               **params: Any) -> GenerationStream:
+    def stream(
+        self,
+        prompt: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        **params: Any,
+    ) -> GenerationStream:
         """A request whose token deltas are read by iterating the returned stream.
 
         ``params``: max_new_tokens, temperature, top_k, top_p, seed, stop, model, ignore_eos (the server
@@ -263,8 +299,9 @@ class HexGenClient:
             raise InvalidRequest(f"client: {e}") from e
         return GenerationStream(self, fields, request_id, timeout_s if timeout_s is not None else self.timeout_s)
 
-    async def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
-                       **params: Any) -> Result:
+    async def generate(
+        self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **params: Any
+    ) -> Result:
         """Run one request to completion; raises HexGenRequestError subclasses on refusal or failure."""
         s = self.stream(prompt, messages, **params)
         ids: list[int] = []
@@ -275,13 +312,20 @@ class HexGenClient:
         done = s.done
         if done is None:  # the iterator only ends normally after done
             raise InternalError(f"request {s.id}: stream ended without a done event")
-        return Result(id=s.id, text="".join(parts), token_ids=ids, finish_reason=done.finish_reason,
-                      prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+        return Result(
+            id=s.id,
+            text="".join(parts),
+            token_ids=ids,
+            finish_reason=done.finish_reason,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
 
     async def cancel(self, request_id: str) -> None:
         """Cancel a request by id (any client may cancel any id)."""
-        await self.redis.xadd(C.CANCEL_STREAM, cancel_fields(request_id), maxlen=C.CANCEL_STREAM_MAXLEN,
-                              approximate=True)
+        await self.redis.xadd(
+            C.CANCEL_STREAM, cancel_fields(request_id), maxlen=C.CANCEL_STREAM_MAXLEN, approximate=True
+        )
 
 
 async def generate(prompt: str | None = None, *, url: str = C.DEFAULT_REDIS_URL, **params: Any) -> Result:

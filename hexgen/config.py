@@ -1,4 +1,5 @@
 """Model and parallel-layout configuration, validated before any process starts."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,7 @@ from hexgen.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
 KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": e4m3 (hexgen.model.kv_quant)
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
-                  "float": "float32"}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 
 def normalize_dtype(name: str) -> str:
@@ -43,24 +43,33 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"model config {name}: {v!r} must be a positive integer")
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
-                raise ConfigError(f"model config hidden_size {self.hidden_size} is not divisible by "
-                                  f"num_attention_heads {self.num_heads}; set head_dim")
+                raise ConfigError(
+                    f"model config hidden_size {self.hidden_size} is not divisible by "
+                    f"num_attention_heads {self.num_heads}; set head_dim"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"model config num_key_value_heads {self.num_kv_heads} must divide "
-                              f"num_attention_heads {self.num_heads}")
+            raise ConfigError(
+                f"model config num_key_value_heads {self.num_kv_heads} must divide num_attention_heads {self.num_heads}"
+            )
         scaling = dict(self.rope_scaling)
         rtype = scaling.get("rope_type", scaling.get("type", "default"))
         if rtype not in ("default", "llama3", None):
-            raise ConfigError(f"model config rope_scaling type {rtype!r} is not supported; "
-                              "supported: default, llama3")
+            raise ConfigError(f"model config rope_scaling type {rtype!r} is not supported; supported: default, llama3")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -108,34 +117,89 @@ class ModelConfig:
     def from_dir(cls, model_dir: str) -> ModelConfig:
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
-            raise ConfigError(f"model: {model_dir!r} has no config.json (expected a Hugging Face model "
-                              "directory)")
+            raise ConfigError(f"model: {model_dir!r} has no config.json (expected a Hugging Face model directory)")
         with open(path, encoding="utf-8") as f:
             return cls.from_hf_dict(json.load(f))
 
 
-LLAMA31_ROPE: tuple[tuple[str, Any], ...] = tuple(sorted({
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192}.items()))
+LLAMA31_ROPE: tuple[tuple[str, Any], ...] = tuple(
+    sorted(
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }.items()
+    )
+)
 
 # Exact-name presets: real Llama-2 and Llama-3.1 shapes for benchmarks with --random-weights, and tiny ones for tests.
 PRESETS: dict[str, ModelConfig] = {
-    "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                              num_heads=32, num_kv_heads=32, max_position_embeddings=4096),
-    "llama-2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
-                               num_heads=40, num_kv_heads=40, max_position_embeddings=4096),
-    "llama-2-70b": ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
-                               num_heads=64, num_kv_heads=8, max_position_embeddings=4096),
+    "llama-2-7b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        max_position_embeddings=4096,
+    ),
+    "llama-2-13b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=40,
+        max_position_embeddings=4096,
+    ),
+    "llama-2-70b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        max_position_embeddings=4096,
+    ),
     # Llama-3.1 (meta-llama/Llama-3.1-8B, -70B config.json): GQA with 8 KV heads, vocab 128,256, rope theta
     # 500,000 with llama3 scaling (factor 8 over an original 8,192-token context), 131,072 positions.
-    "llama-3.1-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                                num_heads=32, num_kv_heads=8, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
-                                max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001,)),
-    "llama-3.1-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
-                                 num_heads=64, num_kv_heads=8, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
-                                 max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001,)),
-    "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=6,
-                        num_heads=8, num_kv_heads=2, max_position_embeddings=1024),
+    "llama-3.1-8b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA31_ROPE,
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_ids=(128001,),
+    ),
+    "llama-3.1-70b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA31_ROPE,
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_ids=(128001,),
+    ),
+    "tiny": ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=176,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        max_position_embeddings=1024,
+    ),
 }
 
 
@@ -220,16 +284,23 @@ class Layout:
             if not isinstance(t, int) or t < 1:
                 raise ConfigError(f"hetero-config: TP degree {t!r} must be an integer ≥ 1")
         if len(self.pp_partition) != len(self.hetero_config):
-            raise ConfigError(f"pp-partition: {len(self.pp_partition)} stages given but hetero-config has "
-                              f"{len(self.hetero_config)}; give one layer count per stage")
+            raise ConfigError(
+                f"pp-partition: {len(self.pp_partition)} stages given but hetero-config has "
+                f"{len(self.hetero_config)}; give one layer count per stage"
+            )
         for n in self.pp_partition:
             if not isinstance(n, int) or n < 1:
-                raise ConfigError(f"pp-partition: layer count {n!r} must be an integer ≥ 1 (every stage "
-                                  "needs at least one layer)")
+                raise ConfigError(
+                    f"pp-partition: layer count {n!r} must be an integer ≥ 1 (every stage needs at least one layer)"
+                )
 
     @classmethod
-    def build(cls, model: ModelConfig, hetero_config: list[int] | tuple[int, ...] | None,
-              pp_partition: list[int] | tuple[int, ...] | None = None) -> Layout:
+    def build(
+        cls,
+        model: ModelConfig,
+        hetero_config: list[int] | tuple[int, ...] | None,
+        pp_partition: list[int] | tuple[int, ...] | None = None,
+    ) -> Layout:
         """Validate a layout against a model; the partition defaults to layers in proportion to TP."""
         hetero = tuple(int(t) for t in (hetero_config or (1,)))
         for t in hetero:
@@ -237,8 +308,9 @@ class Layout:
                 raise ConfigError(f"hetero-config: TP degree {t} must be ≥ 1")
         if pp_partition is None:
             if len(hetero) > model.num_layers:
-                raise ConfigError(f"hetero-config: {len(hetero)} stages but the model has only "
-                                  f"{model.num_layers} layers")
+                raise ConfigError(
+                    f"hetero-config: {len(hetero)} stages but the model has only {model.num_layers} layers"
+                )
             part = default_partition(model.num_layers, hetero)
         else:
             part = tuple(int(n) for n in pp_partition)
@@ -248,14 +320,18 @@ class Layout:
 
     def check(self, model: ModelConfig) -> None:
         if sum(self.pp_partition) != model.num_layers:
-            raise ConfigError(f"pp-partition: {' '.join(map(str, self.pp_partition))} sums to "
-                              f"{sum(self.pp_partition)} but the model has {model.num_layers} layers")
+            raise ConfigError(
+                f"pp-partition: {' '.join(map(str, self.pp_partition))} sums to "
+                f"{sum(self.pp_partition)} but the model has {model.num_layers} layers"
+            )
         valid = valid_tp_degrees(model)
         for t in self.hetero_config:
             if t not in valid:
-                raise ConfigError(f"hetero-config: TP degree {t} is not valid for this model "
-                                  f"({model.num_heads} query heads, {model.num_kv_heads} KV heads); "
-                                  f"valid degrees: {', '.join(map(str, valid))}")
+                raise ConfigError(
+                    f"hetero-config: TP degree {t} is not valid for this model "
+                    f"({model.num_heads} query heads, {model.num_kv_heads} KV heads); "
+                    f"valid degrees: {', '.join(map(str, valid))}"
+                )
 
     @property
     def world_size(self) -> int:
@@ -280,15 +356,19 @@ class Layout:
         raise ConfigError(f"rank {rank} is outside world size {self.world_size}")
 
     def describe(self) -> str:
-        return (f"hetero-config {' '.join(map(str, self.hetero_config))} / pp-partition "
-                f"{' '.join(map(str, self.pp_partition))}")
+        return (
+            f"hetero-config {' '.join(map(str, self.hetero_config))} / pp-partition "
+            f"{' '.join(map(str, self.pp_partition))}"
+        )
 
 
 def check_devices(layout: Layout, device: str, available: int) -> None:
     """World size must fit the local devices when running on GPUs."""
     if device == "cuda" and layout.world_size > available:
-        raise ConfigError(f"hetero-config: world size {layout.world_size} (sum of TP degrees) needs "
-                          f"{layout.world_size} GPUs but {available} are available")
+        raise ConfigError(
+            f"hetero-config: world size {layout.world_size} (sum of TP degrees) needs "
+            f"{layout.world_size} GPUs but {available} are available"
+        )
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -319,8 +399,9 @@ class KernelConfig:
     def __post_init__(self) -> None:
         for name, allowed in KERNEL_CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"kernels.{name}: {getattr(self, name)!r} is not allowed; choose one of "
-                                  f"{', '.join(allowed)}")
+                raise ConfigError(
+                    f"kernels.{name}: {getattr(self, name)!r} is not allowed; choose one of {', '.join(allowed)}"
+                )
         for f in fields(self):
             if f.name not in KERNEL_CHOICES and not isinstance(getattr(self, f.name), bool):
                 raise ConfigError(f"kernels.{f.name}: {getattr(self, f.name)!r} must be on or off (true or false)")
@@ -355,8 +436,10 @@ class KernelConfig:
 
     def describe(self) -> str:
         """``gemv=triton fused=on ...``: every setting, as the ``--kernel`` flags spell them."""
+
         def text(v: Any) -> str:
             return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
         return " ".join(f"{f.name}={text(getattr(self, f.name))}" for f in fields(self))
 
 

@@ -9,6 +9,7 @@ deployment up for them until Ctrl-C) and shuts everything down: workers drain on
 then redis-server; anything still alive after its grace period is killed, so no process outlives the demo.
 Every child runs in its own session, so Ctrl-C reaches only the demo, which then shuts down in order.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,11 @@ from hexgen.errors import HexGenError
 from hexgen.procs import Child, free_port, spawn, stop_in_order
 from hexgen.wire import keys as C
 
-DEFAULT_QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.",
-                     "Give me three tips for learning to code.")
+DEFAULT_QUESTIONS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for learning to code.",
+)
 PIPELINE_ID = "demo"
 
 
@@ -67,14 +71,15 @@ class Deployment:
     def check_alive(self) -> None:
         for c in self.children:
             if c.proc.poll() is not None:
-                raise DemoError(f"{c.name} exited with code {c.proc.returncode}; last lines of {c.log}:\n"
-                                f"{c.tail()}")
+                raise DemoError(f"{c.name} exited with code {c.proc.returncode}; last lines of {c.log}:\n{c.tail()}")
 
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Workers first (they drain), then the head, then redis-server; kill whatever overstays."""
-        order = [c for c in self.children if c.name.startswith("worker")] + \
-                [c for c in self.children if c.name == "head"] + \
-                [c for c in self.children if c.name == "redis-server"]
+        order = (
+            [c for c in self.children if c.name.startswith("worker")]
+            + [c for c in self.children if c.name == "head"]
+            + [c for c in self.children if c.name == "redis-server"]
+        )
         stop_in_order((order[:-2], order[-2:-1], order[-1:]), grace_s)
 
 
@@ -82,14 +87,31 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str,
     """A private redis-server for ``dep`` on a free port (``dep.port``; ``extra_args`` go to the server)."""
     binary = shutil.which("redis-server")
     if binary is None:
-        raise DemoError("redis-server is not on PATH; install it (Debian/Ubuntu: sudo apt-get install "
-                        "redis-server, macOS: brew install redis) or run `make redis`")
+        raise DemoError(
+            "redis-server is not on PATH; install it (Debian/Ubuntu: sudo apt-get install "
+            "redis-server, macOS: brew install redis) or run `make redis`"
+        )
     import redis
 
     for _ in range(5):
         dep.port = free_port()
-        child = dep.spawn("redis-server", [binary, "--port", str(dep.port), "--bind", "127.0.0.1", "--dir",
-                                           dep.work_dir, "--save", "", "--appendonly", "no", *extra_args])
+        child = dep.spawn(
+            "redis-server",
+            [
+                binary,
+                "--port",
+                str(dep.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                dep.work_dir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *extra_args,
+            ],
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and child.proc.poll() is None:
             try:
@@ -103,8 +125,17 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str,
     raise DemoError(f"redis-server did not start; see {child.log}:\n{child.tail()}")
 
 
-def write_config(path: str, url: str, model_dir: str | None, opts: DemoOptions, dtype: str = "fp32",
-                 device: str = "cpu", *, preset: str = "", tokenizer: str = "") -> str:
+def write_config(
+    path: str,
+    url: str,
+    model_dir: str | None,
+    opts: DemoOptions,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    *,
+    preset: str = "",
+    tokenizer: str = "",
+) -> str:
     """The deployment's TOML: the model from ``model_dir``, or a ``preset`` (random weights) whose head
     tokenizes with ``tokenizer`` (a directory)."""
     model = f'preset = "{preset}"' if preset else f'path = "{model_dir}"'
@@ -157,8 +188,10 @@ async def ask_all(url: str, questions: tuple[str, ...], max_new_tokens: int, out
     from hexgen.client import HexGenClient
 
     async with HexGenClient(url, block_ms=1000, timeout_s=600) as client:
-        streams = [client.stream(messages=[{"role": "user", "content": q}], max_new_tokens=max_new_tokens,
-                                 temperature=0) for q in questions]
+        streams = [
+            client.stream(messages=[{"role": "user", "content": q}], max_new_tokens=max_new_tokens, temperature=0)
+            for q in questions
+        ]
         queues: list[asyncio.Queue] = [asyncio.Queue() for _ in streams]
         stats: list[dict[str, Any]] = [{"id": s.id, "tokens": 0, "first": None, "end": None} for s in streams]
         t0 = time.monotonic()
@@ -200,11 +233,11 @@ Dashboard (the pipeline's stages, live figures, a chat box): {http}/
     out.write(f"""
 Try it with redis-cli while the demo runs (hexgen demo --keep):
   {cli} XADD {C.REQUESTS_STREAM} '*' prompt "The capital of Italy is" max_new_tokens 16 id try-1
-  {cli} XREAD BLOCK 0 STREAMS {C.result_stream('try-1')} 0
+  {cli} XREAD BLOCK 0 STREAMS {C.result_stream("try-1")} 0
   {cli} XADD {C.REQUESTS_STREAM} '*' messages '[{{"role":"user","content":"Tell me a long story"}}]' \\
         max_new_tokens 400 id try-2
   {cli} XADD {C.CANCEL_STREAM} '*' {C.CANCEL_ID_FIELD} try-2
-  {cli} XREVRANGE {C.result_stream('try-2')} + - COUNT 1
+  {cli} XREVRANGE {C.result_stream("try-2")} + - COUNT 1
   {cli} HGETALL {C.pipeline_key(PIPELINE_ID)}
   {sys.executable} -m hexgen.cli status --redis-url redis://127.0.0.1:{port}/0
 """)
@@ -231,10 +264,11 @@ def run_demo(opts: DemoOptions, say=print) -> int:
         dep.spawn("head", py + ["head", "--config", cfg, "--http-host", "127.0.0.1", "--http-port", str(http_port)])
         say(f"head with HTTP on; dashboard: {http}/")
         for st in reversed(layout.stages()):  # stages may start in any order
-            dep.spawn(f"worker-stage{st.index}", py + ["worker", "--config", cfg, "--stage", str(st.index),
-                                                       "--drain-timeout", "20"])
-            say(f"worker stage {st.index}: TP {st.tp}, layers {st.layer_start}-{st.layer_end - 1}, "
-                f"ranks {st.ranks}")
+            dep.spawn(
+                f"worker-stage{st.index}",
+                py + ["worker", "--config", cfg, "--stage", str(st.index), "--drain-timeout", "20"],
+            )
+            say(f"worker stage {st.index}: TP {st.tp}, layers {st.layer_start}-{st.layer_end - 1}, ranks {st.ranks}")
         say(f"waiting for pipeline {PIPELINE_ID!r} ({layout.describe()}) to form and load its weights ...")
         ready_s = wait_ready(dep, opts.ready_timeout_s)
         say(f"ready after {ready_s:.1f}s; asking {len(opts.questions)} questions at once")
@@ -242,9 +276,11 @@ def run_demo(opts: DemoOptions, say=print) -> int:
         stats = asyncio.run(ask_all(dep.url, opts.questions, opts.max_new_tokens))
         wall = time.monotonic() - t0
         total = sum(s["tokens"] for s in stats)
-        say(f"\n{total} tokens in {wall:.1f}s ({total / wall:.1f} tokens/s over {len(stats)} concurrent "
+        say(
+            f"\n{total} tokens in {wall:.1f}s ({total / wall:.1f} tokens/s over {len(stats)} concurrent "
             f"requests; first token after {min(s['first'] or wall for s in stats):.2f}s); finish reasons: "
-            f"{', '.join(s['finish_reason'] for s in stats)}")
+            f"{', '.join(s['finish_reason'] for s in stats)}"
+        )
         print_try_it(dep.port, http=http)
         if opts.keep:
             say(f"dashboard: {http}/ -- serving until Ctrl-C ...")

@@ -1,4 +1,5 @@
 """Logging set-up that stamps every record with the process's pipeline rank and stage."""
+
 from __future__ import annotations
 
 import logging

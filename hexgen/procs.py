@@ -5,6 +5,7 @@ starts (a worker's rank processes) form one process group that :meth:`Child.reap
 :func:`stop_in_order` asks groups of children to stop (SIGTERM), one group after another, each within a grace
 period, and then reaps them all.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,12 +68,20 @@ class Child:
             self.proc.wait(5)
 
 
-def spawn(name: str, argv: Sequence[str], log: str, *, env: Mapping[str, str] | None = None,
-          cwd: str | None = None) -> Child:
+def spawn(
+    name: str, argv: Sequence[str], log: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None
+) -> Child:
     """Start ``argv`` in a new session, stdin closed, stdout and stderr appended to ``log``."""
     with open(log, "ab") as f:
-        proc = subprocess.Popen(list(argv), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
     return Child(name, proc, log)
 
 

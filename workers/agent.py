@@ -14,6 +14,7 @@ and runs whatever stages it is assigned.
 4. SIGTERM/SIGINT drains every role, deregisters (the head re-plans at once) and exits 0; a second signal kills
    the roles. A role child whose agent died (SIGKILL) drains itself.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,16 +66,18 @@ class AgentOptions:
     def __post_init__(self) -> None:
         for name in ("agent_id", "node"):
             if not re.fullmatch(C.ID_PATTERN, getattr(self, name) or ""):
-                raise ConfigError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is not allowed; use "
-                                  f"{C.ID_ALLOWED_CHARS}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: {getattr(self, name)!r} is not allowed; use {C.ID_ALLOWED_CHARS}"
+                )
         if not self.devices:
             raise ConfigError("--devices: the agent offers no device")
         if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
             raise ConfigError(f"--memory-gib: {self.memory!r} bytes per device must be ≥ 1")
 
 
-def detect_devices(settings: Settings, devices: tuple[int, ...], gpu_type: str | None,
-                   memory_gib: float | None) -> tuple[str, int, tuple[int, ...]]:
+def detect_devices(
+    settings: Settings, devices: tuple[int, ...], gpu_type: str | None, memory_gib: float | None
+) -> tuple[str, int, tuple[int, ...]]:
     """(device type, memory bytes per device, device indices) this host offers.
 
     CPU deployments offer ``len(devices)`` (default 1) "CPU" devices with the host's memory each (or
@@ -94,8 +97,9 @@ def detect_devices(settings: Settings, devices: tuple[int, ...], gpu_type: str |
     devices = devices or tuple(range(torch.cuda.device_count()))
     names = {torch.cuda.get_device_name(d) for d in devices}
     if len(names) > 1 and not gpu_type:
-        raise ConfigError(f"--devices: {sorted(names)} are of different types; start one agent per type "
-                          "with --devices and --node")
+        raise ConfigError(
+            f"--devices: {sorted(names)} are of different types; start one agent per type with --devices and --node"
+        )
     kind = device_spec(gpu_type).name if gpu_type else gpu_type_name(names.pop())
     memory = override or min(int(torch.cuda.get_device_properties(d).total_memory) for d in devices)
     return kind, memory, devices
@@ -107,12 +111,19 @@ def role_options(opts: AgentOptions, role: Role):
 
     pipe = PipelineSettings(role.pipeline, role.hetero_config, role.pp_partition)
     settings = replace(opts.settings, pipelines=(pipe,))
-    return WorkerOptions(settings=settings, pipeline_id=role.pipeline, stage=role.stage,
-                         devices=role.devices if settings.device == "cuda" else (),
-                         advertise_host=opts.advertise_host, drain_timeout_s=opts.drain_timeout_s,
-                         restart=opts.restart, max_restarts=opts.max_restarts,
-                         engine_overrides=dict(opts.engine_overrides), io_overrides=dict(opts.io_overrides),
-                         log_level=opts.log_level)
+    return WorkerOptions(
+        settings=settings,
+        pipeline_id=role.pipeline,
+        stage=role.stage,
+        devices=role.devices if settings.device == "cuda" else (),
+        advertise_host=opts.advertise_host,
+        drain_timeout_s=opts.drain_timeout_s,
+        restart=opts.restart,
+        max_restarts=opts.max_restarts,
+        engine_overrides=dict(opts.engine_overrides),
+        io_overrides=dict(opts.io_overrides),
+        log_level=opts.log_level,
+    )
 
 
 def _watch_parent(parent: int) -> None:
@@ -142,10 +153,19 @@ class Agent:
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
         s = opts.settings
-        self.record = AgentRecord(id=opts.agent_id, node=opts.node, host=socket.gethostname(),
-                                  device_type=opts.device_type, count=len(opts.devices), memory=opts.memory,
-                                  devices=opts.devices, instance=uuid.uuid4().hex[:16], pid=os.getpid(),
-                                  version=__version__, model=s.model.name)
+        self.record = AgentRecord(
+            id=opts.agent_id,
+            node=opts.node,
+            host=socket.gethostname(),
+            device_type=opts.device_type,
+            count=len(opts.devices),
+            memory=opts.memory,
+            devices=opts.devices,
+            instance=uuid.uuid4().hex[:16],
+            pid=os.getpid(),
+            version=__version__,
+            model=s.model.name,
+        )
         self.client = sync_redis(s.redis.url, socket_timeout=10.0, socket_connect_timeout=5.0)
         self.reader = sync_redis(s.redis.url, socket_timeout=s.limits.socket_timeout_s, socket_connect_timeout=5.0)
         self.registry = AgentRegistry(self.client, self.record, s.limits.heartbeat_ttl_s)
@@ -177,8 +197,11 @@ class Agent:
                 self.heartbeat.start()
                 return after
             except REDIS_ERRORS as e:
-                log.warning("cannot register agent (Redis %s unreachable: %s); retrying",
-                            self.opts.settings.redis.display_url, e)
+                log.warning(
+                    "cannot register agent (Redis %s unreachable: %s); retrying",
+                    self.opts.settings.redis.display_url,
+                    e,
+                )
                 time.sleep(2.0)
         return None
 
@@ -211,8 +234,12 @@ class Agent:
             if proc is not None and proc.is_alive():
                 continue
             wopts = role_options(self.opts, role)
-            proc = self.ctx.Process(target=role_main, args=(wopts, os.getpid()),
-                                    name=f"hexgen-{role.pipeline}-stage{role.stage}", daemon=False)
+            proc = self.ctx.Process(
+                target=role_main,
+                args=(wopts, os.getpid()),
+                name=f"hexgen-{role.pipeline}-stage{role.stage}",
+                daemon=False,
+            )
             proc.start()
             self.roles[role] = proc
             log.info("started %s (pid %d)", role.describe(), proc.pid)
@@ -241,8 +268,9 @@ class Agent:
             if after is None:
                 return EXIT_OK
             threading.Thread(target=self.listen, args=(after,), name="assignments", daemon=True).start()
-            log.info("agent %s: waiting for an assignment from the planning head (bin/head --auto-plan)",
-                     self.record.id)
+            log.info(
+                "agent %s: waiting for an assignment from the planning head (bin/head --auto-plan)", self.record.id
+            )
             while not self.stopping:
                 try:
                     a = self.assignments.get(timeout=0.2)
@@ -272,4 +300,5 @@ class Agent:
             if p.exitcode is not None and p.pid is not None and p.pid not in self.reported:
                 self.reported.add(p.pid)
                 (log.info if p.exitcode == 0 else log.warning)(
-                    "%s exited with status %d; waiting for the next assignment", role.describe(), p.exitcode)
+                    "%s exited with status %d; waiting for the next assignment", role.describe(), p.exitcode
+                )

@@ -6,6 +6,7 @@ fresh instance token, refreshes ``hexgen:agent-hb:<id>`` (TTL ``limits.heartbeat
 thread, and blocks with XREAD on ``hexgen:assign:<id>`` for entries addressed to its own instance. The
 planning head publishes ``hexgen:plan`` and one assignment per live agent in one MULTI.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,8 @@ from hexgen.wire.protocol import ProtocolError, as_text
 log = logging.getLogger(__name__)
 
 
-
 # ---- agent side (sync redis-py) ---------------------------------------------------------------------------
+
 
 class AgentRegistry:
     """One agent's registry operations on a synchronous client."""
@@ -43,8 +44,14 @@ class AgentRegistry:
             p.hset(C.agent_key(aid), mapping=self.record.to_fields())
             p.set(C.agent_heartbeat_key(aid), f"{time.time():.3f}", ex=self.heartbeat_ttl_s)
             p.execute()
-        log.info("registered agent %s (instance %s): %d x %s, %.1f GiB each", aid, self.record.instance,
-                 self.record.count, self.record.device_type, self.record.memory / 2**30)
+        log.info(
+            "registered agent %s (instance %s): %d x %s, %.1f GiB each",
+            aid,
+            self.record.instance,
+            self.record.count,
+            self.record.device_type,
+            self.record.memory / 2**30,
+        )
 
     def beat(self) -> bool:
         """Refresh the heartbeat and the record; False when another instance has taken this agent id."""
@@ -113,12 +120,10 @@ class AgentHeartbeat(threading.Thread):
                 ok = self.registry.beat()
             except REDIS_ERRORS as e:
                 if time.monotonic() - self._last_error > 10:
-                    log.warning("agent heartbeat: Redis unreachable (%s); retrying every %.1fs", e,
-                                self.interval_s)
+                    log.warning("agent heartbeat: Redis unreachable (%s); retrying every %.1fs", e, self.interval_s)
                     self._last_error = time.monotonic()
                 continue
             if not ok:
-                log.error("agent %s: another instance registered with this id; stopping",
-                          self.registry.record.id)
+                log.error("agent %s: another instance registered with this id; stopping", self.registry.record.id)
                 self.on_replaced()
                 return

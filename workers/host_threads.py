@@ -7,6 +7,7 @@ counts them when its pipeline forms and then every ``interval_s`` (:class:`HostR
 together and ranks started later on the same host settle on an even share of its cores
 (``hexgen.engine.threads``). ``bin/worker --threads N`` fixes the count instead and skips the watch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,7 +28,7 @@ def count_host_ranks(client: Any, host: str) -> int:
     keys = sorted({as_text(k) for k in client.scan_iter(match=C.WORKER_KEY_PATTERN, count=500)})
     if not keys:
         return 0
-    ids = [k[len(C.WORKER_KEY_PREFIX):] for k in keys]
+    ids = [k[len(C.WORKER_KEY_PREFIX) :] for k in keys]
     pipe = client.pipeline(transaction=False)
     for k, wid in zip(keys, ids):
         pipe.hmget(k, "host", "device")
@@ -60,8 +61,7 @@ class HostRankWatch(threading.Thread):
                 n = self.count()
             except REDIS_ERRORS as e:
                 if time.monotonic() - self._last_error > 30:
-                    log.warning("host rank count: Redis unreachable (%s); keeping %d", e,
-                                self.threads.ranks_on_host)
+                    log.warning("host rank count: Redis unreachable (%s); keeping %d", e, self.threads.ranks_on_host)
                     self._last_error = time.monotonic()
                 continue
             if n != self.threads.ranks_on_host:

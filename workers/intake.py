@@ -41,6 +41,7 @@ keeper keeps its entry), and its entry is acked when its ``done`` is written, as
 reads; what is queued is still handed to the engine. :meth:`close` stops the thread: a blocked read returns
 within ``control_block_ms``, the longest the thread blocks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -89,8 +90,7 @@ def read_posted(client: redis.Redis, request_id: str) -> tuple[list[int], bool]:
             return ids, True
         if isinstance(ev, TokenEvent):
             if ev.seq != len(ids):
-                raise ProtocolError(f"result stream of {request_id!r}: token seq {ev.seq} follows "
-                                    f"{len(ids)} tokens")
+                raise ProtocolError(f"result stream of {request_id!r}: token seq {ev.seq} follows {len(ids)} tokens")
             ids.extend(ev.ids)
     return ids, False
 
@@ -250,8 +250,9 @@ class Prefetcher:
 
     def _read_new(self, count: int, wait_s: float) -> list[Request]:
         block = max(1, int(wait_s * 1000)) if wait_s > 0 else None
-        res = self._r.xreadgroup(C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">"},
-                                 count=count, block=block)
+        res = self._r.xreadgroup(
+            C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">"}, count=count, block=block
+        )
         entries = [e for _stream, es in (res or []) for e in es]
         if not entries:
             return []
@@ -267,13 +268,15 @@ class Prefetcher:
         r, cfg = self._r, self.cfg
         owned = self._owned()
         half = max(1, cfg.lease_ms // 2)
-        stale = r.xpending_range(cfg.work_stream, C.PIPELINES_GROUP, "-", "+", count,
-                                 consumername=cfg.consumer, idle=half)
+        stale = r.xpending_range(
+            cfg.work_stream, C.PIPELINES_GROUP, "-", "+", count, consumername=cfg.consumer, idle=half
+        )
         ids = [as_text(p["message_id"]) for p in stale if as_text(p["message_id"]) not in owned]
         claimed = list(r.xclaim(cfg.work_stream, C.PIPELINES_GROUP, cfg.consumer, half, ids)) if ids else []
         if len(claimed) < count:
-            nxt, entries, *_deleted = r.xautoclaim(cfg.work_stream, C.PIPELINES_GROUP, cfg.consumer,
-                                                   cfg.lease_ms, self._cursor, count=count - len(claimed))
+            nxt, entries, *_deleted = r.xautoclaim(
+                cfg.work_stream, C.PIPELINES_GROUP, cfg.consumer, cfg.lease_ms, self._cursor, count=count - len(claimed)
+            )
             self._cursor = as_text(nxt)
             claimed += [e for e in entries if as_text(e[0]) not in owned]
         claimed = [(as_text(eid), fields) for eid, fields in claimed if fields is not None]
@@ -308,8 +311,10 @@ class RedisSource:
         self._backoff = Backoff()  # admission's Redis errors (logging; the prefetcher backs off its reads)
         self.takeovers = 0  # entries claimed from a lapsed lease and admitted (prefetch thread only)
         self._prefetch = Prefetcher(self._r, cfg, self._admit, self._owned_entries)
-        self._threads = [threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True),
-                         threading.Thread(target=self._watch_control, name="cancel-reader", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True),
+            threading.Thread(target=self._watch_control, name="cancel-reader", daemon=True),
+        ]
 
     def start(self) -> RedisSource:
         """Start the lease keeper, the cancel reader and the prefetch thread; returns self."""
@@ -402,8 +407,9 @@ class RedisSource:
             self._dead_letter(eid, as_text(raw) if raw else None, f"corrupt work item: {e}", deliveries)
             return None
         if deliveries > self.cfg.max_deliveries:
-            self._dead_letter(eid, req.request_id, f"delivered {deliveries} times; the pipelines serving it "
-                              "kept failing", deliveries)
+            self._dead_letter(
+                eid, req.request_id, f"delivered {deliveries} times; the pipelines serving it kept failing", deliveries
+            )
             return None
         if resumed and not self._resume(eid, req, deliveries):
             return None
@@ -416,16 +422,14 @@ class RedisSource:
             self._finish(eid, req, "cancelled")
             return None
         if duplicate is not None:
-            log.warning("request %s: entry %s duplicates in-flight entry %s; acking it", req.request_id, eid,
-                        duplicate)
+            log.warning("request %s: entry %s duplicates in-flight entry %s; acking it", req.request_id, eid, duplicate)
             self._ack(eid)
             return None
         req.meta = {**req.meta, "entry": eid}
         if resumed:
             self.takeovers += 1  # read by the figures publisher (workers/metrics.py)
         if req.output_ids:
-            log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids),
-                     deliveries)
+            log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids), deliveries)
         return req
 
     def _resume(self, eid: str, req: Request, deliveries: int) -> bool:
@@ -453,14 +457,22 @@ class RedisSource:
     def _dead_letter(self, eid: str, request_id: str | None, reason: str, deliveries: int) -> None:
         log.error("entry %s (request %s) moved to %s: %s", eid, request_id, C.DEADLETTER_STREAM, reason)
         pipe = self._r.pipeline(transaction=True)
-        pipe.xadd(C.DEADLETTER_STREAM, {"entry": eid, "id": request_id or "", "stream": self.cfg.work_stream,
-                                        "reason": reason, "deliveries": str(deliveries),
-                                        "pipeline": self.cfg.pipeline_id},
-                  maxlen=C.DEADLETTER_MAXLEN, approximate=True)
+        pipe.xadd(
+            C.DEADLETTER_STREAM,
+            {
+                "entry": eid,
+                "id": request_id or "",
+                "stream": self.cfg.work_stream,
+                "reason": reason,
+                "deliveries": str(deliveries),
+                "pipeline": self.cfg.pipeline_id,
+            },
+            maxlen=C.DEADLETTER_MAXLEN,
+            approximate=True,
+        )
         if request_id:
             stream = C.result_stream(request_id)
-            pipe.xadd(stream, error_event(INTERNAL, f"request failed: {reason}; moved to "
-                                                    f"{C.DEADLETTER_STREAM}"))
+            pipe.xadd(stream, error_event(INTERNAL, f"request failed: {reason}; moved to {C.DEADLETTER_STREAM}"))
             pipe.expire(stream, self.cfg.result_ttl_s)
             pipe.hincrby(figures.ERRORS_KEY, INTERNAL, 1)  # /metrics: hexgen_request_errors_total
         pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
@@ -529,8 +541,9 @@ class RedisSource:
         with self._lock:
             self._cancelled[request_id] = now
             self._cancelled.move_to_end(request_id)
-            while self._cancelled and (len(self._cancelled) > 100_000
-                                       or now - next(iter(self._cancelled.values())) > self.cfg.cancel_memory_s):
+            while self._cancelled and (
+                len(self._cancelled) > 100_000 or now - next(iter(self._cancelled.values())) > self.cfg.cancel_memory_s
+            ):
                 self._cancelled.popitem(last=False)
             if request_id in self._inflight:
                 self._cancel_new.append(request_id)

@@ -2,6 +2,7 @@
 ranks. The rules they serve are in :mod:`workers.intake` (leases, take-over, admission, cancels) and
 :mod:`workers.sink` (exactly-once posting, acks).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,9 +31,15 @@ class IOConfig:
     @classmethod
     def from_settings(cls, settings: Settings, pipeline_id: str, **overrides: Any) -> IOConfig:
         lim = settings.limits
-        kw: dict[str, Any] = dict(redis_url=settings.redis.url, model=settings.model.name, pipeline_id=pipeline_id,
-                  lease_s=lim.lease_s, max_deliveries=lim.max_deliveries, block_ms=lim.block_ms,
-                  result_ttl_s=lim.result_ttl_s)
+        kw: dict[str, Any] = dict(
+            redis_url=settings.redis.url,
+            model=settings.model.name,
+            pipeline_id=pipeline_id,
+            lease_s=lim.lease_s,
+            max_deliveries=lim.max_deliveries,
+            block_ms=lim.block_ms,
+            result_ttl_s=lim.result_ttl_s,
+        )
         kw.update(overrides)
         return cls(**kw)
 

@@ -1,4 +1,5 @@
 """What one ``bin/worker`` runs: its options, the validated plan of its pipeline, and its exit codes."""
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,10 @@ def pick_pipeline(settings: Settings, pipeline_id: str | None) -> str:
         return settings.pipelines[0].id
     if not settings.pipelines:
         raise ConfigError("pipelines: the config has no [[pipelines]] table; add one with id and hetero_config")
-    raise ConfigError(f"--pipeline: the config has {len(settings.pipelines)} pipelines; pick one of "
-                      f"{', '.join(p.id for p in settings.pipelines)}")
+    raise ConfigError(
+        f"--pipeline: the config has {len(settings.pipelines)} pipelines; pick one of "
+        f"{', '.join(p.id for p in settings.pipelines)}"
+    )
 
 
 def build_plan(opts: WorkerOptions):
@@ -57,12 +60,22 @@ def build_plan(opts: WorkerOptions):
     pipe = opts.pipeline
     layout = Layout.build(model.config(), pipe.hetero_config, pipe.pp_partition or None)
     if not 0 <= opts.stage < layout.num_stages:
-        raise ConfigError(f"--stage: {opts.stage} is not a stage of pipeline {pipe.id!r} "
-                          f"({layout.num_stages} stages: 0..{layout.num_stages - 1})")
+        raise ConfigError(
+            f"--stage: {opts.stage} is not a stage of pipeline {pipe.id!r} "
+            f"({layout.num_stages} stages: 0..{layout.num_stages - 1})"
+        )
     logs = {"log_level": opts.log_level} if opts.log_level else {}
-    engine = EngineConfig(**{"dtype": opts.settings.dtype, "device": opts.settings.device,
-                             "max_model_len": m.max_model_len, "kv_cache_dtype": opts.settings.kv_cache_dtype,
-                             "kernels": opts.settings.kernels, **logs, **opts.engine_overrides})
+    engine = EngineConfig(
+        **{
+            "dtype": opts.settings.dtype,
+            "device": opts.settings.device,
+            "max_model_len": m.max_model_len,
+            "kv_cache_dtype": opts.settings.kv_cache_dtype,
+            "kernels": opts.settings.kernels,
+            **logs,
+            **opts.engine_overrides,
+        }
+    )
     return model, layout, engine
 
 
@@ -73,8 +86,10 @@ def device_indices(opts: WorkerOptions, layout: Layout) -> list[int | None]:
         return [None] * stage.tp
     if opts.devices:
         if len(opts.devices) != stage.tp:
-            raise ConfigError(f"--devices: {len(opts.devices)} devices given but stage {opts.stage} has TP "
-                              f"{stage.tp}; give one device per rank")
+            raise ConfigError(
+                f"--devices: {len(opts.devices)} devices given but stage {opts.stage} has TP "
+                f"{stage.tp}; give one device per rank"
+            )
         return list(opts.devices)
     if opts.pipeline.devices:
         return [int(opts.pipeline.devices[r].rpartition(":")[2] or 0) for r in stage.ranks]

@@ -14,6 +14,7 @@ once every stage's ranks are back. Past ``max_restarts`` restarts within ``resta
 gives up and exits 1. A configuration error (EXIT_CONFIG) is never retried.
 
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,6 +60,7 @@ from workers.registry import (
 from workers.sink import RedisSink
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RankArgs:
@@ -106,13 +108,24 @@ class _Rank:
         self.stage = self.layout.stage_of_rank(a.rank)
         s = opts.settings
         self.client = sync_redis(s.redis.url, socket_timeout=10.0, socket_connect_timeout=5.0)
-        self.registry = Registry(self.client, opts.pipeline_id, world_size=self.layout.world_size,
-                                 layout=self.layout.describe(), model=s.model.name,
-                                 heartbeat_ttl_s=s.limits.heartbeat_ttl_s)
+        self.registry = Registry(
+            self.client,
+            opts.pipeline_id,
+            world_size=self.layout.world_size,
+            layout=self.layout.describe(),
+            model=s.model.name,
+            heartbeat_ttl_s=s.limits.heartbeat_ttl_s,
+        )
         device, memory = _device_info(self.engine, a.device_index)
-        self.record = self.registry.new_record(a.rank, self.stage.index, a.rank - self.stage.first_rank,
-                                               device=device, memory=memory, version=__version__,
-                                               address=routable_address(s.redis.url))
+        self.record = self.registry.new_record(
+            a.rank,
+            self.stage.index,
+            a.rank - self.stage.first_rank,
+            device=device,
+            memory=memory,
+            version=__version__,
+            address=routable_address(s.redis.url),
+        )
         self.instance = self.record.extra["instance"]
         self.heartbeat = Heartbeat(self.registry, a.rank, self.record, s.limits.heartbeat_interval_s)
         self.stop = threading.Event()
@@ -126,8 +139,9 @@ class _Rank:
                 self.registry.register(self.a.rank, self.record)
                 break
             except REDIS_ERRORS as e:
-                log.warning("cannot register (Redis %s unreachable: %s); retrying",
-                            self.a.opts.settings.redis.display_url, e)
+                log.warning(
+                    "cannot register (Redis %s unreachable: %s); retrying", self.a.opts.settings.redis.display_url, e
+                )
                 if self.stop.wait(2.0):
                     return False
         self.heartbeat.start()
@@ -148,8 +162,10 @@ class _Rank:
                 log.warning("cannot set the drain flag (%s); retrying", e)
                 time.sleep(1.0)
         time.sleep(max(0.0, deadline - time.monotonic()))
-        log.error("drain deadline passed with work still in flight; exiting (its entries stay pending and "
-                  "are taken over after the lease)")
+        log.error(
+            "drain deadline passed with work still in flight; exiting (its entries stay pending and "
+            "are taken over after the lease)"
+        )
         self.leave()
         os._exit(EXIT_DRAIN_TIMEOUT)
 
@@ -186,17 +202,22 @@ class _Rank:
             threads.set_ranks_on_host(max(own, count_host_ranks(self.client, self.record.host)))
         except REDIS_ERRORS as e:
             log.warning("cannot count this host's ranks (%s); assuming %d", e, own)
-        self.host_watch = HostRankWatch(self.client, self.record.host, threads,
-                                        self.a.opts.settings.limits.heartbeat_interval_s, at_least=own)
+        self.host_watch = HostRankWatch(
+            self.client, self.record.host, threads, self.a.opts.settings.limits.heartbeat_interval_s, at_least=own
+        )
         self.host_watch.start()
         return threads
 
     def join(self) -> Generation:
         opts = self.a.opts
         if self.a.rank == 0:
-            return self.registry.form(self.instance, advertise_host=opts.advertise_host,
-                                      redis_url=opts.settings.redis.url, timeout_s=opts.form_timeout_s,
-                                      stop=self.stop)
+            return self.registry.form(
+                self.instance,
+                advertise_host=opts.advertise_host,
+                redis_url=opts.settings.redis.url,
+                timeout_s=opts.form_timeout_s,
+                stop=self.stop,
+            )
         return self.registry.join(self.a.rank, self.instance, timeout_s=opts.form_timeout_s, stop=self.stop)
 
     def run(self) -> int:
@@ -212,17 +233,27 @@ class _Rank:
                 return EXIT_OK
             log.error("%s", e)
             return EXIT_CONFIG
-        self.heartbeat.watch(partial(self.registry.check_peers, self.a.rank, gen), partial(self.on_broken, gen=gen),
-                             rejoin=partial(self.registry.check_peers, self.a.rank, gen, after_lapse=True))
+        self.heartbeat.watch(
+            partial(self.registry.check_peers, self.a.rank, gen),
+            partial(self.on_broken, gen=gen),
+            rejoin=partial(self.registry.check_peers, self.a.rank, gen, after_lapse=True),
+        )
         io = IOConfig.from_settings(self.a.opts.settings, self.a.opts.pipeline_id, **self.a.opts.io_overrides)
         threads = self.cpu_threads()
-        spec = RankSpec(self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index,
-                        cpu_threads=threads)
+        spec = RankSpec(
+            self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index, cpu_threads=threads
+        )
         s = self.a.opts.settings
-        figures = RankFigures(partial(open_source, io, gen.number), partial(open_sink, io),
-                              leader=self.a.rank == self.stage.leader, pipeline_id=self.a.opts.pipeline_id,
-                              stage=self.stage.index, model=s.model.name,
-                              interval_s=s.limits.heartbeat_interval_s, client_factory=partial(connect, s.redis.url))
+        figures = RankFigures(
+            partial(open_source, io, gen.number),
+            partial(open_sink, io),
+            leader=self.a.rank == self.stage.leader,
+            pipeline_id=self.a.opts.pipeline_id,
+            stage=self.stage.index,
+            model=s.model.name,
+            interval_s=s.limits.heartbeat_interval_s,
+            client_factory=partial(connect, s.redis.url),
+        )
         figures.start()
         try:
             run_rank(spec, figures.source_factory, figures.sink_factory, gauges=figures.gauges)

@@ -27,6 +27,7 @@ the route to Redis, unless one is configured (``advertise_host``). "The leader's
 hostname *and* the same address towards Redis (each rank registers that as ``addr``): network namespaces
 and containers often share a hostname without sharing a loopback.
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,8 +98,16 @@ class Generation:
 class Registry:
     """Registry operations of one pipeline, on a synchronous redis-py client (thread-safe, pooled)."""
 
-    def __init__(self, client: redis.Redis, pipeline_id: str, *, world_size: int, layout: str, model: str,
-                 heartbeat_ttl_s: int = C.HEARTBEAT_TTL_S) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        pipeline_id: str,
+        *,
+        world_size: int,
+        layout: str,
+        model: str,
+        heartbeat_ttl_s: int = C.HEARTBEAT_TTL_S,
+    ) -> None:
         self.r = client
         self.pipeline_id = pipeline_id
         self.world_size = world_size
@@ -109,15 +118,30 @@ class Registry:
 
     # ---- one rank ----------------------------------------------------------------------------------------
 
-    def new_record(self, rank: int, stage: int, tp_rank: int, *, device: str, memory: int,
-                   version: str, address: str = "") -> WorkerRecord:
+    def new_record(
+        self, rank: int, stage: int, tp_rank: int, *, device: str, memory: int, version: str, address: str = ""
+    ) -> WorkerRecord:
         """A fresh registration record for ``rank`` with a new random instance token; ``address``: this
         host's address on the route to Redis (:func:`routable_address`)."""
         return WorkerRecord(
-            pipeline=self.pipeline_id, stage=stage, tp_rank=tp_rank, host=socket.gethostname(), device=device,
-            memory=memory, pid=os.getpid(), version=version, model=self.model,
-            extra={"rank": str(rank), "instance": uuid.uuid4().hex[:16], "layout": self.layout,
-                   "world_size": str(self.world_size), "started": f"{time.time():.3f}", "addr": address})
+            pipeline=self.pipeline_id,
+            stage=stage,
+            tp_rank=tp_rank,
+            host=socket.gethostname(),
+            device=device,
+            memory=memory,
+            pid=os.getpid(),
+            version=version,
+            model=self.model,
+            extra={
+                "rank": str(rank),
+                "instance": uuid.uuid4().hex[:16],
+                "layout": self.layout,
+                "world_size": str(self.world_size),
+                "started": f"{time.time():.3f}",
+                "addr": address,
+            },
+        )
 
     def register(self, rank: int, record: WorkerRecord) -> None:
         """Write the record (replacing an older instance's) and the first heartbeat."""
@@ -176,25 +200,44 @@ class Registry:
 
     def _mismatch(self, rank: int, rec: WorkerRecord) -> str | None:
         if rec.extra.get("layout") != self.layout or rec.model != self.model:
-            return (f"rank {rank} ({rec.host} pid {rec.pid}) registered layout {rec.extra.get('layout')!r} "
-                    f"model {rec.model!r}, but this rank has layout {self.layout!r} model {self.model!r}; "
-                    "start every stage of a pipeline with the same config")
+            return (
+                f"rank {rank} ({rec.host} pid {rec.pid}) registered layout {rec.extra.get('layout')!r} "
+                f"model {rec.model!r}, but this rank has layout {self.layout!r} model {self.model!r}; "
+                "start every stage of a pipeline with the same config"
+            )
         return None
 
     def publish(self, address: str, members: list[str]) -> Generation:
         """Leader: publish a new generation (state forming) and return it."""
         pipe = self.r.pipeline(transaction=True)
         pipe.hincrby(self.key, "generation", 1)
-        pipe.hset(self.key, mapping={"state": STATE_FORMING, "layout": self.layout, "rendezvous": address,
-                                     "members": ",".join(members), "model": self.model,
-                                     "world_size": str(self.world_size), "drain": "0",
-                                     "formed_at": f"{time.time():.3f}"})
+        pipe.hset(
+            self.key,
+            mapping={
+                "state": STATE_FORMING,
+                "layout": self.layout,
+                "rendezvous": address,
+                "members": ",".join(members),
+                "model": self.model,
+                "world_size": str(self.world_size),
+                "drain": "0",
+                "formed_at": f"{time.time():.3f}",
+            },
+        )
         number = int(pipe.execute()[0])
         log.info("pipeline %s generation %d: rendezvous %s", self.pipeline_id, number, address)
         return Generation(number, address, tuple(members))
 
-    def form(self, instance: str, *, advertise_host: str | None, redis_url: str, timeout_s: float = 0.0,
-             stop: threading.Event | None = None, interval_s: float = 0.2) -> Generation:
+    def form(
+        self,
+        instance: str,
+        *,
+        advertise_host: str | None,
+        redis_url: str,
+        timeout_s: float = 0.0,
+        stop: threading.Event | None = None,
+        interval_s: float = 0.2,
+    ) -> Generation:
         """Leader (global rank 0): wait for every rank, then publish a new generation.
 
         ``timeout_s`` 0 waits forever (logging the missing ranks now and then). Raises RegistryError on a
@@ -221,37 +264,48 @@ class Registry:
                 last_log = time.monotonic()
             time.sleep(interval_s)
 
-    def join(self, rank: int, instance: str, *, timeout_s: float = 0.0, stop: threading.Event | None = None,
-             interval_s: float = 0.2) -> Generation:
+    def join(
+        self,
+        rank: int,
+        instance: str,
+        *,
+        timeout_s: float = 0.0,
+        stop: threading.Event | None = None,
+        interval_s: float = 0.2,
+    ) -> Generation:
         """Non-leader: wait for a generation whose members list this rank's own instance token."""
         deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         last_log = 0.0
         while True:
             gen = self._read(deadline, stop, "join a rendezvous", self.generation)
             if gen is not None and len(gen.members) > rank and gen.members[rank] == instance:
-                log.info("pipeline %s: joining generation %d at %s", self.pipeline_id, gen.number,
-                         gen.rendezvous)
+                log.info("pipeline %s: joining generation %d at %s", self.pipeline_id, gen.number, gen.rendezvous)
                 return gen
             if time.monotonic() - last_log > 10:
-                log.info("pipeline %s rank %d: waiting for the leader (global rank 0) to publish a rendezvous",
-                         self.pipeline_id, rank)
+                log.info(
+                    "pipeline %s rank %d: waiting for the leader (global rank 0) to publish a rendezvous",
+                    self.pipeline_id,
+                    rank,
+                )
                 last_log = time.monotonic()
             time.sleep(interval_s)
 
-    def _read(self, deadline: float | None, stop: threading.Event | None, what: str,
-              fn: Callable[[], Any]) -> Any:
+    def _read(self, deadline: float | None, stop: threading.Event | None, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()`` retried through Redis outages; RegistryError on ``stop`` or past ``deadline``."""
         while True:
             if stop is not None and stop.is_set():
                 raise RegistryError(f"pipeline {self.pipeline_id}: stopped while waiting to {what}")
             if deadline is not None and time.monotonic() > deadline:
-                raise RegistryError(f"pipeline {self.pipeline_id}: no {what} before the deadline; is every "
-                                    "stage's worker running with this pipeline id and config?")
+                raise RegistryError(
+                    f"pipeline {self.pipeline_id}: no {what} before the deadline; is every "
+                    "stage's worker running with this pipeline id and config?"
+                )
             try:
                 return fn()
             except REDIS_ERRORS as e:
-                log.warning("pipeline %s: Redis unreachable while waiting to %s (%s); retrying",
-                            self.pipeline_id, what, e)
+                log.warning(
+                    "pipeline %s: Redis unreachable while waiting to %s (%s); retrying", self.pipeline_id, what, e
+                )
                 time.sleep(1.0)
 
     def restore(self, gen: Generation) -> None:
@@ -259,10 +313,19 @@ class Registry:
         server); the peers' own heartbeats rewrite their registrations."""
         if not self.r.hsetnx(self.key, "generation", gen.number):
             return
-        self.r.hset(self.key, mapping={"state": STATE_READY, "layout": self.layout, "rendezvous": gen.rendezvous,
-                                       "members": ",".join(gen.members), "model": self.model,
-                                       "world_size": str(self.world_size), "drain": "0",
-                                       "formed_at": f"{time.time():.3f}"})
+        self.r.hset(
+            self.key,
+            mapping={
+                "state": STATE_READY,
+                "layout": self.layout,
+                "rendezvous": gen.rendezvous,
+                "members": ",".join(gen.members),
+                "model": self.model,
+                "world_size": str(self.world_size),
+                "drain": "0",
+                "formed_at": f"{time.time():.3f}",
+            },
+        )
         log.warning("pipeline %s: Redis had lost its record; restored generation %d", self.pipeline_id, gen.number)
 
     def check_peers(self, rank: int, gen: Generation, after_lapse: bool = False) -> str | None:
@@ -349,8 +412,9 @@ class Heartbeat(threading.Thread):
     beat, and a string from it calls ``on_broken`` at once, without beating (module doc, point 4).
     """
 
-    def __init__(self, registry: Registry, rank: int, record: WorkerRecord, interval_s: float, *,
-                 strikes: int = 2) -> None:
+    def __init__(
+        self, registry: Registry, rank: int, record: WorkerRecord, interval_s: float, *, strikes: int = 2
+    ) -> None:
         super().__init__(name=f"heartbeat-{rank}", daemon=True)
         self.registry = registry
         self.rank = rank
@@ -366,8 +430,12 @@ class Heartbeat(threading.Thread):
         self._last_error = 0.0
         self._last_beat = time.monotonic()
 
-    def watch(self, check: Callable[[], str | None], on_broken: Callable[[str], Any],
-              rejoin: Callable[[], str | None] | None = None) -> None:
+    def watch(
+        self,
+        check: Callable[[], str | None],
+        on_broken: Callable[[str], Any],
+        rejoin: Callable[[], str | None] | None = None,
+    ) -> None:
         """Start checking peers with ``check`` after each beat (and ``rejoin`` after a lapse)."""
         with self._lock:
             self._check, self._on_broken, self._rejoin, self._bad = check, on_broken, rejoin, 0
@@ -402,9 +470,14 @@ class Heartbeat(threading.Thread):
             except REDIS_ERRORS as e:
                 self._bad = 0  # a Redis outage is not a dead peer
                 if time.monotonic() - self._last_error > 10:
-                    log.warning("heartbeat: Redis unreachable (%s); retrying every %.1fs%s", e, self.interval_s,
-                                "; the heartbeat has lapsed, so the generation is checked before the next "
-                                "beat" if self.lapsed else "")
+                    log.warning(
+                        "heartbeat: Redis unreachable (%s); retrying every %.1fs%s",
+                        e,
+                        self.interval_s,
+                        "; the heartbeat has lapsed, so the generation is checked before the next beat"
+                        if self.lapsed
+                        else "",
+                    )
                     self._last_error = time.monotonic()
                 continue
             if problem is None:

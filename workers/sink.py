@@ -16,6 +16,7 @@ never written without its ack or the other way round; a claimed entry whose stre
 ``done`` or ``error`` is only acked. An acked entry is also deleted (XDEL, in the same script or MULTI):
 nothing reads it again, and the work stream would otherwise keep every request ever served.
 """
+
 from __future__ import annotations
 
 import logging
@@ -135,9 +136,22 @@ class RedisSink:
 
     def emit(self, outputs: list[StepOutput]) -> None:
         if outputs:
-            self._q.put([_Out(o.request_id, o.seq, tuple(o.ids), o.text, o.finish_reason, o.prompt_tokens,
-                              o.completion_tokens, (o.meta or {}).get("entry"),
-                              _first_token_stamps(o) if trace.ENABLED else None) for o in outputs])
+            self._q.put(
+                [
+                    _Out(
+                        o.request_id,
+                        o.seq,
+                        tuple(o.ids),
+                        o.text,
+                        o.finish_reason,
+                        o.prompt_tokens,
+                        o.completion_tokens,
+                        (o.meta or {}).get("entry"),
+                        _first_token_stamps(o) if trace.ENABLED else None,
+                    )
+                    for o in outputs
+                ]
+            )
 
     def lost(self) -> list[str]:
         """Requests found taken over by another pipeline since the last call (the engine stops them)."""
@@ -200,8 +214,12 @@ class RedisSink:
                 closing = self._closing_deadline is not None and time.monotonic() > self._closing_deadline
                 if closing or refusals >= _MAX_REFUSALS:
                     self.dropped += len(outs)
-                    log.error("result writer: dropped %d outputs (%s); their entries stay pending and are "
-                              "resumed from the posted tokens after the lease", len(outs), e)
+                    log.error(
+                        "result writer: dropped %d outputs (%s); their entries stay pending and are "
+                        "resumed from the posted tokens after the lease",
+                        len(outs),
+                        e,
+                    )
                     return
                 time.sleep(self._backoff.delay)
 
@@ -229,8 +247,12 @@ class RedisSink:
         posted = time.monotonic() if trace.ENABLED else 0.0
         for post, status in zip(posts, statuses):
             if status == REFUSED and post.request_id not in self._lost:
-                log.warning("request %s: position %d is taken; another pipeline is posting this request, so "
-                            "this one stops posting it", post.request_id, post.position)
+                log.warning(
+                    "request %s: position %d is taken; another pipeline is posting this request, so "
+                    "this one stops posting it",
+                    post.request_id,
+                    post.position,
+                )
                 self._lost.add(post.request_id)
                 with self._lost_lock:
                     self._newly_lost.append(post.request_id)
@@ -247,8 +269,7 @@ class RedisSink:
         pipe = self._r.pipeline(transaction=False)
         for o in traced:
             fields = {k: repr(v) for k, v in {**(o.trace or {}), "picked": picked, "posted": posted}.items()}
-            pipe.xadd(C.TRACE_STREAM, {"id": o.request_id, **fields}, maxlen=C.TRACE_STREAM_MAXLEN,
-                      approximate=True)
+            pipe.xadd(C.TRACE_STREAM, {"id": o.request_id, **fields}, maxlen=C.TRACE_STREAM_MAXLEN, approximate=True)
         pipe.execute()
 
 

@@ -11,6 +11,7 @@ Restart. When a rank exits non-zero, the parent kills its other local ranks (the
 the pipeline re-forms as a new generation once every stage's ranks are back. Past ``max_restarts`` restarts within
 ``restart_window_s`` the parent gives up and exits 1. A configuration error (EXIT_CONFIG) is never retried.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,6 +36,7 @@ from workers.registry import request_drain
 
 log = logging.getLogger(__name__)
 
+
 class Worker:
     """The worker parent: starts this stage's ranks, forwards signals, restarts ranks per the module doc."""
 
@@ -54,12 +56,21 @@ class Worker:
     def start_ranks(self) -> None:
         self.procs = []
         for rank, dev in zip(self.stage.ranks, self.devices):
-            p = self.ctx.Process(target=rank_main, args=(RankArgs(self.opts, rank, dev),),
-                                 name=f"hexgen-{self.opts.pipeline_id}-rank{rank}", daemon=False)
+            p = self.ctx.Process(
+                target=rank_main,
+                args=(RankArgs(self.opts, rank, dev),),
+                name=f"hexgen-{self.opts.pipeline_id}-rank{rank}",
+                daemon=False,
+            )
             p.start()
             self.procs.append(p)
-        log.info("pipeline %s stage %d: started ranks %s (%s)", self.opts.pipeline_id, self.stage.index,
-                 self.stage.ranks, self.layout.describe())
+        log.info(
+            "pipeline %s stage %d: started ranks %s (%s)",
+            self.opts.pipeline_id,
+            self.stage.index,
+            self.stage.ranks,
+            self.layout.describe(),
+        )
 
     def kill_ranks(self, sig: int = signal.SIGKILL, grace_s: float = 5.0) -> None:
         for p in self.procs:
@@ -77,8 +88,11 @@ class Worker:
 
     def _drain(self) -> int:
         """Forward SIGTERM and wait for the ranks to finish (a second signal kills them)."""
-        log.info("draining pipeline %s: setting its drain flag and forwarding SIGTERM to ranks %s",
-                 self.opts.pipeline_id, self.stage.ranks)
+        log.info(
+            "draining pipeline %s: setting its drain flag and forwarding SIGTERM to ranks %s",
+            self.opts.pipeline_id,
+            self.stage.ranks,
+        )
         client = sync_redis(self.opts.settings.redis.url, socket_timeout=5.0, socket_connect_timeout=5.0)
         try:
             request_drain(client, self.opts.pipeline_id)

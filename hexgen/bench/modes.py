@@ -4,6 +4,7 @@ Each mode times the engine, then Hugging Face generate on the same requests in t
 the memory roofline measured in the same run (a GPU's copy, or a 256 MiB copy on CPU), and returns one
 JSON-able dict.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -37,12 +38,17 @@ class BenchSetup:
 
 
 def device_info(engine: EngineConfig) -> dict:
-    info = {"device": engine.device, "torch": torch.__version__, "dtype": engine.dtype,
-            "kv_cache_dtype": engine.kv_cache_dtype,
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "host_cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()],  # other work on the host, at the end
-            "kernels": engine.kernels.describe()}
+    info = {
+        "device": engine.device,
+        "torch": torch.__version__,
+        "dtype": engine.dtype,
+        "kv_cache_dtype": engine.kv_cache_dtype,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "host_cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()],  # other work on the host, at the end
+        "kernels": engine.kernels.describe(),
+    }
     if engine.device == "cuda":
         info["card"] = torch.cuda.get_device_name(0)
         info["cards"] = torch.cuda.device_count()
@@ -50,6 +56,7 @@ def device_info(engine: EngineConfig) -> dict:
         info["card"] = f"CPU ({torch.get_num_threads()} threads)"
     try:
         import transformers
+
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
@@ -65,9 +72,12 @@ def _roofline(setup: BenchSetup) -> dict:
     bw = copy_bandwidth(dev) if cuda else copy_bandwidth(dev, CPU_COPY_BYTES)
     wb = weight_bytes(setup.model.config(), getattr(torch, setup.engine.dtype))
     what = "one GPU's" if cuda else f"the CPU's ({torch.get_num_threads()} threads)"
-    return {"copy_bandwidth_TBps": round(bw / 1e12, 3), "weight_GB": round(wb / 1e9, 3),
-            "batch1_tokens_per_s": round(bw / wb, 1),
-            "note": f"{what} copy bandwidth (read + write) / weight bytes read per token"}
+    return {
+        "copy_bandwidth_TBps": round(bw / 1e12, 3),
+        "weight_GB": round(wb / 1e9, 3),
+        "batch1_tokens_per_s": round(bw / wb, 1),
+        "note": f"{what} copy bandwidth (read + write) / weight bytes read per token",
+    }
 
 
 def _ceiling(setup: BenchSetup, shapes: list[Shape]) -> dict:
@@ -82,17 +92,20 @@ def _ceiling(setup: BenchSetup, shapes: list[Shape]) -> dict:
     kv_elem = 1 if getattr(setup.engine, "kv_cache_dtype", "auto") == "fp8" else None  # e4m3 (scales aside)
     counts = count_workload(setup.model.config(), shapes, torch.empty(0, dtype=dtype).element_size(), kv_elem)
     what = f"{gpus} GPU(s)" if cuda else f"the CPU ({torch.get_num_threads()} threads)"
-    return {**ceiling(counts, flops, bw),
-            "note": f"linear-layer FLOPs at a {setup.engine.dtype} matmul rate and K/V + weight bytes at the copy "
-                    f"bandwidth, both measured on {what} in this process (docs/benchmarks.md, 'The ceiling')"}
+    return {
+        **ceiling(counts, flops, bw),
+        "note": f"linear-layer FLOPs at a {setup.engine.dtype} matmul rate and K/V + weight bytes at the copy "
+        f"bandwidth, both measured on {what} in this process (docs/benchmarks.md, 'The ceiling')",
+    }
 
 
 def _hf_model(setup: BenchSetup):
     cfg = setup.model.config()
     dev = torch.device(setup.engine.device, 0) if setup.engine.device == "cuda" else torch.device("cpu")
     dtype = getattr(torch, setup.engine.dtype)
-    model = hf_baseline.load_hf_model(setup.model.model_dir, cfg, dtype, dev, setup.engine.seed,
-                                      random_weights=setup.model.random_weights)
+    model = hf_baseline.load_hf_model(
+        setup.model.model_dir, cfg, dtype, dev, setup.engine.seed, random_weights=setup.model.random_weights
+    )
     hf_baseline.warm_up(model, dev, cfg.vocab_size)
     return model, dev
 
@@ -113,14 +126,17 @@ def _latency_summary(timings: list[RequestTiming]) -> dict:
 def latency(setup: BenchSetup, prompt_len: int = 128, new_tokens: int = 256, reps: int = 3) -> dict:
     """Batch 1: ``reps`` requests one after another (after a warm-up request), engine then HF."""
     cfg = setup.model.config()
-    out = {"mode": "latency", "command": setup.command, **device_info(setup.engine),
-           "layout": setup.layout.describe(), "shape": {"batch": 1, "prompt": prompt_len, "new_tokens": new_tokens,
-                                                        "reps": reps}}
+    out = {
+        "mode": "latency",
+        "command": setup.command,
+        **device_info(setup.engine),
+        "layout": setup.layout.describe(),
+        "shape": {"batch": 1, "prompt": prompt_len, "new_tokens": new_tokens, "reps": reps},
+    }
     out["roofline"] = _roofline(setup)
     warm = make_requests([Shape(prompt_len, 16)], cfg.vocab_size, "warm", seed=99)
     measured = make_requests([Shape(prompt_len, new_tokens)] * reps, cfg.vocab_size, "req")
-    run = run_engine(setup.layout, setup.model, setup.engine, at_once([warm] + [[r] for r in measured]),
-                     setup.devices)
+    run = run_engine(setup.layout, setup.model, setup.engine, at_once([warm] + [[r] for r in measured]), setup.devices)
     out["engine"] = _latency_summary([run.timings[r.request_id] for r in measured])
     out["engine"]["run_wall_s"] = round(run.wall_s, 2)
     out["memory"] = memory_summary(run.ranks)
@@ -134,15 +150,23 @@ def latency(setup: BenchSetup, prompt_len: int = 128, new_tokens: int = 256, rep
         _release(model)
         out["engine_vs_hf"] = round(out["engine"]["decode_tokens_per_s"] / out["hf"]["decode_tokens_per_s"], 3)
     if out["roofline"]:
-        out["engine_vs_roofline"] = round(out["engine"]["decode_tokens_per_s"]
-                                          / out["roofline"]["batch1_tokens_per_s"], 3)
+        out["engine_vs_roofline"] = round(
+            out["engine"]["decode_tokens_per_s"] / out["roofline"]["batch1_tokens_per_s"], 3
+        )
     return out
 
 
-def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[int, int] = (64, 1024),
-               output_range: tuple[int, int] = (32, 512), seed: int = 0, hf_batch_size: int = 64,
-               hf_max_batches: int | None = None, hf_cb_requests: int = 300,
-               checkpoint: Callable[[dict], None] | None = None) -> dict:
+def throughput(
+    setup: BenchSetup,
+    num_requests: int = 1000,
+    prompt_range: tuple[int, int] = (64, 1024),
+    output_range: tuple[int, int] = (32, 512),
+    seed: int = 0,
+    hf_batch_size: int = 64,
+    hf_max_batches: int | None = None,
+    hf_cb_requests: int = 300,
+    checkpoint: Callable[[dict], None] | None = None,
+) -> dict:
     """``num_requests`` of a fixed-seed mix, all offered at once (after a warm-up phase); HF runs the same
     requests in static batches of ``hf_batch_size`` (only the first ``hf_max_batches`` when given), then its
     continuous batching on the first ``hf_cb_requests`` of them, all offered at once (0: not run).
@@ -152,16 +176,27 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
     shapes = mixed_shapes(num_requests, prompt_range, output_range, seed)
     requests = make_requests(shapes, cfg.vocab_size, "req", seed)
     warm = make_requests([Shape(prompt_range[0], 8)] * 4, cfg.vocab_size, "warm", seed=99)
-    out = {"mode": "throughput", "command": setup.command, **device_info(setup.engine),
-           "layout": setup.layout.describe(),
-           "workload": {"requests": num_requests, "prompt_range": list(prompt_range),
-                        "output_range": list(output_range), "seed": seed,
-                        "prompt_tokens": sum(s.prompt for s in shapes),
-                        "output_tokens": sum(s.output for s in shapes)},
-           "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
-                             "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
-                             "cuda_graphs": setup.engine.cuda_graphs, "async_steps": setup.engine.async_steps,
-                             "async_steps_tp": setup.engine.async_steps_tp}}
+    out = {
+        "mode": "throughput",
+        "command": setup.command,
+        **device_info(setup.engine),
+        "layout": setup.layout.describe(),
+        "workload": {
+            "requests": num_requests,
+            "prompt_range": list(prompt_range),
+            "output_range": list(output_range),
+            "seed": seed,
+            "prompt_tokens": sum(s.prompt for s in shapes),
+            "output_tokens": sum(s.output for s in shapes),
+        },
+        "engine_config": {
+            "max_num_seqs": setup.engine.max_num_seqs,
+            "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
+            "cuda_graphs": setup.engine.cuda_graphs,
+            "async_steps": setup.engine.async_steps,
+            "async_steps_tp": setup.engine.async_steps_tp,
+        },
+    }
     run = run_engine(setup.layout, setup.model, setup.engine, at_once([warm, requests]), setup.devices)
     out["engine"] = summarize([run.timings[r.request_id] for r in requests])
     out["engine"]["run_wall_s"] = round(run.wall_s, 2)
@@ -182,15 +217,18 @@ def throughput(setup: BenchSetup, num_requests: int = 1000, prompt_range: tuple[
             return out
         out["hf"] = {**summarize(hf), **info}
         if info["batches_run"] < info["batches_total"]:
-            out["hf"]["note"] = (f"subsample: the first {info['batches_run']} of {info['batches_total']} "
-                                 "static batches ran; tokens/s is over those batches (same mix, fixed seed); "
-                                 "TTFT counts queueing behind the sampled batches only")
+            out["hf"]["note"] = (
+                f"subsample: the first {info['batches_run']} of {info['batches_total']} "
+                "static batches ran; tokens/s is over those batches (same mix, fixed seed); "
+                "TTFT counts queueing behind the sampled batches only"
+            )
         out["engine_vs_hf"] = round(out["engine"]["output_tokens_per_s"] / out["hf"]["output_tokens_per_s"], 3)
         if hf_cb_requests:
             out["hf_cb"] = _hf_continuous(model, dev, requests[:hf_cb_requests])
             if "output_tokens_per_s" in out["hf_cb"]:
-                out["engine_vs_hf_cb"] = round(out["engine"]["output_tokens_per_s"]
-                                               / out["hf_cb"]["output_tokens_per_s"], 3)
+                out["engine_vs_hf_cb"] = round(
+                    out["engine"]["output_tokens_per_s"] / out["hf_cb"]["output_tokens_per_s"], 3
+                )
         _release(model)
     return out
 
@@ -209,9 +247,11 @@ def _hf_continuous(model, dev: torch.device, requests: list) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     res = {**summarize(timings), **info} if timings else dict(info)
     if info["requests_run"]:
-        res["note"] = (f"the first {info['requests_run']} requests of the same mix, all offered at once"
-                       + ("" if info["requests_finished"] == info["requests_run"]
-                          else f"; only {info['requests_finished']} finished before the deadline"))
+        res["note"] = f"the first {info['requests_run']} requests of the same mix, all offered at once" + (
+            ""
+            if info["requests_finished"] == info["requests_run"]
+            else f"; only {info['requests_finished']} finished before the deadline"
+        )
     return res
 
 
@@ -219,23 +259,26 @@ def format_table(res: dict) -> str:
     """A short human-readable table of one result."""
     kv = f" (KV cache {res['kv_cache_dtype']})" if res.get("kv_cache_dtype", "auto") != "auto" else ""
     rows = [f"hexgen bench {res['mode']} | {res['card']} | {res['dtype']}{kv} | {res['layout']} | {res['date']}"]
-    cols = ("output_tokens_per_s", "decode_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
-            "tpot_p99_ms")
+    cols = ("output_tokens_per_s", "decode_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
     rows.append(f"{'':<10}" + "".join(f"{c:>22}" for c in cols))
     for name in ("engine", "hf", "hf_cb"):
         if name in res and "error" not in res[name]:
             rows.append(f"{name:<10}" + "".join(f"{str(res[name].get(c, '-')):>22}" for c in cols))
     if res.get("roofline"):
         r = res["roofline"]
-        rows.append(f"roofline: {r['batch1_tokens_per_s']} tokens/s ({r['copy_bandwidth_TBps']} TB/s copy, "
-                    f"{r['weight_GB']} GB weights)")
+        rows.append(
+            f"roofline: {r['batch1_tokens_per_s']} tokens/s ({r['copy_bandwidth_TBps']} TB/s copy, "
+            f"{r['weight_GB']} GB weights)"
+        )
     if res.get("ceiling"):
         c = res["ceiling"]
-        rows.append(f"ceiling: {c['tokens_per_s']} tokens/s ({c['bound']}-bound, {c['bound_s']} s), no overlap "
-                    f"{c['tokens_per_s_no_overlap']} tokens/s ({c['no_overlap_s']} s): {c['linear_PFLOP']} PFLOP "
-                    f"of linear layers at {c['matmul_TFLOPs']} TFLOP/s = {c['compute_s']} s; "
-                    f"{c['kv_read_TB'] + c['kv_write_TB'] + c['weight_read_TB']:.3f} TB of K/V + weights at "
-                    f"{c['copy_TBps']} TB/s = {c['memory_s']} s")
+        rows.append(
+            f"ceiling: {c['tokens_per_s']} tokens/s ({c['bound']}-bound, {c['bound_s']} s), no overlap "
+            f"{c['tokens_per_s_no_overlap']} tokens/s ({c['no_overlap_s']} s): {c['linear_PFLOP']} PFLOP "
+            f"of linear layers at {c['matmul_TFLOPs']} TFLOP/s = {c['compute_s']} s; "
+            f"{c['kv_read_TB'] + c['kv_write_TB'] + c['weight_read_TB']:.3f} TB of K/V + weights at "
+            f"{c['copy_TBps']} TB/s = {c['memory_s']} s"
+        )
     for k in ("engine_vs_ceiling", "engine_vs_no_overlap", "engine_vs_hf", "engine_vs_hf_cb", "engine_vs_roofline"):
         if k in res:
             rows.append(f"{k}: {res[k]}x")

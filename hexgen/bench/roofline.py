@@ -1,4 +1,5 @@
 """The batch-1 decode roofline: measured device-to-device copy bandwidth over the bytes of the weights."""
+
 from __future__ import annotations
 
 import time

@@ -12,6 +12,7 @@ the same requests again through the same deployment's ``POST /v1/completions`` w
 (:mod:`hexgen.bench.http_load`: httpx, every chunk stamped as it is read). Each path has its own warm-up
 requests first. TTFT and TPOT count from each request's scheduled arrival.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,8 +69,10 @@ class ServeOptions:
         check_range("--prompt-range", self.prompt_range)
         check_range("--output-range", self.output_range, lo=2)
         if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
-            raise ConfigError(f"--rate: {self.rate} must be a finite number of requests/s > 0 (omit it to "
-                              "offer every request at once)")
+            raise ConfigError(
+                f"--rate: {self.rate} must be a finite number of requests/s > 0 (omit it to "
+                "offer every request at once)"
+            )
         if not self.ready_timeout_s > 0:
             raise ConfigError(f"--ready-timeout: {self.ready_timeout_s} must be > 0 seconds")
 
@@ -144,8 +147,10 @@ def serve_tokenizer(setup: BenchSetup, opts: ServeOptions):
     path = serve_tokenizer_dir(setup, opts)
     tok = load_model_tokenizer(ModelSpec(model_dir=path)) if path else None
     if tok is None:
-        raise ConfigError(f"--model/--tokenizer: serve mode needs a tokenizer for the head (a model directory with "
-                          f"one, or --tokenizer DIR with a --preset); {path or 'a preset'} has none")
+        raise ConfigError(
+            f"--model/--tokenizer: serve mode needs a tokenizer for the head (a model directory with "
+            f"one, or --tokenizer DIR with a --preset); {path or 'a preset'} has none"
+        )
     return tok
 
 
@@ -166,19 +171,25 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
         over["kv_cache_dtype"] = setup.engine.kv_cache_dtype
     m = setup.model
     model = ModelSettings(preset=m.preset) if m.preset else ModelSettings(path=cast(str, m.model_dir))
-    settings = Settings(model=model, dtype=setup.engine.dtype,
-                        device=setup.engine.device,
-                        pipelines=(PipelineSettings(PIPELINE_ID, setup.layout.hetero_config,
-                                                    setup.layout.pp_partition),))
+    settings = Settings(
+        model=model,
+        dtype=setup.engine.dtype,
+        device=setup.engine.device,
+        pipelines=(PipelineSettings(PIPELINE_ID, setup.layout.hetero_config, setup.layout.pp_partition),),
+    )
     _, _, worker = build_plan(WorkerOptions(settings, PIPELINE_ID, 0, engine_overrides=over))
-    diff = [f"{k}={getattr(setup.engine, k)!r} (workers: {getattr(worker, k)!r})"
-            for k in worker.__dataclass_fields__
-            if k not in ("log_level", "profile_loop") and getattr(worker, k) != getattr(setup.engine, k)]
+    diff = [
+        f"{k}={getattr(setup.engine, k)!r} (workers: {getattr(worker, k)!r})"
+        for k in worker.__dataclass_fields__
+        if k not in ("log_level", "profile_loop") and getattr(worker, k) != getattr(setup.engine, k)
+    ]
     if diff:
-        raise ConfigError(f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
-                          "leave --gpu-memory-fraction, --max-num-batched-tokens and the async-step flags at their "
-                          "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs, --kernel, "
-                          "--emulate-devices and --kv-cache-dtype)")
+        raise ConfigError(
+            f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
+            "leave --gpu-memory-fraction, --max-num-batched-tokens and the async-step flags at their "
+            "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs, --kernel, "
+            "--emulate-devices and --kv-cache-dtype)"
+        )
     return over
 
 
@@ -191,8 +202,10 @@ def worker_engine_flags(overrides: dict) -> list[str]:
     if overrides.get("kv_cache_dtype"):
         argv += ["--kv-cache-dtype", overrides["kv_cache_dtype"]]
     if overrides.get("emulate_devices"):
-        argv += ["--emulate-devices", ",".join(f"{r}={lim.sms}:{lim.memory_gib}"
-                                               for r, lim in overrides["emulate_devices"])]
+        argv += [
+            "--emulate-devices",
+            ",".join(f"{r}={lim.sms}:{lim.memory_gib}" for r, lim in overrides["emulate_devices"]),
+        ]
     return argv
 
 
@@ -211,8 +224,9 @@ async def sleep_until(deadline: float, margin_s: float = SEND_MARGIN_S) -> None:
         pass
 
 
-async def offer(url: str, items: list[_Item], timeout_s: float = 900.0,
-                sent: dict[str, float] | None = None) -> list[RequestTiming]:
+async def offer(
+    url: str, items: list[_Item], timeout_s: float = 900.0, sent: dict[str, float] | None = None
+) -> list[RequestTiming]:
     """Send each item through the async client at its arrival (:func:`sleep_until`); stamp every token as the
     client reads it.
 
@@ -228,15 +242,22 @@ async def offer(url: str, items: list[_Item], timeout_s: float = 900.0,
             await sleep_until(arrival)
             timing = RequestTiming(arrival)
             p = item.request.params
-            stream = client.stream(prompt=item.text, request_id=item.request.request_id, temperature=0,
-                                   max_new_tokens=p.max_new_tokens, ignore_eos=True)
+            stream = client.stream(
+                prompt=item.text,
+                request_id=item.request.request_id,
+                temperature=0,
+                max_new_tokens=p.max_new_tokens,
+                ignore_eos=True,
+            )
             if sent is not None:
                 sent[item.request.request_id] = time.monotonic()  # the XADD is the stream's first await
             async for ev in stream:
                 timing.tokens.extend([time.monotonic()] * len(ev.ids))
             if len(timing.tokens) != p.max_new_tokens:
-                raise RuntimeError(f"bench serve: request {item.request.request_id} got {len(timing.tokens)} "
-                                   f"tokens through Redis, expected {p.max_new_tokens}")
+                raise RuntimeError(
+                    f"bench serve: request {item.request.request_id} got {len(timing.tokens)} "
+                    f"tokens through Redis, expected {p.max_new_tokens}"
+                )
             return timing
 
         return list(await asyncio.gather(*(one(i) for i in items)))
@@ -250,12 +271,15 @@ def client_lateness(items: list[_Item], timings: list[RequestTiming], sent: dict
     """p50s of how late the client sent each request and of its TTFT counted from the send instead."""
     late = [sent[i.request.request_id] - t.offered for i, t in zip(items, timings)]
     from_send = [t.tokens[0] - sent[i.request.request_id] for i, t in zip(items, timings)]
-    return {"client_send_late_p50_ms": _ms(percentile(late, 50)),
-            "ttft_from_send_p50_ms": _ms(percentile(from_send, 50))}
+    return {
+        "client_send_late_p50_ms": _ms(percentile(late, 50)),
+        "ttft_from_send_p50_ms": _ms(percentile(from_send, 50)),
+    }
 
 
-def paired_ttft_diff(direct: list[RequestTiming], redis: list[RequestTiming],
-                     redis_sent: list[float] | None = None) -> dict:
+def paired_ttft_diff(
+    direct: list[RequestTiming], redis: list[RequestTiming], redis_sent: list[float] | None = None
+) -> dict:
     """Median over requests of (Redis-path TTFT − direct TTFT) of the same request (same prompt, same arrival
     offset): steadier than the difference of the two p50s, which may fall on requests of different prompt
     lengths. With ``redis_sent`` also counted from the client's send instead of the scheduled arrival."""
@@ -267,8 +291,15 @@ def paired_ttft_diff(direct: list[RequestTiming], redis: list[RequestTiming],
     return out
 
 
-def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm: list[_Item],
-                   items: list[_Item], say=print, offer_fn=offer) -> tuple[Any, float]:
+def run_redis_path(
+    setup: BenchSetup,
+    opts: ServeOptions,
+    overrides: dict,
+    warm: list[_Item],
+    items: list[_Item],
+    say=print,
+    offer_fn=offer,
+) -> tuple[Any, float]:
     """Start redis-server, head and workers for ``setup``'s layout, offer warm-up then ``items``; stop all.
 
     ``offer_fn(url, items)`` (a coroutine function) sends them; returns what it returned for ``items`` (by
@@ -277,8 +308,13 @@ def run_redis_path(setup: BenchSetup, opts: ServeOptions, overrides: dict, warm:
     return results["redis"], ready_s
 
 
-def run_served_paths(setup: BenchSetup, opts: ServeOptions, overrides: dict, legs: list[tuple], say=print,
-                     ) -> tuple[dict[str, Any], float]:
+def run_served_paths(
+    setup: BenchSetup,
+    opts: ServeOptions,
+    overrides: dict,
+    legs: list[tuple],
+    say=print,
+) -> tuple[dict[str, Any], float]:
     """Start redis-server, head and workers for ``setup``'s layout; for each leg ``(name, offer_fn, warm,
     items)`` in turn, offer its warm-up then its items; stop all. A leg named ``http`` gets the head's HTTP
     base URL (the head then serves HTTP on a free port), the others the Redis URL.
@@ -302,9 +338,16 @@ def run_served_paths(setup: BenchSetup, opts: ServeOptions, overrides: dict, leg
     http = any(leg[0] == "http" for leg in legs)
     try:
         start_redis(dep)
-        cfg = write_config(os.path.join(work_dir, "bench.toml"), dep.url, setup.model.model_dir,
-                           DemoOptions(layout.hetero_config, layout.pp_partition), dtype=eng.dtype, device=eng.device,
-                           preset=setup.model.preset or "", tokenizer=opts.tokenizer or "")
+        cfg = write_config(
+            os.path.join(work_dir, "bench.toml"),
+            dep.url,
+            setup.model.model_dir,
+            DemoOptions(layout.hetero_config, layout.pp_partition),
+            dtype=eng.dtype,
+            device=eng.device,
+            preset=setup.model.preset or "",
+            tokenizer=opts.tokenizer or "",
+        )
         head = py + ["head", "--config", cfg]
         base_url = ""
         if http:
@@ -313,14 +356,27 @@ def run_served_paths(setup: BenchSetup, opts: ServeOptions, overrides: dict, leg
             base_url = f"http://127.0.0.1:{port}"
         dep.spawn("head", head)
         for st in reversed(layout.stages()):
-            argv = ["worker", "--config", cfg, "--stage", str(st.index), "--drain-timeout", "30",
-                    "--max-num-seqs", str(overrides["max_num_seqs"]), "--kv-tokens", str(overrides["cpu_kv_tokens"])]
+            argv = [
+                "worker",
+                "--config",
+                cfg,
+                "--stage",
+                str(st.index),
+                "--drain-timeout",
+                "30",
+                "--max-num-seqs",
+                str(overrides["max_num_seqs"]),
+                "--kv-tokens",
+                str(overrides["cpu_kv_tokens"]),
+            ]
             argv += worker_engine_flags(overrides)
             if eng.device == "cuda":
                 argv += ["--devices", ",".join(str(setup.devices[r] if setup.devices else r) for r in st.ranks)]
             dep.spawn(f"worker-stage{st.index}", py + argv)
-        say(f"bench serve: redis-server on port {dep.port}, head{' (HTTP ' + base_url + ')' if http else ''} and "
-            f"{layout.num_stages} worker(s) starting (logs in {work_dir})")
+        say(
+            f"bench serve: redis-server on port {dep.port}, head{' (HTTP ' + base_url + ')' if http else ''} and "
+            f"{layout.num_stages} worker(s) starting (logs in {work_dir})"
+        )
         ready_s = wait_ready(dep, opts.ready_timeout_s)
         if http:
             wait_http_ready(base_url, opts.ready_timeout_s)
@@ -355,23 +411,38 @@ def wait_http_ready(base_url: str, timeout_s: float) -> None:
 
 def versus(path: dict, base: dict) -> dict:
     """One path's throughput ratio and p50 TTFT / TPOT differences against another's."""
+
     def diff(key: str) -> float | None:
         return None if path[key] is None or base[key] is None else round(path[key] - base[key], 3)
-    return {"throughput_ratio": round(path["output_tokens_per_s"] / base["output_tokens_per_s"], 4),
-            "ttft_p50_diff_ms": diff("ttft_p50_ms"), "tpot_p50_diff_ms": diff("tpot_p50_ms")}
+
+    return {
+        "throughput_ratio": round(path["output_tokens_per_s"] / base["output_tokens_per_s"], 4),
+        "ttft_p50_diff_ms": diff("ttft_p50_ms"),
+        "tpot_p50_diff_ms": diff("tpot_p50_ms"),
+    }
 
 
 def overhead(direct: dict, redis: dict) -> dict:
     """The Redis path against the direct engine, and whether the targets hold."""
     ratio = redis["output_tokens_per_s"] / direct["output_tokens_per_s"]
     ttft = redis["ttft_p50_ms"] - direct["ttft_p50_ms"]
-    tpot = (redis["tpot_p50_ms"] - direct["tpot_p50_ms"]
-            if redis["tpot_p50_ms"] is not None and direct["tpot_p50_ms"] is not None else None)
-    return {"throughput_ratio": round(ratio, 4), "throughput_cost": round(1 - ratio, 4),
-            "ttft_p50_diff_ms": round(ttft, 3), "tpot_p50_diff_ms": None if tpot is None else round(tpot, 3),
-            "targets": {"throughput_cost_max": THROUGHPUT_COST_TARGET, "ttft_p50_diff_max_ms": TTFT_P50_TARGET_MS,
-                        "throughput_met": 1 - ratio <= THROUGHPUT_COST_TARGET,
-                        "ttft_met": ttft <= TTFT_P50_TARGET_MS}}
+    tpot = (
+        redis["tpot_p50_ms"] - direct["tpot_p50_ms"]
+        if redis["tpot_p50_ms"] is not None and direct["tpot_p50_ms"] is not None
+        else None
+    )
+    return {
+        "throughput_ratio": round(ratio, 4),
+        "throughput_cost": round(1 - ratio, 4),
+        "ttft_p50_diff_ms": round(ttft, 3),
+        "tpot_p50_diff_ms": None if tpot is None else round(tpot, 3),
+        "targets": {
+            "throughput_cost_max": THROUGHPUT_COST_TARGET,
+            "ttft_p50_diff_max_ms": TTFT_P50_TARGET_MS,
+            "throughput_met": 1 - ratio <= THROUGHPUT_COST_TARGET,
+            "ttft_met": ttft <= TTFT_P50_TARGET_MS,
+        },
+    }
 
 
 def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
@@ -392,13 +463,17 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
     context = setup.engine.max_model_len or cfg.max_position_embeddings
     for it in direct:
         if len(it.request.prompt_ids) + it.request.params.max_new_tokens > context:
-            raise ConfigError(f"--prompt-range/--output-range: request {it.request.request_id} does not fit "
-                              "the model's context")
+            raise ConfigError(
+                f"--prompt-range/--output-range: request {it.request.request_id} does not fit the model's context"
+            )
     phases = [[(i.offset, i.request) for i in direct_warm], [(i.offset, i.request) for i in direct]]
     source = None
     if opts.direct_input == "text":
-        source = TokenizingSource(phases, {i.request.request_id: i.text for i in direct_warm + direct},
-                                  cast(str, serve_tokenizer_dir(setup, opts)))  # serve_tokenizer checked it
+        source = TokenizingSource(
+            phases,
+            {i.request.request_id: i.text for i in direct_warm + direct},
+            cast(str, serve_tokenizer_dir(setup, opts)),
+        )  # serve_tokenizer checked it
     run = run_engine(setup.layout, setup.model, setup.engine, phases, setup.devices, source=source)
     direct_timings = [run.timings[i.request.request_id] for i in direct]
     direct_sum = summarize(direct_timings)
@@ -423,58 +498,82 @@ def serve(setup: BenchSetup, opts: ServeOptions, say=print) -> dict:
         http_sum.update(client_lateness(http_items, http_timings, sent))
         paths["http"] = http_sum
         extra["http_overhead"] = {
-            "vs_direct": {**versus(http_sum, direct_sum),
-                          **paired_ttft_diff(direct_timings, http_timings)},
-            "vs_redis": {**versus(http_sum, redis_sum),
-                         "ttft_paired_diff_p50_ms": _ms(percentile(
-                             [h.ttft - r.ttft for r, h in zip(timings, http_timings)], 50))}}
-    return {"mode": "serve", "command": setup.command, **device_info(setup.engine),
-            "layout": setup.layout.describe(),
-            "workload": {"requests": opts.num_requests, "prompt_range": list(opts.prompt_range),
-                         "output_range": list(opts.output_range), "seed": opts.seed,
-                         "arrivals": f"poisson {opts.rate}/s" if opts.rate else "all at once",
-                         "direct_input": opts.direct_input,
-                         "prompt_tokens": sum(len(i.request.prompt_ids) for i in direct),
-                         "output_tokens": sum(i.request.params.max_new_tokens for i in direct)},
-            "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
-                              "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
-                              "cpu_kv_tokens": setup.engine.cpu_kv_tokens},
-            **paths,
-            "overhead": {**overhead(direct_sum, redis_sum),
-                         **paired_ttft_diff(direct_timings, timings,
-                                            [sent[i.request.request_id] for i in redis_items])},
-            **extra,
-            "memory": memory_summary(run.ranks)}
+            "vs_direct": {**versus(http_sum, direct_sum), **paired_ttft_diff(direct_timings, http_timings)},
+            "vs_redis": {
+                **versus(http_sum, redis_sum),
+                "ttft_paired_diff_p50_ms": _ms(
+                    percentile([h.ttft - r.ttft for r, h in zip(timings, http_timings)], 50)
+                ),
+            },
+        }
+    return {
+        "mode": "serve",
+        "command": setup.command,
+        **device_info(setup.engine),
+        "layout": setup.layout.describe(),
+        "workload": {
+            "requests": opts.num_requests,
+            "prompt_range": list(opts.prompt_range),
+            "output_range": list(opts.output_range),
+            "seed": opts.seed,
+            "arrivals": f"poisson {opts.rate}/s" if opts.rate else "all at once",
+            "direct_input": opts.direct_input,
+            "prompt_tokens": sum(len(i.request.prompt_ids) for i in direct),
+            "output_tokens": sum(i.request.params.max_new_tokens for i in direct),
+        },
+        "engine_config": {
+            "max_num_seqs": setup.engine.max_num_seqs,
+            "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
+            "cpu_kv_tokens": setup.engine.cpu_kv_tokens,
+        },
+        **paths,
+        "overhead": {
+            **overhead(direct_sum, redis_sum),
+            **paired_ttft_diff(direct_timings, timings, [sent[i.request.request_id] for i in redis_items]),
+        },
+        **extra,
+        "memory": memory_summary(run.ranks),
+    }
 
 
 def format_serve(res: dict) -> str:
     """A short human-readable table of a serve result."""
     cols = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
-    rows = [f"hexgen bench serve | {res['card']} | {res['dtype']} | {res['layout']} | {res['date']} | "
-            f"{res['workload']['requests']} requests, {res['workload']['arrivals']}; the direct engine given "
-            f"{'token ids' if res['workload'].get('direct_input') == 'ids' else 'texts (tokenized on arrival)'}",
-            f"{'':<8}" + "".join(f"{c:>22}" for c in cols)]
+    rows = [
+        f"hexgen bench serve | {res['card']} | {res['dtype']} | {res['layout']} | {res['date']} | "
+        f"{res['workload']['requests']} requests, {res['workload']['arrivals']}; the direct engine given "
+        f"{'token ids' if res['workload'].get('direct_input') == 'ids' else 'texts (tokenized on arrival)'}",
+        f"{'':<8}" + "".join(f"{c:>22}" for c in cols),
+    ]
     for name in ("direct", "redis", "http"):
         if name in res:
             rows.append(f"{name:<8}" + "".join(f"{str(res[name].get(c, '-')):>22}" for c in cols))
     o, t = res["overhead"], res["overhead"]["targets"]
-    rows.append(f"Redis path: {o['throughput_ratio']:.3f}x direct throughput (cost {o['throughput_cost']:.1%}, "
-                f"target ≤ {t['throughput_cost_max']:.0%}: {'met' if t['throughput_met'] else 'missed'}); "
-                f"p50 TTFT {o['ttft_p50_diff_ms']:+.1f} ms (target ≤ {t['ttft_p50_diff_max_ms']:g} ms: "
-                f"{'met' if t['ttft_met'] else 'missed'})")
+    rows.append(
+        f"Redis path: {o['throughput_ratio']:.3f}x direct throughput (cost {o['throughput_cost']:.1%}, "
+        f"target ≤ {t['throughput_cost_max']:.0%}: {'met' if t['throughput_met'] else 'missed'}); "
+        f"p50 TTFT {o['ttft_p50_diff_ms']:+.1f} ms (target ≤ {t['ttft_p50_diff_max_ms']:g} ms: "
+        f"{'met' if t['ttft_met'] else 'missed'})"
+    )
     if o.get("ttft_paired_diff_p50_ms") is not None:
-        rows.append(f"per request (same prompt, same arrival): Redis TTFT − direct TTFT, median "
-                    f"{o['ttft_paired_diff_p50_ms']:+.1f} ms; from the client's send "
-                    f"{o['ttft_paired_diff_from_send_p50_ms']:+.1f} ms")
+        rows.append(
+            f"per request (same prompt, same arrival): Redis TTFT − direct TTFT, median "
+            f"{o['ttft_paired_diff_p50_ms']:+.1f} ms; from the client's send "
+            f"{o['ttft_paired_diff_from_send_p50_ms']:+.1f} ms"
+        )
     if res["redis"].get("client_send_late_p50_ms") is not None:
-        rows.append(f"Redis path client: sent {res['redis']['client_send_late_p50_ms']:.2f} ms after the scheduled "
-                    f"arrival (p50; counted in its TTFT); TTFT from the send: p50 "
-                    f"{res['redis']['ttft_from_send_p50_ms']:.1f} ms")
+        rows.append(
+            f"Redis path client: sent {res['redis']['client_send_late_p50_ms']:.2f} ms after the scheduled "
+            f"arrival (p50; counted in its TTFT); TTFT from the send: p50 "
+            f"{res['redis']['ttft_from_send_p50_ms']:.1f} ms"
+        )
     if "http_overhead" in res:
         d, r = res["http_overhead"]["vs_direct"], res["http_overhead"]["vs_redis"]
-        rows.append(f"HTTP path: {d['throughput_ratio']:.3f}x direct and {r['throughput_ratio']:.3f}x Redis-path "
-                    f"throughput; p50 TTFT {d['ttft_p50_diff_ms']:+.1f} ms vs direct, "
-                    f"{r['ttft_p50_diff_ms']:+.1f} ms vs Redis (per request, median: "
-                    f"{d['ttft_paired_diff_p50_ms']:+.1f} / {r['ttft_paired_diff_p50_ms']:+.1f} ms)")
+        rows.append(
+            f"HTTP path: {d['throughput_ratio']:.3f}x direct and {r['throughput_ratio']:.3f}x Redis-path "
+            f"throughput; p50 TTFT {d['ttft_p50_diff_ms']:+.1f} ms vs direct, "
+            f"{r['ttft_p50_diff_ms']:+.1f} ms vs Redis (per request, median: "
+            f"{d['ttft_paired_diff_p50_ms']:+.1f} / {r['ttft_paired_diff_p50_ms']:+.1f} ms)"
+        )
     rows += ["memory (direct run):"] + memory_lines(res["memory"])
     return "\n".join(rows)

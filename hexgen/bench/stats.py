@@ -1,4 +1,5 @@
 """Per-request timings and their summaries."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,7 +43,13 @@ def summarize(timings: list[RequestTiming]) -> dict:
     ttft = [t.ttft for t in timings]
     tpot = [t.tpot for t in timings if t.tpot is not None]
     ms = lambda x: None if x is None else round(1e3 * x, 3)  # noqa: E731
-    return {"requests": len(timings), "output_tokens": n_out, "span_s": round(end - start, 4),
-            "output_tokens_per_s": round(n_out / (end - start), 2),
-            "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
-            "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99))}
+    return {
+        "requests": len(timings),
+        "output_tokens": n_out,
+        "span_s": round(end - start, 4),
+        "output_tokens_per_s": round(n_out / (end - start), 2),
+        "ttft_p50_ms": ms(percentile(ttft, 50)),
+        "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "tpot_p50_ms": ms(percentile(tpot, 50)),
+        "tpot_p99_ms": ms(percentile(tpot, 99)),
+    }

@@ -4,6 +4,7 @@ At each rate the same fixed-seed request mix arrives by a seeded Poisson process
 .poisson_offsets); the rates run one after another in one pipeline (after a warm-up phase), each starting
 once the previous rate's requests have all finished. TTFT and TPOT count from each request's arrival.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,31 +88,50 @@ def sweep(setup: BenchSetup, opts: SweepOptions) -> dict:
         row = {"rate": rate, "offered_rate": round((len(reqs) - 1) / span, 3) if span > 0 else None, **s}
         row["tpot_p99_under_slo"] = s["tpot_p99_ms"] is not None and s["tpot_p99_ms"] < opts.tpot_slo_ms
         rows.append(row)
-    return {"mode": "sweep", "command": setup.command, **device_info(setup.engine),
-            "layout": setup.layout.describe(),
-            "workload": {"requests_per_rate": opts.num_requests, "prompt_range": list(opts.prompt_range),
-                         "output_range": list(opts.output_range), "seed": opts.seed, "arrivals": "poisson",
-                         "prompt_tokens": sum(x.prompt for x in shapes),
-                         "output_tokens": sum(x.output for x in shapes)},
-            "engine_config": {"max_num_seqs": setup.engine.max_num_seqs,
-                              "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
-                              "cuda_graphs": setup.engine.cuda_graphs},
-            "tpot_slo_ms": opts.tpot_slo_ms, "rates": rows,
-            "max_rate_under_slo": max_rate_under_slo(rows, opts.tpot_slo_ms),
-            "run_wall_s": round(run.wall_s, 2), "memory": memory_summary(run.ranks)}
+    return {
+        "mode": "sweep",
+        "command": setup.command,
+        **device_info(setup.engine),
+        "layout": setup.layout.describe(),
+        "workload": {
+            "requests_per_rate": opts.num_requests,
+            "prompt_range": list(opts.prompt_range),
+            "output_range": list(opts.output_range),
+            "seed": opts.seed,
+            "arrivals": "poisson",
+            "prompt_tokens": sum(x.prompt for x in shapes),
+            "output_tokens": sum(x.output for x in shapes),
+        },
+        "engine_config": {
+            "max_num_seqs": setup.engine.max_num_seqs,
+            "max_num_batched_tokens": setup.engine.max_num_batched_tokens,
+            "cuda_graphs": setup.engine.cuda_graphs,
+        },
+        "tpot_slo_ms": opts.tpot_slo_ms,
+        "rates": rows,
+        "max_rate_under_slo": max_rate_under_slo(rows, opts.tpot_slo_ms),
+        "run_wall_s": round(run.wall_s, 2),
+        "memory": memory_summary(run.ranks),
+    }
 
 
 def format_sweep(res: dict) -> str:
     """A short human-readable table of a sweep result."""
-    lines = [f"hexgen bench sweep | {res['card']} | {res['dtype']} | {res['layout']} | {res['date']}",
-             f"{'rate/s':>8}{'offered/s':>11}{'out tok/s':>11}{'TTFT p50':>11}{'TTFT p99':>11}"
-             f"{'TPOT p50':>11}{'TPOT p99':>11}  p99 TPOT < {res['tpot_slo_ms']:g} ms"]
+    lines = [
+        f"hexgen bench sweep | {res['card']} | {res['dtype']} | {res['layout']} | {res['date']}",
+        f"{'rate/s':>8}{'offered/s':>11}{'out tok/s':>11}{'TTFT p50':>11}{'TTFT p99':>11}"
+        f"{'TPOT p50':>11}{'TPOT p99':>11}  p99 TPOT < {res['tpot_slo_ms']:g} ms",
+    ]
     for r in res["rates"]:
-        lines.append(f"{r['rate']:>8g}{str(r['offered_rate']):>11}{r['output_tokens_per_s']:>11}"
-                     f"{r['ttft_p50_ms']:>11}{r['ttft_p99_ms']:>11}{str(r['tpot_p50_ms']):>11}"
-                     f"{str(r['tpot_p99_ms']):>11}  {'yes' if r['tpot_p99_under_slo'] else 'no'}")
+        lines.append(
+            f"{r['rate']:>8g}{str(r['offered_rate']):>11}{r['output_tokens_per_s']:>11}"
+            f"{r['ttft_p50_ms']:>11}{r['ttft_p99_ms']:>11}{str(r['tpot_p50_ms']):>11}"
+            f"{str(r['tpot_p99_ms']):>11}  {'yes' if r['tpot_p99_under_slo'] else 'no'}"
+        )
     best = res["max_rate_under_slo"]
-    lines.append(f"highest rate with p99 TPOT < {res['tpot_slo_ms']:g} ms: "
-                 + (f"{best:g} requests/s" if best is not None else "none of the swept rates"))
+    lines.append(
+        f"highest rate with p99 TPOT < {res['tpot_slo_ms']:g} ms: "
+        + (f"{best:g} requests/s" if best is not None else "none of the swept rates")
+    )
     lines += memory_lines(res["memory"])
     return "\n".join(lines)

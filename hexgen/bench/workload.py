@@ -1,5 +1,6 @@
 """Benchmark workloads: fixed-seed request mixes, Poisson arrivals, and a request source that releases them
 phase by phase, each request at its arrival time."""
+
 from __future__ import annotations
 
 import random
@@ -24,8 +25,7 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
-def mixed_shapes(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
-                 seed: int = 0) -> list[Shape]:
+def mixed_shapes(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int = 0) -> list[Shape]:
     """``n`` shapes with prompt and output lengths drawn uniformly (inclusive) from the ranges."""
     rng = random.Random(seed)
     return [Shape(rng.randint(*prompt_range), rng.randint(*output_range)) for _ in range(n)]
@@ -34,9 +34,14 @@ def mixed_shapes(n: int, prompt_range: tuple[int, int], output_range: tuple[int,
 def make_requests(shapes: list[Shape], vocab: int, prefix: str, seed: int = 0) -> list[Request]:
     """Greedy requests that ignore EOS, so each generates exactly its ``output`` tokens."""
     rng = random.Random(seed + 1)
-    return [Request(f"{prefix}{i}", random_prompt(rng, s.prompt, vocab),
-                    SamplingParams(max_new_tokens=s.output, ignore_eos=True))
-            for i, s in enumerate(shapes)]
+    return [
+        Request(
+            f"{prefix}{i}",
+            random_prompt(rng, s.prompt, vocab),
+            SamplingParams(max_new_tokens=s.output, ignore_eos=True),
+        )
+        for i, s in enumerate(shapes)
+    ]
 
 
 def poisson_offsets(n: int, rate: float, seed: int = 0) -> list[float]:

@@ -1,4 +1,5 @@
 """`hexgen <command>`: dispatch to the subcommand modules."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """`hexgen generate`: offline generation on a local asymmetric pipeline (one process per rank)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,33 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model directory (default: the embedded SmolLM2)")
     p.add_argument("--preset", help=f"model shape preset: {', '.join(sorted(PRESETS))} (with --random-weights)")
     p.add_argument("--random-weights", action="store_true", help="random weights instead of a checkpoint")
-    p.add_argument("--hetero-config", "--hetero_config", dest="hetero_config", type=int, nargs="+",
-                   metavar="TP", help="TP degree of each stage, e.g. 3 1")
-    p.add_argument("--pp-partition", "--pp_partition", dest="pp_partition", type=int, nargs="+",
-                   metavar="LAYERS", help="layers of each stage, e.g. 20 10 (default: in proportion to TP)")
+    p.add_argument(
+        "--hetero-config",
+        "--hetero_config",
+        dest="hetero_config",
+        type=int,
+        nargs="+",
+        metavar="TP",
+        help="TP degree of each stage, e.g. 3 1",
+    )
+    p.add_argument(
+        "--pp-partition",
+        "--pp_partition",
+        dest="pp_partition",
+        type=int,
+        nargs="+",
+        metavar="LAYERS",
+        help="layers of each stage, e.g. 20 10 (default: in proportion to TP)",
+    )
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_engine_flags(p)
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="KV cache storage: auto (the model dtype) or fp8 (e4m3, scales per layer and KV head)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="KV cache storage: auto (the model dtype) or fp8 (e4m3, scales per layer and KV head)",
+    )
 
 
 def resolve_model(args: argparse.Namespace) -> ModelSpec:
@@ -37,11 +56,13 @@ def resolve_model(args: argparse.Namespace) -> ModelSpec:
     if args.model:
         return ModelSpec(model_dir=args.model, random_weights=args.random_weights)
     from hexgen.model.fetch import ensure_default_model
+
     return ModelSpec(model_dir=ensure_default_model())
 
 
 def resolve_engine(args: argparse.Namespace, layout: Layout, **extra) -> EngineConfig:
     import torch
+
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,12 +90,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _encode(model: ModelSpec, prompts: list[str], chat: bool, vocab: int) -> list[list[int]]:
     from hexgen.engine.last_stage import load_model_tokenizer
+
     tok = load_model_tokenizer(model)
     if tok is None:  # random-weight presets: a deterministic id per prompt byte
         return [[3 + b % (vocab - 3) for b in p.encode()] for p in prompts]
     if chat:
-        return [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)) for p in prompts]
+        return [
+            list(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+            for p in prompts
+        ]
     return [tok.encode(p) for p in prompts]
 
 
@@ -85,14 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = model.config()
         layout = Layout.build(cfg, args.hetero_config, args.pp_partition)
         engine = resolve_engine(args, layout)
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
-                                ignore_eos=args.ignore_eos)
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            ignore_eos=args.ignore_eos,
+        )
         ids = _encode(model, args.prompt, args.chat, cfg.vocab_size)
         for i in ids:
             if len(i) + params.max_new_tokens > cfg.max_position_embeddings:
-                raise HexGenError(f"max_new_tokens: prompt ({len(i)} tokens) + {params.max_new_tokens} exceeds "
-                                  f"the model's context of {cfg.max_position_embeddings}")
+                raise HexGenError(
+                    f"max_new_tokens: prompt ({len(i)} tokens) + {params.max_new_tokens} exceeds "
+                    f"the model's context of {cfg.max_position_embeddings}"
+                )
         requests = [Request(str(n), p, params) for n, p in enumerate(ids)]
     except HexGenError as e:
         print(f"hexgen generate: {e}", file=sys.stderr)
@@ -112,12 +148,23 @@ def main(argv: list[str] | None = None) -> int:
         c, ts = results[r.request_id], stamps[r.request_id]
         if args.json:
             decode = (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else None
-            print(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                              "prompt_tokens": len(r.prompt_ids), "completion_tokens": len(c.token_ids),
-                              "layout": layout.describe(),
-                              "timings": {"wall_s": round(wall, 4),
-                                          "first_token_s": round(ts[0], 4) if ts else None,
-                                          "decode_tokens_per_s": round(decode, 2) if decode else None}}))
+            print(
+                json.dumps(
+                    {
+                        "text": c.text,
+                        "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason,
+                        "prompt_tokens": len(r.prompt_ids),
+                        "completion_tokens": len(c.token_ids),
+                        "layout": layout.describe(),
+                        "timings": {
+                            "wall_s": round(wall, 4),
+                            "first_token_s": round(ts[0], 4) if ts else None,
+                            "decode_tokens_per_s": round(decode, 2) if decode else None,
+                        },
+                    }
+                )
+            )
         elif stream:
             print()
         else:

@@ -1,5 +1,6 @@
 """`hexgen plan`: validate a layout against a model and show each stage's TP ranks and layers; or, with
 --cluster, plan a heterogeneous cluster (replicas, stages, TP degrees, layer splits) and write a deployment."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model-path", help="Hugging Face model directory (its config.json); or --preset")
     g.add_argument("--model-name", help="model name in the deployment file (default: preset or folder name)")
     g.add_argument("--slo-latency", type=float, default=30.0, help="end-to-end latency bound in s (0: none)")
-    g.add_argument("--slo-rate", type=float, default=0.0,
-                   help="requests/s to serve with the lowest latency (default 0: maximise the rate)")
+    g.add_argument(
+        "--slo-rate",
+        type=float,
+        default=0.0,
+        help="requests/s to serve with the lowest latency (default 0: maximise the rate)",
+    )
     g.add_argument("--workload-prompt", type=int, default=512, help="mean prompt tokens")
     g.add_argument("--workload-output", type=int, default=128, help="mean output tokens")
-    g.add_argument("--max-num-seqs", type=int, default=256,
-                   help="requests in flight per replica at most (the workers' --max-num-seqs; default 256)")
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="requests in flight per replica at most (the workers' --max-num-seqs; default 256)",
+    )
     g.add_argument("--time-budget", type=float, default=30.0, help="search time limit in s")
     g.add_argument("--seed", type=int, default=0, help="search seed")
     g.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration JSON from `bin/hexgen profile`")
@@ -49,13 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stages: list[dict[str, Any]] = [
         {"stage": s.index, "tp": s.tp, "layers": [s.layer_start, s.layer_end - 1], "ranks": s.ranks}
-        for s in layout.stages()]
+        for s in layout.stages()
+    ]
     if args.json:
-        print(json.dumps({"layout": layout.describe(), "world_size": layout.world_size, "stages": stages,
-                          "valid_tp_degrees": valid_tp_degrees(cfg)}))
+        print(
+            json.dumps(
+                {
+                    "layout": layout.describe(),
+                    "world_size": layout.world_size,
+                    "stages": stages,
+                    "valid_tp_degrees": valid_tp_degrees(cfg),
+                }
+            )
+        )
         return 0
-    print(f"{layout.describe()}  (world size {layout.world_size}; valid TP degrees: "
-          f"{', '.join(map(str, valid_tp_degrees(cfg)))})")
+    print(
+        f"{layout.describe()}  (world size {layout.world_size}; valid TP degrees: "
+        f"{', '.join(map(str, valid_tp_degrees(cfg)))})"
+    )
     for s in stages:
         print(f"  stage {s['stage']}: TP {s['tp']}, layers {s['layers'][0]}-{s['layers'][1]}, ranks {s['ranks']}")
     return 0
@@ -89,20 +109,44 @@ def _plan_cluster(args: argparse.Namespace) -> int:
     pure = [o for o in symmetric_options(cluster, cost, workload, slo)[:2]]
     name = args.model_name or args.preset or os.path.basename(os.path.normpath(path))
     if args.out:
-        text = plan_to_toml(plan, model_name=name, model_path=os.path.abspath(path) if path else None,
-                            preset=args.preset, dtype=dtype, redis_url=args.redis_url, config_path=args.out)
+        text = plan_to_toml(
+            plan,
+            model_name=name,
+            model_path=os.path.abspath(path) if path else None,
+            preset=args.preset,
+            dtype=dtype,
+            redis_url=args.redis_url,
+            config_path=args.out,
+        )
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text)
     if args.json:
-        print(json.dumps({
-            "plan": plan_to_dict(plan), "best_symmetric": plan_to_dict(baseline) if baseline else None,
-            "gain": plan.rate / baseline.rate if baseline and baseline.rate > 0 else None,
-            "symmetric": [{"name": o.name, "tp": o.tp, "pp": o.pp, "fits": o.plan is not None,
-                           "rate": o.plan.rate if o.plan else 0.0, "reason": o.reason} for o in pure],
-            "out": args.out}))
+        print(
+            json.dumps(
+                {
+                    "plan": plan_to_dict(plan),
+                    "best_symmetric": plan_to_dict(baseline) if baseline else None,
+                    "gain": plan.rate / baseline.rate if baseline and baseline.rate > 0 else None,
+                    "symmetric": [
+                        {
+                            "name": o.name,
+                            "tp": o.tp,
+                            "pp": o.pp,
+                            "fits": o.plan is not None,
+                            "rate": o.plan.rate if o.plan else 0.0,
+                            "reason": o.reason,
+                        }
+                        for o in pure
+                    ],
+                    "out": args.out,
+                }
+            )
+        )
         return 0
-    notes = [f"{o.name} (TP {o.tp} x PP {o.pp}): "
-             + (o.reason if o.reason or o.plan is None else f"{o.plan.rate:.2f} req/s") for o in pure]
+    notes = [
+        f"{o.name} (TP {o.tp} x PP {o.pp}): " + (o.reason if o.reason or o.plan is None else f"{o.plan.rate:.2f} req/s")
+        for o in pure
+    ]
     print(plan_table(plan, baseline=baseline, notes=notes))
     if args.out:
         print(f"wrote {args.out}: bin/head --config {args.out}; workers: see the comments in the file")

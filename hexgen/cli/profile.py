@@ -3,6 +3,7 @@
 The planner's cost model (hexgen.planner.costmodel) uses the file in place of its datasheet estimate for that
 device. TP > 1 points time one rank's shard shapes without the all-reduce (the cost model adds it from the link).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,22 +23,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--device-name", help="device spec name to record (default: from the CUDA device name; CPU)")
     p.add_argument("--tp-degrees", type=int, nargs="+", default=[1], metavar="TP")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128], metavar="B",
-                   help="decode batch sizes (sequences per step)")
-    p.add_argument("--context", type=int, nargs="+", default=[128, 1024], metavar="C",
-                   help="decode: cached positions per sequence")
-    p.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048], metavar="L",
-                   help="prefill prompt lengths (one sequence)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1, 8, 32, 128],
+        metavar="B",
+        help="decode batch sizes (sequences per step)",
+    )
+    p.add_argument(
+        "--context", type=int, nargs="+", default=[128, 1024], metavar="C", help="decode: cached positions per sequence"
+    )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        nargs="+",
+        default=[128, 512, 2048],
+        metavar="L",
+        help="prefill prompt lengths (one sequence)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU: torch intra-op threads (default 0: torch's default; match the engine's setting)")
-    p.add_argument("--no-graphs", action="store_true",
-                   help="time decode points eagerly (default on CUDA: CUDA-graph replays, as the engine decodes)")
-    p.add_argument("--emulate", default="", metavar="SMS:GIB",
-                   help="profile a cut-down GPU: this many SMs and GiB (0 keeps that resource; "
-                        "hexgen/engine/emulation.py); name it with --device-name so the cluster file can refer to it")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU: torch intra-op threads (default 0: torch's default; match the engine's setting)",
+    )
+    p.add_argument(
+        "--no-graphs",
+        action="store_true",
+        help="time decode points eagerly (default on CUDA: CUDA-graph replays, as the engine decodes)",
+    )
+    p.add_argument(
+        "--emulate",
+        default="",
+        metavar="SMS:GIB",
+        help="profile a cut-down GPU: this many SMs and GiB (0 keeps that resource; "
+        "hexgen/engine/emulation.py); name it with --device-name so the cluster file can refer to it",
+    )
     p.add_argument("--out", help="output JSON file (default: print to stdout)")
     p.add_argument("--quiet", action="store_true", help="no per-point progress on stderr")
     return p
@@ -47,6 +72,7 @@ def _device_name(device: str, given: str | None) -> str:
     import torch
 
     from hexgen.planner.devices import device_spec, guess_device_name
+
     if given:  # a built-in's canonical name, or a device the cluster file defines in [devices.NAME]
         try:
             return device_spec(given).name
@@ -73,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             measure,
             save_calibration,
         )
+
         cfg = preset(args.preset) if args.preset else ModelConfig.from_dir(args.model_path)
         device = args.device
         if device == "auto":
@@ -80,9 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise HexGenError(f"device: {device!r} asked for but CUDA is not available")
         dtype = normalize_dtype(args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
-        prof = ProfileConfig(tuple(args.tp_degrees), tuple(args.batch), tuple(args.context), tuple(args.prefill),
-                             args.warmup, args.reps, seed=args.seed,
-                             graphs=not args.no_graphs)
+        prof = ProfileConfig(
+            tuple(args.tp_degrees),
+            tuple(args.batch),
+            tuple(args.context),
+            tuple(args.prefill),
+            args.warmup,
+            args.reps,
+            seed=args.seed,
+            graphs=not args.no_graphs,
+        )
         name = _device_name(device, args.device_name)
         if args.threads < 0:
             raise HexGenError(f"threads: {args.threads} must be >= 0 (0: torch's default)")
@@ -91,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         log = (lambda m: None) if args.quiet else (lambda m: print(f"hexgen profile: {m}", file=sys.stderr))
         from hexgen.config import parse_limits
         from hexgen.engine.emulation import limited_device
+
         limit = parse_limits(f"0={args.emulate}")[0] if args.emulate else None
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:

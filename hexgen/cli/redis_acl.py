@@ -6,6 +6,7 @@ and give each process its role's URL (``--redis-url``, ``HEXGEN_REDIS_URL`` or `
 holds password hashes only; the printed URLs hold the passwords, so keep the output secret. What each role
 may do and why: :mod:`hexgen.wire.acl` and docs/reliability.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,18 @@ DEFAULT_BASE = "redis://localhost:6379/0"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hexgen redis-acl", description="Write a Redis ACL file with the "
-                                "hexgen-head, hexgen-worker and hexgen-client users; print their URLs")
+    p = argparse.ArgumentParser(
+        prog="hexgen redis-acl",
+        description="Write a Redis ACL file with the "
+        "hexgen-head, hexgen-worker and hexgen-client users; print their URLs",
+    )
     p.add_argument("--out", required=True, help="ACL file to write (mode 0600; an existing file is replaced)")
-    p.add_argument("--redis-url", default=DEFAULT_BASE, help="address the URLs point at, with any TLS or "
-                   f"sentinel options (credentials in it are replaced; default {DEFAULT_BASE})")
+    p.add_argument(
+        "--redis-url",
+        default=DEFAULT_BASE,
+        help="address the URLs point at, with any TLS or "
+        f"sentinel options (credentials in it are replaced; default {DEFAULT_BASE})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by role")
     return p
 
@@ -59,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for role, url in urls.items():
             print(f"{role:<7} {ROLES[role].user:<14} {url}")
-        print(f"# wrote {args.out}: start redis-server --aclfile {args.out}; keep these URLs secret",
-              file=sys.stderr)
+        print(f"# wrote {args.out}: start redis-server --aclfile {args.out}; keep these URLs secret", file=sys.stderr)
     return 0
 
 

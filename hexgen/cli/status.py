@@ -1,4 +1,5 @@
 """``hexgen status [--json]``: workers, pipelines and queue depths, read from Redis."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,7 @@ from hexgen.wire.settings import REDIS_URL_ENV, async_redis, load_redis_url, red
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hexgen status", description="Show HexGen workers, pipelines "
-                                     "and queues")
+    parser = argparse.ArgumentParser(prog="hexgen status", description="Show HexGen workers, pipelines and queues")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--config", help="deployment TOML file (only [redis] url is read)")
     parser.add_argument("--redis-url", help=f"Redis URL (overrides ${REDIS_URL_ENV} and the file)")

@@ -4,6 +4,7 @@ or, without ``--stage``, AgentOptions → :class:`workers.agent.Agent` (waits fo
     bin/worker --config config/demo.toml --stage 1 [--pipeline p0] [--devices 0,1] [--redis-url URL]
     bin/worker --config deploy.toml [--devices 0,1,2,3] [--node NAME] [--gpu-type H100]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,43 +32,71 @@ def _devices(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="worker", description="HexGen worker: start the TP ranks of one stage "
-                                "of one pipeline; they register in Redis and form the pipeline with the "
-                                "other stages' workers. Without --stage: a placement agent that offers "
-                                "this host's devices to bin/head --auto-plan and runs the stages it assigns.")
+    p = argparse.ArgumentParser(
+        prog="worker",
+        description="HexGen worker: start the TP ranks of one stage "
+        "of one pipeline; they register in Redis and form the pipeline with the "
+        "other stages' workers. Without --stage: a placement agent that offers "
+        "this host's devices to bin/head --auto-plan and runs the stages it assigns.",
+    )
     add_settings_args(p)
-    p.add_argument("--stage", type=int, help="stage index of this worker (0 = first); without it the worker "
-                   "is a placement agent that offers --devices to bin/head --auto-plan and runs what it assigns")
+    p.add_argument(
+        "--stage",
+        type=int,
+        help="stage index of this worker (0 = first); without it the worker "
+        "is a placement agent that offers --devices to bin/head --auto-plan and runs what it assigns",
+    )
     p.add_argument("--pipeline", help="pipeline id from the config (default: its only pipeline)")
     p.add_argument("--devices", type=_devices, default=(), help="CUDA device index per rank, e.g. 0,1")
-    p.add_argument("--advertise-host", default=os.environ.get(ADVERTISE_HOST_ENV),
-                   help=f"rendezvous address other hosts reach stage 0 rank 0 at (stage 0 only; default "
-                        f"${ADVERTISE_HOST_ENV}, else 127.0.0.1 when all ranks share a host, else the address "
-                        "on the route to Redis)")
-    p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to finish in-flight work on "
-                   "SIGTERM (default 120)")
-    p.add_argument("--form-timeout", type=float, default=0.0, help="seconds to wait for the other stages "
-                   "(default 0: forever)")
-    p.add_argument("--no-restart", dest="restart", action="store_false",
-                   help="exit instead of restarting ranks when the pipeline breaks")
+    p.add_argument(
+        "--advertise-host",
+        default=os.environ.get(ADVERTISE_HOST_ENV),
+        help=f"rendezvous address other hosts reach stage 0 rank 0 at (stage 0 only; default "
+        f"${ADVERTISE_HOST_ENV}, else 127.0.0.1 when all ranks share a host, else the address "
+        "on the route to Redis)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=120.0, help="seconds to finish in-flight work on SIGTERM (default 120)"
+    )
+    p.add_argument(
+        "--form-timeout", type=float, default=0.0, help="seconds to wait for the other stages (default 0: forever)"
+    )
+    p.add_argument(
+        "--no-restart",
+        dest="restart",
+        action="store_false",
+        help="exit instead of restarting ranks when the pipeline breaks",
+    )
     p.add_argument("--max-restarts", type=int, default=10, help="restarts allowed within 10 minutes")
     p.add_argument("--max-num-seqs", type=int, help="requests in flight per pipeline (engine default 64)")
     p.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens per rank on CPU")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs")
     add_engine_flags(p)
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
-                   help="KV cache: auto (the model dtype) or fp8 (e4m3); default: the config's kv_cache_dtype")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU: torch threads per rank (default: the host's cores shared evenly by every CPU rank "
-                        "registered on this host, of all pipelines, recounted while running)")
-    p.add_argument("--log-level", default=env_log_level("INFO"),
-                        help="DEBUG, INFO, WARNING, ERROR (default $HEXGEN_LOG_LEVEL, else INFO)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=None,
+        help="KV cache: auto (the model dtype) or fp8 (e4m3); default: the config's kv_cache_dtype",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch threads per rank (default: the host's cores shared evenly by every CPU rank "
+        "registered on this host, of all pipelines, recounted while running)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env_log_level("INFO"),
+        help="DEBUG, INFO, WARNING, ERROR (default $HEXGEN_LOG_LEVEL, else INFO)",
+    )
     a = p.add_argument_group("placement agent (no --stage)")
     a.add_argument("--node", help="node name the planner sees (default: the hostname)")
     a.add_argument("--agent-id", help="registry id of this agent (default: the node name); one agent per id")
     a.add_argument("--gpu-type", help="device spec name (default: from torch.cuda.get_device_name; CPU on cpu)")
-    a.add_argument("--memory-gib", type=float, help="memory per device to report (default: the device's total; "
-                   "the host's on cpu)")
+    a.add_argument(
+        "--memory-gib", type=float, help="memory per device to report (default: the device's total; the host's on cpu)"
+    )
     return p
 
 
@@ -83,10 +112,20 @@ def agent_main(args: argparse.Namespace, engine: dict) -> int:
         settings = settings_from_args(args)
         kind, memory, devices = detect_devices(settings, args.devices, args.gpu_type, args.memory_gib)
         node = args.node or socket.gethostname().split(".")[0]
-        opts = AgentOptions(settings=settings, agent_id=args.agent_id or node, node=node, device_type=kind,
-                            memory=memory, devices=devices, advertise_host=args.advertise_host or None,
-                            drain_timeout_s=args.drain_timeout, restart=args.restart,
-                            max_restarts=args.max_restarts, engine_overrides=engine, log_level=args.log_level)
+        opts = AgentOptions(
+            settings=settings,
+            agent_id=args.agent_id or node,
+            node=node,
+            device_type=kind,
+            memory=memory,
+            devices=devices,
+            advertise_host=args.advertise_host or None,
+            drain_timeout_s=args.drain_timeout,
+            restart=args.restart,
+            max_restarts=args.max_restarts,
+            engine_overrides=engine,
+            log_level=args.log_level,
+        )
         agent = Agent(opts)
     except HexGenError as e:
         print(f"worker: {e}", file=sys.stderr)
@@ -96,9 +135,17 @@ def agent_main(args: argparse.Namespace, engine: dict) -> int:
 
 def engine_overrides(args: argparse.Namespace) -> dict:
     """The EngineConfig fields the flags set (those not given keep the engine's defaults)."""
-    out = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("cpu_kv_tokens", args.kv_tokens),
-                             ("cuda_graphs", args.cuda_graphs or None), ("kv_cache_dtype", args.kv_cache_dtype),
-                             ("cpu_threads", args.threads)) if v is not None}
+    out = {
+        k: v
+        for k, v in (
+            ("max_num_seqs", args.max_num_seqs),
+            ("cpu_kv_tokens", args.kv_tokens),
+            ("cuda_graphs", args.cuda_graphs or None),
+            ("kv_cache_dtype", args.kv_cache_dtype),
+            ("cpu_threads", args.threads),
+        )
+        if v is not None
+    }
     return {**out, **engine_fields(args)}
 
 
@@ -117,11 +164,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = settings_from_args(args)
-        opts = WorkerOptions(settings=settings, pipeline_id=pick_pipeline(settings, args.pipeline),
-                             stage=args.stage, devices=args.devices, advertise_host=args.advertise_host or None,
-                             drain_timeout_s=args.drain_timeout, form_timeout_s=args.form_timeout,
-                             restart=args.restart, max_restarts=args.max_restarts, engine_overrides=engine,
-                             log_level=args.log_level)
+        opts = WorkerOptions(
+            settings=settings,
+            pipeline_id=pick_pipeline(settings, args.pipeline),
+            stage=args.stage,
+            devices=args.devices,
+            advertise_host=args.advertise_host or None,
+            drain_timeout_s=args.drain_timeout,
+            form_timeout_s=args.form_timeout,
+            restart=args.restart,
+            max_restarts=args.max_restarts,
+            engine_overrides=engine,
+            log_level=args.log_level,
+        )
         worker = Worker(opts)
     except HexGenError as e:
         print(f"worker: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ building; with the Triton paged kernel the tables go to attention as they are. P
 scratch KV block that no sequence owns. Without CUDA (tests on CPU) the same static, padded path runs
 eagerly, uncaptured.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -72,9 +73,19 @@ def bucket_of(n: int, buckets: list[int]) -> int | None:
 class DecodeGraphs:
     """Captured decode steps for one stage; ``run`` returns None for plans it does not cover."""
 
-    def __init__(self, fn: DecodeFn, first_stage: bool, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device, block_size: int, max_batch: int, max_len: int, scratch_block: int,
-                 kernels: KernelConfig | None = None) -> None:
+    def __init__(
+        self,
+        fn: DecodeFn,
+        first_stage: bool,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        max_batch: int,
+        max_len: int,
+        scratch_block: int,
+        kernels: KernelConfig | None = None,
+    ) -> None:
         self.fn = fn
         self.kernels = resolve(kernels or KernelConfig(), device)  # the stage's: which decode path ``fn`` takes
         self.first_stage = first_stage
@@ -86,8 +97,11 @@ class DecodeGraphs:
         self.batches = batch_buckets(max_batch)
         # The paged kernel reads only each sequence's live context, so one width (all blocks) serves every
         # step; the gather fallback reads the whole width, so it gets width buckets.
-        self.widths = [max_blocks] if self.kernels.decode_kernel else \
-            width_buckets(max_blocks, smallest=max(1, min(max_blocks, 256 // block_size)))
+        self.widths = (
+            [max_blocks]
+            if self.kernels.decode_kernel
+            else width_buckets(max_blocks, smallest=max(1, min(max_blocks, 256 // block_size)))
+        )
         mb = self.batches[-1]
         self.ids = torch.zeros(mb, dtype=torch.long, device=device)  # [batch]
         self.hidden = None if first_stage else torch.zeros(mb, hidden_size, dtype=dtype, device=device)
@@ -100,8 +114,12 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
 
     def covers(self, plan: StepPlan) -> bool:
-        return (bool(plan.q_lens) and all(n == 1 for n in plan.q_lens) and len(plan.q_lens) <= self.batches[-1]
-                and max(len(t) for t in plan.block_tables) <= self.widths[-1])
+        return (
+            bool(plan.q_lens)
+            and all(n == 1 for n in plan.q_lens)
+            and len(plan.q_lens) <= self.batches[-1]
+            and max(len(t) for t in plan.block_tables) <= self.widths[-1]
+        )
 
     def _inputs(self, b: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.ids[:b] if self.first_stage else self.hidden[:b]
@@ -162,13 +180,17 @@ class DecodeGraphs:
         ctx = stage[:b]
         ctx[:] = 1
         ctx[:n] = plan.ctx_lens
-        tables = stage[b:b + b * live].reshape(b, live)
+        tables = stage[b : b + b * live].reshape(b, live)
         tables[:] = self.scratch
         tables[:n][np.arange(live)[None, :] < lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(plan.block_tables), dtype=np.int64, count=int(lens.sum()))
+            itertools.chain.from_iterable(plan.block_tables), dtype=np.int64, count=int(lens.sum())
+        )
         xs, tables_d, ctx_d = self._inputs(b, w)
-        flat = torch.from_numpy(np.ascontiguousarray(stage[:b + b * live])) if not self.capture \
-            else self._stage[:b + b * live]
+        flat = (
+            torch.from_numpy(np.ascontiguousarray(stage[: b + b * live]))
+            if not self.capture
+            else self._stage[: b + b * live]
+        )
         ctx_d.copy_(flat[:b], non_blocking=True)
         tables_d[:, :live].copy_(flat[b:].view(b, live), non_blocking=True)
         if self._copied is not None:

@@ -11,6 +11,7 @@ still use every SM (a documented approximation). The memory cap goes through
 ``torch.cuda.set_per_process_memory_fraction`` and :func:`memory_cap` reports it so KV sizing uses the cap
 instead of the card's size.
 """
+
 from __future__ import annotations
 
 import contextlib

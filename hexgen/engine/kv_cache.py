@@ -1,5 +1,6 @@
 """Paged KV cache: the block allocator (stage 0; also driven by the planner's simulator, so this module
 imports torch only where the cache storage needs it) and the cache storage (every rank)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -38,18 +39,23 @@ class BlockManager:
         self._free.extend(reversed(blocks))
 
 
-def kv_bytes_per_block(cfg: ModelConfig, stage: StageSpec, n_kv_local: int, block_size: int,
-                       dtype: torch.dtype) -> int:
+def kv_bytes_per_block(cfg: ModelConfig, stage: StageSpec, n_kv_local: int, block_size: int, dtype: torch.dtype) -> int:
     import torch
 
     elem = torch.empty(0, dtype=dtype).element_size()
     return stage.num_layers * 2 * block_size * n_kv_local * cfg.head_dim * elem
 
 
-def allocate_cache(num_layers: int, num_blocks: int, block_size: int, n_kv_local: int, head_dim: int,
-                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def allocate_cache(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    n_kv_local: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     import torch
 
     # [layers, 2 (k, v), slots, n_kv_local, head_dim]
-    return torch.zeros(num_layers, 2, num_blocks * block_size, n_kv_local, head_dim, dtype=dtype,
-                       device=device)
+    return torch.zeros(num_layers, 2, num_blocks * block_size, n_kv_local, head_dim, dtype=dtype, device=device)

@@ -1,4 +1,5 @@
 """Start the ranks of one pipeline as local processes (one per rank) and watch them."""
+
 from __future__ import annotations
 
 import logging
@@ -21,9 +22,15 @@ class LaunchError(HexGenError):
     """A rank process failed."""
 
 
-def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,
-                source_factory: Callable[[], RequestSource], sink_factory: Callable[[], OutputSink],
-                devices: list[int] | None = None, report: Callable | None = None) -> list[BaseProcess]:
+def start_ranks(
+    layout: Layout,
+    model: ModelSpec,
+    engine: EngineConfig,
+    source_factory: Callable[[], RequestSource],
+    sink_factory: Callable[[], OutputSink],
+    devices: list[int] | None = None,
+    report: Callable | None = None,
+) -> list[BaseProcess]:
     """Spawn every rank of ``layout`` on this host; rank 0 gets the source, the last leader the sink, and
     every rank ``report`` (picklable; see run_rank)."""
     init = f"tcp://127.0.0.1:{free_port()}"
@@ -33,9 +40,12 @@ def start_ranks(layout: Layout, model: ModelSpec, engine: EngineConfig,
     for rank in range(layout.world_size):
         dev = devices[rank] if devices else None
         spec = RankSpec(rank, layout, model, engine, init, dev)
-        p = ctx.Process(target=run_rank, name=f"hexgen-rank{rank}", daemon=False,
-                        args=(spec, source_factory if rank == 0 else None,
-                              sink_factory if rank == last else None, report))
+        p = ctx.Process(
+            target=run_rank,
+            name=f"hexgen-rank{rank}",
+            daemon=False,
+            args=(spec, source_factory if rank == 0 else None, sink_factory if rank == last else None, report),
+        )
         p.start()
         procs.append(p)
     return procs
@@ -53,8 +63,7 @@ def stop_ranks(procs: list[BaseProcess], grace_s: float = 5.0) -> None:
             p.join()
 
 
-def wait_ranks(procs: list[BaseProcess], on_tick: Callable[[], None] | None = None,
-               tick_s: float = 0.05) -> None:
+def wait_ranks(procs: list[BaseProcess], on_tick: Callable[[], None] | None = None, tick_s: float = 0.05) -> None:
     """Wait for every rank; if one fails, stop the others and raise LaunchError."""
     try:
         while any(p.is_alive() for p in procs):

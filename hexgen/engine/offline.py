@@ -1,4 +1,5 @@
 """Offline generation: a fixed list of requests through a local pipeline, results back over a pipe."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -82,10 +83,16 @@ class Completion:
     logits: list[torch.Tensor] = field(default_factory=list)  # per generated token (collect_logits)
 
 
-def run_offline(layout: Layout, model: ModelSpec, engine: EngineConfig, requests: list[Request],
-                on_output: Callable[[StepOutput], None] | None = None,
-                devices: list[int] | None = None, source: RequestSource | None = None,
-                on_report: Callable[[RankReport], None] | None = None) -> dict[str, Completion]:
+def run_offline(
+    layout: Layout,
+    model: ModelSpec,
+    engine: EngineConfig,
+    requests: list[Request],
+    on_output: Callable[[StepOutput], None] | None = None,
+    devices: list[int] | None = None,
+    source: RequestSource | None = None,
+    on_report: Callable[[RankReport], None] | None = None,
+) -> dict[str, Completion]:
     """Generate every request on a local pipeline; returns completions by request id.
 
     ``source`` (picklable) replaces the default ListSource of ``requests``, e.g. to release them in phases
@@ -97,8 +104,15 @@ def run_offline(layout: Layout, model: ModelSpec, engine: EngineConfig, requests
     reports = ctx.SimpleQueue() if on_report is not None else None
     source = source if source is not None else ListSource([r.to_dict() for r in requests])
     results = {r.request_id: Completion(r.request_id) for r in requests}
-    procs = start_ranks(layout, model, engine, _Factory(source), _Factory(PipeSink(send)), devices,
-                        _QueueReport(reports) if reports is not None else None)
+    procs = start_ranks(
+        layout,
+        model,
+        engine,
+        _Factory(source),
+        _Factory(PipeSink(send)),
+        devices,
+        _QueueReport(reports) if reports is not None else None,
+    )
     send.close()
 
     def drain() -> None:

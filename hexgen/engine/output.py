@@ -13,6 +13,7 @@ one, so the output ends just before it, or stops matching. When a request resume
 already sent, the held-back state (an incomplete character, a possible stop-string start) is rebuilt from
 those ids exactly as the earlier processor left it, so the two processors' texts join seamlessly.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -89,14 +90,15 @@ class OutputProcessor:
             self._tracked[req.request_id] = _Tracked(req, n_out, [], 0, 0, 0, "")
             return
         # Spare prompt tokens let the context window start on a character boundary.
-        context = list(req.prompt_ids[-(CONTEXT_TOKENS + MAX_PARTIAL_TOKENS):])
+        context = list(req.prompt_ids[-(CONTEXT_TOKENS + MAX_PARTIAL_TOKENS) :])
         ids = context + list(req.output_ids)
         # Back off over a resumed output's trailing incomplete character: the earlier processor held
         # those bytes back, so they are still to be sent.
         read = len(ids)
         prefix, prefix_text = self._window(ids, read)
-        while (prefix_text.endswith(REPLACEMENT_CHAR) and read > len(context)
-               and len(ids) - read < MAX_PARTIAL_TOKENS - 1):
+        while (
+            prefix_text.endswith(REPLACEMENT_CHAR) and read > len(context) and len(ids) - read < MAX_PARTIAL_TOKENS - 1
+        ):
             read -= 1
             prefix, prefix_text = self._window(ids, read)
         if prefix_text.endswith(REPLACEMENT_CHAR):  # a prompt ending mid-character is no usable context
@@ -104,7 +106,7 @@ class OutputProcessor:
         t = _Tracked(req, n_out, ids, len(context), prefix, read, prefix_text)
         if req.params.stop and read > t.n_context:
             tail = self._generated_tail(t, max(len(s) for s in req.params.stop))
-            t.pending = tail[len(tail) - stop_prefix_len(tail, req.params.stop):]
+            t.pending = tail[len(tail) - stop_prefix_len(tail, req.params.stop) :]
         self._tracked[req.request_id] = t
 
     def _char_start(self, ids: list[int], start: int, end: int) -> int:
@@ -112,8 +114,7 @@ class OutputProcessor:
         character: a window that begins inside a byte-split character decodes to U+FFFD at its start
         (with SentencePiece byte fallback, its whole run of byte tokens does)."""
         pos = start
-        while (pos > 0 and start - pos < MAX_PARTIAL_TOKENS
-               and self._decode(ids[pos:end]).startswith(REPLACEMENT_CHAR)):
+        while pos > 0 and start - pos < MAX_PARTIAL_TOKENS and self._decode(ids[pos:end]).startswith(REPLACEMENT_CHAR):
             pos -= 1
         return pos
 
@@ -130,23 +131,26 @@ class OutputProcessor:
             if start > t.n_context:
                 start = max(t.n_context, self._char_start(t.ids, start, t.read_offset))
             base, head = self._window(t.ids, start)
-            tail = self._decode(t.ids[base:t.read_offset])[len(head):]
+            tail = self._decode(t.ids[base : t.read_offset])[len(head) :]
             if len(tail) >= min_chars or start == t.n_context:
                 return tail
             window *= 4
 
     def _detokenize(self, t: _Tracked, flush: bool) -> str:
         """Text added by the ids past ``t.read_offset``; ``flush`` emits even an incomplete character."""
-        new_text = self._decode(t.ids[t.prefix_offset:])
+        new_text = self._decode(t.ids[t.prefix_offset :])
         unread = len(t.ids) - t.read_offset
-        if not flush and unread < MAX_PARTIAL_TOKENS and (
-                new_text.endswith(REPLACEMENT_CHAR) or len(new_text) <= len(t.prefix_text)):
+        if (
+            not flush
+            and unread < MAX_PARTIAL_TOKENS
+            and (new_text.endswith(REPLACEMENT_CHAR) or len(new_text) <= len(t.prefix_text))
+        ):
             return ""
-        delta = new_text[len(t.prefix_text):]
+        delta = new_text[len(t.prefix_text) :]
         t.prefix_offset, t.read_offset = t.read_offset, len(t.ids)
-        t.prefix_text = self._decode(t.ids[t.prefix_offset:t.read_offset])
+        t.prefix_text = self._decode(t.ids[t.prefix_offset : t.read_offset])
         if t.prefix_offset >= _TRIM_AT:
-            del t.ids[:t.prefix_offset]
+            del t.ids[: t.prefix_offset]
             t.n_context = max(0, t.n_context - t.prefix_offset)
             t.read_offset -= t.prefix_offset
             t.prefix_offset = 0
@@ -179,12 +183,19 @@ class OutputProcessor:
             elif finish is None and params.stop:
                 held = stop_prefix_len(text, params.stop)
                 if held:
-                    text, t.pending = text[:len(text) - held], text[len(text) - held:]
+                    text, t.pending = text[: len(text) - held], text[len(text) - held :]
         if finish is not None:
             del self._tracked[request_id]
-        return StepOutput(request_id=request_id, seq=t.n_out - 1, ids=[token_id], text=text,
-                          finish_reason=finish, prompt_tokens=len(t.req.prompt_ids),
-                          completion_tokens=t.n_out, meta=t.req.meta)
+        return StepOutput(
+            request_id=request_id,
+            seq=t.n_out - 1,
+            ids=[token_id],
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(t.req.prompt_ids),
+            completion_tokens=t.n_out,
+            meta=t.req.meta,
+        )
 
     def cancel(self, request_id: str) -> StepOutput:
         """Stop tracking ``request_id`` and return its final "cancelled" output (no ids, no text).
@@ -194,5 +205,13 @@ class OutputProcessor:
         t = self._tracked.pop(request_id, None)
         if t is None:
             raise KeyError(f"request {request_id!r} is not tracked by this OutputProcessor")
-        return StepOutput(request_id=request_id, seq=t.n_out, ids=[], text="", finish_reason="cancelled",
-                          prompt_tokens=len(t.req.prompt_ids), completion_tokens=t.n_out, meta=t.req.meta)
+        return StepOutput(
+            request_id=request_id,
+            seq=t.n_out,
+            ids=[],
+            text="",
+            finish_reason="cancelled",
+            prompt_tokens=len(t.req.prompt_ids),
+            completion_tokens=t.n_out,
+            meta=t.req.meta,
+        )

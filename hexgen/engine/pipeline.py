@@ -8,6 +8,7 @@
   (``hexgen.engine.last_stage``).
 - followers (TP ranks other than the leader): receive plan + hidden from their leader and run the layers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,11 @@ def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | N
                 x = input_ids(plan.input_ids, prev, runner.device)
             else:
                 shape = (plan.num_tokens, cfg.hidden_size)
-                x = g.recv_hidden(shape, runner.dtype, g.prev_leader) if g.is_leader else \
-                    torch.empty(shape, dtype=runner.dtype, device=runner.device)
+                x = (
+                    g.recv_hidden(shape, runner.dtype, g.prev_leader)
+                    if g.is_leader
+                    else torch.empty(shape, dtype=runner.dtype, device=runner.device)
+                )
                 x = g.broadcast_hidden(x)
             hidden = runner.forward(plan, x)
             if ahead and any(plan.sample):
@@ -82,9 +86,13 @@ def _stage_loop(groups: PipelineGroups, runner: StageRunner, last: LastStage | N
                 g.send_hidden(hidden, g.next_leader)
 
 
-def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
-             sink_factory: Callable[[], OutputSink] | None,
-             report: Callable[[RankReport], None] | None = None, gauges: StageGauges | None = None) -> None:
+def run_rank(
+    spec: RankSpec,
+    source_factory: Callable[[], RequestSource] | None,
+    sink_factory: Callable[[], OutputSink] | None,
+    report: Callable[[RankReport], None] | None = None,
+    gauges: StageGauges | None = None,
+) -> None:
     """Run one rank of a pipeline until stage 0's source is exhausted and all work is done; then hand
     ``report`` (when given) this rank's peak memory and KV capacity. A stage leader given ``gauges`` keeps
     them current (KV blocks, its forward time; the stage-0 leader its scheduler's figures too)."""
@@ -98,17 +106,27 @@ def run_rank(spec: RankSpec, source_factory: Callable[[], RequestSource] | None,
     threads = None
     if device.type == "cpu":
         threads = spec.cpu_threads or CpuThreads(spec.engine.cpu_threads, spec.layout.world_size)
-        log.info("torch threads: %d (%d cores, %d ranks on this host%s)", threads.apply(), threads.cores,
-                 threads.ranks_on_host, ", fixed" if threads.fixed else "")
+        log.info(
+            "torch threads: %d (%d cores, %d ranks on this host%s)",
+            threads.apply(),
+            threads.cores,
+            threads.ranks_on_host,
+            ", fixed" if threads.fixed else "",
+        )
     with limited_device(spec.engine.device_limit(spec.rank), device):
         _run_rank(spec, stage, device, source_factory, sink_factory, report, gauges, threads)
 
 
-def _run_rank(spec: RankSpec, stage: StageSpec, device: torch.device,
-              source_factory: Callable[[], RequestSource] | None,
-              sink_factory: Callable[[], OutputSink] | None,
-              report: Callable[[RankReport], None] | None = None, gauges: StageGauges | None = None,
-              threads: CpuThreads | None = None) -> None:
+def _run_rank(
+    spec: RankSpec,
+    stage: StageSpec,
+    device: torch.device,
+    source_factory: Callable[[], RequestSource] | None,
+    sink_factory: Callable[[], OutputSink] | None,
+    report: Callable[[RankReport], None] | None = None,
+    gauges: StageGauges | None = None,
+    threads: CpuThreads | None = None,
+) -> None:
     groups = PipelineGroups(spec.layout, spec.rank, spec.init_method, device)
     source = sink = None
     try:

@@ -3,6 +3,7 @@
 On CUDA the peak is ``torch.cuda.max_memory_allocated`` of the rank's device; on CPU it is the rank process's
 peak resident set (``ru_maxrss``), which holds the interpreter and torch as well as weights and KV cache.
 """
+
 from __future__ import annotations
 
 import resource
@@ -75,8 +76,19 @@ def rank_report(rank: int, runner: Any, preemptions: int | None = None) -> RankR
         total = memory_cap(device) or int(torch.cuda.get_device_properties(device).total_memory)  # emulated cap
         budget = int(total * runner.engine.gpu_memory_fraction)
         allows = max(0, (budget - weights) // max(1, per_token))
-    return RankReport(rank=rank, stage=runner.groups.stage.index, device=str(device), peak_memory_bytes=peak,
-                      peak_memory_kind=kind, weight_bytes=int(weights), kv_tokens=int(kv_tokens),
-                      kv_bytes=int(kv_tokens * per_token), kv_bytes_per_token=int(per_token),
-                      memory_total_bytes=total, memory_budget_bytes=budget, kv_tokens_memory_allows=allows,
-                      kv_cache_dtype=runner.engine.kv_cache_dtype, preemptions=preemptions)
+    return RankReport(
+        rank=rank,
+        stage=runner.groups.stage.index,
+        device=str(device),
+        peak_memory_bytes=peak,
+        peak_memory_kind=kind,
+        weight_bytes=int(weights),
+        kv_tokens=int(kv_tokens),
+        kv_bytes=int(kv_tokens * per_token),
+        kv_bytes_per_token=int(per_token),
+        memory_total_bytes=total,
+        memory_budget_bytes=budget,
+        kv_tokens_memory_allows=allows,
+        kv_cache_dtype=runner.engine.kv_cache_dtype,
+        preemptions=preemptions,
+    )

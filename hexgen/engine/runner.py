@@ -1,4 +1,5 @@
 """One rank's model runner: builds its stage, loads its weights, sizes its KV cache, runs a step."""
+
 from __future__ import annotations
 
 import logging
@@ -52,8 +53,9 @@ class StageRunner:
         self.dtype = getattr(torch, engine.dtype)
         self.kernels = resolve(engine.kernels, self.device)  # what runs here, handed to every layer
         stage = groups.stage
-        self.model = build_stage(self.cfg, stage, groups.tp, self.dtype, self.device,
-                                 with_head=groups.is_leader, kernels=self.kernels)
+        self.model = build_stage(
+            self.cfg, stage, groups.tp, self.dtype, self.device, with_head=groups.is_leader, kernels=self.kernels
+        )
         if model.random_weights:
             init_random(self.model, engine.seed, groups.tp.rank)
         else:
@@ -71,33 +73,65 @@ class StageRunner:
         # graph hung on two H100s, so without the one-shot kernel TP > 1 stays eager.
         # The most sequences a step carries: max_num_seqs split over the micro-batches in flight.
         self.step_batch = max_step_batch(engine.max_num_seqs, engine.micro_batches or groups.layout.num_stages)
-        fast_ar = self.kernels.all_reduce == "symm" and \
-            groups.enable_fast_all_reduce(self.step_batch * self.cfg.hidden_size, self.dtype)
+        fast_ar = self.kernels.all_reduce == "symm" and groups.enable_fast_all_reduce(
+            self.step_batch * self.cfg.hidden_size, self.dtype
+        )
         use_graphs = engine.cuda_graphs and (groups.tp.size == 1 or fast_ar)
         if engine.cuda_graphs and not use_graphs:
-            log.warning("stage %d: CUDA graphs are off: TP %d without the symmetric-memory all-reduce",
-                        stage.index, groups.tp.size)
+            log.warning(
+                "stage %d: CUDA graphs are off: TP %d without the symmetric-memory all-reduce",
+                stage.index,
+                groups.tp.size,
+            )
         self._use_graphs = use_graphs
         # With decode graphs one extra block (index num_blocks, never handed out) takes padding rows' writes.
         spare = 1 if use_graphs else 0
         self.blocks_fit = self._blocks_that_fit() - spare  # this rank alone; every rank keeps the smallest
         self.num_blocks = groups.world_min(self.blocks_fit)
-        self.kv = allocate_cache(stage.num_layers, self.num_blocks + spare, engine.block_size, self.n_kv_local,
-                                 self.cfg.head_dim, self.kv_dtype, self.device)
+        self.kv = allocate_cache(
+            stage.num_layers,
+            self.num_blocks + spare,
+            engine.block_size,
+            self.n_kv_local,
+            self.cfg.head_dim,
+            self.kv_dtype,
+            self.device,
+        )
         # fp8: [layers, 2, n_kv_local] scales, fixed by the first eager step that writes (hexgen.model.kv_quant)
-        self.kv_scales = (kv_quant.allocate_scales(stage.num_layers, self.n_kv_local, self.device)
-                          if self.kv_dtype == kv_quant.FP8 else None)
+        self.kv_scales = (
+            kv_quant.allocate_scales(stage.num_layers, self.n_kv_local, self.device)
+            if self.kv_dtype == kv_quant.FP8
+            else None
+        )
         self._kv_written = False
-        self.graphs = DecodeGraphs(self._decode_forward, stage.is_first, self.cfg.hidden_size, self.dtype,
-                                   self.device, engine.block_size, self.step_batch, self.max_len,
-                                   scratch_block=self.num_blocks, kernels=self.kernels) if use_graphs else None
+        self.graphs = (
+            DecodeGraphs(
+                self._decode_forward,
+                stage.is_first,
+                self.cfg.hidden_size,
+                self.dtype,
+                self.device,
+                engine.block_size,
+                self.step_batch,
+                self.max_len,
+                scratch_block=self.num_blocks,
+                kernels=self.kernels,
+            )
+            if use_graphs
+            else None
+        )
         if self.graphs is not None:
             self.graphs.capture_all()
         self._graph_logits: tuple[int, torch.Tensor] | None = None  # (step id, logits) of the last graph step
         self.cpu_threads: CpuThreads | None = None  # CPU ranks: set by run_rank
-        log.info("stage %d: %d KV blocks (%d tokens, %s cache, %d bytes per token)", stage.index,
-                 self.num_blocks, self.num_blocks * engine.block_size, engine.kv_cache_dtype,
-                 kv_bytes_per_block(self.cfg, stage, self.n_kv_local, 1, self.kv_dtype))
+        log.info(
+            "stage %d: %d KV blocks (%d tokens, %s cache, %d bytes per token)",
+            stage.index,
+            self.num_blocks,
+            self.num_blocks * engine.block_size,
+            engine.kv_cache_dtype,
+            kv_bytes_per_block(self.cfg, stage, self.n_kv_local, 1, self.kv_dtype),
+        )
 
     def _blocks_that_fit(self) -> int:
         e = self.engine
@@ -115,10 +149,18 @@ class StageRunner:
         # Everything already on the device (our weights included) counts against the fraction.
         reserve = self._activation_reserve()
         budget = total * e.gpu_memory_fraction - (total - free) - reserve
-        log.info("stage %d: KV budget %.2f GiB = %.2f GiB x %.2f - %.2f GiB in use - %.2f GiB activations "
-                 "(this process: %.2f GiB allocated, %.2f GiB reserved)", self.groups.stage.index, budget / 2**30,
-                 total / 2**30, e.gpu_memory_fraction, (total - free) / 2**30, reserve / 2**30,
-                 torch.cuda.memory_allocated(self.device) / 2**30, torch.cuda.memory_reserved(self.device) / 2**30)
+        log.info(
+            "stage %d: KV budget %.2f GiB = %.2f GiB x %.2f - %.2f GiB in use - %.2f GiB activations "
+            "(this process: %.2f GiB allocated, %.2f GiB reserved)",
+            self.groups.stage.index,
+            budget / 2**30,
+            total / 2**30,
+            e.gpu_memory_fraction,
+            (total - free) / 2**30,
+            reserve / 2**30,
+            torch.cuda.memory_allocated(self.device) / 2**30,
+            torch.cuda.memory_reserved(self.device) / 2**30,
+        )
         return max(2, int(budget // per_block))
 
     def _activation_reserve(self) -> int:
@@ -127,8 +169,13 @@ class StageRunner:
         elem = torch.empty(0, dtype=self.dtype).element_size()
         mlp = 3 * t * (self.cfg.intermediate_size // self.groups.tp.size + 1) * elem
         logits = self.step_batch * self.cfg.vocab_size * 4 * 2
-        graphs = graph_output_bytes(self.step_batch, self.cfg.hidden_size, elem, self.cfg.vocab_size,
-                                    self.model.lm_head is not None) if self._use_graphs else 0
+        graphs = (
+            graph_output_bytes(
+                self.step_batch, self.cfg.hidden_size, elem, self.cfg.vocab_size, self.model.lm_head is not None
+            )
+            if self._use_graphs
+            else 0
+        )
         return mlp + 4 * t * self.cfg.hidden_size * elem + logits + graphs + (256 << 20)
 
     @torch.inference_mode()
@@ -147,17 +194,26 @@ class StageRunner:
                     self._graph_logits = (plan.step_id, outs[1])
                 return outs[0]
         k = self.kernels
-        meta = build_meta(plan.positions, plan.q_lens, plan.ctx_lens, plan.block_tables, self.engine.block_size,
-                          self.device, kernel=k.decode_kernel, prefill_kernel=k.prefill_kernel,
-                          group_rows=k.decode_groups)
+        meta = build_meta(
+            plan.positions,
+            plan.q_lens,
+            plan.ctx_lens,
+            plan.block_tables,
+            self.engine.block_size,
+            self.device,
+            kernel=k.decode_kernel,
+            prefill_kernel=k.prefill_kernel,
+            group_rows=k.decode_groups,
+        )
         cos, sin = self.rotary.lookup(meta.positions, self.dtype)
         if self.kv_scales is not None and not self._kv_written:
             meta.calibrate_kv = True  # fp8: this step's writes fix the cache's scales
             self._kv_written = plan.num_tokens > 0
         return self.model(x, cos, sin, self.kv, meta, self.kv_scales)
 
-    def _decode_forward(self, x: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor
-                        ) -> tuple[torch.Tensor, ...]:
+    def _decode_forward(
+        self, x: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """A decode step from device tensors only (graph-capturable): x [batch] ids or [batch, hidden];
         block_tables [batch, n_blocks]; ctx_lens [batch]. Returns (hidden [batch, hidden],) and, where this
         rank holds the LM head, float32 logits [batch, vocab] too: the head runs inside the graph."""

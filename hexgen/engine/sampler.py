@@ -6,6 +6,7 @@ filtered distribution, sorted by descending probability (ties: lower token id fi
 the seed, the step and the logits: not on the batch, the device, the torch version or any RNG state, and a
 request resumed on another machine continues the same stream. Unseeded rows take ``u`` from ``os.urandom``.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,12 +43,13 @@ def _uniforms(params: Sequence[SamplingParams], steps: Sequence[int]) -> list[fl
         if p.seed is not None:
             out.append(seeded_uniform(p.seed, step))
         else:
-            out.append((int.from_bytes(fresh[8 * i:8 * i + 8], "little") >> 11) * _INV_2_53)
+            out.append((int.from_bytes(fresh[8 * i : 8 * i + 8], "little") >> 11) * _INV_2_53)
     return out
 
 
-def _filter_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _filter_sorted(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply temperature, top-k and top-p to each row, in descending-probability order.
 
     logits [n, vocab] float32; temperature [n] (> 0); top_k [n] int64 (0 = off); top_p [n] in (0, 1].
@@ -69,8 +71,9 @@ def _filter_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     return probs, cdf, order, n_keep
 
 
-def _as_tensors(params: Sequence[SamplingParams], device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _as_tensors(
+    params: Sequence[SamplingParams], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(temperature [n] float32, top_k [n] int64, top_p [n] float32) on ``device``."""
     temperature = upload([float(p.temperature) for p in params], torch.float32, device)
     top_k = upload([p.top_k for p in params], torch.int64, device)
@@ -78,8 +81,7 @@ def _as_tensors(params: Sequence[SamplingParams], device: torch.device
     return temperature, top_k, top_p
 
 
-def filter_probs(logits_row: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
-                 ) -> torch.Tensor:
+def filter_probs(logits_row: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """The distribution ``sample`` draws from for one row: float32 probabilities [vocab] in token order.
 
     temperature 0 gives a one-hot on the argmax. Otherwise logits are divided by the temperature, all but
@@ -91,8 +93,8 @@ def filter_probs(logits_row: torch.Tensor, temperature: float, top_k: int = 0, t
         return torch.zeros_like(row[0]).scatter_(0, row[0].argmax().reshape(1), 1.0)
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)]
     probs, cdf, order, n_keep = _filter_sorted(row, *_as_tensors(params, row.device))  # [1, vocab] x3, [1]
-    kept = probs[0, :int(n_keep[0])] / cdf[0, int(n_keep[0]) - 1]  # [n_keep]
-    return torch.zeros_like(row[0]).scatter_(0, order[0, :kept.shape[0]], kept)  # [vocab]
+    kept = probs[0, : int(n_keep[0])] / cdf[0, int(n_keep[0]) - 1]  # [n_keep]
+    return torch.zeros_like(row[0]).scatter_(0, order[0, : kept.shape[0]], kept)  # [vocab]
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:
@@ -104,8 +106,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequen
     distribution, deterministically in (seed, step, logits) when the request has a seed.
     """
     if len(params) != logits.shape[0] or len(steps) != logits.shape[0]:
-        raise ValueError(f"sample: {logits.shape[0]} logit rows but {len(params)} params and "
-                         f"{len(steps)} steps")
+        raise ValueError(f"sample: {logits.shape[0]} logit rows but {len(params)} params and {len(steps)} steps")
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
         return logits.argmax(dim=-1)  # [batch]

@@ -19,6 +19,7 @@ one), and a prompt of max_len tokens or more finishes at once with "length" and 
 could be sampled from a max_len prompt, since the last sampled token's K/V is never stored, but that
 sequence would hold max_len + 1 tokens.)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,14 +79,22 @@ class StepStats:
 
     def line(self) -> str:
         per = self.decode_rows / max(1, self.steps)
-        return (f"{self.steps} steps ({self.mixed_steps} with a prefill chunk), {per:.1f} decode rows a step, "
-                f"{self.prefill_tokens} prefill tokens, {self.preemptions} preemptions "
-                f"({self.recomputed_tokens} tokens to recompute)")
+        return (
+            f"{self.steps} steps ({self.mixed_steps} with a prefill chunk), {per:.1f} decode rows a step, "
+            f"{self.prefill_tokens} prefill tokens, {self.preemptions} preemptions "
+            f"({self.recomputed_tokens} tokens to recompute)"
+        )
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int,
-                 max_model_len: int, micro_batches: int = 1) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_batched_tokens: int,
+        max_model_len: int,
+        micro_batches: int = 1,
+    ) -> None:
         self.blocks = blocks
         self.micro_batches = max(1, micro_batches)
         self.max_num_seqs = max_num_seqs
@@ -140,8 +149,7 @@ class Scheduler:
 
     def _abort(self, seq: Sequence, reason: str) -> None:
         self._remove(seq)
-        self._notices.append(Abort(seq.seq_id, seq.request.request_id, reason,
-                                   None if seq.announced else seq.request))
+        self._notices.append(Abort(seq.seq_id, seq.request.request_id, reason, None if seq.announced else seq.request))
 
     def _remove(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -198,9 +206,13 @@ class Scheduler:
     def _can_run_ahead(self, seq: Sequence) -> bool:
         """Whether ``seq`` (its one in-flight chunk samples) may get a decode token before that sample is
         back: it must not finish by length there, and its next token must fit the context."""
-        return (seq.sample_row >= 0 and seq.in_flight > 0 and not seq.cancel_requested
-                and seq.num_output + 1 < seq.request.params.max_new_tokens
-                and len(seq.tokens) + 1 < self.max_len)
+        return (
+            seq.sample_row >= 0
+            and seq.in_flight > 0
+            and not seq.cancel_requested
+            and seq.num_output + 1 < seq.request.params.max_new_tokens
+            and len(seq.tokens) + 1 < self.max_len
+        )
 
     def _add_ahead(self, plan: StepPlan, seq: Sequence) -> bool:
         """One decode token whose input is the in-flight sample (placeholder id); False when its KV slot
@@ -245,8 +257,7 @@ class Scheduler:
             row += samples
         return plan
 
-    def _schedule_running(self, plan: StepPlan, budget: int, share: int, ahead: bool,
-                          added: list[Sequence]) -> int:
+    def _schedule_running(self, plan: StepPlan, budget: int, share: int, ahead: bool, added: list[Sequence]) -> int:
         """Running sequences' next chunks (preempting others for blocks); returns the token budget left."""
         preempted: set[int] = set()  # seq ids this call took out of running
         for seq in list(self.running):
@@ -273,8 +284,7 @@ class Scheduler:
 
     def _admit_waiting(self, plan: StepPlan, budget: int, share: int, added: list[Sequence]) -> int:
         """Waiting sequences admitted in order while blocks, budget and the share allow; returns the budget left."""
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
-                and len(plan.seq_ids) < share:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(plan.seq_ids) < share:
             seq = self.waiting[0]
             chunk = min(len(seq.tokens) - seq.num_computed, budget)
             if not self._ensure_blocks(seq, seq.num_computed + chunk):

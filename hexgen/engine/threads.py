@@ -14,6 +14,7 @@ thread that calls it (OpenMP's thread count is per thread), so another thread on
 (:meth:`CpuThreads.set_ranks_on_host`) and the rank's engine thread applies it before its next step
 (:meth:`CpuThreads.apply`, called by ``StageRunner.forward``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,7 +70,12 @@ class CpuThreads:
 
             torch.set_num_threads(n)
             if self._applied:
-                log.info("torch threads %d -> %d (%d cores, %d ranks on this host)", self._applied, n,
-                         self.cores, self.ranks_on_host)
+                log.info(
+                    "torch threads %d -> %d (%d cores, %d ranks on this host)",
+                    self._applied,
+                    n,
+                    self.cores,
+                    self.ranks_on_host,
+                )
             self._applied = n
         return n

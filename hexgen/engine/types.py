@@ -1,4 +1,5 @@
 """Request-side types shared by the engine, its request sources and its output sinks."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens: {self.max_new_tokens!r} must be an integer ≥ 1")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0 or t > 100:
@@ -35,8 +35,9 @@ class SamplingParams:
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
             raise ConfigError(f"top_p: {p!r} must be a number with 0 < top_p ≤ 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed <= MAX_SEED):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
+        ):
             raise ConfigError(f"seed: {self.seed!r} must be an integer in [0, {MAX_SEED}]")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
@@ -45,15 +46,27 @@ class SamplingParams:
                 raise ConfigError(f"stop: {s!r} must be a non-empty string")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": float(self.temperature),
-                "top_k": self.top_k, "top_p": float(self.top_p), "seed": self.seed,
-                "stop": list(self.stop), "ignore_eos": self.ignore_eos}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": float(self.temperature),
+            "top_k": self.top_k,
+            "top_p": float(self.top_p),
+            "seed": self.seed,
+            "stop": list(self.stop),
+            "ignore_eos": self.ignore_eos,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
-        return cls(max_new_tokens=d["max_new_tokens"], temperature=d["temperature"], top_k=d["top_k"],
-                   top_p=d["top_p"], seed=d.get("seed"), stop=tuple(d.get("stop") or ()),
-                   ignore_eos=bool(d.get("ignore_eos", False)))
+        return cls(
+            max_new_tokens=d["max_new_tokens"],
+            temperature=d["temperature"],
+            top_k=d["top_k"],
+            top_p=d["top_p"],
+            seed=d.get("seed"),
+            stop=tuple(d.get("stop") or ()),
+            ignore_eos=bool(d.get("ignore_eos", False)),
+        )
 
 
 @dataclass
@@ -72,14 +85,23 @@ class Request:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "prompt_ids": list(self.prompt_ids),
-                "params": self.params.to_dict(), "output_ids": list(self.output_ids), "meta": self.meta}
+        return {
+            "request_id": self.request_id,
+            "prompt_ids": list(self.prompt_ids),
+            "params": self.params.to_dict(),
+            "output_ids": list(self.output_ids),
+            "meta": self.meta,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Request:
-        return cls(request_id=d["request_id"], prompt_ids=list(d["prompt_ids"]),
-                   params=SamplingParams.from_dict(d["params"]), output_ids=list(d.get("output_ids") or []),
-                   meta=dict(d.get("meta") or {}))
+        return cls(
+            request_id=d["request_id"],
+            prompt_ids=list(d["prompt_ids"]),
+            params=SamplingParams.from_dict(d["params"]),
+            output_ids=list(d.get("output_ids") or []),
+            meta=dict(d.get("meta") or {}),
+        )
 
 
 @dataclass

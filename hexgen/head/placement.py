@@ -8,6 +8,7 @@ imports the search) for a plan and publishes ``hexgen:plan`` with generation + 1
 in one MULTI. The functions below read and write those records (``redis.asyncio`` or fakeredis), and
 :func:`placement_status` / :func:`format_placement` show them in ``hexgen status``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +41,7 @@ async def read_agents(r: Any) -> list[tuple[AgentRecord, bool]]:
     keys = sorted({as_text(k) async for k in r.scan_iter(match=C.AGENT_KEY_PATTERN, count=500)})
     if not keys:
         return []
-    ids = [k[len(C.AGENT_KEY_PREFIX):] for k in keys]
+    ids = [k[len(C.AGENT_KEY_PREFIX) :] for k in keys]
     async with r.pipeline(transaction=False) as p:
         for aid in ids:
             p.hgetall(C.agent_key(aid))
@@ -100,6 +101,7 @@ async def record_plan_error(r: Any, error: str) -> None:
 
 # ---- status -------------------------------------------------------------------------------------------------
 
+
 async def placement_status(r: Any) -> dict[str, Any]:
     """Agents (with liveness and their newest assignment) and the deployed plan, for ``hexgen status``."""
     agents = []
@@ -124,9 +126,11 @@ def format_placement(status: dict[str, Any]) -> str:
         return ""
     lines = ["AGENTS"]
     for a in status["agents"] or []:
-        lines.append(f"  {a['id']}  {a['count']} x {a['device_type']} ({int(a['memory']) / 2**30:.1f}GiB) on "
-                     f"{a['host']}  {'alive' if a['alive'] else 'dead'}  gen {a['generation'] or '-'}: "
-                     f"{a['assignment']}")
+        lines.append(
+            f"  {a['id']}  {a['count']} x {a['device_type']} ({int(a['memory']) / 2**30:.1f}GiB) on "
+            f"{a['host']}  {'alive' if a['alive'] else 'dead'}  gen {a['generation'] or '-'}: "
+            f"{a['assignment']}"
+        )
     if not status["agents"]:
         lines.append("  (none)")
     plan = status["plan"]
@@ -148,8 +152,16 @@ class Placer(Protocol):
 
     def plan(self, agents: list[AgentRecord]) -> Any: ...
 
-    def assignments(self, plan: Any, agents: list[AgentRecord], generation: int, deployed: PlanRecord | None,
-                    *, leader: str, now: float) -> tuple[PlanRecord, list[Assignment]]: ...
+    def assignments(
+        self,
+        plan: Any,
+        agents: list[AgentRecord],
+        generation: int,
+        deployed: PlanRecord | None,
+        *,
+        leader: str,
+        now: float,
+    ) -> tuple[PlanRecord, list[Assignment]]: ...
 
 
 class PlacementLoop:
@@ -176,8 +188,13 @@ class PlacementLoop:
 
     async def run(self) -> None:
         """Step every heartbeat interval until ``stop()``; give up leadership on the way out."""
-        log.info("placement: auto-plan on (settle %.1fs, SLO %gs, workload %d+%d tokens)", self.settle_s,
-                 self.options.slo_latency_s, self.options.prompt_len, self.options.output_len)
+        log.info(
+            "placement: auto-plan on (settle %.1fs, SLO %gs, workload %d+%d tokens)",
+            self.settle_s,
+            self.options.slo_latency_s,
+            self.options.prompt_len,
+            self.options.output_len,
+        )
         try:
             while not self._stopping.is_set():
                 try:
@@ -235,8 +252,12 @@ class PlacementLoop:
             if self._seen is not None:
                 joined = sorted(set(current) - set(self._seen))
                 left = sorted(set(self._seen) - set(current))
-                log.info("placement: agents changed (joined %s, left %s); re-planning once stable for %.1fs",
-                         joined or "-", left or "-", self.settle_s)
+                log.info(
+                    "placement: agents changed (joined %s, left %s); re-planning once stable for %.1fs",
+                    joined or "-",
+                    left or "-",
+                    self.settle_s,
+                )
             self._seen, self._changed_at = current, now
         deployed = await read_plan(self.redis)
         if (deployed is not None and deployed.agents == current) or current == self._failed:
@@ -257,12 +278,14 @@ class PlacementLoop:
         except HexGenError as e:  # PlannerError (nothing fits) or ConfigError (a bad agent record)
             self._failed = current
             msg = f"no plan for agents {sorted(current)}: {e}"
-            log.error("placement: %s; keeping the deployed plan (generation %d)", msg,
-                      deployed.generation if deployed else 0)
+            log.error(
+                "placement: %s; keeping the deployed plan (generation %d)", msg, deployed.generation if deployed else 0
+            )
             await record_plan_error(self.redis, msg)
             return None
-        record, assignments = self.placer.assignments(plan, agents, generation, deployed, leader=self.consumer,
-                                                      now=time.time())
+        record, assignments = self.placer.assignments(
+            plan, agents, generation, deployed, leader=self.consumer, now=time.time()
+        )
         await publish_plan(self.redis, record, assignments)
         self._failed = None
         log.info("placement: published %s\n%s", plan_summary(record), record.table)

@@ -24,6 +24,7 @@ For each entry (consumer group ``heads``; several heads may share it):
 
 Cancellation is not the head's business: ``XADD hexgen:cancel '*' id <id>`` is read by the pipelines.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -70,13 +71,19 @@ log = logging.getLogger(__name__)
 READ_COUNT = 16
 
 
-
-
 class Head:
     """One head process. ``run()`` loops until ``stop()``; ``handle_entry`` is the per-request logic."""
 
-    def __init__(self, settings: Settings, tokenizer: Any, max_model_len: int, *, redis: Any,
-                 reader: Any | None = None, consumer: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tokenizer: Any,
+        max_model_len: int,
+        *,
+        redis: Any,
+        reader: Any | None = None,
+        consumer: str | None = None,
+    ) -> None:
         self.settings = settings
         self.limits = settings.limits
         self.request_limits = settings.limits.request_limits()
@@ -110,8 +117,11 @@ class Head:
     async def check_epoch(self) -> None:
         """Set everything up again when Redis lost its data (no epoch: a new, empty server)."""
         if not await self.redis.exists(C.EPOCH_KEY):
-            log.warning("head %s: Redis has no epoch: it lost its data (restarted without persistence, or "
-                        "replaced); recreating the groups, the function library and the epoch", self.consumer)
+            log.warning(
+                "head %s: Redis has no epoch: it lost its data (restarted without persistence, or "
+                "replaced); recreating the groups, the function library and the epoch",
+                self.consumer,
+            )
             await self.setup()
 
     def stop(self) -> None:
@@ -129,8 +139,13 @@ class Head:
 
         Redis outages are waited out with backoff; a Redis that comes back without the groups (a new, empty
         server) is set up again at once (``NOGROUP``) or by the health watch (no epoch)."""
-        log.info("head %s: serving model %r from %s into %s", self.consumer, self.settings.model.name,
-                 C.REQUESTS_STREAM, self.work_stream)
+        log.info(
+            "head %s: serving model %r from %s into %s",
+            self.consumer,
+            self.settings.model.name,
+            C.REQUESTS_STREAM,
+            self.work_stream,
+        )
         watcher = asyncio.create_task(self.watch_health(), name="hexgen-head-health")
         backoff, ready = 0.1, False
         try:
@@ -148,8 +163,9 @@ class Head:
                 except ResponseError as e:
                     if "NOGROUP" not in str(e):
                         raise
-                    log.warning("head %s: the consumer group is gone (a new, empty Redis?); setting up again",
-                                self.consumer)
+                    log.warning(
+                        "head %s: the consumer group is gone (a new, empty Redis?); setting up again", self.consumer
+                    )
                     ready = False
         finally:
             watcher.cancel()
@@ -175,9 +191,11 @@ class Head:
             pass
 
     async def _read(self) -> list[tuple[str, dict]]:
-        read = asyncio.ensure_future(self.reader.xreadgroup(
-            C.HEADS_GROUP, self.consumer, {C.REQUESTS_STREAM: ">"}, count=READ_COUNT,
-            block=self.limits.block_ms))
+        read = asyncio.ensure_future(
+            self.reader.xreadgroup(
+                C.HEADS_GROUP, self.consumer, {C.REQUESTS_STREAM: ">"}, count=READ_COUNT, block=self.limits.block_ms
+            )
+        )
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             done, _ = await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,8 +238,11 @@ class Head:
         except Exception as e:  # noqa: BLE001 -- the per-request boundary: a bug for one request (in parsing,
             # the tokenizer or the chat template; no Redis call happens in _prepare) must not stop the head
             log.exception("head: request %r (entry %s) failed in validation or tokenizing", request_id, entry_id)
-            return await self._refuse(request_id, entry_id, InternalError(
-                f"the head could not process this request ({type(e).__name__}); it was not queued"))
+            return await self._refuse(
+                request_id,
+                entry_id,
+                InternalError(f"the head could not process this request ({type(e).__name__}); it was not queued"),
+            )
         trace.stamp(req.meta, "head_read", t_read)
         trace.stamp(req.meta, "head_tok")
         trace.stamp(req.meta, "head_send")
@@ -233,8 +254,10 @@ class Head:
             self._log_duplicate(request_id, entry_id, done.owner)
             return "duplicate"
         if done.status == OVER_LIMIT:
-            error = Overloaded(f"the work queue of model {model!r} holds {done.depth} requests (limit "
-                               f"{self.limits.max_queue_depth}); retry later with a new id")
+            error = Overloaded(
+                f"the work queue of model {model!r} holds {done.depth} requests (limit "
+                f"{self.limits.max_queue_depth}); retry later with a new id"
+            )
             await self.fail(request_id, entry_id, error)
             return error.code
         log.debug("head: queued %r (%d prompt tokens)", request_id, len(req.prompt_ids))
@@ -252,8 +275,9 @@ class Head:
 
     @staticmethod
     def _log_duplicate(request_id: str, entry_id: str, owner: str) -> None:
-        log.warning("head: dropped duplicate request id %r (entry %s; first seen in entry %s)",
-                    request_id, entry_id, owner)
+        log.warning(
+            "head: dropped duplicate request id %r (entry %s; first seen in entry %s)", request_id, entry_id, owner
+        )
 
     async def _reserve(self, request_id: str, entry_id: str) -> str | None:
         """Reserve the id for this entry (SET NX, GET in one MULTI) for a request that failed validation;
@@ -306,8 +330,9 @@ class Head:
         handled, start = 0, "0-0"
         idle_ms = int(self.limits.lease_s * 1000)
         while True:
-            reply = await self.redis.xautoclaim(C.REQUESTS_STREAM, C.HEADS_GROUP, self.consumer, idle_ms,
-                                                start_id=start, count=READ_COUNT)
+            reply = await self.redis.xautoclaim(
+                C.REQUESTS_STREAM, C.HEADS_GROUP, self.consumer, idle_ms, start_id=start, count=READ_COUNT
+            )
             start, entries = as_text(reply[0]), reply[1]
             for eid, fields in entries:
                 eid = as_text(eid)
@@ -352,17 +377,27 @@ class Head:
             for w in report.workers:
                 if was_alive.get(w.id, not w.alive) != w.alive:
                     (log.info if w.alive else log.warning)(
-                        "worker %s (pipeline %s stage %d rank %d on %s %s) is %s", w.id, w.record.pipeline,
-                        w.record.stage, w.record.tp_rank, w.record.host, w.record.device,
-                        "alive" if w.alive else "dead: heartbeat expired")
+                        "worker %s (pipeline %s stage %d rank %d on %s %s) is %s",
+                        w.id,
+                        w.record.pipeline,
+                        w.record.stage,
+                        w.record.tp_rank,
+                        w.record.host,
+                        w.record.device,
+                        "alive" if w.alive else "dead: heartbeat expired",
+                    )
             states = {p.id: p.state for p in before.pipelines}
             for p in report.pipelines:
                 if states.get(p.id) != p.state:
                     log.info("pipeline %s is %s (%s)", p.id, p.state, p.layout)
         for p in report.pipelines:
             if p.state == "ready" and p.alive_workers < p.workers:
-                log.warning("pipeline %s is ready but %d of its %d workers have no heartbeat", p.id,
-                            p.workers - p.alive_workers, p.workers)
+                log.warning(
+                    "pipeline %s is ready but %d of its %d workers have no heartbeat",
+                    p.id,
+                    p.workers - p.alive_workers,
+                    p.workers,
+                )
         self.health = report
         return report
 
@@ -386,8 +421,9 @@ def _http_front(settings: Settings) -> Any:
     return HttpFront(settings, settings.http.host, settings.http.port, settings.http.api_key)
 
 
-async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_signals: bool = True,
-                   placement: Any | None = None) -> None:
+async def run_head(
+    settings: Settings, *, tokenizer: Any | None = None, install_signals: bool = True, placement: Any | None = None
+) -> None:
     """Run a head until SIGTERM/SIGINT: load the tokenizer, connect, serve, close connections.
 
     With ``settings.http`` enabled the head also serves the OpenAI-compatible HTTP API on its loop
@@ -408,8 +444,7 @@ async def run_head(settings: Settings, *, tokenizer: Any | None = None, install_
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, head.stop)
-    log.info("head: redis %s, model %s (context %d tokens)", settings.redis.display_url,
-             settings.model.name, max_len)
+    log.info("head: redis %s, model %s (context %d tokens)", settings.redis.display_url, settings.model.name, max_len)
     planning = None
     if placement is not None:
         from hexgen.head.placement import PlacementLoop

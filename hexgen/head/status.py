@@ -3,6 +3,7 @@
 Read-only. Used by ``hexgen status`` and by the head's health watcher. Workers and pipelines are listed
 with SCAN over ``hexgen:worker:*`` / ``hexgen:pipeline:*``; a worker is alive while its heartbeat key exists.
 """
+
 from __future__ import annotations
 
 import time
@@ -68,8 +69,6 @@ class StatusReport:
         return asdict(self)
 
 
-
-
 def group_depth(length: int, groups: list[dict], group: str) -> int:
     """:attr:`QueueStatus.depth` of ``group`` from an XLEN and an XINFO GROUPS reply (no XINFO CONSUMERS)."""
     for g in groups:
@@ -90,8 +89,9 @@ async def queue_status(r: Any, stream: str, group: str) -> QueueStatus:
         if as_text(g.get("name", b"")) == group:
             lag = g.get("lag")
             consumers = {as_text(c["name"]): int(c["pending"]) for c in await r.xinfo_consumers(stream, group)}
-            return QueueStatus(stream, group, length, int(g.get("pending") or 0),
-                               None if lag is None else int(lag), consumers)
+            return QueueStatus(
+                stream, group, length, int(g.get("pending") or 0), None if lag is None else int(lag), consumers
+            )
     return QueueStatus(stream, group, length, 0, length)
 
 
@@ -99,14 +99,15 @@ async def _scan(r: Any, pattern: str) -> list[str]:
     return sorted({as_text(k) async for k in r.scan_iter(match=pattern, count=500)})
 
 
-async def read_workers(r: Any, now: float | None = None,
-                       heartbeat_ttl_s: float = C.HEARTBEAT_TTL_S) -> list[WorkerStatus]:
+async def read_workers(
+    r: Any, now: float | None = None, heartbeat_ttl_s: float = C.HEARTBEAT_TTL_S
+) -> list[WorkerStatus]:
     """Every registered worker with its liveness and heartbeat age (malformed records are skipped)."""
     now = time.time() if now is None else now
     keys = await _scan(r, C.WORKER_KEY_PATTERN)
     if not keys:
         return []
-    ids = [k[len(C.WORKER_KEY_PREFIX):] for k in keys]
+    ids = [k[len(C.WORKER_KEY_PREFIX) :] for k in keys]
     async with r.pipeline(transaction=False) as p:
         for wid in ids:
             p.hgetall(C.worker_key(wid))
@@ -115,7 +116,7 @@ async def read_workers(r: Any, now: float | None = None,
         replies = await p.execute(raise_on_error=False)
     out = []
     for i, wid in enumerate(ids):
-        fields, beat, pttl = replies[3 * i: 3 * i + 3]
+        fields, beat, pttl = replies[3 * i : 3 * i + 3]
         if isinstance(fields, Exception) or not fields:
             continue
         try:
@@ -133,8 +134,7 @@ async def read_workers(r: Any, now: float | None = None,
     return out
 
 
-async def read_pipelines(r: Any, workers: list[WorkerStatus],
-                         work: list[QueueStatus]) -> list[PipelineStatus]:
+async def read_pipelines(r: Any, workers: list[WorkerStatus], work: list[QueueStatus]) -> list[PipelineStatus]:
     """Every pipeline in the registry or named by a worker, with its load from the work streams."""
     keys = await _scan(r, C.PIPELINE_KEY_PATTERN)
     records: dict[str, PipelineRecord] = {}
@@ -143,7 +143,7 @@ async def read_pipelines(r: Any, workers: list[WorkerStatus],
             fields = await r.hgetall(k)
         except ResponseError:  # not a hash
             continue
-        records[k[len(C.PIPELINE_KEY_PREFIX):]] = PipelineRecord.from_fields(fields)
+        records[k[len(C.PIPELINE_KEY_PREFIX) :]] = PipelineRecord.from_fields(fields)
     ids = sorted(set(records) | {w.record.pipeline for w in workers})
     out = []
     for pid in ids:
@@ -151,8 +151,9 @@ async def read_pipelines(r: Any, workers: list[WorkerStatus],
         mine = [w for w in workers if w.record.pipeline == pid]
         consumer = C.PIPELINE_CONSUMER_PREFIX + pid
         load = sum(q.consumers.get(consumer, q.consumers.get(pid, 0)) for q in work)
-        out.append(PipelineStatus(pid, rec.state, rec.layout, rec.rendezvous, len(mine),
-                                  sum(w.alive for w in mine), load))
+        out.append(
+            PipelineStatus(pid, rec.state, rec.layout, rec.rendezvous, len(mine), sum(w.alive for w in mine), load)
+        )
     return out
 
 
@@ -185,16 +186,44 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 def format_status(report: StatusReport) -> str:
     """Human-readable tables: pipelines, workers, queues."""
     lines = ["PIPELINES"]
-    lines += _table(["id", "state", "layout", "workers", "load"],
-                    [[p.id, p.state, p.layout or "-", f"{p.alive_workers}/{p.workers} alive", str(p.load)]
-                     for p in report.pipelines]) if report.pipelines else ["  (none)"]
+    lines += (
+        _table(
+            ["id", "state", "layout", "workers", "load"],
+            [
+                [p.id, p.state, p.layout or "-", f"{p.alive_workers}/{p.workers} alive", str(p.load)]
+                for p in report.pipelines
+            ],
+        )
+        if report.pipelines
+        else ["  (none)"]
+    )
     lines += ["", "WORKERS"]
-    lines += _table(["id", "pipeline", "stage", "rank", "host", "device", "memory", "heartbeat"],
-                    [[w.id, w.record.pipeline, str(w.record.stage), str(w.record.tp_rank), w.record.host,
-                      w.record.device, _mem(w.record.memory), _age(w.heartbeat_age_s)]
-                     for w in report.workers]) if report.workers else ["  (none)"]
+    lines += (
+        _table(
+            ["id", "pipeline", "stage", "rank", "host", "device", "memory", "heartbeat"],
+            [
+                [
+                    w.id,
+                    w.record.pipeline,
+                    str(w.record.stage),
+                    str(w.record.tp_rank),
+                    w.record.host,
+                    w.record.device,
+                    _mem(w.record.memory),
+                    _age(w.heartbeat_age_s),
+                ]
+                for w in report.workers
+            ],
+        )
+        if report.workers
+        else ["  (none)"]
+    )
     lines += ["", "QUEUES"]
-    lines += _table(["stream", "group", "length", "pending", "queued"],
-                    [[q.stream, q.group, str(q.length), str(q.pending), "?" if q.lag is None else str(q.lag)]
-                     for q in report.queues])
+    lines += _table(
+        ["stream", "group", "length", "pending", "queued"],
+        [
+            [q.stream, q.group, str(q.length), str(q.pending), "?" if q.lag is None else str(q.lag)]
+            for q in report.queues
+        ],
+    )
     return "\n".join(lines)

@@ -16,6 +16,7 @@ otherwise keep every request ever sent.
 
 Requests that fail validation never get here: the head reserves their id with its MULTI and writes the error.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@
 tokenizer failure an ``internal`` one. The head tokenizes texts up to ``INLINE_TOKENIZE_CHARS`` on its event
 loop and longer ones in a thread (``text_chars``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,7 @@ def tokenize(tokenizer: Any, parsed: ParsedRequest) -> list[int]:
         if parsed.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
                 raise InvalidRequest("messages: this model's tokenizer has no chat template; send prompt instead")
-            text = tokenizer.apply_chat_template(list(parsed.messages), add_generation_prompt=True,
-                                                 tokenize=False)
+            text = tokenizer.apply_chat_template(list(parsed.messages), add_generation_prompt=True, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(parsed.prompt, add_special_tokens=True)["input_ids"]

@@ -23,6 +23,7 @@ Policies:
 
 The prompt-length check needs the tokenizer, so it lives in :func:`check_context`, called after tokenizing.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,19 @@ from hexgen.wire.protocol import Fields, InvalidRequest
 from hexgen.wire.settings import RequestLimits
 
 ROLES = ("system", "user", "assistant", "tool")
-FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "model",
-          "id", "ignore_eos")
+FIELDS = (
+    "prompt",
+    "messages",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "model",
+    "id",
+    "ignore_eos",
+)
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 2**31 - 1
 
@@ -91,12 +103,12 @@ def check_sizes(fields: Fields, limits: RequestLimits) -> None:
     for k, v in fields.items():
         total += _size(k) + _size(v)
     if total > limits.max_request_bytes:
-        raise InvalidRequest(f"request: {total} bytes exceeds the limit of {limits.max_request_bytes} bytes "
-                             "for all fields together")
+        raise InvalidRequest(
+            f"request: {total} bytes exceeds the limit of {limits.max_request_bytes} bytes for all fields together"
+        )
     for k, v in fields.items():
         if _size(k) > 64:
-            raise InvalidRequest(f"field name of {_size(k)} bytes: unknown field; allowed fields: "
-                                 f"{', '.join(FIELDS)}")
+            raise InvalidRequest(f"field name of {_size(k)} bytes: unknown field; allowed fields: {', '.join(FIELDS)}")
         name = _decode("field name", k)
         cap = _field_cap(name, limits)
         if _size(v) > cap:
@@ -262,8 +274,10 @@ def parse_request(fields: Fields, entry_id: str, limits: RequestLimits | None = 
     request_id = parse_request_id(f, entry_id)
     has_prompt, has_messages = "prompt" in f, "messages" in f
     if has_prompt == has_messages:
-        raise InvalidRequest("prompt, messages: give exactly one of them"
-                             + (" (both were given)" if has_prompt else " (neither was given)"))
+        raise InvalidRequest(
+            "prompt, messages: give exactly one of them"
+            + (" (both were given)" if has_prompt else " (neither was given)")
+        )
     prompt = messages = None
     if has_prompt:
         prompt = f["prompt"]
@@ -274,8 +288,9 @@ def parse_request(fields: Fields, entry_id: str, limits: RequestLimits | None = 
     model = f.get("model")
     if model is not None and not _ID_RE.fullmatch(model):
         raise InvalidRequest(f"model: {model[:40]!r} is not a valid model name; use {C.ID_ALLOWED_CHARS}")
-    return ParsedRequest(request_id=request_id, prompt=prompt, messages=messages,
-                         params=parse_params(f, limits), model=model)
+    return ParsedRequest(
+        request_id=request_id, prompt=prompt, messages=messages, params=parse_params(f, limits), model=model
+    )
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, max_model_len: int) -> None:
@@ -283,6 +298,8 @@ def check_context(prompt_tokens: int, max_new_tokens: int, max_model_len: int) -
     if prompt_tokens < 1:
         raise InvalidRequest("prompt: tokenizes to 0 tokens; give some text")
     if prompt_tokens + max_new_tokens > max_model_len:
-        raise InvalidRequest(f"prompt, max_new_tokens: prompt of {prompt_tokens} tokens + max_new_tokens "
-                             f"{max_new_tokens} = {prompt_tokens + max_new_tokens} exceeds the model's "
-                             f"context of {max_model_len} tokens")
+        raise InvalidRequest(
+            f"prompt, max_new_tokens: prompt of {prompt_tokens} tokens + max_new_tokens "
+            f"{max_new_tokens} = {prompt_tokens + max_new_tokens} exceeds the model's "
+            f"context of {max_model_len} tokens"
+        )

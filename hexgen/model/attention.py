@@ -10,6 +10,7 @@ the padded context (with 16 rows or more, one call per group of rows of similar 
 so short contexts do not gather the longest one's padding). The prefill sequences (several query tokens)
 take one call of the Triton prefill kernel on CUDA, else a loop of SDPA calls, one per sequence.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -98,7 +99,7 @@ def decode_groups(ctx: np.ndarray) -> list[np.ndarray] | None:
     if groups < 2:
         return None
     order = np.argsort(ctx, kind="stable")
-    return [order[i * n // groups:(i + 1) * n // groups] for i in range(groups)]
+    return [order[i * n // groups : (i + 1) * n // groups] for i in range(groups)]
 
 
 def _starts(lens: np.ndarray) -> np.ndarray:
@@ -119,8 +120,7 @@ class _Tables:
     @classmethod
     def of(cls, block_tables: list[list[int]], block_size: int) -> _Tables:
         n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
-        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64,
-                           count=int(n_blocks.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64, count=int(n_blocks.sum()))
         return cls(flat, _starts(n_blocks), n_blocks, block_size)
 
     def slots(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -145,14 +145,22 @@ def _upload_parts(parts: dict[str, np.ndarray], device: torch.device) -> dict[st
     flat = np.zeros(sum(padded), dtype=np.int64)
     start = 0
     for p, m in zip(parts.values(), padded):
-        flat[start:start + len(p)] = p
+        flat[start : start + len(p)] = p
         start += m
     buf = upload(flat, torch.long, device)
     return {name: v[:n] for name, v, n in zip(parts, buf.split(padded), sizes)}
 
 
-def _decode_parts(parts: dict[str, np.ndarray], tables: _Tables, dec: np.ndarray, all_decode: bool,
-                  q_starts: np.ndarray, cl: np.ndarray, kernel: bool, group_rows: bool) -> list[np.ndarray] | None:
+def _decode_parts(
+    parts: dict[str, np.ndarray],
+    tables: _Tables,
+    dec: np.ndarray,
+    all_decode: bool,
+    q_starts: np.ndarray,
+    cl: np.ndarray,
+    kernel: bool,
+    group_rows: bool,
+) -> list[np.ndarray] | None:
     """The decode rows' index arrays (into ``parts``); returns their context groups (reference path)."""
     if not all_decode:
         parts["decode_rows"] = q_starts[dec]
@@ -172,23 +180,43 @@ def _decode_parts(parts: dict[str, np.ndarray], tables: _Tables, dec: np.ndarray
     return groups
 
 
-def _prefill_parts(parts: dict[str, np.ndarray], tables: _Tables, pre: np.ndarray, chunked: np.ndarray,
-                   q_starts: np.ndarray, ql: np.ndarray, cl: np.ndarray, prefill_kernel: bool) -> None:
+def _prefill_parts(
+    parts: dict[str, np.ndarray],
+    tables: _Tables,
+    pre: np.ndarray,
+    chunked: np.ndarray,
+    q_starts: np.ndarray,
+    ql: np.ndarray,
+    cl: np.ndarray,
+    prefill_kernel: bool,
+) -> None:
     """The prefill sequences' index arrays (into ``parts``)."""
     if len(pre) and prefill_kernel:
         n_tiles = -(-ql[pre] // paged_decode.PREFILL_BLOCK_M)
         tile_seq = np.repeat(np.arange(len(pre)), n_tiles)
-        parts.update(prefill_tables=tables.padded(pre, cl), prefill_q_starts=q_starts[pre], prefill_q_lens=ql[pre],
-                     prefill_ctx=cl[pre], prefill_tile_seq=tile_seq,
-                     prefill_tile_m=np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles))
+        parts.update(
+            prefill_tables=tables.padded(pre, cl),
+            prefill_q_starts=q_starts[pre],
+            prefill_q_lens=ql[pre],
+            prefill_ctx=cl[pre],
+            prefill_tile_seq=tile_seq,
+            prefill_tile_m=np.arange(len(tile_seq)) - np.repeat(_starts(n_tiles), n_tiles),
+        )
     if len(chunked):
         lens = cl[chunked]
         seq = np.repeat(chunked, lens)
         parts["chunked_slots"] = tables.slots(seq, np.arange(int(lens.sum())) - np.repeat(_starts(lens), lens))
 
 
-def _set_decode(meta: AttnMeta, t: dict[str, torch.Tensor], n_dec: int, dec_ctx: np.ndarray,
-                groups: list[np.ndarray] | None, kernel: bool, device: torch.device) -> None:
+def _set_decode(
+    meta: AttnMeta,
+    t: dict[str, torch.Tensor],
+    n_dec: int,
+    dec_ctx: np.ndarray,
+    groups: list[np.ndarray] | None,
+    kernel: bool,
+    device: torch.device,
+) -> None:
     meta.decode_rows = t.get("decode_rows")
     table_or_slots, ctx = t["decode_index"].view(n_dec, -1), t["decode_ctx"]
     if kernel:
@@ -202,9 +230,17 @@ def _set_decode(meta: AttnMeta, t: dict[str, torch.Tensor], n_dec: int, dec_ctx:
         meta.decode_groups = [(r, int(dec_ctx[g].max())) for r, g in zip(rows, groups)]
 
 
-def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
-               block_size: int, device: torch.device, kernel: bool | None = None,
-               prefill_kernel: bool | None = None, group_rows: bool = True) -> AttnMeta:
+def build_meta(
+    positions: list[int],
+    q_lens: list[int],
+    ctx_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+    kernel: bool | None = None,
+    prefill_kernel: bool | None = None,
+    group_rows: bool = True,
+) -> AttnMeta:
     """Derive slot indices from block tables. ``positions`` are the step's flattened token positions.
 
     Host work is vectorized (numpy) and every index tensor reaches the device in one copy. ``kernel`` and
@@ -237,9 +273,14 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
     if len(dec):
         _set_decode(meta, t, len(dec), cl[dec], groups, kernel, device)
     if len(pre) and prefill_kernel:
-        meta.prefill_batch = PrefillBatch(t["prefill_tables"].view(len(pre), -1), t["prefill_q_starts"],
-                                          t["prefill_q_lens"], t["prefill_ctx"], t["prefill_tile_seq"],
-                                          t["prefill_tile_m"])
+        meta.prefill_batch = PrefillBatch(
+            t["prefill_tables"].view(len(pre), -1),
+            t["prefill_q_starts"],
+            t["prefill_q_lens"],
+            t["prefill_ctx"],
+            t["prefill_tile_seq"],
+            t["prefill_tile_m"],
+        )
         return meta
     ctx_slots = iter(t["chunked_slots"].split(cl[chunked].tolist())) if len(chunked) else iter(())
     for s in pre.tolist():
@@ -248,9 +289,17 @@ def build_meta(positions: list[int], q_lens: list[int], ctx_lens: list[int], blo
     return meta
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttnMeta, scale: float, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttnMeta,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q: [tokens, n_q, d]; k, v: [tokens, n_kv, d]; caches [slots, n_kv, d]. Returns [tokens, n_q, d].
 
     k and v None: the caller wrote them to the cache already (``fused.rotary_kv_write``); then every
@@ -266,20 +315,35 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
     out = torch.empty_like(q)
     if meta.has_decode:
         rows = meta.decode_rows
-        out.index_copy_(0, rows, _decode_batch(q.index_select(0, rows), k_cache, v_cache, meta, scale, k_scale,
-                                               v_scale))
+        out.index_copy_(
+            0, rows, _decode_batch(q.index_select(0, rows), k_cache, v_cache, meta, scale, k_scale, v_scale)
+        )
     if meta.prefill_batch is not None:
         b = meta.prefill_batch
-        paged_decode.paged_prefill(q, k_cache, v_cache, out, b.tables, b.q_starts, b.q_lens, b.ctx_lens,
-                                   b.tile_seq, b.tile_m, scale, meta.block_size, k_scale, v_scale)
+        paged_decode.paged_prefill(
+            q,
+            k_cache,
+            v_cache,
+            out,
+            b.tables,
+            b.q_starts,
+            b.q_lens,
+            b.ctx_lens,
+            b.tile_seq,
+            b.tile_m,
+            scale,
+            meta.block_size,
+            k_scale,
+            v_scale,
+        )
     if meta.prefills and fp8:  # what the cache holds, as the kernels read it
         k, v = kv_quant.round_trip(k, k_scale), kv_quant.round_trip(v, v_scale)
     for p in meta.prefills:
         qs, ql, cl = p.q_start, p.q_len, p.ctx_len
-        qb = q[qs:qs + ql].transpose(0, 1)[None]  # [1, n_q, q_len, d]
+        qb = q[qs : qs + ql].transpose(0, 1)[None]  # [1, n_q, q_len, d]
         if p.ctx_slots is None:  # the whole context is this step's: read it from k, v, not the cache
-            kb = k[qs:qs + ql].transpose(0, 1)[None]  # [1, n_kv, ctx_len, d]
-            vb = v[qs:qs + ql].transpose(0, 1)[None]
+            kb = k[qs : qs + ql].transpose(0, 1)[None]  # [1, n_kv, ctx_len, d]
+            vb = v[qs : qs + ql].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
         else:
             kb = _read(k_cache, p.ctx_slots, k_scale, q.dtype).transpose(0, 1)[None]  # [1, n_kv, ctx_len, d]
@@ -287,28 +351,50 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
             qpos = torch.arange(cl - ql, cl, device=q.device)[:, None]  # [q_len, 1]
             mask = torch.arange(cl, device=q.device)[None, :] <= qpos  # [q_len, ctx_len]
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[qs:qs + ql] = o[0].transpose(0, 1)
+        out[qs : qs + ql] = o[0].transpose(0, 1)
     return out
 
 
-def _read(cache: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
-          ) -> torch.Tensor:
+def _read(cache: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """cache[slots] in ``dtype`` (slots of any shape; result [*slots.shape, n_kv, d]), dequantized when fp8."""
     x = cache[slots]
     return kv_quant.dequantize(x, scale, dtype) if kv_quant.is_fp8(cache) else x
 
 
-def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-                  scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+def _decode_batch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttnMeta,
+    scale: float,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> torch.Tensor:
     """q: [n_dec, n_q, d], one query token per decode row. Returns [n_dec, n_q, d]."""
     if meta.decode_tables is not None:
-        return paged_decode.paged_decode(q, k_cache, v_cache, meta.decode_tables, meta.decode_ctx, scale,
-                                         meta.block_size, k_scale=k_scale, v_scale=v_scale)
+        return paged_decode.paged_decode(
+            q,
+            k_cache,
+            v_cache,
+            meta.decode_tables,
+            meta.decode_ctx,
+            scale,
+            meta.block_size,
+            k_scale=k_scale,
+            v_scale=v_scale,
+        )
     return _decode(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-            scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttnMeta,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reference: batched single-token decode over padded contexts gathered from the cache; with
     ``decode_groups``, one call per group of rows over the group's own width."""
     scales = (k_scale, v_scale)
@@ -318,14 +404,20 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     for rows, width in meta.decode_groups:
         slots = meta.decode_slots[:, :width].index_select(0, rows)  # [n_g, width]
         mask = meta.decode_mask[..., :width].index_select(0, rows)  # [n_g, 1, 1, width]
-        out.index_copy_(0, rows, _decode_padded(q.index_select(0, rows), k_cache, v_cache, slots, mask, scale,
-                                                *scales))
+        out.index_copy_(0, rows, _decode_padded(q.index_select(0, rows), k_cache, v_cache, slots, mask, scale, *scales))
     return out
 
 
-def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                   mask: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
-                   v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def _decode_padded(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q: [batch, n_q, d]; slots [batch, width] (padded), mask [batch, 1, 1, width]. Returns [batch, n_q, d]."""
     kb = _read(k_cache, slots, k_scale, q.dtype).transpose(1, 2)  # [batch, n_kv, width, d]
     vb = _read(v_cache, slots, v_scale, q.dtype).transpose(1, 2)
@@ -334,8 +426,9 @@ def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return o[:, :, 0, :]  # [batch, n_q, d]
 
 
-def decode_meta(block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int,
-                kernel: bool | None = None) -> AttnMeta:
+def decode_meta(
+    block_tables: torch.Tensor, ctx_lens: torch.Tensor, block_size: int, kernel: bool | None = None
+) -> AttnMeta:
     """Decode layout (every sequence one new token) computed on the device from tensors, with no host work
     and fixed shapes: safe to capture in a CUDA graph.
 

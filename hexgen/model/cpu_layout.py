@@ -14,6 +14,7 @@ kernel runs, so outputs agree to fp32 rounding. CUDA weights are left alone (the
 row-major), and so are weights under ``MIN_BYTES``, which sit in cache. ``KernelConfig.cpu_layout`` off keeps
 every weight row-major (the runner then does not call ``tune``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,7 @@ def time_linear(weights: list[torch.Tensor], x: torch.Tensor) -> float:
     return (time.perf_counter() - t) / len(weights)
 
 
-def tune(layers: list[nn.Module], timer: Timer = time_linear, min_bytes: int = MIN_BYTES
-         ) -> dict[tuple[int, int], str]:
+def tune(layers: list[nn.Module], timer: Timer = time_linear, min_bytes: int = MIN_BYTES) -> dict[tuple[int, int], str]:
     """Re-lay the ``weight`` of CPU ``layers`` column-major for the shapes where one-row ``F.linear`` is faster
     that way (see the module doc). Returns {(N, K): "column" or "row"} for the shapes timed."""
     by_shape: dict[tuple[int, int], list[nn.Module]] = defaultdict(list)
@@ -81,8 +81,15 @@ def tune(layers: list[nn.Module], timer: Timer = time_linear, min_bytes: int = M
         row_s, col_s = statistics.median(row_t), statistics.median(col_t)
         layout = "column" if col_s <= MARGIN * row_s else "row"
         chosen[(n, k)] = layout
-        log.info("cpu layout [%d, %d] x%d: %s-major (one row: row-major %.1f µs, column-major %.1f µs)",
-                 n, k, len(group), layout, row_s * 1e6, col_s * 1e6)
+        log.info(
+            "cpu layout [%d, %d] x%d: %s-major (one row: row-major %.1f µs, column-major %.1f µs)",
+            n,
+            k,
+            len(group),
+            layout,
+            row_s * 1e6,
+            col_s * 1e6,
+        )
         if layout == "column":
             for m in group:
                 m.weight = nn.Parameter(column_major(m.weight), requires_grad=False)

@@ -13,6 +13,7 @@ A stage takes the kernels when its resolved ``KernelConfig.fused`` is on (CUDA, 
 off; ``hexgen.model.kernels``). The ``*_ref`` functions are the reference math; tests run the kernels under
 Triton's interpreter.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,14 +32,16 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * h.to(x.dtype)
 
 
-def add_rms_norm_ref(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_ref(
+    x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     h = x if res is None else x + res
     return rms_norm_ref(h, weight, eps), h
 
 
-def add_rms_norm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x, res: [tokens, hidden] (res None: no add). Returns (normed [tokens, hidden], x + res)."""
     from hexgen.model import fused_kernels as kern
 
@@ -47,15 +50,38 @@ def add_rms_norm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor
     h = torch.empty_like(x) if res is not None else x
     r = res.contiguous() if res is not None else x
     n = x.shape[-1]
-    kern.add_rms_norm[(x.shape[0],)](x, r, weight, out, h, eps, n, x.stride(0), r.stride(0), out.stride(0),
-                                     h.stride(0), HAS_RES=res is not None, BLOCK=_pow2(n), num_warps=8,
-                                     **pdl.launch(x))
+    kern.add_rms_norm[(x.shape[0],)](
+        x,
+        r,
+        weight,
+        out,
+        h,
+        eps,
+        n,
+        x.stride(0),
+        r.stride(0),
+        out.stride(0),
+        h.stride(0),
+        HAS_RES=res is not None,
+        BLOCK=_pow2(n),
+        num_warps=8,
+        **pdl.launch(x),
+    )
     return out, h
 
 
-def rotary_kv_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int, n_kv: int,
-                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def rotary_kv_write_ref(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_q: int,
+    n_kv: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     from hexgen.model import kv_quant
     from hexgen.model.rope import apply_rotary
 
@@ -67,9 +93,18 @@ def rotary_kv_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return q
 
 
-def rotary_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_q: int, n_kv: int,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def rotary_kv_write(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_q: int,
+    n_kv: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """qkv: [tokens, (n_q + 2 n_kv) * d] (q heads, k heads, v heads); cos, sin: [tokens, 1, d] in qkv's
     dtype; slots: [tokens] cache slot of each token; caches [slots, n_kv, d]. Writes rotated k and v to the
     caches (fp8 caches: quantized with k_scale, v_scale [n_kv], as ``kv_quant.write``); returns rotated q
@@ -89,9 +124,31 @@ def rotary_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slo
     cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)  # [tokens, d]
     ks, vs = (k_scale, v_scale) if fp8 else (slots, slots)  # unread without FP8
     kern.rotary_kv_write[(t, n_q + n_kv)](
-        qkv, cos2, sin2, slots, q, k_cache, v_cache, ks, vs, qkv.stride(0), cos2.stride(0), q.stride(0),
-        q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        N_Q=n_q, N_KV=n_kv, HALF=d // 2, BLOCK_H=_pow2(d // 2), FP8=fp8, num_warps=1, **pdl.launch(qkv))
+        qkv,
+        cos2,
+        sin2,
+        slots,
+        q,
+        k_cache,
+        v_cache,
+        ks,
+        vs,
+        qkv.stride(0),
+        cos2.stride(0),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        N_Q=n_q,
+        N_KV=n_kv,
+        HALF=d // 2,
+        BLOCK_H=_pow2(d // 2),
+        FP8=fp8,
+        num_warps=1,
+        **pdl.launch(qkv),
+    )
     return q
 
 
@@ -109,6 +166,5 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if t == 0:
         return out
     block = 1024
-    kern.silu_mul[(t, -(-n // block))](x, out, n, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
-                                       **pdl.launch(x))
+    kern.silu_mul[(t, -(-n // block))](x, out, n, x.stride(0), out.stride(0), BLOCK=block, num_warps=4, **pdl.launch(x))
     return out

@@ -4,6 +4,7 @@ Each kernel rounds where the PyTorch reference rounds (to the activation dtype a
 runs in that dtype), so the fused and reference paths agree to the reduction order. With ``PDL``
 (``hexgen.model.pdl``) each waits for the kernel before it before it reads an activation or writes.
 """
+
 from __future__ import annotations
 
 import triton
@@ -11,8 +12,22 @@ import triton.language as tl
 
 
 @triton.jit
-def add_rms_norm(X, Res, W, Out, ResOut, eps, n_cols, stride_x, stride_r, stride_o, stride_ro,
-                 HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def add_rms_norm(
+    X,
+    Res,
+    W,
+    Out,
+    ResOut,
+    eps,
+    n_cols,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
     """One program per row: h = x + res (rounded), out = w * (h * rsqrt(mean(h²) + eps)) (rounded twice,
     as ``RMSNorm`` does); h goes to ResOut when HAS_RES."""
     row = tl.program_id(0).to(tl.int64)
@@ -24,7 +39,7 @@ def add_rms_norm(X, Res, W, Out, ResOut, eps, n_cols, stride_x, stride_r, stride
         tl.extra.cuda.gdc_wait()
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_RES:
-        x = (x.to(tl.float32) + tl.load(Res + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32))
+        x = x.to(tl.float32) + tl.load(Res + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
         x = x.to(Out.dtype.element_ty)
         tl.store(ResOut + row * stride_ro + cols, x, mask=ok)
     h = x.to(tl.float32)
@@ -34,10 +49,31 @@ def add_rms_norm(X, Res, W, Out, ResOut, eps, n_cols, stride_x, stride_r, stride
 
 
 @triton.jit
-def rotary_kv_write(QKV, Cos, Sin, Slots, QOut, KCache, VCache, KScale, VScale, stride_t, stride_c, stride_qt,
-                    stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-                    N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                    FP8: tl.constexpr, PDL: tl.constexpr):
+def rotary_kv_write(
+    QKV,
+    Cos,
+    Sin,
+    Slots,
+    QOut,
+    KCache,
+    VCache,
+    KScale,
+    VScale,
+    stride_t,
+    stride_c,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    N_Q: tl.constexpr,
+    N_KV: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    FP8: tl.constexpr,
+    PDL: tl.constexpr,
+):
     """One program per (token, head of q or k): rotate-half rotary on the head; q heads go to QOut, k heads
     (and the v head of the same index) to the cache slot of the token. FP8: k and v are stored as
     e4m3(clamp(x / scale, ±448)), the scale of their KV head (``hexgen.model.kv_quant.quantize``)."""

@@ -15,6 +15,7 @@ keeps a [BLOCK_N, BLOCK_K] fp32 partial product that it reduces once at the end.
 MLP's down projection straight from the gate/up output, computing SiLU(gate) * up per K slice (one kernel
 instead of two; the same roundings as ``fused.silu_mul``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,19 @@ from hexgen.model.timing import replay_time
 log = logging.getLogger(__name__)
 
 Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, ahead (0 or 1)
-_TILES = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8),
-          (1, 2048, 4), (2, 2048, 8), (8, 512, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8)]
+_TILES = [
+    (2, 1024, 4),
+    (4, 512, 4),
+    (4, 1024, 4),
+    (4, 1024, 8),
+    (8, 1024, 8),
+    (1, 2048, 4),
+    (2, 2048, 8),
+    (8, 512, 4),
+    (8, 512, 8),
+    (16, 256, 4),
+    (16, 512, 8),
+]
 CANDIDATES: list[Config] = [(*t, ahead) for ahead in (0, 1) for t in _TILES]
 
 
@@ -60,8 +72,9 @@ def _launch(x: torch.Tensor, w: torch.Tensor, config: Config, silu: bool) -> tor
     n, k = w.shape
     bn, bk, nw, ahead = config
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    kern.gemv[(-(-n // bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, SILU=silu, AHEAD=bool(ahead),
-                              num_warps=nw, **pdl.launch(x))
+    kern.gemv[(-(-n // bn),)](
+        x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, SILU=silu, AHEAD=bool(ahead), num_warps=nw, **pdl.launch(x)
+    )
     return y
 
 
@@ -71,6 +84,7 @@ def linear_silu(gu: torch.Tensor, w: torch.Tensor, config: Config | None = None)
     if config is not None and usable(gu):
         return gemv_silu(gu, w, config)
     from hexgen.model import fused
+
     return F.linear(fused.silu_mul(gu), w)
 
 
@@ -84,9 +98,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, config: Config | None = None) -> to
 def _time_us(fn, weights: list[torch.Tensor], x: torch.Tensor, reps: int = 5) -> float:
     """Microseconds per call of ``fn(x, w)`` over every weight of a shape, as the decode graphs run it:
     captured and replayed (eager launches would time the launch, not the read, for the smaller shapes)."""
+
     def every_weight() -> None:
         for w in weights:
             fn(x, w)
+
     try:
         return replay_time(every_weight, warmup=1, reps=reps) * 1e6 / len(weights)
     except RuntimeError as e:  # capture refused (unexpected): time eager launches instead
@@ -130,6 +146,12 @@ def tune(layers: list[torch.nn.Module], mode: str = "triton") -> dict[tuple[int,
         chosen[(n, k)] = best
         for m in group:
             m.gemv = best
-        log.info("gemv [%d, %d] x%d: %s (%s)", n, k, len(group), best or "cuBLAS",
-                 ", ".join(f"{c or 'cuBLAS'}: {t:.1f} µs" for c, t in times.items()))
+        log.info(
+            "gemv [%d, %d] x%d: %s (%s)",
+            n,
+            k,
+            len(group),
+            best or "cuBLAS",
+            ", ".join(f"{c or 'cuBLAS'}: {t:.1f} µs" for c, t in times.items()),
+        )
     return chosen

@@ -7,6 +7,7 @@ loop's first iteration is peeled for that. With ``AHEAD`` the loop loads the nex
 the current one (two tiles in flight per thread instead of one). The sums run in the same order in every
 variant, so all give the same bits.
 """
+
 from __future__ import annotations
 
 import triton
@@ -27,8 +28,19 @@ def _x_slice(X, K, cols, c_ok, SILU: tl.constexpr):
 
 
 @triton.jit
-def gemv(X, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr,
-         AHEAD: tl.constexpr, PDL: tl.constexpr):
+def gemv(
+    X,
+    W,
+    Y,
+    N,
+    K,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SILU: tl.constexpr,
+    AHEAD: tl.constexpr,
+    PDL: tl.constexpr,
+):
     """Y[0, n] = sum_k x[k] * W[n, k] for BLOCK_N rows n per program, x from ``_x_slice``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = rows < N

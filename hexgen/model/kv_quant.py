@@ -18,6 +18,7 @@ docs/benchmarks.md ("FP8 KV cache") has the measurement behind the choice and HE
 The Triton kernels (``hexgen.model.paged_decode``, ``hexgen.model.fused``) read the same scales: K's scale
 multiplies the q·k products, V's the accumulated output, so the kernels never materialize dequantized K/V.
 """
+
 from __future__ import annotations
 
 import torch

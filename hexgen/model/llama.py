@@ -4,6 +4,7 @@
 A stage owns layers [layer_start, layer_end); the first stage also owns the token embedding, the last the
 final norm and the LM head. Inputs are ragged: all sequences of a step flattened into one token axis.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,7 @@ class RMSNorm(nn.Module):
             return fused.add_rms_norm(x, None, self.weight, self.eps)[0]
         return fused.rms_norm_ref(x, self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor, res: torch.Tensor | None, fast: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, res: torch.Tensor | None, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + res), x + res); res None: (norm(x), x). ``fast``: one Triton kernel."""
         if fast:
             return fused.add_rms_norm(x, res, self.weight, self.eps)
@@ -49,15 +49,23 @@ class Attention(nn.Module):
         # rotary + K/V written by one kernel: every attention read then goes through the cache (set_kernels)
         self.through_cache = False
         self.head_dim = cfg.head_dim
-        self.qkv_proj, self.n_q, self.n_kv = qkv_linear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                                                        cfg.head_dim, tp)
+        self.qkv_proj, self.n_q, self.n_kv = qkv_linear(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp
+        )
         q_start = tp.rank * self.n_q * cfg.head_dim
         self.o_proj = RowParallelLinear(q_start, self.n_q * cfg.head_dim, cfg.hidden_size, tp)
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttnMeta,
-                kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMeta,
+        kv_scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """kv_scales: [2, n_kv] (k, v) with an fp8 cache (``hexgen.model.kv_quant``), else None."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [tokens, (n_q + 2 n_kv) * d]
@@ -65,11 +73,10 @@ class Attention(nn.Module):
         if self.through_cache:  # every attention read goes through the cache
             if kv_scales is not None and meta.calibrate_kv:  # before rotary: K's scale is the same either side
                 kv_quant.update_scales(ks, vs, *self._kv_heads(qkv))
-            q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv,
-                                      ks, vs)
+            q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv, ks, vs)
             o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale, ks, vs)  # [tokens, n_q, d]
             return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
-        q = qkv[:, :self.n_q * self.head_dim].view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
+        q = qkv[:, : self.n_q * self.head_dim].view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
         k, v = self._kv_heads(qkv)  # [tokens, n_kv, d] each
         if kv_scales is not None and meta.calibrate_kv:
             kv_quant.update_scales(ks, vs, k, v)
@@ -81,8 +88,10 @@ class Attention(nn.Module):
         """k, v [tokens, n_kv, d] views of the fused projection's output."""
         t, n = qkv.shape[0], self.n_q * self.head_dim
         w = self.n_kv * self.head_dim
-        return (qkv[:, n:n + w].view(t, self.n_kv, self.head_dim),
-                qkv[:, n + w:n + 2 * w].view(t, self.n_kv, self.head_dim))
+        return (
+            qkv[:, n : n + w].view(t, self.n_kv, self.head_dim),
+            qkv[:, n + w : n + 2 * w].view(t, self.n_kv, self.head_dim),
+        )
 
 
 class MLP(nn.Module):
@@ -114,9 +123,17 @@ class DecoderLayer(nn.Module):
         self.fast = self.input_norm.fast = self.post_norm.fast = self.mlp.fast = kernels.fused
         self.attn.through_cache = kernels.fused and kernels.prefill_kernel
 
-    def forward(self, x: torch.Tensor, res: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-                kv_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        res: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMeta,
+        kv_scales: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream form: the layer's input hidden is x + res (res None: x). Returns (mlp output,
         residual), whose sum is its output hidden, so the next layer's norm can fuse the add."""
         fast = self.fast
@@ -129,8 +146,9 @@ class LlamaStage(nn.Module):
     """The layers of one stage, plus embedding (first stage) and norm + LM head (last stage). ``kernels`` is
     the stage's KernelConfig resolved for its device (``hexgen.model.kernels.resolve``)."""
 
-    def __init__(self, cfg: ModelConfig, stage: StageSpec, tp: TPContext, kernels: KernelConfig,
-                 with_head: bool = True) -> None:
+    def __init__(
+        self, cfg: ModelConfig, stage: StageSpec, tp: TPContext, kernels: KernelConfig, with_head: bool = True
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.stage = stage
@@ -152,8 +170,15 @@ class LlamaStage(nn.Module):
         if self.norm is not None:
             self.norm.fast = kernels.fused
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttnMeta, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttnMeta,
+        kv_scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x: token ids [tokens] on the first stage, else hidden states [tokens, hidden].
         kv_cache: [layers, 2, slots, n_kv_local, d]; kv_scales: [layers, 2, n_kv_local] with an fp8 cache
         (``hexgen.model.kv_quant``), else None. Returns hidden states [tokens, hidden]."""
@@ -161,8 +186,9 @@ class LlamaStage(nn.Module):
             x = self.embed(x)  # [tokens, hidden]
         res = None
         for i, layer in enumerate(self.layers):
-            x, res = layer(x, res, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta,
-                           None if kv_scales is None else kv_scales[i])
+            x, res = layer(
+                x, res, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta, None if kv_scales is None else kv_scales[i]
+            )
         return x if res is None else x + res
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ The stage module is built on the meta device, given real storage with ``to_empty
 filled from safetensors slices (``safe_open(...).get_slice(name)[rows]``): a rank never materialises a
 tensor it doesn't own, and never reads another stage's layers.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,9 @@ class CheckpointReader:
         self._handles.clear()
 
 
-def _stage_loaders(model: LlamaStage, reader: CheckpointReader, cfg: ModelConfig
-                   ) -> list[tuple[str, Callable[[], None]]]:
+def _stage_loaders(
+    model: LlamaStage, reader: CheckpointReader, cfg: ModelConfig
+) -> list[tuple[str, Callable[[], None]]]:
     """(checkpoint tensor name, fill function) for every tensor this stage needs."""
     out: list[tuple[str, Callable[[], None]]] = []
     st = model.stage
@@ -87,10 +89,14 @@ def _stage_loaders(model: LlamaStage, reader: CheckpointReader, cfg: ModelConfig
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{st.layer_start + i}."
         out += [
-            (p + "input_layernorm.weight", lambda m=layer, n=p + "input_layernorm.weight":
-                m.input_norm.weight.copy_(reader.full(n))),
-            (p + "post_attention_layernorm.weight", lambda m=layer, n=p + "post_attention_layernorm.weight":
-                m.post_norm.weight.copy_(reader.full(n))),
+            (
+                p + "input_layernorm.weight",
+                lambda m=layer, n=p + "input_layernorm.weight": m.input_norm.weight.copy_(reader.full(n)),
+            ),
+            (
+                p + "post_attention_layernorm.weight",
+                lambda m=layer, n=p + "post_attention_layernorm.weight": m.post_norm.weight.copy_(reader.full(n)),
+            ),
         ]
         for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             n = p + f"self_attn.{proj}.weight"
@@ -109,8 +115,15 @@ def _stage_loaders(model: LlamaStage, reader: CheckpointReader, cfg: ModelConfig
     return out
 
 
-def build_stage(cfg: ModelConfig, stage: StageSpec, tp: TPContext, dtype: torch.dtype,
-                device: torch.device, with_head: bool = True, kernels: KernelConfig | None = None) -> LlamaStage:
+def build_stage(
+    cfg: ModelConfig,
+    stage: StageSpec,
+    tp: TPContext,
+    dtype: torch.dtype,
+    device: torch.device,
+    with_head: bool = True,
+    kernels: KernelConfig | None = None,
+) -> LlamaStage:
     """The stage module with uninitialised storage on ``device`` (built on meta: no full-size init). The dtype
     is set on meta first, so the device never holds an fp32 copy (twice the bf16 size: a 60-layer 70B stage
     would not fit an H200). ``kernels`` (default: every fast path) is resolved for ``device`` here."""
@@ -126,8 +139,9 @@ def load_stage(model: LlamaStage, model_dir: str, progress: bool = True) -> list
     loaders = _stage_loaders(model, reader, model.cfg)
     missing = [n for n, _ in loaders if not reader.has(n)]
     if missing:
-        raise LoadError(f"checkpoint {model_dir!r} lacks {len(missing)} tensor(s) this stage needs, "
-                        f"e.g. {missing[0]!r}")
+        raise LoadError(
+            f"checkpoint {model_dir!r} lacks {len(missing)} tensor(s) this stage needs, e.g. {missing[0]!r}"
+        )
     desc = f"stage {model.stage.index} layers {model.stage.layer_start}-{model.stage.layer_end - 1}"
     with torch.no_grad():
         for _, fill in tqdm(loaders, desc=desc, unit="tensor", disable=not progress, leave=False):

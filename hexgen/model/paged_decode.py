@@ -9,6 +9,7 @@ engine uses the PyTorch reference in ``hexgen.model.attention`` there.
 
 ``KernelConfig.decode_kernel`` and ``prefill_kernel`` turn a kernel off, for A/B runs against the PyTorch path.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,17 +65,31 @@ def _dot_mode(dtype: torch.dtype) -> tuple[bool, bool]:
     return dot_f32, dtype == torch.float32 or dot_f32
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, what: str,
-           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def _check(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    what: str,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     n_q, n_kv = q.shape[1], k_cache.shape[1]
     if n_q % n_kv:
         raise ValueError(f"{what}: n_q ({n_q}) must be a multiple of n_kv ({n_kv})")
     fp8 = k_cache.dtype == FP8
     if q.dtype not in _DTYPES or v_cache.dtype != k_cache.dtype or (k_cache.dtype != q.dtype and not fp8):
-        raise ValueError(f"{what}: q/k/v dtypes {q.dtype}/{k_cache.dtype}/{v_cache.dtype}; "
-                         f"expected one of {_DTYPES}, all equal, or caches of {FP8}")
-    if fp8 and (k_scale is None or v_scale is None or k_scale.shape != (n_kv,) or v_scale.shape != (n_kv,)
-                or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32):
+        raise ValueError(
+            f"{what}: q/k/v dtypes {q.dtype}/{k_cache.dtype}/{v_cache.dtype}; "
+            f"expected one of {_DTYPES}, all equal, or caches of {FP8}"
+        )
+    if fp8 and (
+        k_scale is None
+        or v_scale is None
+        or k_scale.shape != (n_kv,)
+        or v_scale.shape != (n_kv,)
+        or k_scale.dtype != torch.float32
+        or v_scale.dtype != torch.float32
+    ):
         raise ValueError(f"{what}: an fp8 cache needs float32 k_scale and v_scale of shape [{n_kv}]")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{what}: the caches' last dimension must be contiguous")
@@ -85,11 +100,22 @@ def _next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 ctx_lens: torch.Tensor, scale: float, block_size: int, splits: int | None = None,
-                 block_n: int | None = None, num_warps: int = 2, num_stages: int = 2,
-                 head_major: bool = True, k_scale: torch.Tensor | None = None,
-                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 2,
+    num_stages: int = 2,
+    head_major: bool = True,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q: [batch, n_q, d]; k_cache, v_cache: [slots, n_kv, d] (slot = block * block_size + offset);
@@ -125,38 +151,119 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     from hexgen.model import paged_decode_kernels as kern
     from hexgen.model import pdl
 
-    common = dict(GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BS=block_size, BLOCK_N=block_n,
-                  SPLIT=splits > 1, IEEE=ieee, DOT_F32=dot_f32, HEAD_MAJOR=head_major, FP8=fp8,
-                  num_warps=num_warps,
-                  num_stages=num_stages, **pdl.launch(q))
+    common = dict(
+        GROUP=group,
+        BLOCK_G=block_g,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BS=block_size,
+        BLOCK_N=block_n,
+        SPLIT=splits > 1,
+        IEEE=ieee,
+        DOT_F32=dot_f32,
+        HEAD_MAJOR=head_major,
+        FP8=fp8,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **pdl.launch(q),
+    )
     grid = (n_kv, batch, splits) if head_major else (batch, n_kv, splits)
     if splits == 1:
         kern.decode_stage1[grid](
-            q, k_cache, v_cache, ks, vs, block_tables, ctx_lens, out, out, qk_scale, 1,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            block_tables.stride(0), out.stride(0), out.stride(1), 0, 0, 0, **common)
+            q,
+            k_cache,
+            v_cache,
+            ks,
+            vs,
+            block_tables,
+            ctx_lens,
+            out,
+            out,
+            qk_scale,
+            1,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            0,
+            0,
+            0,
+            **common,
+        )
         return out
     mid = torch.empty(batch, n_q, splits, d, dtype=torch.float32, device=q.device)  # partial outputs
     lse = torch.empty(batch, n_q, splits, dtype=torch.float32, device=q.device)
     kern.decode_stage1[grid](
-        q, k_cache, v_cache, ks, vs, block_tables, ctx_lens, mid, lse, qk_scale, splits,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_tables.stride(0), mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
-        **common)
+        q,
+        k_cache,
+        v_cache,
+        ks,
+        vs,
+        block_tables,
+        ctx_lens,
+        mid,
+        lse,
+        qk_scale,
+        splits,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        block_tables.stride(0),
+        mid.stride(0),
+        mid.stride(1),
+        mid.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        **common,
+    )
     kern.decode_stage2[(batch, n_q)](
-        mid, lse, out, splits, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(MAX_SPLITS, _next_pow2(splits)),
-        num_warps=4, **pdl.launch(q))
+        mid,
+        lse,
+        out,
+        splits,
+        mid.stride(0),
+        mid.stride(1),
+        mid.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_S=max(MAX_SPLITS, _next_pow2(splits)),
+        num_warps=4,
+        **pdl.launch(q),
+    )
     return out
 
 
 PREFILL_BLOCK_M = 64  # query tokens per program of the prefill kernel (``build_meta`` tiles with it)
 
 
-def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                  tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor,
-                  tile_seq: torch.Tensor, tile_m: torch.Tensor, scale: float, block_size: int,
-                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    tables: torch.Tensor,
+    q_starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    tile_seq: torch.Tensor,
+    tile_m: torch.Tensor,
+    scale: float,
+    block_size: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
     """Causal attention of prefill chunks over their paged contexts, written into ``out``'s rows.
 
     q, out: [tokens, n_q, d], the step's ragged queries; caches [slots, n_kv, d] already hold this step's
@@ -178,8 +285,37 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_d = max(16, _next_pow2(d))
     dot_f32, ieee = _dot_mode(q.dtype)
     kern.prefill_fwd[(n_tiles, n_q)](
-        q, k_cache, v_cache, ks, vs, out, tables, q_starts, q_lens, ctx_lens, tile_seq, tile_m, scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=n_q // k_cache.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BS=block_size, BLOCK_M=PREFILL_BLOCK_M,
-        BLOCK_N=64, IEEE=ieee, DOT_F32=dot_f32, FP8=fp8, num_warps=4, num_stages=2)
+        q,
+        k_cache,
+        v_cache,
+        ks,
+        vs,
+        out,
+        tables,
+        q_starts,
+        q_lens,
+        ctx_lens,
+        tile_seq,
+        tile_m,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=n_q // k_cache.shape[1],
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BS=block_size,
+        BLOCK_M=PREFILL_BLOCK_M,
+        BLOCK_N=64,
+        IEEE=ieee,
+        DOT_F32=dot_f32,
+        FP8=fp8,
+        num_warps=4,
+        num_stages=2,
+    )

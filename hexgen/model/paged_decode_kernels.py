@@ -11,6 +11,7 @@ serves every count; only SPLIT and stage 2's BLOCK_S (a power of two ≥ the cou
 K and V are e4m3 (``hexgen.model.kv_quant``): each tile is converted to q's dtype (exactly), K's per-head
 scale joins the softmax scale and V's multiplies the output.
 """
+
 from __future__ import annotations
 
 import triton
@@ -23,12 +24,43 @@ import triton.language as tl
 # Both attention kernels branch on compile-time flags (dtype paths, FP8, splits): one body per variant rather
 # than copies, hence their complexity (noqa: C901).
 @triton.jit(do_not_specialize=["stride_tb", "num_splits"])
-def decode_stage1(Q, K, V, KScale, VScale, Tables, Ctx, Out, Lse, qk_scale, num_splits,  # noqa: C901
-                  stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
-                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                  DOT_F32: tl.constexpr, HEAD_MAJOR: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+def decode_stage1(  # noqa: C901
+    Q,
+    K,
+    V,
+    KScale,
+    VScale,
+    Tables,
+    Ctx,
+    Out,
+    Lse,
+    qk_scale,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
+    FP8: tl.constexpr,
+    PDL: tl.constexpr,
+):
     if PDL:  # launched early (hexgen.model.pdl): everything it reads, another kernel writes
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -47,8 +79,11 @@ def decode_stage1(Q, K, V, KScale, VScale, Tables, Ctx, Out, Lse, qk_scale, num_
     g_ok = offs_g < GROUP
     d_ok = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g  # [BLOCK_G] query heads of this KV head
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
     if DOT_F32:
         q = q.to(tl.float32)
     if FP8:  # fp8 K/V: K's scale joins the softmax scale, V's multiplies the output
@@ -111,9 +146,23 @@ def decode_stage1(Q, K, V, KScale, VScale, Tables, Ctx, Out, Lse, qk_scale, num_
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def decode_stage2(Mid, Lse, Out, num_splits, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob,
-                  stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  PDL: tl.constexpr):
+def decode_stage2(
+    Mid,
+    Lse,
+    Out,
+    num_splits,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
+):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -127,19 +176,50 @@ def decode_stage2(Mid, Lse, Out, num_splits, stride_mb, stride_mh, stride_ms, st
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)  # empty splits weigh 0
-    mid = tl.load(Mid + b.to(tl.int64) * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    mid = tl.load(
+        Mid + b.to(tl.int64) * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
     total = tl.sum(w, 0)
     o = tl.sum(mid * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, o.to(Out.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=["stride_tb"])
-def prefill_fwd(Q, K, V, KScale, VScale, Out, Tables, SeqQStart, SeqQLen, SeqCtx, TileSeq, TileM, qk_scale,  # noqa: C901
-                stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ot, stride_oh,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
-                FP8: tl.constexpr):
+def prefill_fwd(  # noqa: C901
+    Q,
+    K,
+    V,
+    KScale,
+    VScale,
+    Out,
+    Tables,
+    SeqQStart,
+    SeqQLen,
+    SeqCtx,
+    TileSeq,
+    TileM,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    FP8: tl.constexpr,
+):
     """Causal attention of a ragged batch of prefill chunks over their paged contexts (this step's K/V
     already written). One program per (query tile of BLOCK_M tokens of one sequence, query head)."""
     tile = tl.program_id(0)
@@ -157,8 +237,9 @@ def prefill_fwd(Q, K, V, KScale, VScale, Out, Tables, SeqQStart, SeqQLen, SeqCtx
     d_ok = offs_d < HEAD_DIM
     q_pos = ctx - q_len + offs_m  # [BLOCK_M] absolute positions
     rows = q_start + offs_m.to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(
+        Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+    )  # [BLOCK_M, BLOCK_D]
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -209,5 +290,8 @@ def prefill_fwd(Q, K, V, KScale, VScale, Out, Tables, SeqQStart, SeqQLen, SeqCtx
     o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     if FP8:
         o = o * v_scale
-    tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], o.to(Out.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        o.to(Out.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )

@@ -19,6 +19,7 @@ calls, and only when the stage's ``KernelConfig.pdl`` is on (``for_graphs(on)``;
 launches stay plain: eager steps are large and host-bound, and PDL launches cost them host time (a throughput
 run's launch phase grows by about 14%). Triton's interpreter (CPU tests) runs the kernels with ``PDL=False``.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Rotary position embeddings, with Llama-3 frequency scaling."""
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [tokens, n_q, head_dim], k: [tokens, n_kv, head_dim] (Hugging Face rotate-half layout)."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -5,6 +5,7 @@ kernel already enqueued: the asynchronous step loop (hexgen/engine/pipeline.py) 
 runs and must not wait there. The data goes through pinned memory instead (torch's caching host allocator
 keeps a pinned block alive until the copy that reads it has run).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 
 
-def upload(values: Sequence[int] | Sequence[float] | np.ndarray | torch.Tensor, dtype: torch.dtype,
-           device: torch.device) -> torch.Tensor:
+def upload(
+    values: Sequence[int] | Sequence[float] | np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """``values`` as a 1-D or n-D tensor of ``dtype`` on ``device``, copied without a host sync on CUDA."""
     if isinstance(values, torch.Tensor):
         host = values.to(dtype)

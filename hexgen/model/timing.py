@@ -4,6 +4,7 @@ Eager launches of small kernels are host-bound (a Triton launch from Python take
 a kernel that reads a 32 MB matrix in 9 µs would time at the launch cost; the engine replays its decode
 steps from graphs, where launches cost about a microsecond.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

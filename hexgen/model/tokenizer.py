@@ -1,4 +1,5 @@
 """Loading a model's Hugging Face tokenizer: the one place the head, the engine and the benches do it."""
+
 from __future__ import annotations
 
 import os

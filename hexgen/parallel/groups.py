@@ -4,6 +4,7 @@ Every collective and point-to-point call of HexGen lives in this package. Tensor
 travel on the device group (NCCL on GPUs, gloo on CPUs); small metadata (step plans, sampled ids) travels
 on gloo CPU groups so it never forces a device synchronisation.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -117,17 +118,22 @@ class PipelineGroups:
             if iface is not None:
                 os.environ[GLOO_IFNAME_ENV] = iface  # read by every gloo group this process creates
                 log.info("rank %d: gloo uses interface %s (towards %s)", rank, iface, init_method)
-        dist.init_process_group(backend, init_method=init_method, world_size=layout.world_size, rank=rank,
-                                timeout=_IDLE_TIMEOUT)
+        dist.init_process_group(
+            backend, init_method=init_method, world_size=layout.world_size, rank=rank, timeout=_IDLE_TIMEOUT
+        )
         self._device_world_is_cpu = backend == "gloo"
-        self.cpu_world = (dist.group.WORLD if backend == "gloo"
-                          else dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT))
+        self.cpu_world = (
+            dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+        )
         tp_group = tp_cpu = None
         for spec in layout.stages():  # every rank must create every group, in the same order
             ranks = spec.ranks
             g = dist.new_group(ranks, timeout=_IDLE_TIMEOUT) if len(ranks) > 1 else None
-            gc = (g if backend == "gloo" else dist.new_group(ranks, backend="gloo", timeout=_IDLE_TIMEOUT)) \
-                if len(ranks) > 1 else None
+            gc = (
+                (g if backend == "gloo" else dist.new_group(ranks, backend="gloo", timeout=_IDLE_TIMEOUT))
+                if len(ranks) > 1
+                else None
+            )
             if spec.index == self.stage.index:
                 tp_group, tp_cpu = g, gc
         self.tp = TPContext(rank - self.stage.first_rank, self.stage.tp, tp_group)
@@ -137,8 +143,9 @@ class PipelineGroups:
         # sending micro-batch k+1 while the last stage returns the ids of micro-batch k). Buffers stay
         # referenced here until their send completes.
         self._sends: list[tuple[object, tuple[torch.Tensor, ...]]] = []
-        log.info("rank %d: stage %d tp %d/%d on %s (%s)", rank, self.stage.index, self.tp.rank,
-                 self.tp.size, device, backend)
+        log.info(
+            "rank %d: stage %d tp %d/%d on %s (%s)", rank, self.stage.index, self.tp.rank, self.tp.size, device, backend
+        )
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -206,16 +213,15 @@ class PipelineGroups:
             head[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
             first = min(n, _BCAST_HEAD - 8)
             if first:
-                head[8:8 + first] = torch.frombuffer(bytearray(payload[:first]), dtype=torch.uint8)
+                head[8 : 8 + first] = torch.frombuffer(bytearray(payload[:first]), dtype=torch.uint8)
         dist.broadcast(head, src, group=self._tp_cpu)
         if self.is_leader:
             if n > first:
-                dist.broadcast(torch.frombuffer(bytearray(payload[first:]), dtype=torch.uint8), src,
-                               group=self._tp_cpu)
+                dist.broadcast(torch.frombuffer(bytearray(payload[first:]), dtype=torch.uint8), src, group=self._tp_cpu)
             return payload
         n = int(head[:8].view(torch.int64).item())
         first = min(n, _BCAST_HEAD - 8)
-        data = head[8:8 + first].numpy().tobytes()
+        data = head[8 : 8 + first].numpy().tobytes()
         if n > first:
             rest = torch.empty(n - first, dtype=torch.uint8)
             dist.broadcast(rest, src, group=self._tp_cpu)

@@ -4,6 +4,7 @@ Column-parallel layers split output features across the TP group (no communicati
 split input features and all-reduce their partial sums. Shards may be uneven (e.g. an intermediate size
 that the TP degree does not divide); attention heads are never split across ranks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -71,7 +72,7 @@ class ColumnParallelLinear(nn.Module):
     def load_section(self, index: int, get_slice: SliceFn) -> None:
         offset = sum(s[1] for s in self.sections[:index])
         total, local, start = self.sections[index]
-        _copy(self.weight[offset:offset + local], get_slice(0, start, start + local), f"section {index}")
+        _copy(self.weight[offset : offset + local], get_slice(0, start, start + local), f"section {index}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.gemv)  # [tokens, local_out]
@@ -99,8 +100,9 @@ class RowParallelLinear(nn.Module):
         return self.tp.all_reduce(linear_silu(gu, self.weight, self.gemv))  # [tokens, out_features]
 
 
-def qkv_linear(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: TPContext
-               ) -> tuple[ColumnParallelLinear, int, int]:
+def qkv_linear(
+    hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: TPContext
+) -> tuple[ColumnParallelLinear, int, int]:
     """Fused QKV projection for one TP rank: query heads split evenly; KV heads split when the TP degree
     is at most the KV head count, else each rank holds one replicated KV head. Returns the layer and the
     local query and KV head counts."""

@@ -6,6 +6,7 @@ all-reduce about half NCCL's time inside a CUDA graph on two NVLinked GPUs, and 
 captured graph. NVLink multicast is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST=1 on the lent machines).
 PyTorch implements it for bf16 and fp32 only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,6 +77,8 @@ class OneShotAllReduce:
             bound = world * eps * magnitude + 1e-6
             if bool((err > bound).any()):
                 worst = int((err - bound).argmax())
-                raise RuntimeError(f"one-shot all-reduce differs from NCCL by {err[worst]:.4g} where summation "
-                                   f"error allows {bound[worst]:.4g}")
+                raise RuntimeError(
+                    f"one-shot all-reduce differs from NCCL by {err[worst]:.4g} where summation "
+                    f"error allows {bound[worst]:.4g}"
+                )
         torch.cuda.synchronize(device)

@@ -10,6 +10,7 @@ Lookups interpolate log-log in tokens inside a family, and linearly in context a
 decode step's time is close to affine in the KV it reads). Outside the measured token range the lookup
 returns None and the cost model falls back to its datasheet estimate.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -158,8 +159,7 @@ def calibration_to_dict(cal: Calibration) -> dict:
         "device": cal.device,
         "dtype": cal.dtype,
         "model": dict(cal.model),
-        "points": [{"tp": p.tp, "tokens": p.tokens, "context": p.context, "seconds": p.seconds}
-                   for p in cal.points],
+        "points": [{"tp": p.tp, "tokens": p.tokens, "context": p.context, "seconds": p.seconds} for p in cal.points],
         "meta": dict(cal.meta),
     }
 
@@ -255,8 +255,7 @@ class ProfileConfig:
                 raise ConfigError(f"{name}: {v!r} must be an integer >= {low}")
 
 
-def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
-            log=lambda msg: None) -> Calibration:
+def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig, log=lambda msg: None) -> Calibration:
     """Time ONE decoder layer of ``cfg`` (random weights, hexgen.model.llama) on ``device`` ("cpu", "cuda",
     "cuda:1") at every point of ``prof``: CUDA events on GPUs, perf_counter on CPU; warm-up, then the median of
     ``reps`` runs. TP > 1 builds one rank's shard shapes with the all-reduce replaced by a no-op: the cost model
@@ -338,10 +337,17 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
         if cuda:
             torch.cuda.empty_cache()
     from hexgen.planner.costmodel import layer_shape
-    info = {"torch": torch.__version__, "host": platform.node(), "torch_device": device,
-            "device_label": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
-            "warmup": prof.warmup, "reps": prof.reps, "block_size": bs,
-            "graphs": prof.graphs and cuda,
-            "note": "one decoder layer, one TP rank's shard shapes, all-reduce excluded"
-                    + ("; decode points: mean of CUDA-graph replays" if prof.graphs and cuda else "")}
+
+    info = {
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "torch_device": device,
+        "device_label": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
+        "warmup": prof.warmup,
+        "reps": prof.reps,
+        "block_size": bs,
+        "graphs": prof.graphs and cuda,
+        "note": "one decoder layer, one TP rank's shard shapes, all-reduce excluded"
+        + ("; decode points: mean of CUDA-graph replays" if prof.graphs and cuda else ""),
+    }
     return Calibration(device_name, layer_shape(cfg), tuple(points), normalize_dtype(dtype), info)

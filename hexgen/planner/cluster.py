@@ -21,6 +21,7 @@ Read from a TOML file (examples in config/clusters/)::
 Link bandwidths are *effective* rates (what an NCCL all-reduce or send/recv achieves, its "bus bandwidth"), not
 signalling rates; the cost model uses them as given.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,13 @@ PCIE3 = Link(12 * GB, 10e-6)
 # A CPU "node" exchanges tensors through shared memory (gloo): about the host's copy bandwidth.
 HOST_SHM = Link(10 * GB, 20e-6)
 INTRA_DEFAULTS: dict[str, Link] = {
-    "H100": NVLINK_H100, "H200": NVLINK_H100, "A100-40GB": NVLINK_A100, "A100-80GB": NVLINK_A100,
-    "V100": NVLINK_V100, "T4": PCIE3, "CPU": HOST_SHM,
+    "H100": NVLINK_H100,
+    "H200": NVLINK_H100,
+    "A100-40GB": NVLINK_A100,
+    "A100-80GB": NVLINK_A100,
+    "V100": NVLINK_V100,
+    "T4": PCIE3,
+    "CPU": HOST_SHM,
 }
 # Between nodes when [network] is absent: 10 Gbit/s Ethernet (TCP), 50 us.
 DEFAULT_INTER = Link(10e9 / 8, 50e-6)
@@ -155,8 +161,12 @@ _DEVICE_KEYS = ("base", "memory_gib", "mem_bandwidth_gbs", "peak_tflops")
 _NODE_KEYS = ("name", "gpu", "count", "memory_gib", "link_bandwidth_gbs", "link_latency_us")
 # Allowed ranges (inclusive low unless noted) for numeric keys.
 _RANGES = {
-    "bandwidth_gbps": (1e-3, 1e5), "latency_us": (0.0, 1e6), "memory_gib": (1e-3, 1e5),
-    "mem_bandwidth_gbs": (1e-3, 1e6), "peak_tflops": (1e-4, 1e5), "link_bandwidth_gbs": (1e-3, 1e5),
+    "bandwidth_gbps": (1e-3, 1e5),
+    "latency_us": (0.0, 1e6),
+    "memory_gib": (1e-3, 1e5),
+    "mem_bandwidth_gbs": (1e-3, 1e6),
+    "peak_tflops": (1e-4, 1e5),
+    "link_bandwidth_gbs": (1e-3, 1e5),
     "link_latency_us": (0.0, 1e6),
 }
 
@@ -191,8 +201,9 @@ def _devices(table: Any) -> dict[str, DeviceSpec]:
         d = _check_keys(d, where, _DEVICE_KEYS)
         base_name = d.get("base")
         if base_name is not None and not isinstance(base_name, str):
-            raise ConfigError(f"{where}.base: {base_name!r} must be a device name; known: "
-                              f"{', '.join(sorted(DEVICE_SPECS))}")
+            raise ConfigError(
+                f"{where}.base: {base_name!r} must be a device name; known: {', '.join(sorted(DEVICE_SPECS))}"
+            )
         base = None
         if base_name is not None:
             base = device_spec(base_name, out)
@@ -204,8 +215,9 @@ def _devices(table: Any) -> dict[str, DeviceSpec]:
         mem, bw, fl = (_number(d, k, where) for k in ("memory_gib", "mem_bandwidth_gbs", "peak_tflops"))
         if base is None:
             if mem is None or bw is None or fl is None:
-                missing = [k for k, v in zip(("memory_gib", "mem_bandwidth_gbs", "peak_tflops"), (mem, bw, fl))
-                           if v is None]
+                missing = [
+                    k for k, v in zip(("memory_gib", "mem_bandwidth_gbs", "peak_tflops"), (mem, bw, fl)) if v is None
+                ]
                 raise ConfigError(f"{where}: a new device needs {', '.join(missing)} (or base = a known device)")
             base = DeviceSpec(name, int(mem * GiB), bw * GB, fl * TFLOPS)
         out[name] = DeviceSpec(
@@ -227,7 +239,7 @@ def _node(d: Any, i: int, overrides: Mapping[str, DeviceSpec], names: set[str]) 
         raise ConfigError(f"{where}.name: {name!r} is used by another node; node names must be unique")
     names.add(name)
     if "gpu" not in d:
-        raise ConfigError(f"{where}.gpu: missing; give a device name, e.g. gpu = \"A6000\"")
+        raise ConfigError(f'{where}.gpu: missing; give a device name, e.g. gpu = "A6000"')
     if not isinstance(d["gpu"], str):
         raise ConfigError(f"{where}.gpu: {d['gpu']!r} must be a device name string")
     try:
@@ -243,8 +255,9 @@ def _node(d: Any, i: int, overrides: Mapping[str, DeviceSpec], names: set[str]) 
     base_link = default_intra(dev)
     bw = _number(d, "link_bandwidth_gbs", where)
     lat = _number(d, "link_latency_us", where)
-    intra = Link(bw * GB if bw is not None else base_link.bandwidth,
-                 lat / 1e6 if lat is not None else base_link.latency)
+    intra = Link(
+        bw * GB if bw is not None else base_link.bandwidth, lat / 1e6 if lat is not None else base_link.latency
+    )
     return Node(name, dev, count, intra)
 
 
@@ -259,8 +272,10 @@ def cluster_from_dict(d: Mapping) -> Cluster:
         net = _check_keys(d["network"], "network", _NETWORK_KEYS)
         bw = _number(net, "bandwidth_gbps", "network")
         lat = _number(net, "latency_us", "network")
-        inter = Link(bw * 1e9 / 8 if bw is not None else DEFAULT_INTER.bandwidth,
-                     lat / 1e6 if lat is not None else DEFAULT_INTER.latency)
+        inter = Link(
+            bw * 1e9 / 8 if bw is not None else DEFAULT_INTER.bandwidth,
+            lat / 1e6 if lat is not None else DEFAULT_INTER.latency,
+        )
     overrides = _devices(d.get("devices"))
     nodes = d.get("nodes")
     if not isinstance(nodes, list) or not nodes:

@@ -17,6 +17,7 @@ of ``max_tokens`` tokens and ``max_seqs`` sequences (hexgen/engine/runner.py), a
 ``kv_capacity_tokens`` also leaves ``GPU_RUNTIME_BYTES`` for the CUDA runtime (not on "CPU"). A TP degree the
 model's heads do not allow raises ConfigError; ``tokens`` and ``context`` may be fractional (mean shapes).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,16 +91,20 @@ class CostModel:
             if not isinstance(cal, Calibration):
                 raise ConfigError(f"cost model calibration: {cal!r} must be a Calibration")
             if dict(cal.model) != want:
-                raise ConfigError(f"calibration model: measured layer shape {cal.model} does not match the "
-                                  f"model being planned {want}; profile this model")
+                raise ConfigError(
+                    f"calibration model: measured layer shape {cal.model} does not match the "
+                    f"model being planned {want}; profile this model"
+                )
 
     # -- shapes -------------------------------------------------------------------------------------------
     def _check_tp(self, tp: int) -> None:
         valid = self._valid_tp
         if tp not in valid or isinstance(tp, bool):
-            raise ConfigError(f"tp: {tp!r} is not a valid TP degree for this model "
-                              f"({self.model.num_heads} query heads, {self.model.num_kv_heads} KV heads); "
-                              f"valid: {', '.join(map(str, sorted(valid)))}")
+            raise ConfigError(
+                f"tp: {tp!r} is not a valid TP degree for this model "
+                f"({self.model.num_heads} query heads, {self.model.num_kv_heads} KV heads); "
+                f"valid: {', '.join(map(str, sorted(valid)))}"
+            )
 
     def local_heads(self, tp: int) -> tuple[int, int]:
         """(query heads, KV heads) on one rank: KV heads sharded when tp <= n_kv, else one replicated head."""
@@ -157,8 +162,11 @@ class CostModel:
         new tokens' KV written, and the activations."""
         m = self.model
         kv = self.kv_bytes_per_token(tp) * (max(context, tokens) + tokens)
-        act = tokens * self.dtype_bytes * (ACT_HIDDEN_PASSES * m.hidden_size
-                                           + ACT_INTER_PASSES * self.local_intermediate(tp))
+        act = (
+            tokens
+            * self.dtype_bytes
+            * (ACT_HIDDEN_PASSES * m.hidden_size + ACT_INTER_PASSES * self.local_intermediate(tp))
+        )
         return float(self.layer_weight_bytes(tp) + kv + act)
 
     def estimate_layer_time(self, dev: DeviceSpec, tp: int, tokens: int, context: int) -> float:
@@ -197,11 +205,22 @@ class CostModel:
         m = self.model
         flops = 2.0 * m.vocab_size * m.hidden_size * tokens
         nbytes = m.vocab_size * m.hidden_size * self.dtype_bytes + tokens * m.vocab_size * 4
-        return max(flops / (dev.peak_flops * FLOPS_EFFICIENCY),
-                   nbytes / (dev.mem_bandwidth * BANDWIDTH_EFFICIENCY)) + LAYER_OVERHEAD_S
+        return (
+            max(flops / (dev.peak_flops * FLOPS_EFFICIENCY), nbytes / (dev.mem_bandwidth * BANDWIDTH_EFFICIENCY))
+            + LAYER_OVERHEAD_S
+        )
 
-    def stage_time(self, dev: DeviceSpec, tp: int, layers: int, link: Link | None, tokens: int, context: int,
-                   first: bool, last: bool) -> float:
+    def stage_time(
+        self,
+        dev: DeviceSpec,
+        tp: int,
+        layers: int,
+        link: Link | None,
+        tokens: int,
+        context: int,
+        first: bool,
+        last: bool,
+    ) -> float:
         """One step of a stage: layers * (layer_time + 2 all-reduces over ``link``) (+ LM head on the last
         stage, for at most LM_HEAD_MAX_ROWS rows). ``link`` may be None when tp == 1."""
         _check_count("layers", layers, 1)
@@ -218,11 +237,13 @@ class CostModel:
     # -- memory -------------------------------------------------------------------------------------------
     def weight_bytes(self, tp: int, layers: int, first: bool, last: bool) -> int:
         """Weights on one rank of a stage of ``layers`` layers."""
-        return (layers * self.layer_weight_bytes(tp) + (self.first_extra_bytes() if first else 0)
-                + (self.last_extra_bytes() if last else 0))
+        return (
+            layers * self.layer_weight_bytes(tp)
+            + (self.first_extra_bytes() if first else 0)
+            + (self.last_extra_bytes() if last else 0)
+        )
 
-    def activation_bytes(self, tp: int, max_tokens: int = DEFAULT_MAX_TOKENS,
-                         max_seqs: int = DEFAULT_MAX_SEQS) -> int:
+    def activation_bytes(self, tp: int, max_tokens: int = DEFAULT_MAX_TOKENS, max_seqs: int = DEFAULT_MAX_SEQS) -> int:
         """Workspace the engine reserves for one step (as hexgen/engine/runner.py _activation_reserve does):
         the MLP intermediate at the token budget, a few hidden-sized buffers, float32 logits, slack."""
         m = self.model
@@ -230,24 +251,46 @@ class CostModel:
         logits = max_seqs * m.vocab_size * 4 * 2
         return mlp + 4 * max_tokens * m.hidden_size * self.dtype_bytes + logits + ACTIVATION_SLACK_BYTES
 
-    def stage_memory(self, tp: int, layers: int, kv_tokens: int, first: bool, last: bool,
-                     max_tokens: int = DEFAULT_MAX_TOKENS, max_seqs: int = DEFAULT_MAX_SEQS) -> int:
+    def stage_memory(
+        self,
+        tp: int,
+        layers: int,
+        kv_tokens: int,
+        first: bool,
+        last: bool,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_seqs: int = DEFAULT_MAX_SEQS,
+    ) -> int:
         """Per-rank bytes of a stage: weights + KV cache for ``kv_tokens`` tokens + activation workspace."""
         _check_count("kv_tokens", kv_tokens, 0)
-        return (self.weight_bytes(tp, layers, first, last) + kv_tokens * layers * self.kv_bytes_per_token(tp)
-                + self.activation_bytes(tp, max_tokens, max_seqs))
+        return (
+            self.weight_bytes(tp, layers, first, last)
+            + kv_tokens * layers * self.kv_bytes_per_token(tp)
+            + self.activation_bytes(tp, max_tokens, max_seqs)
+        )
 
-    def kv_capacity_tokens(self, dev: DeviceSpec, tp: int, layers: int, first: bool, last: bool,
-                           memory_fraction: float = 0.9, max_tokens: int = DEFAULT_MAX_TOKENS,
-                           max_seqs: int = DEFAULT_MAX_SEQS) -> int:
+    def kv_capacity_tokens(
+        self,
+        dev: DeviceSpec,
+        tp: int,
+        layers: int,
+        first: bool,
+        last: bool,
+        memory_fraction: float = 0.9,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_seqs: int = DEFAULT_MAX_SEQS,
+    ) -> int:
         """Tokens of KV cache one rank of the stage can hold in ``memory_fraction`` of the device memory after
         weights, the activation workspace and (on GPUs) the CUDA runtime; 0 when the weights do not fit."""
         if not 0.0 < memory_fraction <= 1.0:
             raise ConfigError(f"memory_fraction: {memory_fraction!r} must be in (0, 1]")
         _check_count("layers", layers, 1)
         runtime = 0 if dev.name == "CPU" else GPU_RUNTIME_BYTES
-        free = (int(dev.memory_bytes * memory_fraction) - runtime
-                - self.stage_memory(tp, layers, 0, first, last, max_tokens, max_seqs))
+        free = (
+            int(dev.memory_bytes * memory_fraction)
+            - runtime
+            - self.stage_memory(tp, layers, 0, first, last, max_tokens, max_seqs)
+        )
         if free <= 0:
             return 0
         return free // (layers * self.kv_bytes_per_token(tp))
@@ -266,8 +309,13 @@ def attention_pairs(tokens: int, context: int) -> float:
 
 def layer_shape(model: ModelConfig) -> dict:
     """The layer shape a calibration is keyed on."""
-    return {"hidden": model.hidden_size, "intermediate": model.intermediate_size, "heads": model.num_heads,
-            "kv_heads": model.num_kv_heads, "head_dim": model.head_dim}
+    return {
+        "hidden": model.hidden_size,
+        "intermediate": model.intermediate_size,
+        "heads": model.num_heads,
+        "kv_heads": model.num_kv_heads,
+        "head_dim": model.head_dim,
+    }
 
 
 def _check_count(name: str, v: float, low: int) -> None:

@@ -5,6 +5,7 @@ Numbers are datasheet values (NVIDIA product pages / whitepapers, cited per entr
 sizes are the totals ``nvidia-smi`` reports (slightly under the marketing GB), so KV capacity is not overstated.
 A cluster TOML may override any field or add a device (see hexgen/planner/cluster.py).
 """
+
 from __future__ import annotations
 
 import re
@@ -45,7 +46,8 @@ def _spec(name: str, memory_mib: int, bandwidth_gbs: float, tflops: float) -> De
 
 # name -> spec. Sources: NVIDIA datasheets; memory = nvidia-smi total (MiB).
 DEVICE_SPECS: dict[str, DeviceSpec] = {
-    s.name: s for s in (
+    s.name: s
+    for s in (
         # H100 SXM5 80GB: 989.4 TFLOP/s dense bf16, 3.35 TB/s HBM3 (H100 datasheet, SXM column).
         _spec("H100", 81559, 3350, 989.4),
         # H200 SXM 141GB: same compute as H100 SXM (989 dense bf16), 4.8 TB/s HBM3e (H200 datasheet).
@@ -92,10 +94,22 @@ def _key(name: str) -> str:
 
 # Extra spellings people write, keyed by _key(): "rtx a6000", "h100 sxm", "a100" (the 80GB part).
 _ALIASES = {
-    "rtxa6000": "A6000", "rtxa5000": "A5000", "rtxa4000": "A4000",
-    "h100sxm": "H100", "h100sxm5": "H100", "h10080gb": "H100", "h200sxm": "H200", "h200141gb": "H200",
-    "a100": "A100-80GB", "a100sxm": "A100-80GB", "v100sxm2": "V100", "v10032gb": "V100",
-    "4090": "RTX4090", "geforcertx4090": "RTX4090", "3090": "RTX3090", "geforcertx3090": "RTX3090",
+    "rtxa6000": "A6000",
+    "rtxa5000": "A5000",
+    "rtxa4000": "A4000",
+    "h100sxm": "H100",
+    "h100sxm5": "H100",
+    "h10080gb": "H100",
+    "h200sxm": "H200",
+    "h200141gb": "H200",
+    "a100": "A100-80GB",
+    "a100sxm": "A100-80GB",
+    "v100sxm2": "V100",
+    "v10032gb": "V100",
+    "4090": "RTX4090",
+    "geforcertx4090": "RTX4090",
+    "3090": "RTX3090",
+    "geforcertx3090": "RTX3090",
     "host": "CPU",
 }
 
@@ -118,15 +132,25 @@ def device_spec(name: str, overrides: Mapping[str, DeviceSpec] | None = None) ->
                 return spec
         return DEVICE_SPECS[alias]
     known_names = sorted(set(DEVICE_SPECS) | set(overrides or {}))
-    raise ConfigError(f"gpu: {name!r} is not a known device; known: {', '.join(known_names)} "
-                      "(or define it in a [devices.NAME] table)")
+    raise ConfigError(
+        f"gpu: {name!r} is not a known device; known: {', '.join(known_names)} (or define it in a [devices.NAME] table)"
+    )
 
 
 # Substrings of torch.cuda.get_device_name() (normalised by _key), most specific first.
 _CUDA_NAMES = (
-    (("h200",), "H200"), (("h100",), "H100"), (("a100", "40gb"), "A100-40GB"), (("a100",), "A100-80GB"),
-    (("a6000",), "A6000"), (("a5000",), "A5000"), (("a4000",), "A4000"), (("l40s",), "L40S"), (("4090",), "RTX4090"),
-    (("3090",), "RTX3090"), (("teslat4",), "T4"), (("v100",), "V100"),
+    (("h200",), "H200"),
+    (("h100",), "H100"),
+    (("a100", "40gb"), "A100-40GB"),
+    (("a100",), "A100-80GB"),
+    (("a6000",), "A6000"),
+    (("a5000",), "A5000"),
+    (("a4000",), "A4000"),
+    (("l40s",), "L40S"),
+    (("4090",), "RTX4090"),
+    (("3090",), "RTX3090"),
+    (("teslat4",), "T4"),
+    (("v100",), "V100"),
 )
 
 

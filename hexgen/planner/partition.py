@@ -6,6 +6,7 @@ stage takes are unused. The search is simulated annealing over small moves (add/
 swap stages between replicas, reorder a pipeline, merge or split replicas), seeded and iteration-bounded so
 that it is deterministic, with a wall-clock budget as a safety net.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ def node_groups(counts: Sequence[int], degrees: Sequence[Sequence[int]], cap: in
     return out
 
 
-def greedy_states(counts: Sequence[int], degrees: Sequence[Sequence[int]], group_mem: Callable[[Stage], float],
-                  weight_bytes: float) -> list[State]:
+def greedy_states(
+    counts: Sequence[int], degrees: Sequence[Sequence[int]], group_mem: Callable[[Stage], float], weight_bytes: float
+) -> list[State]:
     """Starting points: nodes split into TP groups (several caps on the degree), groups sorted by memory and
     dealt into replicas until each holds ``factor`` times the weights; leftovers join the smallest replicas."""
     starts = []
@@ -80,8 +82,9 @@ _Reps = list[list[Stage]]
 _Slots = list[tuple[int, int]]  # (replica, stage) of every stage
 
 
-def _add_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-               degrees: Sequence[Sequence[int]]) -> bool:
+def _add_stage(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     """Add a stage from free GPUs."""
     nodes = [i for i, f in enumerate(free) if f > 0 and any(d <= f for d in degrees[i])]
     if not nodes:
@@ -95,15 +98,17 @@ def _add_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
     return True
 
 
-def _remove_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-                  degrees: Sequence[Sequence[int]]) -> bool:
+def _remove_stage(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     r, s = rng.choice(stages)
     del reps[r][s]
     return True
 
 
-def _retype_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-                  degrees: Sequence[Sequence[int]]) -> bool:
+def _retype_stage(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     """Change a stage's TP degree."""
     r, s = rng.choice(stages)
     ni, tp = reps[r][s]
@@ -114,8 +119,9 @@ def _retype_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Rand
     return True
 
 
-def _move_to_node(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-                  degrees: Sequence[Sequence[int]]) -> bool:
+def _move_to_node(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     """Move a stage to another node, at the TP degree nearest its own that fits there."""
     r, s = rng.choice(stages)
     ni, tp = reps[r][s]
@@ -128,8 +134,9 @@ def _move_to_node(reps: _Reps, stages: _Slots, free: list[int], rng: random.Rand
     return True
 
 
-def _swap_stages(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-                 degrees: Sequence[Sequence[int]]) -> bool:
+def _swap_stages(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     """Swap two stages (anywhere)."""
     if len(stages) < 2:
         return False
@@ -138,8 +145,9 @@ def _swap_stages(reps: _Reps, stages: _Slots, free: list[int], rng: random.Rando
     return True
 
 
-def _move_to_replica(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-                     degrees: Sequence[Sequence[int]]) -> bool:
+def _move_to_replica(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     """Move a stage into another (or a new) replica."""
     r, s = rng.choice(stages)
     st = reps[r].pop(s)
@@ -150,8 +158,9 @@ def _move_to_replica(reps: _Reps, stages: _Slots, free: list[int], rng: random.R
     return True
 
 
-def _merge_replicas(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-                    degrees: Sequence[Sequence[int]]) -> bool:
+def _merge_replicas(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     if len(reps) < 2:
         return False
     a, b = rng.sample(range(len(reps)), 2)
@@ -160,8 +169,9 @@ def _merge_replicas(reps: _Reps, stages: _Slots, free: list[int], rng: random.Ra
     return True
 
 
-def _split_replica(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-                   degrees: Sequence[Sequence[int]]) -> bool:
+def _split_replica(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     long = [r for r in range(len(reps)) if len(reps[r]) >= 2]
     if not long:
         return False
@@ -172,8 +182,9 @@ def _split_replica(reps: _Reps, stages: _Slots, free: list[int], rng: random.Ran
     return True
 
 
-def _reorder_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Random,
-                   degrees: Sequence[Sequence[int]]) -> bool:
+def _reorder_stage(
+    reps: _Reps, stages: _Slots, free: list[int], rng: random.Random, degrees: Sequence[Sequence[int]]
+) -> bool:
     """Move a stage to another position in its pipeline."""
     r, s = rng.choice(stages)
     if len(reps[r]) < 2:
@@ -184,12 +195,22 @@ def _reorder_stage(reps: _Reps, stages: _Slots, free: list[int], rng: random.Ran
 
 
 # Drawn uniformly by neighbour(); each edits the replicas in place and returns False when it does not apply.
-_MOVES = (_add_stage, _remove_stage, _retype_stage, _move_to_node, _swap_stages, _move_to_replica,
-          _merge_replicas, _split_replica, _reorder_stage)
+_MOVES = (
+    _add_stage,
+    _remove_stage,
+    _retype_stage,
+    _move_to_node,
+    _swap_stages,
+    _move_to_replica,
+    _merge_replicas,
+    _split_replica,
+    _reorder_stage,
+)
 
 
-def neighbour(state: State, rng: random.Random, counts: Sequence[int], degrees: Sequence[Sequence[int]],
-              max_stages: int) -> State | None:
+def neighbour(
+    state: State, rng: random.Random, counts: Sequence[int], degrees: Sequence[Sequence[int]], max_stages: int
+) -> State | None:
     """A random small change of ``state`` that keeps every node within its GPU count; None if the drawn move
     does not apply."""
     reps = [list(r) for r in state]
@@ -206,9 +227,18 @@ def neighbour(state: State, rng: random.Random, counts: Sequence[int], degrees: 
     return new if new != state else None
 
 
-def anneal(starts: Sequence[State], score: Callable[[State], float], rng: random.Random, counts: Sequence[int],
-           degrees: Sequence[Sequence[int]], max_stages: int, *, max_iters: int, deadline: float,
-           patience: int) -> tuple[State, float, int]:
+def anneal(
+    starts: Sequence[State],
+    score: Callable[[State], float],
+    rng: random.Random,
+    counts: Sequence[int],
+    degrees: Sequence[Sequence[int]],
+    max_stages: int,
+    *,
+    max_iters: int,
+    deadline: float,
+    patience: int,
+) -> tuple[State, float, int]:
     """Simulated annealing from the best start; returns (best state, its score, iterations run).
 
     Stops after ``max_iters`` iterations, ``patience`` iterations without a new best, or at ``deadline``

@@ -13,6 +13,7 @@ Pure functions (tested without Redis):
 :class:`Placer` is what the head's placement loop (:mod:`hexgen.head.placement`, ``bin/head --auto-plan``)
 is handed: the search and the assignments, behind two calls, so the head itself never imports the search.
 """
+
 from __future__ import annotations
 
 import logging
@@ -95,8 +96,10 @@ def gpu_type_name(cuda_name: str) -> str:
             return device_spec(w).name
         except ConfigError:
             continue
-    raise ConfigError(f"--gpu-type: cannot tell which device {cuda_name!r} is; pass --gpu-type with a known "
-                      "name (H100, A100-80GB, A6000, ...; see hexgen/planner/devices.py)")
+    raise ConfigError(
+        f"--gpu-type: cannot tell which device {cuda_name!r} is; pass --gpu-type with a known "
+        "name (H100, A100-80GB, A6000, ...; see hexgen/planner/devices.py)"
+    )
 
 
 def model_config(settings: Settings) -> ModelConfig:
@@ -128,12 +131,21 @@ def cluster_from_agents(agents: Sequence[AgentRecord], inter: Link = DEFAULT_INT
 
 def signature(replica: Any) -> str:
     """Identity of a planned pipeline: each stage's node, device indices and layer range."""
-    return "|".join(f"{s.gpus[0].node}:{','.join(str(g.index) for g in s.gpus)}:{s.layer_start}+{s.layers}"
-                    for s in replica.stages)
+    return "|".join(
+        f"{s.gpus[0].node}:{','.join(str(g.index) for g in s.gpus)}:{s.layer_start}+{s.layers}" for s in replica.stages
+    )
 
 
-def assign(plan: Any, agents: Sequence[AgentRecord], generation: int, previous: PlanRecord | None = None,
-           *, table: str = "", leader: str = "", now: float = 0.0) -> tuple[PlanRecord, list[Assignment]]:
+def assign(
+    plan: Any,
+    agents: Sequence[AgentRecord],
+    generation: int,
+    previous: PlanRecord | None = None,
+    *,
+    table: str = "",
+    leader: str = "",
+    now: float = 0.0,
+) -> tuple[PlanRecord, list[Assignment]]:
     """The plan record and one assignment per agent (agents outside the plan get an empty one: idle).
 
     ``plan`` is a :class:`~hexgen.planner.search.Plan` of a cluster made by :func:`cluster_from_agents`
@@ -150,13 +162,20 @@ def assign(plan: Any, agents: Sequence[AgentRecord], generation: int, previous: 
         for s, st in enumerate(rep.stages):
             agent = by_id.get(st.gpus[0].node)
             if agent is None or any(g.node != agent.id for g in st.gpus):
-                raise ConfigError(f"plan: stage {s} of replica {r} uses node {st.gpus[0].node!r}, which is not "
-                                  "one live agent; plan the cluster made from these agents")
+                raise ConfigError(
+                    f"plan: stage {s} of replica {r} uses node {st.gpus[0].node!r}, which is not "
+                    "one live agent; plan the cluster made from these agents"
+                )
             devices = tuple(agent.devices[g.index] for g in st.gpus)
             roles[agent.id].append(Role(pid, s, rep.hetero_config, rep.pp_partition, devices))
             stages.append({"agent": agent.id, "devices": list(devices)})
-        pipelines[pid] = {"signature": sig, "hetero_config": list(rep.hetero_config),
-                          "pp_partition": list(rep.pp_partition), "stages": stages, "rate": rep.rate}
+        pipelines[pid] = {
+            "signature": sig,
+            "hetero_config": list(rep.hetero_config),
+            "pp_partition": list(rep.pp_partition),
+            "stages": stages,
+            "rate": rep.rate,
+        }
     record = PlanRecord(generation, agent_instances(agents), pipelines, table, float(plan.rate), now, leader)
     out = [Assignment(a.id, a.instance, generation, tuple(roles[a.id])) for a in sorted(agents, key=lambda a: a.id)]
     return record, out
@@ -188,11 +207,25 @@ class Placer:
 
         cost = CostModel(model_config(self.settings), dtype_bytes(self.settings))
         workload = Workload(self.options.prompt_len, self.options.output_len, self.options.max_num_seqs)
-        return plan_cluster(cluster, cost, workload, Slo(self.options.slo_latency_s),
-                            time_budget_s=self.options.time_budget_s, seed=self.options.seed)
+        return plan_cluster(
+            cluster,
+            cost,
+            workload,
+            Slo(self.options.slo_latency_s),
+            time_budget_s=self.options.time_budget_s,
+            seed=self.options.seed,
+        )
 
-    def assignments(self, plan: Any, agents: list[AgentRecord], generation: int, deployed: PlanRecord | None,
-                    *, leader: str, now: float) -> tuple[PlanRecord, list[Assignment]]:
+    def assignments(
+        self,
+        plan: Any,
+        agents: list[AgentRecord],
+        generation: int,
+        deployed: PlanRecord | None,
+        *,
+        leader: str,
+        now: float,
+    ) -> tuple[PlanRecord, list[Assignment]]:
         """The plan record and one assignment per agent (``plan`` None: an empty plan)."""
         if plan is None:
             return PlanRecord(generation, agent_instances(agents), {}, "", 0.0, now, leader), []

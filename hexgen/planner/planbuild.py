@@ -1,4 +1,5 @@
 """Turning evaluated replicas into a Plan, and scoring plans (shared by the search and the symmetric baseline)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,8 +40,9 @@ def plan_latency(evals: Sequence[Eval], rate: float) -> float:
     return total / rate if rate > 0 else 0.0
 
 
-def assemble(ev: Evaluator, replicas: Sequence[tuple[Key, Eval]], slo: Slo, search_s: float,
-             name: str = "planned") -> Plan:
+def assemble(
+    ev: Evaluator, replicas: Sequence[tuple[Key, Eval]], slo: Slo, search_s: float, name: str = "planned"
+) -> Plan:
     """A Plan from evaluated replica keys: GPU indices handed out node by node in replica order."""
     cluster = ev.cluster
     nxt = {n.name: 0 for n in cluster.nodes}

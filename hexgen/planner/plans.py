@@ -2,6 +2,7 @@
 
 ``hexgen.planner.search`` re-exports everything here; import from there.
 """
+
 from __future__ import annotations
 
 import math

@@ -14,6 +14,7 @@ replica's reported figures stay the analytic ones of the chosen split, so plans 
 ``best_symmetric``, which ``plan_cluster`` checks afterwards. Only the rate objective is refined
 (``Slo.rate == 0``); at a fixed rate the plan is chosen for latency and kept as the search left it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,9 @@ MAX_KEYS = 16  # distinct stage sequences refined at most (larger plans keep the
 def simulated_rate(ev: Evaluator, key: Key, e: Eval, slo: Slo) -> float:
     """Saturated requests/s of one replica with stage sequence ``key`` and evaluation ``e``."""
     plan = assemble(ev, [(key, e)], Slo(slo.latency_s), 0.0)
-    return saturated_rate(plan, ev.costs.cost, ev.cluster, ev.costs.workload,
-                          config=SimConfig(max_num_seqs=max(1, e.max_batch)))
+    return saturated_rate(
+        plan, ev.costs.cost, ev.cluster, ev.costs.workload, config=SimConfig(max_num_seqs=max(1, e.max_batch))
+    )
 
 
 BLENDS = (0.25, 0.5, 0.75)  # shares of the way from the searched split to the prefill-balanced one
@@ -90,8 +92,14 @@ def candidates(ev: Evaluator, key: Key, e: Eval) -> list[Eval]:
     return out
 
 
-def refine_splits(ev: Evaluator, replicas: Sequence[tuple[Key, Eval]], slo: Slo, *,
-                  tolerance: float = TOLERANCE, deadline: float | None = None) -> list[tuple[Key, Eval]]:
+def refine_splits(
+    ev: Evaluator,
+    replicas: Sequence[tuple[Key, Eval]],
+    slo: Slo,
+    *,
+    tolerance: float = TOLERANCE,
+    deadline: float | None = None,
+) -> list[tuple[Key, Eval]]:
     """``replicas`` with each stage sequence's layer split re-chosen by simulated rate (see the module
     docstring); stops refining at ``deadline`` (time.monotonic()) and keeps what is left as it was."""
     if slo.rate > 0:
@@ -109,7 +117,14 @@ def refine_splits(ev: Evaluator, replicas: Sequence[tuple[Key, Eval]], slo: Slo,
         scored = [(simulated_rate(ev, key, c, slo), c) for c in cands]
         best_rate, best = max(scored, key=lambda sc: (sc[0], sc[1].rate))
         if best.layers != e.layers:
-            log.info("planner: split %s -> %s for %s (simulated %.3g req/s; analytic %.3g -> %.3g)",
-                     e.layers, best.layers, key, best_rate, e.rate, best.rate)
+            log.info(
+                "planner: split %s -> %s for %s (simulated %.3g req/s; analytic %.3g -> %.3g)",
+                e.layers,
+                best.layers,
+                key,
+                best_rate,
+                e.rate,
+                best.rate,
+            )
             chosen[key] = best
     return [(key, chosen.get(key, e)) for key, e in replicas]

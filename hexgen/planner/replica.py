@@ -14,6 +14,7 @@ Latency model for ``b`` requests in flight on ``P`` stages, micro-batches of ``m
   other stages it passes; RING_STALL is fitted to hexgen/planner/simulator.py (docs/planner.md, "Search").
 - rate: ``b / latency`` (Little's law).
 """
+
 from __future__ import annotations
 
 import math
@@ -121,15 +122,14 @@ class Costs:
         key = (slot.dev, slot.tp, layers, first, last)
         hit = self._kv.get(key)
         if hit is None:
-            hit = self._kv[key] = self.cost.kv_capacity_tokens(slot.dev, slot.tp, layers, first, last,
-                                                               MEMORY_FRACTION, MAX_TOKENS,
-                                                               self.workload.max_batch)
+            hit = self._kv[key] = self.cost.kv_capacity_tokens(
+                slot.dev, slot.tp, layers, first, last, MEMORY_FRACTION, MAX_TOKENS, self.workload.max_batch
+            )
         return hit
 
     def memory(self, slot: Slot, layers: int, kv_tokens: int, first: bool, last: bool) -> int:
         """Per-rank bytes of the stage holding ``kv_tokens`` of KV (the cost model's stage_memory)."""
-        return self.cost.stage_memory(slot.tp, layers, kv_tokens, first, last, MAX_TOKENS,
-                                      self.workload.max_batch)
+        return self.cost.stage_memory(slot.tp, layers, kv_tokens, first, last, MAX_TOKENS, self.workload.max_batch)
 
 
 def rank_budget(dev: DeviceSpec) -> int:
@@ -137,8 +137,9 @@ def rank_budget(dev: DeviceSpec) -> int:
     return int(dev.memory_bytes * MEMORY_FRACTION) - (0 if dev.name == "CPU" else GPU_RUNTIME_BYTES)
 
 
-def evaluate(slots: Sequence[Slot], layers: Sequence[int], costs: Costs, slo_latency: float,
-             return_latency: float = 0.0) -> Eval | None:
+def evaluate(
+    slots: Sequence[Slot], layers: Sequence[int], costs: Costs, slo_latency: float, return_latency: float = 0.0
+) -> Eval | None:
     """The operating point of a replica with these layer counts; None when a stage cannot hold its weights
     plus one request's KV, or when even one request misses ``slo_latency`` (0: no bound)."""
     w = costs.workload
@@ -191,8 +192,10 @@ def _min_bottleneck(a: list[float], c: list[float], caps: list[int], total: int)
         return None
 
     def counts(t: float) -> list[int]:
-        return [max(1, min(cap, int(math.floor((t - ci) / ai + 1e-9)) if ai > 0 else cap))
-                for ai, ci, cap in zip(a, c, caps)]
+        return [
+            max(1, min(cap, int(math.floor((t - ci) / ai + 1e-9)) if ai > 0 else cap))
+            for ai, ci, cap in zip(a, c, caps)
+        ]
 
     lo = max(ai + ci for ai, ci in zip(a, c))
     hi = max(ai * cap + ci for ai, ci, cap in zip(a, c, caps))
@@ -232,8 +235,9 @@ def split_for_batch(slots: Sequence[Slot], costs: Costs, num_layers: int, batch:
     return _min_bottleneck(a, c, caps, num_layers)
 
 
-def split_candidates(slots: Sequence[Slot], costs: Costs, num_layers: int,
-                     extra: Sequence[Sequence[int]] = ()) -> list[tuple[int, ...]]:
+def split_candidates(
+    slots: Sequence[Slot], costs: Costs, num_layers: int, extra: Sequence[Sequence[int]] = ()
+) -> list[tuple[int, ...]]:
     """Distinct layer splits worth evaluating: ``extra``, then one made for each KV reserve in BATCH_TARGETS
     (capped at the workload's max_batch) until a reserve no longer fits."""
     out: list[tuple[int, ...]] = []
@@ -249,8 +253,14 @@ def split_candidates(slots: Sequence[Slot], costs: Costs, num_layers: int,
     return out
 
 
-def best_split(slots: Sequence[Slot], costs: Costs, num_layers: int, slo_latency: float,
-               return_latency: float = 0.0, extra: Sequence[Sequence[int]] = ()) -> Eval | None:
+def best_split(
+    slots: Sequence[Slot],
+    costs: Costs,
+    num_layers: int,
+    slo_latency: float,
+    return_latency: float = 0.0,
+    extra: Sequence[Sequence[int]] = (),
+) -> Eval | None:
     """The best-rate replica over ``split_candidates``."""
     best: Eval | None = None
     for split in split_candidates(slots, costs, num_layers, extra):
@@ -301,23 +311,32 @@ class Evaluator:
         """The best layer split for this stage sequence (None: nothing fits or meets the SLO)."""
         if key not in self._best:
             ok = 0 < len(key) <= self.num_layers
-            self._best[key] = best_split(self.slots(key), self.costs, self.num_layers, self.slo_latency,
-                                         self.return_latency(key),
-                                         extra=[equal_split(self.num_layers, len(key))]) if ok else None
+            self._best[key] = (
+                best_split(
+                    self.slots(key),
+                    self.costs,
+                    self.num_layers,
+                    self.slo_latency,
+                    self.return_latency(key),
+                    extra=[equal_split(self.num_layers, len(key))],
+                )
+                if ok
+                else None
+            )
         return self._best[key]
 
     def candidates(self, key: Key) -> list[Eval]:
         """Every candidate split of this stage sequence that fits and meets the SLO, evaluated."""
         if not 0 < len(key) <= self.num_layers:
             return []
-        splits = split_candidates(self.slots(key), self.costs, self.num_layers,
-                                  extra=[equal_split(self.num_layers, len(key))])
+        splits = split_candidates(
+            self.slots(key), self.costs, self.num_layers, extra=[equal_split(self.num_layers, len(key))]
+        )
         return [e for e in (self.fixed(key, sp) for sp in splits) if e is not None]
 
     def fixed(self, key: Key, layers: tuple[int, ...]) -> Eval | None:
         """This stage sequence with the given layer counts."""
         k = (key, tuple(layers))
         if k not in self._fixed:
-            self._fixed[k] = evaluate(self.slots(key), layers, self.costs, self.slo_latency,
-                                      self.return_latency(key))
+            self._fixed[k] = evaluate(self.slots(key), layers, self.costs, self.slo_latency, self.return_latency(key))
         return self._fixed[k]

@@ -9,6 +9,7 @@ Three levels (docs/planner.md, "Search", explains them):
 3. over plans (``partition.anneal``): seeded simulated annealing over TP groupings, replica membership and stage
    order, from greedy starts and from the best symmetric layout, within an iteration cap and a time budget.
 """
+
 from __future__ import annotations
 
 import random
@@ -38,8 +39,18 @@ from hexgen.planner.refine import refine_splits
 from hexgen.planner.replica import Eval, Evaluator, Key, rank_budget
 from hexgen.planner.symmetric import best_symmetric, symmetric_options, symmetric_states
 
-__all__ = ["Plan", "PlannerError", "ReplicaPlan", "Slo", "StagePlan", "Workload", "best_symmetric",
-           "evaluate_replica", "plan_cluster", "symmetric_options"]
+__all__ = [
+    "Plan",
+    "PlannerError",
+    "ReplicaPlan",
+    "Slo",
+    "StagePlan",
+    "Workload",
+    "best_symmetric",
+    "evaluate_replica",
+    "plan_cluster",
+    "symmetric_options",
+]
 
 GiB = float(1 << 30)
 
@@ -64,21 +75,33 @@ def _nothing_fits(cluster: Cluster, cost: CostModel, ev: Evaluator, starts: Sequ
     weights = model_weight_bytes(cost)
     total = sum(n.count * n.device.memory_bytes for n in cluster.nodes)
     usable = sum(n.count * rank_budget(n.device) for n in cluster.nodes)
-    msg = (f"nothing fits: the model's weights are {weights / GiB:.1f} GiB at {cost.dtype_bytes} bytes per "
-           f"parameter; the cluster has {total / GiB:.1f} GiB on {cluster.num_gpus} GPUs "
-           f"({usable / GiB:.1f} GiB usable at the engine's memory fraction)")
+    msg = (
+        f"nothing fits: the model's weights are {weights / GiB:.1f} GiB at {cost.dtype_bytes} bytes per "
+        f"parameter; the cluster has {total / GiB:.1f} GiB on {cluster.num_gpus} GPUs "
+        f"({usable / GiB:.1f} GiB usable at the engine's memory fraction)"
+    )
     if ev.slo_latency > 0:
         loose = Evaluator(cluster, cost, ev.costs.workload, 0.0)
         lats = [e.latency_fn(1) for s in starts for e in (loose.best(k) for k in s) if e is not None]
         if lats:
-            msg = (f"no layout meets the latency SLO of {ev.slo_latency:g} s: the fastest pipeline found needs "
-                   f"{min(lats):.2f} s for one request of {ev.costs.workload.prompt_len}+"
-                   f"{ev.costs.workload.output_len} tokens; relax --slo-latency or shorten the workload")
+            msg = (
+                f"no layout meets the latency SLO of {ev.slo_latency:g} s: the fastest pipeline found needs "
+                f"{min(lats):.2f} s for one request of {ev.costs.workload.prompt_len}+"
+                f"{ev.costs.workload.output_len} tokens; relax --slo-latency or shorten the workload"
+            )
     return PlannerError(msg)
 
 
-def plan_cluster(cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo, *,
-                 time_budget_s: float = 30.0, seed: int = 0, max_iters: int | None = None) -> Plan:
+def plan_cluster(
+    cluster: Cluster,
+    cost: CostModel,
+    workload: Workload,
+    slo: Slo,
+    *,
+    time_budget_s: float = 30.0,
+    seed: int = 0,
+    max_iters: int | None = None,
+) -> Plan:
     """The best plan the search finds for ``cluster``; PlannerError when nothing fits.
 
     Deterministic for a given ``seed`` as long as ``max_iters`` (default: scaled with the cluster size) or the
@@ -102,8 +125,17 @@ def plan_cluster(cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo
     starts = greedy_states(counts, degrees, group_mem, weights) + symmetric_states(ev, slo)
     n_gpus = cluster.num_gpus
     iters = max_iters if max_iters is not None else 3000 + 150 * n_gpus
-    best, best_v, _ = anneal(starts, score, random.Random(seed), counts, degrees, cost.model.num_layers,
-                             max_iters=iters, deadline=t_start + time_budget_s, patience=max(1500, iters // 3))
+    best, best_v, _ = anneal(
+        starts,
+        score,
+        random.Random(seed),
+        counts,
+        degrees,
+        cost.model.num_layers,
+        max_iters=iters,
+        deadline=t_start + time_budget_s,
+        patience=max(1500, iters // 3),
+    )
     replicas = _state_replicas(ev, best)
     if not replicas:
         raise _nothing_fits(cluster, cost, ev, starts)
@@ -115,8 +147,9 @@ def plan_cluster(cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo
     return Plan(plan.replicas, plan.unused, plan.rate, time.monotonic() - t_start, plan.latency_s, plan.name)
 
 
-def evaluate_replica(stages: Sequence[tuple[tuple[Gpu, ...], int]], cluster: Cluster, cost: CostModel,
-                     workload: Workload, slo: Slo) -> ReplicaPlan | None:
+def evaluate_replica(
+    stages: Sequence[tuple[tuple[Gpu, ...], int]], cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo
+) -> ReplicaPlan | None:
     """Predict one fully specified replica: ``stages`` are (TP group, layer count) in pipeline order. None when
     it does not fit in memory or cannot meet the SLO; ConfigError for an invalid layout."""
     if not stages:
@@ -128,8 +161,9 @@ def evaluate_replica(stages: Sequence[tuple[tuple[Gpu, ...], int]], cluster: Clu
         if not gpus or len({g.node for g in gpus}) != 1 or gpus[0].node not in index:
             raise ConfigError(f"stages[{i}].gpus: a TP group needs GPUs of one node of the cluster")
         if len(set(gpus)) != len(gpus) or len(gpus) not in valid:
-            raise ConfigError(f"stages[{i}].gpus: TP degree {len(gpus)} (distinct GPUs) must be one of "
-                              f"{', '.join(map(str, valid))}")
+            raise ConfigError(
+                f"stages[{i}].gpus: TP degree {len(gpus)} (distinct GPUs) must be one of {', '.join(map(str, valid))}"
+            )
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"stages[{i}].layers: {n!r} must be an integer ≥ 1")
         key.append((index[gpus[0].node], len(gpus)))
@@ -141,6 +175,8 @@ def evaluate_replica(stages: Sequence[tuple[tuple[Gpu, ...], int]], cluster: Clu
     if e is None:
         return None
     rp = assemble(ev, [(tuple(key), e)], Slo(slo.latency_s), 0.0).replicas[0]
-    fixed = tuple(StagePlan(tuple(g), s.layers, s.layer_start, s.memory_bytes, s.kv_tokens)
-                  for (g, _), s in zip(stages, rp.stages))
+    fixed = tuple(
+        StagePlan(tuple(g), s.layers, s.layer_start, s.memory_bytes, s.kv_tokens)
+        for (g, _), s in zip(stages, rp.stages)
+    )
     return ReplicaPlan(fixed, rp.max_batch, rp.rate, rp.latency_s, rp.decode_step_s)

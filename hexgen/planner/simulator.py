@@ -6,6 +6,7 @@ engine's own stage-0 scheduler (hexgen.engine.scheduler, on a simulated clock) w
 through P stages, every stage a FIFO server whose service times come from the cost model. See
 hexgen/planner/sim_replica.py for the replica model.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -58,13 +59,13 @@ class SimResult:
     latency_p99: float
     slo_attainment: float
     num_requests: int = 0
-    rejected: int = 0          # prompt does not fit a replica's context / KV cache
-    duration_s: float = 0.0    # first arrival to last completion
+    rejected: int = 0  # prompt does not fit a replica's context / KV cache
+    duration_s: float = 0.0  # first arrival to last completion
     latency_mean: float = 0.0
     mean_in_system: float = 0.0  # time-average of requests held by the dispatcher or a replica (Little's L)
     preemptions: int = 0
-    steps: int = 0             # micro-batches launched, all replicas
-    peak_running: int = 0      # most sequences running at once in one replica
+    steps: int = 0  # micro-batches launched, all replicas
+    peak_running: int = 0  # most sequences running at once in one replica
     bottleneck_util: float = 0.0  # busy fraction of the busiest stage over duration_s
 
     def __post_init__(self) -> None:
@@ -72,9 +73,20 @@ class SimResult:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name}: {v!r} must be a non-negative integer")
-        for name in ("throughput_rps", "output_tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
-                     "latency_p50", "latency_p99", "duration_s", "latency_mean", "mean_in_system",
-                     "bottleneck_util"):
+        for name in (
+            "throughput_rps",
+            "output_tok_s",
+            "ttft_p50",
+            "ttft_p99",
+            "tpot_p50",
+            "tpot_p99",
+            "latency_p50",
+            "latency_p99",
+            "duration_s",
+            "latency_mean",
+            "mean_in_system",
+            "bottleneck_util",
+        ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"{name}: {v!r} must be a non-negative number")
@@ -129,8 +141,9 @@ def _length_pairs(workload) -> list[tuple[int, int]]:
         raise ConfigError(f"workload: {workload!r} must be a Workload or a non-empty list of (prompt, output)")
     for i, pair in enumerate(pairs):
         if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair):
-            raise ConfigError(f"workload[{i}]: {pair!r} must be a (prompt tokens, output tokens) pair of "
-                              "positive integers")
+            raise ConfigError(
+                f"workload[{i}]: {pair!r} must be a (prompt tokens, output tokens) pair of positive integers"
+            )
     return pairs
 
 
@@ -144,8 +157,9 @@ def _stage_models(replica, cost, cluster) -> tuple[list[StageModel], float]:
         tp_link = cluster.link(lead, st.gpus[-1])
         hop_link = cluster.link(lead, stages[i + 1].gpus[0]) if i < last else None
 
-        def time(tokens, context, dev=lead.device, tp=st.tp, layers=st.layers, link=tp_link,
-                 first=i == 0, is_last=i == last):
+        def time(
+            tokens, context, dev=lead.device, tp=st.tp, layers=st.layers, link=tp_link, first=i == 0, is_last=i == last
+        ):
             return cost.stage_time(dev, tp, layers, link, tokens, context, first, is_last)
 
         def hop(tokens, link=hop_link):
@@ -167,19 +181,41 @@ def _build_replicas(plan, cost, cluster, config: SimConfig, micro_batches: bool)
         kv = min(st.kv_tokens for st in rp.stages)
         num_blocks = kv // config.block_size
         if num_blocks < 1:
-            raise ConfigError(f"plan.replicas[{r}].stages: KV capacity {kv} tokens is less than one block "
-                              f"({config.block_size} tokens)")
+            raise ConfigError(
+                f"plan.replicas[{r}].stages: KV capacity {kv} tokens is less than one block "
+                f"({config.block_size} tokens)"
+            )
         seqs = config.max_num_seqs or (rp.max_batch if getattr(rp, "max_batch", 0) > 0 else 64)
         models, ret = _stage_models(rp, cost, cluster)
-        sims.append(ReplicaSim(r, models, ret, num_blocks=num_blocks, block_size=config.block_size,
-                               max_num_seqs=seqs, max_batched_tokens=config.max_num_batched_tokens,
-                               max_len=model_len or num_blocks * config.block_size,
-                               max_in_flight=len(rp.stages) if micro_batches else 1))
+        sims.append(
+            ReplicaSim(
+                r,
+                models,
+                ret,
+                num_blocks=num_blocks,
+                block_size=config.block_size,
+                max_num_seqs=seqs,
+                max_batched_tokens=config.max_num_batched_tokens,
+                max_len=model_len or num_blocks * config.block_size,
+                max_in_flight=len(rp.stages) if micro_batches else 1,
+            )
+        )
     return sims
 
 
-def simulate(plan, cost, cluster, *, rate: float, num_requests: int, workload, slo, seed: int = 0,
-             micro_batches: bool = True, config: SimConfig | None = None) -> SimResult:
+def simulate(
+    plan,
+    cost,
+    cluster,
+    *,
+    rate: float,
+    num_requests: int,
+    workload,
+    slo,
+    seed: int = 0,
+    micro_batches: bool = True,
+    config: SimConfig | None = None,
+) -> SimResult:
     """Simulate ``num_requests`` requests arriving at ``rate`` (requests/s, inf = all at once) through ``plan``.
 
     ``workload``: a Workload (fixed lengths) or a list of (prompt, output) token pairs (cycled).
@@ -187,8 +223,9 @@ def simulate(plan, cost, cluster, *, rate: float, num_requests: int, workload, s
     ``micro_batches`` False keeps one micro-batch in flight per replica (no pipelining).
     Deterministic for a seed.
     """
-    seqs, replicas, area = _run(plan, cost, cluster, rate, num_requests, workload, seed, micro_batches,
-                                config or SimConfig())
+    seqs, replicas, area = _run(
+        plan, cost, cluster, rate, num_requests, workload, seed, micro_batches, config or SimConfig()
+    )
     return _summarize(seqs, replicas, slo, area)
 
 
@@ -272,9 +309,12 @@ def _summarize(seqs: list[SimSeq], replicas: list[ReplicaSim], slo, area: float)
         completed=len(done),
         throughput_rps=len(done) / duration if duration > 0 else 0.0,
         output_tok_s=out_tokens / duration if duration > 0 else 0.0,
-        ttft_p50=percentile(ttft, 50), ttft_p99=percentile(ttft, 99),
-        tpot_p50=percentile(tpot, 50), tpot_p99=percentile(tpot, 99),
-        latency_p50=percentile(lat, 50), latency_p99=percentile(lat, 99),
+        ttft_p50=percentile(ttft, 50),
+        ttft_p99=percentile(ttft, 99),
+        tpot_p50=percentile(tpot, 50),
+        tpot_p99=percentile(tpot, 99),
+        latency_p50=percentile(lat, 50),
+        latency_p99=percentile(lat, 99),
         slo_attainment=ok / len(seqs),
         num_requests=len(seqs),
         rejected=sum(1 for s in seqs if s.rejected),
@@ -290,8 +330,7 @@ def _summarize(seqs: list[SimSeq], replicas: list[ReplicaSim], slo, area: float)
 
 def _concurrency(plan, config: SimConfig) -> int:
     """Requests all replicas together run at once (their max_num_seqs)."""
-    return sum(config.max_num_seqs or (rp.max_batch if getattr(rp, "max_batch", 0) > 0 else 64)
-               for rp in plan.replicas)
+    return sum(config.max_num_seqs or (rp.max_batch if getattr(rp, "max_batch", 0) > 0 else 64) for rp in plan.replicas)
 
 
 def _window_rate(seqs: list[SimSeq]) -> float:
@@ -304,8 +343,17 @@ def _window_rate(seqs: list[SimSeq]) -> float:
     return (b - a) / span if span > 0 else math.inf
 
 
-def saturated_rate(plan, cost, cluster, workload, *, seed: int = 0, micro_batches: bool = True,
-                   config: SimConfig | None = None, num_requests: int | None = None) -> float:
+def saturated_rate(
+    plan,
+    cost,
+    cluster,
+    workload,
+    *,
+    seed: int = 0,
+    micro_batches: bool = True,
+    config: SimConfig | None = None,
+    num_requests: int | None = None,
+) -> float:
     """Steady-state capacity (requests/s) of ``plan``: the completion rate between the 25th and 75th percentile
     completion of a burst (all at once) of ``num_requests`` (default: 4x the plan's total max_num_seqs, at least
     200). Every replica runs full until the queue drains at about the 75th percentile, and the ramp-up and the
@@ -315,9 +363,21 @@ def saturated_rate(plan, cost, cluster, workload, *, seed: int = 0, micro_batche
     return _window_rate(_run(plan, cost, cluster, math.inf, n, workload, seed, micro_batches, config)[0])
 
 
-def max_rate_under_slo(plan, cost, cluster, workload, slo, attainment: float = 0.9, *,
-                       num_requests: int | None = None, seed: int = 0, micro_batches: bool = True,
-                       config: SimConfig | None = None, rel_tol: float = 0.02, max_iters: int = 20) -> float:
+def max_rate_under_slo(
+    plan,
+    cost,
+    cluster,
+    workload,
+    slo,
+    attainment: float = 0.9,
+    *,
+    num_requests: int | None = None,
+    seed: int = 0,
+    micro_batches: bool = True,
+    config: SimConfig | None = None,
+    rel_tol: float = 0.02,
+    max_iters: int = 20,
+) -> float:
     """Highest Poisson rate (requests/s) at which at least ``attainment`` of ``num_requests`` requests meet
     ``slo`` (default: the plan's total max_num_seqs, between 500 and 5000).
 
@@ -333,8 +393,18 @@ def max_rate_under_slo(plan, cost, cluster, workload, slo, attainment: float = 0
     n = num_requests or min(5000, max(500, _concurrency(plan, config)))
 
     def run(rate: float, count: int = n) -> SimResult:
-        return simulate(plan, cost, cluster, rate=rate, num_requests=count, workload=workload, slo=slo,
-                        seed=seed, micro_batches=micro_batches, config=config)
+        return simulate(
+            plan,
+            cost,
+            cluster,
+            rate=rate,
+            num_requests=count,
+            workload=workload,
+            slo=slo,
+            seed=seed,
+            micro_batches=micro_batches,
+            config=config,
+        )
 
     if run(math.inf, 1).slo_attainment < 1.0:
         return 0.0

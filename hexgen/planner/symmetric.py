@@ -6,6 +6,7 @@ cluster) and pure PP (one GPU per stage over the whole cluster) are its extremes
 one node. Groups are dealt into replicas in two orders (node order; larger memory first) and the replicas that
 fit are kept; the best (t, P) is ``best_symmetric``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,9 +44,11 @@ def explain(ev: Evaluator, key: Key, layers: tuple[int, ...]) -> str:
         if ev.costs.kv_tokens(slot, n, first, is_last) < seq:
             need = ev.costs.memory(slot, n, seq, first, is_last)
             node = ev.cluster.nodes[key[i][0]].name
-            return (f"does not fit: stage {i} ({n} layers at TP {slot.tp} on {slot.dev.name}, node {node}) needs "
-                    f"{need / GiB:.1f} GiB per GPU for weights, workspace and one request's KV; "
-                    f"{rank_budget(slot.dev) / GiB:.1f} GiB usable of {slot.dev.memory_bytes / GiB:.1f} GiB")
+            return (
+                f"does not fit: stage {i} ({n} layers at TP {slot.tp} on {slot.dev.name}, node {node}) needs "
+                f"{need / GiB:.1f} GiB per GPU for weights, workspace and one request's KV; "
+                f"{rank_budget(slot.dev) / GiB:.1f} GiB usable of {slot.dev.memory_bytes / GiB:.1f} GiB"
+            )
     if ev.fixed(key, layers) is None:
         loose = Evaluator(ev.cluster, ev.costs.cost, ev.costs.workload, 0.0).fixed(key, layers)
         lat = loose.latency_fn(1) if loose is not None else float("nan")
@@ -55,8 +58,9 @@ def explain(ev: Evaluator, key: Key, layers: tuple[int, ...]) -> str:
 
 def _groups(ev: Evaluator, tp: int, by_memory: bool) -> list[tuple[int, int]]:
     nodes = ev.cluster.nodes
-    order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].device.memory_bytes, i)) if by_memory \
-        else range(len(nodes))
+    order = (
+        sorted(range(len(nodes)), key=lambda i: (-nodes[i].device.memory_bytes, i)) if by_memory else range(len(nodes))
+    )
     return [(ni, tp) for ni in order for _ in range(nodes[ni].count // tp)]
 
 
@@ -66,7 +70,7 @@ def _family(ev: Evaluator, tp: int, pp: int, slo: Slo) -> tuple[Plan | None, str
     reason = ""
     for by_memory in (False, True):
         groups = _groups(ev, tp, by_memory)
-        reps = [tuple(groups[r * pp:(r + 1) * pp]) for r in range(len(groups) // pp)]
+        reps = [tuple(groups[r * pp : (r + 1) * pp]) for r in range(len(groups) // pp)]
         fit = [(k, ev.fixed(k, layers)) for k in reps]
         good = [(k, e) for k, e in fit if e is not None]
         if not good:
@@ -82,8 +86,9 @@ def _score(ev: Evaluator, plan: Plan, slo: Slo) -> float:
     return plan_score_of(plan, ev, slo)
 
 
-def symmetric_options(cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo, *,
-                      evaluator: Evaluator | None = None) -> list[SymmetricOption]:
+def symmetric_options(
+    cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo, *, evaluator: Evaluator | None = None
+) -> list[SymmetricOption]:
     """Pure TP and pure PP over the whole cluster, then every uniform TP x PP family with at least one
     replica's worth of GPUs."""
     ev = evaluator or Evaluator(cluster, cost, workload, slo.latency_s)
@@ -92,11 +97,25 @@ def symmetric_options(cluster: Cluster, cost: CostModel, workload: Workload, slo
     out = []
     biggest = max(n.count for n in cluster.nodes)
     if n_gpus not in valid:
-        out.append(SymmetricOption("pure TP", n_gpus, 1, None, f"TP {n_gpus} is not a valid degree for the model "
-                                   f"(valid: {', '.join(map(str, valid))})"))
+        out.append(
+            SymmetricOption(
+                "pure TP",
+                n_gpus,
+                1,
+                None,
+                f"TP {n_gpus} is not a valid degree for the model (valid: {', '.join(map(str, valid))})",
+            )
+        )
     elif n_gpus > biggest:
-        out.append(SymmetricOption("pure TP", n_gpus, 1, None, f"TP {n_gpus} would span "
-                                   f"{len(cluster.nodes)} nodes; a TP group stays inside one node"))
+        out.append(
+            SymmetricOption(
+                "pure TP",
+                n_gpus,
+                1,
+                None,
+                f"TP {n_gpus} would span {len(cluster.nodes)} nodes; a TP group stays inside one node",
+            )
+        )
     else:
         plan, why = _family(ev, n_gpus, 1, slo)
         out.append(SymmetricOption("pure TP", n_gpus, 1, plan, why))
@@ -115,8 +134,9 @@ def symmetric_options(cluster: Cluster, cost: CostModel, workload: Workload, slo
     return out
 
 
-def best_symmetric(cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo, *,
-                   evaluator: Evaluator | None = None) -> Plan | None:
+def best_symmetric(
+    cluster: Cluster, cost: CostModel, workload: Workload, slo: Slo, *, evaluator: Evaluator | None = None
+) -> Plan | None:
     """The best symmetric layout that fits (pure TP, pure PP or uniform TP x PP with equal layer splits,
     replicas of identical layouts), under the same objective as the search; None if none fits."""
     ev = evaluator or Evaluator(cluster, cost, workload, slo.latency_s)
@@ -129,8 +149,9 @@ def best_symmetric(cluster: Cluster, cost: CostModel, workload: Workload, slo: S
 def symmetric_states(ev: Evaluator, slo: Slo, limit: int = 4) -> list[State]:
     """Search starting points: the best few symmetric layouts as states."""
     c = ev.cluster
-    plans = [o.plan for o in symmetric_options(c, ev.costs.cost, ev.costs.workload, slo, evaluator=ev)
-             if o.plan is not None]
+    plans = [
+        o.plan for o in symmetric_options(c, ev.costs.cost, ev.costs.workload, slo, evaluator=ev) if o.plan is not None
+    ]
     plans.sort(key=lambda p: -_score(ev, p, slo))
     index = {n.name: i for i, n in enumerate(c.nodes)}
     return [canonical([[(index[s.node], s.tp) for s in r.stages] for r in p.replicas]) for p in plans[:limit]]

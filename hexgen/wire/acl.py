@@ -32,6 +32,7 @@ and fill memory
 change ACLs or configuration, or flush the database. A compromised client can submit and cancel requests and
 read results (any id: ids are uuid4 by default, so unguessable); nothing else.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,37 +59,116 @@ class Role:
     def rules(self, password_sha256: str) -> str:
         """The ACL file line of this user (``user <name> on #<sha256> ...``)."""
         cmds = " ".join(f"+{c}" for c in self.commands)
-        return (f"user {self.user} on #{password_sha256} resetchannels resetkeys -@all {cmds} "
-                f"{' '.join(self.keys)}")
+        return f"user {self.user} on #{password_sha256} resetchannels resetkeys -@all {cmds} {' '.join(self.keys)}"
 
 
-HEAD = Role("head", "hexgen-head", (
-    *_CONNECTION, *_TRANSACTION,
-    # requests (group heads), work streams (depth, groups), result/dead-letter/assignment streams
-    "xreadgroup", "xack", "xdel", "xautoclaim", "xclaim", "xpending", "xgroup|create", "xgroup|delconsumer",
-    "xinfo|groups", "xinfo|consumers", "xinfo|stream", "xadd", "xlen", "xrange", "xrevrange", "xread",
-    # dedupe reservations, epoch, registry (status, health), plan and placement lock
-    "set", "get", "del", "exists", "expire", "pexpire", "type", "scan", "hget", "hmget", "hgetall", "hset",
-    # metrics (/metrics, the dashboard): error counters, the index sets of pipelines and stages
-    "hincrby", "hincrbyfloat", "smembers", "sadd", "srem",
-    "fcall", "function|load", "function|list", "wait"),
-    (f"~{K.KEY_NAMESPACE}*",))
+HEAD = Role(
+    "head",
+    "hexgen-head",
+    (
+        *_CONNECTION,
+        *_TRANSACTION,
+        # requests (group heads), work streams (depth, groups), result/dead-letter/assignment streams
+        "xreadgroup",
+        "xack",
+        "xdel",
+        "xautoclaim",
+        "xclaim",
+        "xpending",
+        "xgroup|create",
+        "xgroup|delconsumer",
+        "xinfo|groups",
+        "xinfo|consumers",
+        "xinfo|stream",
+        "xadd",
+        "xlen",
+        "xrange",
+        "xrevrange",
+        "xread",
+        # dedupe reservations, epoch, registry (status, health), plan and placement lock
+        "set",
+        "get",
+        "del",
+        "exists",
+        "expire",
+        "pexpire",
+        "type",
+        "scan",
+        "hget",
+        "hmget",
+        "hgetall",
+        "hset",
+        # metrics (/metrics, the dashboard): error counters, the index sets of pipelines and stages
+        "hincrby",
+        "hincrbyfloat",
+        "smembers",
+        "sadd",
+        "srem",
+        "fcall",
+        "function|load",
+        "function|list",
+        "wait",
+    ),
+    (f"~{K.KEY_NAMESPACE}*",),
+)
 
-WORKER = Role("worker", "hexgen-worker", (
-    *_CONNECTION, *_TRANSACTION,
-    "xreadgroup", "xack", "xdel", "xclaim", "xautoclaim", "xpending", "xgroup|create", "xadd", "xrange", "xrevrange",
-    "xread", "expire", "pexpire", "set", "get", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx",
-    "hincrby", "hincrbyfloat", "sadd", "fcall",
-    "scan"),  # workers/host_threads.py lists the ranks registered on this host (key names only)
-    (f"~{K.WORK_STREAM_PREFIX}*", f"~{K.RESULT_STREAM_PREFIX}*", f"%R~{K.CANCEL_STREAM}",
-     f"%W~{K.DEADLETTER_STREAM}", f"%W~{K.TRACE_STREAM}", f"~{K.WORKER_KEY_PREFIX}*",
-     f"~{K.HEARTBEAT_KEY_PREFIX}*", f"~{K.PIPELINE_KEY_PREFIX}*", f"~{K.AGENT_KEY_PREFIX}*",
-     f"~{K.AGENT_HEARTBEAT_PREFIX}*", f"%R~{K.ASSIGN_STREAM_PREFIX}*", f"%R~{K.EPOCH_KEY}",
-     f"~{F.METRICS_PREFIX}*"))
+WORKER = Role(
+    "worker",
+    "hexgen-worker",
+    (
+        *_CONNECTION,
+        *_TRANSACTION,
+        "xreadgroup",
+        "xack",
+        "xdel",
+        "xclaim",
+        "xautoclaim",
+        "xpending",
+        "xgroup|create",
+        "xadd",
+        "xrange",
+        "xrevrange",
+        "xread",
+        "expire",
+        "pexpire",
+        "set",
+        "get",
+        "del",
+        "exists",
+        "hget",
+        "hmget",
+        "hgetall",
+        "hset",
+        "hsetnx",
+        "hincrby",
+        "hincrbyfloat",
+        "sadd",
+        "fcall",
+        "scan",
+    ),  # workers/host_threads.py lists the ranks registered on this host (key names only)
+    (
+        f"~{K.WORK_STREAM_PREFIX}*",
+        f"~{K.RESULT_STREAM_PREFIX}*",
+        f"%R~{K.CANCEL_STREAM}",
+        f"%W~{K.DEADLETTER_STREAM}",
+        f"%W~{K.TRACE_STREAM}",
+        f"~{K.WORKER_KEY_PREFIX}*",
+        f"~{K.HEARTBEAT_KEY_PREFIX}*",
+        f"~{K.PIPELINE_KEY_PREFIX}*",
+        f"~{K.AGENT_KEY_PREFIX}*",
+        f"~{K.AGENT_HEARTBEAT_PREFIX}*",
+        f"%R~{K.ASSIGN_STREAM_PREFIX}*",
+        f"%R~{K.EPOCH_KEY}",
+        f"~{F.METRICS_PREFIX}*",
+    ),
+)
 
-CLIENT = Role("client", "hexgen-client", (*_CONNECTION, "xadd", "xread", "get", "wait"),
-              (f"%W~{K.REQUESTS_STREAM}", f"%W~{K.CANCEL_STREAM}", f"%R~{K.RESULT_STREAM_PREFIX}*",
-               f"%R~{K.EPOCH_KEY}"))
+CLIENT = Role(
+    "client",
+    "hexgen-client",
+    (*_CONNECTION, "xadd", "xread", "get", "wait"),
+    (f"%W~{K.REQUESTS_STREAM}", f"%W~{K.CANCEL_STREAM}", f"%R~{K.RESULT_STREAM_PREFIX}*", f"%R~{K.EPOCH_KEY}"),
+)
 
 ROLES: dict[str, Role] = {r.role: r for r in (HEAD, WORKER, CLIENT)}
 

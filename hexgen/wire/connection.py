@@ -1,6 +1,7 @@
 """Redis connections shared by the head, the workers and the clients: the client factory, which errors count as
 "Redis is unavailable", and the backoff every reader follows while it is.
 """
+
 from __future__ import annotations
 
 import logging

@@ -15,6 +15,7 @@ may; a worker under the ``hexgen-worker`` user may not, and gets :class:`Library
 loop treats like a Redis outage until the head has loaded it. Against a Redis without functions (before 7.0)
 the same code runs through ``EVALSHA`` instead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -218,11 +219,14 @@ class SyncFunction:
             load_library(self.client)
         except NoPermissionError as e:
             if not self._warned:
-                log.warning("Redis function %s is not loaded and this user may not load it: waiting for the "
-                            "head to load library %s", self.name, LIBRARY_NAME)
+                log.warning(
+                    "Redis function %s is not loaded and this user may not load it: waiting for the "
+                    "head to load library %s",
+                    self.name,
+                    LIBRARY_NAME,
+                )
                 self._warned = True
-            raise LibraryMissing(f"Redis function library {LIBRARY_NAME} is not loaded (the head loads it)") \
-                from e
+            raise LibraryMissing(f"Redis function library {LIBRARY_NAME} is not loaded (the head loads it)") from e
 
 
 class AsyncFunction:
@@ -248,6 +252,7 @@ class AsyncFunction:
         try:
             await aload_library(self.client)
         except NoPermissionError as e:
-            raise LibraryMissing(f"Redis function library {LIBRARY_NAME} is not loaded and this user may "
-                                 "not load it") from e
+            raise LibraryMissing(
+                f"Redis function library {LIBRARY_NAME} is not loaded and this user may not load it"
+            ) from e
         return await self.client.fcall(self.name, len(keys), *keys, *args)

@@ -12,6 +12,7 @@ Every pipeline's stage-0 leader reads ``hexgen:cancel`` with a plain XREAD (no g
 see every cancel) starting at ``$`` when it starts; the pipeline that holds the request finishes it with
 ``event done finish_reason cancelled``. The stream is trimmed to about ``CANCEL_STREAM_MAXLEN`` entries.
 """
+
 from __future__ import annotations
 
 # ---- streams and groups ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 Field names and values may arrive as ``bytes`` or ``str``.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,10 +72,19 @@ class AgentRecord:
             raise ConfigError(f"agent {self.id} devices: {len(self.devices)} indices for {self.count} devices")
 
     def to_fields(self) -> dict[str, str]:
-        return {"id": self.id, "node": self.node, "host": self.host, "device_type": self.device_type,
-                "count": str(self.count), "memory": str(self.memory),
-                "devices": ",".join(map(str, self.devices)), "instance": self.instance, "pid": str(self.pid),
-                "version": self.version, "model": self.model}
+        return {
+            "id": self.id,
+            "node": self.node,
+            "host": self.host,
+            "device_type": self.device_type,
+            "count": str(self.count),
+            "memory": str(self.memory),
+            "devices": ",".join(map(str, self.devices)),
+            "instance": self.instance,
+            "pid": str(self.pid),
+            "version": self.version,
+            "model": self.model,
+        }
 
     @classmethod
     def from_fields(cls, fields: Fields) -> AgentRecord:
@@ -84,10 +94,19 @@ class AgentRecord:
             if not f.get(name):
                 raise ProtocolError(f"{kind}: field {name!r} is missing (fields: {sorted(f)})")
         try:
-            return cls(id=f["id"], node=f["node"], host=f.get("host", ""), device_type=f["device_type"],
-                       count=_int(f, "count", kind), memory=_int(f, "memory", kind),
-                       devices=_ints(f.get("devices", "")), instance=f["instance"], pid=_int(f, "pid", kind, 0),
-                       version=f.get("version", ""), model=f.get("model", ""))
+            return cls(
+                id=f["id"],
+                node=f["node"],
+                host=f.get("host", ""),
+                device_type=f["device_type"],
+                count=_int(f, "count", kind),
+                memory=_int(f, "memory", kind),
+                devices=_ints(f.get("devices", "")),
+                instance=f["instance"],
+                pid=_int(f, "pid", kind, 0),
+                version=f.get("version", ""),
+                model=f.get("model", ""),
+            )
         except (ConfigError, ValueError) as e:
             raise ProtocolError(f"{kind}: {e}") from e
 
@@ -108,23 +127,33 @@ class Role:
         if not 0 <= self.stage < len(self.hetero_config):
             raise ConfigError(f"role stage: {self.stage} is not a stage of {list(self.hetero_config)}")
         if len(self.pp_partition) != len(self.hetero_config):
-            raise ConfigError(f"role pp_partition: {list(self.pp_partition)} needs one entry per stage of "
-                              f"{list(self.hetero_config)}")
+            raise ConfigError(
+                f"role pp_partition: {list(self.pp_partition)} needs one entry per stage of {list(self.hetero_config)}"
+            )
         if len(self.devices) != self.hetero_config[self.stage]:
-            raise ConfigError(f"role devices: {len(self.devices)} devices for stage {self.stage} with TP "
-                              f"{self.hetero_config[self.stage]}")
+            raise ConfigError(
+                f"role devices: {len(self.devices)} devices for stage {self.stage} with TP "
+                f"{self.hetero_config[self.stage]}"
+            )
 
     @property
     def tp(self) -> int:
         return self.hetero_config[self.stage]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "stage": self.stage, "hetero_config": list(self.hetero_config),
-                "pp_partition": list(self.pp_partition), "devices": list(self.devices)}
+        return {
+            "pipeline": self.pipeline,
+            "stage": self.stage,
+            "hetero_config": list(self.hetero_config),
+            "pp_partition": list(self.pp_partition),
+            "devices": list(self.devices),
+        }
 
     def describe(self) -> str:
-        return (f"{self.pipeline} stage {self.stage} (tp {self.tp}, {self.pp_partition[self.stage]} layers) on "
-                f"devices {','.join(map(str, self.devices))}")
+        return (
+            f"{self.pipeline} stage {self.stage} (tp {self.tp}, {self.pp_partition[self.stage]} layers) on "
+            f"devices {','.join(map(str, self.devices))}"
+        )
 
 
 @dataclass(frozen=True)
@@ -138,8 +167,13 @@ class Assignment:
 
     def to_fields(self) -> dict[str, str]:
         summary = "; ".join(r.describe() for r in self.roles) or "idle (not in the plan)"
-        return {"agent": self.agent, "instance": self.instance, "generation": str(self.generation),
-                "roles": json.dumps([r.to_dict() for r in self.roles]), "summary": summary}
+        return {
+            "agent": self.agent,
+            "instance": self.instance,
+            "generation": str(self.generation),
+            "roles": json.dumps([r.to_dict() for r in self.roles]),
+            "summary": summary,
+        }
 
     @classmethod
     def from_fields(cls, fields: Fields) -> Assignment:
@@ -147,12 +181,18 @@ class Assignment:
         kind = "assignment"
         roles = _json(f, "roles", kind, [])
         try:
-            parsed = tuple(Role(str(r["pipeline"]), int(r["stage"]), r["hetero_config"], r["pp_partition"],
-                                r["devices"]) for r in roles)
+            parsed = tuple(
+                Role(str(r["pipeline"]), int(r["stage"]), r["hetero_config"], r["pp_partition"], r["devices"])
+                for r in roles
+            )
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise ProtocolError(f"{kind}: bad roles {roles!r}: {e}") from e
-        return cls(agent=f.get("agent", ""), instance=f.get("instance", ""),
-                   generation=_int(f, "generation", kind), roles=parsed)
+        return cls(
+            agent=f.get("agent", ""),
+            instance=f.get("instance", ""),
+            generation=_int(f, "generation", kind),
+            roles=parsed,
+        )
 
 
 @dataclass(frozen=True)
@@ -173,10 +213,16 @@ class PlanRecord:
     error: str = ""
 
     def to_fields(self) -> dict[str, str]:
-        return {"generation": str(self.generation), "agents": json.dumps(self.agents, sort_keys=True),
-                "pipelines": json.dumps(self.pipelines, sort_keys=True), "table": self.table,
-                "rate": f"{self.rate:.6g}", "created_at": f"{self.created_at:.3f}", "leader": self.leader,
-                "error": self.error}
+        return {
+            "generation": str(self.generation),
+            "agents": json.dumps(self.agents, sort_keys=True),
+            "pipelines": json.dumps(self.pipelines, sort_keys=True),
+            "table": self.table,
+            "rate": f"{self.rate:.6g}",
+            "created_at": f"{self.created_at:.3f}",
+            "leader": self.leader,
+            "error": self.error,
+        }
 
     @classmethod
     def from_fields(cls, fields: Fields) -> PlanRecord:
@@ -186,9 +232,16 @@ class PlanRecord:
             rate, created = float(f.get("rate", "0") or 0), float(f.get("created_at", "0") or 0)
         except ValueError as e:
             raise ProtocolError(f"{kind}: rate/created_at: {e}") from e
-        return cls(generation=_int(f, "generation", kind, 0), agents=_json(f, "agents", kind, {}),
-                   pipelines=_json(f, "pipelines", kind, {}), table=f.get("table", ""), rate=rate,
-                   created_at=created, leader=f.get("leader", ""), error=f.get("error", ""))
+        return cls(
+            generation=_int(f, "generation", kind, 0),
+            agents=_json(f, "agents", kind, {}),
+            pipelines=_json(f, "pipelines", kind, {}),
+            table=f.get("table", ""),
+            rate=rate,
+            created_at=created,
+            leader=f.get("leader", ""),
+            error=f.get("error", ""),
+        )
 
 
 def agent_instances(agents: Sequence[AgentRecord]) -> dict[str, str]:
@@ -204,8 +257,10 @@ def agents_by_model(agents: Mapping[str, AgentRecord] | Sequence[AgentRecord], m
 
 def plan_summary(record: PlanRecord) -> str:
     """One line per pipeline: id, layout and which agent runs each stage."""
-    lines = [f"plan generation {record.generation}: {len(record.pipelines)} pipeline(s) on "
-             f"{len(record.agents)} agent(s), predicted {record.rate:.3g} requests/s"]
+    lines = [
+        f"plan generation {record.generation}: {len(record.pipelines)} pipeline(s) on "
+        f"{len(record.agents)} agent(s), predicted {record.rate:.3g} requests/s"
+    ]
     for pid, p in sorted(record.pipelines.items()):
         stages = ", ".join(f"stage {i} on {st['agent']} devices {st['devices']}" for i, st in enumerate(p["stages"]))
         lines.append(f"  {pid}: hetero-config {p['hetero_config']} pp-partition {p['pp_partition']}: {stages}")

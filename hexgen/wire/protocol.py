@@ -16,6 +16,7 @@
 
 Field names and values may arrive as ``bytes`` (redis-py default) or ``str`` (``decode_responses=True``).
 """
+
 from __future__ import annotations
 
 import json
@@ -81,7 +82,11 @@ class InternalError(RequestError):
 
 
 _ERROR_CLASSES: dict[str, Callable[[str], RequestError]] = {  # each takes the message
-    INVALID_REQUEST: InvalidRequest, OVERLOADED: Overloaded, NOT_FOUND: NotFound, INTERNAL: InternalError}
+    INVALID_REQUEST: InvalidRequest,
+    OVERLOADED: Overloaded,
+    NOT_FOUND: NotFound,
+    INTERNAL: InternalError,
+}
 
 
 def request_error(code: str, message: str) -> RequestError:
@@ -91,6 +96,7 @@ def request_error(code: str, message: str) -> RequestError:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
 
 def as_text(v: bytes | str) -> str:
     """A Redis reply value as str, undecodable bytes replaced (clients may or may not decode responses)."""
@@ -134,6 +140,7 @@ def _opt_int(fields: Mapping[str, str], name: str) -> int:
 
 # ---- work items ------------------------------------------------------------------------------------------
 
+
 def encode_work_item(req: Request, model: str) -> dict[str, bytes]:
     """Fields of one work-stream entry for ``req`` on ``model``."""
     payload = req.to_dict()
@@ -156,13 +163,21 @@ def decode_work_item(fields: Fields) -> tuple[Request, str]:
         payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
         model = payload.pop("model")
         req = Request.from_dict(payload)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError, KeyError,
-            AttributeError) as e:
+    except (
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+    ) as e:
         raise ProtocolError(f"work item: 'data' is not a valid msgpack request: {e!r}") from e
     return req, str(model)
 
 
 # ---- result events ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TokenEvent:
@@ -206,10 +221,13 @@ def token_event(seq: int, ids: list[int] | tuple[int, ...], text: str) -> dict[s
 def done_event(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, str]:
     """Fields of a done event; ``finish_reason`` is one of length, stop, eos, cancelled."""
     if finish_reason not in FINISH_REASONS:
-        raise ProtocolError(f"done event: finish_reason {finish_reason!r} must be one of "
-                            f"{', '.join(FINISH_REASONS)}")
-    return {"event": "done", "finish_reason": finish_reason, "prompt_tokens": str(int(prompt_tokens)),
-            "completion_tokens": str(int(completion_tokens))}
+        raise ProtocolError(f"done event: finish_reason {finish_reason!r} must be one of {', '.join(FINISH_REASONS)}")
+    return {
+        "event": "done",
+        "finish_reason": finish_reason,
+        "prompt_tokens": str(int(prompt_tokens)),
+        "completion_tokens": str(int(completion_tokens)),
+    }
 
 
 def error_event(code: str, message: str) -> dict[str, str]:
@@ -231,9 +249,11 @@ def parse_event(fields: Fields) -> Event:
             raise ProtocolError(f"token event: ids {raw_ids[:80]!r} must be comma-separated integers") from e
         return TokenEvent(seq=_int(f, "seq", "token event"), ids=ids, text=f.get("text", ""))
     if kind == "done":
-        return DoneEvent(finish_reason=_get(f, "finish_reason", "done event"),
-                         prompt_tokens=_int(f, "prompt_tokens", "done event"),
-                         completion_tokens=_int(f, "completion_tokens", "done event"))
+        return DoneEvent(
+            finish_reason=_get(f, "finish_reason", "done event"),
+            prompt_tokens=_int(f, "prompt_tokens", "done event"),
+            completion_tokens=_int(f, "completion_tokens", "done event"),
+        )
     if kind == "error":
         return ErrorEvent(code=_get(f, "code", "error event"), message=f.get("message", ""))
     raise ProtocolError(f"result event: event {kind!r} must be token, done or error")
@@ -241,11 +261,21 @@ def parse_event(fields: Fields) -> Event:
 
 # ---- requests and cancels --------------------------------------------------------------------------------
 
-def request_fields(prompt: str | None = None, messages: list[dict[str, str]] | None = None, *,
-                   request_id: str | None = None, model: str | None = None, max_new_tokens: int | None = None,
-                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                   seed: int | None = None, stop: str | list[str] | tuple[str, ...] | None = None,
-                   ignore_eos: bool | None = None) -> dict[str, str]:
+
+def request_fields(
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    *,
+    request_id: str | None = None,
+    model: str | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | list[str] | tuple[str, ...] | None = None,
+    ignore_eos: bool | None = None,
+) -> dict[str, str]:
     """Flat fields of a ``hexgen:requests`` entry; parameters left as None are omitted (server defaults).
 
     The head validates every field; this helper only serializes (JSON for ``messages`` and a ``stop`` list).
@@ -255,8 +285,15 @@ def request_fields(prompt: str | None = None, messages: list[dict[str, str]] | N
         out["prompt"] = prompt
     if messages is not None:
         out["messages"] = json.dumps(list(messages), ensure_ascii=False)
-    for name, value in (("id", request_id), ("model", model), ("max_new_tokens", max_new_tokens),
-                        ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
+    for name, value in (
+        ("id", request_id),
+        ("model", model),
+        ("max_new_tokens", max_new_tokens),
+        ("temperature", temperature),
+        ("top_k", top_k),
+        ("top_p", top_p),
+        ("seed", seed),
+    ):
         if value is not None:
             out[name] = repr(float(value)) if isinstance(value, float) else str(value)
     if stop is not None:
@@ -278,6 +315,7 @@ def parse_cancel(fields: Fields) -> str:
 
 # ---- registry records ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class WorkerRecord:
     """One TP rank of one stage, as registered in ``hexgen:worker:<id>`` (a hash of plain strings)."""
@@ -294,9 +332,17 @@ class WorkerRecord:
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_fields(self) -> dict[str, str]:
-        out = {"pipeline": self.pipeline, "stage": str(self.stage), "tp_rank": str(self.tp_rank),
-               "host": self.host, "device": self.device, "memory": str(self.memory), "pid": str(self.pid),
-               "version": self.version, "model": self.model}
+        out = {
+            "pipeline": self.pipeline,
+            "stage": str(self.stage),
+            "tp_rank": str(self.tp_rank),
+            "host": self.host,
+            "device": self.device,
+            "memory": str(self.memory),
+            "pid": str(self.pid),
+            "version": self.version,
+            "model": self.model,
+        }
         out.update({k: v for k, v in self.extra.items() if k not in out})
         return out
 
@@ -304,11 +350,18 @@ class WorkerRecord:
     def from_fields(cls, fields: Fields) -> WorkerRecord:
         f = str_fields(fields)
         known = ("pipeline", "stage", "tp_rank", "host", "device", "memory", "pid", "version", "model")
-        return cls(pipeline=_get(f, "pipeline", "worker record"), stage=_int(f, "stage", "worker record"),
-                   tp_rank=_int(f, "tp_rank", "worker record"), host=f.get("host", ""),
-                   device=f.get("device", ""), memory=_opt_int(f, "memory"), pid=_opt_int(f, "pid"),
-                   version=f.get("version", ""), model=f.get("model", ""),
-                   extra={k: v for k, v in f.items() if k not in known})
+        return cls(
+            pipeline=_get(f, "pipeline", "worker record"),
+            stage=_int(f, "stage", "worker record"),
+            tp_rank=_int(f, "tp_rank", "worker record"),
+            host=f.get("host", ""),
+            device=f.get("device", ""),
+            memory=_opt_int(f, "memory"),
+            pid=_opt_int(f, "pid"),
+            version=f.get("version", ""),
+            model=f.get("model", ""),
+            extra={k: v for k, v in f.items() if k not in known},
+        )
 
 
 @dataclass(frozen=True)
@@ -328,6 +381,9 @@ class PipelineRecord:
     @classmethod
     def from_fields(cls, fields: Fields) -> PipelineRecord:
         f = str_fields(fields)
-        return cls(state=f.get("state", "unknown"), layout=f.get("layout", ""),
-                   rendezvous=f.get("rendezvous", ""),
-                   extra={k: v for k, v in f.items() if k not in ("state", "layout", "rendezvous")})
+        return cls(
+            state=f.get("state", "unknown"),
+            layout=f.get("layout", ""),
+            rendezvous=f.get("rendezvous", ""),
+            extra={k: v for k, v in f.items() if k not in ("state", "layout", "rendezvous")},
+        )

@@ -23,6 +23,7 @@ Query options (anything else is an error naming the option):
 
 Secrets (password, ``sentinel_password``, ``ssl_password``) never reach logs: :func:`redact_url`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,13 +36,28 @@ import redis.asyncio.sentinel
 import redis.sentinel
 
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
-TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
-               "ssl_password", "ssl_ca_path")
+TLS_OPTIONS = (
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+    "ssl_password",
+    "ssl_ca_path",
+)
 CERT_REQS = ("required", "optional", "none")
 SECRET_OPTIONS = ("sentinel_password", "ssl_password")
 _BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-OPTIONS = ("db", *TLS_OPTIONS, "socket_connect_timeout", "health_check_interval", "sentinel_username",
-           "sentinel_password", "wait_replicas", "wait_timeout_ms")
+OPTIONS = (
+    "db",
+    *TLS_OPTIONS,
+    "socket_connect_timeout",
+    "health_check_interval",
+    "sentinel_username",
+    "sentinel_password",
+    "wait_replicas",
+    "wait_timeout_ms",
+)
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_WAIT_TIMEOUT_MS = 1000
 
@@ -128,21 +144,38 @@ def _db(text: str, url: str) -> int:
     return int(text)
 
 
-def _sentinel_target(url: str, scheme: str, hosts: str, path: str, kwargs: dict[str, Any],
-                     sentinel_kwargs: dict[str, Any], wait_replicas: int, wait_timeout_ms: int) -> RedisTarget:
+def _sentinel_target(
+    url: str,
+    scheme: str,
+    hosts: str,
+    path: str,
+    kwargs: dict[str, Any],
+    sentinel_kwargs: dict[str, Any],
+    wait_replicas: int,
+    wait_timeout_ms: int,
+) -> RedisTarget:
     """A ``redis+sentinel://`` URL's path: /<service>[/db]."""
     parts = [p for p in path.split("/") if p]
     if not parts:
-        raise RedisUrlError(f"redis url: {redact_url(url)!r} names no service; use "
-                            "redis+sentinel://host1:26379,host2:26379/<service>[/db]")
+        raise RedisUrlError(
+            f"redis url: {redact_url(url)!r} names no service; use "
+            "redis+sentinel://host1:26379,host2:26379/<service>[/db]"
+        )
     if len(parts) > 2:
         raise RedisUrlError(f"redis url: path {path!r} must be /<service>[/db]")
     if len(parts) > 1 or "db" not in kwargs:
         kwargs["db"] = _db(parts[1] if len(parts) > 1 else "", url)
     if scheme.startswith("rediss"):
         kwargs["ssl"] = True
-    return RedisTarget(scheme, _hosts(hosts, DEFAULT_SENTINEL_PORT, url), unquote(parts[0]), kwargs,
-                       sentinel_kwargs, wait_replicas, wait_timeout_ms)
+    return RedisTarget(
+        scheme,
+        _hosts(hosts, DEFAULT_SENTINEL_PORT, url),
+        unquote(parts[0]),
+        kwargs,
+        sentinel_kwargs,
+        wait_replicas,
+        wait_timeout_ms,
+    )
 
 
 def _text(key: str, value: str) -> str:
@@ -179,13 +212,19 @@ def _count(key: str, value: str) -> int:
 
 def _timeout_ms(key: str, value: str) -> int:
     if _count(key, value) < 1:
-        raise RedisUrlError(f"redis url: {key} must be ≥ 1 (0 would make WAIT block forever when a replica is "
-                            "down)")
+        raise RedisUrlError(f"redis url: {key} must be ≥ 1 (0 would make WAIT block forever when a replica is down)")
     return int(value)
 
 
-_PARSERS = {"ssl_cert_reqs": _cert_reqs, "ssl_check_hostname": _flag, "socket_connect_timeout": _seconds,
-            "db": _count, "health_check_interval": _count, "wait_replicas": _count, "wait_timeout_ms": _timeout_ms}
+_PARSERS = {
+    "ssl_cert_reqs": _cert_reqs,
+    "ssl_check_hostname": _flag,
+    "socket_connect_timeout": _seconds,
+    "db": _count,
+    "health_check_interval": _count,
+    "wait_replicas": _count,
+    "wait_timeout_ms": _timeout_ms,
+}
 
 
 def _option(key: str, value: str, scheme: str) -> tuple[str, Any]:
@@ -219,8 +258,7 @@ def _options(userinfo: str, query: str, scheme: str) -> tuple[dict[str, Any], di
         else:
             kwargs[key] = parsed
     if ("ssl_certfile" in kwargs) != ("ssl_keyfile" in kwargs):
-        raise RedisUrlError("redis url: ssl_certfile and ssl_keyfile go together (the client certificate and "
-                            "its key)")
+        raise RedisUrlError("redis url: ssl_certfile and ssl_keyfile go together (the client certificate and its key)")
     return kwargs, sentinel_kwargs, wait
 
 
@@ -230,28 +268,34 @@ def parse_redis_url(url: str) -> RedisTarget:
         raise RedisUrlError(f"redis url: {url!r} must be a non-empty string (e.g. redis://localhost:6379/0)")
     scheme, userinfo, hosts, path, query = _split(url)
     if scheme not in SCHEMES:
-        raise RedisUrlError(f"redis url: scheme {scheme!r} is not supported; use one of "
-                            f"{', '.join(s + '://' for s in SCHEMES)}")
+        raise RedisUrlError(
+            f"redis url: scheme {scheme!r} is not supported; use one of {', '.join(s + '://' for s in SCHEMES)}"
+        )
     kwargs, sentinel_kwargs, wait = _options(userinfo, query, scheme)
     wait_replicas, wait_timeout_ms = wait["wait_replicas"], wait["wait_timeout_ms"]
     if scheme == "unix":
         if hosts or not path.strip("/"):
             raise RedisUrlError(f"redis url: {redact_url(url)!r} must be unix:///path/to/socket")
-        return RedisTarget(scheme, (), kwargs={**kwargs, "unix_socket_path": unquote(path)},
-                           wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms)
+        return RedisTarget(
+            scheme,
+            (),
+            kwargs={**kwargs, "unix_socket_path": unquote(path)},
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
+        )
     if not hosts:
         raise RedisUrlError(f"redis url: {redact_url(url)!r} has no host (e.g. redis://localhost:6379/0)")
     if scheme.endswith("+sentinel"):
         return _sentinel_target(url, scheme, hosts, path, kwargs, sentinel_kwargs, wait_replicas, wait_timeout_ms)
     if "," in hosts:
-        raise RedisUrlError(f"redis url: {redact_url(url)!r} names several hosts; use redis+sentinel:// for "
-                            "a Sentinel-managed Redis")
+        raise RedisUrlError(
+            f"redis url: {redact_url(url)!r} names several hosts; use redis+sentinel:// for a Sentinel-managed Redis"
+        )
     if path.strip("/") or "db" not in kwargs:
         kwargs["db"] = _db(path.strip("/"), url)
     if scheme == "rediss":
         kwargs["ssl"] = True
-    return RedisTarget(scheme, _hosts(hosts, 6379, url), "", kwargs, sentinel_kwargs, wait_replicas,
-                       wait_timeout_ms)
+    return RedisTarget(scheme, _hosts(hosts, 6379, url), "", kwargs, sentinel_kwargs, wait_replicas, wait_timeout_ms)
 
 
 def with_options(url: str, **options: Any) -> str:
@@ -319,8 +363,7 @@ def async_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
 
 def _sentinel_kw(t: RedisTarget, kw: dict[str, Any]) -> dict[str, Any]:
     """Sentinel connections: short timeouts (they answer at once), their own credentials, no TLS."""
-    return {"socket_timeout": 2.0, "socket_connect_timeout": kw.get("socket_connect_timeout", 2.0),
-            **t.sentinel_kwargs}
+    return {"socket_timeout": 2.0, "socket_connect_timeout": kw.get("socket_connect_timeout", 2.0), **t.sentinel_kwargs}
 
 
 def wait_replicas(client: redis.Redis, target: RedisTarget) -> int:

@@ -39,6 +39,7 @@ default). Example file::
     [kernels]                      # optional: the workers' kernel choices (hexgen.config.KernelConfig)
     gemv = "cublas"                # bin/worker --kernel NAME=VALUE overrides the whole table
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,11 +115,13 @@ class RedisSettings:
 
     def _check_types(self) -> None:
         if isinstance(self.sentinels, str) or not all(isinstance(h, str) and h for h in self.sentinels):
-            raise ConfigError(f"redis.sentinels: {self.sentinels!r} must be a list of \"host:port\" strings")
+            raise ConfigError(f'redis.sentinels: {self.sentinels!r} must be a list of "host:port" strings')
         object.__setattr__(self, "sentinels", tuple(self.sentinels))
         if bool(self.sentinels) != bool(self.service):
-            raise ConfigError("redis.sentinels, redis.service: set both (the sentinels' addresses and the "
-                              "name of the master they monitor) or neither")
+            raise ConfigError(
+                "redis.sentinels, redis.service: set both (the sentinels' addresses and the "
+                "name of the master they monitor) or neither"
+            )
         for key in ("wait_replicas", "wait_timeout_ms"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -140,8 +143,10 @@ class RedisSettings:
         scheme = "rediss+sentinel" if t.tls else "redis+sentinel"
         auth = self.url.partition("://")[2].partition("/")[0].rpartition("@")[0]
         query = self.url.partition("?")[2]
-        return (f"{scheme}://{auth + '@' if auth else ''}{','.join(self.sentinels)}/{self.service}/"
-                f"{t.kwargs.get('db', 0)}" + (f"?{query}" if query else ""))
+        return (
+            f"{scheme}://{auth + '@' if auth else ''}{','.join(self.sentinels)}/{self.service}/"
+            f"{t.kwargs.get('db', 0)}" + (f"?{query}" if query else "")
+        )
 
     @property
     def display_url(self) -> str:
@@ -164,15 +169,17 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.path == "default":  # the embedded default model's cache folder (bin/hexgen fetch-model fills it)
             from hexgen.model.fetch import default_model_dir
+
             object.__setattr__(self, "path", default_model_dir())
         elif self.path:
             object.__setattr__(self, "path", os.path.expandvars(os.path.expanduser(self.path)))
         if bool(self.path) == bool(self.preset):
-            raise ConfigError("model.path, model.preset: set exactly one (path: a Hugging Face model directory; "
-                              f"preset: one of {', '.join(sorted(PRESETS))})")
+            raise ConfigError(
+                "model.path, model.preset: set exactly one (path: a Hugging Face model directory; "
+                f"preset: one of {', '.join(sorted(PRESETS))})"
+            )
         if self.preset and self.preset not in PRESETS:
-            raise ConfigError(f"model.preset: {self.preset!r} is unknown; choose one of "
-                              f"{', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"model.preset: {self.preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
         if not self.name:
             base = self.preset or os.path.basename(os.path.normpath(self.path))
             object.__setattr__(self, "name", base)
@@ -206,14 +213,18 @@ class PipelineSettings:
                 Layout(self.hetero_config, self.pp_partition)
             except ConfigError as e:
                 raise ConfigError(f"{key}: {e}") from e
-        elif not self.hetero_config or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
-                                               for t in self.hetero_config):
-            raise ConfigError(f"{key}.hetero_config: {list(self.hetero_config)!r} must be a non-empty list of "
-                              "TP degrees ≥ 1")
+        elif not self.hetero_config or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in self.hetero_config
+        ):
+            raise ConfigError(
+                f"{key}.hetero_config: {list(self.hetero_config)!r} must be a non-empty list of TP degrees ≥ 1"
+            )
         world = sum(self.hetero_config)
         if self.devices and len(self.devices) != world:
-            raise ConfigError(f"{key}.devices: {len(self.devices)} devices given but the pipeline has "
-                              f"{world} ranks (sum of hetero_config); give one device per rank or none")
+            raise ConfigError(
+                f"{key}.devices: {len(self.devices)} devices given but the pipeline has "
+                f"{world} ranks (sum of hetero_config); give one device per rank or none"
+            )
 
     @property
     def layout_text(self) -> str:
@@ -227,8 +238,7 @@ def _check_int(key: str, value: Any, lo: int) -> None:
 
 
 def _check_pos(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-            or value == float("inf"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
         raise ConfigError(f"{key}: {value!r} must be a finite number > 0")
 
 
@@ -250,26 +260,44 @@ class LimitSettings:
     block_ms: int = C.BLOCK_MS
 
     def __post_init__(self) -> None:
-        for name in ("max_queue_depth", "max_new_tokens", "default_max_new_tokens", "max_field_bytes",
-                     "max_request_bytes", "result_ttl_s", "dedupe_ttl_s", "max_deliveries", "heartbeat_ttl_s",
-                     "block_ms"):
+        for name in (
+            "max_queue_depth",
+            "max_new_tokens",
+            "default_max_new_tokens",
+            "max_field_bytes",
+            "max_request_bytes",
+            "result_ttl_s",
+            "dedupe_ttl_s",
+            "max_deliveries",
+            "heartbeat_ttl_s",
+            "block_ms",
+        ):
             _check_int(f"limits.{name}", getattr(self, name), 1)
         for name in ("lease_s", "heartbeat_interval_s"):
             _check_pos(f"limits.{name}", getattr(self, name))
         if self.default_max_new_tokens > self.max_new_tokens:
-            raise ConfigError(f"limits.default_max_new_tokens: {self.default_max_new_tokens} must be ≤ "
-                              f"limits.max_new_tokens ({self.max_new_tokens})")
+            raise ConfigError(
+                f"limits.default_max_new_tokens: {self.default_max_new_tokens} must be ≤ "
+                f"limits.max_new_tokens ({self.max_new_tokens})"
+            )
         if self.max_field_bytes > self.max_request_bytes:
-            raise ConfigError(f"limits.max_field_bytes: {self.max_field_bytes} must be ≤ "
-                              f"limits.max_request_bytes ({self.max_request_bytes})")
+            raise ConfigError(
+                f"limits.max_field_bytes: {self.max_field_bytes} must be ≤ "
+                f"limits.max_request_bytes ({self.max_request_bytes})"
+            )
         if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
-            raise ConfigError(f"limits.heartbeat_interval_s: {self.heartbeat_interval_s} must be < "
-                              f"limits.heartbeat_ttl_s ({self.heartbeat_ttl_s})")
+            raise ConfigError(
+                f"limits.heartbeat_interval_s: {self.heartbeat_interval_s} must be < "
+                f"limits.heartbeat_ttl_s ({self.heartbeat_ttl_s})"
+            )
 
     def request_limits(self) -> RequestLimits:
-        return RequestLimits(max_new_tokens=self.max_new_tokens,
-                             default_max_new_tokens=self.default_max_new_tokens,
-                             max_field_bytes=self.max_field_bytes, max_request_bytes=self.max_request_bytes)
+        return RequestLimits(
+            max_new_tokens=self.max_new_tokens,
+            default_max_new_tokens=self.default_max_new_tokens,
+            max_field_bytes=self.max_field_bytes,
+            max_request_bytes=self.max_request_bytes,
+        )
 
     @property
     def socket_timeout_s(self) -> float:
@@ -287,8 +315,10 @@ class HttpSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host):
-            raise ConfigError(f"http.host: {self.host!r} must be a host name or address (127.0.0.1: this machine "
-                              "only; 0.0.0.0: every interface)")
+            raise ConfigError(
+                f"http.host: {self.host!r} must be a host name or address (127.0.0.1: this machine "
+                "only; 0.0.0.0: every interface)"
+            )
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"http.port: {self.port!r} must be an integer in [0, 65535] (0: no HTTP server)")
         if not isinstance(self.api_key, str):
@@ -340,14 +370,30 @@ class Settings:
         for p in self.pipelines:
             if p.id == pipeline_id:
                 return p
-        raise ConfigError(f"pipeline: {pipeline_id!r} is not in the config; known: "
-                          f"{', '.join(p.id for p in self.pipelines) or '(none)'}")
+        raise ConfigError(
+            f"pipeline: {pipeline_id!r} is not in the config; known: "
+            f"{', '.join(p.id for p in self.pipelines) or '(none)'}"
+        )
 
 
-_SECTIONS: dict[str, type] = {"redis": RedisSettings, "model": ModelSettings, "limits": LimitSettings,
-                              "http": HttpSettings}
-_TOP_KEYS = ("redis", "model", "limits", "http", "pipelines", "dtype", "device", "kv_cache_dtype", "kernels",
-             "trace_timing")
+_SECTIONS: dict[str, type] = {
+    "redis": RedisSettings,
+    "model": ModelSettings,
+    "limits": LimitSettings,
+    "http": HttpSettings,
+}
+_TOP_KEYS = (
+    "redis",
+    "model",
+    "limits",
+    "http",
+    "pipelines",
+    "dtype",
+    "device",
+    "kv_cache_dtype",
+    "kernels",
+    "trace_timing",
+)
 
 
 def _build(cls: type, key: str, table: Any) -> Any:
@@ -397,8 +443,9 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return merged
 
 
-def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | None = None,
-                  env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | None = None, *, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
     """Load a deployment: TOML file (optional), then the environment (``HEXGEN_REDIS_URL``, ``HEXGEN_API_KEY``,
     ``HEXGEN_TRACE_TIMING``), then ``overrides``.
 
@@ -431,8 +478,7 @@ def load_settings(path: str | None = None, *, overrides: Mapping[str, Any] | Non
     return settings_from_dict(data)
 
 
-def load_redis_url(path: str | None = None, flag: str | None = None,
-                   env: Mapping[str, str] | None = None) -> str:
+def load_redis_url(path: str | None = None, flag: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """Just the Redis URL (for tools like ``hexgen status`` that need no model): flag, env, file, default;
     the file's other ``[redis]`` options (TLS, sentinels, wait) apply to whichever URL wins."""
     env = os.environ if env is None else env
@@ -465,12 +511,23 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="fp32, fp16 or bf16")
 
 
-def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None,
-                       extra: Mapping[str, Any] | None = None) -> Settings:
+def settings_from_args(
+    ns: argparse.Namespace, env: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None
+) -> Settings:
     """Settings from parsed :func:`add_settings_args` flags (and a program's own dotted ``extra`` overrides)."""
-    return load_settings(ns.config, env=env, overrides={
-        "redis.url": ns.redis_url, "model.name": ns.model_name, "model.path": ns.model_path,
-        "model.preset": ns.preset, "model.tokenizer": ns.tokenizer, "dtype": ns.dtype, **(extra or {})})
+    return load_settings(
+        ns.config,
+        env=env,
+        overrides={
+            "redis.url": ns.redis_url,
+            "model.name": ns.model_name,
+            "model.path": ns.model_path,
+            "model.preset": ns.preset,
+            "model.tokenizer": ns.tokenizer,
+            "dtype": ns.dtype,
+            **(extra or {}),
+        },
+    )
 
 
 def with_redis_url(settings: Settings, url: str) -> Settings:

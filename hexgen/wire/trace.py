@@ -14,6 +14,7 @@ XREADGROUP returned it and it is admitted), ``src_take`` (the engine loop took i
 ``emit`` (the first token was sampled and handed to the sink), ``picked`` (the sink's writer thread took it),
 ``posted`` (its EVALSHA returned).
 """
+
 from __future__ import annotations
 
 import time
