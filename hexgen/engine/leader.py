@@ -39,8 +39,7 @@ IDLE_POLL_S = 0.5  # how long an idle leader blocks on its source before looking
 def runs_ahead(engine: EngineConfig, groups: PipelineGroups) -> bool:
     """Whether this pipeline runs asynchronous steps: one stage (it samples on the devices it computes on,
     so the next step can be enqueued before the last one's ids are on the host; scheduler module notes).
-    TP > 1 only with ``async_steps_tp``: 36% faster batch-1 decode at TP 2, but under load at TP 4 it
-    measured slower in a run whose order may have favoured the synchronous loop (docs/benchmarks.md)."""
+    TP > 1 only with ``async_steps_tp``: faster at batch 1, not yet shown faster under load at TP 4."""
     return (
         engine.async_steps
         and groups.layout.num_stages == 1

@@ -61,7 +61,7 @@ class Sequence:
 
 @dataclass
 class StepStats:
-    """What the scheduler sent, summed over a run (logged at the end; docs/benchmarks.md reads it)."""
+    """What the scheduler sent, summed over a run (logged at the end of a run)."""
 
     steps: int = 0
     mixed_steps: int = 0  # steps with a prefill chunk (several query tokens): they run eagerly, not in graphs

@@ -3,8 +3,7 @@
 A linear's weight is ``[N, K]`` (out, in), loaded row-major. For one row of input, BLAS's GEMV speed on CPU
 depends on the storage order and the shape: on a 2-core EPYC in fp32, one row of SmolLM2's ``[3072, 576]``
 and ``[49152, 576]`` weights runs much faster column-major, while ``[576, 1536]`` runs slower; with several
-rows the two orders are close, or column-major is slower (``scripts/profile_cpu.py``; figures in
-docs/benchmarks.md).
+rows the two orders are close, or column-major is slower (``scripts/profile_cpu.py`` times both).
 
 :func:`tune` times ``F.linear`` on one row with each shape's weights as loaded and column-major: the same
 ``[N, K]`` tensor over a ``[K, N]`` contiguous storage (``w.t().contiguous().t()``), alternating, over the

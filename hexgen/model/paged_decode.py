@@ -126,8 +126,7 @@ def paged_decode(
     per tile) default to heuristics. ``num_warps``, ``num_stages`` and ``head_major`` (grid order: the KV
     heads of one sequence launched together, rather than one head of many sequences) are launch settings;
     the defaults (64-token tiles, 2 warps, 2 stages, head-major) are the fastest or within 2% of it at every
-    shape of ``scripts/bench_paged_decode.py --sweep`` on an H200, at batch 1 and at throughput shapes
-    (figures in docs/benchmarks.md).
+    shape of ``scripts/bench_paged_decode.py --sweep`` on an H200, at batch 1 and at throughput shapes.
     """
     q = _check(q, k_cache, v_cache, "paged_decode", k_scale, v_scale)
     fp8 = k_cache.dtype == FP8
