@@ -18,8 +18,9 @@
 #                    ceiling; kv auto|fp8; hf 1: beside HF static batches of 64 on the first HF_BATCHES (1) batches
 #                    and HF continuous batching on the first HF_CB (64) requests, else --no-hf. The loop's phase
 #                    clock and the scheduler's counters (INFO) are kept in each log
-#   decode-fp8       the paged decode kernel over an fp8 cache against a bf16 one, a few launch settings
-#                    (scripts/bench_decode_fp8.py, Llama-2-7B shape, batch 256 x context 700)
+#   decode-fp8       the paged decode kernel over an fp8 cache against a bf16 one, a few launch settings and
+#                    ways of reading fp8 tiles (scripts/bench_decode_fp8.py: Llama-2-7B heads at batch 256 x
+#                    context 700, Llama-3.1-8B heads at batch 512 x context 700)
 #   throughput-ab    Llama-2-7B on REQUESTS (300) requests, no HF, VARIANTS alternating as for `latency`
 #   serve            the Redis path against the engine driven directly (`hexgen bench serve`, 96 requests at a
 #                    Poisson 4 req/s, once per DIRECT_INPUTS entry, default "text ids"), all at once
@@ -201,7 +202,10 @@ for S in "$@"; do
     tp) tp ;;
     throughput) throughput ;;
     throughput-runs) throughput_runs ;;
-    decode-fp8) step 120 $PY scripts/bench_decode_fp8.py --out "$OUT/decode_fp8.json" 2>&1 | grep -v "$NOISE" | tail -12 ;;
+    decode-fp8)
+      step 150 $PY scripts/bench_decode_fp8.py --out "$OUT/decode_fp8.json" 2>&1 | grep -v "$NOISE" | head -14
+      step 150 $PY scripts/bench_decode_fp8.py --heads 32 8 --batch 512 --out "$OUT/decode_fp8_gqa.json" 2>&1 \
+        | grep -v "$NOISE" | head -10 ;;
     throughput-ab) throughput_ab ;;
     serve) serve ;;
     kernels) kernels ;;

@@ -512,6 +512,7 @@ class EngineConfig:
     # mapping or as text "2=40:24,3=16:16" and kept as sorted (rank, DeviceLimit) pairs
     emulate_devices: tuple[tuple[int, DeviceLimit], ...] = ()
     profile_loop: str = ""  # a file: the stage-0 leader's loop runs under cProfile and writes its profile there
+    device_trace: str = ""  # a file: the stage-0 leader's device kernel timeline, summarised (engine.device_trace)
     log_level: str = "WARNING"  # of the rank processes: DEBUG, INFO, WARNING, ERROR or CRITICAL
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with per-layer, per-KV-head scales
     cpu_threads: int = 0  # CPU ranks: torch threads each; 0: the host's cores / its ranks (hexgen.engine.threads)

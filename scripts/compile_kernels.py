@@ -40,7 +40,7 @@ def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget, pdl: 
                                    "stride_tb", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh")})
     cons = dict(GROUP=group, BLOCK_G=_pow2(group), HEAD_DIM=d, BLOCK_D=_pow2(d), BS=16,
                 BLOCK_N=64, SPLIT=splits > 1, IEEE=dtype == "fp32", DOT_F32=False, HEAD_MAJOR=True, FP8=fp8,
-                PDL=pdl)
+                FP8_F16=fp8 and dtype == "bf16", PDL=pdl)
     _compile(kern.decode_stage1, sig, cons, target, num_warps=2, num_stages=2, launch_pdl=pdl)
     if splits > 1:
         sig = {"Mid": "*fp32", "Lse": "*fp32", "Out": f"*{dtype}", "num_splits": "i32"}

@@ -181,7 +181,7 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
     diff = [
         f"{k}={getattr(setup.engine, k)!r} (workers: {getattr(worker, k)!r})"
         for k in worker.__dataclass_fields__
-        if k not in ("log_level", "profile_loop") and getattr(worker, k) != getattr(setup.engine, k)
+        if k not in ("log_level", "profile_loop", "device_trace") and getattr(worker, k) != getattr(setup.engine, k)
     ]
     if diff:
         raise ConfigError(

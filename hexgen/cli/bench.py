@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="run the stage-0 leader's loop under cProfile and write its profile to FILE",
     )
+    p.add_argument(
+        "--device-trace",
+        default="",
+        metavar="FILE",
+        help="CUDA: record the device's kernel timeline over the engine run and write its summary (JSON) to FILE",
+    )
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             async_steps=not args.no_async_steps,
             async_steps_tp=args.async_steps_tp,
             profile_loop=args.profile_loop,
+            device_trace=args.device_trace,
         )
         setup = BenchSetup(model, layout, engine, "hexgen bench " + " ".join(argv), skip_hf=args.no_hf)
         res, table = _run(args, setup)

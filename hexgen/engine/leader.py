@@ -65,15 +65,21 @@ class LoopClock:
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
         self.spent: dict[str, float] = {}
+        self.longest: dict[str, float] = {}  # the longest single lap of each phase
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self.spent[name] = self.spent.get(name, 0.0) + now - self.last
+        took = now - self.last
+        self.spent[name] = self.spent.get(name, 0.0) + took
+        self.longest[name] = max(self.longest.get(name, 0.0), took)
         self.last = now
 
     def line(self) -> str:
         total = self.last - self.start
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.spent.items(), key=lambda kv: -kv[1]))
+        parts = ", ".join(
+            f"{k} {v:.2f} (longest {self.longest[k] * 1e3:.0f} ms)"
+            for k, v in sorted(self.spent.items(), key=lambda kv: -kv[1])
+        )
         return f"{total:.2f} s: {parts}"
 
 
@@ -123,11 +129,22 @@ class FirstLeader:
         )
         self.run_ahead = runs_ahead(engine, groups)
         self.profile_loop = engine.profile_loop
+        self.device_trace = engine.device_trace
         self.steps: Steps = AheadSteps(self) if self.run_ahead else PipelinedSteps(self)
 
     def run(self) -> None:
         """Serve until the source is exhausted and every request is done; with ``profile_loop``, under
-        cProfile, its profile written to that file."""
+        cProfile, its profile written to that file; with ``device_trace`` (CUDA), the device's kernel
+        timeline summarised into that file."""
+        if self.device_trace and self.runner.device.type == "cuda":
+            from hexgen.engine.device_trace import device_timeline
+
+            with device_timeline(self.device_trace, self.runner.device):
+                self._run()
+            return
+        self._run()
+
+    def _run(self) -> None:
         if not self.profile_loop:
             self._loop()
             return

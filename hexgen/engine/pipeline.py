@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +133,10 @@ def _run_rank(
     try:
         runner = StageRunner(spec.model, spec.engine, groups)
         runner.cpu_threads = threads
+        # what start-up made (modules, weights, graphs, compiled kernels) lives as long as the rank: kept out
+        # of the collector's full passes, which then scan only what serving allocates
+        gc.collect()
+        gc.freeze()
         if gauges is not None and groups.is_leader:
             gauges.watch(runner)
         last = None

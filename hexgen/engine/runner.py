@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,8 @@ class StageRunner:
             self.graphs.capture_all()
         self._graph_logits: tuple[int, torch.Tensor] | None = None  # (step id, logits) of the last graph step
         self.cpu_threads: CpuThreads | None = None  # CPU ranks: set by run_rank
+        if self.device.type == "cuda":
+            self.warm_up()
         log.info(
             "stage %d: %d KV blocks (%d tokens, %s cache, %d bytes per token)",
             stage.index,
@@ -132,6 +135,57 @@ class StageRunner:
             engine.kv_cache_dtype,
             kv_bytes_per_block(self.cfg, stage, self.n_kv_local, 1, self.kv_dtype),
         )
+
+    def warm_up_plans(self) -> list[StepPlan]:
+        """Eager steps of the sizes serving meets: the whole token budget (one prefill chunk and a decode
+        row), about half of it at sizes that are not multiples of 16, and a small chunk. Every row's block
+        table points at one block that holds no sequence's data (the graphs' scratch block, or block 0 before
+        any request), so the steps' writes land nowhere that is read."""
+        bs, blk = self.engine.block_size, self.num_blocks if self._use_graphs else 0
+        budget = min(self.engine.max_num_batched_tokens, self.max_len)
+        plans = []
+        for chunk, decodes in ((budget - 1, 1), (budget // 2 + 7, 3), (5, 0)):
+            chunk = max(1, min(chunk, budget - decodes))
+            q_lens = [1] * decodes + [chunk]
+            ctx = [2] * decodes + [chunk]
+            positions = [1] * decodes + list(range(chunk))
+            plans.append(
+                StepPlan(
+                    len(plans),
+                    seq_ids=list(range(len(q_lens))),
+                    input_ids=[0] * len(positions),
+                    positions=positions,
+                    q_lens=q_lens,
+                    ctx_lens=ctx,
+                    block_tables=[[blk] * -(-c // bs) for c in ctx],
+                    sample=[True] * len(q_lens),
+                    out_lens=[0] * len(q_lens),
+                )
+            )
+        return plans
+
+    def warm_up(self) -> float:
+        """Run ``warm_up_plans`` eagerly, with the LM head where this rank holds it, so that no serving step
+        pays for compiling a kernel variant or for growing the memory pool (on an H200 the first full-budget
+        steps of a run stalled the device for 0.2-0.5 s each without it). An fp8 cache's scales stay unset:
+        the first real write fixes them. Returns the seconds it took."""
+        start = time.perf_counter()
+        for plan in self.warm_up_plans():
+            if self.groups.stage.is_first:
+                x = torch.zeros(plan.num_tokens, dtype=torch.long, device=self.device)
+            else:
+                x = torch.zeros(plan.num_tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            hidden = self.forward(plan, x)
+            if self.model.lm_head is not None:
+                self.logits(plan, hidden)
+        if self.kv_scales is not None:
+            self.kv_scales.zero_()
+            self._kv_written = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        took = time.perf_counter() - start
+        log.info("stage %d: warmed up the eager step path in %.2f s", self.groups.stage.index, took)
+        return took
 
     def _blocks_that_fit(self) -> int:
         e = self.engine

@@ -8,8 +8,9 @@ from the paged cache (slot = block * BS + offset), and an online softmax accumul
 split (SPLIT false) it writes the output; with several it writes a partial output and its log-sum-exp
 (base 2), and stage 2 merges the splits. The split count is a runtime argument, so one compiled variant
 serves every count; only SPLIT and stage 2's BLOCK_S (a power of two ≥ the count) are compile-time. With FP8,
-K and V are e4m3 (``hexgen.model.kv_quant``): each tile is converted to q's dtype (exactly), K's per-head
-scale joins the softmax scale and V's multiplies the output.
+K and V are e4m3 (``hexgen.model.kv_quant``): each tile is converted to q's dtype (exactly; with bf16
+activations to fp16, q and the probabilities too, FP8_F16), K's per-head scale joins the softmax scale and
+V's multiplies the output.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def decode_stage1(  # noqa: C901
     DOT_F32: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     FP8: tl.constexpr,
+    FP8_F16: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # launched early (hexgen.model.pdl): everything it reads, another kernel writes
@@ -89,6 +91,8 @@ def decode_stage1(  # noqa: C901
     if FP8:  # fp8 K/V: K's scale joins the softmax scale, V's multiplies the output
         qk_scale = qk_scale * tl.load(KScale + kvh)
         v_scale = tl.load(VScale + kvh)
+        if FP8_F16:  # e4m3 -> fp16 is one instruction per two values, -> bf16 several: the dots run in fp16
+            q = q.to(tl.float16)
 
     # this split's token range, rounded to whole tiles
     per_split = ((ctx + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -110,7 +114,7 @@ def decode_stage1(  # noqa: C901
         k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         if DOT_F32:  # Triton's interpreter multiplies bf16 as raw integers: upcast there
             k = k.to(tl.float32)
-        elif FP8:  # e4m3 values are exact in q's dtype
+        elif FP8:  # e4m3 values are exact in q's dtype (fp16 with FP8_F16)
             k = k.to(q.dtype)
         if IEEE:  # fp32 inputs: full-precision products, not TF32
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
