@@ -166,9 +166,9 @@ class StageRunner:
 
     def warm_up(self) -> float:
         """Run ``warm_up_plans`` eagerly, with the LM head where this rank holds it, so that no serving step
-        pays for compiling a kernel variant or for growing the memory pool (on an H200 the first full-budget
-        steps of a run stalled the device for 0.2-0.5 s each without it). An fp8 cache's scales stay unset:
-        the first real write fixes them. Returns the seconds it took."""
+        pays for compiling a kernel variant or for growing the memory pool (each a device stall of tenths of a
+        second). An fp8 cache's scales stay unset: the first real write fixes them. Returns the seconds it
+        took."""
         start = time.perf_counter()
         for plan in self.warm_up_plans():
             if self.groups.stage.is_first:
