@@ -95,7 +95,7 @@ def _ceiling(setup: BenchSetup, shapes: list[Shape]) -> dict:
     return {
         **ceiling(counts, flops, bw),
         "note": f"linear-layer FLOPs at a {setup.engine.dtype} matmul rate and K/V + weight bytes at the copy "
-        f"bandwidth, both measured on {what} in this process (docs/benchmarks.md, 'The ceiling')",
+        f"bandwidth, both measured on {what} in this process (hexgen.bench.ceiling)",
     }
 
 

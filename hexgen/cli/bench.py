@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--async-steps-tp",
         action="store_true",
-        help="one-stage TP > 1 layouts: asynchronous steps too (off by default; docs/benchmarks.md)",
+        help="one-stage TP > 1 layouts: asynchronous steps too (off by default: not yet shown faster under load)",
     )
     p.add_argument(
         "--profile-loop",

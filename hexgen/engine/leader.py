@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Protocol
 
 import torch
@@ -83,6 +85,23 @@ class LoopClock:
         return f"{total:.2f} s: {parts}"
 
 
+@contextmanager
+def _cprofiled(path: str) -> Iterator[None]:
+    """The block under cProfile; its profile (by own time, then cumulative) written to ``path``."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        with open(path, "w") as f:
+            for key in ("tottime", "cumulative"):
+                pstats.Stats(prof, stream=f).sort_stats(key).print_stats(35)
+
+
 class Steps(Protocol):
     """How the leader's steps are launched and completed."""
 
@@ -136,30 +155,14 @@ class FirstLeader:
         """Serve until the source is exhausted and every request is done; with ``profile_loop``, under
         cProfile, its profile written to that file; with ``device_trace`` (CUDA), the device's kernel
         timeline summarised into that file."""
-        if self.device_trace and self.runner.device.type == "cuda":
-            from hexgen.engine.device_trace import device_timeline
+        with ExitStack() as stack:
+            if self.device_trace and self.runner.device.type == "cuda":
+                from hexgen.engine.device_trace import device_timeline
 
-            with device_timeline(self.device_trace, self.runner.device):
-                self._run()
-            return
-        self._run()
-
-    def _run(self) -> None:
-        if not self.profile_loop:
+                stack.enter_context(device_timeline(self.device_trace, self.runner.device))
+            if self.profile_loop:
+                stack.enter_context(_cprofiled(self.profile_loop))
             self._loop()
-            return
-        import cProfile
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.enable()
-        try:
-            self._loop()
-        finally:
-            prof.disable()
-            with open(self.profile_loop, "w") as f:
-                for key in ("tottime", "cumulative"):
-                    pstats.Stats(prof, stream=f).sort_stats(key).print_stats(35)
 
     def _loop(self) -> None:
         steps, step, clock = self.steps, 0, LoopClock()
