@@ -22,6 +22,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +165,7 @@ def linear(
     return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
 
 
-def tune(layers: list[nn.Module], mode: str = "triton") -> dict[tuple[int, int], gemv.Config | None]:
+def tune(layers: list[Any], mode: str = "triton") -> dict[tuple[int, int], gemv.Config | None]:
     """Set ``layer.gemv`` on fp8 ``layers`` to the fastest Triton GEMV configuration per weight shape (None:
     batch-1 rows take the FP8 GEMM). Only on CUDA cards with FP8 tensor cores, with Triton, unless ``mode`` is
     ``cublas``; each configuration is checked against the dequantized reference first."""
@@ -174,7 +175,7 @@ def tune(layers: list[nn.Module], mode: str = "triton") -> dict[tuple[int, int],
         return {}
     if not tensor_cores(layers[0].weight.device):
         return {}
-    by_shape: dict[tuple[int, int], list[nn.Module]] = defaultdict(list)
+    by_shape: dict[tuple[int, int], list[Any]] = defaultdict(list)
     for layer in layers:
         by_shape[tuple(layer.weight.shape)].append(layer)
     chosen: dict[tuple[int, int], gemv.Config | None] = {}
@@ -192,7 +193,7 @@ def tune(layers: list[nn.Module], mode: str = "triton") -> dict[tuple[int, int],
                 log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", cfg, n, k)
                 continue
             times[cfg] = gemv._time_us(lambda a, b, c=cfg: gemv.gemv(a, b, c), weights, x)
-        best = min(times, key=times.get) if times else None
+        best = min(times, key=lambda c: times[c]) if times else None
         chosen[(n, k)] = best
         for m in group:
             m.gemv = best

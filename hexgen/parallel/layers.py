@@ -43,7 +43,14 @@ def _copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
         param.copy_(value.to(dtype=param.dtype))
 
 
-def _fill_rows(layer: nn.Module, rows: slice, value: torch.Tensor, get_scale: ScaleFn | None, start: int, what: str):
+def _fill_rows(
+    layer: ColumnParallelLinear | RowParallelLinear,
+    rows: slice,
+    value: torch.Tensor,
+    get_scale: ScaleFn | None,
+    start: int,
+    what: str,
+):
     """Weight rows ``rows`` from ``value`` (checkpoint rows from ``start``); fp8 layers also fill their scales."""
     if layer.weight_scale is None:
         _copy(layer.weight[rows], value, what)
@@ -53,7 +60,7 @@ def _fill_rows(layer: nn.Module, rows: slice, value: torch.Tensor, get_scale: Sc
     fp8_linear.fill(layer.weight[rows], layer.weight_scale[rows], value, scale, what)
 
 
-def _matmul(layer: nn.Module, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+def _matmul(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
     """x @ layer.weight.T; fp8 weights (``weight_scale`` set) through ``hexgen.kernels.fp8_linear``."""
     if layer.weight_scale is not None:
         return fp8_linear.linear(x, layer.weight, layer.weight_scale, layer.gemv, silu)
@@ -87,7 +94,7 @@ class ColumnParallelLinear(nn.Module):
         self.sections = sections
         local_out = sum(s[1] for s in sections)
         self.weight = nn.Parameter(torch.empty(local_out, in_features), requires_grad=False)
-        self.register_parameter("weight_scale", None)  # [local_out] fp32 with fp8 weights (fp8_linear.convert)
+        self.weight_scale: nn.Parameter | None = None  # [local_out] fp32 with fp8 weights (fp8_linear.convert)
         self.gemv: Config | None = None
 
     def load_section(self, index: int, get_slice: SliceFn, get_scale: ScaleFn | None = None) -> None:
@@ -108,7 +115,7 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.in_start = in_start
         self.weight = nn.Parameter(torch.empty(out_features, in_local), requires_grad=False)
-        self.register_parameter("weight_scale", None)  # [out_features] fp32 with fp8 weights, whole on every rank
+        self.weight_scale: nn.Parameter | None = None  # [out_features] fp32 with fp8 weights, whole on every rank
         self.gemv: Config | None = None
 
     def load(self, get_slice: SliceFn, get_scale: ScaleFn | None = None) -> None:
