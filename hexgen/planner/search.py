@@ -79,7 +79,8 @@ def _nothing_fits(cluster: Cluster, cost: CostModel, ev: Evaluator, starts: Sequ
     if cost.model.quantization == "fp8":
         per_param = f"1 byte per linear-layer parameter (fp8), {cost.dtype_bytes} for the rest"
     msg = (
-        f"nothing fits: the model's weights are {weights / GiB:.1f} GiB at {per_param}; the cluster has {total / GiB:.1f} GiB on {cluster.num_gpus} GPUs "
+        f"nothing fits: the model's weights are {weights / GiB:.1f} GiB at {per_param}; "
+        f"the cluster has {total / GiB:.1f} GiB on {cluster.num_gpus} GPUs "
         f"({usable / GiB:.1f} GiB usable at the engine's memory fraction)"
     )
     if ev.slo_latency > 0:
