@@ -210,3 +210,115 @@ def test_config_json_without_quantization_is_unquantized(tmp_path):
          "num_hidden_layers": 1, "num_attention_heads": 2}
     (tmp_path / "config.json").write_text(json.dumps(d))
     assert ModelConfig.from_dir(str(tmp_path)).quantization == "none"
+
+
+# --- the planner --------------------------------------------------------------------------------------------
+
+def test_cost_model_counts_one_byte_per_linear_weight():
+    from dataclasses import replace
+
+    from hexgen.planner.costmodel import CostModel
+
+    cfg = preset("llama-3.1-70b")
+    bf16, fp8 = CostModel(cfg), CostModel(replace(cfg, quantization="fp8"))
+    for tp in (1, 2, 8):
+        params = bf16.layer_params(tp)
+        assert bf16.layer_weight_bytes(tp) == 2 * params
+        # linears at 1 byte, norms at 2, a 4-byte scale per output row: a little over half
+        assert params < fp8.layer_weight_bytes(tp) < 0.51 * bf16.layer_weight_bytes(tp)
+    assert fp8.first_extra_bytes() == bf16.first_extra_bytes()  # the embedding and LM head stay bf16
+
+
+@pytest.mark.parametrize("cluster", ["h200x1", "h100x2"])
+def test_plan_places_llama_70b_fp8_on_one_h200_or_two_h100s(cluster, capsys):
+    from hexgen.cli.plan import main
+
+    argv = ["--preset", "llama-3.1-70b", "--random-weights", "--cluster", f"config/clusters/{cluster}.toml",
+            "--time-budget", "2", "--json"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main([*argv, "--quantization", "fp8"]) == 0
+        plan = json.loads(capsys.readouterr().out)["plan"]
+        assert plan["replicas"], plan
+        gpus = sum(len(s["devices"]) for r in plan["replicas"] for s in r["stages"])
+        assert gpus <= {"h200x1": 1, "h100x2": 2}[cluster]
+        if cluster == "h200x1":  # 131 GiB of bf16 weights do not fit the one card
+            assert main(argv) == 2
+            assert "nothing fits" in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+
+
+def test_weight_accuracy_figures():
+    from hexgen.bench.weight_accuracy import compare
+
+    ref = [torch.tensor([2.0, 1.0, 0.0]), torch.tensor([0.0, 3.0, 1.0])]
+    assert compare(ref, ref) == {"steps": 2, "top1_agreement": 1.0, "mean_kl_nats": 0.0, "max_kl_nats": 0.0}
+    other = [torch.tensor([2.0, 1.0, 0.0]), torch.tensor([3.0, 0.0, 1.0])]
+    res = compare(ref, other)
+    p, q = torch.softmax(ref[1].double(), -1), torch.softmax(other[1].double(), -1)
+    kl = float((p * (p / q).log()).sum())
+    assert res["top1_agreement"] == 0.5 and res["max_kl_nats"] == round(kl, 6)
+    assert res["mean_kl_nats"] == round(kl / 2, 6)
+
+
+# --- CUDA: the FP8 tensor-core GEMM, CUDA graphs, the fp8 KV cache ------------------------------------------
+
+def _fp8_card() -> bool:
+    return torch.cuda.is_available() and fp8_linear.tensor_cores(torch.device("cuda", 0))
+
+
+requires_fp8_card = pytest.mark.skipif(not _fp8_card(), reason="needs a CUDA card with FP8 tensor cores (sm_89+)")
+
+
+@pytest.mark.gpu
+@requires_fp8_card
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+def test_scaled_mm_is_the_per_token_fp8_product(m):
+    dev = torch.device("cuda", 0)
+    g = torch.Generator(device=dev).manual_seed(m)
+    x = torch.randn(m, 512, device=dev, dtype=torch.bfloat16, generator=g)
+    q, s = fp8_linear.quantize_rows(torch.randn(1024, 512, device=dev, generator=g) * 0.05)
+    got = fp8_linear.linear(x, q, s).float()  # the FP8 GEMM
+    want = fp8_linear.reference(x, q, s)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-2 * scale  # bf16 output rounding and accumulation order
+    layer = torch.nn.Module()
+    layer.weight, layer.weight_scale = q, s
+    fp8_linear.tune([layer])
+    if m == 1 and layer.gemv is not None:  # the batch-1 GEMV on the fp8 weight: weight-only quantization
+        exact = x.float() @ fp8_linear.dequantize(q, s, torch.float32).t()
+        got = fp8_linear.linear(x, q, s, layer.gemv).float()
+        assert (got - exact).abs().max().item() <= 1e-2 * exact.abs().max().item()
+
+
+def _engine_run(cuda_graphs: bool, kv: str = "auto", hetero=(1,)):
+    model = ModelSpec(preset="tiny", random_weights=True)
+    layout = Layout.build(preset("tiny"), list(hetero))
+    requests = greedy_requests(make_prompts(preset("tiny").vocab_size, [5, 17, 40, 3], seed=2), 12)
+    engine = EngineConfig(device="cuda", dtype="bfloat16", quantization="fp8", collect_logits=True,
+                          cuda_graphs=cuda_graphs, kv_cache_dtype=kv)
+    return run_offline(layout, model, engine, requests)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_fp8_weights_in_cuda_graphs_match_eager(kv):
+    """Random tiny-preset weights quantized at load: captured decode steps give the eager steps' logits
+    (bf16: the first token's within 5e-2, as the other fast-path tests allow)."""
+    eager, graphs = _engine_run(False, kv), _engine_run(True, kv)
+    for rid, r in eager.items():
+        diff = (r.logits[0] - graphs[rid].logits[0]).abs().max().item()
+        assert diff < 5e-2, f"request {rid}: first-token logits differ by {diff}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fp8_weights_at_tp2_match_tp1_first_tokens():
+    one, two = _engine_run(False), _engine_run(False, hetero=(2,))
+    for rid, r in one.items():
+        diff = (r.logits[0] - two[rid].logits[0]).abs().max().item()
+        assert diff < 0.1 * r.logits[0].abs().max().item(), f"request {rid}: TP 2 first-token logits off by {diff}"
