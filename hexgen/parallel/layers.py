@@ -39,6 +39,8 @@ def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
 def _copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
     if tuple(param.shape) != tuple(value.shape):
         raise LoadError(f"{what}: checkpoint slice has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+    if value.dtype == fp8_linear.FP8 and param.dtype != fp8_linear.FP8:
+        raise LoadError(f"{what}: the checkpoint's weight is float8, but this layer keeps the model dtype")
     with torch.no_grad():
         param.copy_(value.to(dtype=param.dtype))
 
