@@ -322,3 +322,22 @@ def test_fp8_weights_at_tp2_match_tp1_first_tokens():
     for rid, r in one.items():
         diff = (r.logits[0] - two[rid].logits[0]).abs().max().item()
         assert diff < 0.1 * r.logits[0].abs().max().item(), f"request {rid}: TP 2 first-token logits off by {diff}"
+
+
+def test_quantization_reaches_the_workers_and_deployment_files(tmp_path):
+    from hexgen.bench.modes import BenchSetup
+    from hexgen.bench.serve import worker_engine_flags, worker_engine_overrides
+    from hexgen.cli.worker import build_parser, engine_overrides
+    from hexgen.wire.settings import settings_from_dict
+
+    setup = BenchSetup(ModelSpec(preset="tiny", random_weights=True), Layout.build(preset("tiny"), [1]),
+                       EngineConfig(quantization="fp8"), "test")
+    over = worker_engine_overrides(setup)
+    assert over["quantization"] == "fp8"
+    assert worker_engine_flags(over)[-2:] == ["--quantization", "fp8"]
+    args = build_parser().parse_args(["--stage", "0", "--quantization", "fp8"])
+    assert engine_overrides(args) == {"quantization": "fp8"}
+    s = settings_from_dict({"model": {"name": "m", "preset": "tiny"}, "quantization": "fp8"})
+    assert s.quantization == "fp8"
+    with pytest.raises(ConfigError, match="quantization: 'int4' must be one of auto, fp8"):
+        settings_from_dict({"model": {"name": "m", "preset": "tiny"}, "quantization": "int4"})
