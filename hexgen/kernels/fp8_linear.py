@@ -126,11 +126,32 @@ def tensor_cores(device: torch.device) -> bool:
     return _tensor_cores(device)
 
 
-def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] → (q [M, K] e4m3, scale [M, 1] fp32), dynamic per-token (row) scales."""
+def quantize_tokens(x: torch.Tensor, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] → (q [M, K] e4m3, scale [M, 1] fp32), dynamic per-token (row) scales. ``kernel`` (default:
+    on CUDA with Triton): one Triton kernel instead of the PyTorch ops below, the same values up to the last
+    bit of the division."""
+    if kernel is None:
+        kernel = x.is_cuda and gemv.triton_importable()
+    if kernel and x.shape[0] > 0:
+        return _quantize_tokens_kernel(x)
     xf = x.float()
     s = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)  # [M, 1]
     return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def _quantize_tokens_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from hexgen.kernels import fp8_quant_kernels as kern
+
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block = min(4096, 1 << (max(1, k) - 1).bit_length())
+    kern.quantize_rows[(m,)](
+        x, q, s, k, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, BLOCK=block, num_warps=4
+    )
+    return q, s
 
 
 def scaled_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
