@@ -54,7 +54,7 @@ def test_cpu_linear_is_the_dequantized_weight():
     want = x @ fp8_linear.dequantize(q, s, torch.float32).t()
     torch.testing.assert_close(fp8_linear.linear(x, q, s), want, atol=1e-5, rtol=1e-5)
     gu = torch.randn(3, 128, generator=g)
-    from hexgen.model.fused import silu_mul
+    from hexgen.kernels.fused import silu_mul
 
     torch.testing.assert_close(fp8_linear.linear(gu, q, s, silu=True), fp8_linear.linear(silu_mul(gu), q, s))
     # the tensor-core path's math, emulated: per-token e4m3 activations within e4m3 rounding of the exact product

@@ -16,7 +16,7 @@ from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
 from hexgen.errors import ConfigError
-from hexgen.model.kv_quant import FP8
+from hexgen.kernels.kv_quant import FP8
 from tests.models import N_NEW, Case, gqa_case
 
 BUDGET = 32

@@ -5,7 +5,7 @@
 - CUDA cards with FP8 tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell):
   ``torch._scaled_mm`` with the activations quantized to e4m3 per token on the fly (row-wise scales on
   both operands, fp32 accumulation). One-row inputs with a GEMV configuration (``tune``) take the Triton
-  GEMV of ``hexgen.model.gemv`` on the fp8 weight instead: batch-1 decode reads half the bytes of bf16.
+  GEMV of ``hexgen.kernels.gemv`` on the fp8 weight instead: batch-1 decode reads half the bytes of bf16.
 - CUDA cards without FP8 tensor cores, shapes the FP8 GEMM does not take (a dimension not a multiple of 16),
   and CPU: the dequantizing path, ``F.linear(x, w.to(x.dtype)) * scale`` — weight-only quantization,
   exact up to the compute dtype's rounding (what CI tests the loader and the math with). On such GPUs it
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hexgen.errors import LoadError
-from hexgen.model import fused, gemv
+from hexgen.kernels import fused, gemv
+from hexgen.kernels.support import triton_importable
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def quantize_tokens(x: torch.Tensor, kernel: bool | None = None) -> tuple[torch.
     on CUDA with Triton): one Triton kernel instead of the PyTorch ops below, the same values up to the last
     bit of the division."""
     if kernel is None:
-        kernel = x.is_cuda and gemv.triton_importable()
+        kernel = x.is_cuda and triton_importable()
     if kernel and x.shape[0] > 0:
         return _quantize_tokens_kernel(x)
     xf = x.float()
@@ -192,7 +193,7 @@ def tune(layers: list[Any], mode: str = "triton") -> dict[tuple[int, int], gemv.
     ``cublas``; each configuration is checked against the dequantized reference first."""
     for layer in layers:
         layer.gemv = None
-    if not layers or mode == "cublas" or not gemv.triton_importable() or not layers[0].weight.is_cuda:
+    if not layers or mode == "cublas" or not triton_importable() or not layers[0].weight.is_cuda:
         return {}
     if not tensor_cores(layers[0].weight.device):
         return {}
