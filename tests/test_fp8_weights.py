@@ -358,3 +358,18 @@ def test_quantization_reaches_the_workers_and_deployment_files(tmp_path):
     assert s.quantization == "fp8"
     with pytest.raises(ConfigError, match="quantization: 'int4' must be one of auto, fp8"):
         settings_from_dict({"model": {"name": "m", "preset": "tiny"}, "quantization": "int4"})
+
+
+@pytest.mark.slow
+def test_weight_accuracy_pairs_each_step_with_its_own_context(fp8_channel):
+    """On an FP8 checkpoint both runs hold the same FP8 weights: the teacher-forced steps must reproduce the
+    reference's distributions exactly (a prefix paired with the wrong step would show as KL > 0)."""
+    from hexgen.bench.weight_accuracy import weight_accuracy
+
+    path, hf = fp8_channel
+    prompts = make_prompts(hf.config.vocab_size, [4, 9], seed=3)
+    engine = EngineConfig(cpu_kv_tokens=2048, max_num_batched_tokens=BUDGET)
+    res = weight_accuracy(Layout.build(ModelConfig.from_dir(path), [1]), ModelSpec(model_dir=path), engine,
+                          prompts, new_tokens=5)
+    assert res["steps"] == 10
+    assert res["top1_agreement"] == 1.0 and res["max_kl_nats"] < 1e-9
