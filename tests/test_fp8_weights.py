@@ -284,7 +284,9 @@ def test_scaled_mm_is_the_per_token_fp8_product(m):
     got = fp8_linear.linear(x, q, s).float()  # the FP8 GEMM
     want = fp8_linear.reference(x, q, s)
     scale = want.abs().max().item()
-    assert (got - want).abs().max().item() <= 1e-2 * scale  # bf16 output rounding and accumulation order
+    # bf16 output rounding and accumulation order; one activation scale per call where row-wise is missing
+    tol = 1e-2 if fp8_linear.gemm_mode(dev) == "rowwise" else 6e-2
+    assert (got - want).abs().max().item() <= tol * scale
     layer = torch.nn.Module()
     layer.weight, layer.weight_scale = q, s
     fp8_linear.tune([layer])

@@ -4,7 +4,8 @@
 
 - CUDA cards with FP8 tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell):
   ``torch._scaled_mm`` with the activations quantized to e4m3 per token on the fly (row-wise scales on
-  both operands, fp32 accumulation). One-row inputs with a GEMV configuration (``tune``) take the Triton
+  both operands, fp32 accumulation; where the build offers no row-wise scaled GEMM, one activation scale per
+  call and the weight's row scales applied after: ``gemm_mode``). One-row inputs with a GEMV configuration (``tune``) take the Triton
   GEMV of ``hexgen.kernels.gemv`` on the fp8 weight instead: batch-1 decode reads half the bytes of bf16.
 - CUDA cards without FP8 tensor cores, shapes the FP8 GEMM does not take (a dimension not a multiple of 16),
   and CPU: the dequantizing path, ``F.linear(x, w.to(x.dtype)) * scale`` — weight-only quantization,
@@ -116,15 +117,36 @@ def random_fill(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, g
 
 
 @cache
-def _tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+def _gemm_mode(device: torch.device) -> str:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return ""
+    a = torch.zeros(16, 16, device=device).to(FP8)
+    try:  # row-wise scales: not every build offers them on every FP8 card
+        torch._scaled_mm(
+            a,
+            a.t(),
+            scale_a=torch.ones(16, 1, device=device),
+            scale_b=torch.ones(1, 16, device=device),
+            out_dtype=torch.bfloat16,
+        )
+    except RuntimeError as e:
+        log.info("fp8: row-wise scaled GEMM unavailable on %s (%s); per-tensor activation scales", device, e)
+        return "tensorwise"
+    return "rowwise"
+
+
+def gemm_mode(device: torch.device) -> str:
+    """The FP8 tensor-core GEMM ``device`` runs: "rowwise" (per-token activation scales), "tensorwise" (one
+    activation scale per call, then the weight's row scales), or "" (no FP8 tensor cores: dequantizing path).
+    Probed once per device with a small GEMM; ``tune`` asks first, before any CUDA graph capture."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _gemm_mode(device)
 
 
 def tensor_cores(device: torch.device) -> bool:
     """Whether ``device`` has FP8 tensor cores (CUDA compute capability ≥ 8.9)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _tensor_cores(device)
+    return device.type == "cuda" and gemm_mode(device) != ""
 
 
 def quantize_tokens(x: torch.Tensor, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +178,15 @@ def _quantize_tokens_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def scaled_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The FP8 tensor-core GEMM: x [M, K] quantized per token, w [N, K] e4m3, scale [N] → [M, N] x.dtype."""
+    """The FP8 tensor-core GEMM: x [M, K] quantized per token, w [N, K] e4m3, scale [N] → [M, N] x.dtype.
+    Without row-wise scales (``gemm_mode``): x over one scale, the weight's row scales applied after."""
+    if gemm_mode(x.device) == "tensorwise":
+        xf = x.float()
+        xs = (xf.abs().amax() / FP8_MAX).clamp(min=_MIN_SCALE)  # [] one scale for the whole input
+        xq = (xf / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        one = torch.ones((), device=x.device)
+        y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=one, out_dtype=torch.bfloat16)  # [M, N]
+        return (y * scale.to(y.dtype)).to(x.dtype)
     xq, xs = quantize_tokens(x)
     y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=scale[None, :], out_dtype=torch.bfloat16)
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -193,9 +223,9 @@ def tune(layers: list[Any], mode: str = "triton") -> dict[tuple[int, int], gemv.
     ``cublas``; each configuration is checked against the dequantized reference first."""
     for layer in layers:
         layer.gemv = None
-    if not layers or mode == "cublas" or not triton_importable() or not layers[0].weight.is_cuda:
+    if not layers or not layers[0].weight.is_cuda or not tensor_cores(layers[0].weight.device):
         return {}
-    if not tensor_cores(layers[0].weight.device):
+    if mode == "cublas" or not triton_importable():
         return {}
     by_shape: dict[tuple[int, int], list[Any]] = defaultdict(list)
     for layer in layers:
