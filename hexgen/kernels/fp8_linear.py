@@ -5,8 +5,9 @@
 - CUDA cards with FP8 tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell):
   ``torch._scaled_mm`` with the activations quantized to e4m3 per token on the fly (row-wise scales on
   both operands, fp32 accumulation; where the build offers no row-wise scaled GEMM, one activation scale per
-  call and the weight's row scales applied after: ``gemm_mode``). One-row inputs with a GEMV configuration (``tune``) take the Triton
-  GEMV of ``hexgen.kernels.gemv`` on the fp8 weight instead: batch-1 decode reads half the bytes of bf16.
+  call and the weight's row scales applied after: ``gemm_mode``). One-row inputs with a GEMV configuration
+  (``tune``) take the Triton GEMV of ``hexgen.kernels.gemv`` on the fp8 weight instead: batch-1 decode reads
+  half the bytes of bf16.
 - CUDA cards without FP8 tensor cores, shapes the FP8 GEMM does not take (a dimension not a multiple of 16),
   and CPU: the dequantizing path, ``F.linear(x, w.to(x.dtype)) * scale`` — weight-only quantization,
   exact up to the compute dtype's rounding (what CI tests the loader and the math with). On such GPUs it
