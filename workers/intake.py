@@ -45,6 +45,7 @@ within ``control_block_ms``, the longest the thread blocks.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -58,10 +59,13 @@ from hexgen.engine.types import Request
 from hexgen.wire import figures, trace
 from hexgen.wire import keys as C
 from hexgen.wire.connection import REDIS_ERRORS, Backoff, ClientFactory, connect
+from hexgen.wire.itemcheck import check_work_item
 from hexgen.wire.protocol import (
     INTERNAL,
+    INVALID_REQUEST,
     DoneEvent,
     ErrorEvent,
+    InvalidRequest,
     ProtocolError,
     TokenEvent,
     as_text,
@@ -94,6 +98,15 @@ def read_posted(client: redis.Redis, request_id: str) -> tuple[list[int], bool]:
             ids.extend(ev.ids)
     return ids, False
 
+
+def _peek_id(raw: Any) -> str | None:
+    """The request id to write a refused item's error to: only an id the head would have accepted (the
+    result stream's key is built from it)."""
+    text = as_text(raw) if isinstance(raw, (bytes, str)) and raw else None
+    return text if text is not None and _ID_RE.fullmatch(text) else None
+
+
+_ID_RE = re.compile(C.ID_PATTERN)
 
 Entry = tuple[str, Any, int]  # (entry id, fields, times delivered)
 Admit = Callable[[list[Entry], bool], list[Request]]  # (entries, resumed) -> requests for the engine
@@ -305,6 +318,7 @@ class RedisSource:
         self._finishing: dict[str, float] = {}  # entry id -> when the engine released it (leased until acked)
         self._cancelled: OrderedDict[str, float] = OrderedDict()  # recently cancelled ids -> when
         self._cancel_new: list[str] = []
+        self._watched: set[str] = set()  # in-flight ids whose reader key was seen (cancelled once it expires)
         self._taken: set[str] = set()  # ids the engine has taken (engine thread only: poll, poll_cancelled, finished)
         self._draining = threading.Event()
         self._stop = threading.Event()
@@ -351,6 +365,19 @@ class RedisSource:
             entry = self._inflight.pop(request_id, None)
             if entry is not None:
                 self._finishing[entry] = time.monotonic()
+
+    def failed(self, request_ids: list[str], reason: str) -> None:
+        """The engine's step with these requests failed (the rank is about to exit): dead-letter their entries
+        with an ``internal`` error now, so the restarted pipeline does not replay them into the same failure."""
+        with self._lock:
+            entries = [(rid, self._inflight.pop(rid, None)) for rid in request_ids]
+        for rid, eid in entries:
+            if eid is None:
+                continue
+            try:
+                self._dead_letter(eid, rid, reason, 1)
+            except (*REDIS_ERRORS, redis.ResponseError) as e:
+                log.warning("request %s: could not dead-letter after the failed step: %s", rid, e)
 
     def exhausted(self) -> bool:
         """Draining and nothing left in the prefetcher (requests it read before the drain are served)."""
@@ -404,7 +431,9 @@ class RedisSource:
             req, _model = decode_work_item(fields)
         except ProtocolError as e:
             raw = fields.get(b"id", fields.get("id")) if isinstance(fields, dict) else None
-            self._dead_letter(eid, as_text(raw) if raw else None, f"corrupt work item: {e}", deliveries)
+            self._dead_letter(eid, _peek_id(raw), f"corrupt work item: {e}", deliveries)
+            return None
+        if not self._checked(eid, req, deliveries):
             return None
         if deliveries > self.cfg.max_deliveries:
             self._dead_letter(
@@ -432,6 +461,24 @@ class RedisSource:
             log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids), deliveries)
         return req
 
+    def _checked(self, eid: str, req: Request, deliveries: int) -> bool:
+        """Whether a decoded item passes the head's checks again (:mod:`hexgen.wire.itemcheck`); one that does
+        not is dead-lettered with ``error invalid_request`` before the engine sees it."""
+        if not self.cfg.vocab_size:
+            return True
+        try:
+            check_work_item(
+                req,
+                vocab_size=self.cfg.vocab_size,
+                max_model_len=self.cfg.max_model_len or 1 << 62,
+                max_new_tokens=self.cfg.max_new_tokens,
+            )
+        except InvalidRequest as e:
+            rid = _peek_id(req.request_id if isinstance(req.request_id, str) else None)
+            self._dead_letter(eid, rid, f"invalid work item: {e.message}", deliveries, INVALID_REQUEST)
+            return False
+        return True
+
     def _resume(self, eid: str, req: Request, deliveries: int) -> bool:
         """A redelivered request continues from the tokens already posted; False when it is settled here
         (unreadable result stream: dead letter; already ended: acked; no tokens left: ``done length``)."""
@@ -454,7 +501,9 @@ class RedisSource:
         n = len(req.output_ids)
         self._poster.post([Post(req.request_id, n, done_event(reason, len(req.prompt_ids), n), eid)])
 
-    def _dead_letter(self, eid: str, request_id: str | None, reason: str, deliveries: int) -> None:
+    def _dead_letter(
+        self, eid: str, request_id: str | None, reason: str, deliveries: int, code: str = INTERNAL
+    ) -> None:
         log.error("entry %s (request %s) moved to %s: %s", eid, request_id, C.DEADLETTER_STREAM, reason)
         pipe = self._r.pipeline(transaction=True)
         pipe.xadd(
@@ -472,9 +521,9 @@ class RedisSource:
         )
         if request_id:
             stream = C.result_stream(request_id)
-            pipe.xadd(stream, error_event(INTERNAL, f"request failed: {reason}; moved to {C.DEADLETTER_STREAM}"))
+            pipe.xadd(stream, error_event(code, f"request failed: {reason}; moved to {C.DEADLETTER_STREAM}"))
             pipe.expire(stream, self.cfg.result_ttl_s)
-            pipe.hincrby(figures.ERRORS_KEY, INTERNAL, 1)  # /metrics: hexgen_request_errors_total
+            pipe.hincrby(figures.ERRORS_KEY, code, 1)  # /metrics: hexgen_request_errors_total
         pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
         pipe.xdel(self.cfg.work_stream, eid)
         pipe.execute()
@@ -501,6 +550,7 @@ class RedisSource:
             if not entries:
                 continue
             try:
+                self._check_readers(r)
                 pipe = r.pipeline(transaction=False)
                 for eid in entries:
                     pipe.xpending_range(cfg.work_stream, C.PIPELINES_GROUP, eid, eid, 1)
@@ -514,6 +564,27 @@ class RedisSource:
                 backoff.ok()
             except (*REDIS_ERRORS, redis.ResponseError) as e:
                 backoff.fail("lease keeper", e)
+
+    def _check_readers(self, r: redis.Redis) -> None:
+        """Cancel in-flight requests whose reader key (``hexgen:reader:<id>``, kept alive by a client that reads
+        the result stream) was seen and has expired: nobody reads their results any more."""
+        with self._lock:
+            rids = sorted(self._inflight)
+        if not rids:
+            self._watched.clear()
+            return
+        pipe = r.pipeline(transaction=False)
+        for rid in rids:
+            pipe.exists(C.reader_key(rid))
+        alive = pipe.execute()
+        self._watched.intersection_update(rids)
+        for rid, n in zip(rids, alive):
+            if n:
+                self._watched.add(rid)
+            elif rid in self._watched:
+                self._watched.discard(rid)
+                log.warning("request %s: no reader left (its reader key expired); cancelling", rid)
+                self._on_cancel(rid)
 
     def _watch_control(self) -> None:
         r, cfg = self._control_r, self.cfg
