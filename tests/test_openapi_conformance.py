@@ -1,0 +1,47 @@
+"""The HTTP API against its own OpenAPI document (``GET /openapi.json``), with schemathesis: generated valid
+and invalid requests to every operation of a real head (no worker, so a valid generation request is
+answered 503 ``no_ready_pipeline`` at once); every answer must be one the document declares (status, content
+type, body schema) and never a 500. The number of examples per operation is bounded (``EXAMPLES``)."""
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.test_hostile import start  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+EXAMPLES = 25
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+@pytest.fixture(scope="module")
+def head_only(tmp_path_factory):
+    d = start(str(tmp_path_factory.mktemp("openapi")), workers=False)
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def api_schema(head_only):
+    return schemathesis.openapi.from_url(head_only.base_url + "/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+def test_every_answer_is_declared(case, head_only):
+    case.call_and_validate(checks=CHECKS, timeout=60)
+    assert "Traceback" not in head_only.log("head", tail=100_000)
