@@ -95,10 +95,13 @@ def work_stream(model: str) -> str:
     return f"{WORK_STREAM_PREFIX}{model}"
 
 
+READER_KEY_PREFIX = "hexgen:reader:"
+
+
 def reader_key(request_id: str) -> str:
     """Set (with a TTL) by a client while it reads the request's result stream; a pipeline cancels a request
     whose reader key has expired (docs/reliability.md: orphaned streams)."""
-    return f"hexgen:reader:{request_id}"
+    return f"{READER_KEY_PREFIX}{request_id}"
 
 
 def result_stream(request_id: str) -> str:
