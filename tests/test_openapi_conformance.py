@@ -12,8 +12,8 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
     response_schema_conformance,
@@ -25,7 +25,15 @@ from tests.test_hostile import start  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 EXAMPLES = 25
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+def not_a_500(ctx, response, case) -> None:
+    """503 (no ready pipeline, Redis down) is a declared answer here; a 500 never is."""
+    if response.status_code == 500:
+        raise AssertionError(f"{case.method} {case.path} answered 500: {response.text[:300]}")
+
+
+CHECKS = [not_a_500, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,8 @@ def head_only(tmp_path_factory):
 def test_every_answer_is_declared(head_only):
     schema = schemathesis.openapi.from_url(head_only.base_url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 7
+    labels = {op.label for op in operations}
+    assert {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /health"} <= labels, labels
     calls = []
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -50,7 +59,10 @@ def test_every_answer_is_declared(head_only):
                 resp = case.call_and_validate(checks=CHECKS, timeout=60)
                 calls.append((op.label, resp.status_code))
 
-            run()
+            try:
+                run()
+            except Unsatisfiable:  # an operation with no input has no invalid request to make
+                assert mode == GenerationMode.NEGATIVE, op.label
     statuses = {status for _, status in calls}
     print(f"\nschemathesis: {len(calls)} requests, statuses {sorted(statuses)}")
     assert 500 not in statuses and {200, 400} <= statuses
