@@ -348,6 +348,8 @@ def test_a_burst_is_bounded_by_the_pool_and_the_pool_shrinks(dep, r):
     assert peak[0] <= before + HTTP["redis_pool"] + 2, (before, peak[0])
     after = wait_until(lambda: (n := len(r.client_list())) <= before + 1 and n, timeout=30,
                        what="the head's idle Redis connections released")
+    assert not list(r.scan_iter(C.reader_key("*"))), "reader keys left behind"
+    assert r.xlen(C.work_stream("tiny")) == 0
     print(f"\nfigure: Redis clients before {before}, peak during 48 concurrent requests {peak[0]} "
           f"(redis_pool {HTTP['redis_pool']}), after {after}")
     responsive(dep)
