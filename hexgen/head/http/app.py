@@ -10,10 +10,9 @@ API's schema (:mod:`hexgen.head.http.openapi`). The front's Redis pool is bounde
 (a request waits up to ``http.redis_pool_wait_s`` for a connection) and connections idle for
 ``http.redis_idle_s`` are closed (:mod:`hexgen.head.http.pool`).
 
-Starlette was chosen over FastAPI by measurement (``scripts/bench_asgi.py``: server CPU per request on
-uvicorn + uvloop + httptools, a chat-shaped JSON answer and a 32-chunk SSE stream): Starlette spent
-about 35% less CPU per JSON answer and 15% less per stream, and its request validation is ours anyway
-(the Redis path's, naming the parameter and its range, which FastAPI's 422 shape does not).
+Starlette rather than FastAPI: less server CPU per request on uvicorn + uvloop + httptools, and the request
+validation is ours anyway (the Redis path's, naming the parameter and its range, which FastAPI's 422 shape
+does not).
 """
 
 from __future__ import annotations
