@@ -38,7 +38,7 @@ from hexgen.engine.types import Request
 from hexgen.wire import keys as C
 from hexgen.wire import trace
 from hexgen.wire.connection import REDIS_ERRORS, Backoff
-from hexgen.wire.protocol import as_text
+from hexgen.wire.text import as_text
 from workers.io_config import IOConfig
 
 log = logging.getLogger(__name__)
