@@ -99,3 +99,38 @@ def test_the_openapi_document_lists_every_route_and_error():
                                  "/health", "/ready", "/openapi.json"}
     answers = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"200", "400", "413", "415", "429", "503"} <= set(answers)
+
+
+async def test_deadlines_end_only_unfinished_requests():
+    import fakeredis
+
+    from hexgen.head.deadlines import Deadlines
+    from hexgen.wire.protocol import done_event, parse_event
+
+    r = fakeredis.FakeAsyncRedis()
+    d = Deadlines(r, "tiny", heartbeat_ttl_s=2, result_ttl_s=600)
+    ready = [True]
+
+    async def is_ready(model):
+        return ready[0]
+
+    d.readiness.is_ready = is_ready
+    await r.xadd(C.result_stream("finished"), done_event("length", 3, 2))
+    for rid in ("finished", "running", "queued"):
+        d.add(rid, 0.0)
+    due = d.due()
+    assert sorted(rid for rid, _ in due) == ["finished", "queued", "running"] and len(d) == 0
+    assert await d.expire(due) == 2
+    for rid in ("running", "queued"):
+        (_, fields), = await r.xrange(C.result_stream(rid))
+        ev = parse_event(fields)
+        assert ev.code == "timeout" and ev.message.startswith("deadline_s: ")
+        assert 0 < await r.ttl(C.result_stream(rid)) <= 600
+    assert len(await r.xrange(C.result_stream("finished"))) == 1
+    assert sorted(f[b"id"] for _, f in await r.xrange(C.CANCEL_STREAM)) == [b"queued", b"running"]
+    ready[0] = False
+    d.add("stranded", 0.0)
+    assert await d.expire(d.due()) == 1
+    (_, fields), = await r.xrange(C.result_stream("stranded"))
+    assert parse_event(fields).code == "no_ready_pipeline"
+    await r.aclose()
