@@ -108,6 +108,7 @@ class GenerationStream:
         self.timeout_s = timeout_s
         self.done: DoneEvent | None = None
         self._started = False
+        self._touched = 0.0  # when the reader key was last renewed
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         if self._started:
@@ -121,8 +122,9 @@ class GenerationStream:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         epoch = await c._submit(self._fields, self.id)
         last_id, next_seq = "0-0", 0
+        self._touched = time.monotonic()
         while True:
-            block = c.block_ms
+            block = c.block_ms if c.reader_ttl_s is None else min(c.block_ms, max(1, int(c.reader_ttl_s * 1000 / 3)))
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -140,9 +142,19 @@ class GenerationStream:
                         yield ev
                     elif isinstance(ev, DoneEvent):
                         self.done = ev
+                        await self._release()
                         return
                     elif isinstance(ev, ErrorEvent):
+                        await self._release()
                         raise ev.to_exception()
+
+    async def _release(self) -> None:
+        """Delete the reader key once the stream has ended (best effort: it expires anyway)."""
+        if self._client.reader_ttl_s is not None:
+            try:
+                await self._client.redis.delete(C.reader_key(self.id))
+            except REDIS_ERRORS:
+                pass
 
     async def _read(self, stream: str, last_id: Any, block: int, epoch: bytes | None) -> Any:
         """One XREAD. Nothing for a ``block_ms``: check Redis still knows the request (its epoch). A lost
@@ -150,6 +162,10 @@ class GenerationStream:
         lost in a crash or failover is served), then report nothing read."""
         c = self._client
         try:
+            ttl = c.reader_ttl_s
+            if ttl is not None and time.monotonic() - self._touched >= ttl / 3:
+                await c.redis.set(C.reader_key(self.id), "1", px=max(1, int(ttl * 1000)))
+                self._touched = time.monotonic()
             reply = await c.redis.xread({stream: last_id}, block=block, count=256)
             if not reply:
                 await c._check_epoch(epoch, self.id)
@@ -179,7 +195,10 @@ class HexGenClient:
     drops it as a duplicate unless Redis lost the first one, which is then served). The client reads the
     deployment's epoch (``hexgen:epoch``) with each request and again whenever it waited ``block_ms``
     without events or reconnected: a different epoch means Redis lost its data, and the request ends with
-    :class:`RequestLost`. A URL with ``wait_replicas=N`` makes each request's XADD wait until N replicas
+    :class:`RequestLost`. With ``reader_ttl_s``, a stream being read keeps the key ``hexgen:reader:<id>``
+    alive (TTL ``reader_ttl_s``, renewed every third of it); a pipeline cancels a request whose reader key
+    has expired, so a client that died mid-stream does not leave its generation running. A URL with
+    ``wait_replicas=N`` makes each request's XADD wait until N replicas
     hold it (``WAIT``), so a failover cannot lose it.
     """
 
@@ -193,6 +212,7 @@ class HexGenClient:
         reconnect_s: float = 60.0,
         redis: Any | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        reader_ttl_s: float | None = None,
     ) -> None:
         if block_ms < 1:
             raise ValueError(f"block_ms: {block_ms} must be ≥ 1")
@@ -200,6 +220,9 @@ class HexGenClient:
             raise ValueError(f"reconnect_s: {reconnect_s} must be ≥ 0")
         if max_connections < 1:
             raise ValueError(f"max_connections: {max_connections} must be ≥ 1")
+        if reader_ttl_s is not None and not 0 < reader_ttl_s < float("inf"):
+            raise ValueError(f"reader_ttl_s: {reader_ttl_s} must be a finite number > 0 (or None: no reader key)")
+        self.reader_ttl_s = reader_ttl_s
         self.url = RedisSettings(url).url
         self._target = parse_redis_url(self.url)
         self.model = model
@@ -226,8 +249,10 @@ class HexGenClient:
             try:
                 async with self.redis.pipeline(transaction=False) as p:
                     p.get(C.EPOCH_KEY)
+                    if self.reader_ttl_s is not None:
+                        p.set(C.reader_key(request_id), "1", px=max(1, int(self.reader_ttl_s * 1000)))
                     p.xadd(C.REQUESTS_STREAM, fields)
-                    epoch, _ = await p.execute()
+                    epoch = (await p.execute())[0]
                 await async_wait_replicas(self.redis, self._target)
                 return epoch
             except REDIS_ERRORS as e:

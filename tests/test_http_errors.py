@@ -152,10 +152,11 @@ def test_invalid_json_and_too_large_bodies(http):
     e = error_of(http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
                  400)
     assert "not valid JSON" in e["message"]
-    assert "NaN" in error_of(http.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}'),
-                             400)["message"]
+    as_json = {"Content-Type": "application/json"}
+    assert "NaN" in error_of(http.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}',
+                                       headers=as_json), 400)["message"]
     huge = json.dumps({"model": "tiny", "prompt": "x" * (5 << 20)})
-    e = error_of(http.post("/v1/completions", content=huge), 413)
+    e = error_of(http.post("/v1/completions", content=huge, headers=as_json), 413)
     assert e["code"] == "request_too_large"
 
 

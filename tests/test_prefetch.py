@@ -1,4 +1,4 @@
-"""The stage-0 work prefetcher (workers/intake.py): delivery, its bound, claims, drain and close on
+"""The stage-0 work prefetcher (workers/prefetch.py): delivery, its bound, claims, drain and close on
 fakeredis; wake-up, close and a dying worker's prefetched entries on a real redis-server."""
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from hexgen.wire.protocol import (
 )
 from hexgen.wire.text import as_text
 from tests.waiting import wait_until
-from workers.intake import Prefetcher, RedisSource
+from workers.intake import RedisSource
+from workers.prefetch import Prefetcher
 from workers.io_config import IOConfig
 
 pytestmark = pytest.mark.timeout(60)

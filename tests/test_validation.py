@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from hexgen.head.jsoncheck import MAX_JSON_DEPTH
 from hexgen.head.validation import FIELDS, check_context, parse_request, peek_request_id
 from hexgen.wire import keys as C
 from hexgen.wire.protocol import InvalidRequest
@@ -171,4 +172,15 @@ def test_json_nested_too_deeply_is_invalid_request(fields):
     name = "messages" if "messages" in fields else "stop"
     with pytest.raises(InvalidRequest) as e:
         parse_request(fields, "1-0")
-    assert e.value.message == f"{name}: JSON nested too deeply"
+    assert e.value.message == f"{name}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+@pytest.mark.parametrize("fields, name", [
+    ({"messages": '[{"role": "user", "content": "a\\ud800b"}]'}, "messages[0].content"),
+    ({"prompt": "hi", "stop": '["ok", "\\udfff"]'}, "stop[1]"),
+    ({"messages": "[" * 40 + "]" * 40}, "messages" + "[0]" * 32),
+])
+def test_lone_surrogates_and_deep_json_name_the_field(fields, name):
+    with pytest.raises(InvalidRequest) as e:
+        parse_request(fields, "1-0")
+    assert e.value.message.startswith(f"{name}: ")

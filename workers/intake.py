@@ -1,11 +1,12 @@
 """Work intake: the stage-0 leader reads, leases, takes over and admits work entries for its engine.
 
-:class:`RedisSource` is the engine's request source; a :class:`Prefetcher` thread reads and claims work off the
-engine loop and admits entries through the source (``_admit``); the engine loop's :meth:`RedisSource.poll`
-only takes what it queued. Results are posted by :mod:`workers.sink`, whose function call also acks.
+:class:`RedisSource` is the engine's request source; a :class:`~workers.prefetch.Prefetcher` thread reads and
+claims work off the engine loop and admits entries through the source (``_admit``); the engine loop's
+:meth:`RedisSource.poll` only takes what it queued. Results are posted by :mod:`workers.sink`, whose function
+call also acks.
 
 Leases. Work entries are read with XREADGROUP (group ``pipelines``, consumer ``pipeline-<id>``) by the prefetch
-thread (below), only as many as the engine has room for. While a request is in flight
+thread (:mod:`workers.prefetch`), only as many as the engine has room for. While a request is in flight
 (queued for the engine or running, and until its ``done`` is acked) a keeper thread re-claims its entry every
 ``lease_s / 3`` (XCLAIM JUSTID, min-idle 0, only entries this consumer still owns), so its idle time stays far
 below the lease while the pipeline lives. Entries of a pipeline that died age past
@@ -14,54 +15,45 @@ below the lease while the pipeline lives. Entries of a pipeline that died age pa
 otherwise the request resumes with ``output_ids`` = the tokens already posted. Entries delivered more than
 ``max_deliveries`` times go to ``hexgen:deadletter`` and the client gets ``error internal``.
 
+Trust boundary. Anyone who may XADD to the work stream can put an item there, so each decoded item is checked
+again (:mod:`hexgen.wire.itemcheck`: token ids within the vocabulary, types, lengths, the deployment's caps);
+a bad one is dead-lettered with ``error invalid_request`` before the engine sees it. When a step fails on
+its input anyway, the leader calls :meth:`RedisSource.failed` with the step's requests before the rank exits:
+they are dead-lettered with ``error internal`` instead of being replayed into the same failure.
+
+Orphaned streams. A client that reads a request's results may keep ``hexgen:reader:<id>`` alive (the HTTP front
+does, TTL ``lease_s``); the lease keeper cancels an in-flight request whose reader key it has seen and that has
+expired (nobody reads its results any more).
+
 Cancellation. Every source reads ``hexgen:cancel`` with a plain XREAD in a thread, starting
 ``cancel_memory_s`` in the past so a freshly started pipeline still honours recent cancels. Ids cancelled
 while in flight are handed to the engine by :meth:`RedisSource.poll_cancelled`; ids cancelled before their
 work entry arrived are finished at admission with ``done cancelled``.
-
-Prefetch. The :class:`Prefetcher` thread blocks in XREADGROUP (BLOCK) on ``hexgen:work:<model>`` for the
-``pipelines`` group, claims stale pending entries (this pipeline's own after half a lease with XCLAIM, dead
-pipelines' after a lease with XAUTOCLAIM) every ``lease_s / 10``, turns the entries into requests with the source's
-``admit`` (decoding, dead letters, resume from posted tokens, cancels, duplicates; above) and queues them. The
-engine loop takes them with :meth:`Prefetcher.take`: without waiting while it is busy, with a timeout while it is
-idle. It makes no Redis call to take work, so a request that lands during a step waits for the step to end, not for
-the step and a read.
-
-Bound. The thread asks for at most ``want - held`` entries (XREADGROUP and claims' COUNT): ``want`` is the
-engine's free capacity (``max_num_seqs`` less the requests it has running or waiting) as of its last
-:meth:`~Prefetcher.take`, less what it took since; ``held`` is what sits in the queue. Capacity falls only
-through what the engine takes, so ``held`` + the engine's requests never exceeds ``max_num_seqs``: the worker
-holds no more entries than the synchronous read it replaces (COUNT = free capacity, once per step) held in
-the scheduler's waiting list. An engine with no room reads nothing, so the entries stay in the stream for the
-other pipelines, and a worker that dies holds at most what it would have admitted at its next step (its
-entries are taken over after the lease, as any in-flight entry).
-
-Acks are not the thread's business: a queued request is in flight like an admitted one (the source's lease
-keeper keeps its entry), and its entry is acked when its ``done`` is written, as before. Draining stops the
-reads; what is queued is still handed to the engine. :meth:`close` stops the thread: a blocked read returns
-within ``control_block_ms``, the longest the thread blocks.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import OrderedDict
 from functools import partial
 from typing import Any
 
 import redis
 
 from hexgen.engine.types import Request
-from hexgen.wire import figures, trace
+from hexgen.wire import figures
 from hexgen.wire import keys as C
 from hexgen.wire.connection import REDIS_ERRORS, Backoff, ClientFactory, connect
+from hexgen.wire.itemcheck import check_work_item
 from hexgen.wire.protocol import (
     INTERNAL,
+    INVALID_REQUEST,
     DoneEvent,
     ErrorEvent,
+    InvalidRequest,
     ProtocolError,
     TokenEvent,
     decode_work_item,
@@ -72,6 +64,7 @@ from hexgen.wire.protocol import (
 )
 from hexgen.wire.text import as_text
 from workers.io_config import IOConfig
+from workers.prefetch import Entry, Prefetcher
 from workers.sink import Post, Poster
 
 log = logging.getLogger(__name__)
@@ -95,199 +88,14 @@ def read_posted(client: redis.Redis, request_id: str) -> tuple[list[int], bool]:
     return ids, False
 
 
-Entry = tuple[str, Any, int]  # (entry id, fields, times delivered)
-Admit = Callable[[list[Entry], bool], list[Request]]  # (entries, resumed) -> requests for the engine
+def _peek_id(raw: Any) -> str | None:
+    """The request id to write a refused item's error to: only an id the head would have accepted (the
+    result stream's key is built from it)."""
+    text = as_text(raw) if isinstance(raw, (bytes, str)) and raw else None
+    return text if text is not None and _ID_RE.fullmatch(text) else None
 
 
-class Prefetcher:
-    """Reads and claims work entries on a thread; the engine loop takes the requests (see the module doc).
-
-    ``client`` is the thread's own connection (socket timeout above ``block_ms``); ``admit`` runs on the
-    thread; ``owned()`` gives the entries the source holds (never claimed back from itself).
-    """
-
-    def __init__(self, client: redis.Redis, cfg: IOConfig, admit: Admit, owned: Callable[[], set[str]]) -> None:
-        self.cfg = cfg
-        self._r = client
-        self._admit = admit
-        self._owned = owned
-        self._cond = threading.Condition()
-        self._ready: deque[Request] = deque()  # admitted, not yet taken by the engine
-        self._want = 0  # what the engine can take: its free capacity at its last take(), less what it took
-        self._paused = False  # draining: read nothing more
-        self._reading = False  # a read or claim is under way (its requests may still come)
-        self._stop = threading.Event()
-        self.backoff = Backoff()
-        self._cursor = "0-0"
-        self._next_reclaim = 0.0
-        self._group_ok = False
-        self._thread = threading.Thread(target=self._run, name="work-prefetch", daemon=True)
-
-    def start(self) -> Prefetcher:
-        """Start the reading thread; returns self."""
-        self._thread.start()
-        return self
-
-    # ---- engine thread ---------------------------------------------------------------------------------------
-
-    def take(self, max_requests: int, timeout_s: float) -> list[Request]:
-        """Up to ``max_requests`` queued requests (the engine's free capacity); wait up to ``timeout_s`` for
-        one when none is queued (0: don't wait). No Redis call."""
-        max_requests = max(0, max_requests)
-        with self._cond:
-            if self._want != max_requests:
-                self._want = max_requests
-                self._cond.notify_all()  # the thread may be waiting for room
-            if not self._ready and timeout_s > 0:
-                self._cond.wait_for(self._ready_or_done, timeout_s)
-            n = min(max_requests, len(self._ready))
-            out = [self._ready.popleft() for _ in range(n)]
-            self._want -= n
-        if trace.ENABLED and out:
-            t = time.monotonic()
-            for req in out:
-                trace.stamp(req.meta, "src_take", t)
-        return out
-
-    def _ready_or_done(self) -> bool:
-        return bool(self._ready) or self._stop.is_set() or (self._paused and not self._reading)
-
-    def pause(self) -> None:
-        """Read and claim nothing more (drain); queued requests are still taken."""
-        with self._cond:
-            self._paused = True
-            self._cond.notify_all()
-
-    def exhausted(self) -> bool:
-        """Paused, with nothing queued and no read under way: no request will come any more."""
-        with self._cond:
-            return self._paused and not self._ready and not self._reading
-
-    @property
-    def held(self) -> int:
-        with self._cond:
-            return len(self._ready)
-
-    def close(self) -> None:
-        """Stop the thread (a blocked read returns within ``control_block_ms``); queued requests are dropped,
-        their entries stay pending and are taken over after the lease."""
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread.ident is not None:  # started
-            self._thread.join(timeout=self.cfg.control_block_ms / 1000 + 2)
-        if self._thread.is_alive():
-            log.warning("work prefetch thread still running after close")
-
-    # ---- the thread -----------------------------------------------------------------------------------------
-
-    def _room(self) -> int:
-        """Wait until the engine can take more than what is queued (or stop); mark a read under way."""
-        with self._cond:
-            while not self._stop.is_set():
-                room = self._want - len(self._ready)
-                if room > 0 and not self._paused:
-                    self._reading = True
-                    return room
-                self._cond.wait(self.cfg.control_block_ms / 1000)
-            return 0
-
-    def _put(self, reqs: list[Request]) -> None:
-        if not reqs:
-            return
-        with self._cond:
-            self._ready.extend(reqs)
-            self._cond.notify_all()
-        time.sleep(0)  # hand the GIL to an engine loop waiting in take() (measured: 0.24-0.30 -> 0.09-0.12 ms)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            room = self._room()
-            if room <= 0:
-                break
-            try:
-                if self.backoff.ready():
-                    self._read(room)
-                    self.backoff.ok()
-            except REDIS_ERRORS as e:
-                self.backoff.fail("work prefetch", e)
-            except redis.ResponseError as e:
-                if "NOGROUP" in str(e):
-                    self._group_ok = False
-                self.backoff.fail("work prefetch", e)
-            finally:
-                with self._cond:
-                    self._reading = False
-                    self._cond.notify_all()
-            if not self.backoff.ready():
-                self._stop.wait(self.backoff.remaining())
-
-    def _read(self, room: int) -> None:
-        """Claims when due, then new entries: blocking unless the claims found some."""
-        self._ensure_group()
-        now = time.monotonic()
-        claimed = 0
-        if now >= self._next_reclaim:
-            self._next_reclaim = now + max(0.05, self.cfg.lease_s / 10)
-            reqs = self._reclaim(room)
-            claimed = len(reqs)
-            self._put(reqs)
-        if room - claimed <= 0:
-            return
-        wait_s = 0.0 if claimed else min(self.cfg.block_ms, self.cfg.control_block_ms) / 1000
-        wait_s = min(wait_s, max(0.01, self._next_reclaim - time.monotonic()))
-        self._put(self._read_new(room - claimed, wait_s))
-
-    def _ensure_group(self) -> None:
-        if self._group_ok:
-            return
-        try:
-            self._r.xgroup_create(self.cfg.work_stream, C.PIPELINES_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        self._group_ok = True
-
-    def _read_new(self, count: int, wait_s: float) -> list[Request]:
-        block = max(1, int(wait_s * 1000)) if wait_s > 0 else None
-        res = self._r.xreadgroup(
-            C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">"}, count=count, block=block
-        )
-        entries = [e for _stream, es in (res or []) for e in es]
-        if not entries:
-            return []
-        out = self._admit([(as_text(eid), fields, 1) for eid, fields in entries if fields is not None], False)
-        if trace.ENABLED:
-            t = time.monotonic()
-            for req in out:
-                trace.stamp(req.meta, "src_read", t)
-        return out
-
-    def _reclaim(self, count: int) -> list[Request]:
-        """Take back this pipeline's own stale entries, then other pipelines' expired ones."""
-        r, cfg = self._r, self.cfg
-        owned = self._owned()
-        half = max(1, cfg.lease_ms // 2)
-        stale = r.xpending_range(
-            cfg.work_stream, C.PIPELINES_GROUP, "-", "+", count, consumername=cfg.consumer, idle=half
-        )
-        ids = [as_text(p["message_id"]) for p in stale if as_text(p["message_id"]) not in owned]
-        claimed = list(r.xclaim(cfg.work_stream, C.PIPELINES_GROUP, cfg.consumer, half, ids)) if ids else []
-        if len(claimed) < count:
-            nxt, entries, *_deleted = r.xautoclaim(
-                cfg.work_stream, C.PIPELINES_GROUP, cfg.consumer, cfg.lease_ms, self._cursor, count=count - len(claimed)
-            )
-            self._cursor = as_text(nxt)
-            claimed += [e for e in entries if as_text(e[0]) not in owned]
-        claimed = [(as_text(eid), fields) for eid, fields in claimed if fields is not None]
-        if not claimed:
-            return []
-        pipe = r.pipeline(transaction=False)
-        for eid, _ in claimed:
-            pipe.xpending_range(cfg.work_stream, C.PIPELINES_GROUP, eid, eid, 1)
-        counts = [(p[0]["times_delivered"] if p else 1) for p in pipe.execute()]
-        log.info("pipeline %s: claimed %d pending entries", cfg.pipeline_id, len(claimed))
-        return self._admit([(eid, f, n) for (eid, f), n in zip(claimed, counts)], True)
+_ID_RE = re.compile(C.ID_PATTERN)
 
 
 class RedisSource:
@@ -305,6 +113,7 @@ class RedisSource:
         self._finishing: dict[str, float] = {}  # entry id -> when the engine released it (leased until acked)
         self._cancelled: OrderedDict[str, float] = OrderedDict()  # recently cancelled ids -> when
         self._cancel_new: list[str] = []
+        self._watched: set[str] = set()  # in-flight ids whose reader key was seen (cancelled once it expires)
         self._taken: set[str] = set()  # ids the engine has taken (engine thread only: poll, poll_cancelled, finished)
         self._draining = threading.Event()
         self._stop = threading.Event()
@@ -351,6 +160,19 @@ class RedisSource:
             entry = self._inflight.pop(request_id, None)
             if entry is not None:
                 self._finishing[entry] = time.monotonic()
+
+    def failed(self, request_ids: list[str], reason: str) -> None:
+        """The engine's step with these requests failed (the rank is about to exit): dead-letter their entries
+        with an ``internal`` error now, so the restarted pipeline does not replay them into the same failure."""
+        with self._lock:
+            entries = [(rid, self._inflight.pop(rid, None)) for rid in request_ids]
+        for rid, eid in entries:
+            if eid is None:
+                continue
+            try:
+                self._dead_letter(eid, rid, reason, 1)
+            except (*REDIS_ERRORS, redis.ResponseError) as e:
+                log.warning("request %s: could not dead-letter after the failed step: %s", rid, e)
 
     def exhausted(self) -> bool:
         """Draining and nothing left in the prefetcher (requests it read before the drain are served)."""
@@ -404,7 +226,9 @@ class RedisSource:
             req, _model = decode_work_item(fields)
         except ProtocolError as e:
             raw = fields.get(b"id", fields.get("id")) if isinstance(fields, dict) else None
-            self._dead_letter(eid, as_text(raw) if raw else None, f"corrupt work item: {e}", deliveries)
+            self._dead_letter(eid, _peek_id(raw), f"corrupt work item: {e}", deliveries)
+            return None
+        if not self._checked(eid, req, deliveries):
             return None
         if deliveries > self.cfg.max_deliveries:
             self._dead_letter(
@@ -432,6 +256,24 @@ class RedisSource:
             log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids), deliveries)
         return req
 
+    def _checked(self, eid: str, req: Request, deliveries: int) -> bool:
+        """Whether a decoded item passes the head's checks again (:mod:`hexgen.wire.itemcheck`); one that does
+        not is dead-lettered with ``error invalid_request`` before the engine sees it."""
+        if not self.cfg.vocab_size:
+            return True
+        try:
+            check_work_item(
+                req,
+                vocab_size=self.cfg.vocab_size,
+                max_model_len=self.cfg.max_model_len or 1 << 62,
+                max_new_tokens=self.cfg.max_new_tokens,
+            )
+        except InvalidRequest as e:
+            rid = _peek_id(req.request_id if isinstance(req.request_id, str) else None)
+            self._dead_letter(eid, rid, f"invalid work item: {e.message}", deliveries, INVALID_REQUEST)
+            return False
+        return True
+
     def _resume(self, eid: str, req: Request, deliveries: int) -> bool:
         """A redelivered request continues from the tokens already posted; False when it is settled here
         (unreadable result stream: dead letter; already ended: acked; no tokens left: ``done length``)."""
@@ -454,7 +296,9 @@ class RedisSource:
         n = len(req.output_ids)
         self._poster.post([Post(req.request_id, n, done_event(reason, len(req.prompt_ids), n), eid)])
 
-    def _dead_letter(self, eid: str, request_id: str | None, reason: str, deliveries: int) -> None:
+    def _dead_letter(
+        self, eid: str, request_id: str | None, reason: str, deliveries: int, code: str = INTERNAL
+    ) -> None:
         log.error("entry %s (request %s) moved to %s: %s", eid, request_id, C.DEADLETTER_STREAM, reason)
         pipe = self._r.pipeline(transaction=True)
         pipe.xadd(
@@ -472,9 +316,9 @@ class RedisSource:
         )
         if request_id:
             stream = C.result_stream(request_id)
-            pipe.xadd(stream, error_event(INTERNAL, f"request failed: {reason}; moved to {C.DEADLETTER_STREAM}"))
+            pipe.xadd(stream, error_event(code, f"request failed: {reason}; moved to {C.DEADLETTER_STREAM}"))
             pipe.expire(stream, self.cfg.result_ttl_s)
-            pipe.hincrby(figures.ERRORS_KEY, INTERNAL, 1)  # /metrics: hexgen_request_errors_total
+            pipe.hincrby(figures.ERRORS_KEY, code, 1)  # /metrics: hexgen_request_errors_total
         pipe.xack(self.cfg.work_stream, C.PIPELINES_GROUP, eid)
         pipe.xdel(self.cfg.work_stream, eid)
         pipe.execute()
@@ -501,6 +345,7 @@ class RedisSource:
             if not entries:
                 continue
             try:
+                self._check_readers(r)
                 pipe = r.pipeline(transaction=False)
                 for eid in entries:
                     pipe.xpending_range(cfg.work_stream, C.PIPELINES_GROUP, eid, eid, 1)
@@ -514,6 +359,27 @@ class RedisSource:
                 backoff.ok()
             except (*REDIS_ERRORS, redis.ResponseError) as e:
                 backoff.fail("lease keeper", e)
+
+    def _check_readers(self, r: redis.Redis) -> None:
+        """Cancel in-flight requests whose reader key (``hexgen:reader:<id>``, kept alive by a client that reads
+        the result stream) was seen and has expired: nobody reads their results any more."""
+        with self._lock:
+            rids = sorted(self._inflight)
+        if not rids:
+            self._watched.clear()
+            return
+        pipe = r.pipeline(transaction=False)
+        for rid in rids:
+            pipe.exists(C.reader_key(rid))
+        alive = pipe.execute()
+        self._watched.intersection_update(rids)
+        for rid, n in zip(rids, alive):
+            if n:
+                self._watched.add(rid)
+            elif rid in self._watched:
+                self._watched.discard(rid)
+                log.warning("request %s: no reader left (its reader key expired); cancelling", rid)
+                self._on_cancel(rid)
 
     def _watch_control(self) -> None:
         r, cfg = self._control_r, self.cfg

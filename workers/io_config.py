@@ -27,6 +27,9 @@ class IOConfig:
     control_block_ms: int = 1000  # longest BLOCK of the source's threads (cancel reader, work prefetch): the
     # drain flag is checked this often and close() returns within about this
     flush_timeout_s: float = 30.0  # RedisSink.close() waits this long for pending writes
+    vocab_size: int = 0  # token ids of a work item must be below this (0: not checked; set by the rank)
+    max_model_len: int = 0  # a work item's prompt may hold at most this many tokens (0: not checked)
+    max_new_tokens: int = C.MAX_NEW_TOKENS_CAP  # limits.max_new_tokens
 
     @classmethod
     def from_settings(cls, settings: Settings, pipeline_id: str, **overrides: Any) -> IOConfig:
@@ -39,6 +42,7 @@ class IOConfig:
             max_deliveries=lim.max_deliveries,
             block_ms=lim.block_ms,
             result_ttl_s=lim.result_ttl_s,
+            max_new_tokens=lim.max_new_tokens,
         )
         kw.update(overrides)
         return cls(**kw)

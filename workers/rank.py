@@ -238,7 +238,14 @@ class _Rank:
             partial(self.on_broken, gen=gen),
             rejoin=partial(self.registry.check_peers, self.a.rank, gen, after_lapse=True),
         )
-        io = IOConfig.from_settings(self.a.opts.settings, self.a.opts.pipeline_id, **self.a.opts.io_overrides)
+        mc = self.model.config()
+        io = IOConfig.from_settings(
+            self.a.opts.settings,
+            self.a.opts.pipeline_id,
+            vocab_size=mc.vocab_size,
+            max_model_len=self.engine.max_model_len or mc.max_position_embeddings,
+            **self.a.opts.io_overrides,
+        )
         threads = self.cpu_threads()
         spec = RankSpec(
             self.a.rank, self.layout, self.model, self.engine, gen.rendezvous, self.a.device_index, cpu_threads=threads

@@ -36,6 +36,9 @@ from hexgen.parallel.groups import PipelineGroups
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5  # how long an idle leader blocks on its source before looking at cancellations again
+# Errors a step's own input can raise in this rank's compute (a token id out of range, a bad type): the step's
+# requests are blamed. Others (RuntimeError: a collective with a lost peer, out of memory) are not theirs.
+INPUT_ERRORS = (IndexError, TypeError, ValueError, KeyError, OverflowError)
 
 
 def runs_ahead(engine: EngineConfig, groups: PipelineGroups) -> bool:
@@ -165,6 +168,26 @@ class FirstLeader:
             self._loop()
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except INPUT_ERRORS as e:
+            self._blame(e)
+            raise
+
+    def _blame(self, error: BaseException) -> None:
+        """Report the requests of the steps in flight to the source (optional ``failed(ids, reason)``), so
+        that they are not replayed into the same failure when the pipeline restarts."""
+        ids = [s.request.request_id for s in self.scheduler.running if s.in_flight]
+        failed = getattr(self.source, "failed", None)
+        if not ids or failed is None:
+            return
+        log.error("step failed with %s; failing its %d requests", type(error).__name__, len(ids))
+        try:
+            failed(ids, f"the step failed on this pipeline ({type(error).__name__}: {str(error)[:200]})")
+        except Exception:  # noqa: BLE001 - the step's own error is the one to raise
+            log.exception("could not fail the requests of the failed step")
+
+    def _steps(self) -> None:
         steps, step, clock = self.steps, 0, LoopClock()
         while True:
             clock.lap("other")

@@ -41,6 +41,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hexgen.engine.types import Request
+from hexgen.head.deadlines import Deadlines
 from hexgen.head.status import StatusReport, collect_status, queue_status
 from hexgen.head.submit import DUPLICATE, OVER_LIMIT, Submitter
 from hexgen.head.tokenizing import (
@@ -98,6 +99,7 @@ class Head:
         self._last_reclaim = 0.0
         self.submitter = Submitter(redis, self.work_stream, self.limits.dedupe_ttl_s, self.limits.max_queue_depth)
         self._durability = parse_redis_url(settings.redis.url)  # wait_replicas: WAIT after each submit
+        self.deadlines = Deadlines(redis, settings.model.name, self.limits.heartbeat_ttl_s, self.limits.result_ttl_s)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -147,6 +149,7 @@ class Head:
             self.work_stream,
         )
         watcher = asyncio.create_task(self.watch_health(), name="hexgen-head-health")
+        deadlines = asyncio.create_task(self.deadlines.run(), name="hexgen-head-deadlines")
         backoff, ready = 0.1, False
         try:
             while not self.stopping:
@@ -169,7 +172,8 @@ class Head:
                     ready = False
         finally:
             watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            deadlines.cancel()
+            await asyncio.gather(watcher, deadlines, return_exceptions=True)
             await self._leave_group()
         log.info("head %s: stopped", self.consumer)
 
@@ -260,6 +264,7 @@ class Head:
             )
             await self.fail(request_id, entry_id, error)
             return error.code
+        self.deadlines.add(request_id, req.meta.get("deadline_s") or self.limits.default_deadline_s)
         log.debug("head: queued %r (%d prompt tokens)", request_id, len(req.prompt_ids))
         return "queued"
 
@@ -298,7 +303,12 @@ class Head:
         else:
             ids = await asyncio.to_thread(tokenize, self.tokenizer, parsed)
         check_context(len(ids), parsed.params.max_new_tokens, self.max_model_len)
-        meta = {"request_entry": entry_id, "head": self.consumer, "received_at": time.time()}
+        meta = {
+            "request_entry": entry_id,
+            "head": self.consumer,
+            "received_at": time.time(),
+            "deadline_s": parsed.deadline_s or self.limits.default_deadline_s,
+        }
         return Request(request_id, ids, parsed.params, meta=meta), model
 
     async def queue_depth(self) -> int:

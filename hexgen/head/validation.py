@@ -10,12 +10,14 @@ Policies:
   such as ``max_tokens`` would otherwise silently run with the default length.
 - Accepted fields: ``prompt`` | ``messages`` (exactly one), ``max_new_tokens``, ``temperature``, ``top_k``,
   ``top_p``, ``seed``, ``stop``, ``model``, ``id`` and the extension ``ignore_eos`` (0/1/true/false, for
-  fixed-length benchmarks).
+  fixed-length benchmarks) and ``deadline_s`` (seconds after queueing when an unfinished request ends with
+  ``error timeout`` / ``no_ready_pipeline``; default ``limits.request_deadline_s``).
 - ``stop`` is a JSON list of strings when its value starts with ``[``, else one literal stop string (so a
   stop string that itself starts with ``[`` must be sent as a JSON list).
 - ``id`` defaults to the entry id XADD returned; an explicit id uses the characters in ``ID_ALLOWED_CHARS``.
 - Numbers are plain decimal literals; NaN and infinities are rejected.
-- JSON values (``messages``, a ``stop`` list) nested deeper than the decoder recurses are rejected.
+- JSON values (``messages``, a ``stop`` list) nested deeper than ``jsoncheck.MAX_JSON_DEPTH`` or holding a lone
+  UTF-16 surrogate (``"\\ud800"``) are rejected, naming the field (:mod:`hexgen.head.jsoncheck`).
 - A field given twice (redis-cli allows it): the last value counts, as for every reader that sees the entry
   as a map (redis-py included).
 - ``messages`` items are objects with exactly the keys ``role`` (system, user, assistant, tool) and
@@ -26,7 +28,6 @@ The prompt-length check needs the tokenizer, so it lives in :func:`check_context
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -35,7 +36,9 @@ from typing import Any
 
 from hexgen.engine.types import MAX_SEED, SamplingParams
 from hexgen.errors import ConfigError
+from hexgen.head import jsoncheck
 from hexgen.wire import keys as C
+from hexgen.wire.itemcheck import MAX_TOP_K
 from hexgen.wire.protocol import Fields, InvalidRequest
 from hexgen.wire.settings import RequestLimits
 
@@ -52,9 +55,9 @@ FIELDS = (
     "model",
     "id",
     "ignore_eos",
+    "deadline_s",
 )
 MAX_TEMPERATURE = 100.0
-MAX_TOP_K = 2**31 - 1
 
 _ID_RE = re.compile(C.ID_PATTERN)
 _INT_RE = re.compile(r"[+-]?[0-9]+")
@@ -70,6 +73,7 @@ class ParsedRequest:
     messages: tuple[dict[str, str], ...] | None
     params: SamplingParams
     model: str | None
+    deadline_s: float | None = None  # None: the deployment's limits.request_deadline_s
 
 
 def _field_cap(name: str, limits: RequestLimits) -> int:
@@ -135,17 +139,8 @@ def _float(name: str, raw: str, allowed: str) -> float:
     return value
 
 
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not allowed")
-
-
 def _json(name: str, raw: str) -> Any:
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except ValueError as e:
-        raise InvalidRequest(f"{name}: not valid JSON ({e})") from e
-    except RecursionError as e:  # json's decoder recurses once per level of nesting
-        raise InvalidRequest(f"{name}: JSON nested too deeply") from e
+    return jsoncheck.loads(raw, name)
 
 
 def parse_request_id(fields: Mapping[str, str], entry_id: str) -> str:
@@ -285,11 +280,21 @@ def parse_request(fields: Fields, entry_id: str, limits: RequestLimits | None = 
             raise InvalidRequest("prompt: must be a non-empty string")
     else:
         messages = parse_messages(f["messages"], limits)
+    deadline_s = None
+    if "deadline_s" in f:
+        deadline_s = _float("deadline_s", f["deadline_s"], f"(0, {limits.max_deadline_s:g}]")
+        if not 0 < deadline_s <= limits.max_deadline_s:
+            raise InvalidRequest(f"deadline_s: {deadline_s:g} is out of range; allowed: (0, {limits.max_deadline_s:g}]")
     model = f.get("model")
     if model is not None and not _ID_RE.fullmatch(model):
         raise InvalidRequest(f"model: {model[:40]!r} is not a valid model name; use {C.ID_ALLOWED_CHARS}")
     return ParsedRequest(
-        request_id=request_id, prompt=prompt, messages=messages, params=parse_params(f, limits), model=model
+        request_id=request_id,
+        prompt=prompt,
+        messages=messages,
+        params=parse_params(f, limits),
+        model=model,
+        deadline_s=deadline_s,
     )
 
 

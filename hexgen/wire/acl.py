@@ -9,11 +9,12 @@ each command by name; keys by pattern, read-only ``%R~`` / write-only ``%W~`` wh
 - ``hexgen-worker`` — worker ranks and agents: the work streams (read, claim, ack), result streams (post,
   resume from what was posted), the cancel stream (read only), dead letters and latency traces (write only),
   its registry keys (workers, heartbeats, pipelines, agents), assignments (read only), the epoch (read only),
-  its metrics (``hexgen:metrics:*``: counters, gauges, their index sets).
+  its metrics (``hexgen:metrics:*``: counters, gauges, their index sets), reader keys (read only: it cancels a
+  request nobody reads any more).
   No access to ``hexgen:requests`` (the raw prompts), dedupe keys, the plan or the placement lock.
 - ``hexgen-client`` — the async client (or redis-cli): ``XADD`` to ``hexgen:requests`` and ``hexgen:cancel``
   (write only: it cannot read other clients' requests), ``XREAD`` of result streams, ``GET hexgen:epoch``
-  (read only), ``WAIT``.
+  (read only), ``WAIT``, ``SET``/``DEL`` of its reader keys ``hexgen:reader:*`` (write only).
 
 No role gets ``EVAL``/``EVALSHA``/``SCRIPT``: the atomic steps run as Redis functions of our own library
 (:mod:`hexgen.wire.functions`, ``FCALL``), loaded by the head. Commands run inside a function are checked
@@ -160,14 +161,21 @@ WORKER = Role(
         f"%R~{K.ASSIGN_STREAM_PREFIX}*",
         f"%R~{K.EPOCH_KEY}",
         f"~{F.METRICS_PREFIX}*",
+        f"%R~{K.READER_KEY_PREFIX}*",  # EXISTS: is anyone still reading this request's results
     ),
 )
 
 CLIENT = Role(
     "client",
     "hexgen-client",
-    (*_CONNECTION, "xadd", "xread", "get", "wait"),
-    (f"%W~{K.REQUESTS_STREAM}", f"%W~{K.CANCEL_STREAM}", f"%R~{K.RESULT_STREAM_PREFIX}*", f"%R~{K.EPOCH_KEY}"),
+    (*_CONNECTION, "xadd", "xread", "get", "wait", "set", "del"),
+    (
+        f"%W~{K.REQUESTS_STREAM}",
+        f"%W~{K.CANCEL_STREAM}",
+        f"%R~{K.RESULT_STREAM_PREFIX}*",
+        f"%R~{K.EPOCH_KEY}",
+        f"%W~{K.READER_KEY_PREFIX}*",  # SET/DEL its reader keys (HexGenClient(reader_ttl_s=...))
+    ),
 )
 
 ROLES: dict[str, Role] = {r.role: r for r in (HEAD, WORKER, CLIENT)}

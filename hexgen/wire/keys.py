@@ -72,6 +72,8 @@ SOCKET_TIMEOUT_MARGIN_S = 5.0  # socket timeout = BLOCK_MS/1000 + this margin
 MAX_QUEUE_DEPTH = 1024  # head refuses with `overloaded` when work stream queued+pending exceeds this
 MAX_NEW_TOKENS_CAP = 4096  # largest max_new_tokens a request may ask for
 DEFAULT_MAX_NEW_TOKENS = 64  # when the request omits max_new_tokens
+REQUEST_DEADLINE_S = 600.0  # a request not finished this long after the head queued it ends with an error
+MAX_REQUEST_DEADLINE_S = 3600.0  # the longest deadline_s a request may ask for (≤ RESULT_TTL_S)
 CANCEL_STREAM_MAXLEN = 10000  # approximate MAXLEN of CANCEL_STREAM
 RESULT_STREAM_MAXLEN = 100000  # approximate MAXLEN of one result stream
 DEADLETTER_MAXLEN = 10000
@@ -91,6 +93,15 @@ ID_PATTERN = r"[A-Za-z0-9_.:\-]{1,128}"
 def work_stream(model: str) -> str:
     """Work stream of one model: ``hexgen:work:<model>``."""
     return f"{WORK_STREAM_PREFIX}{model}"
+
+
+READER_KEY_PREFIX = "hexgen:reader:"
+
+
+def reader_key(request_id: str) -> str:
+    """Set (with a TTL) by a client while it reads the request's result stream; a pipeline cancels a request
+    whose reader key has expired (docs/reliability.md: orphaned streams)."""
+    return f"{READER_KEY_PREFIX}{request_id}"
 
 
 def result_stream(request_id: str) -> str:

@@ -6,7 +6,7 @@
 
       event token seq <n> ids <comma-separated ids> text <delta>
       event done finish_reason length|stop|eos|cancelled prompt_tokens <n> completion_tokens <n>
-      event error code invalid_request|overloaded|not_found|internal message <text naming the field>
+      event error code invalid_request|overloaded|not_found|internal|timeout|no_ready_pipeline message <text>
 
 - Requests (``hexgen:requests``): flat string fields; :func:`request_fields` builds them for clients,
   :mod:`hexgen.head.validation` parses them.
@@ -33,9 +33,13 @@ INVALID_REQUEST = "invalid_request"
 OVERLOADED = "overloaded"
 NOT_FOUND = "not_found"
 INTERNAL = "internal"
-ERROR_CODES = (INVALID_REQUEST, OVERLOADED, NOT_FOUND, INTERNAL)
+TIMEOUT = "timeout"  # the request's deadline passed while a pipeline was serving its model
+NO_READY_PIPELINE = "no_ready_pipeline"  # the deadline passed with no ready pipeline for the model
+ERROR_CODES = (INVALID_REQUEST, OVERLOADED, NOT_FOUND, INTERNAL, TIMEOUT, NO_READY_PIPELINE)
 
 Fields = Mapping[str | bytes, str | bytes | int | float]
+
+MAX_WORK_ITEM_BYTES = 16 << 20  # a work item's ``data`` is refused above this, before it is decoded
 
 
 class ProtocolError(HexGenError, ValueError):
@@ -81,11 +85,27 @@ class InternalError(RequestError):
         super().__init__(INTERNAL, message)
 
 
+class DeadlineExceeded(RequestError):
+    """The request's deadline passed before it finished (code ``timeout``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(TIMEOUT, message)
+
+
+class NoReadyPipeline(RequestError):
+    """The request's deadline passed while no pipeline of its model was ready (code ``no_ready_pipeline``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(NO_READY_PIPELINE, message)
+
+
 _ERROR_CLASSES: dict[str, Callable[[str], RequestError]] = {  # each takes the message
     INVALID_REQUEST: InvalidRequest,
     OVERLOADED: Overloaded,
     NOT_FOUND: NotFound,
     INTERNAL: InternalError,
+    TIMEOUT: DeadlineExceeded,
+    NO_READY_PIPELINE: NoReadyPipeline,
 }
 
 
@@ -154,6 +174,9 @@ def decode_work_item(fields: Fields) -> tuple[Request, str]:
         raise ProtocolError(f"work item: field 'data' is missing (fields: {sorted(map(_s, fields))})")
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogateescape")
+    if not isinstance(data, bytes) or len(data) > MAX_WORK_ITEM_BYTES:
+        size = len(data) if isinstance(data, bytes) else type(data).__name__
+        raise ProtocolError(f"work item: 'data' ({size} bytes) must be bytes of at most {MAX_WORK_ITEM_BYTES}")
     try:
         payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
         model = payload.pop("model")
@@ -226,7 +249,7 @@ def done_event(finish_reason: str, prompt_tokens: int, completion_tokens: int) -
 
 
 def error_event(code: str, message: str) -> dict[str, str]:
-    """Fields of an error event; ``code`` is one of invalid_request, overloaded, not_found, internal."""
+    """Fields of an error event; ``code`` is one of ERROR_CODES."""
     if code not in ERROR_CODES:
         raise ProtocolError(f"error event: code {code!r} must be one of {', '.join(ERROR_CODES)}")
     return {"event": "error", "code": code, "message": message}
@@ -270,6 +293,7 @@ def request_fields(
     seed: int | None = None,
     stop: str | list[str] | tuple[str, ...] | None = None,
     ignore_eos: bool | None = None,
+    deadline_s: float | None = None,
 ) -> dict[str, str]:
     """Flat fields of a ``hexgen:requests`` entry; parameters left as None are omitted (server defaults).
 
@@ -288,6 +312,7 @@ def request_fields(
         ("top_k", top_k),
         ("top_p", top_p),
         ("seed", seed),
+        ("deadline_s", deadline_s),
     ):
         if value is not None:
             out[name] = repr(float(value)) if isinstance(value, float) else str(value)

@@ -78,6 +78,7 @@ class RequestLimits:
     max_request_bytes: int = C.MAX_REQUEST_BYTES
     max_messages: int = C.MAX_MESSAGES
     max_stop_strings: int = C.MAX_STOP_STRINGS
+    max_deadline_s: float = C.MAX_REQUEST_DEADLINE_S
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,8 @@ class LimitSettings:
     heartbeat_ttl_s: int = C.HEARTBEAT_TTL_S
     heartbeat_interval_s: float = C.HEARTBEAT_INTERVAL_S
     block_ms: int = C.BLOCK_MS
+    request_deadline_s: float = C.REQUEST_DEADLINE_S  # a request's default deadline (field deadline_s overrides)
+    max_request_deadline_s: float = C.MAX_REQUEST_DEADLINE_S  # the longest deadline_s a request may ask for
 
     def __post_init__(self) -> None:
         for name in (
@@ -274,8 +277,14 @@ class LimitSettings:
             "block_ms",
         ):
             _check_int(f"limits.{name}", getattr(self, name), 1)
-        for name in ("lease_s", "heartbeat_interval_s"):
+        for name in ("lease_s", "heartbeat_interval_s", "request_deadline_s", "max_request_deadline_s"):
             _check_pos(f"limits.{name}", getattr(self, name))
+        if self.request_deadline_s > self.max_request_deadline_s:
+            raise ConfigError(
+                f"limits.request_deadline_s: {self.request_deadline_s} must be ≤ "
+                f"limits.max_request_deadline_s ({self.max_request_deadline_s})"
+            )
+
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ConfigError(
                 f"limits.default_max_new_tokens: {self.default_max_new_tokens} must be ≤ "
@@ -298,7 +307,19 @@ class LimitSettings:
             default_max_new_tokens=self.default_max_new_tokens,
             max_field_bytes=self.max_field_bytes,
             max_request_bytes=self.max_request_bytes,
+            max_deadline_s=self.deadline_cap_s,
         )
+
+    @property
+    def deadline_cap_s(self) -> float:
+        """The longest deadline a request gets: ``max_request_deadline_s``, at most ``result_ttl_s`` (a finished
+        request's result stream must outlive its deadline)."""
+        return min(self.max_request_deadline_s, float(self.result_ttl_s))
+
+    @property
+    def default_deadline_s(self) -> float:
+        """The deadline of a request that gives no ``deadline_s``."""
+        return min(self.request_deadline_s, self.deadline_cap_s)
 
     @property
     def socket_timeout_s(self) -> float:
@@ -308,11 +329,26 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """The head's optional HTTP front: off while ``port`` is 0. ``api_key`` is kept out of repr."""
+    """The head's optional HTTP front: off while ``port`` is 0. ``api_key`` is kept out of repr.
+
+    The rest bound what one client can hold: header bytes (431) and request-line bytes (414), checked as
+    they arrive; seconds to send a whole request (``read_timeout_s``, else 408) and an idle keep-alive
+    connection's life (``keep_alive_s``); open connections (``max_connections``, then 503); and the Redis
+    connections the front may open (``redis_pool``, waited for up to ``redis_pool_wait_s``; those idle for
+    ``redis_idle_s`` are closed).
+    """
 
     host: str = "127.0.0.1"
     port: int = 0
     api_key: str = field(default="", repr=False)
+    max_header_bytes: int = 32_768
+    max_request_line_bytes: int = 16_384
+    read_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 2_000
+    redis_pool: int = 512
+    redis_pool_wait_s: float = 10.0
+    redis_idle_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host):
@@ -326,6 +362,13 @@ class HttpSettings:
             raise ConfigError("http.api_key: must be a string")
         if any(c.isspace() for c in self.api_key):
             raise ConfigError("http.api_key: must not contain whitespace (it is sent as 'Bearer <key>')")
+        for name, lo in (("max_header_bytes", 1024), ("max_request_line_bytes", 256), ("max_connections", 1)):
+            _check_int(f"http.{name}", getattr(self, name), lo)
+        _check_int("http.redis_pool", self.redis_pool, 4)
+        if self.redis_pool > 10_000:
+            raise ConfigError(f"http.redis_pool: {self.redis_pool} must be ≤ 10000 (keep it below Redis's maxclients)")
+        for name in ("read_timeout_s", "keep_alive_s", "redis_pool_wait_s", "redis_idle_s"):
+            _check_pos(f"http.{name}", getattr(self, name))
 
     @property
     def enabled(self) -> bool:

@@ -4,6 +4,11 @@
 and dashboard modules through their ``install(app, ctx)`` hooks. With an API key, every ``/v1/*`` request
 needs ``Authorization: Bearer <key>`` (compared in constant time; the key is never logged); the probes,
 ``/metrics`` and ``/`` stay open. Every error, including unknown routes, is in OpenAI's shape.
+:mod:`hexgen.head.http.guards` caps what a client can hold (header bytes, read and idle timeouts,
+connections) and adds the security headers and the JSON content-type rule; ``GET /openapi.json`` serves the
+API's schema (:mod:`hexgen.head.http.openapi`). The front's Redis pool is bounded by ``http.redis_pool``
+(a request waits up to ``http.redis_pool_wait_s`` for a connection) and connections idle for
+``http.redis_idle_s`` are closed (:mod:`hexgen.head.http.pool`).
 
 Starlette rather than FastAPI: less server CPU per request on uvicorn + uvloop + httptools, and the request
 validation is ours anyway (the Redis path's, naming the parameter and its range, which FastAPI's 422 shape
@@ -28,11 +33,15 @@ from starlette.responses import JSONResponse
 
 from hexgen.head.http.context import HttpContext
 from hexgen.head.http.errors import APIError, error_response
+from hexgen.head.http.guards import GuardLimits, Hardening, protocol_for
 
 log = logging.getLogger(__name__)
 
-POOL_CONNECTIONS = 10_000  # the HTTP front's Redis pool (as hexgen.client's default)
-HOOKS = ("hexgen.head.http.metrics", "hexgen.head.http.dashboard")  # optional modules with install(app, ctx)
+HOOKS = (  # optional modules with install(app, ctx)
+    "hexgen.head.http.metrics",
+    "hexgen.head.http.dashboard",
+    "hexgen.head.http.openapi",
+)
 
 
 class APIKeyAuth:
@@ -110,6 +119,7 @@ def create_app(ctx: HttpContext, api_key: str = "", hooks: tuple[str, ...] = HOO
         module.install(app, ctx)
     if api_key:
         app.add_middleware(APIKeyAuth, api_key=api_key)
+    app.add_middleware(Hardening)  # outermost: its headers go on the 401s too
     return app
 
 
@@ -155,14 +165,18 @@ async def serve_http(
     import uvicorn
 
     app = create_app(ctx, api_key=api_key, hooks=hooks)
+    h = ctx.settings.http
+    guard = GuardLimits(h.max_request_line_bytes, h.max_header_bytes, h.read_timeout_s, h.max_connections)
     config = uvicorn.Config(
         app,
         loop="none",
-        http="httptools",
+        http=protocol_for(guard),
         lifespan="on",
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=max(1, round(h.keep_alive_s)),
+        h11_max_incomplete_event_size=h.max_request_line_bytes + h.max_header_bytes,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sock), name="hexgen-http")
@@ -220,16 +234,17 @@ class HttpFront:
             log.error("head: the HTTP server failed: %r", task.exception())
 
     async def run(self, stop: asyncio.Event) -> None:
-        from hexgen.wire.settings import async_redis
+        from hexgen.head.http.pool import IdleReaper, bounded_redis
 
         s = self.settings
-        # every stream being read holds one pooled connection while it blocks: redis-py's default cap (100)
-        # would refuse the 101st concurrent request
-        redis = async_redis(s.redis.url, socket_timeout=s.limits.socket_timeout_s, max_connections=POOL_CONNECTIONS)
+        redis = bounded_redis(s)
         ctx = HttpContext(settings=s, redis=redis, models=(s.model.name,))
+        reaper = asyncio.create_task(IdleReaper(redis, s.http.redis_idle_s).run(), name="hexgen-http-pool-reaper")
         log.info("head: HTTP API on %s (%s)", self.url, "API key required on /v1/*" if self.api_key else "no API key")
         try:
             await serve_http(ctx, self.sock, stop, api_key=self.api_key, hooks=self.hooks)
         finally:
+            reaper.cancel()
+            await asyncio.gather(reaper, return_exceptions=True)
             await redis.aclose()
             self.sock.close()

@@ -3,7 +3,7 @@
 :class:`APIError` is raised anywhere in a route; the app's exception handler turns it into a JSON response
 (:func:`error_response`). :func:`from_request_error` maps the Redis path's error codes
 (:mod:`hexgen.wire.protocol`) onto HTTP: ``invalid_request`` 400, ``not_found`` 404, ``overloaded`` 429
-(with ``Retry-After``), ``internal`` 500.
+(with ``Retry-After``), ``internal`` 500, ``timeout`` and ``no_ready_pipeline`` 503 (with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from hexgen.wire.protocol import INTERNAL, INVALID_REQUEST, NOT_FOUND, OVERLOADED, RequestError
+from hexgen.wire.protocol import (
+    INTERNAL,
+    INVALID_REQUEST,
+    NO_READY_PIPELINE,
+    NOT_FOUND,
+    OVERLOADED,
+    TIMEOUT,
+    RequestError,
+)
 
 RETRY_AFTER_S = 1  # what a 429 or 503 asks the client to wait
 
@@ -25,6 +33,9 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
+    415: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -115,4 +126,6 @@ def from_request_error(e: RequestError, rename: Mapping[str, str] | None = None)
         return overloaded(message)
     if e.code == INTERNAL:
         return APIError(500, message, code="internal_error")
+    if e.code in (TIMEOUT, NO_READY_PIPELINE):
+        return APIError(503, message, code=e.code, headers={"Retry-After": str(RETRY_AFTER_S)})
     return APIError(500, f"{e.code}: {message}", code=e.code)

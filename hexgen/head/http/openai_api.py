@@ -34,6 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from hexgen.client import HexGenClient
+from hexgen.head import jsoncheck
 from hexgen.head.http.context import HttpContext, RequestRecord
 from hexgen.head.http.errors import APIError, from_request_error, invalid, not_ready, unknown_model, unsupported
 from hexgen.head.http.readiness import Readiness
@@ -92,6 +93,7 @@ _COMMON = (
     "logit_bias",
     "logprobs",
     "user",
+    "deadline_s",
 )
 CHAT_PARAMS = frozenset(
     _COMMON
@@ -255,6 +257,9 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("ignore_eos") is not None:
         _want(isinstance(body["ignore_eos"], bool), "ignore_eos", "true or false", body["ignore_eos"])
         kw["ignore_eos"] = body["ignore_eos"]
+    if body.get("deadline_s") is not None:
+        _want(_is_num(body["deadline_s"]), "deadline_s", "a number of seconds > 0", body["deadline_s"])
+        kw["deadline_s"] = float(body["deadline_s"])
     return kw
 
 
@@ -392,7 +397,9 @@ class OpenAIRoutes:
     def __init__(self, ctx: HttpContext) -> None:
         self.ctx = ctx
         limits = ctx.settings.limits
-        self.client = HexGenClient(ctx.settings.redis.url, block_ms=limits.block_ms, redis=ctx.redis)
+        self.client = HexGenClient(
+            ctx.settings.redis.url, block_ms=limits.block_ms, redis=ctx.redis, reader_ttl_s=limits.lease_s
+        )
         self.readiness = Readiness(ctx.redis, limits.heartbeat_ttl_s, max_age_s=min(1.0, limits.heartbeat_interval_s))
         self.body_cap = BODY_CAP_FACTOR * limits.max_request_bytes
         self._background: set[asyncio.Task] = set()
@@ -419,9 +426,9 @@ class OpenAIRoutes:
         except ClientDisconnect:
             raise APIError(CLIENT_CLOSED, "client closed the request", code="client_closed") from None
         try:
-            return json.loads(b"".join(chunks), parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise invalid(f"request body: not valid JSON ({e})", None) from None
+            return jsoncheck.loads(b"".join(chunks))
+        except RequestError as e:
+            raise from_request_error(e) from None
 
     def _cancel_later(self, request_id: str) -> None:
         """Send the cancel from its own task: the handler's own task is being cancelled."""
@@ -649,10 +656,6 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not allowed")
 
 
 def _redis_down(e: Exception) -> APIError:
