@@ -516,6 +516,7 @@ class EngineConfig:
     log_level: str = "WARNING"  # of the rank processes: DEBUG, INFO, WARNING, ERROR or CRITICAL
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with per-layer, per-KV-head scales
     cpu_threads: int = 0  # CPU ranks: torch threads each; 0: the host's cores / its ranks (hexgen.engine.threads)
+    prefix_cache: bool = True  # reuse the K/V of full blocks of earlier requests' prefixes (engine.kv_cache)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -535,6 +536,8 @@ class EngineConfig:
         if not 0.05 <= self.gpu_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} must be in [0.05, 1.0]")
         check_kv_cache_dtype(self.kv_cache_dtype)
+        if not isinstance(self.prefix_cache, bool):
+            raise ConfigError(f"prefix_cache: {self.prefix_cache!r} must be true or false")
         self._check_process_fields()
 
     def _check_process_fields(self) -> None:

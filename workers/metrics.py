@@ -214,6 +214,9 @@ class FiguresPublisher:
         t.set_total_float(F.stage_field(self.stage, "step_seconds"), g.timer.seconds)
         if g.scheduler_known:
             t.set_total("preemptions", g.preemptions)
+            t.set_total("prefix_cache_queries", g.prefix_queries)
+            t.set_total("prefix_cache_hits", g.prefix_hits)
+            t.set_total("prefix_cache_evictions", g.prefix_evictions)
         src = self.source() if self.source is not None else None
         takeovers = getattr(src, "takeovers", None)
         if isinstance(takeovers, int):
@@ -236,6 +239,7 @@ class FiguresPublisher:
         }
         if g.scheduler_known:
             out.update(kv_blocks_used=g.kv_blocks_used, running=g.running, waiting=g.waiting, in_flight=g.in_flight)
+            out["prefix_cache_blocks"] = g.prefix_cached_blocks
         return {k: str(v) for k, v in out.items()}
 
     def publish(self, final: bool = False) -> None:
