@@ -72,6 +72,7 @@ from hexgen.wire.protocol import (
     parse_event,
 )
 from workers.io_config import IOConfig
+from workers.routing import Handover
 from workers.sink import Post, Poster
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class Prefetcher:
         self._cursor = "0-0"
         self._next_reclaim = 0.0
         self._group_ok = False
+        self.handover = Handover(client, cfg)  # cache-aware dispatch (workers/routing.py)
         self._thread = threading.Thread(target=self._run, name="work-prefetch", daemon=True)
 
     def start(self) -> Prefetcher:
@@ -234,6 +236,13 @@ class Prefetcher:
             self._put(reqs)
         if room - claimed <= 0:
             return
+        handed = self.handover.handed_here(self._owned(), room - claimed)
+        if handed:  # admitted like claimed entries: tokens already posted (a restart) are honoured
+            reqs = self._admit(handed, True)
+            claimed += len(handed)
+            self._put(reqs)
+            if room - claimed <= 0:
+                return
         wait_s = 0.0 if claimed else min(self.cfg.block_ms, self.cfg.control_block_ms) / 1000
         wait_s = min(wait_s, max(0.01, self._next_reclaim - time.monotonic()))
         self._put(self._read_new(room - claimed, wait_s))
@@ -253,10 +262,11 @@ class Prefetcher:
         res = self._r.xreadgroup(
             C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">"}, count=count, block=block
         )
-        entries = [e for _stream, es in (res or []) for e in es]
+        entries = [(as_text(eid), fields) for _stream, es in (res or []) for eid, fields in es if fields is not None]
         if not entries:
             return []
-        out = self._admit([(as_text(eid), fields, 1) for eid, fields in entries if fields is not None], False)
+        entries = self.handover.keep(entries)  # those preferred for another live pipeline with room go there
+        out = self._admit([(eid, fields, 1) for eid, fields in entries], False)
         if trace.ENABLED:
             t = time.monotonic()
             for req in out:
@@ -426,7 +436,7 @@ class RedisSource:
             self._ack(eid)
             return None
         req.meta = {**req.meta, "entry": eid}
-        if resumed:
+        if resumed and deliveries > 1:  # claimed after a lease lapsed (a handed-over entry has one delivery)
             self.takeovers += 1  # read by the figures publisher (workers/metrics.py)
         if req.output_ids:
             log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids), deliveries)

@@ -30,6 +30,7 @@ import redis
 from hexgen.engine.gauges import StageGauges
 from hexgen.engine.types import Request, StepOutput
 from hexgen.wire import figures as F
+from hexgen.wire.prefix_summary import encode_summary, prefix_summary_key
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +258,20 @@ class FiguresPublisher:
         pipe.hset(pkey, "model", self.model)
         pipe.expire(pkey, F.COUNTERS_TTL_S)
         pipe.sadd(F.PIPELINES_INDEX_KEY, self.pipeline_id)
+        summary = self.gauges.prefix_summary if self.stage == 0 else None
+        ttl_ms = int(self.interval_s * F.GAUGE_TTL_INTERVALS * 1000) + 1000
         if final:
             pipe.delete(skey)
+            if self.stage == 0:  # a draining pipeline takes no more routed work
+                pipe.delete(prefix_summary_key(self.model, self.pipeline_id))
         else:
             pipe.sadd(F.STAGES_INDEX_KEY, f"{self.pipeline_id}:{self.stage}")
             pipe.hset(skey, mapping=self.stage_fields())
-            pipe.pexpire(skey, int(self.interval_s * F.GAUGE_TTL_INTERVALS * 1000) + 1000)
+            pipe.pexpire(skey, ttl_ms)
+            if summary is not None:  # cache-aware dispatch: what this pipeline holds (hexgen.wire.prefix_summary)
+                pkey_prefix = prefix_summary_key(self.model, self.pipeline_id)
+                pipe.hset(pkey_prefix, mapping=encode_summary(*summary))
+                pipe.pexpire(pkey_prefix, ttl_ms)
         pipe.execute()
         self._published = now
         self.writes += 1
