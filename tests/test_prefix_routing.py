@@ -23,9 +23,11 @@ from hexgen.wire.prefix_summary import (
     PrefixSummary,
     decode_summary,
     encode_summary,
+    handover_stream,
     prefix_summary_key,
 )
 from hexgen.wire.protocol import ProtocolError, as_text, encode_work_item
+from tests.waiting import wait_until
 from tests.test_prefetch import WORK, config, make_prefetcher, pending, take_until  # noqa: F401 (fixture)
 from workers.metrics import FiguresPublisher
 
@@ -115,6 +117,7 @@ def test_entries_go_to_their_live_preferred_pipeline_with_room(make_prefetcher, 
     assert mine.request_id == "to-p1" and mine.meta["entry"] == e_p1
     assert admit1.calls == [("to-p1", e_p1, True, 1)]  # one delivery: a hand-over, not a take-over
     assert pending(r)[e_p1] == "pipeline-p1"
+    wait_until(lambda: r.xlen(handover_stream("tiny", "p1")) == 0, 5.0)  # its wake-up entry was consumed
 
 
 def test_a_preferred_pipeline_that_never_takes_its_entry_loses_it_after_the_lease(make_prefetcher, r):

@@ -250,19 +250,25 @@ class Prefetcher:
     def _ensure_group(self) -> None:
         if self._group_ok:
             return
-        try:
-            self._r.xgroup_create(self.cfg.work_stream, C.PIPELINES_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for stream in (self.cfg.work_stream, self.handover.wake_stream):
+            try:
+                self._r.xgroup_create(stream, C.PIPELINES_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
         self._group_ok = True
 
     def _read_new(self, count: int, wait_s: float) -> list[Request]:
         block = max(1, int(wait_s * 1000)) if wait_s > 0 else None
+        wake = self.handover.wake_stream
         res = self._r.xreadgroup(
-            C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">"}, count=count, block=block
+            C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">", wake: ">"}, count=count, block=block
         )
-        entries = [(as_text(eid), fields) for _stream, es in (res or []) for eid, fields in es if fields is not None]
+        res = res or []
+        self.handover.woken([eid for s, es in res if as_text(s) == wake for eid, _f in es])
+        entries = [
+            (as_text(eid), fields) for s, es in res if as_text(s) != wake for eid, fields in es if fields is not None
+        ]
         if not entries:
             return []
         entries = self.handover.keep(entries)  # those preferred for another live pipeline with room go there

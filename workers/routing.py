@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from hexgen.wire import keys as C
-from hexgen.wire.prefix_summary import PREFER_FIELD, prefix_summary_key
+from hexgen.wire.prefix_summary import PREFER_FIELD, handover_stream, prefix_summary_key
 from hexgen.wire.protocol import as_text
 from workers.io_config import IOConfig
 
@@ -70,10 +70,25 @@ class Handover:
             for eid, pid in moves:
                 consumer = C.PIPELINE_CONSUMER_PREFIX + pid
                 pipe.xclaim(self.cfg.work_stream, C.PIPELINES_GROUP, consumer, 0, [eid], justid=True)
+            for pid in {pid for _eid, pid in moves}:  # wakes its blocked read
+                pipe.xadd(handover_stream(self.cfg.model, pid), {"from": self.cfg.pipeline_id}, maxlen=64)
             pipe.execute()
             self.handed_over += len(moves)
             log.debug("pipeline %s: handed %d entries to their preferred pipelines", self.cfg.pipeline_id, len(moves))
         return kept
+
+    @property
+    def wake_stream(self) -> str:
+        """Read (group ``pipelines``) alongside the work stream: other pipelines' hand-overs wake the read."""
+        return handover_stream(self.cfg.model, self.cfg.pipeline_id)
+
+    def woken(self, ids: list[Any]) -> None:
+        """Drop the wake-up entries read."""
+        if ids:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.xack(self.wake_stream, C.PIPELINES_GROUP, *ids)
+            pipe.xdel(self.wake_stream, *ids)
+            pipe.execute()
 
     def handed_here(self, owned: set[str], count: int) -> list[tuple[str, Any, int]]:
         """Up to ``count`` entries in this pipeline's pending list that it does not hold: (id, fields,

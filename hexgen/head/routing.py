@@ -64,6 +64,8 @@ class PrefixRouter:
         prefix = f"{PREFIX_SUMMARY_PREFIX}{self.model}:"
         async for key in self.redis.scan_iter(match=prefix_summary_pattern(self.model), count=100):
             k = as_text(key)
+            if k.endswith(":handover"):
+                continue
             try:
                 fields = await self.redis.hgetall(k)
                 if fields:  # not expired since the scan

@@ -29,6 +29,11 @@ def prefix_summary_key(model: str, pipeline_id: str) -> str:
     return f"{PREFIX_SUMMARY_PREFIX}{model}:{pipeline_id}"
 
 
+def handover_stream(model: str, pipeline_id: str) -> str:
+    """Wake-up stream of one pipeline: an entry here means work was handed to it (its read returns at once)."""
+    return f"{PREFIX_SUMMARY_PREFIX}{model}:{pipeline_id}:handover"
+
+
 def prefix_summary_pattern(model: str) -> str:
     return f"{PREFIX_SUMMARY_PREFIX}{model}:*"
 
