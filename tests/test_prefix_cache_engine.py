@@ -130,3 +130,15 @@ def test_fp8_cache_on_matches_off(gqa):
         assert on[rid].token_ids == c.token_ids and len(c.token_ids) > 0, rid
         for a, b in zip(on[rid].logits, c.logits):
             torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_with_cached_prefixes_match_hugging_face(gqa):
+    """Decode steps in CUDA graphs over block tables that start with shared cached blocks (float32)."""
+    phase_list, ref = phases(gqa.cfg.vocab_size, gqa.hf)
+    results = run(gqa, (1,), (5,), phase_list, device="cuda", cuda_graphs=True, num_kv_blocks=256,
+                  collect_logits=False)
+    for r in [r for p in phase_list for r in p]:
+        assert results[r.request_id].token_ids == ref[r.request_id], r.request_id
+    assert results["p2-q1"].cached_tokens == 40 and results["p2-resumed"].cached_tokens == 40

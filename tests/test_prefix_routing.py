@@ -129,3 +129,21 @@ def test_a_preferred_pipeline_that_never_takes_its_entry_loses_it_after_the_leas
     (got,) = take_until(p0, 1, timeout_s=5.0)  # XAUTOCLAIM after the lease: served exactly once, here
     assert got.request_id == "orphan" and admit0.calls[-1][2:] == (True, 2)
     assert pending(r)[e] == "pipeline-p0"
+
+
+def test_bench_workloads_share_what_they_say():
+    from hexgen.bench.prefix import PrefixOptions, multi_turn_phases, seen_phases, shared_phases
+
+    o = PrefixOptions(groups=3, per_group=4, system_len=40, question_len=8, output_len=5, conversations=2, turns=3)
+    [shared] = shared_phases(o, 320)
+    assert len(shared) == 12 and all(len(r.prompt_ids) == 48 for r in shared)
+    assert shared[0].prompt_ids[:40] == shared[3].prompt_ids[:40] != shared[4].prompt_ids[:40]
+    turns = multi_turn_phases(o, 320)
+    assert [len(t) for t in turns] == [2, 2, 2]
+    for a, b in zip(turns, turns[1:]):  # each turn resends the previous one, its reply and a new question
+        for x, y in zip(a, b):
+            assert y.prompt_ids[: len(x.prompt_ids)] == x.prompt_ids and len(y.prompt_ids) == len(x.prompt_ids) + 13
+    first, seen = (p[0] for p in seen_phases(o, 320))
+    assert first.prompt_ids[:40] == seen.prompt_ids[:40] and first.prompt_ids != seen.prompt_ids
+    with pytest.raises(ValueError, match="workload"):
+        PrefixOptions(workload="chat")

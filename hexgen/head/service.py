@@ -99,7 +99,7 @@ class Head:
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
         self.submitter = Submitter(redis, self.work_stream, self.limits.dedupe_ttl_s, self.limits.max_queue_depth)
-        self.router = PrefixRouter(redis, settings.model.name)
+        self.router = PrefixRouter(redis, settings.model.name) if settings.engine.prefix_routing else None
         self._durability = parse_redis_url(settings.redis.url)  # wait_replicas: WAIT after each submit
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class Head:
         trace.stamp(req.meta, "head_tok")
         trace.stamp(req.meta, "head_send")
         item = encode_work_item(req, model)
-        prefer = await self.router.prefer(req.prompt_ids + req.output_ids)
+        prefer = await self.router.prefer(req.prompt_ids + req.output_ids) if self.router is not None else None
         if prefer:  # cache-aware dispatch: offered to this pipeline first (hexgen.head.routing)
             item[PREFER_FIELD] = prefer.encode("utf-8")
         done = await asyncio.shield(self.submitter.submit(request_id, entry_id, item))

@@ -339,10 +339,12 @@ class EngineSettings:
     """``[engine]``: the workers' engine behaviour a deployment chooses (flags override it)."""
 
     prefix_cache: bool = True  # reuse the KV blocks of earlier requests' prefixes (EngineConfig.prefix_cache)
+    prefix_routing: bool = True  # the head offers a request to the pipeline holding its prefix (hexgen.head.routing)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prefix_cache, bool):
-            raise ConfigError(f"engine.prefix_cache: {self.prefix_cache!r} must be true or false")
+        for name in ("prefix_cache", "prefix_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"engine.{name}: {getattr(self, name)!r} must be true or false")
 
 
 @dataclass(frozen=True)
