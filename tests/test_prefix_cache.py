@@ -201,6 +201,10 @@ def test_on_by_default_and_turned_off_by_flag_or_toml():
     assert settings_from_dict({**base, "engine": {"prefix_cache": False}}).engine.prefix_cache is False
     with pytest.raises(ConfigError, match="engine.prefix_cache: 'off' must be true or false"):
         settings_from_dict({**base, "engine": {"prefix_cache": "off"}})
+    assert settings_from_dict(base).engine.prefix_routing is True
+    assert settings_from_dict({**base, "engine": {"prefix_routing": False}}).engine.prefix_routing is False
+    with pytest.raises(ConfigError, match="engine.prefix_routing: 1 must be true or false"):
+        settings_from_dict({**base, "engine": {"prefix_routing": 1}})
     with pytest.raises(ConfigError, match="engine.prefix: unknown key"):
         settings_from_dict({**base, "engine": {"prefix": False}})
     w = worker_cli.build_parser()
