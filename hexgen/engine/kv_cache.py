@@ -106,8 +106,8 @@ class BlockManager:
         return self._refs[block]
 
     def held_hashes(self, limit: int) -> list[int]:
-        """Up to ``limit`` registered hashes, the most recently released last-held first after those in use
-        (the summary cache-aware dispatch publishes)."""
+        """Up to ``limit`` registered hashes: those of blocks in use, then the unreferenced ones, most recently
+        released first (the summary cache-aware dispatch publishes)."""
         in_use = [h for b, h in self._hash_of.items() if self._refs[b] > 0]
         idle = [self._hash_of[b] for b in reversed(self._lru)]
         return (in_use + idle)[:limit]
