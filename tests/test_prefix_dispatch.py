@@ -95,5 +95,6 @@ def test_routing_beats_pull_by_capacity_on_conversations(tmp_path):
             rates[routing] = conversation_hit_rate(dep)
         finally:
             dep.stop()
+    print(f"prompt-token hit rate of later turns: routing on {rates[True]:.3f}, off {rates[False]:.3f}")
     assert rates[True] > rates[False], rates
     assert rates[True] > 0.5, rates  # every later turn finds most of its history where it is sent
