@@ -26,7 +26,8 @@ from hexgen.wire.prefix_summary import (
     handover_stream,
     prefix_summary_key,
 )
-from hexgen.wire.protocol import ProtocolError, as_text, encode_work_item
+from hexgen.wire.protocol import ProtocolError, encode_work_item
+from hexgen.wire.text import as_text
 from tests.waiting import wait_until
 from tests.test_prefetch import WORK, config, make_prefetcher, pending, take_until  # noqa: F401 (fixture)
 from workers.metrics import FiguresPublisher

@@ -23,7 +23,7 @@ import redis
 
 from hexgen.wire import keys as C
 from hexgen.wire.prefix_summary import PREFER_FIELD, handover_stream, prefix_summary_key
-from hexgen.wire.protocol import as_text
+from hexgen.wire.text import as_text
 from workers.io_config import IOConfig
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from hexgen.engine.plan import StepPlan, StepResult
 from hexgen.engine.runner import StageRunner
 from hexgen.engine.scheduler import Scheduler
 from hexgen.engine.types import RequestSource
-from hexgen.model.staging import upload
+from hexgen.kernels.staging import upload
 from hexgen.parallel.groups import PipelineGroups
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class FirstLeader:
     ) -> None:
         self.groups, self.runner, self.source, self.last = groups, runner, source, last
         self.gauges = gauges  # kept current with the scheduler's figures after every iteration
-        seed = prefix_seed(f"{runner.model_name}/{engine.seed}", engine.dtype, engine.kv_cache_dtype)
+        model_id = f"{runner.model_name}/{engine.seed}/weights-{engine.quantization}"
+        seed = prefix_seed(model_id, engine.dtype, engine.kv_cache_dtype)
         blocks = BlockManager(runner.num_blocks, engine.block_size, engine.prefix_cache, seed)
         self.max_in_flight = engine.micro_batches or groups.layout.num_stages
         self.scheduler = Scheduler(

@@ -19,7 +19,8 @@ from redis.exceptions import ResponseError
 
 from hexgen.engine.block_hash import block_hashes
 from hexgen.wire.prefix_summary import PREFIX_SUMMARY_PREFIX, PrefixSummary, decode_summary, prefix_summary_pattern
-from hexgen.wire.protocol import ProtocolError, as_text
+from hexgen.wire.protocol import ProtocolError
+from hexgen.wire.text import as_text
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hexgen.wire.protocol import ProtocolError, as_text
+from hexgen.wire.protocol import ProtocolError
+from hexgen.wire.text import as_text
 
 PREFIX_SUMMARY_PREFIX = "hexgen:prefix:"
 MAX_SUMMARY_HASHES = 8192  # 64 KiB a pipeline
