@@ -29,6 +29,10 @@
 #   kernels          every launch setting of the paged decode kernel at throughput shapes and at batch 1, then
 #                    the cost of each kind of engine step (scripts/bench_paged_decode.py, scripts/profile_steps.py)
 #   profile          one captured decode step, its kernels and the engine loop's phases (scripts/profile_decode.py)
+#   prefix           the prefix cache on against off in one run each (`hexgen bench prefix`, Llama-3.1-8B shape,
+#                    random weights, bf16, CUDA graphs): SGLang's generated-shared-prefix shape (64 x 16, 2,048-token
+#                    system prompts, 128-token questions, 256 outputs), multi-turn chat (200 x 5), and the
+#                    no-sharing 1,000-request mix as `bench throughput` with --no-prefix-cache against without
 #   planner-x2       2 GPUs: calibrations of Llama-2-70B layers (a whole H200 at TP 1 and 2, and one cut to 40
 #                    SMs / 80 GiB), then the 70B layouts of bench/planner/runs_h200x2.json under load
 #   planner-emulated 2 GPUs: the same load on the emulated unequal pair (bench/planner/runs_h200x2_emulated.json)
@@ -42,7 +46,7 @@
 #   planner-auto     CLUSTER=file BASE=spec.json [CALS="a.json b.json"]: plan the cluster, then measure the
 #                    planner's layout against the best symmetric one (scripts/plan_runs.py)
 set -u
-SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto fp8-weights"
+SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve prefix kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto fp8-weights"
 [ $# -ge 1 ] || { echo "usage: bench/gpu.sh SCENARIO [SCENARIO ...]; scenarios: $SCENARIOS" >&2; exit 2; }
 for S in "$@"; do
   case " $SCENARIOS " in *" $S "*) ;; *) echo "bench/gpu.sh: unknown scenario '$S'; choose from: $SCENARIOS" >&2; exit 2;; esac
@@ -155,6 +159,25 @@ serve() {
   return 0
 }
 
+prefix() {
+  local P="--preset llama-3.1-8b --random-weights --dtype bf16 --cuda-graphs --max-num-seqs 256 --max-num-batched-tokens 8192"
+  HEXGEN_LOG_LEVEL=INFO step "${PREFIX_LIMIT:-500}" $PY -m hexgen.cli bench prefix $P --workload shared --groups 64 \
+    --per-group 16 --system-len 2048 --question-len 128 --new-tokens 256 --out "$OUT/prefix_shared.json" \
+    > "$OUT/prefix_shared.log" 2>&1
+  grep -v "$NOISE" "$OUT/prefix_shared.log" | grep -v "INFO\|WARNING" | tail -8
+  HEXGEN_LOG_LEVEL=INFO step "${PREFIX_LIMIT:-500}" $PY -m hexgen.cli bench prefix $P --workload multi-turn \
+    --conversations 200 --turns 5 --system-len 256 --question-len 64 --new-tokens 64 --out "$OUT/prefix_chat.json" \
+    > "$OUT/prefix_chat.log" 2>&1
+  grep -v "$NOISE" "$OUT/prefix_chat.log" | grep -v "INFO\|WARNING" | tail -8
+  local F
+  for F in "" "--no-prefix-cache"; do  # the no-sharing mix: the cache's bookkeeping must cost next to nothing
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "${TPUT_LIMIT:-200}" $PY -m hexgen.cli bench throughput \
+      --preset llama-3.1-8b --random-weights --dtype bf16 --cuda-graphs --num-requests 1000 --max-num-seqs 1024 \
+      --max-num-batched-tokens 16384 --no-hf $F --out "$OUT/prefix_noshare${F:+_off}.json" > "$OUT/prefix_noshare${F:+_off}.log" 2>&1
+    echo "--- no sharing ${F:-(cache on)}"; grep -v "$NOISE" "$OUT/prefix_noshare${F:+_off}.log" | grep "^engine " | tail -2
+  done
+}
+
 kernels() {
   step 300 $PY scripts/bench_paged_decode.py --sweep 256 700 1024 --sweep 256 300 512 --sweep 128 1200 2048 \
     --sweep 1 384 4096 --out "$OUT/decode_sweep.json"
@@ -240,6 +263,7 @@ for S in "$@"; do
         | grep -v "$NOISE" | head -10 ;;
     throughput-ab) throughput_ab ;;
     serve) serve ;;
+    prefix) prefix ;;
     kernels) kernels ;;
     profile) profile ;;
     planner-x2) planner_x2 ;;

@@ -92,6 +92,7 @@ class Result:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V the pipeline's prefix cache supplied
 
 
 class GenerationStream:
@@ -344,6 +345,7 @@ class HexGenClient:
             finish_reason=done.finish_reason,
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
+            cached_tokens=done.cached_tokens,
         )
 
     async def cancel(self, request_id: str) -> None:

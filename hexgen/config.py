@@ -522,6 +522,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with per-layer, per-KV-head scales
     quantization: str = "auto"  # weights: "auto" the checkpoint's own format; "fp8" e4m3 (quantized at load)
     cpu_threads: int = 0  # CPU ranks: torch threads each; 0: the host's cores / its ranks (hexgen.engine.threads)
+    prefix_cache: bool = True  # reuse the K/V of full blocks of earlier requests' prefixes (engine.kv_cache)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -542,6 +543,8 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} must be in [0.05, 1.0]")
         check_kv_cache_dtype(self.kv_cache_dtype)
         check_quantization(self.quantization)
+        if not isinstance(self.prefix_cache, bool):
+            raise ConfigError(f"prefix_cache: {self.prefix_cache!r} must be true or false")
         self._check_process_fields()
 
     def _check_process_fields(self) -> None:

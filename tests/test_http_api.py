@@ -154,3 +154,26 @@ def test_probes(dep):
         ready = c.get("/ready")
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
         assert [p["id"] for p in ready.json()["pipelines"]] == ["p0"]
+
+
+def test_cached_tokens_are_reported(dep):
+    """A second chat with the same long system prompt reuses its blocks: ``usage.prompt_tokens_details.
+    cached_tokens`` says how many prompt tokens, in the answer, in the include_usage chunk and on the Redis
+    path's result."""
+    system = {"role": "system", "content": "You answer in one short sentence and never use lists. " * 6}
+    client = sync_client(dep)
+
+    def ask(question: str, **kw):
+        return client.chat.completions.create(model="tiny", messages=[system, {"role": "user", "content": question}],
+                                              temperature=0, max_tokens=4, **kw)
+
+    first = ask("What is a cat?")
+    second = ask("What is a dog?")
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens <= cached
+    chunks = list(ask("What is a hen?", stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    res = redis_path(dep, messages=[system, {"role": "user", "content": "What is a pig?"}], temperature=0,
+                     max_new_tokens=4)
+    assert res.cached_tokens == cached

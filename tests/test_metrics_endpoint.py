@@ -49,8 +49,9 @@ def cluster(server):
         g.timer.steps, g.timer.seconds = 10, 0.5
         tally = F.Tally()
         if stage == 0:
-            g.observe_scheduler(SimpleNamespace(running=[1], waiting=[], stats=SimpleNamespace(preemptions=0),
-                                                blocks=SimpleNamespace(num_blocks=blocks, num_free=blocks - 6)), 1)
+            stats = SimpleNamespace(preemptions=0, prefix_queries=100, prefix_hits=64)
+            kv = SimpleNamespace(num_blocks=blocks, num_free=blocks - 6, num_cached=5, evictions=2)
+            g.observe_scheduler(SimpleNamespace(running=[1], waiting=[], stats=stats, blocks=kv), 1)
         else:
             tally.add("success:stop", 2)
             tally.add("generation_tokens", 9)
@@ -86,6 +87,11 @@ def test_metrics_exports_the_cluster_and_the_heads_figures(cluster):
         assert _value(fams["hexgen_kv_blocks_used"], pipeline="p0", stage=stage) == 6
         assert _value(fams["hexgen_stage_step_time_seconds"], pipeline="p0", stage=stage) == pytest.approx(0.05)
     assert _value(fams["hexgen_kv_blocks_fit"], pipeline="p0", stage="1") == 74
+    for stage in ("0", "1"):  # stage 0 decides prefix reuse for every stage
+        assert _value(fams["hexgen_prefix_cache_queries"], pipeline="p0", stage=stage) == 100
+        assert _value(fams["hexgen_prefix_cache_hits"], pipeline="p0", stage=stage) == 64
+        assert _value(fams["hexgen_prefix_cache_blocks"], pipeline="p0", stage=stage) == 5
+    assert _value(fams["hexgen_prefix_cache_evictions"], pipeline="p0", model_name="tiny") == 2
     assert _value(fams["hexgen_num_requests_running"], pipeline="p0") == 1
     assert _value(fams["hexgen_micro_batches_in_flight"], pipeline="p0") == 1
     ages = fams["hexgen_worker_heartbeat_age_seconds"].samples
@@ -106,6 +112,7 @@ def test_api_cluster_draws_each_stage_with_its_layers_ranks_and_kv(cluster):
         js = client.get("/static/app.js")
     (p,) = view["pipelines"]
     assert p["id"] == "p0" and p["state"] == "ready" and p["running"] == 1
+    assert p["prefix_cache_hit_rate"] == pytest.approx(0.64)
     s0, s1 = p["stages"]
     assert (s0["tp"], s0["layers"], s0["first_layer"], s0["last_layer"]) == (3, 20, 0, 19)
     assert (s1["tp"], s1["layers"], s1["first_layer"], s1["last_layer"]) == (1, 10, 20, 29)
@@ -113,7 +120,7 @@ def test_api_cluster_draws_each_stage_with_its_layers_ranks_and_kv(cluster):
     assert s0["kv_blocks_used"] == 6 and s0["kv_blocks_total"] == 64 and s1["step_time_s"] == pytest.approx(0.05)
     assert view["model"] == "tiny" and view["dead_letters"] == 1
     assert page.status_code == 200 and "static/app.js" in page.text
-    assert js.status_code == 200 and "api/cluster" in js.text
+    assert js.status_code == 200 and "api/cluster" in js.text and "prefix_cache_hit_rate" in js.text
 
 
 def test_recent_window_rates_over_the_last_minute():

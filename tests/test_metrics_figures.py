@@ -117,8 +117,9 @@ def test_metered_wrappers_stamp_and_delegate():
 def test_publisher_writes_deltas_and_gauges_and_retries_after_a_failure(server):
     client = fakeredis.FakeRedis(server=server)
     gauges = StageGauges(kv_blocks_total=64, kv_blocks_fit=80)
-    scheduler = SimpleNamespace(running=[1, 2], waiting=[3], blocks=SimpleNamespace(num_blocks=64, num_free=60),
-                                stats=SimpleNamespace(preemptions=1))
+    scheduler = SimpleNamespace(running=[1, 2], waiting=[3],
+                                blocks=SimpleNamespace(num_blocks=64, num_free=60, num_cached=7, evictions=3),
+                                stats=SimpleNamespace(preemptions=1, prefix_queries=50, prefix_hits=32))
     gauges.observe_scheduler(scheduler, in_flight=2)
     tally = F.Tally()
     tally.add("generation_tokens", 10)
@@ -128,8 +129,11 @@ def test_publisher_writes_deltas_and_gauges_and_retries_after_a_failure(server):
     key = F.pipeline_figures_key("p0")
     assert client.hget(key, "generation_tokens") == b"10" and client.hget(key, "preemptions") == b"1"
     assert client.hget(key, "takeovers") == b"3" and client.ttl(key) > 0
+    assert client.hget(key, "prefix_cache_queries") == b"50" and client.hget(key, "prefix_cache_hits") == b"32"
+    assert client.hget(key, "prefix_cache_evictions") == b"3"
     stage = client.hgetall(F.stage_figures_key("p0", 0))
     assert stage[b"kv_blocks_used"] == b"4" and stage[b"running"] == b"2" and stage[b"in_flight"] == b"2"
+    assert stage[b"prefix_cache_blocks"] == b"7"
     assert 0 < client.pttl(F.stage_figures_key("p0", 0)) <= 4000
     assert client.smembers(F.PIPELINES_INDEX_KEY) == {b"p0"} and client.smembers(F.STAGES_INDEX_KEY) == {b"p0:0"}
 

@@ -69,8 +69,12 @@ def test_token_event_fields_match_wire_protocol():
 
 def test_done_and_error_events():
     assert done_event("eos", 5, 2) == {"event": "done", "finish_reason": "eos", "prompt_tokens": "5",
-                                       "completion_tokens": "2"}
+                                       "completion_tokens": "2", "cached_tokens": "0"}
     assert parse_event(_bytes(done_event("cancelled", 5, 0))) == DoneEvent("cancelled", 5, 0)
+    assert parse_event(_bytes(done_event("stop", 40, 3, 32))) == DoneEvent("stop", 40, 3, 32)
+    # an event without the field (written by an older pipeline) reads as no cached tokens
+    old = {"event": "done", "finish_reason": "eos", "prompt_tokens": "5", "completion_tokens": "2"}
+    assert parse_event(_bytes(old)).cached_tokens == 0
     expected = {"event": "error", "code": "overloaded", "message": "queue full"}
     assert error_event("overloaded", "queue full") == expected
     ev = parse_event(_bytes(error_event("not_found", "model: 'x'")))

@@ -9,6 +9,7 @@ import pytest
 
 from hexgen.cli.status import main as status_main
 from hexgen.head.status import collect_status, format_status
+from hexgen.wire import figures as F
 from hexgen.wire import keys as C
 
 
@@ -27,6 +28,7 @@ async def seed(r):
     for i in range(3):
         await r.xadd(work, {"id": str(i)})
     await r.xreadgroup(C.PIPELINES_GROUP, "pipeline-p0", {work: ">"}, count=2)
+    await r.hset(F.pipeline_figures_key("p0"), mapping={"prefix_cache_queries": 400, "prefix_cache_hits": 300})
 
 
 async def test_collect_status():
@@ -41,11 +43,12 @@ async def test_collect_status():
     assert 1.5 < report.workers[0].heartbeat_age_s < 10 and report.workers[1].heartbeat_age_s is None
     [p] = report.pipelines
     assert (p.id, p.state, p.workers, p.alive_workers, p.load) == ("p0", "ready", 2, 1, 2)
+    assert p.prefix_hit_rate == pytest.approx(0.75)
     req, work = report.queues
     assert (req.stream, req.length, req.pending, req.lag) == ("hexgen:requests", 1, 0, 1)
     assert (work.stream, work.length, work.pending, work.lag, work.depth) == ("hexgen:work:tiny", 3, 2, 1, 3)
     text = format_status(report)
-    for needle in ("PIPELINES", "p0", "1/2 alive", "p0:1", "dead", "80.0GiB", "hexgen:work:tiny"):
+    for needle in ("PIPELINES", "p0", "1/2 alive", "p0:1", "dead", "80.0GiB", "hexgen:work:tiny", "75.0%"):
         assert needle in text
 
 

@@ -250,7 +250,7 @@ class RedisSource:
             self._ack(eid)
             return None
         req.meta = {**req.meta, "entry": eid}
-        if resumed:
+        if resumed and deliveries > 1:  # claimed after a lease lapsed (a handed-over entry has one delivery)
             self.takeovers += 1  # read by the figures publisher (workers/metrics.py)
         if req.output_ids:
             log.info("request %s: resuming at seq %d (delivery %d)", req.request_id, len(req.output_ids), deliveries)

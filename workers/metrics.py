@@ -30,6 +30,7 @@ import redis
 from hexgen.engine.gauges import StageGauges
 from hexgen.engine.types import Request, StepOutput
 from hexgen.wire import figures as F
+from hexgen.wire.prefix_summary import encode_summary, prefix_summary_key
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,9 @@ class FiguresPublisher:
         t.set_total_float(F.stage_field(self.stage, "step_seconds"), g.timer.seconds)
         if g.scheduler_known:
             t.set_total("preemptions", g.preemptions)
+            t.set_total("prefix_cache_queries", g.prefix_queries)
+            t.set_total("prefix_cache_hits", g.prefix_hits)
+            t.set_total("prefix_cache_evictions", g.prefix_evictions)
         src = self.source() if self.source is not None else None
         takeovers = getattr(src, "takeovers", None)
         if isinstance(takeovers, int):
@@ -236,6 +240,7 @@ class FiguresPublisher:
         }
         if g.scheduler_known:
             out.update(kv_blocks_used=g.kv_blocks_used, running=g.running, waiting=g.waiting, in_flight=g.in_flight)
+            out["prefix_cache_blocks"] = g.prefix_cached_blocks
         return {k: str(v) for k, v in out.items()}
 
     def publish(self, final: bool = False) -> None:
@@ -253,12 +258,20 @@ class FiguresPublisher:
         pipe.hset(pkey, "model", self.model)
         pipe.expire(pkey, F.COUNTERS_TTL_S)
         pipe.sadd(F.PIPELINES_INDEX_KEY, self.pipeline_id)
+        summary = self.gauges.prefix_summary if self.stage == 0 else None
+        ttl_ms = int(self.interval_s * F.GAUGE_TTL_INTERVALS * 1000) + 1000
         if final:
             pipe.delete(skey)
+            if self.stage == 0:  # a draining pipeline takes no more routed work
+                pipe.delete(prefix_summary_key(self.model, self.pipeline_id))
         else:
             pipe.sadd(F.STAGES_INDEX_KEY, f"{self.pipeline_id}:{self.stage}")
             pipe.hset(skey, mapping=self.stage_fields())
-            pipe.pexpire(skey, int(self.interval_s * F.GAUGE_TTL_INTERVALS * 1000) + 1000)
+            pipe.pexpire(skey, ttl_ms)
+            if summary is not None:  # cache-aware dispatch: what this pipeline holds (hexgen.wire.prefix_summary)
+                pkey_prefix = prefix_summary_key(self.model, self.pipeline_id)
+                pipe.hset(pkey_prefix, mapping=encode_summary(*summary))
+                pipe.pexpire(pkey_prefix, ttl_ms)
         pipe.execute()
         self._published = now
         self.writes += 1

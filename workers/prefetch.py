@@ -40,6 +40,7 @@ from hexgen.wire import trace
 from hexgen.wire.connection import REDIS_ERRORS, Backoff
 from hexgen.wire.text import as_text
 from workers.io_config import IOConfig
+from workers.routing import Handover
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Prefetcher:
         self._cursor = "0-0"
         self._next_reclaim = 0.0
         self._group_ok = False
+        self.handover = Handover(client, cfg)  # cache-aware dispatch (workers/routing.py)
         self._thread = threading.Thread(target=self._run, name="work-prefetch", daemon=True)
 
     def start(self) -> Prefetcher:
@@ -182,6 +184,13 @@ class Prefetcher:
             self._put(reqs)
         if room - claimed <= 0:
             return
+        handed = self.handover.handed_here(self._owned(), room - claimed)
+        if handed:  # admitted like claimed entries: tokens already posted (a restart) are honoured
+            reqs = self._admit(handed, True)
+            claimed += len(handed)
+            self._put(reqs)
+            if room - claimed <= 0:
+                return
         wait_s = 0.0 if claimed else min(self.cfg.block_ms, self.cfg.control_block_ms) / 1000
         wait_s = min(wait_s, max(0.01, self._next_reclaim - time.monotonic()))
         self._put(self._read_new(room - claimed, wait_s))
@@ -189,22 +198,29 @@ class Prefetcher:
     def _ensure_group(self) -> None:
         if self._group_ok:
             return
-        try:
-            self._r.xgroup_create(self.cfg.work_stream, C.PIPELINES_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for stream in (self.cfg.work_stream, self.handover.wake_stream):
+            try:
+                self._r.xgroup_create(stream, C.PIPELINES_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
         self._group_ok = True
 
     def _read_new(self, count: int, wait_s: float) -> list[Request]:
         block = max(1, int(wait_s * 1000)) if wait_s > 0 else None
+        wake = self.handover.wake_stream
         res = self._r.xreadgroup(
-            C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">"}, count=count, block=block
+            C.PIPELINES_GROUP, self.cfg.consumer, {self.cfg.work_stream: ">", wake: ">"}, count=count, block=block
         )
-        entries = [e for _stream, es in (res or []) for e in es]
+        res = res or []
+        self.handover.woken([eid for s, es in res if as_text(s) == wake for eid, _f in es])
+        entries = [
+            (as_text(eid), fields) for s, es in res if as_text(s) != wake for eid, fields in es if fields is not None
+        ]
         if not entries:
             return []
-        out = self._admit([(as_text(eid), fields, 1) for eid, fields in entries if fields is not None], False)
+        entries = self.handover.keep(entries)  # those preferred for another live pipeline with room go there
+        out = self._admit([(eid, fields, 1) for eid, fields in entries], False)
         if trace.ENABLED:
             t = time.monotonic()
             for req in out:

@@ -104,6 +104,7 @@ class _Out:
     completion_tokens: int
     entry: str | None
     trace: dict[str, float] | None = None  # first token's latency stamps (HEXGEN_TRACE_TIMING=1 only)
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied
 
 
 class RedisSink:
@@ -148,6 +149,7 @@ class RedisSink:
                         o.completion_tokens,
                         (o.meta or {}).get("entry"),
                         _first_token_stamps(o) if trace.ENABLED else None,
+                        o.cached_tokens,
                     )
                     for o in outputs
                 ]
@@ -233,7 +235,7 @@ class RedisSink:
                 posts.append(Post(o.request_id, o.seq, token_event(o.seq, list(o.ids), o.text)))
             if o.finish_reason is not None:
                 try:
-                    final = done_event(o.finish_reason, o.prompt_tokens, o.completion_tokens)
+                    final = done_event(o.finish_reason, o.prompt_tokens, o.completion_tokens, o.cached_tokens)
                 except ProtocolError as e:  # an engine bug must not stop the writer: tell the client instead
                     log.error("request %s: %s", o.request_id, e)
                     final = error_event(INTERNAL, f"the engine ended the request with {o.finish_reason!r}")

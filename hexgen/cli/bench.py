@@ -20,7 +20,9 @@ from hexgen.errors import ConfigError, HexGenError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hexgen bench", description=__doc__)
-    p.add_argument("mode", choices=("latency", "throughput", "sweep", "serve", "kv-accuracy", "weight-accuracy"))
+    p.add_argument(
+        "mode", choices=("latency", "throughput", "sweep", "serve", "kv-accuracy", "weight-accuracy", "prefix")
+    )
     add_layout_args(p)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
@@ -103,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
         help="serve: what the direct engine is given: the token ids the head would make (ids, the default), "
         "or the prompt texts, tokenized on arrival in the engine's loop as the head tokenizes them (text)",
     )
+    g = p.add_argument_group("prefix (the prefix cache on against off; hexgen/bench/prefix.py)")
+    g.add_argument("--workload", choices=("shared", "multi-turn", "seen"), default="shared")
+    g.add_argument("--groups", type=int, default=64, help="shared: groups of requests with one system prompt")
+    g.add_argument("--per-group", type=int, default=16, help="shared: requests per group")
+    g.add_argument("--system-len", type=int, default=2048, help="system prompt tokens (multi-turn: first turn's)")
+    g.add_argument("--question-len", type=int, default=128, help="question tokens per request or turn")
+    g.add_argument("--conversations", type=int, default=200, help="multi-turn: conversations")
+    g.add_argument("--turns", type=int, default=5, help="multi-turn: turns per conversation")
     p.add_argument("--hf-batch-size", type=int, default=64, help="throughput: HF static batch size")
     p.add_argument(
         "--hf-max-batches",
@@ -137,6 +147,25 @@ def _workload(args: argparse.Namespace) -> tuple[int, tuple[int, int], tuple[int
 
 def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
     n, prompt, output = _workload(args)
+    if args.mode == "prefix":
+        from hexgen.bench.prefix import PrefixOptions, format_prefix, prefix_bench
+
+        try:
+            opts = PrefixOptions(
+                args.workload,
+                args.groups,
+                args.per_group,
+                args.system_len,
+                args.question_len,
+                args.new_tokens or 256,
+                args.conversations,
+                args.turns,
+                args.seed,
+            )
+        except ValueError as e:
+            raise ConfigError(f"--{str(e).split(':')[0].replace('_', '-')}: {e}") from e
+        res = prefix_bench(setup, opts)
+        return res, format_prefix(res)
     if args.mode == "latency":
         res = latency(setup, args.prompt_len, args.new_tokens or 256, args.reps)
     elif args.mode == "kv-accuracy":

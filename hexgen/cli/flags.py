@@ -36,6 +36,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="cut GPUs down to fewer SMs and less memory, per global rank, e.g. 2=40:24,3=16:16 "
         "(0 keeps that resource; hexgen/engine/emulation.py)",
     )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        default=None,
+        help="do not reuse the KV blocks of earlier requests' prefixes (default: reuse them; TOML "
+        "[engine] prefix_cache)",
+    )
 
 
 def engine_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,4 +53,6 @@ def engine_fields(args: argparse.Namespace) -> dict[str, Any]:
         out["kernels"] = KernelConfig.from_flags(args.kernel)
     if args.emulate_devices:
         out["emulate_devices"] = tuple(sorted(parse_limits(args.emulate_devices).items()))
+    if getattr(args, "prefix_cache", None) is not None:
+        out["prefix_cache"] = args.prefix_cache
     return out

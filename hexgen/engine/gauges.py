@@ -15,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+SUMMARY_EVERY_S = 0.5  # how often the stage-0 leader snapshots its cached block hashes for dispatch
+SUMMARY_HASHES = 8192  # the most hashes a snapshot holds (hexgen.wire.prefix_summary.MAX_SUMMARY_HASHES)
+
 
 class StepTimer:
     """Wall time of a stage's forward passes, summed.
@@ -61,7 +64,8 @@ class StageGauges:
     """What one stage leader's engine shows of itself. KV blocks are the stage's allocated cache (the same
     count on every stage: stage 0's block manager hands each sequence one block table for all stages);
     ``kv_blocks_fit`` is what this rank alone would have fitted. The scheduler figures (``running``,
-    ``waiting``, ``in_flight``, ``kv_blocks_used``, ``preemptions``) are kept by the stage-0 leader only."""
+    ``waiting``, ``in_flight``, ``kv_blocks_used``, ``preemptions`` and the prefix cache's) are kept by the
+    stage-0 leader only: its block manager decides reuse for every stage."""
 
     kv_blocks_total: int = 0
     kv_blocks_fit: int = 0
@@ -71,6 +75,14 @@ class StageGauges:
     waiting: int = 0
     in_flight: int = 0  # micro-batches launched whose results stage 0 has not applied yet
     preemptions: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache at admission (stage 0)
+    prefix_hits: int = 0  # of those, tokens whose K/V the cache supplied
+    prefix_cached_blocks: int = 0  # blocks registered in the prefix cache
+    prefix_evictions: int = 0  # cached blocks given to other tokens
+    # what cache-aware dispatch publishes (None: the prefix cache is off): (seed, block size, room, hashes),
+    # refreshed at most every SUMMARY_EVERY_S (a new tuple: readers on other threads see one whole)
+    prefix_summary: tuple[int, int, int, list[int]] | None = None
+    _summary_at: float = -1e9
     timer: StepTimer = field(default_factory=StepTimer)
     scheduler_known: bool = False  # True once the stage-0 leader wrote the scheduler figures
 
@@ -92,4 +104,14 @@ class StageGauges:
         self.in_flight = in_flight
         self.kv_blocks_used = scheduler.blocks.num_blocks - scheduler.blocks.num_free
         self.preemptions = scheduler.stats.preemptions
+        self.prefix_queries = scheduler.stats.prefix_queries
+        self.prefix_hits = scheduler.stats.prefix_hits
+        self.prefix_cached_blocks = scheduler.blocks.num_cached
+        self.prefix_evictions = scheduler.blocks.evictions
+        now = time.monotonic()
+        if getattr(scheduler.blocks, "prefix_cache", False) and now - self._summary_at >= SUMMARY_EVERY_S:
+            self._summary_at = now
+            room = scheduler.max_num_seqs - len(scheduler.running) - len(scheduler.waiting)
+            b = scheduler.blocks
+            self.prefix_summary = (b.seed, b.block_size, room, b.held_hashes(SUMMARY_HASHES))
         self.scheduler_known = True

@@ -48,7 +48,7 @@ class LastStage:
         """Enqueue the step's sampling on the device; no host sync (``complete`` reads the ids)."""
         for item in plan.new_requests:
             self.requests[item.seq_id] = item.request
-            self.processor.add(item.request)
+            self.processor.add(item.request, item.cached_tokens)
         rows = [i for i, s in enumerate(plan.sample) if s]
         if not rows or hidden is None:
             return Sampled(rows=[])

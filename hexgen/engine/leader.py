@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from hexgen.config import EngineConfig
+from hexgen.engine.block_hash import prefix_seed
 from hexgen.engine.gauges import StageGauges
 from hexgen.engine.kv_cache import BlockManager
 from hexgen.engine.last_stage import LastStage, Sampled
@@ -144,7 +145,9 @@ class FirstLeader:
     ) -> None:
         self.groups, self.runner, self.source, self.last = groups, runner, source, last
         self.gauges = gauges  # kept current with the scheduler's figures after every iteration
-        blocks = BlockManager(runner.num_blocks, engine.block_size)
+        model_id = f"{runner.model_name}/{engine.seed}/weights-{engine.quantization}"
+        seed = prefix_seed(model_id, engine.dtype, engine.kv_cache_dtype)
+        blocks = BlockManager(runner.num_blocks, engine.block_size, engine.prefix_cache, seed)
         self.max_in_flight = engine.micro_batches or groups.layout.num_stages
         self.scheduler = Scheduler(
             blocks, engine.max_num_seqs, engine.max_num_batched_tokens, runner.max_len, self.max_in_flight

@@ -80,6 +80,7 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied
     logits: list[torch.Tensor] = field(default_factory=list)  # per generated token (collect_logits)
 
 
@@ -128,6 +129,7 @@ def run_offline(
                 c.token_ids += o.ids
                 c.text += o.text
                 c.prompt_tokens = o.prompt_tokens
+                c.cached_tokens = o.cached_tokens
                 c.finish_reason = o.finish_reason or c.finish_reason
                 if o.logits is not None:
                     c.logits.append(o.logits)

@@ -40,6 +40,7 @@ class _Tracked:
     read_offset: int
     prefix_text: str  # decode(ids[prefix_offset:read_offset])
     pending: str = ""  # decoded, not yet sent: a tail that may begin a stop string
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied
 
 
 def stop_prefix_len(text: str, stops: Iterable[str]) -> int:
@@ -81,13 +82,14 @@ class OutputProcessor:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, req: Request) -> None:
-        """Start tracking ``req``; its ``output_ids``, if any, were already sent to the client."""
+    def add(self, req: Request, cached_tokens: int = 0) -> None:
+        """Start tracking ``req``; its ``output_ids``, if any, were already sent to the client;
+        ``cached_tokens``: prompt tokens the prefix cache supplied (reported on the final output)."""
         if req.request_id in self._tracked:
             raise ValueError(f"request_id: {req.request_id!r} is already tracked")
         n_out = len(req.output_ids)
         if self.tokenizer is None:
-            self._tracked[req.request_id] = _Tracked(req, n_out, [], 0, 0, 0, "")
+            self._tracked[req.request_id] = _Tracked(req, n_out, [], 0, 0, 0, "", cached_tokens=cached_tokens)
             return
         # Spare prompt tokens let the context window start on a character boundary.
         context = list(req.prompt_ids[-(CONTEXT_TOKENS + MAX_PARTIAL_TOKENS) :])
@@ -103,7 +105,7 @@ class OutputProcessor:
             prefix, prefix_text = self._window(ids, read)
         if prefix_text.endswith(REPLACEMENT_CHAR):  # a prompt ending mid-character is no usable context
             prefix, prefix_text = read, ""
-        t = _Tracked(req, n_out, ids, len(context), prefix, read, prefix_text)
+        t = _Tracked(req, n_out, ids, len(context), prefix, read, prefix_text, cached_tokens=cached_tokens)
         if req.params.stop and read > t.n_context:
             tail = self._generated_tail(t, max(len(s) for s in req.params.stop))
             t.pending = tail[len(tail) - stop_prefix_len(tail, req.params.stop) :]
@@ -195,6 +197,7 @@ class OutputProcessor:
             prompt_tokens=len(t.req.prompt_ids),
             completion_tokens=t.n_out,
             meta=t.req.meta,
+            cached_tokens=t.cached_tokens,
         )
 
     def cancel(self, request_id: str) -> StepOutput:
@@ -214,4 +217,5 @@ class OutputProcessor:
             prompt_tokens=len(t.req.prompt_ids),
             completion_tokens=t.n_out,
             meta=t.req.meta,
+            cached_tokens=t.cached_tokens,
         )

@@ -3,6 +3,10 @@ the activations to every rank) and the step result (what the last stage sampled,
 
 They travel between ranks as msgpack bytes on the CPU (gloo) side channel; ``encode``/``decode`` are the only
 codecs, and the typed parts (``NewSequence``, ``Abort``) travel as fixed-order arrays.
+
+Prefix reuse needs nothing more: a sequence whose first blocks came from the prefix cache has those block
+ids at the head of its block table and its first chunk's positions start after them, so every rank of
+every stage reads the cached K/V and computes only the rest, with no message of its own.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ class NewSequence:
 
     seq_id: int
     request: Request
+    cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache supplied (reported to the client)
 
     def pack(self) -> list[Any]:
-        return [self.seq_id, self.request.to_dict()]
+        return [self.seq_id, self.request.to_dict(), self.cached_tokens]
 
     @classmethod
     def unpack(cls, v: list[Any]) -> NewSequence:
-        return cls(int(v[0]), Request.from_dict(v[1]))
+        return cls(int(v[0]), Request.from_dict(v[1]), int(v[2]))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -42,6 +43,13 @@ class ModelSpec:
         if self.preset is not None and not self.random_weights:
             raise ConfigError(f"preset {self.preset!r}: presets have no checkpoint; add --random-weights")
 
+    @property
+    def name(self) -> str:
+        """The checkpoint's directory name, or the preset's name: the same on every host."""
+        if self.model_dir is not None:
+            return os.path.basename(os.path.normpath(self.model_dir))
+        return f"{self.preset}/random"
+
     def config(self) -> ModelConfig:
         return preset(self.preset) if self.preset else ModelConfig.from_dir(self.model_dir)
 
@@ -51,6 +59,7 @@ class StageRunner:
         cfg = model.config()
         self.cfg = replace(cfg, quantization=weight_format(cfg.quantization, engine.quantization))
         self.engine = engine
+        self.model_name = model.name  # what the prefix cache's hashes are seeded with
         self.groups = groups
         self.device = groups.device
         self.dtype = getattr(torch, engine.dtype)

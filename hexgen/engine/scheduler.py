@@ -27,6 +27,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from hexgen.engine.block_hash import extend_hashes
 from hexgen.engine.kv_cache import BlockManager
 from hexgen.engine.plan import Abort, NewSequence, StepPlan, StepResult
 from hexgen.engine.types import Request
@@ -53,6 +54,9 @@ class Sequence:
     sample_row: int = -1  # row among the last scheduled plan's sampled rows (-1: its chunk there does not sample)
     announced: bool = False  # the last stage knows this request
     cancel_requested: bool = False
+    hashes: list[int] = field(default_factory=list)  # chained hashes of the first full blocks of tokens
+    num_registered: int = 0  # leading blocks registered in the prefix cache (or taken from it)
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied at the first admission
 
     @property
     def num_output(self) -> int:
@@ -69,6 +73,8 @@ class StepStats:
     prefill_tokens: int = 0  # query tokens of chunks of several tokens, recomputation after preemption included
     preemptions: int = 0
     recomputed_tokens: int = 0  # computed tokens thrown away by preemptions
+    prefix_queries: int = 0  # tokens of admitted sequences looked up in the prefix cache
+    prefix_hits: int = 0  # of those, tokens whose K/V the cache supplied
 
     def count(self, plan: StepPlan) -> None:
         self.steps += 1
@@ -82,7 +88,8 @@ class StepStats:
         return (
             f"{self.steps} steps ({self.mixed_steps} with a prefill chunk), {per:.1f} decode rows a step, "
             f"{self.prefill_tokens} prefill tokens, {self.preemptions} preemptions "
-            f"({self.recomputed_tokens} tokens to recompute)"
+            f"({self.recomputed_tokens} tokens to recompute), prefix cache {self.prefix_hits} of "
+            f"{self.prefix_queries} tokens"
         )
 
 
@@ -179,7 +186,7 @@ class Scheduler:
                 self.stats.recomputed_tokens += victim.num_computed
                 self.running.remove(victim)
                 self.blocks.free(victim.blocks)
-                victim.blocks, victim.num_computed = [], 0
+                victim.blocks, victim.num_computed, victim.num_registered = [], 0, 0
                 self.waiting.appendleft(victim)
                 return victim
         return None
@@ -199,7 +206,7 @@ class Scheduler:
         plan.sample.append(end == len(tokens))
         plan.out_lens.append(len(tokens) - seq.num_prompt)
         if not seq.announced:
-            plan.new_requests.append(NewSequence(seq.seq_id, seq.request))
+            plan.new_requests.append(NewSequence(seq.seq_id, seq.request, seq.cached_tokens))
             seq.announced = True
         seq.in_flight = chunk
 
@@ -286,9 +293,17 @@ class Scheduler:
         """Waiting sequences admitted in order while blocks, budget and the share allow; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(plan.seq_ids) < share:
             seq = self.waiting[0]
+            hit = self._match_prefix(seq) if not seq.blocks else 0
             chunk = min(len(seq.tokens) - seq.num_computed, budget)
             if not self._ensure_blocks(seq, seq.num_computed + chunk):
+                if hit:  # give the cached blocks back; the next try looks them up again
+                    self.blocks.free(seq.blocks)
+                    seq.blocks, seq.num_computed, seq.num_registered = [], 0, 0
                 break
+            self.stats.prefix_queries += len(seq.tokens)
+            self.stats.prefix_hits += hit
+            if not seq.announced:
+                seq.cached_tokens = min(hit, seq.num_prompt)
             self.waiting.popleft()
             self.running.append(seq)
             self._add_chunk(plan, seq, chunk)
@@ -296,14 +311,41 @@ class Scheduler:
             budget -= chunk
         return budget
 
+    def _match_prefix(self, seq: Sequence) -> int:
+        """Take the cached blocks of ``seq``'s longest cached prefix (all but its last token: at least one
+        token is computed, so the last stage has logits to sample from); returns the tokens they hold."""
+        if not self.blocks.prefix_cache:
+            return 0
+        bs = self.blocks.block_size
+        n = (len(seq.tokens) - 1) // bs
+        extend_hashes(seq.hashes, seq.tokens, bs, self.blocks.seed, n)
+        hits = self.blocks.match(seq.hashes[:n])
+        seq.blocks, seq.num_registered, seq.num_computed = hits, len(hits), len(hits) * bs
+        return seq.num_computed
+
+    def _register(self, seq: Sequence) -> None:
+        """Register the blocks ``seq`` has filled since the last call: their K/V is written on every stage
+        (this step's result came back from the last stage, and every rank runs plans in order)."""
+        bs = self.blocks.block_size
+        full = min(seq.num_computed // bs, len(seq.blocks))
+        if full <= seq.num_registered:
+            return
+        extend_hashes(seq.hashes, seq.tokens, bs, self.blocks.seed, full)
+        for i in range(seq.num_registered, full):
+            self.blocks.register(seq.blocks[i], seq.hashes[i])
+        seq.num_registered = full
+
     def update(self, plan: StepPlan, result: StepResult) -> list[str]:
         """Apply the last stage's result; returns request ids released by this step."""
         by_id = {s.seq_id: s for s in self.running}
+        caching = self.blocks.prefix_cache
         for sid, chunk in zip(plan.seq_ids, plan.q_lens):
             seq = by_id.get(sid)
             if seq is not None:
                 seq.num_computed += chunk
                 seq.in_flight -= chunk
+                if caching:
+                    self._register(seq)
         released = [n.request_id for n in plan.cancelled]
         for sid, token, finished in zip(result.seq_ids, result.tokens, result.finished):
             seq = by_id.get(sid)

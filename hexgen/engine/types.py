@@ -123,6 +123,7 @@ class StepOutput:
     completion_tokens: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     logits: Any = None  # float32 tensor [vocab] when the engine collects logits (tests)
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 class RequestSource(Protocol):

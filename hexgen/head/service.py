@@ -42,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hexgen.engine.types import Request
 from hexgen.head.deadlines import Deadlines
+from hexgen.head.routing import PrefixRouter
 from hexgen.head.status import StatusReport, collect_status, queue_status
 from hexgen.head.submit import DUPLICATE, OVER_LIMIT, Submitter
 from hexgen.head.tokenizing import (
@@ -55,6 +56,7 @@ from hexgen.head.validation import check_context, parse_request, peek_request_id
 from hexgen.wire import figures, trace
 from hexgen.wire import keys as C
 from hexgen.wire.functions import aload_library
+from hexgen.wire.prefix_summary import PREFER_FIELD
 from hexgen.wire.protocol import (
     InternalError,
     NotFound,
@@ -98,6 +100,7 @@ class Head:
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
         self.submitter = Submitter(redis, self.work_stream, self.limits.dedupe_ttl_s, self.limits.max_queue_depth)
+        self.router = PrefixRouter(redis, settings.model.name) if settings.engine.prefix_routing else None
         self._durability = parse_redis_url(settings.redis.url)  # wait_replicas: WAIT after each submit
         self.deadlines = Deadlines(redis, settings.model.name, self.limits.heartbeat_ttl_s, self.limits.result_ttl_s)
 
@@ -251,6 +254,9 @@ class Head:
         trace.stamp(req.meta, "head_tok")
         trace.stamp(req.meta, "head_send")
         item = encode_work_item(req, model)
+        prefer = await self.router.prefer(req.prompt_ids + req.output_ids) if self.router is not None else None
+        if prefer:  # cache-aware dispatch: offered to this pipeline first (hexgen.head.routing)
+            item[PREFER_FIELD] = prefer.encode("utf-8")
         done = await asyncio.shield(self.submitter.submit(request_id, entry_id, item))
         if self._durability.wait_replicas and done.status != OVER_LIMIT:
             await async_wait_replicas(self.redis, self._durability)  # docs/reliability.md: the loss window

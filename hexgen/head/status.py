@@ -12,6 +12,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from hexgen.wire import figures as F
 from hexgen.wire import keys as C
 from hexgen.wire.protocol import PipelineRecord, ProtocolError, WorkerRecord
 from hexgen.wire.text import as_text
@@ -38,6 +39,7 @@ class PipelineStatus:
     workers: int
     alive_workers: int
     load: int
+    prefix_hit_rate: float | None = None  # prompt tokens the prefix cache supplied / looked up (None: no lookup)
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,26 @@ async def read_pipelines(r: Any, workers: list[WorkerStatus], work: list[QueueSt
         mine = [w for w in workers if w.record.pipeline == pid]
         consumer = C.PIPELINE_CONSUMER_PREFIX + pid
         load = sum(q.consumers.get(consumer, q.consumers.get(pid, 0)) for q in work)
+        hit_rate = await _prefix_hit_rate(r, pid)
         out.append(
-            PipelineStatus(pid, rec.state, rec.layout, rec.rendezvous, len(mine), sum(w.alive for w in mine), load)
+            PipelineStatus(
+                pid, rec.state, rec.layout, rec.rendezvous, len(mine), sum(w.alive for w in mine), load, hit_rate
+            )
         )
     return out
+
+
+async def _prefix_hit_rate(r: Any, pipeline_id: str) -> float | None:
+    """The pipeline's prefix-cache hit rate from its published counters (hexgen.wire.figures)."""
+    try:
+        queries, hits = await r.hmget(F.pipeline_figures_key(pipeline_id), "prefix_cache_queries", "prefix_cache_hits")
+    except ResponseError:  # not a hash
+        return None
+    try:
+        q = int(as_text(queries)) if queries is not None else 0
+        return int(as_text(hits or b"0")) / q if q > 0 else None
+    except ValueError:
+        return None
 
 
 async def collect_status(r: Any, heartbeat_ttl_s: float = C.HEARTBEAT_TTL_S) -> StatusReport:
@@ -189,9 +207,16 @@ def format_status(report: StatusReport) -> str:
     lines = ["PIPELINES"]
     lines += (
         _table(
-            ["id", "state", "layout", "workers", "load"],
+            ["id", "state", "layout", "workers", "load", "prefix hit"],
             [
-                [p.id, p.state, p.layout or "-", f"{p.alive_workers}/{p.workers} alive", str(p.load)]
+                [
+                    p.id,
+                    p.state,
+                    p.layout or "-",
+                    f"{p.alive_workers}/{p.workers} alive",
+                    str(p.load),
+                    "-" if p.prefix_hit_rate is None else f"{100 * p.prefix_hit_rate:.1f}%",
+                ]
                 for p in report.pipelines
             ],
         )

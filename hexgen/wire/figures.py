@@ -8,12 +8,14 @@ reads them):
   change since the last write, by the pipeline's stage leaders every few seconds). They survive worker
   restarts; the hash expires :data:`COUNTERS_TTL_S` after its last write. Fields: ``model``,
   ``success:<finish_reason>``, ``prompt_tokens``, ``generation_tokens``, ``preemptions``, ``takeovers``,
+  ``prefix_cache_queries``, ``prefix_cache_hits`` (tokens), ``prefix_cache_evictions`` (blocks),
   ``stage:<s>:steps``, ``stage:<s>:step_seconds``, and per histogram ``h:<name>:<i>`` (observations in bucket
   i alone, i = len(bounds) being +Inf), ``h:<name>:sum``, ``h:<name>:count``.
 - ``hexgen:metrics:stage:<pid>:<stage>`` — **gauges** of one stage, overwritten by its leader every few
   seconds with a TTL of a few intervals, so a dead stage's figures vanish: ``kv_blocks_total``,
   ``kv_blocks_used``, ``kv_blocks_fit``, ``kv_bytes_per_block``, ``step_seconds`` (mean over the last
-  interval), ``running``, ``waiting``, ``in_flight`` (stage 0), ``interval_s``, ``updated_at`` (wall clock).
+  interval), ``running``, ``waiting``, ``in_flight``, ``prefix_cache_blocks`` (stage 0), ``interval_s``,
+  ``updated_at`` (wall clock).
 - ``hexgen:metrics:pipelines`` / ``hexgen:metrics:stages`` — SETs naming the hashes above, so readers need
   no SCAN; a member whose hash has expired is skipped (and removed) by the reader.
 - ``hexgen:metrics:errors`` — one counter per error code: every error event written to a result stream (by a
@@ -135,6 +137,7 @@ STAGE_GAUGES = (
     "running",
     "waiting",
     "in_flight",
+    "prefix_cache_blocks",
     "interval_s",
     "updated_at",
 )

@@ -5,7 +5,7 @@
 - Result events (``hexgen:result:<id>``): flat string fields, the public wire protocol (README)::
 
       event token seq <n> ids <comma-separated ids> text <delta>
-      event done finish_reason length|stop|eos|cancelled prompt_tokens <n> completion_tokens <n>
+      event done finish_reason length|stop|eos|cancelled prompt_tokens <n> completion_tokens <n> cached_tokens <n>
       event error code invalid_request|overloaded|not_found|internal|timeout|no_ready_pipeline message <text>
 
 - Requests (``hexgen:requests``): flat string fields; :func:`request_fields` builds them for clients,
@@ -213,6 +213,7 @@ class DoneEvent:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V the pipeline's prefix cache supplied
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,11 @@ def token_event(seq: int, ids: list[int] | tuple[int, ...], text: str) -> dict[s
     return {"event": "token", "seq": str(int(seq)), "ids": ",".join(str(int(i)) for i in ids), "text": text}
 
 
-def done_event(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, str]:
-    """Fields of a done event; ``finish_reason`` is one of length, stop, eos, cancelled."""
+def done_event(
+    finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> dict[str, str]:
+    """Fields of a done event; ``finish_reason`` is one of length, stop, eos, cancelled; ``cached_tokens``:
+    prompt tokens the prefix cache supplied."""
     if finish_reason not in FINISH_REASONS:
         raise ProtocolError(f"done event: finish_reason {finish_reason!r} must be one of {', '.join(FINISH_REASONS)}")
     return {
@@ -245,6 +249,7 @@ def done_event(finish_reason: str, prompt_tokens: int, completion_tokens: int) -
         "finish_reason": finish_reason,
         "prompt_tokens": str(int(prompt_tokens)),
         "completion_tokens": str(int(completion_tokens)),
+        "cached_tokens": str(int(cached_tokens)),
     }
 
 
@@ -271,6 +276,7 @@ def parse_event(fields: Fields) -> Event:
             finish_reason=_get(f, "finish_reason", "done event"),
             prompt_tokens=_int(f, "prompt_tokens", "done event"),
             completion_tokens=_int(f, "completion_tokens", "done event"),
+            cached_tokens=_opt_int(f, "cached_tokens"),  # absent from older pipelines' events: 0
         )
     if kind == "error":
         return ErrorEvent(code=_get(f, "code", "error event"), message=f.get("message", ""))

@@ -379,6 +379,19 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """``[engine]``: the workers' engine behaviour a deployment chooses (flags override it)."""
+
+    prefix_cache: bool = True  # reuse the KV blocks of earlier requests' prefixes (EngineConfig.prefix_cache)
+    prefix_routing: bool = True  # the head offers a request to the pipeline holding its prefix (hexgen.head.routing)
+
+    def __post_init__(self) -> None:
+        for name in ("prefix_cache", "prefix_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"engine.{name}: {getattr(self, name)!r} must be true or false")
+
+
+@dataclass(frozen=True)
 class Settings:
     """One deployment: Redis, the model, its pipelines and the serving limits."""
 
@@ -389,6 +402,7 @@ class Settings:
     pipelines: tuple[PipelineSettings, ...] = ()
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     kernels: KernelConfig = KernelConfig()  # the workers' kernel choices ([kernels]; --kernel overrides)
     trace_timing: bool = False  # latency stamps along the serving path (hexgen.wire.trace; $HEXGEN_TRACE_TIMING=1)
     kv_cache_dtype: str = "auto"  # the workers' KV cache: auto (the model dtype) or fp8 (EngineConfig)
@@ -427,12 +441,14 @@ _SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "limits": LimitSettings,
     "http": HttpSettings,
+    "engine": EngineSettings,
 }
 _TOP_KEYS = (
     "redis",
     "model",
     "limits",
     "http",
+    "engine",
     "pipelines",
     "dtype",
     "device",

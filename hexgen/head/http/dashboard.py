@@ -41,6 +41,12 @@ def parse_layout(text: str) -> tuple[list[int], list[int]] | None:
     return (tp, layers) if len(tp) == len(layers) else None
 
 
+def prefix_hit_rate(counters: dict[str, float]) -> float | None:
+    """Prompt tokens the prefix cache supplied over those looked up (None before any lookup)."""
+    queries = counters.get("prefix_cache_queries", 0.0)
+    return counters.get("prefix_cache_hits", 0.0) / queries if queries else None
+
+
 def cluster_view(snap: ClusterSnapshot, window: RecentWindow, model: str) -> dict[str, Any]:
     """The dashboard's JSON: pipelines with their stages, queues, recent rates (plain types only)."""
     pipelines = []
@@ -101,6 +107,7 @@ def cluster_view(snap: ClusterSnapshot, window: RecentWindow, model: str) -> dic
                 "in_flight": lead.get("in_flight"),
                 "finished": sum(figures.success.values()) if figures else 0,
                 "generation_tokens": figures.counters.get("generation_tokens", 0) if figures else 0,
+                "prefix_cache_hit_rate": prefix_hit_rate(figures.counters) if figures else None,
             }
         )
     work = [q for q in snap.status.queues if q.stream.startswith(C.WORK_STREAM_PREFIX)]

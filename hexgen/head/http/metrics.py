@@ -82,6 +82,9 @@ def _request_families(b: _Builder, snap: ClusterSnapshot) -> None:
         "prompt_tokens": b.counter("prompt_tokens", "Prompt tokens of finished requests.", PIPE),
         "generation_tokens": b.counter("generation_tokens", "Tokens generated.", PIPE),
         "preemptions": b.counter("num_preemptions", "Sequences preempted (KV cache full) and recomputed later.", PIPE),
+        "prefix_cache_evictions": b.counter(
+            "prefix_cache_evictions", "Cached KV blocks evicted to make room (least recently used first).", PIPE
+        ),
         "takeovers": b.counter(
             "takeovers",
             "Work entries this pipeline claimed after their lease lapsed (a dead or restarted pipeline's requests).",
@@ -139,8 +142,18 @@ def _stage_families(b: _Builder, snap: ClusterSnapshot) -> None:
             ["pipeline"],
         ),
     }
+    # Stage 0's block manager decides prefix reuse for every stage: each stage reuses what it says.
+    queries = b.counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", STAGE)
+    hits = b.counter("prefix_cache_hits", "Prompt tokens whose K/V the prefix cache supplied.", STAGE)
+    cached = b.gauge("prefix_cache_blocks", "KV blocks registered in the prefix cache (stage 0's).", STAGE)
     for (pid, stage), g in sorted(snap.stages.items()):
         lv = [pid, str(stage)]
+        counters = snap.pipelines[pid].counters if pid in snap.pipelines else {}
+        if "prefix_cache_queries" in counters:
+            queries.add_metric(lv, counters["prefix_cache_queries"])
+            hits.add_metric(lv, counters.get("prefix_cache_hits", 0.0))
+        if "prefix_cache_blocks" in snap.stages.get((pid, 0), {}):
+            cached.add_metric(lv, snap.stages[(pid, 0)]["prefix_cache_blocks"])
         for field, fam in per_stage.items():
             if field in g:
                 fam.add_metric(lv, g[field])

@@ -316,11 +316,12 @@ def openai_finish_reason(reason: str) -> str:
     return "stop" if reason in ("eos", "stop") else reason
 
 
-def _usage(done: DoneEvent) -> dict[str, int]:
+def _usage(done: DoneEvent) -> dict[str, Any]:
     return {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
     }
 
 

@@ -62,7 +62,8 @@ function pipelineRow(p) {
     el("span", { class: `state ${p.state}` }, p.state),
     el("span", { class: "muted" }, p.layout || ""),
     el("span", {}, `running ${p.running ?? "–"} · waiting ${p.waiting ?? "–"} · in flight ${p.in_flight ?? "–"}`),
-    el("span", { class: "muted" }, `${p.finished} finished · ${p.generation_tokens} tokens`));
+    el("span", { class: "muted" }, `${p.finished} finished · ${p.generation_tokens} tokens` +
+      (p.prefix_cache_hit_rate == null ? "" : ` · prefix cache ${(100 * p.prefix_cache_hit_rate).toFixed(1)}% hit`)));
   return el("div", { class: "pipeline", "data-pipeline": p.id }, head, stages);
 }
 
