@@ -27,7 +27,7 @@ def _kernel_help() -> str:
     )
 
 
-def add_tp_ratio_flag(p: argparse.ArgumentParser) -> None:
+def add_tp_ratio_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--tp-ratio 2:1 1``: each stage's per-rank shares (uneven TP shards, ``hexgen.shards``)."""
     p.add_argument(
         "--tp-ratio",
