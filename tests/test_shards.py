@@ -135,3 +135,10 @@ def test_pipeline_settings_take_tp_ratio():
     with pytest.raises(ConfigError, match=r"pipelines\['p0'\]: tp-ratio: 1 stage\(s\) given but hetero-config has 2"):
         settings_from_dict({**base, "pipelines": [{"id": "p0", "hetero_config": [2, 1], "pp_partition": [4, 2],
                                                    "tp_ratio": [[2, 1]]}]})
+
+
+def test_dashboard_reads_an_uneven_layout_string():
+    from hexgen.head.http.dashboard import parse_layout
+
+    layout = Layout.build(SMOL, (2, 1), (20, 10), ["2:1", "1"])
+    assert parse_layout(layout.describe()) == ([2, 1], [20, 10])
