@@ -103,8 +103,11 @@ def plan_cluster(
     time_budget_s: float = 30.0,
     seed: int = 0,
     max_iters: int | None = None,
+    uneven: bool = True,
 ) -> Plan:
-    """The best plan the search finds for ``cluster``; PlannerError when nothing fits.
+    """The best plan the search finds for ``cluster``; PlannerError when nothing fits. ``uneven``: also weigh
+    an uneven TP group over the cluster's unequal GPUs (hexgen/planner/uneven_plan.py; off where every node is
+    its own host, as in automatic placement).
 
     Deterministic for a given ``seed`` as long as ``max_iters`` (default: scaled with the cluster size) or the
     patience limit stops the search before ``time_budget_s``. The result is never worse, under the cost model,
@@ -146,7 +149,8 @@ def plan_cluster(
     sym = best_symmetric(cluster, cost, workload, slo, evaluator=ev)
     if sym is not None and plan_score_of(sym, ev, slo) > plan_score_of(plan, ev, slo):
         plan = sym
-    plan = _with_uneven(ev, plan, slo)
+    if uneven:
+        plan = _with_uneven(ev, plan, slo)
     return replace(plan, search_s=time.monotonic() - t_start)
 
 
