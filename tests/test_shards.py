@@ -142,3 +142,12 @@ def test_dashboard_reads_an_uneven_layout_string():
 
     layout = Layout.build(SMOL, (2, 1), (20, 10), ["2:1", "1"])
     assert parse_layout(layout.describe()) == ([2, 1], [20, 10])
+
+
+def test_generate_rejects_a_bad_ratio_before_starting_any_process(default_model_dir, capsys):
+    from hexgen.cli.generate import main as generate_main
+
+    assert generate_main(["--model", default_model_dir, "--hetero-config", "2", "1", "--tp-ratio", "2:0", "1",
+                          "--prompt", "hi"]) != 0
+    err = capsys.readouterr().err
+    assert "stage 0: tp-ratio 2:0: share 0 must be a positive integer" in err and "Traceback" not in err
