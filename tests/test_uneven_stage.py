@@ -121,6 +121,30 @@ def test_uneven_stage_matches_hugging_face(request, fixture, shares):
     torch.testing.assert_close(got[:-1], want, rtol=1e-4, atol=2e-4)
 
 
+def test_fp8_checkpoint_scales_follow_the_uneven_rows(tmp_path):
+    """A per-channel FP8 checkpoint at 2:1: each rank's QKV and gate/up rows carry their own rows' scales
+    (sliced with the same bounds as the weights), and the stage reproduces the dequantized HF model."""
+    from hexgen.kernels import fp8_linear
+    from tests.fp8_models import save_fp8_llama
+
+    config = llama_config(hidden_size=96, num_attention_heads=12, num_key_value_heads=6, intermediate_size=200)
+    path = str(tmp_path / "fp8")
+    ref = save_fp8_llama(path, config, seed=8, strategy="channel")
+    cfg = ModelConfig.from_dir(path)
+    assert cfg.quantization == "fp8"
+    for r in range(2):
+        stage = Layout.build(cfg, (2,), (cfg.num_layers,), ["2:1"]).stages()[0]
+        model = build_stage(cfg, stage, ThreadTP(r, 2, None, shares=stage.shares), torch.float32, torch.device("cpu"))
+        load_stage(model, path, progress=False)
+        i0, i1 = mlp_bounds(200, 2, r, (2, 1))
+        up = model.layers[0].mlp.gate_up
+        got = fp8_linear.dequantize(up.weight, up.weight_scale, torch.float32)[i1 - i0:]  # the up section
+        assert torch.equal(got, ref.model.layers[0].mlp.up_proj.weight[i0:i1])
+    prompt = make_prompts(320, [20], seed=9)[0]
+    got = run_uneven(path, (2, 1), prompt, [7, 9], torch.device("cpu"), KernelConfig())
+    torch.testing.assert_close(got[:-1], hf_logits(ref, prompt[:1], prompt[1:]), rtol=1e-4, atol=2e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_uneven_stage_kernels(gqa6):
