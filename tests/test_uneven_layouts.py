@@ -106,7 +106,10 @@ def test_uneven_pipeline_serves_through_redis(tmp_path):
                                               for p in ("hello world", "Once upon a time", "the tiny model")])
 
         results = asyncio.run(generate())
-        assert "tp-ratio 3:1 1" in dep.log("worker-p0-0")
+        log = dep.log("worker-p0-0", tail=200_000)
+        assert "tp-ratio 3:1 1" in log
+        for rank, heads in ((0, 3), (1, 1)):  # each rank's own KV heads, bytes per token and capacity
+            assert f"stage 0 rank {rank}/2: {heads} KV heads, " in log and "fits " in log
     finally:
         dep.stop()
     hf = load_hf(dep.model_dir)
