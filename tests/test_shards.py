@@ -151,3 +151,16 @@ def test_generate_rejects_a_bad_ratio_before_starting_any_process(default_model_
                           "--prompt", "hi"]) != 0
     err = capsys.readouterr().err
     assert "stage 0: tp-ratio 2:0: share 0 must be a positive integer" in err and "Traceback" not in err
+
+
+def test_demo_and_bench_deployment_files_carry_the_ratio(tmp_path):
+    from hexgen.cli.demo import main as demo_main
+    from hexgen.demo import DemoOptions, write_config
+    from hexgen.wire.settings import load_settings
+
+    path = write_config(str(tmp_path / "d.toml"), "redis://127.0.0.1:6379/0", str(tmp_path),
+                        DemoOptions((2, 1), (20, 10), ((2, 1), ())))
+    assert load_settings(path).pipelines[0].tp_ratio == ((2, 1), ())
+    even = write_config(str(tmp_path / "e.toml"), "redis://127.0.0.1:6379/0", str(tmp_path), DemoOptions())
+    assert "tp_ratio" not in (tmp_path / "e.toml").read_text(encoding="utf-8")
+    assert demo_main(["--hetero-config", "2", "1", "--tp-ratio", "2:1"]) == 1  # refused before anything starts
