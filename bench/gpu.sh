@@ -45,8 +45,12 @@
 #                    throughput"; ACC_MODEL=dir adds `bench weight-accuracy` (bf16) on that checkpoint
 #   planner-auto     CLUSTER=file BASE=spec.json [CALS="a.json b.json"]: plan the cluster, then measure the
 #                    planner's layout against the best symmetric one (scripts/plan_runs.py)
+#   uneven-emulated  2 GPUs, cuda:1 cut to EMU (40:80 SMs:GiB) as in CLUSTER (config/clusters/h200x2-emulated.toml):
+#                    per model of UNEVEN_MODELS (llama-3.1-8b llama-2-13b, random weights), uneven TP 2 at the
+#                    planner's ratio, even TP 2 and the planner's best two-stage PP layout on REQUESTS (1,000)
+#                    requests at once (scripts/uneven_runs.py writes the spec, scripts/planner_measure.py runs it)
 set -u
-SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve prefix kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto fp8-weights"
+SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve prefix kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto fp8-weights uneven-emulated"
 [ $# -ge 1 ] || { echo "usage: bench/gpu.sh SCENARIO [SCENARIO ...]; scenarios: $SCENARIOS" >&2; exit 2; }
 for S in "$@"; do
   case " $SCENARIOS " in *" $S "*) ;; *) echo "bench/gpu.sh: unknown scenario '$S'; choose from: $SCENARIOS" >&2; exit 2;; esac
@@ -75,7 +79,7 @@ tests() {
   # not failed (every other warning is still an error, pyproject.toml)
   step "${TEST_LIMIT:-480}" $PY -m pytest -q -x -m gpu -p no:cacheprovider --durations=12 \
     -W default::DeprecationWarning -W default::FutureWarning \
-    ${TESTS:-tests/test_fused.py tests/test_gpu_fastpaths.py tests/test_paged_decode.py tests/test_gpu_layouts.py} \
+    ${TESTS:-tests/test_fused.py tests/test_gpu_fastpaths.py tests/test_paged_decode.py tests/test_gpu_layouts.py tests/test_uneven_stage.py} \
     > "$OUT/gpu_tests.txt" 2>&1
   tail -20 "$OUT/gpu_tests.txt"
 }
@@ -249,6 +253,16 @@ planner_auto() {
   measure "$OUT/runs_auto.json" auto
 }
 
+uneven_emulated() {
+  local M
+  for M in ${UNEVEN_MODELS:-llama-3.1-8b llama-2-13b}; do
+    step 60 $PY scripts/uneven_runs.py "${CLUSTER:-config/clusters/h200x2-emulated.toml}" "$M" \
+      "$OUT/runs_uneven_$M.json" "${REQUESTS:-1000}" "${EMU:-40:80}"
+    [ -f "$OUT/runs_uneven_$M.json" ] || continue
+    MEASURE_LIMIT=${MEASURE_LIMIT:-560} measure "$OUT/runs_uneven_$M.json" "uneven_$M"
+  done
+}
+
 for S in "$@"; do
   echo "##### $S"
   case "$S" in
@@ -272,6 +286,7 @@ for S in "$@"; do
     planner-x4) planner_x4 ;;
     planner-auto) planner_auto ;;
     fp8-weights) fp8_weights ;;
+    uneven-emulated) uneven_emulated ;;
   esac
 done
 date -u

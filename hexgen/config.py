@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from hexgen import shards
 from hexgen.errors import ConfigError
 from hexgen.quantization import WEIGHT_FORMATS, check_quantization, checkpoint_format
 
@@ -237,6 +238,7 @@ class StageSpec:
     layer_end: int
     first_rank: int
     num_stages: int
+    shares: tuple[int, ...] = ()  # per-rank tp-ratio shares (hexgen.shards); empty: even shards
 
     @property
     def ranks(self) -> list[int]:
@@ -277,10 +279,13 @@ def default_partition(num_layers: int, hetero: tuple[int, ...]) -> tuple[int, ..
 
 @dataclass(frozen=True)
 class Layout:
-    """A pipeline layout: TP degree per stage (hetero_config) and layers per stage (pp_partition)."""
+    """A pipeline layout: TP degree per stage (hetero_config), layers per stage (pp_partition) and, for
+    uneven tensor-parallel shards, each stage's per-rank shares (tp_ratio; ``hexgen.shards``). tp_ratio is
+    kept normalized: () when every stage is even, else one tuple per stage, () for an even stage."""
 
     hetero_config: tuple[int, ...]
     pp_partition: tuple[int, ...]
+    tp_ratio: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.hetero_config:
@@ -298,6 +303,7 @@ class Layout:
                 raise ConfigError(
                     f"pp-partition: layer count {n!r} must be an integer ≥ 1 (every stage needs at least one layer)"
                 )
+        object.__setattr__(self, "tp_ratio", shards.normalize_ratios(self.tp_ratio, self.hetero_config))
 
     @classmethod
     def build(
@@ -305,12 +311,15 @@ class Layout:
         model: ModelConfig,
         hetero_config: list[int] | tuple[int, ...] | None,
         pp_partition: list[int] | tuple[int, ...] | None = None,
+        tp_ratio: shards.RatiosIn = None,
     ) -> Layout:
-        """Validate a layout against a model; the partition defaults to layers in proportion to TP."""
+        """Validate a layout against a model; the partition defaults to layers in proportion to TP, the
+        shards to even ones."""
         hetero = tuple(int(t) for t in (hetero_config or (1,)))
         for t in hetero:
             if t < 1:
                 raise ConfigError(f"hetero-config: TP degree {t} must be ≥ 1")
+        ratios = shards.normalize_ratios(tp_ratio, hetero, (model.num_kv_heads, model.intermediate_size))
         if pp_partition is None:
             if len(hetero) > model.num_layers:
                 raise ConfigError(
@@ -319,7 +328,7 @@ class Layout:
             part = default_partition(model.num_layers, hetero)
         else:
             part = tuple(int(n) for n in pp_partition)
-        layout = cls(hetero, part)
+        layout = cls(hetero, part, ratios)
         layout.check(model)
         return layout
 
@@ -330,12 +339,17 @@ class Layout:
                 f"{sum(self.pp_partition)} but the model has {model.num_layers} layers"
             )
         valid = valid_tp_degrees(model)
-        for t in self.hetero_config:
+        for i, t in enumerate(self.hetero_config):
+            shares = self.stage_shares(i)
+            if shares:  # uneven: any degree up to the KV heads whose ratio splits them whole
+                shards.check_ratio(i, t, shares, model.num_kv_heads, model.intermediate_size)
+                continue
             if t not in valid:
                 raise ConfigError(
                     f"hetero-config: TP degree {t} is not valid for this model "
                     f"({model.num_heads} query heads, {model.num_kv_heads} KV heads); "
                     f"valid degrees: {', '.join(map(str, valid))}"
+                    + shards.uneven_hint(t, model.num_kv_heads, model.intermediate_size)
                 )
 
     @property
@@ -346,10 +360,14 @@ class Layout:
     def num_stages(self) -> int:
         return len(self.hetero_config)
 
+    def stage_shares(self, index: int) -> tuple[int, ...]:
+        """Stage ``index``'s per-rank shares; () for even shards."""
+        return self.tp_ratio[index] if self.tp_ratio else ()
+
     def stages(self) -> list[StageSpec]:
         out, layer, rank = [], 0, 0
         for i, (tp, n) in enumerate(zip(self.hetero_config, self.pp_partition)):
-            out.append(StageSpec(i, tp, layer, layer + n, rank, len(self.hetero_config)))
+            out.append(StageSpec(i, tp, layer, layer + n, rank, len(self.hetero_config), self.stage_shares(i)))
             layer += n
             rank += tp
         return out
@@ -361,9 +379,11 @@ class Layout:
         raise ConfigError(f"rank {rank} is outside world size {self.world_size}")
 
     def describe(self) -> str:
-        return (
-            f"hetero-config {' '.join(map(str, self.hetero_config))} / pp-partition "
-            f"{' '.join(map(str, self.pp_partition))}"
+        text = f"hetero-config {' '.join(map(str, self.hetero_config))} / pp-partition " + " ".join(
+            map(str, self.pp_partition)
+        )
+        return text + (
+            f" / tp-ratio {shards.describe_ratios(self.tp_ratio, self.hetero_config)}" if self.tp_ratio else ""
         )
 
 

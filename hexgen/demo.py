@@ -41,6 +41,7 @@ class DemoError(HexGenError):
 class DemoOptions:
     hetero_config: tuple[int, ...] = (3, 1)
     pp_partition: tuple[int, ...] = (20, 10)
+    tp_ratio: tuple[tuple[int, ...], ...] = ()  # per-rank shares of each stage (hexgen.shards); (): even
     questions: tuple[str, ...] = DEFAULT_QUESTIONS
     max_new_tokens: int = 64
     model_dir: str | None = None  # default: the embedded SmolLM2 (fetched and converted once)
@@ -125,6 +126,14 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0, extra_args: tuple[str,
     raise DemoError(f"redis-server did not start; see {child.log}:\n{child.tail()}")
 
 
+def _tp_ratio_line(opts: DemoOptions) -> str:
+    """The pipeline's ``tp_ratio`` TOML line (empty for even shards)."""
+    if not opts.tp_ratio:
+        return ""
+    stages = [list(r) if r else [1] * tp for r, tp in zip(opts.tp_ratio, opts.hetero_config)]
+    return f"tp_ratio = {stages}"
+
+
 def write_config(
     path: str,
     url: str,
@@ -156,6 +165,7 @@ name = "{C.DEFAULT_MODEL}"
 id = "{PIPELINE_ID}"
 hetero_config = {list(opts.hetero_config)}
 pp_partition = {list(opts.pp_partition)}
+{_tp_ratio_line(opts)}
 
 [limits]
 heartbeat_ttl_s = 5
@@ -250,7 +260,7 @@ def run_demo(opts: DemoOptions, say=print) -> int:
     from hexgen.config import Layout, ModelConfig
 
     model_dir = opts.model_dir or ensure_default_model()
-    layout = Layout.build(ModelConfig.from_dir(model_dir), opts.hetero_config, opts.pp_partition)
+    layout = Layout.build(ModelConfig.from_dir(model_dir), opts.hetero_config, opts.pp_partition, opts.tp_ratio)
     work_dir = opts.log_dir or tempfile.mkdtemp(prefix="hexgen-demo-")
     os.makedirs(work_dir, exist_ok=True)
     dep = Deployment(work_dir)

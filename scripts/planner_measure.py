@@ -10,7 +10,8 @@ RUNS.json: {"preset": "llama-2-70b", "dtype": "bf16", "requests": 256, "prompt_r
             "runs": [{"name": "tp4", "hetero": [4], "partition": [80], "micro_batches": 0, "cuda_graphs": true,
                       "emulate": "", "devices": [0, 1, 2, 3]}, ...],
             "emulate_by_device": {"2": "40:24", "3": "16:16"}}
-A run may set its own "requests", "prompt_range", "output_range", "max_num_seqs" and "async_steps".
+A run may set its own "requests", "prompt_range", "output_range", "max_num_seqs" and "async_steps", and
+"tp_ratio" (uneven TP shards per stage, e.g. [[3, 1]]).
 
 Every run offers the same fixed-seed requests at once (after a warm-up phase) and records output tokens/s,
 TTFT/TPOT percentiles and the mean request latency; ``emulate`` (or the spec's ``emulate_by_device``) sets
@@ -42,7 +43,7 @@ def emulate_text(run: dict, by_device: dict) -> str:
 def measure(spec: dict, run: dict) -> dict:
     cfg = preset(spec["preset"])
     model = ModelSpec(preset=spec["preset"], random_weights=True)
-    layout = Layout.build(cfg, run["hetero"], run.get("partition"))
+    layout = Layout.build(cfg, run["hetero"], run.get("partition"), run.get("tp_ratio"))
     engine = EngineConfig(dtype=spec.get("dtype", "bf16"),
                           device=spec.get("device", "cuda"),
                           cuda_graphs=run.get("cuda_graphs", True) and spec.get("device", "cuda") == "cuda",
@@ -84,8 +85,8 @@ def main() -> int:
         run = by_name[name]
         seen[name] = seen.get(name, 0) + 1
         key = name if seen[name] == 1 else f"{name}#{seen[name]}"
-        print(f"=== {run['name']}: {run['hetero']} / {run.get('partition')} mb={run.get('micro_batches', 0)} "
-              f"emulate={run.get('emulate', '')!r}", flush=True)
+        print(f"=== {run['name']}: {run['hetero']} / {run.get('partition')} tp_ratio={run.get('tp_ratio', [])} "
+              f"mb={run.get('micro_batches', 0)} emulate={run.get('emulate', '')!r}", flush=True)
         try:
             res = measure(spec, run)
         except Exception as e:  # noqa: BLE001 - record and go on to the next layout

@@ -20,12 +20,13 @@ from tests.redis_server import RedisServer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_tiny_model(path: str) -> str:
-    """A random 4-layer Llama (8 q / 2 kv heads, vocab 320) with the offline tiny tokenizer, saved to ``path``."""
+def make_tiny_model(path: str, **config: object) -> str:
+    """A random 4-layer Llama (8 q / 2 kv heads, vocab 320; ``config`` overrides the LlamaConfig) with the
+    offline tiny tokenizer, saved to ``path``."""
     from tests.models import llama_config, save_llama
     from tests.tiny_tokenizer import build_tiny_tokenizer
 
-    return save_llama(path, llama_config(), tokenizer=build_tiny_tokenizer())
+    return save_llama(path, llama_config(**config), tokenizer=build_tiny_tokenizer())
 
 
 @dataclass
@@ -33,13 +34,15 @@ class PipelineSpec:
     id: str
     hetero_config: tuple[int, ...]
     pp_partition: tuple[int, ...]
+    tp_ratio: tuple[tuple[int, ...], ...] = ()  # per-rank shares of each stage; (): even shards
 
 
 def write_config(path: str, url: str, model_dir: str, pipelines: list[PipelineSpec], **limits: object) -> str:
     lines = [f'[redis]\nurl = "{url}"\n', f'[model]\nname = "tiny"\npath = "{model_dir}"\n']
     for p in pipelines:
         lines.append(f'[[pipelines]]\nid = "{p.id}"\nhetero_config = {list(p.hetero_config)}\n'
-                     f'pp_partition = {list(p.pp_partition)}\n')
+                     f'pp_partition = {list(p.pp_partition)}\n'
+                     + (f'tp_ratio = {[list(r) for r in p.tp_ratio]}\n' if p.tp_ratio else ''))
     lines.append("[limits]\n" + "".join(f"{k} = {v!r}\n" for k, v in limits.items()))
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -121,8 +124,9 @@ class Deployment:
 
 
 def start_deployment(tmp_dir: str, pipelines: list[PipelineSpec], worker_args: tuple[str, ...] = (),
-                     **limits: object) -> Deployment:
-    """redis-server + model + config + head + one worker per stage of each pipeline, ready to serve."""
+                     model_config: dict[str, object] | None = None, **limits: object) -> Deployment:
+    """redis-server + model (``model_config``: LlamaConfig overrides) + config + head + one worker per stage
+    of each pipeline, ready to serve."""
     from tests.redis_server import redis_server_binary
 
     binary = redis_server_binary()
@@ -132,7 +136,7 @@ def start_deployment(tmp_dir: str, pipelines: list[PipelineSpec], worker_args: t
         pytest.skip("redis-server is not installed")
     server = RedisServer(binary)
     url = server.start()
-    model_dir = make_tiny_model(os.path.join(tmp_dir, "model"))
+    model_dir = make_tiny_model(os.path.join(tmp_dir, "model"), **(model_config or {}))
     limits = {"heartbeat_ttl_s": 2, "heartbeat_interval_s": 0.3, "lease_s": 3.0, "block_ms": 500, **limits}
     config = write_config(os.path.join(tmp_dir, "deploy.toml"), url, model_dir, pipelines, **limits)
     dep = Deployment(url, config, model_dir, tmp_dir, server)

@@ -267,11 +267,12 @@ class ThreadTP(TPContext):
 
 
 def run_stage_tp(model_dir: str, tp_size: int, prompt: list[int], chunks: list[int],
-                 after_load: Callable[[torch.nn.Module], None] | None = None) -> torch.Tensor:
+                 after_load: Callable[[torch.nn.Module], None] | None = None,
+                 tp_ratio: tuple[int, ...] = ()) -> torch.Tensor:
     """Logits [len(prompt), vocab] of a single-stage TP model run in threads, prefilled in ``chunks``;
-    ``after_load(model)`` runs on each rank's loaded stage first."""
+    ``after_load(model)`` runs on each rank's loaded stage first; ``tp_ratio``: uneven shards."""
     cfg = layout_cfg(model_dir)
-    layout = Layout.build(cfg, (tp_size,), (cfg.num_layers,))
+    layout = Layout.build(cfg, (tp_size,), (cfg.num_layers,), [tp_ratio] if tp_ratio else None)
     group = ThreadGroup(tp_size)
     out: list[torch.Tensor | None] = [None] * tp_size
     errors: list[BaseException] = []
@@ -280,7 +281,7 @@ def run_stage_tp(model_dir: str, tp_size: int, prompt: list[int], chunks: list[i
     def rank_main(r: int) -> None:
         try:
             stage = layout.stage_of_rank(r)
-            model = build_stage(cfg, stage, ThreadTP(r, tp_size, group), torch.float32, CPU)
+            model = build_stage(cfg, stage, ThreadTP(r, tp_size, group, shares=stage.shares), torch.float32, CPU)
             load_stage(model, model_dir, progress=False)
             if after_load is not None:
                 after_load(model)

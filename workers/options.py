@@ -58,7 +58,7 @@ def build_plan(opts: WorkerOptions):
     m = opts.settings.model
     model = ModelSpec(preset=m.preset, random_weights=True) if m.preset else ModelSpec(model_dir=m.path)
     pipe = opts.pipeline
-    layout = Layout.build(model.config(), pipe.hetero_config, pipe.pp_partition or None)
+    layout = Layout.build(model.config(), pipe.hetero_config, pipe.pp_partition or None, pipe.tp_ratio)
     if not 0 <= opts.stage < layout.num_stages:
         raise ConfigError(
             f"--stage: {opts.stage} is not a stage of pipeline {pipe.id!r} "

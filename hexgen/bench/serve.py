@@ -176,7 +176,11 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
         model=model,
         dtype=setup.engine.dtype,
         device=setup.engine.device,
-        pipelines=(PipelineSettings(PIPELINE_ID, setup.layout.hetero_config, setup.layout.pp_partition),),
+        pipelines=(
+            PipelineSettings(
+                PIPELINE_ID, setup.layout.hetero_config, setup.layout.pp_partition, tp_ratio=setup.layout.tp_ratio
+            ),
+        ),
     )
     _, _, worker = build_plan(WorkerOptions(settings, PIPELINE_ID, 0, engine_overrides=over))
     diff = [
@@ -317,7 +321,7 @@ def run_served_paths(
             os.path.join(work_dir, "bench.toml"),
             dep.url,
             setup.model.model_dir,
-            DemoOptions(layout.hetero_config, layout.pp_partition),
+            DemoOptions(layout.hetero_config, layout.pp_partition, layout.tp_ratio),
             dtype=eng.dtype,
             device=eng.device,
             preset=setup.model.preset or "",

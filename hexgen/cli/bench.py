@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             raise ConfigError("--rate/--log-dir/--tokenizer/--direct-input/--no-http: only for serve")
         model = resolve_model(args)
-        layout = Layout.build(model.config(), args.hetero_config, args.pp_partition)
+        layout = Layout.build(model.config(), args.hetero_config, args.pp_partition, args.tp_ratio)
         engine = resolve_engine(
             args,
             layout,

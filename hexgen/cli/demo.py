@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hexgen.cli.flags import add_tp_ratio_flag
 from hexgen.demo import DEFAULT_QUESTIONS, DemoOptions, run_demo
 from hexgen.errors import HexGenError
+from hexgen.shards import normalize_ratios
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LAYERS",
         help="layers per stage (default: 20 10)",
     )
+    add_tp_ratio_flag(p)
     p.add_argument("--question", action="append", help="a question to ask (repeatable; default: three)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--model", dest="model_dir", help="Hugging Face model directory (default: embedded SmolLM2)")
@@ -47,17 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = DemoOptions(
-        hetero_config=tuple(args.hetero_config),
-        pp_partition=tuple(args.pp_partition),
-        questions=tuple(args.question or DEFAULT_QUESTIONS),
-        max_new_tokens=args.max_new_tokens,
-        model_dir=args.model_dir,
-        keep=args.keep,
-        log_dir=args.log_dir,
-        http_port=args.http_port,
-    )
     try:
+        opts = DemoOptions(
+            hetero_config=tuple(args.hetero_config),
+            pp_partition=tuple(args.pp_partition),
+            tp_ratio=normalize_ratios(args.tp_ratio, args.hetero_config),
+            questions=tuple(args.question or DEFAULT_QUESTIONS),
+            max_new_tokens=args.max_new_tokens,
+            model_dir=args.model_dir,
+            keep=args.keep,
+            log_dir=args.log_dir,
+            http_port=args.http_port,
+        )
         return run_demo(opts, say=lambda msg: print(msg, flush=True))
     except HexGenError as e:
         print(f"hexgen demo: {e}", file=sys.stderr)

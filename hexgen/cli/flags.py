@@ -27,6 +27,19 @@ def _kernel_help() -> str:
     )
 
 
+def add_tp_ratio_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--tp-ratio 2:1 1``: each stage's per-rank shares (uneven TP shards, ``hexgen.shards``)."""
+    p.add_argument(
+        "--tp-ratio",
+        "--tp_ratio",
+        dest="tp_ratio",
+        nargs="+",
+        metavar="SHARES",
+        help="each stage's per-rank shares, colon-separated, stages like --hetero-config, e.g. 2:1 1 "
+        "(default: even shards)",
+    )
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", action="append", default=[], metavar="NAME=VALUE", help=_kernel_help())
     p.add_argument(

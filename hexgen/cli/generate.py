@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from hexgen.cli.flags import add_engine_flags, engine_fields, env_log_level
+from hexgen.cli.flags import add_engine_flags, add_tp_ratio_flag, engine_fields, env_log_level
 from hexgen.config import KV_CACHE_DTYPES, PRESETS, EngineConfig, Layout, check_devices, preset
 from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
@@ -39,6 +39,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
         metavar="LAYERS",
         help="layers of each stage, e.g. 20 10 (default: in proportion to TP)",
     )
+    add_tp_ratio_flag(p)
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_engine_flags(p)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = resolve_model(args)
         cfg = model.config()
-        layout = Layout.build(cfg, args.hetero_config, args.pp_partition)
+        layout = Layout.build(cfg, args.hetero_config, args.pp_partition, args.tp_ratio)
         engine = resolve_engine(args, layout)
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens,

@@ -10,8 +10,9 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+from hexgen import shards
 from hexgen.cli.generate import add_layout_args, resolve_model
-from hexgen.config import Layout, ModelConfig, normalize_dtype, preset, valid_tp_degrees
+from hexgen.config import Layout, ModelConfig, StageSpec, normalize_dtype, preset, valid_tp_degrees
 from hexgen.errors import ConfigError, HexGenError
 from hexgen.quantization import weight_format
 from hexgen.wire import keys as C
@@ -54,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cluster:
             return _plan_cluster(args)
         cfg = resolve_model(args).config()
-        layout = Layout.build(cfg, args.hetero_config, args.pp_partition)
+        layout = Layout.build(cfg, args.hetero_config, args.pp_partition, args.tp_ratio)
     except HexGenError as e:
         print(f"hexgen plan: {e}", file=sys.stderr)
         return 2
     stages: list[dict[str, Any]] = [
         {"stage": s.index, "tp": s.tp, "layers": [s.layer_start, s.layer_end - 1], "ranks": s.ranks}
+        | ({"tp_ratio": list(s.shares), "shards": rank_shards(cfg, s)} if s.shares else {})
         for s in layout.stages()
     ]
     if args.json:
@@ -80,7 +82,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     for s in stages:
         print(f"  stage {s['stage']}: TP {s['tp']}, layers {s['layers'][0]}-{s['layers'][1]}, ranks {s['ranks']}")
+        for r, sh in enumerate(s.get("shards", ())):
+            print(
+                f"    rank {r}: share {sh['share']}/{sum(s['tp_ratio'])}, KV heads {_span(sh['kv_heads'])}, "
+                f"query heads {_span(sh['query_heads'])}, MLP columns {_span(sh['mlp_columns'])}"
+            )
     return 0
+
+
+def rank_shards(cfg: ModelConfig, stage: StageSpec) -> list[dict[str, Any]]:
+    """Each rank's share and its [first, last] KV heads, query heads and MLP columns (hexgen.shards)."""
+    out = []
+    for r in range(stage.tp):
+        kv = shards.kv_head_bounds(cfg.num_kv_heads, stage.tp, r, stage.shares)
+        q = shards.q_head_bounds(cfg.num_heads, cfg.num_kv_heads, stage.tp, r, stage.shares)
+        mlp = shards.mlp_bounds(cfg.intermediate_size, stage.tp, r, stage.shares)
+        out.append(
+            {
+                "share": stage.shares[r],
+                "kv_heads": [kv[0], kv[1] - 1],
+                "query_heads": [q[0], q[1] - 1],
+                "mlp_columns": [mlp[0], mlp[1] - 1],
+            }
+        )
+    return out
+
+
+def _span(pair: list[int]) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}-{pair[1]}"
 
 
 def _plan_cluster(args: argparse.Namespace) -> int:

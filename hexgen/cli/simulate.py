@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from hexgen.cli.flags import add_tp_ratio_flag
 from hexgen.errors import ConfigError, HexGenError
 
 
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LAYERS",
         help="layers of each stage (default: in proportion to TP)",
     )
+    add_tp_ratio_flag(src)
     src.add_argument("--gpu", help="device type of the explicit layout's node, e.g. H100")
     w = p.add_argument_group("request stream")
     w.add_argument(
@@ -123,11 +125,18 @@ def _explicit_plan(args: argparse.Namespace, cost, workload, slo):
 
     if not args.gpu:
         raise ConfigError("--gpu: an explicit layout needs the device type of its node, e.g. --gpu H100")
-    layout = Layout.build(cost.model, args.hetero_config, args.pp_partition)
+    layout = Layout.build(cost.model, args.hetero_config, args.pp_partition, args.tp_ratio)
     stages_spec = list(layout.stages())
     cluster = cluster_from_dict(
         {"nodes": [{"name": "node0", "gpu": args.gpu, "count": sum(s.tp for s in stages_spec)}]}
     )
+    if layout.tp_ratio:  # uneven stages: costed rank by rank
+        from hexgen.planner.uneven_plan import evaluate_layout
+
+        uneven = evaluate_layout(cluster, cost, workload, slo, layout)
+        if uneven is None:
+            raise ConfigError(f"--tp-ratio: layout {layout.describe()} on {args.gpu} does not fit or meet the SLO")
+        return Plan((uneven,), (), uneven.rate, 0.0, uneven.latency_s, "explicit layout"), cluster
     gpus = cluster.gpus()
     stages, at = [], 0
     for s in stages_spec:

@@ -43,6 +43,8 @@ class RankReport:
     kv_tokens_memory_allows: int | None = None
     kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype: fp8 halves kv_bytes_per_token against bf16
     preemptions: int | None = None  # the scheduler's preemptions (stage-0 leader only; None on other ranks)
+    kv_tokens_fit: int = 0  # what this rank alone would hold (its own free memory and bytes per token)
+    kv_heads: int = 0  # KV heads this rank holds (uneven TP shards: in proportion to its share)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,4 +93,6 @@ def rank_report(rank: int, runner: Any, preemptions: int | None = None) -> RankR
         kv_tokens_memory_allows=allows,
         kv_cache_dtype=runner.engine.kv_cache_dtype,
         preemptions=preemptions,
+        kv_tokens_fit=int(getattr(runner, "blocks_fit", runner.num_blocks) * runner.engine.block_size),
+        kv_heads=int(runner.n_kv_local),
     )

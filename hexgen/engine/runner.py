@@ -140,12 +140,17 @@ class StageRunner:
         if self.device.type == "cuda":
             self.warm_up()
         log.info(
-            "stage %d: %d KV blocks (%d tokens, %s cache, %d bytes per token)",
+            "stage %d rank %d/%d: %d KV heads, %d bytes per token; fits %d KV blocks alone; the pipeline keeps "
+            "%d blocks (%d tokens, %s cache, the least any rank fits)",
             stage.index,
+            groups.tp.rank,
+            groups.tp.size,
+            self.n_kv_local,
+            kv_bytes_per_block(self.cfg, stage, self.n_kv_local, 1, self.kv_dtype),
+            self.blocks_fit,
             self.num_blocks,
             self.num_blocks * engine.block_size,
             engine.kv_cache_dtype,
-            kv_bytes_per_block(self.cfg, stage, self.n_kv_local, 1, self.kv_dtype),
         )
 
     def warm_up_plans(self) -> list[StepPlan]:
@@ -233,7 +238,7 @@ class StageRunner:
         """Peak activation bytes of one step at the token budget (MLP intermediate dominates) + logits."""
         t = self.engine.max_num_batched_tokens
         elem = torch.empty(0, dtype=self.dtype).element_size()
-        mlp = 3 * t * (self.cfg.intermediate_size // self.groups.tp.size + 1) * elem
+        mlp = 3 * t * self.model.layers[0].mlp.size * elem if self.model.layers else 0  # this rank's shard
         logits = self.step_batch * self.cfg.vocab_size * 4 * 2
         graphs = (
             graph_output_bytes(

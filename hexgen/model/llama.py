@@ -19,6 +19,7 @@ from hexgen.parallel.groups import TPContext
 from hexgen.parallel.layers import (
     ReplicatedLinear,
     RowParallelLinear,
+    attention_out_linear,
     gate_up_linear,
     qkv_linear,
 )
@@ -52,8 +53,7 @@ class Attention(nn.Module):
         self.qkv_proj, self.n_q, self.n_kv = qkv_linear(
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp
         )
-        q_start = tp.rank * self.n_q * cfg.head_dim
-        self.o_proj = RowParallelLinear(q_start, self.n_q * cfg.head_dim, cfg.hidden_size, tp)
+        self.o_proj = attention_out_linear(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, tp)
         self.scale = cfg.head_dim**-0.5
 
     def forward(

@@ -94,6 +94,7 @@ class TPContext:
     size: int
     group: object | None = None  # device process group (None when size == 1)
     fast: OneShotAllReduce | None = None  # small all-reduces (decode steps), see enable_fast_all_reduce
+    shares: tuple[int, ...] = ()  # the stage's per-rank tp-ratio shares (hexgen.shards); (): even shards
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` across the TP group; returns the sum (``x`` itself, summed in place, on the NCCL path)."""
@@ -136,7 +137,7 @@ class PipelineGroups:
             )
             if spec.index == self.stage.index:
                 tp_group, tp_cpu = g, gc
-        self.tp = TPContext(rank - self.stage.first_rank, self.stage.tp, tp_group)
+        self.tp = TPContext(rank - self.stage.first_rank, self.stage.tp, tp_group, shares=self.stage.shares)
         self._tp_cpu = tp_cpu
         self._bcast_head = torch.zeros(_BCAST_HEAD, dtype=torch.uint8)  # broadcast_bytes' first message
         # Sends are asynchronous: a stage must never block on a send while its peer sends to it (stage 0
@@ -144,7 +145,14 @@ class PipelineGroups:
         # referenced here until their send completes.
         self._sends: list[tuple[object, tuple[torch.Tensor, ...]]] = []
         log.info(
-            "rank %d: stage %d tp %d/%d on %s (%s)", rank, self.stage.index, self.tp.rank, self.tp.size, device, backend
+            "rank %d: stage %d tp %d/%d%s on %s (%s)",
+            rank,
+            self.stage.index,
+            self.tp.rank,
+            self.tp.size,
+            f" share {self.stage.shares[self.tp.rank]}/{sum(self.stage.shares)}" if self.stage.shares else "",
+            device,
+            backend,
         )
 
     # -- properties -------------------------------------------------------------------------------------

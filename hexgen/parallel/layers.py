@@ -1,8 +1,9 @@
 """Tensor-parallel linear layers. Each parameter carries a ``weight_loader`` that fills its shard.
 
 Column-parallel layers split output features across the TP group (no communication); row-parallel layers
-split input features and all-reduce their partial sums. Shards may be uneven (e.g. an intermediate size
-that the TP degree does not divide); attention heads are never split across ranks.
+split input features and all-reduce their partial sums. The shard bounds come from ``hexgen.shards``: even,
+or uneven by the stage's tp-ratio (whole KV heads with their query groups, the MLP in aligned proportion).
+Every all-reduce is of the full output size, so unequal shards need no unequal collective.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hexgen.errors import LoadError
 from hexgen.kernels import fp8_linear
 from hexgen.kernels.gemv import Config, linear, linear_silu
 from hexgen.parallel.groups import TPContext
+from hexgen.shards import kv_head_bounds, mlp_bounds, q_head_bounds, split_sizes
 
 # A loaded-slice getter: takes (dim, start, stop) and returns that slice of the checkpoint tensor.
 SliceFn = Callable[[int, int, int], torch.Tensor]
@@ -23,17 +25,15 @@ FullFn = Callable[[], torch.Tensor]
 # An fp8 checkpoint's weight_scale rows [start, stop) as [stop - start] fp32 (None: the checkpoint has none).
 ScaleFn = Callable[[int, int], torch.Tensor]
 
-
-def split_sizes(n: int, parts: int) -> list[int]:
-    """Near-equal split of ``n`` into ``parts`` (the first ``n % parts`` get one more)."""
-    base, extra = divmod(n, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
-def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
-    sizes = split_sizes(n, parts)
-    start = sum(sizes[:index])
-    return start, start + sizes[index]
+__all__ = [
+    "ColumnParallelLinear",
+    "ReplicatedLinear",
+    "RowParallelLinear",
+    "attention_out_linear",
+    "gate_up_linear",
+    "qkv_linear",
+    "split_sizes",
+]
 
 
 def _copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
@@ -136,26 +136,30 @@ class RowParallelLinear(nn.Module):
 def qkv_linear(
     hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, tp: TPContext
 ) -> tuple[ColumnParallelLinear, int, int]:
-    """Fused QKV projection for one TP rank: query heads split evenly; KV heads split when the TP degree
-    is at most the KV head count, else each rank holds one replicated KV head. Returns the layer and the
-    local query and KV head counts."""
-    local_q = num_heads // tp.size
-    if tp.size <= num_kv_heads:
-        local_kv = num_kv_heads // tp.size
-        kv_head0 = tp.rank * local_kv
-    else:
-        local_kv = 1
-        kv_head0 = tp.rank // (tp.size // num_kv_heads)
+    """Fused QKV projection for one TP rank: its query and KV heads (``hexgen.shards``: split evenly, KV
+    heads replicated when the TP degree exceeds them, or by whole KV heads per the stage's shares). Returns
+    the layer and the local query and KV head counts."""
+    q0, q1 = q_head_bounds(num_heads, num_kv_heads, tp.size, tp.rank, tp.shares)
+    kv0, kv1 = kv_head_bounds(num_kv_heads, tp.size, tp.rank, tp.shares)
+    local_q, local_kv = q1 - q0, kv1 - kv0
     sections = [
-        (num_heads * head_dim, local_q * head_dim, tp.rank * local_q * head_dim),
-        (num_kv_heads * head_dim, local_kv * head_dim, kv_head0 * head_dim),
-        (num_kv_heads * head_dim, local_kv * head_dim, kv_head0 * head_dim),
+        (num_heads * head_dim, local_q * head_dim, q0 * head_dim),
+        (num_kv_heads * head_dim, local_kv * head_dim, kv0 * head_dim),
+        (num_kv_heads * head_dim, local_kv * head_dim, kv0 * head_dim),
     ]
     return ColumnParallelLinear(hidden, sections, tp), local_q, local_kv
 
 
+def attention_out_linear(
+    num_heads: int, num_kv_heads: int, head_dim: int, hidden: int, tp: TPContext
+) -> RowParallelLinear:
+    """The output projection over this rank's query heads (the input columns ``qkv_linear`` gave it)."""
+    q0, q1 = q_head_bounds(num_heads, num_kv_heads, tp.size, tp.rank, tp.shares)
+    return RowParallelLinear(q0 * head_dim, (q1 - q0) * head_dim, hidden, tp)
+
+
 def gate_up_linear(hidden: int, intermediate: int, tp: TPContext) -> tuple[ColumnParallelLinear, int, int]:
     """Fused gate/up projection; returns the layer and this rank's intermediate (start, size)."""
-    start, stop = shard_range(intermediate, tp.size, tp.rank)
+    start, stop = mlp_bounds(intermediate, tp.size, tp.rank, tp.shares)
     sections = [(intermediate, stop - start, start), (intermediate, stop - start, start)]
     return ColumnParallelLinear(hidden, sections, tp), start, stop - start

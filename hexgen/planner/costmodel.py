@@ -7,7 +7,8 @@ datasheet bandwidth. A calibration from ``bin/hexgen profile`` replaces the esti
 measured on, inside its measured range.
 
 Sharding follows hexgen/parallel/layers.py: query heads and the MLP intermediate split across ranks (the
-intermediate unevenly when TP does not divide it: the largest shard is costed); KV heads split when
+intermediate unevenly when TP does not divide it: the largest shard is costed; ``rank_shape`` gives a rank's
+shard of an uneven tp-ratio, which hexgen/planner/uneven.py costs rank by rank); KV heads split when
 tp <= n_kv, else each rank holds one replicated KV head; the embedding (first stage) and the final norm + LM
 head (last stage) are replicated on every rank of their stage, the LM head as its own copy even when the
 checkpoint ties it to the embedding (hexgen/model/llama.py).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hexgen import shards
 from hexgen.config import ModelConfig, valid_tp_degrees
 from hexgen.errors import ConfigError
 from hexgen.planner.calibration import Calibration
@@ -116,11 +118,25 @@ class CostModel:
         """The largest rank's MLP intermediate shard (split_sizes gives the first ranks one more)."""
         return _ceil_div(self.model.intermediate_size, tp)
 
+    def rank_shape(self, tp: int, shares: tuple[int, ...] = (), rank: int = 0) -> tuple[int, int, int]:
+        """(query heads, KV heads, MLP intermediate columns) of one rank: the even split's largest rank, or
+        rank ``rank`` of an uneven split by ``shares`` (hexgen.shards, as the parallel layers shard)."""
+        if not shares:
+            return (*self.local_heads(tp), self.local_intermediate(tp))
+        m = self.model
+        q0, q1 = shards.q_head_bounds(m.num_heads, m.num_kv_heads, tp, rank, shares)
+        k0, k1 = shards.kv_head_bounds(m.num_kv_heads, tp, rank, shares)
+        i0, i1 = shards.mlp_bounds(m.intermediate_size, tp, rank, shares)
+        return q1 - q0, k1 - k0, i1 - i0
+
     def layer_params(self, tp: int) -> int:
         """Parameters of one decoder layer on one rank."""
+        return self.shape_params(self.rank_shape(tp))
+
+    def shape_params(self, shape: tuple[int, int, int]) -> int:
+        """Parameters of one decoder layer on a rank holding ``shape`` (``rank_shape``)."""
         m = self.model
-        nq, nkv = self.local_heads(tp)
-        inter = self.local_intermediate(tp)
+        nq, nkv, inter = shape
         qkv = m.hidden_size * (nq + 2 * nkv) * m.head_dim
         o = nq * m.head_dim * m.hidden_size
         mlp = 3 * m.hidden_size * inter
@@ -178,8 +194,19 @@ class CostModel:
 
     def estimate_layer_time(self, dev: DeviceSpec, tp: int, tokens: int, context: int) -> float:
         """The datasheet estimate of layer_time (no calibration)."""
-        compute = self.layer_flops(tp, tokens, context) / (dev.peak_flops * FLOPS_EFFICIENCY)
-        memory = self.layer_bytes(tp, tokens, context) / (dev.mem_bandwidth * BANDWIDTH_EFFICIENCY)
+        return self.estimate_shape_time(dev, self.rank_shape(tp), tokens, context)
+
+    def estimate_shape_time(self, dev: DeviceSpec, shape: tuple[int, int, int], tokens: int, context: int) -> float:
+        """The datasheet estimate of one layer step on a rank holding ``shape`` (``rank_shape``)."""
+        m = self.model
+        nq, nkv, inter = shape
+        params = self.shape_params(shape)
+        flops = 2.0 * params * tokens + 4.0 * nq * m.head_dim * attention_pairs(tokens, context)
+        kv = 2 * nkv * m.head_dim * self.dtype_bytes * (max(context, tokens) + tokens)
+        act = tokens * self.dtype_bytes * (ACT_HIDDEN_PASSES * m.hidden_size + ACT_INTER_PASSES * inter)
+        nbytes = float(params * self.dtype_bytes + kv + act)
+        compute = flops / (dev.peak_flops * FLOPS_EFFICIENCY)
+        memory = nbytes / (dev.mem_bandwidth * BANDWIDTH_EFFICIENCY)
         floor = KERNELS_PER_LAYER * (CPU_OP_MIN_S if dev.name == "CPU" else KERNEL_MIN_S)
         return max(compute, memory, floor) + LAYER_OVERHEAD_S
 

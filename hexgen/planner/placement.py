@@ -215,6 +215,7 @@ class Placer:
             Slo(self.options.slo_latency_s),
             time_budget_s=self.options.time_budget_s,
             seed=self.options.seed,
+            uneven=False,  # each agent is its own host: a TP group never spans two
         )
 
     def assignments(

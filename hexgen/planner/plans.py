@@ -70,6 +70,11 @@ class StagePlan:
     layer_start: int
     memory_bytes: int  # predicted per-GPU use: weights + activations + KV for the replica's max_batch
     kv_tokens: int  # KV capacity of the stage (tokens) at the engine's memory fraction
+    # an uneven TP group (hexgen/planner/uneven.py): its tp-ratio, and per rank the predicted bytes (as
+    # memory_bytes) and decode step seconds at the replica's max_batch; () for even shards
+    tp_ratio: tuple[int, ...] = ()
+    rank_memory_bytes: tuple[int, ...] = ()
+    rank_step_s: tuple[float, ...] = ()
 
     @property
     def tp(self) -> int:
@@ -103,6 +108,12 @@ class ReplicaPlan:
         return tuple(s.tp for s in self.stages)
 
     @property
+    def tp_ratio(self) -> tuple[tuple[int, ...], ...]:
+        """Each stage's shares, () when every stage is even (``hexgen.config.Layout.tp_ratio``)."""
+        ratios = tuple(s.tp_ratio for s in self.stages)
+        return ratios if any(ratios) else ()
+
+    @property
     def pp_partition(self) -> tuple[int, ...]:
         return tuple(s.layers for s in self.stages)
 
@@ -121,6 +132,7 @@ class Plan:
     search_s: float
     latency_s: float = 0.0  # request-weighted mean latency at the planned load (slo.rate when set)
     name: str = "planned"  # what produced it: "planned", or the symmetric family ("pure PP", "TP 2 x PP 4")
+    notes: tuple[str, ...] = ()  # why this plan won where that needs saying (an uneven TP stage)
 
     @property
     def num_gpus(self) -> int:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hexgen.config import default_partition
+from hexgen.planner import uneven
 from hexgen.planner.cluster import Cluster, Link
 from hexgen.planner.costmodel import GPU_RUNTIME_BYTES, CostModel
 from hexgen.planner.devices import DeviceSpec
@@ -36,12 +37,15 @@ BATCH_TARGETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # KV reserves (in requests) 
 
 @dataclass(frozen=True)
 class Slot:
-    """The hardware of one stage: device, TP degree, link inside the TP group, link to the next stage."""
+    """The hardware of one stage: device, TP degree, link inside the TP group, link to the next stage; for
+    a TP group of unequal GPUs, each rank's device and the stage's tp-ratio (hexgen/planner/uneven.py)."""
 
     dev: DeviceSpec
     tp: int
     tp_link: Link
     hop: Link | None  # None on the last stage
+    devs: tuple[DeviceSpec, ...] = ()  # per rank, when the group mixes devices or has a tp-ratio
+    shares: tuple[int, ...] = ()  # the stage's tp-ratio; (): even shards
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,14 @@ class Costs:
 
     def time_coeffs(self, slot: Slot, tokens: int, context: int, first: bool, last: bool) -> tuple[float, float]:
         """(per layer, fixed) seconds of a step of ``slot``: stage_time is linear in its layer count."""
-        key = (slot.dev, slot.tp, slot.tp_link, tokens, context, first, last)
+        key = (slot.dev, slot.tp, slot.tp_link, slot.devs, slot.shares, tokens, context, first, last)
         hit = self._time.get(key)
+        if hit is None and slot.devs:
+            t1, t2 = (
+                uneven.group_step_time(self.cost, slot.devs, slot.tp_link, slot.shares, n, tokens, context, last)
+                for n in (1, 2)
+            )
+            hit = self._time[key] = (t2 - t1, 2 * t1 - t2)
         if hit is None:
             t1 = self.cost.stage_time(slot.dev, slot.tp, 1, slot.tp_link, tokens, context, first, last)
             t2 = self.cost.stage_time(slot.dev, slot.tp, 2, slot.tp_link, tokens, context, first, last)
@@ -108,8 +118,18 @@ class Costs:
 
     def mem_coeffs(self, slot: Slot, first: bool, last: bool) -> tuple[int, int, int, int]:
         """(budget, fixed bytes, bytes per layer, KV bytes per token per layer) of one rank of the stage."""
-        key = (slot.dev, slot.tp, first, last)
+        key = (slot.dev, slot.tp, slot.devs, slot.shares, first, last)
         hit = self._mem.get(key)
+        if hit is None and slot.devs:  # the rank that holds the fewest tokens binds
+            w = self.workload.max_batch
+            per = [
+                uneven.rank_memory(self.cost, d, slot.tp, slot.shares, r, n, first, last, w)
+                for r, d in enumerate(slot.devs)
+                for n in (1, 2)
+            ]
+            r = min(range(slot.tp), key=lambda i: (per[2 * i][0] - per[2 * i][2]) // per[2 * i][3])
+            (budget, _, m1, kv1), (_, _, m2, _) = per[2 * r], per[2 * r + 1]
+            hit = self._mem[key] = (budget, 2 * m1 - m2, m2 - m1, kv1)
         if hit is None:
             c = self.cost
             m1 = c.stage_memory(slot.tp, 1, 0, first, last, MAX_TOKENS, self.workload.max_batch)
@@ -119,8 +139,11 @@ class Costs:
         return hit
 
     def kv_tokens(self, slot: Slot, layers: int, first: bool, last: bool) -> int:
-        key = (slot.dev, slot.tp, layers, first, last)
+        key = (slot.dev, slot.tp, slot.devs, slot.shares, layers, first, last)
         hit = self._kv.get(key)
+        if hit is None and slot.devs:
+            w = self.workload.max_batch
+            hit = self._kv[key] = uneven.group_kv_tokens(self.cost, slot.devs, slot.shares, layers, first, last, w)
         if hit is None:
             hit = self._kv[key] = self.cost.kv_capacity_tokens(
                 slot.dev, slot.tp, layers, first, last, MEMORY_FRACTION, MAX_TOKENS, self.workload.max_batch
@@ -128,7 +151,11 @@ class Costs:
         return hit
 
     def memory(self, slot: Slot, layers: int, kv_tokens: int, first: bool, last: bool) -> int:
-        """Per-rank bytes of the stage holding ``kv_tokens`` of KV (the cost model's stage_memory)."""
+        """Per-rank bytes of the stage holding ``kv_tokens`` of KV (the cost model's stage_memory; the largest
+        rank's for a group of unequal GPUs)."""
+        if slot.devs:
+            w = self.workload.max_batch
+            return max(uneven.group_memory(self.cost, slot.devs, slot.shares, layers, kv_tokens, first, last, w))
         return self.cost.stage_memory(slot.tp, layers, kv_tokens, first, last, MAX_TOKENS, self.workload.max_batch)
 
 

@@ -21,7 +21,21 @@ def replica_id(index: int) -> str:
 
 
 def _devices(stage: StagePlan) -> str:
-    return f"{stage.node}:" + ",".join(str(g.index) for g in stage.gpus)
+    nodes = list(dict.fromkeys(g.node for g in stage.gpus))
+    return "+".join(f"{n}:" + ",".join(str(g.index) for g in stage.gpus if g.node == n) for n in nodes)
+
+
+def _rank_lines(stage: StagePlan) -> list[str]:
+    """An uneven stage's ratio and, per rank, its device, predicted memory and decode step."""
+    if not stage.tp_ratio:
+        return []
+    out = [f"         tp-ratio {':'.join(map(str, stage.tp_ratio))}"]
+    for r, (g, mem, step) in enumerate(zip(stage.gpus, stage.rank_memory_bytes, stage.rank_step_s)):
+        out.append(
+            f"           rank {r}: {g.node}:{g.index} {g.device.name}, share {stage.tp_ratio[r]}, "
+            f"{mem / GiB:.1f}/{g.device.memory_bytes / GiB:.1f} GiB, decode step {step * 1e3:.2f} ms"
+        )
+    return out
 
 
 def _replica_line(i: int, r: ReplicaPlan) -> str:
@@ -56,9 +70,10 @@ def plan_table(plan: Plan, *, baseline: Plan | None = None, notes: Sequence[str]
                 f"  {j:>5}  {_devices(s):<24} {s.device_name:<10} {s.tp:>3}  "
                 f"{f'{s.layer_start}-{s.layer_end - 1}':<9} {mem:>14}  {s.kv_tokens:>10}"
             )
+            lines += _rank_lines(s)
     if plan.unused:
         lines.append("unused: " + ", ".join(str(g) for g in plan.unused))
-    for note in notes:
+    for note in (*plan.notes, *notes):
         lines.append(note)
     if not compare:
         return "\n".join(lines)
@@ -84,6 +99,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "latency_s": plan.latency_s,
         "search_s": plan.search_s,
         "unused": [str(g) for g in plan.unused],
+        "notes": list(plan.notes),
         "replicas": [
             {
                 "id": replica_id(i),
@@ -103,6 +119,16 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                         "memory_bytes": s.memory_bytes,
                         "kv_tokens": s.kv_tokens,
                     }
+                    | (
+                        {
+                            "tp_ratio": list(s.tp_ratio),
+                            "nodes": [g.node for g in s.gpus],
+                            "rank_memory_bytes": list(s.rank_memory_bytes),
+                            "rank_step_s": list(s.rank_step_s),
+                        }
+                        if s.tp_ratio
+                        else {}
+                    )
                     for s in r.stages
                 ],
             }
@@ -152,15 +178,21 @@ def plan_to_toml(
         pid = replica_id(i)
         out += ["", f"# Pipeline {pid}: {_replica_line(i, r).partition(': ')[2]}"]
         for j, s in enumerate(r.stages):
-            out.append(
-                f"#   stage {j}: TP {s.tp} on {s.node} ({s.device_name} cuda:"
-                f"{','.join(str(g.index) for g in s.gpus)}), layers {s.layer_start}-{s.layer_end - 1}"
+            where = (
+                f"{s.node} ({s.device_name} cuda:{','.join(str(g.index) for g in s.gpus)})"
+                if len({g.node for g in s.gpus}) == 1
+                else " + ".join(f"{g.node} ({g.device.name})" for g in s.gpus)
             )
+            ratio = f", tp-ratio {':'.join(map(str, s.tp_ratio))}" if s.tp_ratio else ""
+            out.append(f"#   stage {j}: TP {s.tp} on {where}{ratio}, layers {s.layer_start}-{s.layer_end - 1}")
             out.append(
                 f"#     on {s.node}: bin/worker --config {config_path} --pipeline {pid} --stage {j} "
                 f"--max-num-seqs {r.max_batch}"
             )
         devices = [f"cuda:{g.index}" for s in r.stages for g in s.gpus]
+        if any(len({g.node for g in s.gpus}) > 1 for s in r.stages):  # an uneven group: GPUs of one host
+            out.append("#   its TP group's nodes are GPUs of one host: cuda:0.. in the order listed above")
+            devices = [f"cuda:{i}" for i in range(r.num_gpus)]
         out += [
             "[[pipelines]]",
             f"id = {_q(pid)}",
@@ -168,4 +200,7 @@ def plan_to_toml(
             f"pp_partition = [{', '.join(map(str, r.pp_partition))}]",
             f"devices = [{', '.join(_q(d) for d in devices)}]",
         ]
+        if r.tp_ratio:
+            shares = [list(s.tp_ratio) or [1] * s.tp for s in r.stages]
+            out.append(f"tp_ratio = {shares}")
     return "\n".join(out) + "\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from hexgen.config import valid_tp_degrees
 from hexgen.errors import ConfigError
@@ -38,6 +39,7 @@ from hexgen.planner.plans import (
 from hexgen.planner.refine import refine_splits
 from hexgen.planner.replica import Eval, Evaluator, Key, rank_budget
 from hexgen.planner.symmetric import best_symmetric, symmetric_options, symmetric_states
+from hexgen.planner.uneven_plan import uneven_candidate
 
 __all__ = [
     "Plan",
@@ -104,8 +106,11 @@ def plan_cluster(
     time_budget_s: float = 30.0,
     seed: int = 0,
     max_iters: int | None = None,
+    uneven: bool = True,
 ) -> Plan:
-    """The best plan the search finds for ``cluster``; PlannerError when nothing fits.
+    """The best plan the search finds for ``cluster``; PlannerError when nothing fits. ``uneven``: also weigh
+    an uneven TP group over the cluster's unequal GPUs (hexgen/planner/uneven_plan.py; off where every node is
+    its own host, as in automatic placement).
 
     Deterministic for a given ``seed`` as long as ``max_iters`` (default: scaled with the cluster size) or the
     patience limit stops the search before ``time_budget_s``. The result is never worse, under the cost model,
@@ -147,7 +152,23 @@ def plan_cluster(
     sym = best_symmetric(cluster, cost, workload, slo, evaluator=ev)
     if sym is not None and plan_score_of(sym, ev, slo) > plan_score_of(plan, ev, slo):
         plan = sym
-    return Plan(plan.replicas, plan.unused, plan.rate, time.monotonic() - t_start, plan.latency_s, plan.name)
+    if uneven:
+        plan = _with_uneven(ev, plan, slo)
+    return replace(plan, search_s=time.monotonic() - t_start)
+
+
+def _with_uneven(ev: Evaluator, plan: Plan, slo: Slo) -> Plan:
+    """``plan``, or the uneven TP candidate (hexgen/planner/uneven_plan.py) when it scores higher; either
+    way with a note comparing the two."""
+    alt = uneven_candidate(ev, slo)
+    if alt is None:
+        return plan
+    uneven, e = alt
+    if plan_score([e], slo) > plan_score_of(plan, ev, slo):
+        vs = f"{uneven.name} beats {plan.name} (separate stages): {uneven.rate:.2f} vs {plan.rate:.2f} req/s"
+        return replace(uneven, notes=(*uneven.notes, vs))
+    vs = f"{plan.name} beats {uneven.name}: {plan.rate:.2f} vs {uneven.rate:.2f} req/s"
+    return replace(plan, notes=(*plan.notes, *uneven.notes, vs))
 
 
 def evaluate_replica(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from hexgen.errors import ConfigError
 from hexgen.planner.sim_replica import ARRIVAL, RESULT, ReplicaSim, SimSeq, StageModel
+from hexgen.planner.uneven import group_step_time
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,16 @@ def _stage_models(replica, cost, cluster) -> tuple[list[StageModel], float]:
         ):
             return cost.stage_time(dev, tp, layers, link, tokens, context, first, is_last)
 
+        def time_by_rank(tokens, context, st=st, link=tp_link, is_last=i == last):
+            devs = [g.device for g in st.gpus]
+            return group_step_time(cost, devs, link, st.tp_ratio, st.layers, tokens, context, is_last)
+
+        by_rank = bool(getattr(st, "tp_ratio", ())) or len({g.device for g in st.gpus}) > 1  # an uneven group
+
         def hop(tokens, link=hop_link):
             return cost.transfer_time(link, tokens) if link is not None else 0.0
 
-        models.append(StageModel(time, hop))
+        models.append(StageModel(time_by_rank if by_rank else time, hop))
     ret = cluster.link(stages[-1].gpus[0], stages[0].gpus[0]).latency if last else 0.0
     return models, ret
 

@@ -25,6 +25,7 @@ default). Example file::
     id = "p0"
     hetero_config = [2, 1]
     pp_partition = [20, 10]        # optional: layers in proportion to TP
+    # tp_ratio = [[2, 1], [1]]     # optional: per-rank shares of each stage (uneven TP shards)
     devices = ["cuda:0", "cuda:1", "cuda:2"]        # optional: one per rank
 
     [limits]
@@ -53,6 +54,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
+from hexgen import shards
 from hexgen.config import PRESETS, KernelConfig, Layout, check_kv_cache_dtype, normalize_dtype
 from hexgen.errors import ConfigError
 from hexgen.quantization import check_quantization
@@ -194,25 +196,29 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """One pipeline: TP degree per stage, layers per stage (empty: proportional to TP), devices per rank."""
+    """One pipeline: TP degree per stage, layers per stage (empty: proportional to TP), devices per rank, and
+    each stage's per-rank shares (tp_ratio, ``hexgen.shards``; empty: even shards)."""
 
     id: str
     hetero_config: tuple[int, ...]
     pp_partition: tuple[int, ...] = ()
     devices: tuple[str, ...] = ()
+    tp_ratio: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         key = f"pipelines[{self.id!r}]"
         if not isinstance(self.id, str) or not _NAME_RE.fullmatch(self.id):
             raise ConfigError(f"pipelines.id: {self.id!r} is not allowed; use {C.ID_ALLOWED_CHARS}")
-        for name in ("hetero_config", "pp_partition", "devices"):
+        for name in ("hetero_config", "pp_partition", "devices", "tp_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{key}.{name}: {value!r} must be a list")
             object.__setattr__(self, name, tuple(value))
         if self.pp_partition:
             try:
-                Layout(self.hetero_config, self.pp_partition)
+                object.__setattr__(
+                    self, "tp_ratio", Layout(self.hetero_config, self.pp_partition, self.tp_ratio).tp_ratio
+                )
             except ConfigError as e:
                 raise ConfigError(f"{key}: {e}") from e
         elif not self.hetero_config or not all(
@@ -221,6 +227,11 @@ class PipelineSettings:
             raise ConfigError(
                 f"{key}.hetero_config: {list(self.hetero_config)!r} must be a non-empty list of TP degrees ≥ 1"
             )
+        else:
+            try:
+                object.__setattr__(self, "tp_ratio", shards.normalize_ratios(self.tp_ratio, self.hetero_config))
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from e
         world = sum(self.hetero_config)
         if self.devices and len(self.devices) != world:
             raise ConfigError(
@@ -231,7 +242,10 @@ class PipelineSettings:
     @property
     def layout_text(self) -> str:
         part = " ".join(map(str, self.pp_partition)) or "auto"
-        return f"hetero-config {' '.join(map(str, self.hetero_config))} / pp-partition {part}"
+        text = f"hetero-config {' '.join(map(str, self.hetero_config))} / pp-partition {part}"
+        if self.tp_ratio:
+            text += f" / tp-ratio {shards.describe_ratios(self.tp_ratio, self.hetero_config)}"
+        return text
 
 
 def _check_int(key: str, value: Any, lo: int) -> None:

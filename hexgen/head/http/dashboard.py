@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
-_LAYOUT = re.compile(r"hetero-config ([\d ]+) / pp-partition ([\d ]+)")
+_LAYOUT = re.compile(r"hetero-config ([\d ]+) / pp-partition ([\d ]+)(?: / tp-ratio [\d: ]+)?")
 
 
 def parse_layout(text: str) -> tuple[list[int], list[int]] | None:
