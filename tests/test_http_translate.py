@@ -8,7 +8,8 @@ import pytest
 
 from hexgen.head.http.context import HttpContext
 from hexgen.head.http.errors import APIError, field_of, from_request_error
-from hexgen.head.http.openai_api import openai_finish_reason, translate
+from hexgen.head.http.openai_request import translate
+from hexgen.head.http.openai_response import openai_finish_reason
 from hexgen.wire.protocol import InvalidRequest, NotFound, Overloaded
 from hexgen.wire.settings import LimitSettings, ModelSettings, Settings
 
