@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import redis
 
@@ -104,6 +105,9 @@ class _Out:
     completion_tokens: int
     entry: str | None
     trace: dict[str, float] | None = None  # first token's latency stamps (HEXGEN_TRACE_TIMING=1 only)
+    logprobs: Any = None  # StepOutput's logprobs, prompt_ids and prompt_logprobs
+    prompt_ids: Any = None
+    prompt_logprobs: Any = None
 
 
 class RedisSink:
@@ -148,6 +152,9 @@ class RedisSink:
                         o.completion_tokens,
                         (o.meta or {}).get("entry"),
                         _first_token_stamps(o) if trace.ENABLED else None,
+                        o.logprobs,
+                        o.prompt_ids,
+                        o.prompt_logprobs,
                     )
                     for o in outputs
                 ]
@@ -230,7 +237,8 @@ class RedisSink:
             if o.request_id in self._lost:
                 continue
             if o.ids:
-                posts.append(Post(o.request_id, o.seq, token_event(o.seq, list(o.ids), o.text)))
+                event = token_event(o.seq, list(o.ids), o.text, o.logprobs, o.prompt_ids, o.prompt_logprobs)
+                posts.append(Post(o.request_id, o.seq, event))
             if o.finish_reason is not None:
                 try:
                     final = done_event(o.finish_reason, o.prompt_tokens, o.completion_tokens)

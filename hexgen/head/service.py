@@ -45,6 +45,7 @@ from hexgen.head.status import StatusReport, collect_status, queue_status
 from hexgen.head.submit import DUPLICATE, OVER_LIMIT, Submitter
 from hexgen.head.tokenizing import (
     INLINE_TOKENIZE_CHARS,
+    check_param_ids,
     load_head_tokenizer,
     model_context_len,
     text_chars,
@@ -293,6 +294,7 @@ class Head:
         model = parsed.model or self.settings.model.name
         if model != self.settings.model.name:
             raise NotFound(f"model: {model!r} is not served here; available: {self.settings.model.name}")
+        check_param_ids(self.tokenizer, parsed)
         if text_chars(parsed) <= INLINE_TOKENIZE_CHARS:
             ids = tokenize(self.tokenizer, parsed)
         else:

@@ -1,6 +1,6 @@
 """The head's HTTP app (Starlette) and its server (uvicorn, run inside the head's event loop).
 
-:func:`create_app` adds the OpenAI routes and probes (:mod:`hexgen.head.http.openai_api`, with the request, response and stream modules beside it), then the metrics
+:func:`create_app` adds the OpenAI routes and probes (:mod:`hexgen.head.http.openai_api`), then the metrics
 and dashboard modules through their ``install(app, ctx)`` hooks. With an API key, every ``/v1/*`` request
 needs ``Authorization: Bearer <key>`` (compared in constant time; the key is never logged); the probes,
 ``/metrics`` and ``/`` stay open. Every error, including unknown routes, is in OpenAI's shape.
