@@ -67,6 +67,8 @@ def check_token_ids(name: str, ids: Any, vocab: int) -> None:
 
 def check_param_ids(tokenizer: Any, parsed: ParsedRequest) -> None:
     """The token ids in ``logit_bias`` and ``stop_token_ids`` must be in the vocabulary."""
+    if not parsed.params.logit_bias and not parsed.params.stop_token_ids:
+        return
     vocab = len(tokenizer)
     check_token_ids("logit_bias", [t for t, _ in parsed.params.logit_bias], vocab)
     check_token_ids("stop_token_ids", parsed.params.stop_token_ids, vocab)
