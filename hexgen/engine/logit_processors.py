@@ -17,7 +17,7 @@ A per-row allowed-token mask (structured outputs) slots in as one more step of :
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +44,8 @@ class History:
 def _padded(lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     """``lists`` as an int64 tensor [len(lists), longest] padded with ``pad`` (at least one column)."""
     width = max(1, max((len(x) for x in lists), default=0))
-    return upload([list(x) + [pad] * (width - len(x)) for x in lists], torch.int64, device)
+    host = torch.tensor([list(x) + [pad] * (width - len(x)) for x in lists], dtype=torch.int64)
+    return upload(host, torch.int64, device)
 
 
 def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], history: History) -> None:
@@ -94,7 +95,7 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
 
 
 def apply_min_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int], eos_ids: Sequence[int]
+    logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int], eos_ids: Collection[int]
 ) -> None:
     """Mask EOS and ``stop_token_ids`` to -inf in ``logits`` [n, vocab] for rows short of ``min_tokens``."""
     vocab = logits.shape[-1]
@@ -124,7 +125,7 @@ def process_logits(
     params: Sequence[SamplingParams],
     steps: Sequence[int],
     history: History | None = None,
-    eos_ids: Sequence[int] = (),
+    eos_ids: Collection[int] = (),
 ) -> torch.Tensor:
     """The logits the sampler draws from: ``logits`` [n, vocab] (float32, changed in place) after every
     row's penalties, logit bias and min_tokens mask; returned for chaining."""

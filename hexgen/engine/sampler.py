@@ -13,7 +13,7 @@ request resumed on another machine continues the same stream. Unseeded rows take
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -113,7 +113,7 @@ def sample(
     params: Sequence[SamplingParams],
     steps: Sequence[int],
     history: History | None = None,
-    eos_ids: Sequence[int] = (),
+    eos_ids: Collection[int] = (),
 ) -> torch.Tensor:
     """Pick one token per row: int64 ids [batch] on the logits' device.
 

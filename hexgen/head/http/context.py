@@ -40,6 +40,8 @@ class RequestRecord:
     started_at: float
     first_token_at: float | None
     finished_at: float
+    n: int = 1  # choices asked for
+    max_tokens: int | None = None  # the request's max_tokens (None: the deployment's default)
 
     @property
     def ttft_s(self) -> float | None:
@@ -90,6 +92,7 @@ class HttpContext:
     models: tuple[str, ...]
     counters: HttpCounters = field(default_factory=HttpCounters)
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime
+    tokenizer: Any = None  # the head's Hugging Face tokenizer (token texts of logprobs, /tokenize); None: none
 
     @property
     def model(self) -> str:

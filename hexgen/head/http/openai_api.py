@@ -31,9 +31,11 @@ from starlette.responses import JSONResponse, Response
 from hexgen.client import HexGenClient
 from hexgen.head.http.context import HttpContext, RequestRecord
 from hexgen.head.http.errors import APIError, invalid, not_ready, unknown_model
-from hexgen.head.http.openai_request import Translated, rename_error, translate
+from hexgen.head.http.openai_choices import TokenTexts
+from hexgen.head.http.openai_fanout import Fanout
+from hexgen.head.http.openai_request import rename_error, translate
 from hexgen.head.http.openai_response import DONE_LINE, Answer, openai_finish_reason
-from hexgen.head.http.openai_stream import Disconnected, EventStream, next_event, until_disconnect
+from hexgen.head.http.openai_stream import Disconnected, EventStream, until_disconnect
 from hexgen.head.http.readiness import Readiness
 from hexgen.wire.protocol import DoneEvent, RequestError, TokenEvent
 
@@ -53,6 +55,7 @@ class OpenAIRoutes:
         self.readiness = Readiness(ctx.redis, limits.heartbeat_ttl_s, max_age_s=min(1.0, limits.heartbeat_interval_s))
         self.body_cap = BODY_CAP_FACTOR * limits.max_request_bytes
         self._background: set[asyncio.Task] = set()
+        self.texts = TokenTexts(ctx.tokenizer)
 
     # ---- helpers ----
 
@@ -80,18 +83,19 @@ class OpenAIRoutes:
         except (ValueError, UnicodeDecodeError) as e:
             raise invalid(f"request body: not valid JSON ({e})", None) from None
 
-    def _cancel_later(self, request_id: str) -> None:
-        """Send the cancel from its own task: the handler's own task is being cancelled."""
-        task = asyncio.get_running_loop().create_task(self._cancel(request_id))
+    def _cancel_later(self, request_ids: list[str]) -> None:
+        """Send the cancels from their own task: the handler's own task is being cancelled."""
+        task = asyncio.get_running_loop().create_task(self._cancel(request_ids))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _cancel(self, request_id: str) -> None:
-        try:
-            await self.client.cancel(request_id)
-            log.info("http: client went away; cancelled request %s", request_id)
-        except (RedisConnectionError, RedisTimeoutError) as e:
-            log.warning("http: could not cancel request %s: %s", request_id, e)
+    async def _cancel(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            try:
+                await self.client.cancel(request_id)
+                log.info("http: client went away; cancelled request %s", request_id)
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                log.warning("http: could not cancel request %s: %s", request_id, e)
 
     # ---- generation ----
 
@@ -107,15 +111,15 @@ class OpenAIRoutes:
         try:
             tr = translate(await self._body(request), endpoint, ctx)
             rec.model, rec.stream = tr.model, tr.stream
+            rec.n, rec.max_tokens = tr.n, tr.params.get("max_new_tokens")
             try:
                 ready = await self.readiness.is_ready(tr.model)
             except (RedisConnectionError, RedisTimeoutError) as e:
                 raise _redis_down(e) from None
             if not ready:
                 raise not_ready(tr.model)
-            gen = self.client.stream(request_id=tr.request_id, **tr.params)
-            events = gen.__aiter__()
-            first = await self._first(events, gen, tr, request)
+            fan = Fanout(self.client, tr, self.texts)
+            firsts = await self._firsts(fan, request)
         except APIError as e:
             rec.finish(e.status, "cancelled" if e.status == CLIENT_CLOSED else "error", e.code or "")
             raise
@@ -123,83 +127,93 @@ class OpenAIRoutes:
             rec.finish(500, "error", "internal_error")
             raise
         if tr.stream:
-            return EventStream(self._sse(tr, gen, events, first, rec), on_close=lambda: self._closed(tr, rec))
+            return EventStream(self._sse(fan, firsts, rec), on_close=lambda: self._closed(fan, rec))
         try:
-            return await self._collect(tr, gen, events, first, rec, request)
+            return await self._collect(fan, firsts, rec, request)
         except Exception:
             rec.finish(500, "error", "internal_error")  # no-op when _collect recorded it
             raise
 
-    async def _first(
-        self, events: AsyncIterator[TokenEvent], gen: Any, tr: Translated, request: Request
-    ) -> TokenEvent | None:
-        """Send the request and wait for its first event (None: done with no token), cancelling on disconnect."""
+    async def _firsts(self, fan: Fanout, request: Request) -> list[TokenEvent | None]:
+        """Send the requests and wait for each one's first event, cancelling them all on disconnect or error."""
+        tr = fan.tr
         try:
-            return await until_disconnect(request, next_event(events))
+            return await until_disconnect(request, fan.firsts())
         except Disconnected:
-            self._cancel_later(tr.request_id)
+            self._cancel_later(fan.request_ids)
             raise APIError(CLIENT_CLOSED, "client closed the request", code="client_closed") from None
         except RequestError as e:
+            if len(tr.jobs) > 1:
+                self._cancel_later(fan.request_ids)
             raise rename_error(e, tr.rename, tr.endpoint) from None
         except (RedisConnectionError, RedisTimeoutError) as e:
             raise _redis_down(e) from None
         except asyncio.CancelledError:
-            self._cancel_later(tr.request_id)
+            self._cancel_later(fan.request_ids)
             raise
 
     async def _collect(
-        self,
-        tr: Translated,
-        gen: Any,
-        events: AsyncIterator[TokenEvent],
-        first: TokenEvent | None,
-        rec: _Recorder,
-        request: Request,
+        self, fan: Fanout, firsts: list[TokenEvent | None], rec: _Recorder, request: Request
     ) -> Response:
-        parts = []
-        if first is not None:
-            rec.first_token()
-            parts.append(first.text)
+        tr = fan.tr
+        echoes = [c.first_text(f)[0] for c, f in zip(fan.choices, firsts)]
+        for c, f in zip(fan.choices, firsts):
+            if f is not None:
+                rec.first_token()
+                c.add(f)
 
-            async def rest() -> None:
-                async for ev in events:
-                    parts.append(ev.text)
+        async def rest() -> None:
+            async for i, ev in fan.rest(firsts):
+                if ev is None:
+                    fan.finish(i)
+                else:
+                    fan.choices[i].add(ev)
 
-            try:
-                await until_disconnect(request, rest())
-            except Disconnected:
-                self._cancel_later(tr.request_id)
-                rec.finish(CLIENT_CLOSED, "cancelled", "client_closed")
-                return Response(status_code=CLIENT_CLOSED)
-            except RequestError as e:
-                err = rename_error(e, tr.rename, tr.endpoint)
-                rec.finish(err.status, "error", err.code or "")
-                raise err from None
-            except (RedisConnectionError, RedisTimeoutError) as e:
-                err = _redis_down(e)
-                rec.finish(err.status, "error", err.code or "")
-                raise err from None
-            except asyncio.CancelledError:
-                self._cancel_later(tr.request_id)
-                raise
-        done = gen.done
+        try:
+            await until_disconnect(request, rest())
+        except Disconnected:
+            self._cancel_later(fan.request_ids)
+            rec.finish(CLIENT_CLOSED, "cancelled", "client_closed")
+            return Response(status_code=CLIENT_CLOSED)
+        except RequestError as e:
+            err = rename_error(e, tr.rename, tr.endpoint)
+            self._cancel_later(fan.request_ids)
+            rec.finish(err.status, "error", err.code or "")
+            raise err from None
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            err = _redis_down(e)
+            rec.finish(err.status, "error", err.code or "")
+            raise err from None
+        except asyncio.CancelledError:
+            self._cancel_later(fan.request_ids)
+            raise
+        done = fan.done()
         rec.finish(200, openai_finish_reason(done.finish_reason), "", done)
-        return JSONResponse(Answer(tr).full("".join(parts), done))
+        choices = [c.whole(e) for c, e in zip(fan.choices, echoes)]
+        return JSONResponse(Answer(tr).full(choices, done))
 
-    async def _sse(
-        self, tr: Translated, gen: Any, events: AsyncIterator[TokenEvent], first: TokenEvent | None, rec: _Recorder
-    ) -> AsyncIterator[str]:
+    async def _sse(self, fan: Fanout, firsts: list[TokenEvent | None], rec: _Recorder) -> AsyncIterator[str]:
+        tr = fan.tr
         ans = Answer(tr)
         try:
-            if ans.chat:
-                yield ans.chunk("", first=True)
-            if first is not None:  # one chunk per token event, also when its tokens added no text yet
-                rec.first_token()
-                yield ans.chunk(first.text)
-                async for ev in events:
-                    yield ans.chunk(ev.text)
-            done = gen.done
-            yield ans.chunk(None, openai_finish_reason(done.finish_reason))
+            for c, f in zip(fan.choices, firsts):
+                text, lps = c.first_text(f)
+                if ans.chat:
+                    yield ans.chunk("", first=True, index=c.index)
+                elif text:
+                    yield ans.chunk(text, index=c.index, logprobs=lps)
+                if f is not None:  # one chunk per token event, also when its tokens added no text yet
+                    rec.first_token()
+                    text, lps = c.add(f)
+                    yield ans.chunk(text, index=c.index, logprobs=lps)
+            async for i, ev in fan.rest(firsts):
+                c = fan.choices[i]
+                if ev is None:
+                    yield ans.chunk(None, fan.finish(i), index=c.index)
+                else:
+                    text, lps = c.add(ev)
+                    yield ans.chunk(text, index=c.index, logprobs=lps)
+            done = fan.done()
             if tr.include_usage:
                 yield ans.usage_chunk(done)
             rec.finish(200, openai_finish_reason(done.finish_reason), "", done)
@@ -213,10 +227,10 @@ class OpenAIRoutes:
             yield APIError(500, f"internal error: {type(e).__name__}", code="internal_error").sse()
         yield DONE_LINE
 
-    def _closed(self, tr: Translated, rec: _Recorder) -> None:
+    def _closed(self, fan: Fanout, rec: _Recorder) -> None:
         """After a stream's response ended: a stream that did not finish lost its client; cancel it."""
         if not rec.done:
-            self._cancel_later(tr.request_id)
+            self._cancel_later(fan.request_ids)
             rec.finish(200, "cancelled", "client_closed")
 
     # ---- models and probes ----
@@ -276,6 +290,7 @@ class _Recorder:
     def __init__(self, ctx: HttpContext, endpoint: str, started: float) -> None:
         self.ctx, self.endpoint, self.started = ctx, endpoint, started
         self.model, self.stream = ctx.model, False
+        self.n, self.max_tokens = 1, None
         self.first_at: float | None = None
         self.done = False
         ctx.counters.in_flight += 1
@@ -302,6 +317,8 @@ class _Recorder:
                 started_at=self.started,
                 first_token_at=self.first_at,
                 finished_at=time.monotonic(),
+                n=self.n,
+                max_tokens=self.max_tokens,
             )
         )
 

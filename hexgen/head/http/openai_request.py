@@ -26,13 +26,6 @@ OPENAI_DEFAULT_TEMPERATURE = 1.0
 # Parameters accepted at their no-op value only: anything else would change the output, so it is a 400.
 # name -> (the values that do nothing, what the error says)
 _INERT: dict[str, tuple[tuple[Any, ...], str]] = {
-    "presence_penalty": ((None, 0, 0.0), "only 0 is supported"),
-    "frequency_penalty": ((None, 0, 0.0), "only 0 is supported"),
-    "repetition_penalty": ((None, 1, 1.0), "only 1 is supported"),
-    "min_p": ((None, 0, 0.0), "only 0 is supported"),
-    "logit_bias": ((None, {}), "is not supported (only null or {})"),
-    "logprobs": ((None, False), "is not supported (only null or false)"),
-    "top_logprobs": ((None, 0), "is not supported (only null or 0)"),
     "tools": ((None, []), "is not supported (function calling is not implemented)"),
     "functions": ((None, []), "is not supported (function calling is not implemented)"),
     "tool_choice": ((None, "none", "auto"), 'is not supported (only null, "none" or "auto" without tools)'),
@@ -43,10 +36,8 @@ _INERT: dict[str, tuple[tuple[Any, ...], str]] = {
     "prediction": ((None,), "is not supported"),
     "reasoning_effort": ((None,), "is not supported"),
     "web_search_options": ((None,), "is not supported"),
-    "echo": ((None, False), "is not supported (only false)"),
     "suffix": ((None, ""), "is not supported (only null)"),
     "best_of": ((None, 1), "is not supported (only 1)"),
-    "n": ((None, 1), "only 1 is supported (one choice per request)"),
 }
 # Accepted and without effect on the output.
 _NO_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
@@ -69,6 +60,8 @@ _COMMON = (
     "logit_bias",
     "logprobs",
     "user",
+    "min_tokens",
+    "stop_token_ids",
 )
 CHAT_PARAMS = frozenset(
     _COMMON
@@ -94,20 +87,45 @@ CHAT_PARAMS = frozenset(
 )
 COMPLETION_PARAMS = frozenset(_COMMON + ("prompt", "echo", "suffix", "best_of"))
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Job:
+    """One HexGen request of an OpenAI request: one choice (``index``) of one prompt."""
+
+    index: int  # the choice's index: prompt number * n + sequence number
+    request_id: str
+    params: dict[str, Any]  # HexGenClient.stream's keyword arguments
+    fields: dict[str, str]  # the request fields they make (validated)
+    prompt: str | list[int] | None  # completions: the prompt as given (echo)
 
 
 @dataclass(frozen=True)
 class Translated:
-    """An OpenAI request as HexGen request fields, plus what shapes the answer."""
+    """An OpenAI request as HexGen requests (one per choice), plus what shapes the answer."""
 
     endpoint: str  # chat | completions
     model: str
-    params: dict[str, Any]  # HexGenClient.stream's keyword arguments
-    fields: dict[str, str]  # the request fields they make (validated)
+    jobs: tuple[Job, ...]
     request_id: str
     stream: bool
     include_usage: bool
     rename: dict[str, str] = field(default_factory=dict)  # wire field -> the request's parameter name
+    logprobs: int | None = None  # top alternatives per generated token (None: no logprobs)
+    echo: bool = False  # completions: the prompt comes back before the completion
+    drop_generated: bool = False  # max_tokens 0: the one token generated is not returned
+    n: int = 1  # choices per prompt
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.jobs[0].params
+
+    @property
+    def fields(self) -> dict[str, str]:
+        return self.jobs[0].fields
 
 
 def _is_int(v: Any) -> bool:
@@ -146,23 +164,30 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise invalid(f'messages[{i}]: must be an object {{"role": ..., "content": ...}}', f"messages[{i}]")
         for k, v in m.items():
-            if k not in ("role", "content") and v is not None:
+            if k not in ("role", "content", "tool_call_id") and v is not None:
                 raise unsupported(f"messages[{i}].{k}", "is not supported (messages carry role and content)")
         role: Any = m.get("role")
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise invalid(f"messages[{i}].tool_call_id: required for a message with role tool", f"messages[{i}]")
         out.append({"role": _ROLE_ALIASES.get(role, role), "content": _content_text(i, m.get("content"))})
     return out
 
 
-def _prompt(value: Any) -> str:
+def _is_ids(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(_is_int(t) and t >= 0 for t in v)
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    """``prompt``: a string, a list of strings, a list of token ids, or a list of lists of token ids."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        return value[0]
-    if isinstance(value, list) and all(isinstance(p, str) for p in value):
-        raise unsupported("prompt", f"a list of {len(value)} prompts is not supported; send one prompt per request")
-    if isinstance(value, list):
-        raise unsupported("prompt", "token-id prompts are not supported; send text")
-    raise invalid("prompt: must be a string", "prompt")
+        return [value]
+    if _is_ids(value):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(p, str) or _is_ids(p) for p in value):
+        return list(value)
+    raise invalid(
+        "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids", "prompt"
+    )
 
 
 def _check_names(body: dict[str, Any], endpoint: str) -> None:
@@ -186,24 +211,91 @@ def _served_model(body: dict[str, Any], ctx: HttpContext) -> str:
     return model
 
 
-def _text_input(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+def _inputs(body: dict[str, Any], endpoint: str) -> list[dict[str, Any]]:
+    """One ``{"messages"}``, or one ``{"prompt"}`` / ``{"prompt_ids"}`` per prompt."""
     if endpoint == "chat":
         if "messages" not in body:
             raise invalid("messages: missing; give the conversation as a list of {role, content}", "messages")
-        return {"messages": _messages(body["messages"])}
+        return [{"messages": _messages(body["messages"])}]
     if "prompt" not in body:
         raise invalid("prompt: missing", "prompt")
-    return {"prompt": _prompt(body["prompt"])}
+    return [{"prompt": p} if isinstance(p, str) else {"prompt_ids": p} for p in _prompts(body["prompt"])]
 
 
-def _length(body: dict[str, Any], kw: dict[str, Any]) -> str:
-    """Set ``max_new_tokens`` from max_completion_tokens or max_tokens; returns the parameter's name."""
+def _length(body: dict[str, Any], kw: dict[str, Any], endpoint: str) -> tuple[str, bool]:
+    """Set ``max_new_tokens`` from max_completion_tokens or max_tokens; returns the parameter's name and
+    whether it is 0 (completions only: one token is generated and dropped, for echo)."""
     name = next((p for p in ("max_completion_tokens", "max_tokens") if body.get(p) is not None), None)
     if name is None:
-        return "max_tokens"
-    _want(_is_int(body[name]), name, "an integer ≥ 1", body[name])
+        return "max_tokens", False
+    zero_ok = endpoint == "completions"
+    _want(_is_int(body[name]), name, "an integer ≥ 0" if zero_ok else "an integer ≥ 1", body[name])
+    if body[name] == 0 and zero_ok:
+        kw["max_new_tokens"] = 1
+        return name, True
     kw["max_new_tokens"] = body[name]
-    return name
+    return name, False
+
+
+def _processing(body: dict[str, Any]) -> dict[str, Any]:
+    """presence/frequency/repetition penalties, min_p, min_tokens, logit_bias, stop_token_ids: types only."""
+    kw: dict[str, Any] = {}
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        if body.get(name) is not None:
+            _want(_is_num(body[name]), name, "a number", body[name])
+            kw[name] = float(body[name])
+    if body.get("min_tokens") is not None:
+        _want(_is_int(body["min_tokens"]), "min_tokens", "an integer ≥ 0", body["min_tokens"])
+        kw["min_tokens"] = body["min_tokens"]
+    bias = body.get("logit_bias")
+    if bias is not None:
+        ok = isinstance(bias, dict) and all(_is_num(v) for v in bias.values())
+        _want(ok, "logit_bias", 'an object mapping token ids to biases, such as {"1234": -100}', bias)
+        if bias:
+            kw["logit_bias"] = bias
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        _want(ids == [] or _is_ids(ids), "stop_token_ids", "a list of token ids", ids)
+        if ids:
+            kw["stop_token_ids"] = ids
+    return kw
+
+
+def _logprobs(body: dict[str, Any], endpoint: str) -> tuple[int | None, bool]:
+    """(top alternatives per generated token or None, echo)."""
+    lp = body.get("logprobs")
+    if endpoint == "chat":
+        _want(lp is None or isinstance(lp, bool), "logprobs", "true or false", lp)
+        top = body.get("top_logprobs")
+        if top is not None:
+            _want(_is_int(top) and 0 <= top <= MAX_LOGPROBS, "top_logprobs", f"an integer in [0, {MAX_LOGPROBS}]", top)
+            if not lp:
+                raise invalid("top_logprobs: requires logprobs: true", "top_logprobs")
+        return ((top or 0) if lp else None), False
+    if lp is not None and lp is not False:
+        _want(_is_int(lp) and 0 <= lp <= MAX_LOGPROBS, "logprobs", f"an integer in [0, {MAX_LOGPROBS}]", lp)
+    echo = body.get("echo")
+    _want(echo is None or isinstance(echo, bool), "echo", "true or false", echo)
+    return (None if lp is None or lp is False else lp), bool(echo)
+
+
+def _n(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    _want(_is_int(n) and 1 <= n <= MAX_N, "n", f"an integer in [1, {MAX_N}]", n)
+    return int(n)
+
+
+def choice_seed(seed: int, i: int) -> int:
+    """The seed of choice ``i`` of a request with ``seed``: the seed itself for the first, a SplitMix64 hash of
+    (seed, i) for the others, so one seed reproduces all n choices and they differ from each other."""
+    if i == 0:
+        return seed
+    x = (seed ^ (i * 0x9E3779B97F4A7C15)) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) & MAX_SEED
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +316,7 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     if stop is not None:
         ok = isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
         _want(ok, "stop", "a string or a list of strings", stop)
+        _want(stop != "" and "" not in stop, "stop", "a non-empty string or a list of non-empty strings", stop)
         if stop != []:
             kw["stop"] = stop
     if body.get("ignore_eos") is not None:
@@ -251,22 +344,43 @@ def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
-    """Check an OpenAI request body's parameters and turn it into HexGen request fields (APIError if not)."""
+    """Check an OpenAI request body's parameters and turn it into HexGen requests, one per prompt and choice
+    (APIError if not)."""
     if not isinstance(body, dict):
         raise invalid("request body: must be a JSON object", None)
     _check_names(body, endpoint)
     model = _served_model(body, ctx)
-    kw: dict[str, Any] = {"model": model, **_text_input(body, endpoint)}
-    rename = {"max_new_tokens": _length(body, kw)}
+    inputs = _inputs(body, endpoint)
+    kw: dict[str, Any] = {"model": model}
+    length_name, drop = _length(body, kw, endpoint)
     kw.update(_sampling(body))
+    kw.update(_processing(body))
+    logprobs, echo = _logprobs(body, endpoint)
+    n = _n(body)
+    lp_name = "top_logprobs" if endpoint == "chat" else "logprobs"
+    rename = {"max_new_tokens": length_name, "prompt_logprobs": "logprobs", "logprobs": lp_name, "prompt_ids": "prompt"}
+    if logprobs is not None:
+        kw["logprobs"] = logprobs
+    if echo and logprobs is not None:
+        kw["prompt_logprobs"] = logprobs
     stream, include_usage = _streaming(body)
     request_id = uuid.uuid4().hex
-    fields = request_fields(request_id=request_id, **kw)
-    try:  # the Redis path's validation, before anything is queued
-        parse_request(cast(Fields, fields), request_id, ctx.settings.limits.request_limits())
-    except RequestError as e:
-        raise rename_error(e, rename, endpoint) from None
-    return Translated(endpoint, model, kw, fields, request_id, stream, include_usage, rename)
+    limits = ctx.settings.limits.request_limits()
+    jobs = []
+    for p, source in enumerate(inputs):
+        for i in range(n):
+            params = {**kw, **source}
+            if "seed" in kw:
+                params["seed"] = choice_seed(kw["seed"], i)
+            job_id = request_id if len(inputs) * n == 1 else f"{request_id}-{p * n + i}"
+            fields = request_fields(request_id=job_id, **params)
+            try:  # the Redis path's validation, before anything is queued
+                parse_request(cast(Fields, fields), job_id, limits)
+            except RequestError as e:
+                raise rename_error(e, rename, endpoint) from None
+            prompt = source.get("prompt", source.get("prompt_ids"))
+            jobs.append(Job(p * n + i, job_id, params, fields, prompt))
+    return Translated(endpoint, model, tuple(jobs), request_id, stream, include_usage, rename, logprobs, echo, drop)
 
 
 def rename_error(e: RequestError, rename: dict[str, str], endpoint: str) -> APIError:

@@ -25,7 +25,7 @@ def usage(done: DoneEvent) -> dict[str, int]:
 
 
 class Answer:
-    """Builds the JSON of one request's answer and stream chunks."""
+    """Builds the JSON of one request's answer and stream chunks (one or more choices)."""
 
     def __init__(self, tr: Translated) -> None:
         self.tr = tr
@@ -42,33 +42,29 @@ class Answer:
             "system_fingerprint": None,
         }
 
-    def full(self, text: str, done: DoneEvent) -> dict[str, Any]:
-        reason = openai_finish_reason(done.finish_reason)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-            out = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            out = self._head("text_completion")
-        out.update(choices=[choice], usage=usage(done))
+    def full(self, choices: list[dict[str, Any]], done: DoneEvent) -> dict[str, Any]:
+        out = self._head("chat.completion" if self.chat else "text_completion")
+        out.update(choices=choices, usage=usage(done))
         return out
 
-    def chunk(self, text: str | None, reason: str | None = None, first: bool = False) -> str:
+    def chunk(
+        self,
+        text: str | None,
+        reason: str | None = None,
+        first: bool = False,
+        index: int = 0,
+        logprobs: dict[str, Any] | None = None,
+    ) -> str:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             out = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             out = self._head("text_completion")
         out["choices"] = [choice]
         if self.tr.include_usage:
