@@ -1,7 +1,6 @@
 """Tests for hexgen.engine.logit_processors and the sampler's min-p, each against a plain-Python reference."""
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -13,25 +12,14 @@ from hexgen.engine.output import OutputProcessor
 from hexgen.engine.sampler import filter_probs, sample
 from hexgen.engine.types import Request, SamplingParams
 from hexgen.errors import ConfigError
+from tests.sampling_reference import reference_logits
 
 VOCAB = 12
 EOS = (11,)
 
 
 def reference(logits: list[float], p: SamplingParams, prompt: list[int], output: list[int], step: int) -> list[float]:
-    """One row, token by token: repetition, frequency/presence, logit bias, min_tokens (vLLM's order)."""
-    x = list(logits)
-    for t in range(len(x)):
-        if t in prompt or t in output:
-            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
-        n = output.count(t)
-        x[t] -= p.frequency_penalty * n + p.presence_penalty * (1 if n else 0)
-    for t, b in p.logit_bias:
-        x[t] += b
-    if step < p.min_tokens:
-        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(EOS)):
-            x[t] = -math.inf
-    return x
+    return reference_logits(logits, p, prompt, output, step, EOS)
 
 
 def test_process_logits_matches_the_reference_for_a_mixed_batch():

@@ -16,10 +16,12 @@ from hexgen.wire.protocol import TokenEvent, TokenLogprob
 
 
 class TokenTexts:
-    """Token id -> its text, decoded once (``token_id:<id>`` without a tokenizer)."""
+    """Token id -> its text, decoded once (``token_id:<id>`` without a tokenizer); ``decoder`` (default: the
+    same tokenizer) decodes whole texts such as an echoed token-id prompt."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, decoder: Any = None) -> None:
         self.tokenizer = tokenizer
+        self.decoder = decoder if decoder is not None else tokenizer
         self._cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
@@ -34,9 +36,9 @@ class TokenTexts:
         return text
 
     def decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
+        if self.decoder is None:
             return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.decoder.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 class Choice:

@@ -27,6 +27,7 @@ class Fanout:
         self.gens = [client.stream(request_id=j.request_id, **j.params) for j in tr.jobs]
         self._iters = [g.__aiter__() for g in self.gens]
         chat = tr.endpoint == "chat"
+        texts = TokenTexts(None, texts.tokenizer) if tr.tokens_as_ids else texts
         self.choices = [
             Choice(j.index, chat, texts, tr.logprobs is not None, j.prompt if tr.echo else None, tr.drop_generated)
             for j in tr.jobs

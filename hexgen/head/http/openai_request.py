@@ -62,6 +62,7 @@ _COMMON = (
     "user",
     "min_tokens",
     "stop_token_ids",
+    "return_tokens_as_token_ids",
 )
 CHAT_PARAMS = frozenset(
     _COMMON
@@ -118,6 +119,7 @@ class Translated:
     echo: bool = False  # completions: the prompt comes back before the completion
     drop_generated: bool = False  # max_tokens 0: the one token generated is not returned
     n: int = 1  # choices per prompt
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -357,6 +359,9 @@ def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
     kw.update(_processing(body))
     logprobs, echo = _logprobs(body, endpoint)
     n = _n(body)
+    as_ids = body.get("return_tokens_as_token_ids")
+    _want(as_ids is None or isinstance(as_ids, bool), "return_tokens_as_token_ids", "true or false", as_ids)
+    as_ids = bool(as_ids)
     lp_name = "top_logprobs" if endpoint == "chat" else "logprobs"
     rename = {"max_new_tokens": length_name, "prompt_logprobs": "logprobs", "logprobs": lp_name, "prompt_ids": "prompt"}
     if logprobs is not None:
@@ -380,7 +385,20 @@ def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
                 raise rename_error(e, rename, endpoint) from None
             prompt = source.get("prompt", source.get("prompt_ids"))
             jobs.append(Job(p * n + i, job_id, params, fields, prompt))
-    return Translated(endpoint, model, tuple(jobs), request_id, stream, include_usage, rename, logprobs, echo, drop)
+    return Translated(
+        endpoint,
+        model,
+        tuple(jobs),
+        request_id,
+        stream,
+        include_usage,
+        rename,
+        logprobs=logprobs,
+        echo=echo,
+        drop_generated=drop,
+        n=n,
+        tokens_as_ids=as_ids,
+    )
 
 
 def rename_error(e: RequestError, rename: dict[str, str], endpoint: str) -> APIError:
