@@ -134,3 +134,28 @@ def test_sampling_params_round_trip():
     p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.1, min_p=0.1, min_tokens=2,
                        logit_bias=((5, -1.0),), stop_token_ids=(7, 8), logprobs=3, prompt_logprobs=0)
     assert SamplingParams.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_processing_sampling_and_logprobs_on_cuda_match_the_cpu():
+    """The same batch on the GPU: processed logits, greedy and seeded picks, and logprobs as on the CPU."""
+    params = [SamplingParams(presence_penalty=0.7, frequency_penalty=0.3, repetition_penalty=1.2, seed=1,
+                             temperature=0.8, min_p=0.05),
+              SamplingParams(logit_bias=((3, 4.0),), min_tokens=2, stop_token_ids=(2,)),
+              SamplingParams(temperature=1.0, top_k=5, seed=9)]
+    steps = [3, 0, 1]
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(5)) * 4  # [3, 1000]
+
+    def run(device: str):
+        x = logits.to(device)
+        pending = torch.tensor([9, 11], device=device)
+        h = History(rows=[0], prompt=[[1, 2, 3]], output=[[4, 4, 5]], pending=(pending, [1], [0]))
+        got = process_logits(x.clone(), params, steps, h, (999,))
+        ids = sample(x, params, steps, h, (999,))
+        return got.cpu(), ids.cpu(), token_logprobs(x, ids, 4).chosen.cpu()
+
+    cpu, gpu = run("cpu"), run("cuda")
+    torch.testing.assert_close(gpu[0], cpu[0])
+    assert gpu[1].tolist() == cpu[1].tolist()
+    torch.testing.assert_close(gpu[2], cpu[2], atol=1e-4, rtol=1e-4)

@@ -82,7 +82,8 @@ class LastStage:
         history = self._history(sids) if self.history else None
         ids = sample(logits, params, steps, history, self.processor.eos_token_ids)  # [n_sampled] int64
         lps = token_logprobs(logits, ids, max(lp_k)) if max(lp_k) >= 0 else None
-        self.in_flight = (ids, {sid: r for r, sid in enumerate(sids)})
+        if self.history:  # the penalties' next step counts these tokens before they reach the host
+            self.in_flight = (ids, {sid: r for r, sid in enumerate(sids)})
         return Sampled(rows, ids, host_copy(ids), logits if self.collect_logits else None, lps, lp_k, prompt_rows)
 
     def _history(self, sids: list[int]) -> History:
