@@ -41,6 +41,7 @@ def evaluate(model: str, model_args: dict, tasks: list[str]) -> dict:
     return out["results"]
 
 
+@pytest.mark.timeout(1800)  # two evaluations of a 30-layer model on a shared CPU
 def test_lm_eval_tasks_run_against_the_server_and_match_hf(dep, default_model_dir, offline):
     api_args = {"model": "tiny", "base_url": dep.base_url + "/v1/completions", "tokenizer": default_model_dir,
                 "tokenizer_backend": "huggingface", "batch_size": 4, "max_retries": 1, "max_length": 2048}
