@@ -49,15 +49,12 @@ def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
 def hf_greedy(model, ids: list[int], n: int, params: SamplingParams | None = None, eos=()) -> list[int]:
     """Greedy continuation, with ``params``' penalties applied by the plain reference."""
     out: list[int] = []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
     for step in range(n):
-        row = res.logits[0, -1].float().tolist()
+        with torch.no_grad():
+            row = model(torch.tensor([ids + out])).logits[0, -1].float().tolist()
         if params is not None:
             row = reference_logits(row, params, ids, out, step, eos)
         out.append(max(range(len(row)), key=row.__getitem__))
-        with torch.no_grad():
-            res = model(torch.tensor([out[-1:]]), past_key_values=res.past_key_values, use_cache=True)
     return out
 
 
