@@ -128,6 +128,7 @@ def test_sampling_and_scoring_fields_reach_the_wire(ctx):
     assert json.loads(f["logit_bias"]) == {"7": -100} and json.loads(f["stop_token_ids"]) == [3]
     assert f["logprobs"] == "4" and "prompt_logprobs" not in f and tr.logprobs == 4
     assert translate(chat(logprobs=True), "chat", ctx).fields["logprobs"] == "0"
+    assert translate(chat(stop="x"), "chat", ctx).fields["stop"] == "x"
     assert "logprobs" not in translate(chat(logprobs=False, top_logprobs=None), "chat", ctx).fields
     tr = translate({"model": "tiny", "prompt": "x", "echo": True, "logprobs": 2, "max_tokens": 0}, "completions", ctx)
     assert tr.fields["prompt_logprobs"] == "2" and tr.fields["max_new_tokens"] == "1" and tr.drop_generated and tr.echo

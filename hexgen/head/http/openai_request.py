@@ -318,7 +318,8 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     if stop is not None:
         ok = isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
         _want(ok, "stop", "a string or a list of strings", stop)
-        _want(stop != "" and "" not in stop, "stop", "a non-empty string or a list of non-empty strings", stop)
+        nonempty = stop != "" if isinstance(stop, str) else "" not in stop
+        _want(nonempty, "stop", "a non-empty string or a list of non-empty strings", stop)
         if stop != []:
             kw["stop"] = stop
     if body.get("ignore_eos") is not None:
