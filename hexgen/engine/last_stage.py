@@ -19,7 +19,7 @@ from hexgen.engine.plan import Abort, StepPlan, StepResult
 from hexgen.engine.runner import ModelSpec, StageRunner
 from hexgen.engine.sampler import sample
 from hexgen.engine.types import OutputSink, Request, SamplingParams, StepOutput
-from hexgen.model.staging import upload
+from hexgen.kernels.staging import upload
 from hexgen.model.tokenizer import has_tokenizer, load_tokenizer
 
 

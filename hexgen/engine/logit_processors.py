@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hexgen.engine.types import SamplingParams
-from hexgen.model.staging import upload
+from hexgen.kernels.staging import upload
 
 
 @dataclass

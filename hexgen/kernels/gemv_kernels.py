@@ -1,7 +1,7 @@
-"""Triton kernel of ``hexgen.model.gemv`` (imported lazily from there).
+"""Triton kernel of ``hexgen.kernels.gemv`` (imported lazily from there).
 
 With ``SILU`` the input is the gate | up row of the MLP and the kernel multiplies by silu(gate) * up, computed
-per K slice (the down projection without a separate ``silu_mul``). With ``PDL`` (``hexgen.model.pdl``) a
+per K slice (the down projection without a separate ``silu_mul``). With ``PDL`` (``hexgen.kernels.pdl``) a
 program loads its first weight tile, which no kernel writes, before it waits for the kernel before it; the
 loop's first iteration is peeled for that. With ``AHEAD`` the loop loads the next tile before it multiplies
 the current one (two tiles in flight per thread instead of one). The sums run in the same order in every
@@ -32,6 +32,7 @@ def gemv(
     X,
     W,
     Y,
+    S,
     N,
     K,
     stride_wn,
@@ -40,8 +41,10 @@ def gemv(
     SILU: tl.constexpr,
     AHEAD: tl.constexpr,
     PDL: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
-    """Y[0, n] = sum_k x[k] * W[n, k] for BLOCK_N rows n per program, x from ``_x_slice``."""
+    """Y[0, n] = sum_k x[k] * W[n, k] for BLOCK_N rows n per program, x from ``_x_slice``; with ``HAS_SCALE``
+    times S[n] (an fp8 weight's fp32 row scale), applied to the fp32 sum before the one rounding to Y's dtype."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = rows < N
     w_rows = W + rows.to(tl.int64)[:, None] * stride_wn
@@ -71,4 +74,7 @@ def gemv(
             x = _x_slice(X, K, cols, c_ok, SILU)  # [BLOCK_K]
             w = tl.load(w_rows + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
-    tl.store(Y + rows, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=r_ok)
+    out = tl.sum(acc, 1)  # [BLOCK_N] fp32
+    if HAS_SCALE:
+        out = out * tl.load(S + rows, mask=r_ok, other=0.0)
+    tl.store(Y + rows, out.to(Y.dtype.element_ty), mask=r_ok)
