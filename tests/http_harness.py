@@ -65,8 +65,10 @@ def wait_http(dep: Deployment, base_url: str, path: str = "/health", timeout_s: 
 
 
 def start_http_deployment(tmp_dir: str, pipelines: list[PipelineSpec] | None = None, *, api_key: str = "",
-                          workers: bool = True, **limits: object) -> HttpDeployment:
-    """redis-server + tiny model + config + ``head --http-port`` (+ workers, waited until ready)."""
+                          workers: bool = True, model_dir: str | None = None, worker_args: tuple[str, ...] = (),
+                          ready_timeout_s: float = 90.0, **limits: object) -> HttpDeployment:
+    """redis-server + tiny model (or ``model_dir``) + config + ``head --http-port`` (+ workers, waited until
+    ready)."""
     import pytest
 
     from tests.redis_server import RedisServer, redis_server_binary
@@ -77,7 +79,7 @@ def start_http_deployment(tmp_dir: str, pipelines: list[PipelineSpec] | None = N
     pipelines = ONE_STAGE if pipelines is None else pipelines
     server = RedisServer(binary)
     url = server.start()
-    model_dir = make_model(os.path.join(tmp_dir, "model"))
+    model_dir = model_dir or make_model(os.path.join(tmp_dir, "model"))
     limits = {"heartbeat_ttl_s": 2, "heartbeat_interval_s": 0.3, "lease_s": 3.0, "block_ms": 500, **limits}
     config = write_config(os.path.join(tmp_dir, "deploy.toml"), url, model_dir, pipelines, **limits)
     dep = Deployment(url, config, model_dir, tmp_dir, server)
@@ -89,8 +91,8 @@ def start_http_deployment(tmp_dir: str, pipelines: list[PipelineSpec] | None = N
         if workers:
             for p in pipelines:
                 for stage in reversed(range(len(p.hetero_config))):
-                    dep.start_worker(p.id, stage)
-            dep.wait_ready([p.id for p in pipelines])
+                    dep.start_worker(p.id, stage, *worker_args)
+            dep.wait_ready([p.id for p in pipelines], timeout_s=ready_timeout_s)
             wait_http(dep, base_url, "/ready")
         else:
             wait_http(dep, base_url, "/health")

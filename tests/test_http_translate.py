@@ -8,7 +8,8 @@ import pytest
 
 from hexgen.head.http.context import HttpContext
 from hexgen.head.http.errors import APIError, field_of, from_request_error
-from hexgen.head.http.openai_api import openai_finish_reason, translate
+from hexgen.head.http.openai_request import translate
+from hexgen.head.http.openai_response import openai_finish_reason
 from hexgen.wire.protocol import InvalidRequest, NotFound, Overloaded
 from hexgen.wire.settings import LimitSettings, ModelSettings, Settings
 
@@ -53,10 +54,15 @@ def test_max_completion_tokens_wins_and_is_named_in_errors(ctx):
 def test_completions_prompt_forms(ctx):
     assert translate({"model": "tiny", "prompt": "a"}, "completions", ctx).fields["prompt"] == "a"
     assert translate({"model": "tiny", "prompt": ["b"]}, "completions", ctx).fields["prompt"] == "b"
-    e = err(ctx, {"model": "tiny", "prompt": ["a", "b"]}, "completions")
-    assert e.param == "prompt" and "one prompt per request" in e.message
-    e = err(ctx, {"model": "tiny", "prompt": [1, 2, 3]}, "completions")
-    assert e.param == "prompt" and "token-id" in e.message
+    tr = translate({"model": "tiny", "prompt": ["a", "b"], "n": 2}, "completions", ctx)
+    assert [j.fields["prompt"] for j in tr.jobs] == ["a", "a", "b", "b"] and [j.index for j in tr.jobs] == [0, 1, 2, 3]
+    tr = translate({"model": "tiny", "prompt": [1, 2, 3]}, "completions", ctx)
+    assert json.loads(tr.fields["prompt_ids"]) == [1, 2, 3] and "prompt" not in tr.fields
+    tr = translate({"model": "tiny", "prompt": [[1, 2], [3]]}, "completions", ctx)
+    assert [json.loads(j.fields["prompt_ids"]) for j in tr.jobs] == [[1, 2], [3]]
+    e = err(ctx, {"model": "tiny", "prompt": [1, "a"]}, "completions")
+    assert e.param == "prompt" and "token ids" in e.message
+    assert err(ctx, {"model": "tiny", "prompt": [-1]}, "completions").param == "prompt"
     assert err(ctx, {"model": "tiny", "prompt": ""}, "completions").param == "prompt"
     assert err(ctx, {"model": "tiny"}, "completions").param == "prompt"
 
@@ -74,11 +80,8 @@ def test_text_parts_and_developer_role(ctx):
     assert e.param == "messages[0].name"
 
 
-@pytest.mark.parametrize("param,value", [("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1),
-                                         ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}),
-                                         ("tools", [{"type": "function"}]),
-                                         ("response_format", {"type": "json_object"}),
-                                         ("repetition_penalty", 1.2)])
+@pytest.mark.parametrize("param,value", [("tools", [{"type": "function"}]),
+                                         ("response_format", {"type": "json_object"}), ("best_of", 2)])
 def test_output_changing_parameters_are_refused_by_name(ctx, param, value):
     e = err(ctx, chat(**{param: value}))
     assert e.status == 400 and e.param == param and e.code == "unsupported_parameter"
@@ -101,11 +104,47 @@ def test_inert_values_are_accepted(ctx):
     (chat(max_tokens=True), "max_tokens"), (chat(ignore_eos="no"), "ignore_eos"),
     (chat(messages=[]), "messages"), ({"model": "tiny"}, "messages"), (chat(bogus=1), "bogus"),
     (chat(echo=True), "echo"),  # a completions parameter: unknown on chat
+    (chat(n=0), "n"), (chat(n=17), "n"), (chat(presence_penalty=2.5), "presence_penalty"),
+    (chat(frequency_penalty="x"), "frequency_penalty"), (chat(repetition_penalty=0), "repetition_penalty"),
+    (chat(min_p=1.5), "min_p"), (chat(min_tokens=-1), "min_tokens"), (chat(logit_bias={"x": 1}), "logit_bias"),
+    (chat(logit_bias={"5": 101}), "logit_bias"), (chat(logit_bias=[1]), "logit_bias"),
+    (chat(stop_token_ids=[-1]), "stop_token_ids"), (chat(logprobs=3), "logprobs"),
+    (chat(top_logprobs=3), "top_logprobs"), (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (chat(max_tokens=0), "max_tokens"), (chat(stop=""), "stop"),
+    (chat(messages=[{"role": "tool", "content": "42"}]), "messages[0]"),
 ])
 def test_bad_values_name_the_parameter(ctx, body, param):
     e = err(ctx, body)
     assert e.status == 400 and e.param == param, e.message
     assert e.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_sampling_and_scoring_fields_reach_the_wire(ctx):
+    tr = translate(chat(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, min_p=0.1, min_tokens=2,
+                        logit_bias={"7": -100}, stop_token_ids=[3], logprobs=True, top_logprobs=4), "chat", ctx)
+    f = tr.fields
+    assert (f["presence_penalty"], f["frequency_penalty"], f["repetition_penalty"], f["min_p"], f["min_tokens"]) == (
+        "0.5", "-1.0", "1.2", "0.1", "2")
+    assert json.loads(f["logit_bias"]) == {"7": -100} and json.loads(f["stop_token_ids"]) == [3]
+    assert f["logprobs"] == "4" and "prompt_logprobs" not in f and tr.logprobs == 4
+    assert translate(chat(logprobs=True), "chat", ctx).fields["logprobs"] == "0"
+    assert translate(chat(stop="x"), "chat", ctx).fields["stop"] == "x"
+    assert "logprobs" not in translate(chat(logprobs=False, top_logprobs=None), "chat", ctx).fields
+    tr = translate({"model": "tiny", "prompt": "x", "echo": True, "logprobs": 2, "max_tokens": 0}, "completions", ctx)
+    assert tr.fields["prompt_logprobs"] == "2" and tr.fields["max_new_tokens"] == "1" and tr.drop_generated and tr.echo
+
+
+def test_n_choices_get_derived_seeds(ctx):
+    tr = translate(chat(n=3, seed=5), "chat", ctx)
+    seeds = [j.params["seed"] for j in tr.jobs]
+    assert seeds[0] == 5 and len(set(seeds)) == 3 and len({j.request_id for j in tr.jobs}) == 3
+    assert [j.params["seed"] for j in translate(chat(n=3, seed=5), "chat", ctx).jobs] == seeds
+    assert all("seed" not in j.params for j in translate(chat(n=2), "chat", ctx).jobs)
+
+
+def test_tool_messages_with_their_call_id_are_accepted(ctx):
+    body = chat(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "42", "tool_call_id": "c1"}])
+    assert json.loads(translate(body, "chat", ctx).fields["messages"])[1] == {"role": "tool", "content": "42"}
 
 
 def test_temperature_range_is_the_redis_paths(ctx):

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import redis
 
@@ -105,6 +106,9 @@ class _Out:
     entry: str | None
     trace: dict[str, float] | None = None  # first token's latency stamps (HEXGEN_TRACE_TIMING=1 only)
     cached_tokens: int = 0  # prompt tokens the prefix cache supplied
+    logprobs: Any = None  # StepOutput's logprobs, prompt_ids and prompt_logprobs
+    prompt_ids: Any = None
+    prompt_logprobs: Any = None
 
 
 class RedisSink:
@@ -150,6 +154,9 @@ class RedisSink:
                         (o.meta or {}).get("entry"),
                         _first_token_stamps(o) if trace.ENABLED else None,
                         o.cached_tokens,
+                        o.logprobs,
+                        o.prompt_ids,
+                        o.prompt_logprobs,
                     )
                     for o in outputs
                 ]
@@ -232,7 +239,8 @@ class RedisSink:
             if o.request_id in self._lost:
                 continue
             if o.ids:
-                posts.append(Post(o.request_id, o.seq, token_event(o.seq, list(o.ids), o.text)))
+                event = token_event(o.seq, list(o.ids), o.text, o.logprobs, o.prompt_ids, o.prompt_logprobs)
+                posts.append(Post(o.request_id, o.seq, event))
             if o.finish_reason is not None:
                 try:
                     final = done_event(o.finish_reason, o.prompt_tokens, o.completion_tokens, o.cached_tokens)

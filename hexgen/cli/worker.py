@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=10, help="restarts allowed within 10 minutes")
     p.add_argument("--max-num-seqs", type=int, help="requests in flight per pipeline (engine default 64)")
     p.add_argument("--kv-tokens", type=int, help="KV cache capacity in tokens per rank on CPU")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, help="tokens per step, the chunked-prefill budget (engine default 2048)"
+    )
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs")
     add_engine_flags(p)
     p.add_argument(
@@ -147,6 +150,7 @@ def engine_overrides(args: argparse.Namespace) -> dict:
         for k, v in (
             ("max_num_seqs", args.max_num_seqs),
             ("cpu_kv_tokens", args.kv_tokens),
+            ("max_num_batched_tokens", args.max_num_batched_tokens),
             ("cuda_graphs", args.cuda_graphs or None),
             ("kv_cache_dtype", args.kv_cache_dtype),
             ("quantization", args.quantization),

@@ -65,7 +65,8 @@ class OutputProcessor:
 
     ``tokenizer`` is a Hugging Face tokenizer, or None for random-weight models: then every text is ""
     and stop strings never match. A token in ``eos_token_ids`` finishes its request ("eos", its text not
-    emitted) unless the request sets ``ignore_eos``.
+    emitted) unless the request sets ``ignore_eos``; one of the request's ``stop_token_ids`` finishes it
+    ("stop", its text not emitted).
     """
 
     def __init__(self, tokenizer: Any, eos_token_ids: tuple[int, ...]) -> None:
@@ -158,6 +159,17 @@ class OutputProcessor:
             t.prefix_offset = 0
         return delta
 
+    def _finish_by_token(self, t: _Tracked, token_id: int) -> str | None:
+        """ "eos", "stop" (a stop token id) or "length" when ``token_id`` ends the request, else None."""
+        params = t.req.params
+        if token_id in self.eos_token_ids and not params.ignore_eos:
+            return "eos"
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if t.n_out >= params.max_new_tokens:
+            return "length"
+        return None
+
     def step(self, request_id: str, token_id: int) -> StepOutput:
         """Account for the token sampled for ``request_id``; the output is final when finish_reason is set.
 
@@ -168,14 +180,10 @@ class OutputProcessor:
             raise KeyError(f"request {request_id!r} is not tracked by this OutputProcessor")
         params = t.req.params
         t.n_out += 1
-        finish = None
-        if token_id in self.eos_token_ids and not params.ignore_eos:
-            finish = "eos"
-        elif t.n_out >= params.max_new_tokens:
-            finish = "length"
+        finish = self._finish_by_token(t, token_id)
         text = ""
         if self.tokenizer is not None:
-            if finish != "eos":
+            if finish is None or finish == "length":  # an EOS or stop token's text is not emitted
                 t.ids.append(token_id)
             text = t.pending + self._detokenize(t, flush=finish is not None)
             t.pending = ""

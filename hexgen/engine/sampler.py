@@ -1,4 +1,7 @@
-"""Token sampling: greedy, temperature, top-k and top-p (nucleus), reproducible per (seed, step).
+"""Token sampling: greedy, temperature, top-k, top-p (nucleus) and min-p, reproducible per (seed, step).
+
+The logits first go through the per-request processors of :mod:`hexgen.engine.logit_processors`
+(penalties, logit bias, min_tokens), then temperature, top-k, min-p and top-p filter them.
 
 Every sampled row draws exactly one uniform number ``u`` and picks the token by inverse CDF over the
 filtered distribution, sorted by descending probability (ties: lower token id first). For a seeded request
@@ -10,10 +13,11 @@ request resumed on another machine continues the same stream. Unseeded rows take
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
+from hexgen.engine.logit_processors import History, needs_processing, process_logits
 from hexgen.engine.types import SamplingParams
 from hexgen.kernels.staging import upload
 
@@ -48,11 +52,13 @@ def _uniforms(params: Sequence[SamplingParams], steps: Sequence[int]) -> list[fl
 
 
 def _filter_sorted(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Apply temperature, top-k and top-p to each row, in descending-probability order.
+    """Apply temperature, top-k, min-p and top-p to each row, in descending-probability order.
 
-    logits [n, vocab] float32; temperature [n] (> 0); top_k [n] int64 (0 = off); top_p [n] in (0, 1].
+    logits [n, vocab] float32; temperature [n] (> 0); top_k [n] int64 (0 = off); top_p [n] in (0, 1];
+    min_p [n] in [0, 1] (0 = off): tokens whose probability after temperature and top-k is below min_p times
+    the top token's are dropped.
     Returns (probs [n, vocab]: softmax after temperature and top-k; cdf [n, vocab]: its running sum;
     order [n, vocab]: the token id at each sorted position; n_keep [n] ≥ 1: the kept prefix after top-p).
     The sampled distribution is ``probs[:, :n_keep] / cdf[:, n_keep - 1]``.
@@ -67,46 +73,60 @@ def _filter_sorted(
     # top_p = 1 disables the nucleus cut outright so rounding in the cumsum can never drop the tail.
     threshold = torch.where(top_p < 1, top_p, torch.full_like(top_p, float("inf")))  # [n]
     in_nucleus = ((cdf - probs) < threshold[:, None]).sum(dim=-1)  # [n]: mass before the position < top_p
-    n_keep = torch.minimum(in_nucleus, k).clamp_(min=1)  # [n]
+    above_min_p = (probs >= min_p[:, None] * probs[:, :1]).sum(dim=-1)  # [n]: a prefix, probs descend
+    n_keep = torch.minimum(torch.minimum(in_nucleus, k), above_min_p).clamp_(min=1)  # [n]
     return probs, cdf, order, n_keep
 
 
 def _as_tensors(
     params: Sequence[SamplingParams], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(temperature [n] float32, top_k [n] int64, top_p [n] float32) on ``device``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(temperature [n] float32, top_k [n] int64, top_p [n] float32, min_p [n] float32) on ``device``."""
     temperature = upload([float(p.temperature) for p in params], torch.float32, device)
     top_k = upload([p.top_k for p in params], torch.int64, device)
     top_p = upload([float(p.top_p) for p in params], torch.float32, device)
-    return temperature, top_k, top_p
+    min_p = upload([float(p.min_p) for p in params], torch.float32, device)
+    return temperature, top_k, top_p, min_p
 
 
-def filter_probs(logits_row: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def filter_probs(
+    logits_row: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
     """The distribution ``sample`` draws from for one row: float32 probabilities [vocab] in token order.
 
     temperature 0 gives a one-hot on the argmax. Otherwise logits are divided by the temperature, all but
-    the ``top_k`` highest are dropped (0 = off), then all but the smallest set of most probable tokens whose
-    cumulative probability reaches ``top_p`` (the top token is always kept), and the rest is renormalized.
+    the ``top_k`` highest are dropped (0 = off), then those below ``min_p`` times the top probability, then
+    all but the smallest set of most probable tokens whose cumulative probability reaches ``top_p`` (the top
+    token is always kept), and the rest is renormalized.
     """
     row = logits_row.reshape(1, -1).float()  # [1, vocab]
     if temperature == 0:
         return torch.zeros_like(row[0]).scatter_(0, row[0].argmax().reshape(1), 1.0)
-    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)]
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)]
     probs, cdf, order, n_keep = _filter_sorted(row, *_as_tensors(params, row.device))  # [1, vocab] x3, [1]
     kept = probs[0, : int(n_keep[0])] / cdf[0, int(n_keep[0]) - 1]  # [n_keep]
     return torch.zeros_like(row[0]).scatter_(0, order[0, : kept.shape[0]], kept)  # [vocab]
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    steps: Sequence[int],
+    history: History | None = None,
+    eos_ids: Collection[int] = (),
+) -> torch.Tensor:
     """Pick one token per row: int64 ids [batch] on the logits' device.
 
     logits [batch, vocab] of any float dtype; ``params[i]`` and ``steps[i]`` (index of the token being
-    generated among the request's completion tokens, 0 for the first) belong to row i. Rows with
-    temperature 0 take the argmax (lowest id on ties); the others sample from ``filter_probs``'s
-    distribution, deterministically in (seed, step, logits) when the request has a seed.
+    generated among the request's completion tokens, 0 for the first) belong to row i. The logits first go
+    through :func:`process_logits` (``history``: the token ids the penalties count; ``eos_ids``: what
+    min_tokens masks). Rows with temperature 0 then take the argmax (lowest id on ties); the others sample
+    from ``filter_probs``'s distribution, deterministically in (seed, step, logits) when the request has a seed.
     """
     if len(params) != logits.shape[0] or len(steps) != logits.shape[0]:
         raise ValueError(f"sample: {logits.shape[0]} logit rows but {len(params)} params and {len(steps)} steps")
+    if needs_processing(params, steps):
+        logits = process_logits(logits.float().clone(), params, steps, history, eos_ids)  # [batch, vocab]
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
         return logits.argmax(dim=-1)  # [batch]

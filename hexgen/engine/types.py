@@ -10,6 +10,18 @@ from hexgen.errors import ConfigError
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled")
 MAX_SEED = 2**63 - 1
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY]
+MAX_REPETITION_PENALTY = 100.0
+MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs range)
+
+
+def _num(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _nat(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= 0
 
 
 @dataclass(frozen=True)
@@ -23,6 +35,20 @@ class SamplingParams:
     seed: int | None = None  # same seed -> same tokens
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and generated tokens
+    min_p: float = 0.0  # drop tokens below min_p times the top token's probability
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (finish reason stop)
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's logprob and the top k alternatives
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top k alternatives
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits need the request's token history (a penalty other than the neutral value)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -44,6 +70,36 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"stop: {s!r} must be a non-empty string")
+        self._check_processing()
+
+    def _check_processing(self) -> None:
+        """The penalties, biases, token lists and logprob counts."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _num(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise ConfigError(f"{name}: {v!r} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+        r = self.repetition_penalty
+        if not _num(r) or not 0 < r <= MAX_REPETITION_PENALTY:
+            raise ConfigError(f"repetition_penalty: {r!r} must be a number in (0, {MAX_REPETITION_PENALTY:g}]")
+        if not _num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ConfigError(f"min_p: {self.min_p!r} must be a number in [0, 1]")
+        if not _nat(self.min_tokens):
+            raise ConfigError(f"min_tokens: {self.min_tokens!r} must be an integer ≥ 0")
+        self._check_token_lists()
+
+    def _check_token_lists(self) -> None:
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
+        for t, b in self.logit_bias:
+            if t < 0 or not math.isfinite(b) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+                raise ConfigError(f"logit_bias: {t}: {b!r} needs a token id ≥ 0 and a bias in [-100, 100]")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for t in self.stop_token_ids:
+            if not _nat(t):
+                raise ConfigError(f"stop_token_ids: {t!r} must be a token id (an integer ≥ 0)")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _nat(v) or v > MAX_LOGPROBS):
+                raise ConfigError(f"{name}: {v!r} must be null or an integer in [0, {MAX_LOGPROBS}]")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +110,15 @@ class SamplingParams:
             "seed": self.seed,
             "stop": list(self.stop),
             "ignore_eos": self.ignore_eos,
+            "presence_penalty": float(self.presence_penalty),
+            "frequency_penalty": float(self.frequency_penalty),
+            "repetition_penalty": float(self.repetition_penalty),
+            "min_p": float(self.min_p),
+            "min_tokens": self.min_tokens,
+            "logit_bias": [list(p) for p in self.logit_bias],
+            "stop_token_ids": list(self.stop_token_ids),
+            "logprobs": self.logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
         }
 
     @classmethod
@@ -66,6 +131,15 @@ class SamplingParams:
             seed=d.get("seed"),
             stop=tuple(d.get("stop") or ()),
             ignore_eos=bool(d.get("ignore_eos", False)),
+            presence_penalty=d.get("presence_penalty", 0.0),
+            frequency_penalty=d.get("frequency_penalty", 0.0),
+            repetition_penalty=d.get("repetition_penalty", 1.0),
+            min_p=d.get("min_p", 0.0),
+            min_tokens=d.get("min_tokens", 0),
+            logit_bias=tuple((int(t), float(b)) for t, b in d.get("logit_bias") or ()),
+            stop_token_ids=tuple(d.get("stop_token_ids") or ()),
+            logprobs=d.get("logprobs"),
+            prompt_logprobs=d.get("prompt_logprobs"),
         )
 
 
@@ -124,6 +198,12 @@ class StepOutput:
     meta: dict[str, Any] = field(default_factory=dict)
     logits: Any = None  # float32 tensor [vocab] when the engine collects logits (tests)
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    # per id in ``ids`` (when the request asked for logprobs): (logprob, [(alt id, alt logprob), ...])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # with the request's first token (when it asked for prompt_logprobs): the prompt's ids and, per id,
+    # None for the first, else (logprob, top alternatives)
+    prompt_ids: list[int] | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 class RequestSource(Protocol):

@@ -47,6 +47,7 @@ from hexgen.head.status import StatusReport, collect_status, queue_status
 from hexgen.head.submit import DUPLICATE, OVER_LIMIT, Submitter
 from hexgen.head.tokenizing import (
     INLINE_TOKENIZE_CHARS,
+    check_param_ids,
     load_head_tokenizer,
     model_context_len,
     text_chars,
@@ -304,6 +305,7 @@ class Head:
         model = parsed.model or self.settings.model.name
         if model != self.settings.model.name:
             raise NotFound(f"model: {model!r} is not served here; available: {self.settings.model.name}")
+        check_param_ids(self.tokenizer, parsed)
         if text_chars(parsed) <= INLINE_TOKENIZE_CHARS:
             ids = tokenize(self.tokenizer, parsed)
         else:
@@ -428,13 +430,13 @@ class Head:
             await self._sleep(self.limits.heartbeat_ttl_s / 2)
 
 
-def _http_front(settings: Settings) -> Any:
+def _http_front(settings: Settings, tokenizer: Any) -> Any:
     """The head's HTTP front (:class:`hexgen.head.http.app.HttpFront`, its port bound), or None when off."""
     if not settings.http.enabled:
         return None
     from hexgen.head.http.app import HttpFront
 
-    return HttpFront(settings, settings.http.host, settings.http.port, settings.http.api_key)
+    return HttpFront(settings, settings.http.host, settings.http.port, settings.http.api_key, tokenizer=tokenizer)
 
 
 async def run_head(
@@ -451,7 +453,7 @@ async def run_head(
     """
     tokenizer = tokenizer if tokenizer is not None else load_head_tokenizer(settings)
     max_len = model_context_len(settings)
-    front = _http_front(settings)  # binds the port first: a busy one fails here
+    front = _http_front(settings, tokenizer)  # binds the port first: a busy one fails here
     url = settings.redis.url
     redis = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)
     reader = async_redis(url, socket_timeout=settings.limits.socket_timeout_s)

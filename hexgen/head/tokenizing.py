@@ -37,7 +37,11 @@ def model_context_len(settings: Settings) -> int:
 
 
 def tokenize(tokenizer: Any, parsed: ParsedRequest) -> list[int]:
-    """Token ids of the prompt, or of the chat-templated messages with the generation prompt appended."""
+    """Token ids of the prompt, or of the chat-templated messages with the generation prompt appended; a
+    request's own ``prompt_ids`` as they are (each must be in the tokenizer's vocabulary)."""
+    if parsed.prompt_ids is not None:
+        check_token_ids("prompt_ids", parsed.prompt_ids, len(tokenizer))
+        return list(parsed.prompt_ids)
     try:
         if parsed.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
@@ -54,7 +58,25 @@ def tokenize(tokenizer: Any, parsed: ParsedRequest) -> list[int]:
     return [int(i) for i in ids]
 
 
+def check_token_ids(name: str, ids: Any, vocab: int) -> None:
+    """InvalidRequest naming ``name`` when an id is not below the vocabulary size ``vocab``."""
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"{name}: token id {bad} is out of range; allowed: [0, {vocab - 1}]")
+
+
+def check_param_ids(tokenizer: Any, parsed: ParsedRequest) -> None:
+    """The token ids in ``logit_bias`` and ``stop_token_ids`` must be in the vocabulary."""
+    if not parsed.params.logit_bias and not parsed.params.stop_token_ids:
+        return
+    vocab = len(tokenizer)
+    check_token_ids("logit_bias", [t for t, _ in parsed.params.logit_bias], vocab)
+    check_token_ids("stop_token_ids", parsed.params.stop_token_ids, vocab)
+
+
 def text_chars(parsed: ParsedRequest) -> int:
     if parsed.prompt is not None:
         return len(parsed.prompt)
+    if parsed.prompt_ids is not None:
+        return 0
     return sum(len(v) for m in parsed.messages or () for v in m.values())

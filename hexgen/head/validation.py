@@ -8,9 +8,12 @@ Policies:
 
 - **Unknown fields are rejected** (``invalid_request`` naming the field and listing the allowed ones): a typo
   such as ``max_tokens`` would otherwise silently run with the default length.
-- Accepted fields: ``prompt`` | ``messages`` (exactly one), ``max_new_tokens``, ``temperature``, ``top_k``,
-  ``top_p``, ``seed``, ``stop``, ``model``, ``id`` and the extension ``ignore_eos`` (0/1/true/false, for
-  fixed-length benchmarks) and ``deadline_s`` (seconds after queueing when an unfinished request ends with
+- Accepted fields: ``prompt`` | ``messages`` | ``prompt_ids`` (exactly one; ``prompt_ids`` a JSON list of
+  token ids), ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``stop``,
+  ``stop_token_ids`` (JSON list of ids), ``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``,
+  ``logit_bias`` (JSON object ``{"<token id>": bias}``), ``min_tokens``, ``logprobs`` and ``prompt_logprobs``
+  (how many top alternatives, 0–20; present = logprobs wanted), ``model``, ``id``, ``ignore_eos``
+  (0/1/true/false) and ``deadline_s`` (seconds after queueing when an unfinished request ends with
   ``error timeout`` / ``no_ready_pipeline``; default ``limits.request_deadline_s``).
 - ``stop`` is a JSON list of strings when its value starts with ``[``, else one literal stop string (so a
   stop string that itself starts with ``[`` must be sent as a JSON list).
@@ -34,7 +37,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hexgen.engine.types import MAX_SEED, SamplingParams
+from hexgen.engine.types import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    SamplingParams,
+)
 from hexgen.errors import ConfigError
 from hexgen.head import jsoncheck
 from hexgen.wire import keys as C
@@ -56,7 +66,18 @@ FIELDS = (
     "id",
     "ignore_eos",
     "deadline_s",
+    "prompt_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "min_tokens",
+    "logit_bias",
+    "stop_token_ids",
+    "logprobs",
+    "prompt_logprobs",
 )
+MAX_TOKEN_ID = 2**31 - 1
 MAX_TEMPERATURE = 100.0
 
 _ID_RE = re.compile(C.ID_PATTERN)
@@ -66,7 +87,7 @@ _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    """A validated request before tokenizing: exactly one of ``prompt`` / ``messages`` is set."""
+    """A validated request before tokenizing: exactly one of ``prompt`` / ``messages`` / ``prompt_ids`` is set."""
 
     request_id: str
     prompt: str | None
@@ -74,10 +95,11 @@ class ParsedRequest:
     params: SamplingParams
     model: str | None
     deadline_s: float | None = None  # None: the deployment's limits.request_deadline_s
+    prompt_ids: tuple[int, ...] | None = None
 
 
 def _field_cap(name: str, limits: RequestLimits) -> int:
-    if name in ("prompt", "messages"):
+    if name in ("prompt", "messages", "prompt_ids", "logit_bias"):
         return limits.max_field_bytes
     if name == "stop":
         return C.MAX_STOP_BYTES
@@ -227,6 +249,63 @@ def _top_p(raw: str) -> float:
     return p
 
 
+def parse_token_ids(name: str, raw: str, limit: int) -> tuple[int, ...]:
+    """A JSON list of token ids (integers in [0, 2^31 - 1]), at most ``limit`` of them."""
+    value = _json(name, raw)
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise InvalidRequest(f"{name}: must be a JSON list of token ids (integers ≥ 0)")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name}: {len(value)} ids exceeds the limit of {limit}")
+    for t in value:
+        if not 0 <= t <= MAX_TOKEN_ID:
+            raise InvalidRequest(f"{name}: token id {t} is out of range; allowed: [0, {MAX_TOKEN_ID}]")
+    return tuple(value)
+
+
+def parse_logit_bias(raw: str) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``: a JSON object mapping token ids (as strings) to biases in [-100, 100]."""
+    value = _json("logit_bias", raw)
+    if not isinstance(value, dict):
+        raise InvalidRequest('logit_bias: must be a JSON object such as {"1234": -100}')
+    out = []
+    for k, b in value.items():
+        if not isinstance(k, str) or not _INT_RE.fullmatch(k.strip()) or not 0 <= int(k) <= MAX_TOKEN_ID:
+            raise InvalidRequest(f"logit_bias: key {str(k)[:20]!r} must be a token id (an integer ≥ 0)")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"logit_bias: {k}: {str(b)[:20]} must be a number in [-100, 100]")
+        out.append((int(k), float(b)))
+    return tuple(out)
+
+
+def _ranged(name: str, raw: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    allowed = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    v = _float(name, raw, allowed)
+    if not ((lo < v) if lo_open else (lo <= v)) or v > hi:
+        raise InvalidRequest(f"{name}: {v:g} is out of range; allowed: {allowed}")
+    return v
+
+
+def _processing_params(f: Mapping[str, str], kw: dict[str, Any], limits: RequestLimits) -> None:
+    """The penalties, min_p, min_tokens, logit_bias, stop_token_ids and the logprob counts."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in f:
+            kw[name] = _ranged(name, f[name], -MAX_PENALTY, MAX_PENALTY)
+    if "repetition_penalty" in f:
+        raw = f["repetition_penalty"]
+        kw["repetition_penalty"] = _ranged("repetition_penalty", raw, 0, MAX_REPETITION_PENALTY, lo_open=True)
+    if "min_p" in f:
+        kw["min_p"] = _ranged("min_p", f["min_p"], 0, 1)
+    if "min_tokens" in f:
+        kw["min_tokens"] = _int("min_tokens", f["min_tokens"], 0, limits.max_new_tokens)
+    if "logit_bias" in f:
+        kw["logit_bias"] = parse_logit_bias(f["logit_bias"])
+    if "stop_token_ids" in f:
+        kw["stop_token_ids"] = parse_token_ids("stop_token_ids", f["stop_token_ids"], limits.max_stop_strings)
+    for name in ("logprobs", "prompt_logprobs"):
+        if name in f:
+            kw[name] = _int(name, f[name], 0, MAX_LOGPROBS)
+
+
 def parse_params(f: Mapping[str, str], limits: RequestLimits) -> SamplingParams:
     """SamplingParams from the request's fields; messages name the wire field and its range."""
     kw: dict[str, Any] = {"max_new_tokens": limits.default_max_new_tokens}
@@ -244,6 +323,7 @@ def parse_params(f: Mapping[str, str], limits: RequestLimits) -> SamplingParams:
         kw["stop"] = parse_stop(f["stop"], limits)
     if "ignore_eos" in f:
         kw["ignore_eos"] = _bool("ignore_eos", f["ignore_eos"])
+    _processing_params(f, kw, limits)
     try:
         return SamplingParams(**kw)
     except ConfigError as e:  # a rule SamplingParams has that the checks above don't
@@ -267,17 +347,21 @@ def parse_request(fields: Fields, entry_id: str, limits: RequestLimits | None = 
     limits = limits or RequestLimits()
     f = decode_fields(fields, limits)
     request_id = parse_request_id(f, entry_id)
-    has_prompt, has_messages = "prompt" in f, "messages" in f
-    if has_prompt == has_messages:
+    given = [k for k in ("prompt", "messages", "prompt_ids") if k in f]
+    if len(given) != 1:
         raise InvalidRequest(
             "prompt, messages: give exactly one of them"
-            + (" (both were given)" if has_prompt else " (neither was given)")
+            + (f" (both were given: {', '.join(given)})" if given else " (neither was given; or prompt_ids)")
         )
-    prompt = messages = None
-    if has_prompt:
+    prompt = messages = prompt_ids = None
+    if "prompt" in f:
         prompt = f["prompt"]
         if not prompt:
             raise InvalidRequest("prompt: must be a non-empty string")
+    elif "prompt_ids" in f:
+        prompt_ids = parse_token_ids("prompt_ids", f["prompt_ids"], limits.max_field_bytes)
+        if not prompt_ids:
+            raise InvalidRequest("prompt_ids: must be a non-empty JSON list of token ids")
     else:
         messages = parse_messages(f["messages"], limits)
     deadline_s = None
@@ -295,6 +379,7 @@ def parse_request(fields: Fields, entry_id: str, limits: RequestLimits | None = 
         params=parse_params(f, limits),
         model=model,
         deadline_s=deadline_s,
+        prompt_ids=prompt_ids,
     )
 
 

@@ -5,6 +5,7 @@
 - Result events (``hexgen:result:<id>``): flat string fields, the public wire protocol (README)::
 
       event token seq <n> ids <comma-separated ids> text <delta>
+            [logprobs <JSON>] [prompt_ids <comma-separated ids> prompt_logprobs <JSON>]
       event done finish_reason length|stop|eos|cancelled prompt_tokens <n> completion_tokens <n> cached_tokens <n>
       event error code invalid_request|overloaded|not_found|internal|timeout|no_ready_pipeline message <text>
 
@@ -13,6 +14,11 @@
 - Cancels (``hexgen:cancel``): ``id <request id>``.
 - Registry records (``hexgen:worker:<id>``, ``hexgen:pipeline:<pid>``): hashes of plain strings so that
   ``redis-cli HGETALL`` stays readable.
+
+A token event carries ``logprobs`` when the request asked for them: a JSON list with one
+``[logprob, [[alternative id, logprob], ...]]`` per id. The request's first token event carries
+``prompt_ids`` and ``prompt_logprobs`` when it asked for prompt logprobs: one entry per prompt id, ``null``
+for the first, else as for ``logprobs``.
 
 Field names and values may arrive as ``bytes`` (redis-py default) or ``str`` (``decode_responses=True``).
 """
@@ -197,13 +203,20 @@ def decode_work_item(fields: Fields) -> tuple[Request, str]:
 # ---- result events ---------------------------------------------------------------------------------------
 
 
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]  # (logprob, ((alternative id, logprob), ...))
+
+
 @dataclass(frozen=True)
 class TokenEvent:
-    """``event token``: completion tokens ``ids`` starting at index ``seq``, and their UTF-8-safe text delta."""
+    """``event token``: completion tokens ``ids`` starting at index ``seq``, and their UTF-8-safe text delta;
+    with the logprobs the request asked for."""
 
     seq: int
     ids: tuple[int, ...]
     text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per id
+    prompt_ids: tuple[int, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # one per prompt id (first: None)
 
 
 @dataclass(frozen=True)
@@ -230,11 +243,53 @@ class ErrorEvent:
 Event = TokenEvent | DoneEvent | ErrorEvent
 
 
-def token_event(seq: int, ids: list[int] | tuple[int, ...], text: str) -> dict[str, str]:
-    """Fields of a token event."""
+def _ids(ids: Any) -> str:
+    return ",".join(str(int(i)) for i in ids)
+
+
+def _lp_json(entries: Any) -> str:
+    return json.dumps(
+        [None if e is None else [float(e[0]), [[int(i), float(v)] for i, v in e[1]]] for e in entries],
+        separators=(",", ":"),
+    )
+
+
+def token_event(
+    seq: int,
+    ids: list[int] | tuple[int, ...],
+    text: str,
+    logprobs: Any = None,
+    prompt_ids: Any = None,
+    prompt_logprobs: Any = None,
+) -> dict[str, str]:
+    """Fields of a token event; ``logprobs``: one ``(logprob, [(id, logprob), ...])`` per id; ``prompt_ids``
+    with ``prompt_logprobs`` (None for the first prompt token) on a request's first event."""
     if seq < 0:
         raise ProtocolError(f"token event: seq {seq} must be ≥ 0")
-    return {"event": "token", "seq": str(int(seq)), "ids": ",".join(str(int(i)) for i in ids), "text": text}
+    out = {"event": "token", "seq": str(int(seq)), "ids": _ids(ids), "text": text}
+    if logprobs is not None:
+        out["logprobs"] = _lp_json(logprobs)
+    if prompt_ids is not None and prompt_logprobs is not None:
+        out["prompt_ids"] = _ids(prompt_ids)
+        out["prompt_logprobs"] = _lp_json(prompt_logprobs)
+    return out
+
+
+def _parse_ids(raw: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in raw.split(",")) if raw else ()
+    except ValueError as e:
+        raise ProtocolError(f"token event: {name} {raw[:80]!r} must be comma-separated integers") from e
+
+
+def _parse_lps(raw: str | None, name: str) -> tuple[Any, ...] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+        return tuple(None if e is None else (float(e[0]), tuple((int(i), float(v)) for i, v in e[1])) for e in value)
+    except (ValueError, TypeError, IndexError) as e:
+        raise ProtocolError(f"token event: {name} is not a JSON list of [logprob, [[id, logprob], ...]]") from e
 
 
 def done_event(
@@ -265,12 +320,15 @@ def parse_event(fields: Fields) -> Event:
     f = str_fields(fields)
     kind = _get(f, "event", "result event")
     if kind == "token":
-        raw_ids = f.get("ids", "")
-        try:
-            ids = tuple(int(x) for x in raw_ids.split(",")) if raw_ids else ()
-        except ValueError as e:
-            raise ProtocolError(f"token event: ids {raw_ids[:80]!r} must be comma-separated integers") from e
-        return TokenEvent(seq=_int(f, "seq", "token event"), ids=ids, text=f.get("text", ""))
+        prompt_ids = f.get("prompt_ids")
+        return TokenEvent(
+            seq=_int(f, "seq", "token event"),
+            ids=_parse_ids(f.get("ids", ""), "ids"),
+            text=f.get("text", ""),
+            logprobs=_parse_lps(f.get("logprobs"), "logprobs"),
+            prompt_ids=None if prompt_ids is None else _parse_ids(prompt_ids, "prompt_ids"),
+            prompt_logprobs=_parse_lps(f.get("prompt_logprobs"), "prompt_logprobs"),
+        )
     if kind == "done":
         return DoneEvent(
             finish_reason=_get(f, "finish_reason", "done event"),
@@ -300,14 +358,28 @@ def request_fields(
     stop: str | list[str] | tuple[str, ...] | None = None,
     ignore_eos: bool | None = None,
     deadline_s: float | None = None,
+    prompt_ids: list[int] | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    min_p: float | None = None,
+    min_tokens: int | None = None,
+    logit_bias: dict[int | str, float] | None = None,
+    stop_token_ids: list[int] | None = None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> dict[str, str]:
     """Flat fields of a ``hexgen:requests`` entry; parameters left as None are omitted (server defaults).
 
-    The head validates every field; this helper only serializes (JSON for ``messages`` and a ``stop`` list).
+    The head validates every field; this helper only serializes (JSON for ``messages``, a ``stop`` list,
+    ``prompt_ids``, ``logit_bias`` and ``stop_token_ids``).
     """
     out: dict[str, str] = {}
     if prompt is not None:
         out["prompt"] = prompt
+    for name, obj in (("prompt_ids", prompt_ids), ("logit_bias", logit_bias), ("stop_token_ids", stop_token_ids)):
+        if obj is not None:
+            out[name] = json.dumps(obj, separators=(",", ":"))
     if messages is not None:
         out["messages"] = json.dumps(list(messages), ensure_ascii=False)
     for name, value in (
@@ -319,6 +391,13 @@ def request_fields(
         ("top_p", top_p),
         ("seed", seed),
         ("deadline_s", deadline_s),
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+        ("repetition_penalty", repetition_penalty),
+        ("min_p", min_p),
+        ("min_tokens", min_tokens),
+        ("logprobs", logprobs),
+        ("prompt_logprobs", prompt_logprobs),
     ):
         if value is not None:
             out[name] = repr(float(value)) if isinstance(value, float) else str(value)

@@ -1,6 +1,7 @@
 """The head's HTTP app (Starlette) and its server (uvicorn, run inside the head's event loop).
 
-:func:`create_app` adds the OpenAI routes and probes (:mod:`hexgen.head.http.openai_api`), then the metrics
+:func:`create_app` adds the OpenAI routes and probes (:mod:`hexgen.head.http.openai_api`) and vLLM's
+``/tokenize``, ``/detokenize`` and ``/version`` (:mod:`hexgen.head.http.tokens_api`), then the metrics
 and dashboard modules through their ``install(app, ctx)`` hooks. With an API key, every ``/v1/*`` request
 needs ``Authorization: Bearer <key>`` (compared in constant time; the key is never logged); the probes,
 ``/metrics`` and ``/`` stay open. Every error, including unknown routes, is in OpenAI's shape.
@@ -93,7 +94,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(ctx: HttpContext, api_key: str = "", hooks: tuple[str, ...] = HOOKS) -> Starlette:
     """The Starlette app for ``ctx``: OpenAI routes and probes, then each importable hook's ``install``."""
-    from hexgen.head.http import openai_api
+    from hexgen.head.http import openai_api, tokens_api
 
     routes_box: list[Any] = []
 
@@ -109,6 +110,7 @@ def create_app(ctx: HttpContext, api_key: str = "", hooks: tuple[str, ...] = HOO
     )
     app.state.ctx = ctx
     routes_box.append(openai_api.install(app, ctx))
+    tokens_api.install(app, ctx)
     for name in hooks:
         try:
             module = importlib.import_module(name)
@@ -195,7 +197,15 @@ class HttpFront:
     """The head's HTTP server for one deployment. The socket is bound here, so a busy port fails the head
     at start (ConfigError naming ``http.port``); :meth:`run` serves until its ``stop`` event is set."""
 
-    def __init__(self, settings: Any, host: str, port: int, api_key: str = "", hooks: tuple[str, ...] = HOOKS) -> None:
+    def __init__(
+        self,
+        settings: Any,
+        host: str,
+        port: int,
+        api_key: str = "",
+        hooks: tuple[str, ...] = HOOKS,
+        tokenizer: Any = None,
+    ) -> None:
         from hexgen.errors import ConfigError
 
         try:
@@ -207,6 +217,7 @@ class HttpFront:
         self.settings = settings
         self.api_key = api_key
         self.hooks = hooks
+        self.tokenizer = tokenizer
         bound = self.sock.getsockname()
         self.host, self.port = host, bound[1]
 
@@ -238,7 +249,7 @@ class HttpFront:
 
         s = self.settings
         redis = bounded_redis(s)
-        ctx = HttpContext(settings=s, redis=redis, models=(s.model.name,))
+        ctx = HttpContext(settings=s, redis=redis, models=(s.model.name,), tokenizer=self.tokenizer)
         reaper = asyncio.create_task(IdleReaper(redis, s.http.redis_idle_s).run(), name="hexgen-http-pool-reaper")
         log.info("head: HTTP API on %s (%s)", self.url, "API key required on /v1/*" if self.api_key else "no API key")
         try:

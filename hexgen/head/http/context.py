@@ -14,8 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hexgen.wire.figures import Histogram
+
 if TYPE_CHECKING:
     from hexgen.wire.settings import Settings
+
+_LENGTHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+SIZE_BUCKETS: dict[str, tuple[float, ...]] = {  # vLLM's bucket edges for these histograms
+    "request_prompt_tokens": _LENGTHS,
+    "request_generation_tokens": _LENGTHS,
+    "request_params_n": (1, 2, 5, 10, 20),
+    "request_params_max_tokens": _LENGTHS,
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class RequestRecord:
     started_at: float
     first_token_at: float | None
     finished_at: float
+    n: int = 1  # choices asked for
+    max_tokens: int | None = None  # the request's max_tokens (None: the deployment's default)
 
     @property
     def ttft_s(self) -> float | None:
@@ -65,6 +77,8 @@ class HttpCounters:
     completion_tokens: int = 0
     in_flight: int = 0
     listeners: list[Callable[[RequestRecord], None]] = field(default_factory=list)
+    # answered requests' sizes (vLLM's request_*_tokens, n and max_tokens histograms): name -> Histogram
+    sizes: dict[str, Histogram] = field(default_factory=lambda: {k: Histogram(b) for k, b in SIZE_BUCKETS.items()})
 
     def record(self, rec: RequestRecord) -> None:
         self.requests[(rec.endpoint, rec.outcome)] += 1
@@ -72,6 +86,12 @@ class HttpCounters:
             self.errors[(rec.endpoint, rec.status)] += 1
         self.prompt_tokens += rec.prompt_tokens
         self.completion_tokens += rec.completion_tokens
+        if rec.status == 200 and rec.outcome != "error":
+            self.sizes["request_prompt_tokens"].observe(rec.prompt_tokens)
+            self.sizes["request_generation_tokens"].observe(rec.completion_tokens)
+            self.sizes["request_params_n"].observe(rec.n)
+            if rec.max_tokens is not None:
+                self.sizes["request_params_max_tokens"].observe(rec.max_tokens)
         for fn in list(self.listeners):
             try:
                 fn(rec)
@@ -90,6 +110,7 @@ class HttpContext:
     models: tuple[str, ...]
     counters: HttpCounters = field(default_factory=HttpCounters)
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime
+    tokenizer: Any = None  # the head's Hugging Face tokenizer (token texts of logprobs, /tokenize); None: none
 
     @property
     def model(self) -> str:

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+import hexgen
 from hexgen.head.http.cluster import ClusterSnapshot, read_cluster
 from hexgen.wire import figures as F
 
@@ -40,7 +41,14 @@ HISTOGRAM_HELP = {
     F.QUEUE: "Time from the head receiving a request to a pipeline's engine taking it, in seconds.",
 }
 PIPE = ["model_name", "pipeline"]
-STAGE = ["pipeline", "stage"]
+STAGE = ["model_name", "pipeline", "stage"]
+VLLM_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}  # ours -> vLLM's labels
+SIZE_HELP = {
+    "request_prompt_tokens": "Prompt tokens of the requests answered over HTTP.",
+    "request_generation_tokens": "Tokens generated for the requests answered over HTTP (all choices).",
+    "request_params_n": "The n (choices) of the requests answered over HTTP.",
+    "request_params_max_tokens": "The max_tokens of the requests answered over HTTP that set it.",
+}
 
 
 def _le(bound: float) -> str:
@@ -64,12 +72,13 @@ class _Builder:
         return m
 
 
-def cluster_families(snap: ClusterSnapshot) -> list[Metric]:
-    """Metric families of one cluster snapshot (all but the head's own)."""
+def cluster_families(snap: ClusterSnapshot, http_errors: dict[tuple[str, int], int] | None = None) -> list[Metric]:
+    """Metric families of one cluster snapshot (all but the head's own); ``http_errors`` (this head's HTTP
+    error responses by (endpoint, status)) adds its 4xx to ``request_errors``."""
     b = _Builder()
     _request_families(b, snap)
     _stage_families(b, snap)
-    _registry_families(b, snap)
+    _registry_families(b, snap, http_errors or {})
     return b.out
 
 
@@ -96,14 +105,18 @@ def _request_families(b: _Builder, snap: ClusterSnapshot) -> None:
     hists = {name: HistogramMetricFamily(NS + name, doc, labels=PIPE) for name, doc in HISTOGRAM_HELP.items()}
     for pid, p in sorted(snap.pipelines.items()):
         lv = [p.model, pid]
-        for reason, n in sorted(p.success.items()):
-            success.add_metric(lv + [reason], n)
+        by_label: dict[str, float] = {}  # eos and stop are both vLLM's stop
+        for reason, n in p.success.items():
+            label = VLLM_FINISH.get(reason, reason)
+            by_label[label] = by_label.get(label, 0.0) + n
+        for label, count in sorted(by_label.items()):
+            success.add_metric(lv + [label], count)
         for field, fam in plain.items():
             fam.add_metric(lv, p.counters.get(field, 0.0))
         for stage, n in sorted(p.stage_steps.items()):
-            steps.add_metric([pid, str(stage)], n)
+            steps.add_metric([p.model, pid, str(stage)], n)
         for stage, x in sorted(p.stage_step_seconds.items()):
-            step_s.add_metric([pid, str(stage)], x)
+            step_s.add_metric([p.model, pid, str(stage)], x)
         for name, hist in hists.items():
             h = p.hists.get(name) or F.Histogram(F.HISTOGRAMS[name])
             hist.add_metric(lv, [(_le(bound), n) for bound, n in h.cumulative()], sum_value=h.sum)
@@ -130,16 +143,16 @@ def _stage_families(b: _Builder, snap: ClusterSnapshot) -> None:
     }
     usage = b.gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", STAGE)
     per_pipeline = {
-        "running": b.gauge("num_requests_running", "Requests in the pipeline's running batch.", ["pipeline"]),
+        "running": b.gauge("num_requests_running", "Requests in the pipeline's running batch.", PIPE),
         "waiting": b.gauge(
             "num_requests_waiting",
             "Requests admitted by the pipeline, waiting for KV blocks or a batch slot.",
-            ["pipeline"],
+            PIPE,
         ),
         "in_flight": b.gauge(
             "micro_batches_in_flight",
             "Micro-batches launched by stage 0 whose results have not come back yet.",
-            ["pipeline"],
+            PIPE,
         ),
     }
     # Stage 0's block manager decides prefix reuse for every stage: each stage reuses what it says.
@@ -147,7 +160,9 @@ def _stage_families(b: _Builder, snap: ClusterSnapshot) -> None:
     hits = b.counter("prefix_cache_hits", "Prompt tokens whose K/V the prefix cache supplied.", STAGE)
     cached = b.gauge("prefix_cache_blocks", "KV blocks registered in the prefix cache (stage 0's).", STAGE)
     for (pid, stage), g in sorted(snap.stages.items()):
-        lv = [pid, str(stage)]
+        pipe = snap.pipelines.get(pid)
+        model = pipe.model if pipe is not None else ""
+        lv = [model, pid, str(stage)]
         counters = snap.pipelines[pid].counters if pid in snap.pipelines else {}
         if "prefix_cache_queries" in counters:
             queries.add_metric(lv, counters["prefix_cache_queries"])
@@ -159,14 +174,14 @@ def _stage_families(b: _Builder, snap: ClusterSnapshot) -> None:
                 fam.add_metric(lv, g[field])
         if stage == 0 and "running" in g:
             for field, fam in per_pipeline.items():
-                fam.add_metric([pid], g.get(field, 0.0))
+                fam.add_metric([model, pid], g.get(field, 0.0))
         lead = snap.stages.get((pid, 0), {})  # every stage holds stage 0's block tables
         if "kv_blocks_used" in lead and g.get("kv_blocks_total"):
             used.add_metric(lv, lead["kv_blocks_used"])
             usage.add_metric(lv, lead["kv_blocks_used"] / g["kv_blocks_total"])
 
 
-def _registry_families(b: _Builder, snap: ClusterSnapshot) -> None:
+def _registry_families(b: _Builder, snap: ClusterSnapshot, http_errors: dict[tuple[str, int], int]) -> None:
     """Heartbeats, pipeline states and queues from the registry; error and dead-letter counts."""
     rank_labels = ["pipeline", "stage", "rank", "tp_rank", "host", "device"]
     age = b.gauge(
@@ -197,7 +212,11 @@ def _registry_families(b: _Builder, snap: ClusterSnapshot) -> None:
         "Error events written to result streams (requests refused by a head, dead letters), by code.",
         ["code"],
     )
-    for code, n in sorted(snap.head_errors.items()):
+    codes = dict(snap.head_errors)
+    for (_, status), n in http_errors.items():
+        if 400 <= status < 500:
+            codes[f"http_{status}"] = codes.get(f"http_{status}", 0) + n
+    for code, n in sorted(codes.items()):
         errors.add_metric([code], n)
     dead = b.counter("dead_letters", "Entries moved to hexgen:deadletter (by heads and pipelines).", [])
     dead.add_metric([], snap.dead_letters)
@@ -225,7 +244,14 @@ def head_families(counters: HttpCounters) -> list[Metric]:
         NS + "http_requests_in_flight", "Generation requests being served over HTTP now.", labels=[]
     )
     flight.add_metric([], counters.in_flight)
-    return [req, err, prompt, completion, flight]
+    sizes = []
+    for name, h in counters.sizes.items():
+        fam = HistogramMetricFamily(NS + name, SIZE_HELP[name], labels=[])
+        fam.add_metric([], [(_le(bound), n) for bound, n in h.cumulative()], sum_value=h.sum)
+        sizes.append(fam)
+    build = GaugeMetricFamily(NS + "build_info", "1, labelled with this head's HexGen version.", labels=["version"])
+    build.add_metric([hexgen.__version__], 1.0)
+    return [req, err, prompt, completion, flight, *sizes, build]
 
 
 class _Families:
@@ -254,7 +280,7 @@ class MetricsEndpoint:
         up = GaugeMetricFamily(NS + "redis_up", "1 when this scrape could read the cluster from Redis.", labels=[])
         try:
             snap = await read_cluster(self.ctx.redis, self.ctx.settings.limits.heartbeat_ttl_s)
-            families += cluster_families(snap)
+            families += cluster_families(snap, dict(self.ctx.counters.errors))
             up.add_metric([], 1.0)
         except (RedisError, OSError) as e:
             log.warning("/metrics: cannot read the cluster from Redis: %s", e)
