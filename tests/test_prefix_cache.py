@@ -91,6 +91,17 @@ def test_second_request_starts_after_the_cached_prefix():
     assert plan.block_tables[0][3] not in a_blocks
 
 
+def test_a_request_asking_for_prompt_logprobs_computes_its_whole_prompt():
+    """Prompt logprobs come from the last stage's rows of the prompt: a cached prefix would leave them out."""
+    s = make()
+    s.add(req("a", PROMPT))
+    drain(s)
+    scored = Request("b", PROMPT + [1, 2, 3], SamplingParams(max_new_tokens=2, prompt_logprobs=0))
+    s.add(scored)
+    plan = s.schedule(0)
+    assert s.running[0].cached_tokens == 0 and plan.positions[0] == 0
+
+
 def test_running_sequences_share_blocks_and_release_them():
     s = make()
     s.add(req("a", PROMPT, max_new=4))

@@ -313,8 +313,9 @@ class Scheduler:
 
     def _match_prefix(self, seq: Sequence) -> int:
         """Take the cached blocks of ``seq``'s longest cached prefix (all but its last token: at least one
-        token is computed, so the last stage has logits to sample from); returns the tokens they hold."""
-        if not self.blocks.prefix_cache:
+        token is computed, so the last stage has logits to sample from); returns the tokens they hold. A request
+        that asked for prompt logprobs takes none: the last stage scores every prompt position it computes."""
+        if not self.blocks.prefix_cache or seq.request.params.prompt_logprobs is not None:
             return 0
         bs = self.blocks.block_size
         n = (len(seq.tokens) - 1) // bs
