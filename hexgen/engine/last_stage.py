@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hexgen.engine.guided import GuidedDecoding, apply_bitmask
 from hexgen.engine.output import OutputProcessor
 from hexgen.engine.plan import Abort, StepPlan, StepResult
 from hexgen.engine.runner import ModelSpec, StageRunner
@@ -28,11 +29,15 @@ class LastStage:
         self.sink = sink
         self._lost = getattr(sink, "lost", None)  # optional OutputSink.lost (types.py), looked up once
         self.collect_logits = collect_logits
-        self.processor = OutputProcessor(load_model_tokenizer(model), runner.cfg.eos_token_ids)
+        tokenizer = load_model_tokenizer(model)
+        self.processor = OutputProcessor(tokenizer, runner.cfg.eos_token_ids)
         self.requests: dict[int, Request] = {}  # seq_id -> request
+        self.guided = GuidedDecoding(tokenizer, runner.cfg.vocab_size, runner.cfg.eos_token_ids)
+        self._last: tuple[StepPlan, Sampled] | None = None  # the step sampled last (for guided catch-up)
 
     def _aborted(self, notice: Abort) -> StepOutput:
         req = self.requests.pop(notice.seq_id, None)
+        self.guided.remove(notice.seq_id)
         if req is not None and notice.reason == "cancelled" and req.request_id in self.processor:
             return self.processor.cancel(req.request_id)
         req = req or notice.request
@@ -49,16 +54,42 @@ class LastStage:
         for item in plan.new_requests:
             self.requests[item.seq_id] = item.request
             self.processor.add(item.request)
+            if item.request.params.grammar is not None:
+                self.guided.add(
+                    item.seq_id, item.request.request_id, item.request.params.grammar, item.request.output_ids
+                )
         rows = [i for i, s in enumerate(plan.sample) if s]
         if not rows or hidden is None:
             return Sampled(rows=[])
         logits = self.runner.logits(plan, hidden)  # [n_sampled, vocab]
+        if len(self.guided):
+            logits = self._guide(plan, rows, logits)
         # A request may already be gone (finished one step earlier while this step ran ahead): any params do.
         params = [
             self.requests[sid].params if sid in self.requests else GREEDY for sid in (plan.seq_ids[i] for i in rows)
         ]
         ids = sample(logits, params, [plan.out_lens[i] for i in rows])  # [n_sampled] int64, on the device
-        return Sampled(rows, ids, host_copy(ids), logits if self.collect_logits else None)
+        sampled = Sampled(rows, ids, host_copy(ids), logits if self.collect_logits else None)
+        self._last = (plan, sampled)
+        return sampled
+
+    def _guide(self, plan: StepPlan, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [n_sampled, vocab] with the constrained rows' disallowed tokens at -inf. The bitmask is
+        filled on the host while the device runs this step; a matcher one token behind (its token was
+        sampled by the step still in flight, asynchronous steps) first waits for that step's ids."""
+        pos = [r for r, i in enumerate(rows) if plan.seq_ids[i] in self.guided]
+        if not pos:
+            return logits
+        if self._last is not None and any(
+            self.guided.consumed(plan.seq_ids[rows[r]]) < plan.out_lens[rows[r]] for r in pos
+        ):
+            last_plan, last = self._last
+            for i, tok in zip(last.rows, last.tokens()):
+                self.guided.advance(last_plan.seq_ids[i], last_plan.out_lens[i], tok)
+        mask = self.guided.fill([plan.seq_ids[rows[r]] for r in pos])  # [n_guided, words] int32, host
+        idx = torch.tensor(pos, dtype=torch.long).to(logits.device, non_blocking=True)  # [n_guided]
+        masked = apply_bitmask(logits.index_select(0, idx), mask.to(logits.device, non_blocking=True))
+        return logits.index_copy(0, idx, masked)  # [n_sampled, vocab]
 
     def complete(self, plan: StepPlan, sampled: Sampled) -> StepResult:
         """Wait for the sampled ids, turn them into outputs for the sink and a result for stage 0."""
@@ -70,11 +101,13 @@ class LastStage:
             req = self.requests.get(sid)
             if req is None:  # finished at the step before (ran ahead): drop the extra token
                 continue
+            self.guided.advance(sid, plan.out_lens[i], tok)
             out = self.processor.step(req.request_id, tok)
             if sampled.logits is not None:
                 out.logits = sampled.logits[row].cpu()
             if out.finish_reason is not None:
                 del self.requests[sid]
+                self.guided.remove(sid)
             outputs.append(out)
             result.seq_ids.append(sid)
             result.tokens.append(tok)

@@ -23,6 +23,7 @@ class SamplingParams:
     seed: int | None = None  # same seed -> same tokens
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    grammar: str | None = None  # llguidance grammar constraining the output (hexgen.engine.guided)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -44,6 +45,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"stop: {s!r} must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise ConfigError("grammar: must be a non-empty string (an llguidance grammar) or None")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class SamplingParams:
             "seed": self.seed,
             "stop": list(self.stop),
             "ignore_eos": self.ignore_eos,
+            "grammar": self.grammar,
         }
 
     @classmethod
@@ -66,6 +70,7 @@ class SamplingParams:
             seed=d.get("seed"),
             stop=tuple(d.get("stop") or ()),
             ignore_eos=bool(d.get("ignore_eos", False)),
+            grammar=d.get("grammar"),
         )
 
 

@@ -36,6 +36,16 @@ INTERNAL = "internal"
 ERROR_CODES = (INVALID_REQUEST, OVERLOADED, NOT_FOUND, INTERNAL)
 
 Fields = Mapping[str | bytes, str | bytes | int | float]
+# Structured-output and tool fields of a request (hexgen.head.structured parses them).
+STRUCTURED_FIELDS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "tools",
+    "tool_choice",
+)
 
 
 class ProtocolError(HexGenError, ValueError):
@@ -275,10 +285,14 @@ def request_fields(
     seed: int | None = None,
     stop: str | list[str] | tuple[str, ...] | None = None,
     ignore_eos: bool | None = None,
+    **structured: Any,
 ) -> dict[str, str]:
     """Flat fields of a ``hexgen:requests`` entry; parameters left as None are omitted (server defaults).
 
     The head validates every field; this helper only serializes (JSON for ``messages`` and a ``stop`` list).
+    ``structured``: the structured-output and tool fields (``response_format``, ``guided_json``,
+    ``guided_regex``, ``guided_choice``, ``guided_grammar``, ``tools``, ``tool_choice``), strings as they
+    are and other values as JSON.
     """
     out: dict[str, str] = {}
     if prompt is not None:
@@ -300,6 +314,11 @@ def request_fields(
         out["stop"] = stop if isinstance(stop, str) else json.dumps(list(stop), ensure_ascii=False)
     if ignore_eos is not None:
         out["ignore_eos"] = "1" if ignore_eos else "0"
+    for name, value in structured.items():
+        if name not in STRUCTURED_FIELDS:
+            raise TypeError(f"request_fields: unknown parameter {name!r}")
+        if value is not None:
+            out[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return out
 
 

@@ -195,11 +195,14 @@ class OpenAIRoutes:
                 yield ans.chunk("", first=True)
             if first is not None:  # one chunk per token event, also when its tokens added no text yet
                 rec.first_token()
-                yield ans.chunk(first.text)
+                for c in ans.text_chunks(first.text):
+                    yield c
                 async for ev in events:
-                    yield ans.chunk(ev.text)
+                    for c in ans.text_chunks(ev.text):
+                        yield c
             done = gen.done
-            yield ans.chunk(None, openai_finish_reason(done.finish_reason))
+            for c in ans.end_chunks(openai_finish_reason(done.finish_reason)):
+                yield c
             if tr.include_usage:
                 yield ans.usage_chunk(done)
             rec.finish(200, openai_finish_reason(done.finish_reason), "", done)

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from hexgen.head.http.context import HttpContext
 from hexgen.head.http.errors import APIError, from_request_error, invalid, unknown_model, unsupported
+from hexgen.head.http.tools import TOOL_KEYS, message_keys, structured_params
 from hexgen.head.validation import parse_request
 from hexgen.wire.protocol import Fields, RequestError, request_fields
 
@@ -33,11 +34,8 @@ _INERT: dict[str, tuple[tuple[Any, ...], str]] = {
     "logit_bias": ((None, {}), "is not supported (only null or {})"),
     "logprobs": ((None, False), "is not supported (only null or false)"),
     "top_logprobs": ((None, 0), "is not supported (only null or 0)"),
-    "tools": ((None, []), "is not supported (function calling is not implemented)"),
     "functions": ((None, []), "is not supported (function calling is not implemented)"),
-    "tool_choice": ((None, "none", "auto"), 'is not supported (only null, "none" or "auto" without tools)'),
     "function_call": ((None, "none", "auto"), "is not supported (function calling is not implemented)"),
-    "response_format": ((None, {"type": "text"}), 'is not supported (only {"type": "text"})'),
     "modalities": ((None, ["text"]), 'is not supported (only ["text"])'),
     "audio": ((None,), "is not supported"),
     "prediction": ((None,), "is not supported"),
@@ -69,6 +67,10 @@ _COMMON = (
     "logit_bias",
     "logprobs",
     "user",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 )
 CHAT_PARAMS = frozenset(
     _COMMON
@@ -92,7 +94,7 @@ CHAT_PARAMS = frozenset(
         "parallel_tool_calls",
     )
 )
-COMPLETION_PARAMS = frozenset(_COMMON + ("prompt", "echo", "suffix", "best_of"))
+COMPLETION_PARAMS = frozenset(_COMMON + ("prompt", "echo", "suffix", "best_of", "response_format"))
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 
@@ -146,10 +148,12 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise invalid(f'messages[{i}]: must be an object {{"role": ..., "content": ...}}', f"messages[{i}]")
         for k, v in m.items():
-            if k not in ("role", "content") and v is not None:
+            if k not in ("role", "content", *TOOL_KEYS) and v is not None:
                 raise unsupported(f"messages[{i}].{k}", "is not supported (messages carry role and content)")
         role: Any = m.get("role")
-        out.append({"role": _ROLE_ALIASES.get(role, role), "content": _content_text(i, m.get("content"))})
+        tool = message_keys(i, m)
+        content = None if m.get("content") is None and "tool_calls" in tool else _content_text(i, m.get("content"))
+        out.append({"role": _ROLE_ALIASES.get(role, role), "content": content, **tool})
     return out
 
 
@@ -259,6 +263,7 @@ def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
     kw: dict[str, Any] = {"model": model, **_text_input(body, endpoint)}
     rename = {"max_new_tokens": _length(body, kw)}
     kw.update(_sampling(body))
+    kw.update(structured_params(body, endpoint))
     stream, include_usage = _streaming(body)
     request_id = uuid.uuid4().hex
     fields = request_fields(request_id=request_id, **kw)

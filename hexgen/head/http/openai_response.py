@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from hexgen.head.http.openai_request import Translated
+from hexgen.head.http.tools import ToolStream, call_deltas, parse_tool_calls, tools_active
 from hexgen.wire.protocol import DoneEvent
 
 
@@ -32,6 +33,7 @@ class Answer:
         self.chat = tr.endpoint == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + tr.request_id
         self.created = int(time.time())
+        self.tools = ToolStream(tr.params["tools"]) if self.chat and tools_active(tr.params) else None
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {
@@ -45,9 +47,15 @@ class Answer:
     def full(self, text: str, done: DoneEvent) -> dict[str, Any]:
         reason = openai_finish_reason(done.finish_reason)
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tools is not None:
+                content, calls = parse_tool_calls(text, self.tools.tools)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    reason = "tool_calls"
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": reason,
             }
@@ -58,13 +66,35 @@ class Answer:
         out.update(choices=[choice], usage=usage(done))
         return out
 
-    def chunk(self, text: str | None, reason: str | None = None, first: bool = False) -> str:
+    def text_chunks(self, text: str) -> list[str]:
+        """The chunks of one token event's text (none while a possible tool call is held back)."""
+        if self.tools is None:
+            return [self.chunk(text)]
+        content = self.tools.feed(text)
+        return [] if content is None else [self.chunk(content)]
+
+    def end_chunks(self, reason: str) -> list[str]:
+        """The last chunks: held-back content or tool-call deltas, then the finish reason."""
+        out = []
+        if self.tools is not None:
+            content, calls = self.tools.finish()
+            if content:
+                out.append(self.chunk(content))
+            out += [self.chunk(None, tool_calls=d) for d in call_deltas(calls)]
+            reason = "tool_calls" if calls else reason
+        return [*out, self.chunk(None, reason)]
+
+    def chunk(
+        self, text: str | None, reason: str | None = None, first: bool = False, tool_calls: list | None = None
+    ) -> str:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls is not None:
+                delta["tool_calls"] = tool_calls
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
             out = self._head("chat.completion.chunk")
         else:
