@@ -65,8 +65,9 @@ def wait_http(dep: Deployment, base_url: str, path: str = "/health", timeout_s: 
 
 
 def start_http_deployment(tmp_dir: str, pipelines: list[PipelineSpec] | None = None, *, api_key: str = "",
-                          workers: bool = True, **limits: object) -> HttpDeployment:
-    """redis-server + tiny model + config + ``head --http-port`` (+ workers, waited until ready)."""
+                          workers: bool = True, model_dir: str | None = None, **limits: object) -> HttpDeployment:
+    """redis-server + tiny model (or ``model_dir``) + config + ``head --http-port`` (+ workers, waited until
+    ready)."""
     import pytest
 
     from tests.redis_server import RedisServer, redis_server_binary
@@ -77,7 +78,7 @@ def start_http_deployment(tmp_dir: str, pipelines: list[PipelineSpec] | None = N
     pipelines = ONE_STAGE if pipelines is None else pipelines
     server = RedisServer(binary)
     url = server.start()
-    model_dir = make_model(os.path.join(tmp_dir, "model"))
+    model_dir = model_dir or make_model(os.path.join(tmp_dir, "model"))
     limits = {"heartbeat_ttl_s": 2, "heartbeat_interval_s": 0.3, "lease_s": 3.0, "block_ms": 500, **limits}
     config = write_config(os.path.join(tmp_dir, "deploy.toml"), url, model_dir, pipelines, **limits)
     dep = Deployment(url, config, model_dir, tmp_dir, server)

@@ -140,8 +140,6 @@ class GuidedDecoding:
         """The bitmask [len(seq_ids), words] int32 on the host for these rows (None, an unguided or a failed
         sequence: every token allowed; a finished grammar allows the end-of-sequence tokens only). Filled by
         llguidance's threads, without the GIL."""
-        import llguidance.torch as llt
-
         mask = torch.full((len(seq_ids), self.words), -1, dtype=torch.int32)  # [rows, words]
         work = []
         for row, sid in enumerate(seq_ids):
@@ -153,7 +151,9 @@ class GuidedDecoding:
                 import llguidance
 
                 self._executor = llguidance.LLExecutor()
-            llt.fill_next_token_bitmask_par(self._executor, work, mask)
+            # llguidance.torch.fill_next_token_bitmask_par's call, without importing that module (it compiles
+            # a torch kernel at import): each matcher writes its row of ``mask``.
+            self._executor.unsafe_compute_mask_ptr(work, mask.data_ptr(), self.words * 4, len(seq_ids))
         return mask
 
 
