@@ -215,3 +215,41 @@ def test_tool_stream_holds_back_only_what_may_be_a_call():
     assert s.feed("<tool") is None and s.feed('_call>[{"name": "get_time", "arguments": {}}]</tool_call>') is None
     content, calls = s.finish()
     assert content is None and calls[0]["function"]["name"] == "get_time"
+
+
+# A small template in Llama 3.1's style (written for this test): it renders ``tools`` itself in the
+# ipython environment, takes a history call's arguments as an object, and shows tool results as ipython.
+LLAMA31_STYLE = (
+    "{{- bos_token }}{%- if tools %}<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"
+    "{%- for t in tools %}\n{{ t | tojson }}{%- endfor %}<|eot_id|>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{%- for c in m.tool_calls %}<|python_tag|>{{ {'name': c.function.name, 'parameters': c.function.arguments}"
+    " | tojson }}{%- endfor %}<|eom_id|>"
+    "{%- elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif %}"
+)
+
+
+def test_a_llama31_template_renders_tools_itself(smol_tok):
+    assert tool_format(LLAMA31_STYLE) == "llama3"
+    msgs = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                               "arguments": '{"city": "Oslo", "unit": "c"}'}}]},
+            {"role": "tool", "content": "-3 C", "tool_call_id": "c1"}]
+    out, extra = render(msgs, [WEATHER], "llama3")
+    assert extra == {"tools": [WEATHER]}
+    text = smol_tok.apply_chat_template(out, chat_template=LLAMA31_STYLE, add_generation_prompt=True,
+                                        tokenize=False, **extra)
+    assert "Environment: ipython" in text and '"get_weather"' in text
+    assert '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "c"}}' in text
+    assert "ipython<|end_header_id|>\n\n-3 C" in text
+    # A required call in this format is the bare JSON object, with "parameters".
+    g = grammar_for(smol_tok, tools=[WEATHER], tool_choice="required")  # SmolLM2's own format
+    assert "<tool_call>" in g
+    from hexgen.head.tool_prompt import call_grammar
+    g3 = call_grammar([WEATHER], ["get_weather"], "llama3", single=True)
+    assert accepts(smol_tok, g3, '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "f"}}')
+    assert not accepts(smol_tok, g3, '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}')
