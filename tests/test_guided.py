@@ -46,6 +46,17 @@ def test_apply_bitmask_matches_the_reference(vocab, words):
     assert bitmask_words(vocab) == (vocab + 31) // 32
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_apply_bitmask_on_cuda_matches_the_reference():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 1000, generator=g)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (64, 32), generator=g, dtype=torch.int64).to(torch.int32)
+    got = apply_bitmask(logits.cuda(), bitmask.cuda()).cpu()
+    assert torch.equal(got, apply_bitmask(logits, bitmask))
+    assert torch.equal(got[:2], reference_mask(logits[:2], bitmask[:2]))
+
+
 @pytest.fixture(scope="module")
 def smol_tok(default_model_dir):
     from transformers import AutoTokenizer
