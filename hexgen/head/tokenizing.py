@@ -8,6 +8,7 @@ loop and longer ones in a thread (``text_chars``).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from jinja2.exceptions import TemplateError
@@ -63,4 +64,4 @@ def tokenize(tokenizer: Any, parsed: ParsedRequest) -> list[int]:
 def text_chars(parsed: ParsedRequest) -> int:
     if parsed.prompt is not None:
         return len(parsed.prompt)
-    return sum(len(v) for m in parsed.messages or () for v in m.values())
+    return sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for m in parsed.messages or () for v in m.values())
