@@ -5,14 +5,26 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 DEMO_ARGS ?=
 
-.PHONY: install demo lint test test-fast soak model redis clean
+.PHONY: install demo lint test test-fast soak model redis clean lock
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package the test environment resolves (torch aside: TORCH above), so a fresh
+# clone and CI test the same versions; `make lock` refreshes it (docs/development.md).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first (a local CPU build on our machines) so the project's `torch` range pulls nothing more
 	$(PY) -m pip install -q $(TORCH) || $(PY) -m pip install -q "torch>=2.4,<3"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+# resolve the dev environment afresh in a scratch venv and write what it installed to constraints.txt
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install -q $(TORCH)
+	build/lock-venv/bin/python -m pip install -q -e ".[dev]"
+	{ echo "# pip constraints for the test environment: \`make lock\` writes this file (torch: the Makefile's TORCH)"; \
+	  build/lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
+	rm -rf build/lock-venv
 
 install: $(VENV)/.installed
 

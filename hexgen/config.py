@@ -11,7 +11,7 @@ from typing import Any
 from hexgen.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
-KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": e4m3 (hexgen.model.kv_quant)
+KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": e4m3 (hexgen.kernels.kv_quant)
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 
@@ -381,7 +381,7 @@ _OFF = ("off", "false", "0", "no")
 class KernelConfig:
     """Which implementation each hot path takes. The defaults are the fast paths; each can be turned off for
     A/B runs against the PyTorch reference. A stage resolves it once for its device
-    (``hexgen.model.kernels.resolve``: what cannot run there is turned off) and hands it to the layers.
+    (``hexgen.kernels.choice.resolve``: what cannot run there is turned off) and hands it to the layers.
 
     Set on the command line as ``--kernel NAME=VALUE`` (repeatable, e.g. ``--kernel gemv=cublas --kernel
     fused=off``) or in a deployment file's ``[kernels]`` table.

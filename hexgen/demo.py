@@ -246,8 +246,8 @@ Try it with redis-cli while the demo runs (hexgen demo --keep):
 
 def run_demo(opts: DemoOptions, say=print) -> int:
     """Run the demo; returns the exit status."""
+    from hexgen.cli.fetch import ensure_default_model
     from hexgen.config import Layout, ModelConfig
-    from hexgen.model.fetch import ensure_default_model
 
     model_dir = opts.model_dir or ensure_default_model()
     layout = Layout.build(ModelConfig.from_dir(model_dir), opts.hetero_config, opts.pp_partition)

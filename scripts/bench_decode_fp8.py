@@ -4,7 +4,7 @@ for a few launch settings, its tiles converted to fp16 (the default with bf16 ac
 
     PYTHONPATH=. python3 scripts/bench_decode_fp8.py [--heads 32 32] [--batch 256] [--ctx 700] [--out FILE]
 
-Each case is captured in a CUDA graph and replayed (hexgen.model.timing.replay_time). TB/s counts the live
+Each case is captured in a CUDA graph and replayed (hexgen.kernels.timing.replay_time). TB/s counts the live
 K and V bytes a step must read in the cache's own dtype (2 bytes bf16, 1 byte fp8). Every fp8 setting is
 checked against the fp8 default's output (same function, another schedule).
 """
@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from hexgen.model import paged_decode
-from hexgen.model.timing import replay_time
+from hexgen.kernels import paged_decode
+from hexgen.kernels.timing import replay_time
 
 D, BS = 128, 16
 

@@ -23,7 +23,7 @@ import redis
 
 from hexgen.demo import Deployment, start_redis
 from hexgen.engine.threads import host_cores
-from hexgen.model.fetch import ensure_default_model
+from hexgen.cli.fetch import ensure_default_model
 from hexgen.wire import keys as C
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."

@@ -13,8 +13,9 @@ import json
 
 import torch
 
-from hexgen.model import attention, paged_decode
-from hexgen.model.timing import replay_time
+from hexgen.kernels import paged_decode
+from hexgen.kernels.timing import replay_time
+from hexgen.model import attention
 
 N_Q, N_KV, D, BS = 32, 32, 128, 16
 

@@ -13,8 +13,8 @@ import os
 import triton
 from triton.backends.compiler import GPUTarget
 
-from hexgen.model import fused_kernels, gemv_kernels, paged_decode
-from hexgen.model import paged_decode_kernels as kern
+from hexgen.kernels import fused_kernels, gemv_kernels, paged_decode
+from hexgen.kernels import paged_decode_kernels as kern
 
 
 def _pow2(n: int) -> int:

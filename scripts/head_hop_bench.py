@@ -88,7 +88,7 @@ def main() -> int:
 
     path = args.tokenizer
     if not path:
-        from hexgen.model.fetch import ensure_default_model
+        from hexgen.cli.fetch import ensure_default_model
 
         path = ensure_default_model(progress=False)
     tok = AutoTokenizer.from_pretrained(path)

@@ -6,7 +6,7 @@
 DIR needs only a config.json: the weights are random. Prints:
 
 1. per linear weight shape of the model, ``F.linear`` time with the weight row-major (as loaded) and
-   column-major (hexgen.model.cpu_layout), for each ``--rows`` input rows. Enough copies of the shape rotate
+   column-major (hexgen.kernels.cpu_layout), for each ``--rows`` input rows. Enough copies of the shape rotate
    to pass 64 MiB, so the weights come from memory; the two orders alternate, medians of 5;
 2. one decode step of ``--batch`` rows with contexts drawn uniformly from ``--ctx`` (the whole stage forward
    and the logits, the weights laid out by ``cpu_layout.tune`` as the engine lays them), with the reference
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hexgen.config import Layout, ModelConfig  # noqa: E402
-from hexgen.model import cpu_layout  # noqa: E402
+from hexgen.kernels import cpu_layout  # noqa: E402
 from hexgen.model.attention import build_meta  # noqa: E402
 from hexgen.model.loader import build_stage, init_random  # noqa: E402
 from hexgen.model.rope import RotaryCache  # noqa: E402

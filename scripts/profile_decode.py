@@ -31,9 +31,9 @@ from hexgen.config import EngineConfig, Layout, preset  # noqa: E402
 from hexgen.engine.cuda_graph import DecodeGraphs  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
-from hexgen.model.gemv import tune as tune_gemv  # noqa: E402
-from hexgen.model.kernels import resolve  # noqa: E402
-from hexgen.model.timing import graph_time, replay_time  # noqa: E402
+from hexgen.kernels.choice import resolve  # noqa: E402
+from hexgen.kernels.gemv import tune as tune_gemv  # noqa: E402
+from hexgen.kernels.timing import graph_time, replay_time  # noqa: E402
 from hexgen.parallel.groups import PipelineGroups  # noqa: E402
 
 
@@ -139,7 +139,7 @@ def _time_graph(fn, ws, x) -> float:
 
 def _gemv(dev: torch.device, tp: int, triton_configs: bool) -> list[dict]:
     """cuBLAS (F.linear) and the Triton GEMV at batch 1, per layer shape; GB/s of weight reads."""
-    from hexgen.model import gemv
+    from hexgen.kernels import gemv
 
     out = []
     h, inter, vocab = 4096, 11008, 32000

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hexgen.config import EngineConfig, Layout, ModelConfig, preset  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
-from hexgen.model import paged_decode  # noqa: E402
+from hexgen.kernels import paged_decode  # noqa: E402
 from hexgen.parallel.groups import PipelineGroups  # noqa: E402
 from hexgen.procs import free_port  # noqa: E402
 

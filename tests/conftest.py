@@ -31,7 +31,7 @@ def default_model_dir():
 
     Uses $HEXGEN_MODEL_CACHE when set (point CI at a cached folder), else ~/.cache/hexgen/models.
     """
-    from hexgen.model.fetch import ensure_default_model
+    from hexgen.cli.fetch import ensure_default_model
 
     return ensure_default_model(progress=False)
 

@@ -1,4 +1,4 @@
-"""CPU linear layouts (hexgen/model/cpu_layout.py): the choice per shape, and that a re-laid layer computes the
+"""CPU linear layouts (hexgen/kernels/cpu_layout.py): the choice per shape, and that a re-laid layer computes the
 same thing. A whole re-laid stage against Hugging Face: tests/test_loader.py."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hexgen.model import cpu_layout
+from hexgen.kernels import cpu_layout
 from hexgen.parallel.layers import ReplicatedLinear
 
 

@@ -1,4 +1,4 @@
-"""Tests of hexgen.model.fetch: GGUF -> Hugging Face conversion, the fetch cache, and the real default model."""
+"""Tests of hexgen.cli.fetch: GGUF -> Hugging Face conversion, the fetch cache, and the real default model."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from hexgen.cli import fetch
 from hexgen.cli import fetch_model as cli
 from hexgen.errors import ModelFetchError
-from hexgen.model import fetch
+from hexgen.wire import model_cache
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -174,11 +175,11 @@ def test_convert_gguf_rejects_other_architectures(tmp_path):
 
 
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(fetch.CACHE_ENV_VAR, str(tmp_path))
-    assert fetch.model_cache_dir() == str(tmp_path)
-    assert fetch.default_model_dir() == str(tmp_path / "SmolLM2-135M-Instruct")
-    monkeypatch.delenv(fetch.CACHE_ENV_VAR)
-    assert fetch.model_cache_dir() == os.path.expanduser("~/.cache/hexgen/models")
+    monkeypatch.setenv(model_cache.CACHE_ENV_VAR, str(tmp_path))
+    assert model_cache.model_cache_dir() == str(tmp_path)
+    assert model_cache.default_model_dir() == str(tmp_path / "SmolLM2-135M-Instruct")
+    monkeypatch.delenv(model_cache.CACHE_ENV_VAR)
+    assert model_cache.model_cache_dir() == os.path.expanduser("~/.cache/hexgen/models")
 
 
 def fake_conversion(monkeypatch, calls: list[str]) -> None:
@@ -189,7 +190,7 @@ def fake_conversion(monkeypatch, calls: list[str]) -> None:
         os.makedirs(out_dir)
         with open(os.path.join(out_dir, "source"), "w") as f:
             f.write("fresh")
-        open(os.path.join(out_dir, fetch.COMPLETE_MARKER), "w").close()
+        open(os.path.join(out_dir, model_cache.COMPLETE_MARKER), "w").close()
         calls.append(work_dir)
         return out_dir
 

@@ -1,4 +1,4 @@
-"""The fused Triton kernels (hexgen/model/fused.py) against their PyTorch reference math.
+"""The fused Triton kernels (hexgen/kernels/fused.py) against their PyTorch reference math.
 
 Without CUDA they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); with CUDA
 the compiled kernels run. bf16 cases check that the kernels round where the reference rounds.
@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hexgen.model import fused
+from hexgen.kernels import fused
+from hexgen.model import rope
 from tests.test_paged_decode import KERNEL_DEVICE, requires_triton
 
 pytestmark = requires_triton
@@ -43,7 +44,7 @@ def test_rotary_kv_write(dtype, n_q, n_kv):
     slots = torch.tensor([7, 2, 5], device=KERNEL_DEVICE)
     caches = [torch.full((slots_n, n_kv, d), -3.0, dtype=dtype, device=KERNEL_DEVICE) for _ in range(4)]
     got = fused.rotary_kv_write(qkv, cos, sin, slots, caches[0], caches[1], n_q, n_kv)
-    want = fused.rotary_kv_write_ref(qkv, cos, sin, slots, caches[2], caches[3], n_q, n_kv)
+    want = rope.rotary_kv_write_ref(qkv, cos, sin, slots, caches[2], caches[3], n_q, n_kv)
     torch.testing.assert_close(got, want, **TOL[dtype])
     torch.testing.assert_close(caches[0], caches[2], **TOL[dtype])  # untouched slots stay -3 in both
     torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)  # v: a plain copy
@@ -57,7 +58,7 @@ def test_silu_mul(dtype):
 
 def test_fused_resolves_on_only_on_cuda():
     from hexgen.config import KernelConfig
-    from hexgen.model.kernels import resolve
+    from hexgen.kernels.choice import resolve
 
     assert not resolve(KernelConfig(), torch.device("cpu")).fused
     if torch.cuda.is_available():
@@ -68,7 +69,7 @@ def test_fused_resolves_on_only_on_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [600, 100])  # ragged K over several tiles; K inside the first (peeled) tile
 def test_gemv_matches_linear(dtype, k):
-    from hexgen.model import gemv
+    from hexgen.kernels import gemv
 
     x, w = _randn(1, k, dtype=dtype, seed=7), _randn(37, k, dtype=dtype, seed=8)  # ragged N
     got = gemv.gemv(x, w, (8, 128, 4, 0))
@@ -79,7 +80,7 @@ def test_gemv_matches_linear(dtype, k):
 
 
 def test_gemv_tune_is_off_without_cuda():
-    from hexgen.model import gemv
+    from hexgen.kernels import gemv
     from hexgen.parallel.layers import ReplicatedLinear
 
     layer = ReplicatedLinear(8, 4)
@@ -91,7 +92,7 @@ def test_gemv_tune_is_off_without_cuda():
 def test_gemv_silu_equals_gemv_of_silu_mul(dtype):
     """The down projection fed from gate | up: the same roundings as silu_mul then gemv, so the same result
     bit for bit with the same configuration, and close to the unfused reference math."""
-    from hexgen.model import gemv
+    from hexgen.kernels import gemv
 
     gu, w = _randn(1, 2 * 600, dtype=dtype, seed=9), _randn(37, 600, dtype=dtype, seed=10)  # ragged N and K
     got = gemv.gemv_silu(gu, w, (8, 128, 4, 0))
@@ -108,8 +109,8 @@ def test_gemv_silu_equals_gemv_of_silu_mul(dtype):
 
 def test_pdl_is_off_on_cpu_and_outside_graphs():
     from hexgen.config import KernelConfig
-    from hexgen.model import pdl
-    from hexgen.model.kernels import resolve
+    from hexgen.kernels import pdl
+    from hexgen.kernels.choice import resolve
 
     assert pdl.launch(torch.zeros(1)) == {"PDL": False}
     with pdl.for_graphs():
@@ -128,7 +129,7 @@ def test_pdl_chain_in_a_graph_reads_what_the_kernel_before_wrote():
     """A captured chain of PDL-launched kernels, each reading what the one before it wrote (norm → GEMV → GEMV
     with SiLU, four times), replayed with new inputs: the same bits as the chain launched eagerly, without
     PDL. A kernel that read its input before ``gdc_wait`` would see a stale or half-written activation."""
-    from hexgen.model import gemv, pdl
+    from hexgen.kernels import gemv, pdl
 
     with pdl.for_graphs():
         if not pdl.enabled(torch.zeros(1, device="cuda")):

@@ -1,4 +1,4 @@
-"""The FP8 (e4m3) KV cache (hexgen/model/kv_quant.py): quantization, the reference attention path against
+"""The FP8 (e4m3) KV cache (hexgen/kernels/kv_quant.py): quantization, the reference attention path against
 float64 attention, the Triton decode / prefill / rotary-write kernels against the reference (under Triton's
 interpreter without CUDA; compiled on a GPU), capacity accounting and preemption with an FP8 cache.
 
@@ -16,7 +16,8 @@ import random
 import pytest
 import torch
 
-from hexgen.model import attention, fused, kv_quant, paged_decode
+from hexgen.kernels import fused, kv_quant, paged_decode
+from hexgen.model import attention, rope
 from tests.test_paged_decode import (
     ATOL,
     HAS_CUDA,
@@ -233,7 +234,7 @@ def test_rotary_kv_write_fp8_matches_the_reference(dtype):
     scales = _scales(n_kv, KERNEL_DEVICE)
     caches = [torch.zeros(16, n_kv, d, dtype=FP8, device=KERNEL_DEVICE) for _ in range(4)]
     got = fused.rotary_kv_write(qkv, cos, sin, slots, caches[0], caches[1], n_q, n_kv, scales[0], scales[1])
-    want = fused.rotary_kv_write_ref(qkv, cos, sin, slots, caches[2], caches[3], n_q, n_kv, scales[0], scales[1])
+    want = rope.rotary_kv_write_ref(qkv, cos, sin, slots, caches[2], caches[3], n_q, n_kv, scales[0], scales[1])
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got, want, **tol)  # the interpreter's bf16 rounding is not RNE (test_fused.py)
     for a, b, scale in ((0, 2, scales[0]), (1, 3, scales[1])):

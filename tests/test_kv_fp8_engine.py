@@ -16,7 +16,7 @@ from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
 from hexgen.errors import ConfigError
-from hexgen.model.kv_quant import FP8
+from hexgen.kernels.kv_quant import FP8
 from tests.models import N_NEW, Case, gqa_case
 
 BUDGET = 32
@@ -85,23 +85,30 @@ def test_capacity_is_reported_per_stage_with_half_the_bytes(gqa):
 
 @pytest.mark.slow
 def test_preemption_and_recompute_with_an_fp8_cache(gqa):
-    """12 blocks of 8 tokens force preemption: the recomputed sequences continue exactly as with a cache
-    large enough for all four (same scales: both runs' first step writes the same tokens)."""
+    """12 blocks of 8 tokens force preemption: the recomputed sequences continue with the same tokens as with
+    a cache large enough for all four (same scales: both runs' first step writes the same tokens).
+
+    Their logits are not bit-identical: a recompute runs the K/V projections in other shapes than the steps
+    that first wrote them, and a value whose float result moves across an e4m3 rounding boundary is stored
+    one e4m3 step (up to 2^-3 of itself) away. So the tolerance is derived from the fp8 cache's own error:
+    re-quantizing recomputed K/V moves the logits by no more than quantizing them did in the first place,
+    the largest same-context logit difference between the fp8 and the float32 cache in this test."""
     reports: list = []
     small = _run(gqa, (2, 1), (3, 2), reports, kv_cache_dtype="fp8", num_kv_blocks=12, block_size=8)
     leader = [r for r in reports if r.preemptions is not None]
     assert len(leader) == 1 and leader[0].preemptions > 0, "the KV cache was not small enough"
     large = _run(gqa, (2, 1), (3, 2), kv_cache_dtype="fp8", block_size=8)
-    for r in gqa.requests:
-        assert len(small[r.request_id].token_ids) == N_NEW
-        assert small[r.request_id].token_ids == large[r.request_id].token_ids, r.request_id
-        for a, b in zip(small[r.request_id].logits, large[r.request_id].logits):
-            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
-    # and the fp8 cache is really in use: its logits are not the float32 cache's
     ref = _run(gqa, (2, 1), (3, 2), block_size=8)
-    diff = max((a - b).abs().max().item() for r in gqa.requests
-               for a, b in zip(large[r.request_id].logits, ref[r.request_id].logits))
-    assert diff > 1e-4
+    ids = [r.request_id for r in gqa.requests]
+    quantization = kv_accuracy.compare([(ref[i].token_ids, ref[i].logits) for i in ids],
+                                       [(large[i].token_ids, large[i].logits) for i in ids])
+    tol = quantization["logit_max_abs_error"]
+    assert tol > 1e-4, "the fp8 cache is not in use: its logits are the float32 cache's"
+    for i in ids:
+        assert len(small[i].token_ids) == N_NEW
+        assert small[i].token_ids == large[i].token_ids, i
+        for a, b in zip(small[i].logits, large[i].logits):
+            torch.testing.assert_close(a, b, atol=tol, rtol=0)
 
 
 def test_compare_counts_shared_tokens_and_same_context_logits():

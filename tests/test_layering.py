@@ -33,10 +33,22 @@ def offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
     ("hexgen/head", ("workers", "hexgen.planner", "torch")),  # the head never imports the planner's search
     ("hexgen/engine", ("redis", "hexgen.wire", "hexgen.head", "workers")),  # the engine knows no Redis
     ("hexgen/model", ("torch.distributed", "redis", "hexgen.engine")),  # model math; collectives via hexgen.parallel
+    # the kernels know no model, engine, process group or Redis: everything above calls into them
+    ("hexgen/kernels", ("torch.distributed", "redis", "hexgen.model", "hexgen.engine", "hexgen.parallel",
+                        "hexgen.wire", "hexgen.head", "workers", "hexgen.planner", "hexgen.cli")),
+    ("hexgen/parallel", ("hexgen.model", "hexgen.engine", "hexgen.head", "workers", "redis")),  # nothing above it
     ("hexgen/planner", ("hexgen.head", "workers")),
 ])
 def test_package_boundaries(folder, forbidden):
     assert offenders(folder, forbidden) == []
+
+
+def test_no_import_cycles_between_kernel_modules():
+    """Every kernel module imports only modules below it: no two of them import each other, even lazily."""
+    mods = {f.removeprefix("hexgen/kernels/").removesuffix(".py"): names for f, names in imports_of("hexgen/kernels").items()}
+    uses = {m: {n.removeprefix("hexgen.kernels.") for n in names if n.startswith("hexgen.kernels.")} for m, names in mods.items()}
+    cycles = [(a, b) for a, deps in uses.items() for b in deps if a in uses.get(b, set())]
+    assert cycles == []
 
 
 def test_the_checker_sees_imports():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -336,9 +336,9 @@ def test_loaded_stage_matches_hugging_face(request, fixture, tp_size, chunks):
     ("tied_dir", 1, [6, 1, 6]),
 ])
 def test_stage_with_column_major_linears_matches_hugging_face(request, fixture, tp_size, chunks):
-    """hexgen.model.cpu_layout re-lays CPU weights column-major where batch-1 GEMV is faster: with every
+    """hexgen.kernels.cpu_layout re-lays CPU weights column-major where batch-1 GEMV is faster: with every
     linear re-laid (min_bytes 0, a timer that always prefers column-major), logits still match HF."""
-    from hexgen.model import cpu_layout
+    from hexgen.kernels import cpu_layout
 
     def relay(model: torch.nn.Module) -> None:
         linears = [m for m in model.modules() if hasattr(m, "gemv")]

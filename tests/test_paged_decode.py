@@ -1,4 +1,4 @@
-"""The Triton paged decode kernel (hexgen/model/paged_decode.py) and the decode/prefill split of a step
+"""The Triton paged decode kernel (hexgen/kernels/paged_decode.py) and the decode/prefill split of a step
 (hexgen/model/attention.py) against plain attention over each sequence's gathered context.
 
 Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets
@@ -21,7 +21,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest.py set it already, before triton was imported
 
-from hexgen.model import attention, paged_decode  # noqa: E402
+from hexgen.kernels import paged_decode  # noqa: E402
+from hexgen.model import attention  # noqa: E402
 
 
 def _kernel_skip_reason() -> str | None:
@@ -174,7 +175,7 @@ def test_split_count_is_static():
 
 def test_kernel_config_turns_the_kernels_off():
     from hexgen.config import KernelConfig
-    from hexgen.model.kernels import resolve
+    from hexgen.kernels.choice import resolve
 
     off = resolve(KernelConfig(decode_kernel=False, prefill_kernel=False), KERNEL_DEVICE)
     assert not off.decode_kernel and not off.prefill_kernel

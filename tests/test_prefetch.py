@@ -16,12 +16,12 @@ from hexgen.wire import keys as C
 from hexgen.wire import trace
 from hexgen.wire.protocol import (
     ErrorEvent,
-    as_text,
     decode_work_item,
     encode_work_item,
     parse_event,
     token_event,
 )
+from hexgen.wire.text import as_text
 from tests.waiting import wait_until
 from workers.intake import Prefetcher, RedisSource
 from workers.io_config import IOConfig

@@ -1,7 +1,8 @@
 """Serving latency: bench serve's paired TTFT differences and client send lateness; the head's queue depth."""
 from __future__ import annotations
 
-from hexgen.bench.serve import _Item, client_lateness, paired_ttft_diff
+from hexgen.bench.serve import _Item
+from hexgen.bench.serve_report import client_lateness, paired_ttft_diff
 from hexgen.bench.stats import RequestTiming
 from hexgen.engine.types import Request, SamplingParams
 

@@ -20,7 +20,8 @@ import redis
 from hexgen.wire import keys as C
 from hexgen.wire.connection import REDIS_ERRORS
 from hexgen.wire.placement import AgentRecord, Assignment
-from hexgen.wire.protocol import ProtocolError, as_text
+from hexgen.wire.protocol import ProtocolError
+from hexgen.wire.text import as_text
 
 log = logging.getLogger(__name__)
 

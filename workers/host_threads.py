@@ -18,7 +18,7 @@ from typing import Any
 from hexgen.engine.threads import CpuThreads
 from hexgen.wire import keys as C
 from hexgen.wire.connection import REDIS_ERRORS
-from hexgen.wire.protocol import as_text
+from hexgen.wire.text import as_text
 
 log = logging.getLogger(__name__)
 

@@ -64,13 +64,13 @@ from hexgen.wire.protocol import (
     ErrorEvent,
     ProtocolError,
     TokenEvent,
-    as_text,
     decode_work_item,
     done_event,
     error_event,
     parse_cancel,
     parse_event,
 )
+from hexgen.wire.text import as_text
 from workers.io_config import IOConfig
 from workers.sink import Post, Poster
 

@@ -46,8 +46,9 @@ from hexgen.errors import HexGenError
 from hexgen.procs import free_port
 from hexgen.wire import keys as C
 from hexgen.wire.connection import REDIS_ERRORS
-from hexgen.wire.protocol import PipelineRecord, WorkerRecord, as_text
+from hexgen.wire.protocol import PipelineRecord, WorkerRecord
 from hexgen.wire.redis_url import RedisUrlError, parse_redis_url
+from hexgen.wire.text import as_text
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import json
 import sys
 
 from hexgen.bench.modes import BenchSetup, format_table, latency, throughput
-from hexgen.bench.serve import ServeOptions, format_serve, serve
+from hexgen.bench.serve import ServeOptions, serve
+from hexgen.bench.serve_report import format_serve
 from hexgen.bench.sweep import SweepOptions, format_sweep, sweep
 from hexgen.cli.generate import add_layout_args, resolve_engine, resolve_model
 from hexgen.config import Layout

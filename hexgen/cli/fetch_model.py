@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
+from hexgen.cli.fetch import ensure_default_model
 from hexgen.errors import ModelFetchError
-from hexgen.model.fetch import ensure_default_model, model_cache_dir
+from hexgen.wire.model_cache import model_cache_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,7 +55,7 @@ def resolve_model(args: argparse.Namespace) -> ModelSpec:
         return ModelSpec(preset=args.preset, random_weights=args.random_weights)
     if args.model:
         return ModelSpec(model_dir=args.model, random_weights=args.random_weights)
-    from hexgen.model.fetch import ensure_default_model
+    from hexgen.cli.fetch import ensure_default_model
 
     return ModelSpec(model_dir=ensure_default_model())
 

@@ -21,8 +21,8 @@ import torch
 
 from hexgen.config import KernelConfig
 from hexgen.engine.plan import StepPlan
-from hexgen.model import pdl
-from hexgen.model.kernels import resolve
+from hexgen.kernels import pdl
+from hexgen.kernels.choice import resolve
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,8 @@ DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tens
 def batch_buckets(max_batch: int) -> list[int]:
     """Batch sizes with a captured decode graph: a step of n rows replays the smallest bucket ≥ n, padding rows
     computing for nothing. Above 128 rows the buckets are 32 apart up to 256, 64 up to 512, then 128, so padding
-    stays under a quarter of a step's rows (at 129 rows). Before, the buckets jumped from 512 to max_batch,
-    and on the default throughput workload at max_num_seqs 1024 a third as many rows again as the steps
-    carried were padding (scripts/sim_decode_buckets.py counts it: 1.30x the rows, now 1.08x). A capture
-    takes about 50 ms on an H200 at Llama-3.1-8B's size; each graph keeps its outputs (``graph_output_bytes``)."""
+    stays under a quarter of a step's rows (at 129 rows); scripts/sim_decode_buckets.py counts the padding rows
+    on a workload. Each graph keeps its outputs (``graph_output_bytes``)."""
     out = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if b < max_batch]
     b = 160
     while b < max_batch:

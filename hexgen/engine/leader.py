@@ -30,7 +30,7 @@ from hexgen.engine.plan import StepPlan, StepResult
 from hexgen.engine.runner import StageRunner
 from hexgen.engine.scheduler import Scheduler
 from hexgen.engine.types import RequestSource
-from hexgen.model.staging import upload
+from hexgen.kernels.staging import upload
 from hexgen.parallel.groups import PipelineGroups
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,12 @@ from hexgen.engine.plan import StepPlan
 from hexgen.engine.scheduler import max_step_batch
 from hexgen.engine.threads import CpuThreads
 from hexgen.errors import ConfigError
-from hexgen.model import cpu_layout, gemv, kv_quant
+from hexgen.kernels import cpu_layout, gemv, kv_quant
+from hexgen.kernels.choice import resolve
+from hexgen.kernels.staging import upload
 from hexgen.model.attention import build_meta, decode_meta
-from hexgen.model.kernels import resolve
 from hexgen.model.loader import build_stage, init_random, load_stage
 from hexgen.model.rope import RotaryCache
-from hexgen.model.staging import upload
 from hexgen.parallel.groups import PipelineGroups
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class StageRunner:
             self.kv_dtype,
             self.device,
         )
-        # fp8: [layers, 2, n_kv_local] scales, fixed by the first eager step that writes (hexgen.model.kv_quant)
+        # fp8: [layers, 2, n_kv_local] scales, fixed by the first eager step that writes (hexgen.kernels.kv_quant)
         self.kv_scales = (
             kv_quant.allocate_scales(stage.num_layers, self.n_kv_local, self.device)
             if self.kv_dtype == kv_quant.FP8

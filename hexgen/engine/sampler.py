@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from hexgen.engine.types import SamplingParams
-from hexgen.model.staging import upload
+from hexgen.kernels.staging import upload
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15

@@ -30,8 +30,9 @@ from hexgen.wire.placement import (
     agents_by_model,
     plan_summary,
 )
-from hexgen.wire.protocol import ProtocolError, as_text
+from hexgen.wire.protocol import ProtocolError
 from hexgen.wire.settings import Settings
+from hexgen.wire.text import as_text
 
 log = logging.getLogger(__name__)
 

@@ -62,12 +62,12 @@ from hexgen.wire.protocol import (
     NotFound,
     Overloaded,
     RequestError,
-    as_text,
     encode_work_item,
     error_event,
 )
 from hexgen.wire.redis_url import async_wait_replicas, parse_redis_url
 from hexgen.wire.settings import Settings, async_redis
+from hexgen.wire.text import as_text
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from hexgen.wire import keys as C
-from hexgen.wire.protocol import PipelineRecord, ProtocolError, WorkerRecord, as_text
+from hexgen.wire.protocol import PipelineRecord, ProtocolError, WorkerRecord
+from hexgen.wire.text import as_text
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 from hexgen.wire import keys as C
 from hexgen.wire.functions import AsyncFunction
-from hexgen.wire.protocol import as_text
+from hexgen.wire.text import as_text
 
 # The steps themselves are hexgen.wire.functions.SUBMIT (a Redis function, FCALL).
 QUEUED, DUPLICATE, OVER_LIMIT = 1, 0, 2

@@ -5,7 +5,7 @@ A step's tokens are flattened across sequences ("ragged"); ``AttnMeta`` says whe
 queries sit and which cache slots hold its context.
 
 A step is split in two: every sequence with one query token (a decode row) is attended in one batched call
-— the Triton paged kernel (``hexgen.model.paged_decode``) on CUDA, else the PyTorch reference that gathers
+— the Triton paged kernel (``hexgen.kernels.paged_decode``) on CUDA, else the PyTorch reference that gathers
 the padded context (with 16 rows or more, one call per group of rows of similar context, ``decode_groups``,
 so short contexts do not gather the longest one's padding). The prefill sequences (several query tokens)
 take one call of the Triton prefill kernel on CUDA, else a loop of SDPA calls, one per sequence.
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hexgen.model import kv_quant, paged_decode
-from hexgen.model.staging import upload
+from hexgen.kernels import kv_quant, paged_decode
+from hexgen.kernels.staging import upload
 
 
 @dataclass
@@ -304,7 +304,7 @@ def paged_attention(
 
     k and v None: the caller wrote them to the cache already (``fused.rotary_kv_write``); then every
     prefill must take the Triton prefill kernel, which reads its context from the cache. An fp8 cache
-    (``hexgen.model.kv_quant``) comes with its scales, k_scale and v_scale [n_kv]: writes quantize, and every
+    (``hexgen.kernels.kv_quant``) comes with its scales, k_scale and v_scale [n_kv]: writes quantize, and every
     read, the new tokens' own K/V included, sees the values as the cache holds them."""
     fp8 = kv_quant.is_fp8(k_cache)
     if k is not None:

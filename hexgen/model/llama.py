@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hexgen.config import KernelConfig, ModelConfig, StageSpec
-from hexgen.model import fused, kv_quant
+from hexgen.kernels import fused, kv_quant
 from hexgen.model.attention import AttnMeta, paged_attention
 from hexgen.model.rope import apply_rotary
 from hexgen.parallel.groups import TPContext
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         meta: AttnMeta,
         kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """kv_scales: [2, n_kv] (k, v) with an fp8 cache (``hexgen.model.kv_quant``), else None."""
+        """kv_scales: [2, n_kv] (k, v) with an fp8 cache (``hexgen.kernels.kv_quant``), else None."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [tokens, (n_q + 2 n_kv) * d]
         ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
@@ -144,7 +144,7 @@ class DecoderLayer(nn.Module):
 
 class LlamaStage(nn.Module):
     """The layers of one stage, plus embedding (first stage) and norm + LM head (last stage). ``kernels`` is
-    the stage's KernelConfig resolved for its device (``hexgen.model.kernels.resolve``)."""
+    the stage's KernelConfig resolved for its device (``hexgen.kernels.choice.resolve``)."""
 
     def __init__(
         self, cfg: ModelConfig, stage: StageSpec, tp: TPContext, kernels: KernelConfig, with_head: bool = True
@@ -181,7 +181,7 @@ class LlamaStage(nn.Module):
     ) -> torch.Tensor:
         """x: token ids [tokens] on the first stage, else hidden states [tokens, hidden].
         kv_cache: [layers, 2, slots, n_kv_local, d]; kv_scales: [layers, 2, n_kv_local] with an fp8 cache
-        (``hexgen.model.kv_quant``), else None. Returns hidden states [tokens, hidden]."""
+        (``hexgen.kernels.kv_quant``), else None. Returns hidden states [tokens, hidden]."""
         if self.embed is not None:
             x = self.embed(x)  # [tokens, hidden]
         res = None

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from hexgen.config import KernelConfig, ModelConfig, StageSpec
 from hexgen.errors import LoadError
-from hexgen.model.kernels import resolve
+from hexgen.kernels.choice import resolve
 from hexgen.model.llama import LlamaStage
 from hexgen.parallel.groups import TPContext
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from hexgen.config import ModelConfig
+from hexgen.kernels import kv_quant
 
 
 def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -55,3 +56,25 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [tokens, n_q, head_dim], k: [tokens, n_kv, head_dim] (Hugging Face rotate-half layout)."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rotary_kv_write_ref(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_q: int,
+    n_kv: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference math of ``hexgen.kernels.fused.rotary_kv_write`` (same arguments and result): rotary on
+    q and k of the fused QKV projection, k and v written to their cache slots, rotated q returned."""
+    t, d = qkv.shape[0], k_cache.shape[-1]
+    q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
+    q, k = apply_rotary(q.view(t, n_q, d), k.view(t, n_kv, d), cos, sin)
+    kv_quant.write(k_cache, slots, k, k_scale)
+    kv_quant.write(v_cache, slots, v.view(t, n_kv, d), v_scale)
+    return q

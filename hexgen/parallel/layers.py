@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hexgen.errors import LoadError
-from hexgen.model.gemv import Config, linear, linear_silu
+from hexgen.kernels.gemv import Config, linear, linear_silu
 from hexgen.parallel.groups import TPContext
 
 # A loaded-slice getter: takes (dim, start, stop) and returns that slice of the checkpoint tensor.
@@ -46,7 +46,7 @@ class ReplicatedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.gemv: Config | None = None  # batch-1 kernel configuration (hexgen.model.gemv.tune); None: cuBLAS
+        self.gemv: Config | None = None  # batch-1 kernel configuration (hexgen.kernels.gemv.tune); None: cuBLAS
 
     def load(self, get_slice: SliceFn, full: FullFn) -> None:
         _copy(self.weight, full(), "replicated linear")

@@ -268,11 +268,11 @@ def measure(cfg, device: str, dtype: str, device_name: str, prof: ProfileConfig,
 
     from hexgen.config import StageSpec, normalize_dtype, valid_tp_degrees
     from hexgen.engine.kv_cache import allocate_cache
+    from hexgen.kernels.timing import replay_time
     from hexgen.model.attention import build_meta
     from hexgen.model.llama import DecoderLayer
     from hexgen.model.loader import build_stage, init_random
     from hexgen.model.rope import RotaryCache
-    from hexgen.model.timing import replay_time
     from hexgen.parallel.groups import TPContext
 
     class ShardOnly(TPContext):

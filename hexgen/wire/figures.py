@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hexgen.wire.text import as_text
+
 METRICS_PREFIX = "hexgen:metrics:"
 PIPELINE_FIGURES_PREFIX = METRICS_PREFIX + "pipeline:"
 STAGE_FIGURES_PREFIX = METRICS_PREFIX + "stage:"
@@ -280,13 +282,9 @@ def counter_deltas(now: Tally, before: Tally) -> tuple[dict[str, int], dict[str,
     return {k: v for k, v in ints.items() if v}, {k: v for k, v in floats.items() if v}
 
 
-def _text(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
 def _num(v: Any) -> float:
     try:
-        return float(_text(v))
+        return float(as_text(v))
     except ValueError:
         return 0.0
 
@@ -308,10 +306,10 @@ def parse_pipeline_figures(pipeline_id: str, raw: Mapping[Any, Any]) -> Pipeline
     """Decode a ``hexgen:metrics:pipeline:<pid>`` hash; unknown or malformed fields are skipped."""
     out = PipelineFigures(pipeline_id)
     for k, v in raw.items():
-        key = _text(k)
+        key = as_text(k)
         parts = key.split(":")
         if key == "model":
-            out.model = _text(v)
+            out.model = as_text(v)
         elif parts[0] == "success" and len(parts) == 2:
             out.success[parts[1]] = int(_num(v))
         elif parts[0] == "stage" and len(parts) == 3 and parts[1].isdigit():
@@ -344,12 +342,12 @@ def _histogram_field(out: PipelineFigures, name: str, part: str, v: Any) -> None
 
 def parse_stage_figures(raw: Mapping[Any, Any]) -> dict[str, float]:
     """Decode a ``hexgen:metrics:stage:<pid>:<stage>`` hash into its known gauges."""
-    fields = {_text(k): v for k, v in raw.items()}
+    fields = {as_text(k): v for k, v in raw.items()}
     return {name: _num(fields[name]) for name in STAGE_GAUGES if name in fields}
 
 
 def split_stage_key(key: Any) -> tuple[str, int] | None:
     """(pipeline id, stage) of a stage figures key, or None when it is not one."""
-    rest = _text(key)[len(STAGE_FIGURES_PREFIX) :]
+    rest = as_text(key)[len(STAGE_FIGURES_PREFIX) :]
     pid, _, stage = rest.rpartition(":")
     return (pid, int(stage)) if pid and stage.isdigit() else None

@@ -108,11 +108,6 @@ def request_error(code: str, message: str) -> RequestError:
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
-def as_text(v: bytes | str) -> str:
-    """A Redis reply value as str, undecodable bytes replaced (clients may or may not decode responses)."""
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
 def _s(v: Any) -> str:
     """A wire field as str; bytes that are not UTF-8 are a ProtocolError."""
     if isinstance(v, bytes):

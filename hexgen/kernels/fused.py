@@ -10,8 +10,8 @@ inside a CUDA graph each still costs a few microseconds, about a third of the st
 - ``silu_mul``: SiLU(gate) * up from the fused gate/up projection.
 
 A stage takes the kernels when its resolved ``KernelConfig.fused`` is on (CUDA, triton importable, not turned
-off; ``hexgen.model.kernels``). The ``*_ref`` functions are the reference math; tests run the kernels under
-Triton's interpreter.
+off; ``hexgen.kernels.choice``). The ``*_ref`` functions are the reference math (rotary's lives with the model
+math: ``hexgen.model.rope.rotary_kv_write_ref``); tests run the kernels under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hexgen.model import pdl
+from hexgen.kernels import pdl
 
 
 def _pow2(n: int) -> int:
@@ -43,7 +43,7 @@ def add_rms_norm(
     x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, res: [tokens, hidden] (res None: no add). Returns (normed [tokens, hidden], x + res)."""
-    from hexgen.model import fused_kernels as kern
+    from hexgen.kernels import fused_kernels as kern
 
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -70,29 +70,6 @@ def add_rms_norm(
     return out, h
 
 
-def rotary_kv_write_ref(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    slots: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    n_q: int,
-    n_kv: int,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    from hexgen.model import kv_quant
-    from hexgen.model.rope import apply_rotary
-
-    t, d = qkv.shape[0], k_cache.shape[-1]
-    q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
-    q, k = apply_rotary(q.view(t, n_q, d), k.view(t, n_kv, d), cos, sin)
-    kv_quant.write(k_cache, slots, k, k_scale)
-    kv_quant.write(v_cache, slots, v.view(t, n_kv, d), v_scale)
-    return q
-
-
 def rotary_kv_write(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -109,8 +86,8 @@ def rotary_kv_write(
     dtype; slots: [tokens] cache slot of each token; caches [slots, n_kv, d]. Writes rotated k and v to the
     caches (fp8 caches: quantized with k_scale, v_scale [n_kv], as ``kv_quant.write``); returns rotated q
     [tokens, n_q, d]."""
-    from hexgen.model import fused_kernels as kern
-    from hexgen.model.kv_quant import FP8
+    from hexgen.kernels import fused_kernels as kern
+    from hexgen.kernels.kv_quant import FP8
 
     t, d = qkv.shape[0], k_cache.shape[-1]
     if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -159,7 +136,7 @@ def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [tokens, 2 * inter] (gate | up) → [tokens, inter]."""
-    from hexgen.model import fused_kernels as kern
+    from hexgen.kernels import fused_kernels as kern
 
     t, n = x.shape[0], x.shape[1] // 2
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)

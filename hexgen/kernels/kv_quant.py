@@ -13,9 +13,8 @@ rank runs, so a cache calibrates on the first request it serves; later values up
 request's largest pass unclipped, and larger ones saturate at 448 * scale.
 A CUDA-graph capture writes zeros only (its inputs are zero), so it never sets a scale. All of it runs on the
 device with no host sync (``torch.where`` on the scales), so it also runs inside captured decode graphs.
-``scripts/fp8_scale_study.py`` compares the scale rules behind the choice and HEADROOM.
 
-The Triton kernels (``hexgen.model.paged_decode``, ``hexgen.model.fused``) read the same scales: K's scale
+The Triton kernels (``hexgen.kernels.paged_decode``, ``hexgen.kernels.fused``) read the same scales: K's scale
 multiplies the q·k products, V's the accumulated output, so the kernels never materialize dequantized K/V.
 """
 

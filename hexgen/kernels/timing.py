@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from hexgen.model import pdl
+from hexgen.kernels import pdl
 
 
 def replay_time(fn: Callable[[], object], warmup: int = 2, reps: int = 50) -> float:

@@ -13,26 +13,14 @@ engine uses the PyTorch reference in ``hexgen.model.attention`` there.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
+from hexgen.kernels.support import triton_importable, triton_interpreting
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP8 = torch.float8_e4m3fn  # an fp8 cache (hexgen.model.kv_quant) comes with per-KV-head scales
+FP8 = torch.float8_e4m3fn  # an fp8 cache (hexgen.kernels.kv_quant) comes with per-KV-head scales
 _LOG2E = 1.4426950408889634  # the kernels take the softmax scale times log2(e) and work in base 2
-
-
-@functools.cache
-def triton_importable() -> bool:
-    """Whether triton imports here (with or without a GPU)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def available() -> bool:
@@ -60,8 +48,8 @@ def num_splits(batch: int, n_kv: int, max_ctx: int, device: torch.device) -> int
 
 def _dot_mode(dtype: torch.dtype) -> tuple[bool, bool]:
     """(DOT_F32, IEEE): fp32 inputs get exact products (no TF32); under Triton's interpreter bf16 dots run
-    in fp32, since it multiplies bf16 as raw integers (``TRITON_INTERPRET`` is Triton's own switch)."""
-    dot_f32 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    in fp32, since it multiplies bf16 as raw integers."""
+    dot_f32 = dtype == torch.bfloat16 and triton_interpreting()
     return dot_f32, dtype == torch.float32 or dot_f32
 
 
@@ -122,7 +110,7 @@ def paged_decode(
     q: [batch, n_q, d]; k_cache, v_cache: [slots, n_kv, d] (slot = block * block_size + offset);
     block_tables: [batch, max_blocks] int32/int64, rows padded with any valid block; ctx_lens: [batch]
     int32/int64, tokens of context (the query's own K/V already written). Keys at positions ≥ ctx_len are
-    ignored. Returns [batch, n_q, d] in q's dtype. fp8 caches (``hexgen.model.kv_quant``): k_scale, v_scale
+    ignored. Returns [batch, n_q, d] in q's dtype. fp8 caches (``hexgen.kernels.kv_quant``): k_scale, v_scale
     [n_kv] float32, the dequantization scale of each KV head. ``splits`` (split-K partitions) and ``block_n`` (tokens
     per tile) default to heuristics. ``num_warps``, ``num_stages`` and ``head_major`` (grid order: the KV
     heads of one sequence launched together, rather than one head of many sequences) are launch settings;
@@ -151,8 +139,8 @@ def paged_decode(
     out = torch.empty(batch, n_q, d, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    from hexgen.model import paged_decode_kernels as kern
-    from hexgen.model import pdl
+    from hexgen.kernels import paged_decode_kernels as kern
+    from hexgen.kernels import pdl
 
     common = dict(
         GROUP=group,
@@ -283,7 +271,7 @@ def paged_prefill(
     n_tiles = tile_seq.shape[0]
     if n_tiles == 0:
         return
-    from hexgen.model import paged_decode_kernels as kern
+    from hexgen.kernels import paged_decode_kernels as kern
 
     n_q, d = q.shape[1], q.shape[2]
     block_d = max(16, _next_pow2(d))

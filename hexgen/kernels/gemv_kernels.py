@@ -1,7 +1,7 @@
-"""Triton kernel of ``hexgen.model.gemv`` (imported lazily from there).
+"""Triton kernel of ``hexgen.kernels.gemv`` (imported lazily from there).
 
 With ``SILU`` the input is the gate | up row of the MLP and the kernel multiplies by silu(gate) * up, computed
-per K slice (the down projection without a separate ``silu_mul``). With ``PDL`` (``hexgen.model.pdl``) a
+per K slice (the down projection without a separate ``silu_mul``). With ``PDL`` (``hexgen.kernels.pdl``) a
 program loads its first weight tile, which no kernel writes, before it waits for the kernel before it; the
 loop's first iteration is peeled for that. With ``AHEAD`` the loop loads the next tile before it multiplies
 the current one (two tiles in flight per thread instead of one). The sums run in the same order in every

@@ -1,8 +1,8 @@
-"""Triton kernels of the fused elementwise ops (``hexgen.model.fused``), imported lazily from there.
+"""Triton kernels of the fused elementwise ops (``hexgen.kernels.fused``), imported lazily from there.
 
 Each kernel rounds where the PyTorch reference rounds (to the activation dtype after every op the reference
 runs in that dtype), so the fused and reference paths agree to the reduction order. With ``PDL``
-(``hexgen.model.pdl``) each waits for the kernel before it before it reads an activation or writes.
+(``hexgen.kernels.pdl``) each waits for the kernel before it before it reads an activation or writes.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def rotary_kv_write(
 ):
     """One program per (token, head of q or k): rotate-half rotary on the head; q heads go to QOut, k heads
     (and the v head of the same index) to the cache slot of the token. FP8: k and v are stored as
-    e4m3(clamp(x / scale, ±448)), the scale of their KV head (``hexgen.model.kv_quant.quantize``)."""
+    e4m3(clamp(x / scale, ±448)), the scale of their KV head (``hexgen.kernels.kv_quant.quantize``)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
