@@ -162,30 +162,35 @@ def test_the_redis_path_takes_the_same_fields(dep):
     Weather.model_validate(call["arguments"])
 
 
-def test_langchain_chat_openai(dep):
+def chat_openai(dep, **kw):
     lc = pytest.importorskip("langchain_openai")
-    from langchain_core.messages import AIMessage
-    from langchain_core.tools import tool
+    return lc.ChatOpenAI(model="tiny", base_url=dep.base_url + "/v1", api_key="unused", temperature=0,
+                         max_retries=0, timeout=280, **kw)
 
-    llm = lc.ChatOpenAI(model="tiny", base_url=dep.base_url + "/v1", api_key="unused", temperature=0,
-                        max_tokens=32, max_retries=0, timeout=300)
+
+def test_langchain_invoke_and_stream(dep):
+    from langchain_core.messages import AIMessage
+
+    llm = chat_openai(dep, max_tokens=16)
     answer = llm.invoke("Say hello.")
     assert isinstance(answer, AIMessage) and answer.content
-    streamed = "".join(chunk.content for chunk in llm.stream("Say hello."))
-    assert streamed == answer.content
+    assert "".join(chunk.content for chunk in llm.stream("Say hello.")) == answer.content
 
-    person = lc.ChatOpenAI(model="tiny", base_url=dep.base_url + "/v1", api_key="unused", temperature=0,
-                           max_tokens=64, max_retries=0, timeout=300).with_structured_output(Person)
+
+def test_langchain_with_structured_output(dep):
+    person = chat_openai(dep, max_tokens=64).with_structured_output(Person)
     assert isinstance(person.invoke("Invent a person with a name and an age."), Person)
+
+
+def test_langchain_bind_tools_and_a_tool_call(dep):
+    from langchain_core.tools import tool
 
     @tool
     def get_weather(city: str, unit: Literal["celsius", "fahrenheit"]) -> str:
         """Get the current weather in a city."""
         return f"21 degrees {unit} in {city}"
 
-    bound = lc.ChatOpenAI(model="tiny", base_url=dep.base_url + "/v1", api_key="unused", temperature=0,
-                          max_tokens=96, max_retries=0, timeout=300).bind_tools([get_weather],
-                                                                                tool_choice="get_weather")
+    bound = chat_openai(dep, max_tokens=96).bind_tools([get_weather], tool_choice="get_weather")
     msg = bound.invoke("What is the weather like in Paris?")
     [call] = msg.tool_calls
     assert call["name"] == "get_weather"
