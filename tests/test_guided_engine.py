@@ -34,12 +34,14 @@ def setup(default_model_dir):
     regex = comp.compile(parse_structured({"guided_regex": REGEX}, chat=False), None)
 
     def chat(text: str) -> list[int]:
-        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+        return tok(prompt, add_special_tokens=False)["input_ids"]
 
     requests = [
-        Request("json-greedy", chat("Invent a person."), SamplingParams(max_new_tokens=40, grammar=schema)),
+        Request("json-greedy", chat("Invent a person."), SamplingParams(max_new_tokens=32, grammar=schema)),
         Request("json-sampled", chat("Invent a person."),
-                SamplingParams(max_new_tokens=40, temperature=1.0, seed=5, grammar=schema)),
+                SamplingParams(max_new_tokens=32, temperature=1.0, seed=5, grammar=schema)),
         Request("regex", chat("A phone number?"),
                 SamplingParams(max_new_tokens=12, temperature=0.7, seed=9, grammar=regex)),
         Request("free", chat("Say hi."), SamplingParams(max_new_tokens=8)),
@@ -54,15 +56,24 @@ def run(model_dir: str, requests: list[Request], **engine_kw):
     return run_offline(layout, ModelSpec(model_dir=model_dir), engine, requests)
 
 
-def test_guided_engine_async_equals_sync_and_resumes(setup):
-    model_dir, tok, requests = setup
-    fast = run(model_dir, requests)
+@pytest.fixture(scope="module")
+def fast(setup):
+    """The asynchronous loop (the default for one stage)."""
+    model_dir, _, requests = setup
+    return run(model_dir, requests)
+
+
+def test_constrained_answers_validate(fast):
     for rid in ("json-greedy", "json-sampled"):
         assert fast[rid].finish_reason == "eos", fast[rid].text
         person = json.loads(fast[rid].text)
         assert set(person) == {"name", "age"} and isinstance(person["age"], int) and len(person["name"]) <= 20
     assert re.fullmatch(REGEX, fast["regex"].text), fast["regex"].text
-    # The synchronous loop, plus the sampled JSON request resumed after RESUME_AT of its tokens.
+
+
+def test_synchronous_loop_and_a_resumed_request_agree(setup, fast):
+    """The synchronous loop, plus the sampled JSON request resumed after RESUME_AT of its tokens."""
+    model_dir, _, requests = setup
     done = fast["json-sampled"].token_ids
     base = next(r for r in requests if r.request_id == "json-sampled")
     resumed = Request("json-resumed", base.prompt_ids, base.params, output_ids=done[:RESUME_AT])
