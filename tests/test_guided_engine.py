@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from hexgen.config import EngineConfig, Layout, ModelConfig
 from hexgen.engine.offline import run_offline
@@ -81,3 +82,18 @@ def test_synchronous_loop_and_a_resumed_request_agree(setup, fast):
     assert {k: v.token_ids for k, v in slow.items() if k != "json-resumed"} == \
         {k: v.token_ids for k, v in fast.items()}
     assert slow["json-resumed"].token_ids == done[RESUME_AT:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_answers_validate_and_a_resumed_request_agrees(setup):
+    """The device path: masks copied to the GPU and applied there, with CUDA graphs and asynchronous steps.
+    The resumed request is the greedy one (a batch of another size may move float32 logits by rounding)."""
+    model_dir, _, requests = setup
+    first = run(model_dir, requests, device="cuda", dtype="float32")
+    test_constrained_answers_validate(first)
+    done = first["json-greedy"].token_ids
+    base = next(r for r in requests if r.request_id == "json-greedy")
+    again = run(model_dir, [*requests, Request("json-resumed", base.prompt_ids, base.params,
+                                               output_ids=done[:RESUME_AT])], device="cuda", dtype="float32")
+    assert again["json-resumed"].token_ids == done[RESUME_AT:]
