@@ -35,10 +35,14 @@
 #   planner-phases   2 GPUs: decode-only and prefill-only loads on TP 2 and PP 2 (runs_h200x2_phases.json)
 #   planner-x4       4 GPUs: calibrations at TP 1, 2 and 4 (NO_PROFILE=1 skips them), then the 70B layouts of
 #                    bench/planner/runs_h200x4.json (X4_RUNS: a comma-separated subset, in that order)
+#   fp8-weights      Llama-3.1-8B shape (random weights), bf16 against FP8 weights (--quantization fp8) in one call:
+#                    the FP8 GPU tests, batch-1 decode (latency) of each, then REQUESTS (1,000) requests all at once
+#                    of each (max-num-seqs 1024, budget 16384, no HF); FP8_PARTS: a subset of "tests latency
+#                    throughput"; ACC_MODEL=dir adds `bench weight-accuracy` (bf16) on that checkpoint
 #   planner-auto     CLUSTER=file BASE=spec.json [CALS="a.json b.json"]: plan the cluster, then measure the
 #                    planner's layout against the best symmetric one (scripts/plan_runs.py)
 set -u
-SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto"
+SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto fp8-weights"
 [ $# -ge 1 ] || { echo "usage: bench/gpu.sh SCENARIO [SCENARIO ...]; scenarios: $SCENARIOS" >&2; exit 2; }
 for S in "$@"; do
   case " $SCENARIOS " in *" $S "*) ;; *) echo "bench/gpu.sh: unknown scenario '$S'; choose from: $SCENARIOS" >&2; exit 2;; esac
@@ -185,6 +189,34 @@ planner_x4() {
   measure bench/planner/runs_h200x4.json h200x4 "${X4_RUNS:-}"
 }
 
+fp8_weights() {
+  local M8="--preset llama-3.1-8b --random-weights --dtype bf16 --cuda-graphs" q parts=" ${FP8_PARTS:-tests latency throughput} "
+  if [[ $parts == *" tests "* ]]; then
+    step 150 $PY -m pytest -q -x -m gpu -p no:cacheprovider -W default::DeprecationWarning \
+      -W default::FutureWarning tests/test_fp8_weights.py > "$OUT/fp8_tests.txt" 2>&1
+    tail -4 "$OUT/fp8_tests.txt"
+  fi
+  for q in auto fp8; do
+    [[ $parts == *" latency "* ]] || break
+    step 120 $PY -m hexgen.cli bench latency $M8 --no-hf --reps 3 --quantization $q ${EXTRA:-} \
+      --out "$OUT/fp8w_lat_$q.json" > "$OUT/fp8w_lat_$q.log" 2>&1
+    echo "--- batch 1, weights $q"; grep -v "$NOISE" "$OUT/fp8w_lat_$q.log" | keep | tail -6
+  done
+  for q in auto fp8; do
+    [[ $parts == *" throughput "* ]] || break
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "${TPUT_LIMIT:-170}" $PY -m hexgen.cli bench throughput $M8 \
+      --quantization $q --num-requests "${REQUESTS:-1000}" --max-num-seqs 1024 --max-num-batched-tokens 16384 \
+      --no-hf ${EXTRA:-} --out "$OUT/fp8w_tput_$q.json" > "$OUT/fp8w_tput_$q.log" 2>&1
+    echo "--- ${REQUESTS:-1000} requests, weights $q"
+    grep -v "$NOISE" "$OUT/fp8w_tput_$q.log" | grep -v "preempting\|INFO\|WARNING\|^\s*$" | tail -10 | cut -c1-400
+  done
+  if [ -n "${ACC_MODEL:-}" ]; then
+    step 150 $PY -m hexgen.cli bench weight-accuracy --model "$ACC_MODEL" --dtype bf16 --cuda-graphs \
+      --out "$OUT/fp8w_accuracy.json" 2>&1 | grep -v "$NOISE" | tail -4
+  fi
+  return 0
+}
+
 planner_auto() {
   : "${CLUSTER:?planner-auto needs CLUSTER=cluster.toml}" "${BASE:?planner-auto needs BASE=spec.json}"
   local CAL_ARGS=""; [ -n "${CALS:-}" ] && CAL_ARGS="--calibration $CALS"
@@ -215,6 +247,7 @@ for S in "$@"; do
     planner-phases) measure bench/planner/runs_h200x2_phases.json phases ;;
     planner-x4) planner_x4 ;;
     planner-auto) planner_auto ;;
+    fp8-weights) fp8_weights ;;
   esac
 done
 date -u

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from hexgen.errors import ConfigError
+from hexgen.quantization import WEIGHT_FORMATS, check_quantization, checkpoint_format
 
 DTYPES = ("float32", "float16", "bfloat16")
 KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": e4m3 (hexgen.kernels.kv_quant)
@@ -41,8 +42,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    quantization: str = "none"  # the decoder linears' weights: "none" (the model dtype) or "fp8" (hexgen.quantization)
 
     def __post_init__(self) -> None:
+        if self.quantization not in WEIGHT_FORMATS:
+            raise ConfigError(f"model config quantization: {self.quantization!r} must be one of {WEIGHT_FORMATS}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -111,6 +115,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization=checkpoint_format(d.get("quantization_config")),
         )
 
     @classmethod
@@ -515,6 +520,7 @@ class EngineConfig:
     device_trace: str = ""  # a file: the stage-0 leader's device kernel timeline, summarised (engine.device_trace)
     log_level: str = "WARNING"  # of the rank processes: DEBUG, INFO, WARNING, ERROR or CRITICAL
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with per-layer, per-KV-head scales
+    quantization: str = "auto"  # weights: "auto" the checkpoint's own format; "fp8" e4m3 (quantized at load)
     cpu_threads: int = 0  # CPU ranks: torch threads each; 0: the host's cores / its ranks (hexgen.engine.threads)
 
     def __post_init__(self) -> None:
@@ -535,6 +541,7 @@ class EngineConfig:
         if not 0.05 <= self.gpu_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} must be in [0.05, 1.0]")
         check_kv_cache_dtype(self.kv_cache_dtype)
+        check_quantization(self.quantization)
         self._check_process_fields()
 
     def _check_process_fields(self) -> None:

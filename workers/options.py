@@ -71,6 +71,7 @@ def build_plan(opts: WorkerOptions):
             "device": opts.settings.device,
             "max_model_len": m.max_model_len,
             "kv_cache_dtype": opts.settings.kv_cache_dtype,
+            "quantization": opts.settings.quantization,
             "kernels": opts.settings.kernels,
             **logs,
             **opts.engine_overrides,

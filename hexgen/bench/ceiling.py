@@ -113,6 +113,25 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2.0 * n**3 / dt
 
 
+def scaled_mm_rate(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n FP8 product (``torch._scaled_mm``, e4m3 operands, row-wise scales, bf16 out)
+    on a CUDA card with FP8 tensor cores, timed as ``matmul_rate``."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device, generator=gen).to(torch.float8_e4m3fn).t()
+    sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+    for i in range(3 + reps):
+        if i == 3:
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+        torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    torch.cuda.synchronize(device)
+    dt = (time.perf_counter() - t) / reps
+    del a, b
+    torch.cuda.empty_cache()
+    return 2.0 * n**3 / dt
+
+
 def ceiling(counts: WorkloadCounts, flops_per_s: float, bytes_per_s: float) -> dict:
     """The two times, their max and sum, and the output tokens/s each allows."""
     t_flops = counts.linear_flops / flops_per_s

@@ -7,6 +7,7 @@ JSON-able dict.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import os
@@ -17,14 +18,16 @@ from dataclasses import dataclass
 import torch
 
 from hexgen.bench import hf_baseline, hf_cb
-from hexgen.bench.ceiling import ceiling, count_workload, matmul_rate
+from hexgen.bench.ceiling import ceiling, count_workload, matmul_rate, scaled_mm_rate
 from hexgen.bench.engine_bench import at_once, run_engine
 from hexgen.bench.memory import memory_lines, memory_summary
 from hexgen.bench.roofline import copy_bandwidth, weight_bytes
 from hexgen.bench.stats import RequestTiming, summarize
 from hexgen.bench.workload import Shape, make_requests, mixed_shapes
-from hexgen.config import EngineConfig, Layout
+from hexgen.config import EngineConfig, Layout, ModelConfig
 from hexgen.engine.runner import ModelSpec
+from hexgen.kernels import fp8_linear
+from hexgen.quantization import weight_format
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ def device_info(engine: EngineConfig) -> dict:
         "torch": torch.__version__,
         "dtype": engine.dtype,
         "kv_cache_dtype": engine.kv_cache_dtype,
+        "quantization": engine.quantization,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "host_cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
@@ -66,11 +70,17 @@ def device_info(engine: EngineConfig) -> dict:
 CPU_COPY_BYTES = 256 << 20  # the CPU roofline's copy: larger than the caches, small enough for a test machine
 
 
+def served_config(setup: BenchSetup) -> ModelConfig:
+    """The model as the engine serves it: its weight format after ``EngineConfig.quantization``."""
+    cfg = setup.model.config()
+    return dataclasses.replace(cfg, quantization=weight_format(cfg.quantization, setup.engine.quantization))
+
+
 def _roofline(setup: BenchSetup) -> dict:
     cuda = setup.engine.device == "cuda"
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     bw = copy_bandwidth(dev) if cuda else copy_bandwidth(dev, CPU_COPY_BYTES)
-    wb = weight_bytes(setup.model.config(), getattr(torch, setup.engine.dtype))
+    wb = weight_bytes(served_config(setup), getattr(torch, setup.engine.dtype))
     what = "one GPU's" if cuda else f"the CPU's ({torch.get_num_threads()} threads)"
     return {
         "copy_bandwidth_TBps": round(bw / 1e12, 3),
@@ -87,14 +97,17 @@ def _ceiling(setup: BenchSetup, shapes: list[Shape]) -> dict:
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = getattr(torch, setup.engine.dtype)
     gpus = setup.layout.world_size if cuda else 1
-    flops = matmul_rate(dev, dtype) * gpus
+    cfg = served_config(setup)
+    fp8_gemm = cfg.quantization == "fp8" and cuda and fp8_linear.tensor_cores(dev)
+    flops = (scaled_mm_rate(dev) if fp8_gemm else matmul_rate(dev, dtype)) * gpus
     bw = (copy_bandwidth(dev) if cuda else copy_bandwidth(dev, CPU_COPY_BYTES)) * gpus
     kv_elem = 1 if getattr(setup.engine, "kv_cache_dtype", "auto") == "fp8" else None  # e4m3 (scales aside)
-    counts = count_workload(setup.model.config(), shapes, torch.empty(0, dtype=dtype).element_size(), kv_elem)
+    counts = count_workload(cfg, shapes, torch.empty(0, dtype=dtype).element_size(), kv_elem)
     what = f"{gpus} GPU(s)" if cuda else f"the CPU ({torch.get_num_threads()} threads)"
     return {
         **ceiling(counts, flops, bw),
-        "note": f"linear-layer FLOPs at a {setup.engine.dtype} matmul rate and K/V + weight bytes at the copy "
+        "note": f"linear-layer FLOPs at a {'FP8' if fp8_gemm else setup.engine.dtype} matmul rate and K/V + "
+        "weight bytes at the copy "
         f"bandwidth, both measured on {what} in this process (hexgen.bench.ceiling)",
     }
 

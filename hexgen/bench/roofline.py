@@ -11,14 +11,19 @@ from hexgen.config import ModelConfig
 
 def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes of every parameter read in one decode step (embedding rows aside, the LM head counts once
-    more unless tied)."""
+    more unless tied). FP8 weights (``cfg.quantization``): the decoder linears at one byte a weight plus a
+    4-byte scale per output row."""
     elem = torch.empty(0, dtype=dtype).element_size()
     h, d = cfg.hidden_size, cfg.head_dim
     attn = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h
     mlp = 3 * h * cfg.intermediate_size
-    per_layer = attn + mlp + 2 * h
     head = cfg.vocab_size * h
-    return elem * (cfg.num_layers * per_layer + h + head)
+    if cfg.quantization == "fp8":
+        rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * d + h + 2 * cfg.intermediate_size + h
+        linears = attn + mlp + 4 * rows
+    else:
+        linears = elem * (attn + mlp)
+    return cfg.num_layers * (linears + elem * 2 * h) + elem * (h + head)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, reps: int = 10) -> float:

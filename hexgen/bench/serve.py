@@ -168,6 +168,8 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
         over["emulate_devices"] = setup.engine.emulate_devices
     if setup.engine.kv_cache_dtype != "auto":
         over["kv_cache_dtype"] = setup.engine.kv_cache_dtype
+    if setup.engine.quantization != "auto":
+        over["quantization"] = setup.engine.quantization
     m = setup.model
     model = ModelSettings(preset=m.preset) if m.preset else ModelSettings(path=cast(str, m.model_dir))
     settings = Settings(
@@ -187,7 +189,7 @@ def worker_engine_overrides(setup: BenchSetup) -> dict:
             f"serve: the workers would run another engine: {', '.join(diff)}; in serve mode "
             "leave --gpu-memory-fraction, --max-num-batched-tokens and the async-step flags at their "
             "defaults (workers take only --max-num-seqs, --kv-tokens, --cuda-graphs, --kernel, "
-            "--emulate-devices and --kv-cache-dtype)"
+            "--emulate-devices, --kv-cache-dtype and --quantization)"
         )
     return over
 
@@ -200,6 +202,8 @@ def worker_engine_flags(overrides: dict) -> list[str]:
             argv += ["--kernel", item]
     if overrides.get("kv_cache_dtype"):
         argv += ["--kv-cache-dtype", overrides["kv_cache_dtype"]]
+    if overrides.get("quantization"):
+        argv += ["--quantization", overrides["quantization"]]
     if overrides.get("emulate_devices"):
         argv += [
             "--emulate-devices",

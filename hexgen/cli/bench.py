@@ -1,6 +1,7 @@
 """`hexgen bench`: engine latency / throughput against Hugging Face generate and the memory roofline; a Poisson
 request-rate sweep (`sweep`, or `throughput --rates ...`); the Redis and HTTP serving paths against the engine
-(`serve`); the FP8 KV cache's greedy agreement and logit error against the model-dtype cache (`kv-accuracy`)."""
+(`serve`); the FP8 KV cache's greedy agreement and logit error against the model-dtype cache (`kv-accuracy`);
+FP8 weights' top-1 agreement and mean KL against the checkpoint's weights (`weight-accuracy`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from hexgen.errors import ConfigError, HexGenError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hexgen bench", description=__doc__)
-    p.add_argument("mode", choices=("latency", "throughput", "sweep", "serve", "kv-accuracy"))
+    p.add_argument("mode", choices=("latency", "throughput", "sweep", "serve", "kv-accuracy", "weight-accuracy"))
     add_layout_args(p)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         "--new-tokens",
         type=int,
         default=None,
-        help="latency: tokens to generate (default 256); kv-accuracy: greedy tokens per prompt (32)",
+        help="latency: tokens to generate (default 256); kv-accuracy, weight-accuracy: greedy tokens per prompt (32)",
     )
     p.add_argument("--reps", type=int, default=3, help="latency: measured requests, one after another")
     p.add_argument("--kv-tokens", type=int, default=65536, help="KV cache capacity in tokens per rank on CPU")
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="throughput: requests offered at once (default 1000); sweep: requests per rate (64); "
-        "serve: requests (32); kv-accuracy: prompts of the fixed set (8)",
+        "serve: requests (32); kv-accuracy, weight-accuracy: prompts of the fixed set (8)",
     )
     p.add_argument(
         "--prompt-range",
@@ -145,6 +146,14 @@ def _run(args: argparse.Namespace, setup: BenchSetup) -> tuple[dict, str]:
         res = kv_accuracy(setup.layout, setup.model, setup.engine, prompts, args.new_tokens or 32)
         res["command"] = setup.command
         return res, format_accuracy(res)
+    elif args.mode == "weight-accuracy":
+        from hexgen.bench.kv_accuracy import prompt_ids
+        from hexgen.bench.weight_accuracy import format_weight_accuracy, weight_accuracy
+
+        prompts = prompt_ids(setup.model, setup.model.config().vocab_size, args.num_requests or 8, args.seed)
+        res = weight_accuracy(setup.layout, setup.model, setup.engine, prompts, args.new_tokens or 32)
+        res["command"] = setup.command
+        return res, format_weight_accuracy(res)
     elif args.mode == "sweep":
         res = sweep(setup, SweepOptions(tuple(args.rates or ()), n, prompt, output, args.seed, args.tpot_slo_ms))
         return res, format_sweep(res)

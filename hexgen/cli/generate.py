@@ -13,6 +13,7 @@ from hexgen.engine.offline import run_offline
 from hexgen.engine.runner import ModelSpec
 from hexgen.engine.types import Request, SamplingParams
 from hexgen.errors import HexGenError
+from hexgen.quantization import QUANTIZATIONS
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,13 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="KV cache storage: auto (the model dtype) or fp8 (e4m3, scales per layer and KV head)",
     )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="auto",
+        help="weights: auto (the checkpoint's own: bf16, or FP8 for a compressed-tensors FP8 checkpoint) or fp8 "
+        "(e4m3 with per-row scales, quantized at load)",
+    )
 
 
 def resolve_model(args: argparse.Namespace) -> ModelSpec:
@@ -69,6 +77,7 @@ def resolve_engine(args: argparse.Namespace, layout: Layout, **extra) -> EngineC
     check_devices(layout, device, torch.cuda.device_count() if device == "cuda" else 0)
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     extra.setdefault("kv_cache_dtype", getattr(args, "kv_cache_dtype", "auto"))
+    extra.setdefault("quantization", getattr(args, "quantization", "auto"))
     return EngineConfig(dtype=dtype, device=device, log_level=env_log_level(), **engine_fields(args), **extra)
 
 

@@ -7,11 +7,13 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 from hexgen.cli.generate import add_layout_args, resolve_model
 from hexgen.config import Layout, ModelConfig, normalize_dtype, preset, valid_tp_degrees
 from hexgen.errors import ConfigError, HexGenError
+from hexgen.quantization import weight_format
 from hexgen.wire import keys as C
 
 
@@ -98,6 +100,7 @@ def _plan_cluster(args: argparse.Namespace) -> int:
     if bool(path) == bool(args.preset):
         raise ConfigError("--model-path, --preset: give exactly one with --cluster")
     cfg = ModelConfig.from_dir(path) if path else preset(args.preset)
+    cfg = replace(cfg, quantization=weight_format(cfg.quantization, args.quantization))
     dtype = normalize_dtype(args.dtype or "bf16")
     cal = tuple(load_calibration(f) for f in args.calibration) if args.calibration else None
     cost = CostModel(cfg, dtype_bytes=4 if dtype == "float32" else 2, calibration=cal)
@@ -115,6 +118,7 @@ def _plan_cluster(args: argparse.Namespace) -> int:
             model_path=os.path.abspath(path) if path else None,
             preset=args.preset,
             dtype=dtype,
+            quantization=args.quantization,
             redis_url=args.redis_url,
             config_path=args.out,
         )

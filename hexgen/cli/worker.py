@@ -16,6 +16,7 @@ from hexgen.cli.flags import add_engine_flags, engine_fields, env_log_level
 from hexgen.config import KV_CACHE_DTYPES
 from hexgen.errors import HexGenError
 from hexgen.logutil import setup_logging
+from hexgen.quantization import QUANTIZATIONS
 from hexgen.wire.settings import add_settings_args, settings_from_args
 
 ADVERTISE_HOST_ENV = "HEXGEN_ADVERTISE_HOST"
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=KV_CACHE_DTYPES,
         default=None,
         help="KV cache: auto (the model dtype) or fp8 (e4m3); default: the config's kv_cache_dtype",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="weights: auto (the checkpoint's format) or fp8 (e4m3, quantized at load); default: the config's",
     )
     p.add_argument(
         "--threads",
@@ -142,6 +149,7 @@ def engine_overrides(args: argparse.Namespace) -> dict:
             ("cpu_kv_tokens", args.kv_tokens),
             ("cuda_graphs", args.cuda_graphs or None),
             ("kv_cache_dtype", args.kv_cache_dtype),
+            ("quantization", args.quantization),
             ("cpu_threads", args.threads),
         )
         if v is not None

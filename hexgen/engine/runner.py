@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,13 +16,14 @@ from hexgen.engine.plan import StepPlan
 from hexgen.engine.scheduler import max_step_batch
 from hexgen.engine.threads import CpuThreads
 from hexgen.errors import ConfigError
-from hexgen.kernels import cpu_layout, gemv, kv_quant
+from hexgen.kernels import cpu_layout, fp8_linear, gemv, kv_quant
 from hexgen.kernels.choice import resolve
 from hexgen.kernels.staging import upload
 from hexgen.model.attention import build_meta, decode_meta
 from hexgen.model.loader import build_stage, init_random, load_stage
 from hexgen.model.rope import RotaryCache
 from hexgen.parallel.groups import PipelineGroups
+from hexgen.quantization import weight_format
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class ModelSpec:
 
 class StageRunner:
     def __init__(self, model: ModelSpec, engine: EngineConfig, groups: PipelineGroups) -> None:
-        self.cfg = model.config()
+        cfg = model.config()
+        self.cfg = replace(cfg, quantization=weight_format(cfg.quantization, engine.quantization))
         self.engine = engine
         self.groups = groups
         self.device = groups.device
@@ -61,8 +63,9 @@ class StageRunner:
             init_random(self.model, engine.seed, groups.tp.rank)
         else:
             load_stage(self.model, model.model_dir, progress=groups.is_leader)
-        self.linears = [m for m in self.model.modules() if hasattr(m, "gemv")]
+        self.linears = [m for m in self.model.modules() if hasattr(m, "gemv") and not fp8_linear.is_fp8(m)]
         gemv.tune(self.linears, self.kernels.gemv)  # batch-1 linears: the Triton GEMV, timed on these weights
+        fp8_linear.tune([m for m in self.model.modules() if fp8_linear.is_fp8(m)], self.kernels.gemv)
         if self.kernels.cpu_layout:  # on CPU: each shape's weights in the storage order its GEMV reads fastest
             cpu_layout.tune(self.linears)
         self.max_len = engine.max_model_len or self.cfg.max_position_embeddings

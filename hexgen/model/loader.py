@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from hexgen.config import KernelConfig, ModelConfig, StageSpec
 from hexgen.errors import LoadError
+from hexgen.kernels import fp8_linear
 from hexgen.kernels.choice import resolve
 from hexgen.model.llama import LlamaStage
 from hexgen.parallel.groups import TPContext
@@ -83,6 +84,10 @@ def _stage_loaders(
     def sl(name: str):
         return lambda dim, a, b: reader.slice(name, dim, a, b)
 
+    def sc(name: str):  # an fp8 checkpoint's weight_scale rows of weight ``name`` (None: it has none)
+        s = name.removesuffix("weight") + "weight_scale"
+        return (lambda a, b: fp8_linear.scale_rows(reader.full(s), a, b)) if reader.has(s) else None
+
     if model.embed is not None:
         name = "model.embed_tokens.weight"
         out.append((name, lambda: model.embed.weight.copy_(reader.full(name))))
@@ -100,14 +105,14 @@ def _stage_loaders(
         ]
         for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             n = p + f"self_attn.{proj}.weight"
-            out.append((n, lambda m=layer, j=j, n=n: m.attn.qkv_proj.load_section(j, sl(n))))
+            out.append((n, lambda m=layer, j=j, n=n: m.attn.qkv_proj.load_section(j, sl(n), sc(n))))
         n = p + "self_attn.o_proj.weight"
-        out.append((n, lambda m=layer, n=n: m.attn.o_proj.load(sl(n))))
+        out.append((n, lambda m=layer, n=n: m.attn.o_proj.load(sl(n), sc(n))))
         for j, proj in enumerate(("gate_proj", "up_proj")):
             n = p + f"mlp.{proj}.weight"
-            out.append((n, lambda m=layer, j=j, n=n: m.mlp.gate_up.load_section(j, sl(n))))
+            out.append((n, lambda m=layer, j=j, n=n: m.mlp.gate_up.load_section(j, sl(n), sc(n))))
         n = p + "mlp.down_proj.weight"
-        out.append((n, lambda m=layer, n=n: m.mlp.down.load(sl(n))))
+        out.append((n, lambda m=layer, n=n: m.mlp.down.load(sl(n), sc(n))))
     if model.lm_head is not None:
         out.append(("model.norm.weight", lambda: model.norm.weight.copy_(reader.full("model.norm.weight"))))
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
@@ -126,11 +131,16 @@ def build_stage(
 ) -> LlamaStage:
     """The stage module with uninitialised storage on ``device`` (built on meta: no full-size init). The dtype
     is set on meta first, so the device never holds an fp32 copy (twice the bf16 size: a 60-layer 70B stage
-    would not fit an H200). ``kernels`` (default: every fast path) is resolved for ``device`` here."""
+    would not fit an H200). ``kernels`` (default: every fast path) is resolved for ``device`` here. With
+    ``cfg.quantization`` "fp8" the decoder linears hold e4m3 weights and per-row scales (embedding and LM head
+    stay in ``dtype``)."""
     kernels = resolve(kernels or KernelConfig(), device)
     with torch.device("meta"):
         model = LlamaStage(cfg, stage, tp, kernels, with_head=with_head)
-    return model.to(dtype).to_empty(device=device).eval()
+    model = model.to(dtype)
+    if cfg.quantization == "fp8":
+        fp8_linear.convert(model)
+    return model.to_empty(device=device).eval()
 
 
 def load_stage(model: LlamaStage, model_dir: str, progress: bool = True) -> list[str]:
@@ -157,6 +167,12 @@ def init_random(model: LlamaStage, seed: int, tp_rank: int) -> None:
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
                 continue
+            if name.endswith("weight_scale"):  # filled with its fp8 weight
+                continue
             g = torch.Generator(device=param.device)
             g.manual_seed(zlib.crc32(f"{seed}/{model.stage.index}/{tp_rank}/{name}".encode()))
+            if param.dtype == fp8_linear.FP8:  # drawn in the model dtype, then quantized per row
+                dtype = model.layers[0].input_norm.weight.dtype
+                fp8_linear.random_fill(param, model.get_parameter(name + "_scale"), dtype, g)
+                continue
             param.normal_(0.0, 0.02, generator=g)

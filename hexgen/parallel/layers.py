@@ -13,12 +13,15 @@ import torch
 from torch import nn
 
 from hexgen.errors import LoadError
+from hexgen.kernels import fp8_linear
 from hexgen.kernels.gemv import Config, linear, linear_silu
 from hexgen.parallel.groups import TPContext
 
 # A loaded-slice getter: takes (dim, start, stop) and returns that slice of the checkpoint tensor.
 SliceFn = Callable[[int, int, int], torch.Tensor]
 FullFn = Callable[[], torch.Tensor]
+# An fp8 checkpoint's weight_scale rows [start, stop) as [stop - start] fp32 (None: the checkpoint has none).
+ScaleFn = Callable[[int, int], torch.Tensor]
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -36,8 +39,34 @@ def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
 def _copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
     if tuple(param.shape) != tuple(value.shape):
         raise LoadError(f"{what}: checkpoint slice has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+    if value.dtype == fp8_linear.FP8 and param.dtype != fp8_linear.FP8:
+        raise LoadError(f"{what}: the checkpoint's weight is float8, but this layer keeps the model dtype")
     with torch.no_grad():
         param.copy_(value.to(dtype=param.dtype))
+
+
+def _fill_rows(
+    layer: ColumnParallelLinear | RowParallelLinear,
+    rows: slice,
+    value: torch.Tensor,
+    get_scale: ScaleFn | None,
+    start: int,
+    what: str,
+):
+    """Weight rows ``rows`` from ``value`` (checkpoint rows from ``start``); fp8 layers also fill their scales."""
+    if layer.weight_scale is None:
+        _copy(layer.weight[rows], value, what)
+        return
+    n = value.shape[0]
+    scale = None if get_scale is None else (lambda: get_scale(start, start + n))
+    fp8_linear.fill(layer.weight[rows], layer.weight_scale[rows], value, scale, what)
+
+
+def _matmul(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """x @ layer.weight.T; fp8 weights (``weight_scale`` set) through ``hexgen.kernels.fp8_linear``."""
+    if layer.weight_scale is not None:
+        return fp8_linear.linear(x, layer.weight, layer.weight_scale, layer.gemv, silu)
+    return (linear_silu if silu else linear)(x, layer.weight, layer.gemv)
 
 
 class ReplicatedLinear(nn.Module):
@@ -67,15 +96,17 @@ class ColumnParallelLinear(nn.Module):
         self.sections = sections
         local_out = sum(s[1] for s in sections)
         self.weight = nn.Parameter(torch.empty(local_out, in_features), requires_grad=False)
+        self.weight_scale: nn.Parameter | None = None  # [local_out] fp32 with fp8 weights (fp8_linear.convert)
         self.gemv: Config | None = None
 
-    def load_section(self, index: int, get_slice: SliceFn) -> None:
+    def load_section(self, index: int, get_slice: SliceFn, get_scale: ScaleFn | None = None) -> None:
         offset = sum(s[1] for s in self.sections[:index])
         total, local, start = self.sections[index]
-        _copy(self.weight[offset : offset + local], get_slice(0, start, start + local), f"section {index}")
+        rows = slice(offset, offset + local)
+        _fill_rows(self, rows, get_slice(0, start, start + local), get_scale, start, f"section {index}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.gemv)  # [tokens, local_out]
+        return _matmul(self, x)  # [tokens, local_out]
 
 
 class RowParallelLinear(nn.Module):
@@ -86,18 +117,20 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.in_start = in_start
         self.weight = nn.Parameter(torch.empty(out_features, in_local), requires_grad=False)
+        self.weight_scale: nn.Parameter | None = None  # [out_features] fp32 with fp8 weights, whole on every rank
         self.gemv: Config | None = None
 
-    def load(self, get_slice: SliceFn) -> None:
+    def load(self, get_slice: SliceFn, get_scale: ScaleFn | None = None) -> None:
         n = self.weight.shape[1]
-        _copy(self.weight, get_slice(1, self.in_start, self.in_start + n), "row-parallel linear")
+        value = get_slice(1, self.in_start, self.in_start + n)
+        _fill_rows(self, slice(None), value, get_scale, 0, "row-parallel linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(linear(x, self.weight, self.gemv))  # [tokens, out_features]
+        return self.tp.all_reduce(_matmul(self, x))  # [tokens, out_features]
 
     def forward_silu(self, gu: torch.Tensor) -> torch.Tensor:
         """gu: [tokens, 2 * in_local] (gate | up) → forward(silu(gate) * up), SiLU fused (fused kernels on)."""
-        return self.tp.all_reduce(linear_silu(gu, self.weight, self.gemv))  # [tokens, out_features]
+        return self.tp.all_reduce(_matmul(self, gu, silu=True))  # [tokens, out_features]
 
 
 def qkv_linear(

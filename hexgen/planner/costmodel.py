@@ -127,8 +127,15 @@ class CostModel:
         return qkv + o + mlp + 2 * m.hidden_size  # + input and post-attention RMSNorm weights
 
     def layer_weight_bytes(self, tp: int) -> int:
-        """One decoder layer's weights on one TP rank."""
-        return self.layer_params(tp) * self.dtype_bytes
+        """One decoder layer's weights on one TP rank. FP8 weights (``model.quantization``): the linears at one
+        byte a weight plus a float32 scale per output row (hexgen.kernels.fp8_linear), the norms in the dtype."""
+        m = self.model
+        norms = 2 * m.hidden_size
+        if m.quantization != "fp8":
+            return self.layer_params(tp) * self.dtype_bytes
+        nq, nkv = self.local_heads(tp)
+        rows = (nq + 2 * nkv) * m.head_dim + m.hidden_size + 2 * self.local_intermediate(tp) + m.hidden_size
+        return self.layer_params(tp) - norms + 4 * rows + norms * self.dtype_bytes
 
     def embed_bytes(self) -> int:
         """Embedding (first stage) + final norm and LM head (last stage); each replicated on every rank of its

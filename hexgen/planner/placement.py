@@ -27,6 +27,7 @@ from hexgen.config import ModelConfig, preset
 from hexgen.errors import ConfigError
 from hexgen.planner.cluster import DEFAULT_INTER, Cluster, Link, Node, default_intra
 from hexgen.planner.devices import device_spec
+from hexgen.quantization import weight_format
 from hexgen.wire import keys as C
 from hexgen.wire.placement import (
     AgentRecord,
@@ -103,10 +104,10 @@ def gpu_type_name(cuda_name: str) -> str:
 
 
 def model_config(settings: Settings) -> ModelConfig:
-    """The served model's shape: its preset, or config.json under ``model.path``."""
-    if settings.model.preset:
-        return preset(settings.model.preset)
-    return ModelConfig.from_dir(settings.model.path)
+    """The served model's shape: its preset, or config.json under ``model.path``; its weight format after the
+    deployment's ``quantization``."""
+    cfg = preset(settings.model.preset) if settings.model.preset else ModelConfig.from_dir(settings.model.path)
+    return replace(cfg, quantization=weight_format(cfg.quantization, settings.quantization))
 
 
 def dtype_bytes(settings: Settings) -> int:

@@ -124,9 +124,10 @@ def plan_to_toml(
     dtype: str,
     redis_url: str,
     config_path: str = "deploy.toml",
+    quantization: str = "auto",
 ) -> str:
     """A deployment file for ``plan``; loads with hexgen.wire.settings.load_settings. ``config_path`` is
-    the name the worker commands in its comments use."""
+    the name the worker commands in its comments use; ``quantization`` other than auto is written out."""
     if bool(model_path) == bool(preset):
         from hexgen.errors import ConfigError
 
@@ -138,6 +139,7 @@ def plan_to_toml(
         f"#   bin/head --config {config_path}",
         f"dtype = {_q(dt)}",
         'device = "cuda"',
+        *([f"quantization = {_q(quantization)}"] if quantization != "auto" else []),
         "",
         "[redis]",
         f"url = {_q(redis_url)}",

@@ -75,9 +75,12 @@ def _nothing_fits(cluster: Cluster, cost: CostModel, ev: Evaluator, starts: Sequ
     weights = model_weight_bytes(cost)
     total = sum(n.count * n.device.memory_bytes for n in cluster.nodes)
     usable = sum(n.count * rank_budget(n.device) for n in cluster.nodes)
+    per_param = f"{cost.dtype_bytes} bytes per parameter"
+    if cost.model.quantization == "fp8":
+        per_param = f"1 byte per linear-layer parameter (fp8), {cost.dtype_bytes} for the rest"
     msg = (
-        f"nothing fits: the model's weights are {weights / GiB:.1f} GiB at {cost.dtype_bytes} bytes per "
-        f"parameter; the cluster has {total / GiB:.1f} GiB on {cluster.num_gpus} GPUs "
+        f"nothing fits: the model's weights are {weights / GiB:.1f} GiB at {per_param}; "
+        f"the cluster has {total / GiB:.1f} GiB on {cluster.num_gpus} GPUs "
         f"({usable / GiB:.1f} GiB usable at the engine's memory fraction)"
     )
     if ev.slo_latency > 0:

@@ -55,6 +55,7 @@ import redis.asyncio
 
 from hexgen.config import PRESETS, KernelConfig, Layout, check_kv_cache_dtype, normalize_dtype
 from hexgen.errors import ConfigError
+from hexgen.quantization import check_quantization
 from hexgen.wire import keys as C
 from hexgen.wire.redis_url import RedisUrlError, async_client, parse_redis_url, redact_url, sync_client, with_options
 
@@ -348,6 +349,7 @@ class Settings:
     kernels: KernelConfig = KernelConfig()  # the workers' kernel choices ([kernels]; --kernel overrides)
     trace_timing: bool = False  # latency stamps along the serving path (hexgen.wire.trace; $HEXGEN_TRACE_TIMING=1)
     kv_cache_dtype: str = "auto"  # the workers' KV cache: auto (the model dtype) or fp8 (EngineConfig)
+    quantization: str = "auto"  # the workers' weights: auto (the checkpoint's format) or fp8 (EngineConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -356,6 +358,7 @@ class Settings:
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} must be 'cpu' or 'cuda'")
         check_kv_cache_dtype(self.kv_cache_dtype)
+        check_quantization(self.quantization)
         object.__setattr__(self, "pipelines", tuple(self.pipelines))
         ids = [p.id for p in self.pipelines]
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -391,6 +394,7 @@ _TOP_KEYS = (
     "dtype",
     "device",
     "kv_cache_dtype",
+    "quantization",
     "kernels",
     "trace_timing",
 )
@@ -425,7 +429,7 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
         if not isinstance(data["kernels"], dict):
             raise ConfigError("kernels: must be a table ([kernels])")
         kw["kernels"] = KernelConfig.from_dict(data["kernels"])
-    for k in ("dtype", "device", "kv_cache_dtype", "trace_timing"):
+    for k in ("dtype", "device", "kv_cache_dtype", "quantization", "trace_timing"):
         if k in data:
             kw[k] = data[k]
     return Settings(**kw)
