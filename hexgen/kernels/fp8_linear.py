@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _MIN_SCALE = 1e-12  # an all-zero row or token gets this scale instead of 0 (its values stay 0)
+# GEMV tiles for fp8 weights: bf16's, and the same byte sizes with twice the columns (a byte per weight)
+CANDIDATES: list[gemv.Config] = list(
+    dict.fromkeys(gemv.CANDIDATES + [(bn, 2 * bk, nw, a) for bn, bk, nw, a in gemv.CANDIDATES if bk <= 2048])
+)
 _RANDOM_ROWS = 4096  # random init: rows generated (in the compute dtype) and quantized at a time
 
 ScaleFn = Callable[[], torch.Tensor]
@@ -209,8 +213,7 @@ def linear(
     """x: [tokens, K] (with ``silu``: [tokens, 2K], gate | up, multiplied as ``fused.silu_mul``);
     w: [N, K] e4m3; scale: [N] fp32 → [tokens, N] in x's dtype, by the path the module docstring names."""
     if config is not None and gemv.usable(x):
-        y = gemv.gemv_silu(x, w, config) if silu else gemv.gemv(x, w, config)  # [1, N]
-        return y * scale.to(y.dtype)
+        return gemv.gemv_silu(x, w, config, scale) if silu else gemv.gemv(x, w, config, scale)  # [1, N]
     if silu:
         x = fused.silu_mul(x)  # [tokens, K]
     if x.is_cuda and tensor_cores(x.device) and _gemm_shape(x, w):
@@ -240,12 +243,12 @@ def tune(layers: list[Any], mode: str = "triton") -> dict[tuple[int, int], gemv.
         times: dict[gemv.Config | None, float] = {}
         if mode == "auto" and _gemm_shape(x, w0):
             times[None] = gemv._time_us(lambda a, b, s=s0: scaled_mm(a, b, s), weights, x)
-        for cfg in gemv.CANDIDATES:
-            got = (gemv.gemv(x, w0, cfg).float() * s0).float()
+        for cfg in CANDIDATES:
+            got = gemv.gemv(x, w0, cfg, s0).float()
             if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
                 log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", cfg, n, k)
                 continue
-            times[cfg] = gemv._time_us(lambda a, b, c=cfg: gemv.gemv(a, b, c), weights, x)
+            times[cfg] = gemv._time_us(lambda a, b, c=cfg, sc=s0: gemv.gemv(a, b, c, sc), weights, x)
         best = min(times, key=lambda c: times[c]) if times else None
         chosen[(n, k)] = best
         for m in group:

@@ -51,29 +51,48 @@ def usable(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0)) -> torch.Tensor:
-    """x: [1, K]; w: [N, K] (row-major). Returns [1, N] in x's dtype."""
+def gemv(
+    x: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0), scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: [1, K]; w: [N, K] (row-major); scale: None or [N] fp32 row scales (an fp8 weight's), applied before
+    the output's rounding. Returns [1, N] in x's dtype."""
     if w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("gemv: x and w must be contiguous along K")
-    return _launch(x, w, config, silu=False)
+    return _launch(x, w, config, silu=False, scale=scale)
 
 
-def gemv_silu(gu: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0)) -> torch.Tensor:
-    """gu: [1, 2K] (gate | up); w: [N, K]. Returns [1, N] = gemv(silu(gate) * up, w) in gu's dtype."""
+def gemv_silu(
+    gu: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0), scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """gu: [1, 2K] (gate | up); w: [N, K]. Returns [1, N] = gemv(silu(gate) * up, w, scale) in gu's dtype."""
     k = w.shape[1]
     if gu.shape[1] != 2 * k or w.stride(1) != 1 or gu.stride(1) != 1:
         raise ValueError(f"gemv_silu: gate/up width {gu.shape[1]} must be 2 x {k}, both contiguous along K")
-    return _launch(gu, w, config, silu=True)
+    return _launch(gu, w, config, silu=True, scale=scale)
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, config: Config, silu: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: torch.Tensor, config: Config, silu: bool, scale: torch.Tensor | None) -> torch.Tensor:
     from hexgen.kernels import gemv_kernels as kern
 
     n, k = w.shape
     bn, bk, nw, ahead = config
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    s = y if scale is None else scale  # unread without a scale
     kern.gemv[(-(-n // bn),)](
-        x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, SILU=silu, AHEAD=bool(ahead), num_warps=nw, **pdl.launch(x)
+        x,
+        w,
+        y,
+        s,
+        n,
+        k,
+        w.stride(0),
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        SILU=silu,
+        AHEAD=bool(ahead),
+        HAS_SCALE=scale is not None,
+        num_warps=nw,
+        **pdl.launch(x),
     )
     return y
 

@@ -32,6 +32,7 @@ def gemv(
     X,
     W,
     Y,
+    S,
     N,
     K,
     stride_wn,
@@ -40,8 +41,10 @@ def gemv(
     SILU: tl.constexpr,
     AHEAD: tl.constexpr,
     PDL: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
-    """Y[0, n] = sum_k x[k] * W[n, k] for BLOCK_N rows n per program, x from ``_x_slice``."""
+    """Y[0, n] = sum_k x[k] * W[n, k] for BLOCK_N rows n per program, x from ``_x_slice``; with ``HAS_SCALE``
+    times S[n] (an fp8 weight's fp32 row scale), applied to the fp32 sum before the one rounding to Y's dtype."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = rows < N
     w_rows = W + rows.to(tl.int64)[:, None] * stride_wn
@@ -71,4 +74,7 @@ def gemv(
             x = _x_slice(X, K, cols, c_ok, SILU)  # [BLOCK_K]
             w = tl.load(w_rows + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
-    tl.store(Y + rows, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=r_ok)
+    out = tl.sum(acc, 1)  # [BLOCK_N] fp32
+    if HAS_SCALE:
+        out = out * tl.load(S + rows, mask=r_ok, other=0.0)
+    tl.store(Y + rows, out.to(Y.dtype.element_ty), mask=r_ok)
