@@ -47,7 +47,7 @@ def test_str_fields_work_too():
 
 def test_messages():
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}, {"role": "tool", "content": "{}"}]
+            {"role": "assistant", "content": "hello"}, {"role": "tool", "content": "{}", "tool_call_id": "c1"}]
     r = parse(messages=json.dumps(msgs))
     assert r.prompt is None and list(r.messages) == msgs
 
@@ -63,7 +63,14 @@ def test_messages():
     ({"messages": '[{"role": "robot", "content": "x"}]'},
      r"messages\[0\].role: 'robot' must be one of system, user, assistant, tool"),
     ({"messages": '[{"role": "user", "content": 5}]'}, r"messages\[0\].content: must be a string"),
-    ({"messages": '[{"role": "user", "content": "x", "name": "a"}]'}, r"messages\[0\].name: unknown key"),
+    ({"messages": '[{"role": "user", "content": "x", "weight": "a"}]'}, r"messages\[0\].weight: unknown key"),
+    ({"messages": '[{"role": "tool", "content": "4"}]'}, r"messages\[0\].tool_call_id: a tool message must name"),
+    ({"messages": '[{"role": "user", "content": "x", "tool_call_id": "c"}]'},
+     r"messages\[0\].tool_call_id: only tool messages"),
+    ({"messages": '[{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}]'},
+     r"messages\[0\].tool_calls: only assistant messages"),
+    ({"messages": '[{"role": "assistant", "content": null, "tool_calls": [{"id": "c"}]}]'},
+     r"messages\[0\].tool_calls\[0\]: must be a tool call"),
     ({"messages": '[{"role": "user", "content": NaN}]'}, "messages: not valid JSON"),
 ])
 def test_prompt_and_messages_errors(fields, match):

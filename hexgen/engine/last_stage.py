@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hexgen.engine.guided import GuidedDecoding, apply_bitmask
 from hexgen.engine.logit_processors import History
 from hexgen.engine.logprobs import LogprobRows, TokenLogprob, hidden_logprobs, token_logprobs
 from hexgen.engine.output import OutputProcessor
@@ -36,15 +37,19 @@ class LastStage:
         self.sink = sink
         self._lost = getattr(sink, "lost", None)  # optional OutputSink.lost (types.py), looked up once
         self.collect_logits = collect_logits
-        self.processor = OutputProcessor(load_model_tokenizer(model), runner.cfg.eos_token_ids)
+        tokenizer = load_model_tokenizer(model)
+        self.processor = OutputProcessor(tokenizer, runner.cfg.eos_token_ids)
         self.requests: dict[int, Request] = {}  # seq_id -> request
         self.history: dict[int, list[int]] = {}  # seq_id -> completion ids (penalized requests)
         self.prompt_lps: dict[int, list[TokenLogprob | None]] = {}  # seq_id -> prompt logprobs so far
         self.in_flight: tuple[torch.Tensor, dict[int, int]] | None = None  # last step's ids, seq_id -> row
+        self.guided = GuidedDecoding(tokenizer, runner.cfg.vocab_size, runner.cfg.eos_token_ids)
+        self._last: tuple[StepPlan, Sampled] | None = None  # the step sampled last (for guided catch-up)
 
     def _forget(self, seq_id: int) -> None:
         self.history.pop(seq_id, None)
         self.prompt_lps.pop(seq_id, None)
+        self.guided.remove(seq_id)
 
     def _aborted(self, notice: Abort) -> StepOutput:
         self._forget(notice.seq_id)
@@ -69,22 +74,31 @@ class LastStage:
                 self.history[item.seq_id] = list(item.request.output_ids)
             if item.request.params.prompt_logprobs is not None:
                 self.prompt_lps[item.seq_id] = [None]
+            if item.request.params.grammar is not None:
+                self.guided.add(
+                    item.seq_id, item.request.request_id, item.request.params.grammar, item.request.output_ids
+                )
         prompt_rows = self._prompt_logprobs(plan, hidden) if self.prompt_lps and hidden is not None else []
         rows = [i for i, s in enumerate(plan.sample) if s]
         if not rows or hidden is None:
             return Sampled(rows=[], prompt=prompt_rows)
         logits = self.runner.logits(plan, hidden)  # [n_sampled, vocab]
         sids = [plan.seq_ids[i] for i in rows]
+        raw = logits  # logprobs are the model's, before the grammar's mask and the processors
+        if len(self.guided):
+            logits = self._guide(plan, rows, logits)
         # A request may already be gone (finished one step earlier while this step ran ahead): any params do.
         params = [self.requests[sid].params if sid in self.requests else GREEDY for sid in sids]
         steps = [plan.out_lens[i] for i in rows]
         lp_k = [-1 if p.logprobs is None else p.logprobs for p in params]
         history = self._history(sids) if self.history else None
         ids = sample(logits, params, steps, history, self.processor.eos_token_ids)  # [n_sampled] int64
-        lps = token_logprobs(logits, ids, max(lp_k)) if max(lp_k) >= 0 else None
+        lps = token_logprobs(raw, ids, max(lp_k)) if max(lp_k) >= 0 else None
         if self.history:  # the penalties' next step counts these tokens before they reach the host
             self.in_flight = (ids, {sid: r for r, sid in enumerate(sids)})
-        return Sampled(rows, ids, host_copy(ids), logits if self.collect_logits else None, lps, lp_k, prompt_rows)
+        sampled = Sampled(rows, ids, host_copy(ids), logits if self.collect_logits else None, lps, lp_k, prompt_rows)
+        self._last = (plan, sampled)
+        return sampled
 
     def _history(self, sids: list[int]) -> History:
         """The penalties' token history for the rows of ``sids`` that keep one."""
@@ -132,6 +146,24 @@ class LastStage:
         if sid in self.history:
             self.history[sid].append(tok)
 
+    def _guide(self, plan: StepPlan, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [n_sampled, vocab] with the constrained rows' disallowed tokens at -inf. The bitmask is
+        filled on the host while the device runs this step; a matcher one token behind (its token was
+        sampled by the step still in flight, asynchronous steps) first waits for that step's ids."""
+        pos = [r for r, i in enumerate(rows) if plan.seq_ids[i] in self.guided]
+        if not pos:
+            return logits
+        if self._last is not None and any(
+            self.guided.consumed(plan.seq_ids[rows[r]]) < plan.out_lens[rows[r]] for r in pos
+        ):
+            last_plan, last = self._last
+            for i, tok in zip(last.rows, last.tokens()):
+                self.guided.advance(last_plan.seq_ids[i], last_plan.out_lens[i], tok)
+        mask = self.guided.fill([plan.seq_ids[rows[r]] for r in pos])  # [n_guided, words] int32, host
+        idx = torch.tensor(pos, dtype=torch.long).to(logits.device, non_blocking=True)  # [n_guided]
+        masked = apply_bitmask(logits.index_select(0, idx), mask.to(logits.device, non_blocking=True))
+        return logits.index_copy(0, idx, masked)  # [n_sampled, vocab]
+
     def complete(self, plan: StepPlan, sampled: Sampled) -> StepResult:
         """Wait for the sampled ids, turn them into outputs for the sink and a result for stage 0."""
         outputs = [self._aborted(n) for n in plan.cancelled]
@@ -149,6 +181,7 @@ class LastStage:
             req = self.requests.get(sid)
             if req is None:  # finished at the step before (ran ahead): drop the extra token
                 continue
+            self.guided.advance(sid, plan.out_lens[i], tok)
             out = self.processor.step(req.request_id, tok)
             if sampled.logits is not None:
                 out.logits = sampled.logits[row].cpu()

@@ -50,6 +50,8 @@ class SamplingParams:
         """Whether the logits need the request's token history (a penalty other than the neutral value)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
+    grammar: str | None = None  # llguidance grammar constraining the output (hexgen.engine.guided)
+
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens: {self.max_new_tokens!r} must be an integer ≥ 1")
@@ -70,6 +72,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"stop: {s!r} must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise ConfigError("grammar: must be a non-empty string (an llguidance grammar) or None")
         self._check_processing()
 
     def _check_processing(self) -> None:
@@ -119,6 +123,7 @@ class SamplingParams:
             "stop_token_ids": list(self.stop_token_ids),
             "logprobs": self.logprobs,
             "prompt_logprobs": self.prompt_logprobs,
+            "grammar": self.grammar,
         }
 
     @classmethod
@@ -140,6 +145,7 @@ class SamplingParams:
             stop_token_ids=tuple(d.get("stop_token_ids") or ()),
             logprobs=d.get("logprobs"),
             prompt_logprobs=d.get("prompt_logprobs"),
+            grammar=d.get("grammar"),
         )
 
 

@@ -28,6 +28,7 @@ Cancellation is not the head's business: ``XADD hexgen:cancel '*' id <id>`` is r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -44,6 +45,7 @@ from hexgen.engine.types import Request
 from hexgen.head.deadlines import Deadlines
 from hexgen.head.routing import PrefixRouter
 from hexgen.head.status import StatusReport, collect_status, queue_status
+from hexgen.head.structured import GrammarCompiler
 from hexgen.head.submit import DUPLICATE, OVER_LIMIT, Submitter
 from hexgen.head.tokenizing import (
     INLINE_TOKENIZE_CHARS,
@@ -53,6 +55,7 @@ from hexgen.head.tokenizing import (
     text_chars,
     tokenize,
 )
+from hexgen.head.tool_prompt import tool_format
 from hexgen.head.validation import check_context, parse_request, peek_request_id
 from hexgen.wire import figures, trace
 from hexgen.wire import keys as C
@@ -92,6 +95,7 @@ class Head:
         self.limits = settings.limits
         self.request_limits = settings.limits.request_limits()
         self.tokenizer = tokenizer
+        self.grammars = GrammarCompiler(tokenizer)
         self.max_model_len = max_model_len
         self.redis = redis
         self.reader = reader if reader is not None else redis  # blocking XREADGROUP: its own connection
@@ -311,13 +315,18 @@ class Head:
         else:
             ids = await asyncio.to_thread(tokenize, self.tokenizer, parsed)
         check_context(len(ids), parsed.params.max_new_tokens, self.max_model_len)
+        params = parsed.params
+        if parsed.structured is not None:  # compiled in a thread, cached by hash (hexgen.head.structured)
+            fmt = tool_format(self.tokenizer.chat_template) if parsed.structured.calls_tools else None
+            grammar = await asyncio.to_thread(self.grammars.compile, parsed.structured, fmt)
+            params = dataclasses.replace(params, grammar=grammar)
         meta = {
             "request_entry": entry_id,
             "head": self.consumer,
             "received_at": time.time(),
             "deadline_s": parsed.deadline_s or self.limits.default_deadline_s,
         }
-        return Request(request_id, ids, parsed.params, meta=meta), model
+        return Request(request_id, ids, params, meta=meta), model
 
     async def queue_depth(self) -> int:
         """Work items queued or pending in this model's work stream."""

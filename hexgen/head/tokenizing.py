@@ -8,11 +8,13 @@ loop and longer ones in a thread (``text_chars``).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from jinja2.exceptions import TemplateError
 
 from hexgen.config import ModelConfig, preset
+from hexgen.head.tool_prompt import render, tool_format
 from hexgen.head.validation import ParsedRequest
 from hexgen.model.tokenizer import load_tokenizer
 from hexgen.wire.protocol import InternalError, InvalidRequest
@@ -46,7 +48,12 @@ def tokenize(tokenizer: Any, parsed: ParsedRequest) -> list[int]:
         if parsed.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
                 raise InvalidRequest("messages: this model's tokenizer has no chat template; send prompt instead")
-            text = tokenizer.apply_chat_template(list(parsed.messages), add_generation_prompt=True, tokenize=False)
+            messages, extra = list(parsed.messages), dict[str, Any]()
+            s = parsed.structured
+            if s is not None and s.renders_tools or any("tool_calls" in m for m in messages):
+                tools = list(s.tools) if s is not None and s.renders_tools else []
+                messages, extra = render(messages, tools, tool_format(tokenizer.chat_template))
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(parsed.prompt, add_special_tokens=True)["input_ids"]
@@ -79,4 +86,4 @@ def text_chars(parsed: ParsedRequest) -> int:
         return len(parsed.prompt)
     if parsed.prompt_ids is not None:
         return 0
-    return sum(len(v) for m in parsed.messages or () for v in m.values())
+    return sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for m in parsed.messages or () for v in m.values())

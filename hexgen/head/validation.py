@@ -23,8 +23,11 @@ Policies:
   UTF-16 surrogate (``"\\ud800"``) are rejected, naming the field (:mod:`hexgen.head.jsoncheck`).
 - A field given twice (redis-cli allows it): the last value counts, as for every reader that sees the entry
   as a map (redis-py included).
-- ``messages`` items are objects with exactly the keys ``role`` (system, user, assistant, tool) and
-  ``content`` (a string).
+- ``messages`` items are objects with the keys ``role`` (system, user, assistant, tool) and ``content`` (a
+  string); an assistant message may carry ``tool_calls`` instead of content, a tool message its
+  ``tool_call_id`` (required) and ``name``.
+- Structured outputs and tools (``response_format``, ``guided_json``, ``guided_regex``, ``guided_choice``,
+  ``guided_grammar``, ``tools``, ``tool_choice``): :mod:`hexgen.head.structured`.
 
 The prompt-length check needs the tokenizer, so it lives in :func:`check_context`, called after tokenizing.
 """
@@ -47,12 +50,15 @@ from hexgen.engine.types import (
 )
 from hexgen.errors import ConfigError
 from hexgen.head import jsoncheck
+from hexgen.head.structured import FIELDS as STRUCTURED_FIELDS
+from hexgen.head.structured import Structured, parse_structured
 from hexgen.wire import keys as C
 from hexgen.wire.itemcheck import MAX_TOP_K
 from hexgen.wire.protocol import Fields, InvalidRequest
 from hexgen.wire.settings import RequestLimits
 
 ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 FIELDS = (
     "prompt",
     "messages",
@@ -76,6 +82,7 @@ FIELDS = (
     "stop_token_ids",
     "logprobs",
     "prompt_logprobs",
+    *STRUCTURED_FIELDS,
 )
 MAX_TOKEN_ID = 2**31 - 1
 MAX_TEMPERATURE = 100.0
@@ -91,15 +98,16 @@ class ParsedRequest:
 
     request_id: str
     prompt: str | None
-    messages: tuple[dict[str, str], ...] | None
+    messages: tuple[dict[str, Any], ...] | None
     params: SamplingParams
     model: str | None
     deadline_s: float | None = None  # None: the deployment's limits.request_deadline_s
     prompt_ids: tuple[int, ...] | None = None
+    structured: Structured | None = None  # output constraint and tools (hexgen.head.structured)
 
 
 def _field_cap(name: str, limits: RequestLimits) -> int:
-    if name in ("prompt", "messages", "prompt_ids", "logit_bias"):
+    if name in ("prompt", "messages", "prompt_ids", "logit_bias", *STRUCTURED_FIELDS):
         return limits.max_field_bytes
     if name == "stop":
         return C.MAX_STOP_BYTES
@@ -189,27 +197,61 @@ def peek_request_id(fields: Fields, entry_id: str) -> str:
     return entry_id
 
 
-def parse_messages(raw: str, limits: RequestLimits) -> tuple[dict[str, str], ...]:
+def _tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``: ``[{"id", "type": "function", "function": {"name", "arguments"}}]``."""
+    if not isinstance(calls, list) or not calls:
+        raise InvalidRequest(f"messages[{i}].tool_calls: must be a non-empty list of tool calls")
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}]: must be a tool call with function.name")
+        if not isinstance(fn.get("arguments", ""), (str, dict)):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}].function.arguments: must be a JSON string")
+    return calls
+
+
+def _tool_keys(i: int, m: dict[str, Any], msg: dict[str, Any]) -> None:
+    """Copy a message's ``tool_calls`` (assistant), ``tool_call_id`` (tool, required) and ``name`` into ``msg``."""
+    role = msg["role"]
+    if m.get("tool_calls") is not None:
+        if role != "assistant":
+            raise InvalidRequest(f"messages[{i}].tool_calls: only assistant messages carry tool calls")
+        msg["tool_calls"] = _tool_calls(i, m["tool_calls"])
+    for key in ("tool_call_id", "name"):
+        if m.get(key) is not None:
+            if not isinstance(m[key], str):
+                raise InvalidRequest(f"messages[{i}].{key}: must be a string")
+            msg[key] = m[key]
+    if role == "tool" and not msg.get("tool_call_id"):
+        raise InvalidRequest(f"messages[{i}].tool_call_id: a tool message must name the call it answers")
+    if role != "tool" and "tool_call_id" in msg:
+        raise InvalidRequest(f"messages[{i}].tool_call_id: only tool messages carry it")
+
+
+def _message(i: int, m: Any) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise InvalidRequest(f'messages[{i}]: must be an object {{"role": ..., "content": ...}}')
+    extra = sorted(set(m) - set(MESSAGE_KEYS))
+    if extra:
+        raise InvalidRequest(f"messages[{i}].{extra[0]}: unknown key; allowed keys: {', '.join(MESSAGE_KEYS)}")
+    role, content = m.get("role"), m.get("content")
+    if role not in ROLES:
+        raise InvalidRequest(f"messages[{i}].role: {role!r} must be one of {', '.join(ROLES)}")
+    msg: dict[str, Any] = {"role": role, "content": content}
+    _tool_keys(i, m, msg)
+    if not isinstance(content, str) and not (content is None and "tool_calls" in msg):
+        raise InvalidRequest(f"messages[{i}].content: must be a string")
+    return msg
+
+
+def parse_messages(raw: str, limits: RequestLimits) -> tuple[dict[str, Any], ...]:
     """Parse ``messages``: a non-empty JSON list of ``{"role": ..., "content": ...}`` objects."""
     value = _json("messages", raw)
     if not isinstance(value, list) or not value:
         raise InvalidRequest('messages: must be a non-empty JSON list of {"role", "content"} objects')
     if len(value) > limits.max_messages:
         raise InvalidRequest(f"messages: {len(value)} messages exceeds the limit of {limits.max_messages}")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise InvalidRequest(f'messages[{i}]: must be an object {{"role": ..., "content": ...}}')
-        extra = sorted(set(m) - {"role", "content"})
-        if extra:
-            raise InvalidRequest(f"messages[{i}].{extra[0]}: unknown key; allowed keys: role, content")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role: {role!r} must be one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}].content: must be a string")
-        out.append({"role": role, "content": content})
-    return tuple(out)
+    return tuple(_message(i, m) for i, m in enumerate(value))
 
 
 def parse_stop(raw: str, limits: RequestLimits) -> tuple[str, ...]:
@@ -380,6 +422,7 @@ def parse_request(fields: Fields, entry_id: str, limits: RequestLimits | None = 
         model=model,
         deadline_s=deadline_s,
         prompt_ids=prompt_ids,
+        structured=parse_structured(f, chat=messages is not None),
     )
 
 

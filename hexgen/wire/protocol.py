@@ -44,6 +44,16 @@ NO_READY_PIPELINE = "no_ready_pipeline"  # the deadline passed with no ready pip
 ERROR_CODES = (INVALID_REQUEST, OVERLOADED, NOT_FOUND, INTERNAL, TIMEOUT, NO_READY_PIPELINE)
 
 Fields = Mapping[str | bytes, str | bytes | int | float]
+# Structured-output and tool fields of a request (hexgen.head.structured parses them).
+STRUCTURED_FIELDS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "tools",
+    "tool_choice",
+)
 
 MAX_WORK_ITEM_BYTES = 16 << 20  # a work item's ``data`` is refused above this, before it is decoded
 
@@ -368,11 +378,14 @@ def request_fields(
     stop_token_ids: list[int] | None = None,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    **structured: Any,
 ) -> dict[str, str]:
     """Flat fields of a ``hexgen:requests`` entry; parameters left as None are omitted (server defaults).
 
     The head validates every field; this helper only serializes (JSON for ``messages``, a ``stop`` list,
-    ``prompt_ids``, ``logit_bias`` and ``stop_token_ids``).
+    ``prompt_ids``, ``logit_bias`` and ``stop_token_ids``). ``structured``: the structured-output and tool
+    fields (``response_format``, ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``,
+    ``tools``, ``tool_choice``), strings as they are and other values as JSON.
     """
     out: dict[str, str] = {}
     if prompt is not None:
@@ -405,6 +418,18 @@ def request_fields(
         out["stop"] = stop if isinstance(stop, str) else json.dumps(list(stop), ensure_ascii=False)
     if ignore_eos is not None:
         out["ignore_eos"] = "1" if ignore_eos else "0"
+    out.update(_structured_fields(structured))
+    return out
+
+
+def _structured_fields(structured: dict[str, Any]) -> dict[str, str]:
+    """The structured-output and tool fields: strings as they are, other values as JSON."""
+    out: dict[str, str] = {}
+    for name, value in structured.items():
+        if name not in STRUCTURED_FIELDS:
+            raise TypeError(f"request_fields: unknown parameter {name!r}")
+        if value is not None:
+            out[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return out
 
 

@@ -198,23 +198,11 @@ class OpenAIRoutes:
         tr = fan.tr
         ans = Answer(tr)
         try:
-            for c, f in zip(fan.choices, firsts):
-                text, lps = c.first_text(f)
-                if ans.chat:
-                    yield ans.chunk("", first=True, index=c.index)
-                elif text:
-                    yield ans.chunk(text, index=c.index, logprobs=lps)
-                if f is not None:  # one chunk per token event, also when its tokens added no text yet
-                    rec.first_token()
-                    text, lps = c.add(f)
-                    yield ans.chunk(text, index=c.index, logprobs=lps)
+            for x in _opening_chunks(ans, fan, firsts, rec):
+                yield x
             async for i, ev in fan.rest(firsts):
-                c = fan.choices[i]
-                if ev is None:
-                    yield ans.chunk(None, fan.finish(i), index=c.index)
-                else:
-                    text, lps = c.add(ev)
-                    yield ans.chunk(text, index=c.index, logprobs=lps)
+                for x in _event_chunks(ans, fan, i, ev):
+                    yield x
             done = fan.done()
             if tr.include_usage:
                 yield ans.usage_chunk(done)
@@ -271,6 +259,31 @@ class OpenAIRoutes:
     async def aclose(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _opening_chunks(ans: Answer, fan: Fanout, firsts: list[TokenEvent | None], rec: _Recorder) -> list[str]:
+    """Each choice's first chunks: the assistant role (chat) or the echoed prompt, then its first tokens."""
+    out: list[str] = []
+    for c, f in zip(fan.choices, firsts):
+        text, lps = c.first_text(f)
+        if ans.chat:
+            out.append(ans.chunk("", first=True, index=c.index))
+        elif text:
+            out.append(ans.chunk(text, index=c.index, logprobs=lps))
+        if f is not None:  # one chunk per token event, also when its tokens added no text yet
+            rec.first_token()
+            text, lps = c.add(f)
+            out += ans.text_chunks(text, c.index, lps)
+    return out
+
+
+def _event_chunks(ans: Answer, fan: Fanout, i: int, ev: TokenEvent | None) -> list[str]:
+    """Choice ``i``'s chunks for its next token event, or its last ones when it is done (``ev`` None)."""
+    c = fan.choices[i]
+    if ev is None:
+        return ans.end_chunks(fan.finish(i), c.index)
+    text, lps = c.add(ev)
+    return ans.text_chunks(text, c.index, lps)
 
 
 def _redis_down(e: Exception) -> APIError:

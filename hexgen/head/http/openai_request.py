@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from hexgen.head.http.context import HttpContext
 from hexgen.head.http.errors import APIError, from_request_error, invalid, unknown_model, unsupported
+from hexgen.head.http.tools import TOOL_KEYS, message_keys, structured_params
 from hexgen.head.validation import parse_request
 from hexgen.wire.protocol import Fields, RequestError, request_fields
 
@@ -26,11 +27,8 @@ OPENAI_DEFAULT_TEMPERATURE = 1.0
 # Parameters accepted at their no-op value only: anything else would change the output, so it is a 400.
 # name -> (the values that do nothing, what the error says)
 _INERT: dict[str, tuple[tuple[Any, ...], str]] = {
-    "tools": ((None, []), "is not supported (function calling is not implemented)"),
     "functions": ((None, []), "is not supported (function calling is not implemented)"),
-    "tool_choice": ((None, "none", "auto"), 'is not supported (only null, "none" or "auto" without tools)'),
     "function_call": ((None, "none", "auto"), "is not supported (function calling is not implemented)"),
-    "response_format": ((None, {"type": "text"}), 'is not supported (only {"type": "text"})'),
     "modalities": ((None, ["text"]), 'is not supported (only ["text"])'),
     "audio": ((None,), "is not supported"),
     "prediction": ((None,), "is not supported"),
@@ -64,6 +62,10 @@ _COMMON = (
     "min_tokens",
     "stop_token_ids",
     "return_tokens_as_token_ids",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 )
 CHAT_PARAMS = frozenset(
     _COMMON
@@ -87,7 +89,7 @@ CHAT_PARAMS = frozenset(
         "parallel_tool_calls",
     )
 )
-COMPLETION_PARAMS = frozenset(_COMMON + ("prompt", "echo", "suffix", "best_of"))
+COMPLETION_PARAMS = frozenset(_COMMON + ("prompt", "echo", "suffix", "best_of", "response_format"))
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -167,12 +169,12 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise invalid(f'messages[{i}]: must be an object {{"role": ..., "content": ...}}', f"messages[{i}]")
         for k, v in m.items():
-            if k not in ("role", "content", "tool_call_id") and v is not None:
+            if k not in ("role", "content", *TOOL_KEYS) and v is not None:
                 raise unsupported(f"messages[{i}].{k}", "is not supported (messages carry role and content)")
         role: Any = m.get("role")
-        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
-            raise invalid(f"messages[{i}].tool_call_id: required for a message with role tool", f"messages[{i}]")
-        out.append({"role": _ROLE_ALIASES.get(role, role), "content": _content_text(i, m.get("content"))})
+        tool = message_keys(i, m)
+        content = None if m.get("content") is None and "tool_calls" in tool else _content_text(i, m.get("content"))
+        out.append({"role": _ROLE_ALIASES.get(role, role), "content": content, **tool})
     return out
 
 
@@ -373,6 +375,7 @@ def translate(body: Any, endpoint: str, ctx: HttpContext) -> Translated:
         kw["logprobs"] = logprobs
     if echo and logprobs is not None:
         kw["prompt_logprobs"] = logprobs
+    kw.update(structured_params(body, endpoint))
     stream, include_usage = _streaming(body)
     request_id = uuid.uuid4().hex
     limits = ctx.settings.limits.request_limits()

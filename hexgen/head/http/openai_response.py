@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from hexgen.head.http.openai_request import Translated
+from hexgen.head.http.tools import ToolStream, call_deltas, parse_tool_calls, tools_active
 from hexgen.wire.protocol import DoneEvent
 
 
@@ -33,6 +34,8 @@ class Answer:
         self.chat = tr.endpoint == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + tr.request_id
         self.created = int(time.time())
+        self.tools = tr.params["tools"] if self.chat and tools_active(tr.params) else None
+        self._held: dict[int, ToolStream] = {}  # choice index -> its answer held back while it may be a call
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {
@@ -45,8 +48,42 @@ class Answer:
 
     def full(self, choices: list[dict[str, Any]], done: DoneEvent) -> dict[str, Any]:
         out = self._head("chat.completion" if self.chat else "text_completion")
+        if self.tools is not None:
+            choices = [self._with_calls(c) for c in choices]
         out.update(choices=choices, usage=usage(done))
         return out
+
+    def _with_calls(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """A chat choice whose answer is a tool call: ``message.tool_calls``, finish reason ``tool_calls``."""
+        content, calls = parse_tool_calls(choice["message"]["content"] or "", self.tools or [])
+        if not calls:
+            return choice
+        return {
+            **choice,
+            "message": {"role": "assistant", "content": content, "tool_calls": calls},
+            "finish_reason": "tool_calls",
+        }
+
+    def text_chunks(self, text: str | None, index: int = 0, logprobs: dict[str, Any] | None = None) -> list[str]:
+        """The chunks of one token event's text for choice ``index`` (none while a possible tool call is held
+        back; held-back text goes out without logprobs)."""
+        if self.tools is None:
+            return [self.chunk(text, index=index, logprobs=logprobs)]
+        held = self._held.setdefault(index, ToolStream(self.tools))
+        content = held.feed(text or "")
+        return [] if content is None else [self.chunk(content, index=index)]
+
+    def end_chunks(self, reason: str, index: int = 0) -> list[str]:
+        """Choice ``index``'s last chunks: held-back content or tool-call deltas, then its finish reason."""
+        out = []
+        held = self._held.pop(index, None)
+        if held is not None:
+            content, calls = held.finish()
+            if content:
+                out.append(self.chunk(content, index=index))
+            out += [self.chunk(None, index=index, tool_calls=d) for d in call_deltas(calls)]
+            reason = "tool_calls" if calls else reason
+        return [*out, self.chunk(None, reason, index=index)]
 
     def chunk(
         self,
@@ -55,6 +92,7 @@ class Answer:
         first: bool = False,
         index: int = 0,
         logprobs: dict[str, Any] | None = None,
+        tool_calls: list | None = None,
     ) -> str:
         if self.chat:
             delta: dict[str, Any] = {}
@@ -62,6 +100,8 @@ class Answer:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls is not None:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             out = self._head("chat.completion.chunk")
         else:
