@@ -1,4 +1,4 @@
-"""KernelConfig (hexgen/config.py): validation, the ``--kernel`` flags, resolution for a device
+"""KernelConfig (hexgen/config/engine.py): validation, the ``--kernel`` flags, resolution for a device
 (hexgen/kernels/choice.py), and that each choice reaches the code it switches."""
 from __future__ import annotations
 
