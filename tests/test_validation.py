@@ -9,7 +9,7 @@ from hexgen.head.jsoncheck import MAX_JSON_DEPTH
 from hexgen.head.validation import FIELDS, check_context, parse_request, peek_request_id
 from hexgen.wire import keys as C
 from hexgen.wire.protocol import InvalidRequest
-from hexgen.wire.settings import RequestLimits
+from hexgen.wire.settings_tables import RequestLimits
 
 EID = "1700000000000-0"
 

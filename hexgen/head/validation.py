@@ -55,7 +55,7 @@ from hexgen.head.structured import Structured, parse_structured
 from hexgen.wire import keys as C
 from hexgen.wire.itemcheck import MAX_TOP_K
 from hexgen.wire.protocol import Fields, InvalidRequest
-from hexgen.wire.settings import RequestLimits
+from hexgen.wire.settings_tables import RequestLimits
 
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
