@@ -1,7 +1,7 @@
 """Worker registration, heartbeats and pipeline formation through Redis.
 
 Every TP rank of every stage registers ``hexgen:worker:<pipeline>:<rank>`` (a hash of plain strings, see
-:class:`~hexgen.wire.protocol.WorkerRecord`) with a fresh random ``instance`` token, and refreshes
+:class:`~hexgen.wire.records.WorkerRecord`) with a fresh random ``instance`` token, and refreshes
 ``hexgen:hb:<pipeline>:<rank>`` (value: time of the beat, with a TTL) from a daemon thread.
 
 Formation, one **generation** at a time:
@@ -46,7 +46,7 @@ from hexgen.errors import HexGenError
 from hexgen.procs import free_port
 from hexgen.wire import keys as C
 from hexgen.wire.connection import REDIS_ERRORS
-from hexgen.wire.protocol import PipelineRecord, WorkerRecord
+from hexgen.wire.records import PipelineRecord, WorkerRecord
 from hexgen.wire.redis_url import RedisUrlError, parse_redis_url
 from hexgen.wire.text import as_text
 

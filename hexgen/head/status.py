@@ -14,7 +14,8 @@ from redis.exceptions import ResponseError
 
 from hexgen.wire import figures as F
 from hexgen.wire import keys as C
-from hexgen.wire.protocol import PipelineRecord, ProtocolError, WorkerRecord
+from hexgen.wire.protocol import ProtocolError
+from hexgen.wire.records import PipelineRecord, WorkerRecord
 from hexgen.wire.text import as_text
 
 
