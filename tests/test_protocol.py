@@ -6,9 +6,10 @@ import pytest
 
 from hexgen.engine.types import Request, SamplingParams
 from hexgen.wire import keys as C
+from hexgen.wire.records import PipelineRecord, WorkerRecord
 from hexgen.wire.protocol import (DoneEvent, ErrorEvent, InternalError, InvalidRequest, NotFound,
-                                     Overloaded, PipelineRecord, ProtocolError, RequestError, TokenEvent,
-                                     WorkerRecord, cancel_fields, decode_work_item, done_event,
+                                     Overloaded, ProtocolError, RequestError, TokenEvent,
+                                     cancel_fields, decode_work_item, done_event,
                                      encode_work_item, error_event, parse_cancel, parse_event, request_error,
                                      request_fields, token_event)
 
