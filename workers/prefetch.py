@@ -148,7 +148,7 @@ class Prefetcher:
         with self._cond:
             self._ready.extend(reqs)
             self._cond.notify_all()
-        time.sleep(0)  # hand the GIL to an engine loop waiting in take() (measured: 0.24-0.30 -> 0.09-0.12 ms)
+        time.sleep(0)  # hand the GIL to an engine loop waiting in take(), which then wakes sooner
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -143,7 +143,7 @@ class EngineConfig:
     micro_batches: int = 0  # 0: one per stage
     cuda_graphs: bool = False
     async_steps: bool = True  # one-stage TP 1 pipelines: enqueue step N+1 before step N's ids reach the host
-    async_steps_tp: bool = False  # the same for one-stage TP > 1 pipelines (opt-in: not yet measured under load)
+    async_steps_tp: bool = False  # the same for one-stage TP > 1 pipelines (opt-in there)
     seed: int = 0  # random-weight initialisation seed
     collect_logits: bool = False  # attach float32 logits to every StepOutput (tests, debugging)
     kernels: KernelConfig = KernelConfig()
