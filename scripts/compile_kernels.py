@@ -53,10 +53,11 @@ def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget, pdl: 
 def batch1(dtype: str, target: GPUTarget, pdl: bool) -> None:
     """The batch-1 GEMVs and the fused elementwise kernels, as a decode step launches them."""
     ptr = f"*{dtype}"
-    sig = {"X": ptr, "W": ptr, "Y": ptr, "N": "i32", "K": "i32", "stride_wn": "i32"}
-    for silu, ahead in itertools.product((False, True), (False, True)):
-        _compile(gemv_kernels.gemv, sig, dict(BLOCK_N=4, BLOCK_K=512, SILU=silu, AHEAD=ahead, PDL=pdl), target,
-                 num_warps=4, launch_pdl=pdl)
+    for w, scaled in ((ptr, False), ("*fp8e4nv", True)):  # model-dtype weights; fp8 weights with row scales
+        sig = {"X": ptr, "W": w, "Y": ptr, "S": "*fp32", "N": "i32", "K": "i32", "stride_wn": "i32"}
+        for silu, ahead in itertools.product((False, True), (False, True)):
+            cons = dict(BLOCK_N=4, BLOCK_K=512, SILU=silu, AHEAD=ahead, PDL=pdl, HAS_SCALE=scaled)
+            _compile(gemv_kernels.gemv, sig, cons, target, num_warps=4, launch_pdl=pdl)
     sig = {"X": ptr, "Res": ptr, "W": ptr, "Out": ptr, "ResOut": ptr, "eps": "fp32", "n_cols": "i32"}
     sig.update({a: "i32" for a in ("stride_x", "stride_r", "stride_o", "stride_ro")})
     _compile(fused_kernels.add_rms_norm, sig, dict(HAS_RES=True, BLOCK=4096, PDL=pdl), target, num_warps=8,

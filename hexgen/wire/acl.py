@@ -43,6 +43,7 @@ from urllib.parse import quote
 
 from hexgen.wire import figures as F
 from hexgen.wire import keys as K
+from hexgen.wire.prefix_summary import PREFIX_SUMMARY_PREFIX
 
 _CONNECTION = ("ping", "select")
 _TRANSACTION = ("multi", "exec", "discard", "watch", "unwatch")
@@ -162,6 +163,7 @@ WORKER = Role(
         f"%R~{K.EPOCH_KEY}",
         f"~{F.METRICS_PREFIX}*",
         f"%R~{K.READER_KEY_PREFIX}*",  # EXISTS: is anyone still reading this request's results
+        f"~{PREFIX_SUMMARY_PREFIX}*",  # the pipelines' prefix summaries and hand-over wake-up streams
     ),
 )
 
