@@ -45,12 +45,16 @@
 #                    throughput"; ACC_MODEL=dir adds `bench weight-accuracy` (bf16) on that checkpoint
 #   planner-auto     CLUSTER=file BASE=spec.json [CALS="a.json b.json"]: plan the cluster, then measure the
 #                    planner's layout against the best symmetric one (scripts/plan_runs.py)
+#   overlap          Llama-3.1-8B shape (random weights, bf16), two-stream decode steps (--kernel overlap=on) against
+#                    one stream: the decode step of 512 sequences at contexts 300 and 700 replayed from its graph
+#                    (scripts/profile_steps.py), then REQUESTS (1,000) requests all at once (max-num-seqs 1024,
+#                    budget 16384, no HF) of each, ROUNDS (1) times alternating; EXTRA goes to those runs
 #   uneven-emulated  2 GPUs, cuda:1 cut to EMU (40:80 SMs:GiB) as in CLUSTER (config/clusters/h200x2-emulated.toml):
 #                    per model of UNEVEN_MODELS (llama-3.1-8b llama-2-13b, random weights), uneven TP 2 at the
 #                    planner's ratio, even TP 2 and the planner's best two-stage PP layout on REQUESTS (1,000)
 #                    requests at once (scripts/uneven_runs.py writes the spec, scripts/planner_measure.py runs it)
 set -u
-SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve prefix kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto fp8-weights uneven-emulated"
+SCENARIOS="tests latency tp throughput throughput-runs decode-fp8 throughput-ab serve prefix kernels profile planner-x2 planner-emulated planner-phases planner-x4 planner-auto fp8-weights overlap uneven-emulated"
 [ $# -ge 1 ] || { echo "usage: bench/gpu.sh SCENARIO [SCENARIO ...]; scenarios: $SCENARIOS" >&2; exit 2; }
 for S in "$@"; do
   case " $SCENARIOS " in *" $S "*) ;; *) echo "bench/gpu.sh: unknown scenario '$S'; choose from: $SCENARIOS" >&2; exit 2;; esac
@@ -253,6 +257,24 @@ planner_auto() {
   measure "$OUT/runs_auto.json" auto
 }
 
+overlap() {
+  local M8="--preset llama-3.1-8b --random-weights --dtype bf16 --cuda-graphs" v r
+  for v in on off; do
+    step 200 $PY scripts/profile_steps.py --preset llama-3.1-8b --max-seqs 512 --budget 16384 --ctx 300 700 \
+      --reps 20 --kernel overlap=$v > "$OUT/steps_overlap_$v.log" 2>&1
+    echo "--- decode steps, overlap=$v"; grep "^{" "$OUT/steps_overlap_$v.log" | cut -c1-400
+  done
+  for r in $(seq "${ROUNDS:-1}"); do
+    for v in on off; do
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "${TPUT_LIMIT:-170}" $PY -m hexgen.cli bench throughput \
+        $M8 --num-requests "${REQUESTS:-1000}" --max-num-seqs 1024 --max-num-batched-tokens 16384 --no-hf \
+        --kernel overlap=$v ${EXTRA:-} --out "$OUT/overlap_tput_${v}_$r.json" > "$OUT/overlap_tput_${v}_$r.log" 2>&1
+      echo "--- ${REQUESTS:-1000} requests, overlap=$v, round $r"
+      grep -v "$NOISE" "$OUT/overlap_tput_${v}_$r.log" | grep -v "preempting\|INFO\|WARNING\|^\s*$" | tail -8 | cut -c1-400
+    done
+  done
+}
+
 uneven_emulated() {
   local M
   for M in ${UNEVEN_MODELS:-llama-3.1-8b llama-2-13b}; do
@@ -286,6 +308,7 @@ for S in "$@"; do
     planner-x4) planner_x4 ;;
     planner-auto) planner_auto ;;
     fp8-weights) fp8_weights ;;
+    overlap) overlap ;;
     uneven-emulated) uneven_emulated ;;
   esac
 done

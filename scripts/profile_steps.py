@@ -1,6 +1,7 @@
 """Where a throughput run's time goes (GPU, TP 1): the cost of each kind of step the engine runs under load.
 
     python3 scripts/profile_steps.py [--preset llama-2-7b] [--max-seqs 256] [--budget 4096] [--ctx 300 700 1200]
+        [--kernel NAME=VALUE ...]
 
 For each context length: a decode step of ``--max-seqs`` sequences replayed from its CUDA graph, and the same
 step's attention alone (the paged decode kernel, one layer, times the layers); then an eager mixed step
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hexgen.config import EngineConfig, Layout, ModelConfig, preset  # noqa: E402
+from hexgen.config import EngineConfig, KernelConfig, Layout, ModelConfig, preset  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
 from hexgen.kernels import paged_decode  # noqa: E402
@@ -128,6 +129,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--ctx", type=int, nargs="+", default=[300, 700, 1200])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--kernel", action="append", default=[], metavar="NAME=VALUE",
+                    help="a kernel setting (hexgen.config.KernelConfig), e.g. overlap=on; repeatable")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -138,12 +141,13 @@ def main() -> None:
         ModelSpec(preset=args.preset, random_weights=True)
     groups = PipelineGroups(Layout.build(cfg, [1]), 0, f"tcp://127.0.0.1:{free_port()}", dev)
     engine = EngineConfig(dtype="bfloat16" if cuda else "float32", device=dev.type, cuda_graphs=cuda,
-                          max_num_seqs=args.max_seqs, max_num_batched_tokens=args.budget, gpu_memory_fraction=0.9)
+                          max_num_seqs=args.max_seqs, max_num_batched_tokens=args.budget, gpu_memory_fraction=0.9,
+                          kernels=KernelConfig.from_flags(args.kernel))
     r = StageRunner(spec, engine, groups)
     bs = engine.block_size
     blocks = Blocks(bs, r.num_blocks)
     res = {"gpu": torch.cuda.get_device_name(dev) if cuda else "cpu", "preset": args.preset, "max_seqs": args.max_seqs,
-           "budget": args.budget, "kv_blocks": r.num_blocks, "rows": []}
+           "budget": args.budget, "kv_blocks": r.num_blocks, "kernels": r.kernels.describe(), "rows": []}
     layers = cfg.num_layers
     n_kv, d = r.n_kv_local, cfg.head_dim
     kv_elem = r.kv.element_size()  # 1 with an fp8 cache

@@ -34,6 +34,9 @@ class KernelConfig:
     all_reduce: str = "symm"  # TP all-reduces of decode size: one-shot symmetric memory ("symm") or "nccl" only
     cpu_layout: bool = True  # CPU: each linear shape's weights in the storage order its one-row GEMV reads fastest
     decode_groups: bool = True  # reference decode path: 16+ rows attended in groups of similar context
+    # decode graphs of 128+ rows as two nano-batches on two streams, one's attention beside the other's GEMMs
+    # (CUDA, TP 1 stages; hexgen.engine.nano_batch)
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in KERNEL_CHOICES.items():

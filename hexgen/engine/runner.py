@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from hexgen.config import EngineConfig, ModelConfig, preset
+from hexgen.engine import nano_batch
 from hexgen.engine.cuda_graph import DecodeGraphs, graph_output_bytes
 from hexgen.engine.emulation import memory_cap
 from hexgen.engine.kv_cache import allocate_cache, kv_bytes_per_block
@@ -20,7 +21,7 @@ from hexgen.errors import ConfigError
 from hexgen.kernels import cpu_layout, fp8_linear, gemv, kv_quant
 from hexgen.kernels.choice import resolve
 from hexgen.kernels.staging import upload
-from hexgen.model.attention import build_meta, decode_meta
+from hexgen.model.attention import AttnMeta, build_meta, decode_meta
 from hexgen.model.loader import build_stage, init_random, load_stage
 from hexgen.model.rope import RotaryCache
 from hexgen.parallel.groups import PipelineGroups
@@ -97,6 +98,8 @@ class StageRunner:
                 groups.tp.size,
             )
         self._use_graphs = use_graphs
+        # decode steps as two nano-batches on two streams (hexgen.engine.nano_batch): TP 1 stages on CUDA
+        self._side = torch.cuda.Stream(self.device) if self.kernels.overlap and groups.tp.size == 1 else None
         # With decode graphs one extra block (index num_blocks, never handed out) takes padding rows' writes.
         spare = 1 if use_graphs else 0
         self.blocks_fit = self._blocks_that_fit() - spare  # this rank alone; every rank keeps the smallest
@@ -289,12 +292,22 @@ class StageRunner:
         block_tables [batch, n_blocks]; ctx_lens [batch]. Returns (hidden [batch, hidden],) and, where this
         rank holds the LM head, float32 logits [batch, vocab] too: the head runs inside the graph."""
         with torch.inference_mode():
-            meta = decode_meta(block_tables, ctx_lens, self.engine.block_size, kernel=self.kernels.decode_kernel)
-            cos, sin = self.rotary.lookup(ctx_lens - 1, self.dtype)
-            hidden = self.model(x, cos, sin, self.kv, meta, self.kv_scales)  # fp8: scales fixed by eager steps
+            if self._side is not None and x.shape[0] >= nano_batch.MIN_ROWS:
+                halves = nano_batch.halves_of(x, block_tables, ctx_lens, self._decode_meta, self._rotary)
+                hidden = nano_batch.forward(self.model, halves, self.kv, self.kv_scales, self._side)
+            else:
+                meta = self._decode_meta(block_tables, ctx_lens)
+                cos, sin = self._rotary(ctx_lens - 1)
+                hidden = self.model(x, cos, sin, self.kv, meta, self.kv_scales)  # fp8: scales fixed by eager steps
             if self.model.lm_head is None:
                 return (hidden,)
             return hidden, self.model.logits(hidden)
+
+    def _decode_meta(self, block_tables: torch.Tensor, ctx_lens: torch.Tensor) -> AttnMeta:
+        return decode_meta(block_tables, ctx_lens, self.engine.block_size, kernel=self.kernels.decode_kernel)
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary.lookup(positions, self.dtype)
 
     @torch.inference_mode()
     def logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The kernel choices a stage runs with: its ``KernelConfig`` resolved once for its device.
 
 ``resolve`` turns off what cannot run on the device (the Triton kernels without CUDA or without triton,
-PDL below compute capability 9.0 or under Triton's interpreter, the CPU weight layout on GPUs), so the layers
-read plain booleans and never look at the device or the environment again.
+PDL below compute capability 9.0 or under Triton's interpreter, the CPU weight layout on GPUs, the
+two-stream decode off CUDA), so the layers read plain booleans and never look at the device or the
+environment again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ REFERENCE = KernelConfig(
     all_reduce="nccl",
     cpu_layout=False,
     decode_groups=True,
+    overlap=False,
 )
 
 
@@ -40,4 +42,5 @@ def resolve(cfg: KernelConfig, device: torch.device) -> KernelConfig:
         prefill_kernel=cfg.prefill_kernel and triton,
         all_reduce=cfg.all_reduce if device.type == "cuda" else "nccl",
         cpu_layout=cfg.cpu_layout and device.type == "cpu",
+        overlap=cfg.overlap and device.type == "cuda",
     )

@@ -24,6 +24,9 @@ from hexgen.parallel.layers import (
     qkv_linear,
 )
 
+# q [tokens, n_q, d], and k, v [tokens, n_kv, d] still to be written to the cache (None: already written)
+QKV = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, fast: bool = False) -> None:
@@ -67,6 +70,21 @@ class Attention(nn.Module):
         kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """kv_scales: [2, n_kv] (k, v) with an fp8 cache (``hexgen.kernels.kv_quant``), else None."""
+        qkv = self.project(x, cos, sin, k_cache, v_cache, meta, kv_scales)
+        return self.out(self.attend(qkv, k_cache, v_cache, meta, kv_scales))
+
+    def project(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMeta,
+        kv_scales: torch.Tensor | None = None,
+    ) -> QKV:
+        """The QKV projection and rotary: (q [tokens, n_q, d], k, v [tokens, n_kv, d]), or (q, None, None)
+        when one kernel has already written the new K/V to the cache (``through_cache``)."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [tokens, (n_q + 2 n_kv) * d]
         ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
@@ -74,15 +92,29 @@ class Attention(nn.Module):
             if kv_scales is not None and meta.calibrate_kv:  # before rotary: K's scale is the same either side
                 kv_quant.update_scales(ks, vs, *self._kv_heads(qkv))
             q = fused.rotary_kv_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.n_q, self.n_kv, ks, vs)
-            o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale, ks, vs)  # [tokens, n_q, d]
-            return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
+            return q, None, None
         q = qkv[:, : self.n_q * self.head_dim].view(t, self.n_q, self.head_dim)  # [tokens, n_q, d]
         k, v = self._kv_heads(qkv)  # [tokens, n_kv, d] each
         if kv_scales is not None and meta.calibrate_kv:
             kv_quant.update_scales(ks, vs, k, v)
         q, k = apply_rotary(q, k, cos, sin)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ks, vs)  # [tokens, n_q, d]
-        return self.o_proj(o.reshape(t, self.n_q * self.head_dim))  # [tokens, hidden]
+        return q, k, v
+
+    def attend(
+        self,
+        qkv: QKV,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMeta,
+        kv_scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention over the paged cache (writing k, v there first when ``project`` did not): [tokens, n_q, d]."""
+        ks, vs = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])
+        return paged_attention(*qkv, k_cache, v_cache, meta, self.scale, ks, vs)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """o: [tokens, n_q, d] → the output projection [tokens, hidden]."""
+        return self.o_proj(o.reshape(o.shape[0], self.n_q * self.head_dim))
 
     def _kv_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [tokens, n_kv, d] views of the fused projection's output."""
@@ -136,9 +168,28 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream form: the layer's input hidden is x + res (res None: x). Returns (mlp output,
         residual), whose sum is its output hidden, so the next layer's norm can fuse the add."""
-        fast = self.fast
-        h, res = self.input_norm.add_forward(x, res, fast)  # [tokens, hidden] x2
-        h, res = self.post_norm.add_forward(self.attn(h, cos, sin, k_cache, v_cache, meta, kv_scales), res, fast)
+        qkv, res = self.pre(x, res, cos, sin, k_cache, v_cache, meta, kv_scales)
+        return self.post(self.attn.attend(qkv, k_cache, v_cache, meta, kv_scales), res)
+
+    def pre(
+        self,
+        x: torch.Tensor,
+        res: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMeta,
+        kv_scales: torch.Tensor | None = None,
+    ) -> tuple[QKV, torch.Tensor]:
+        """The layer up to attention: input norm, QKV projection, rotary (and the K/V write with
+        ``through_cache``). Returns (qkv for ``attn.attend``, residual [tokens, hidden])."""
+        h, res = self.input_norm.add_forward(x, res, self.fast)  # [tokens, hidden] x2
+        return self.attn.project(h, cos, sin, k_cache, v_cache, meta, kv_scales), res
+
+    def post(self, o: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer after attention: o [tokens, n_q, d] → (mlp output, residual), as ``forward`` returns."""
+        h, res = self.post_norm.add_forward(self.attn.out(o), res, self.fast)
         return self.mlp(h), res
 
 
