@@ -11,7 +11,11 @@ from hexgen.errors import ConfigError
 from hexgen.quantization import check_quantization
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-KERNEL_CHOICES: dict[str, tuple[str, ...]] = {"gemv": ("triton", "auto", "cublas"), "all_reduce": ("symm", "nccl")}
+KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "gemv": ("triton", "auto", "cublas"),
+    "all_reduce": ("symm", "nccl"),
+    "fp8_gemv": ("auto", "bits", "convert"),
+}
 _ON = ("on", "true", "1", "yes")
 _OFF = ("off", "false", "0", "no")
 
@@ -34,6 +38,7 @@ class KernelConfig:
     all_reduce: str = "symm"  # TP all-reduces of decode size: one-shot symmetric memory ("symm") or "nccl" only
     cpu_layout: bool = True  # CPU: each linear shape's weights in the storage order its one-row GEMV reads fastest
     decode_groups: bool = True  # reference decode path: 16+ rows attended in groups of similar context
+    fp8_gemv: str = "auto"  # fp8 weights' GEMV: e4m3 decoded by integer ops ("bits"), conversions, or either by timing
 
     def __post_init__(self) -> None:
         for name, allowed in KERNEL_CHOICES.items():
