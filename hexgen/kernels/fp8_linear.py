@@ -228,9 +228,7 @@ def linear(
     return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
 
 
-def tune(
-    layers: list[Any], mode: str = "triton", decode: str = "auto"
-) -> dict[tuple[int, int], gemv.Fp8Config | None]:
+def tune(layers: list[Any], mode: str = "triton", decode: str = "auto") -> dict[tuple[int, int], gemv.Fp8Config | None]:
     """Set ``layer.gemv`` on fp8 ``layers`` to the fastest Triton GEMV configuration per weight shape (None:
     batch-1 rows take the FP8 GEMM). Only on CUDA cards with FP8 tensor cores, with Triton, unless ``mode`` is
     ``cublas``; ``decode`` (``KernelConfig.fp8_gemv``: auto, bits or convert) limits the candidates to one e4m3
@@ -249,25 +247,33 @@ def tune(
         by_shape[tuple(layer.weight.shape)].append(layer)
     chosen: dict[tuple[int, int], gemv.Fp8Config | None] = {}
     for (n, k), group in by_shape.items():
-        w0, s0 = group[0].weight, group[0].weight_scale
-        x = torch.randn(1, k, device=w0.device, dtype=torch.bfloat16)
-        want = F.linear(x.float(), dequantize(w0, s0, torch.float32))  # [1, N]
-        weights = [m.weight for m in group]
-        times: dict[gemv.Fp8Config | None, float] = {}
-        if mode == "auto" and _gemm_shape(x, w0):
-            times[None] = gemv._time_us(lambda a, b, s=s0: scaled_mm(a, b, s), weights, x)
-        for cfg in candidates:
-            got = gemv.gemv(x, w0, cfg, s0).float()
-            if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
-                log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", cfg, n, k)
-                continue
-            times[cfg] = gemv._time_us(lambda a, b, c=cfg, sc=s0: gemv.gemv(a, b, c, sc), weights, x)
+        times = _time_shape(group, mode, candidates)
         best = min(times, key=lambda c: times[c]) if times else None
         chosen[(n, k)] = best
         for m in group:
             m.gemv = best
         log.info("fp8 gemv [%d, %d] x%d: %s (%s)", n, k, len(group), _describe(best), _fastest(times))
     return chosen
+
+
+def _time_shape(group: list[Any], mode: str, candidates: list[gemv.Fp8Config]) -> dict[gemv.Fp8Config | None, float]:
+    """Microseconds per call of each candidate (None: the FP8 GEMM, with ``mode`` auto) over the layers of one
+    weight shape; candidates that differ from the dequantized reference are left out."""
+    w0, s0 = group[0].weight, group[0].weight_scale
+    n, k = w0.shape
+    x = torch.randn(1, k, device=w0.device, dtype=torch.bfloat16)
+    want = F.linear(x.float(), dequantize(w0, s0, torch.float32))  # [1, N]
+    weights = [m.weight for m in group]
+    times: dict[gemv.Fp8Config | None, float] = {}
+    if mode == "auto" and _gemm_shape(x, w0):
+        times[None] = gemv._time_us(lambda a, b, s=s0: scaled_mm(a, b, s), weights, x)
+    for cfg in candidates:
+        got = gemv.gemv(x, w0, cfg, s0).float()
+        if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
+            log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", cfg, n, k)
+            continue
+        times[cfg] = gemv._time_us(lambda a, b, c=cfg, sc=s0: gemv.gemv(a, b, c, sc), weights, x)
+    return times
 
 
 def _describe(cfg: gemv.Fp8Config | None) -> str:
