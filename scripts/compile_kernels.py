@@ -53,10 +53,11 @@ def decode(dtype: str, group: int, d: int, splits: int, target: GPUTarget, pdl: 
 def batch1(dtype: str, target: GPUTarget, pdl: bool) -> None:
     """The batch-1 GEMVs and the fused elementwise kernels, as a decode step launches them."""
     ptr = f"*{dtype}"
-    for w, scaled in ((ptr, False), ("*fp8e4nv", True)):  # model-dtype weights; fp8 weights with row scales
+    # model-dtype weights; fp8 weights with row scales, converted or decoded from their bytes (viewed as int8)
+    for w, scaled, bits in ((ptr, False, False), ("*fp8e4nv", True, False), ("*i8", True, True)):
         sig = {"X": ptr, "W": w, "Y": ptr, "S": "*fp32", "N": "i32", "K": "i32", "stride_wn": "i32"}
         for silu, ahead in itertools.product((False, True), (False, True)):
-            cons = dict(BLOCK_N=4, BLOCK_K=512, SILU=silu, AHEAD=ahead, PDL=pdl, HAS_SCALE=scaled)
+            cons = dict(BLOCK_N=4, BLOCK_K=512, SILU=silu, AHEAD=ahead, PDL=pdl, HAS_SCALE=scaled, FP8_BITS=bits)
             _compile(gemv_kernels.gemv, sig, cons, target, num_warps=4, launch_pdl=pdl)
     sig = {"X": ptr, "Res": ptr, "W": ptr, "Out": ptr, "ResOut": ptr, "eps": "fp32", "n_cols": "i32"}
     sig.update({a: "i32" for a in ("stride_x", "stride_r", "stride_o", "stride_ro")})

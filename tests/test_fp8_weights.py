@@ -30,6 +30,8 @@ from tests.models import (
     save_llama,
 )
 
+from tests.test_paged_decode import KERNEL_DEVICE, requires_triton
+
 BUDGET = 32
 
 
@@ -298,6 +300,26 @@ def test_scaled_mm_is_the_per_token_fp8_product(m):
 
 @pytest.mark.gpu
 @requires_fp8_card
+def test_fp8_gemv_bit_decode_equals_convert_on_the_gpu():
+    """The compiled kernels: the integer decode gives the same bits as the conversion instructions (fp32
+    subnormals kept by the multiply), and a tuned layer's configuration runs."""
+    _check_fp8_gemv_decodes(torch.device("cuda", 0))
+    from hexgen.kernels import gemv
+
+    x, q, scale = _fp8_gemv_case(512, 4096, False, torch.device("cuda", 0), seed=3)
+    layer = torch.nn.Module()
+    layer.weight, layer.weight_scale = q, scale
+    for decode in ("bits", "convert"):
+        fp8_linear.tune([layer], decode=decode)
+        assert layer.gemv is not None and gemv.DECODES[layer.gemv[4]] == decode
+        got = fp8_linear.linear(x, q, scale, layer.gemv).float()
+        deq = fp8_linear.dequantize(q, scale, torch.float32)  # [N, K]
+        want, size = x.float() @ deq.t(), x.float().abs() @ deq.abs().t()  # [1, N] each
+        assert ((got - want).abs() <= want.abs() * 2**-8 + 1e-5 * size).all()
+
+
+@pytest.mark.gpu
+@requires_fp8_card
 @pytest.mark.parametrize("shape", [(1, 64), (7, 4096), (300, 14336), (2, 5000)])
 def test_per_token_quantization_kernel_matches_the_torch_ops(shape):
     """The Triton kernel against the PyTorch ops: the same scales; values one e4m3 step apart at most where
@@ -311,6 +333,66 @@ def test_per_token_quantization_kernel_matches_the_torch_ops(shape):
     a, b = q1.float(), q2.float()
     assert ((a - b).abs() <= b.abs() * 2**-3 + 2**-9).all()
     assert (a != b).float().mean().item() < 1e-3
+
+
+# --- the batch-1 GEMV's e4m3 decodes: bits (integer ops) against convert (float conversions) -----------------
+
+_GEMV_SHAPES = [(37, 600), (5, 100), (64, 256)]  # ragged N and K over tiles; K inside the first tile; exact
+
+
+def _fp8_gemv_case(n: int, k: int, silu: bool, device: torch.device, seed: int):
+    """x [1, K] (or gate | up [1, 2K]) bf16, an e4m3 weight [N, K] holding every finite encoding (zeros, ±448,
+    the subnormals 0x01..0x07 and 0x81..0x87, the rest random) and row scales over six decades."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8)  # no NaNs
+    q = codes[torch.randint(0, len(codes), (n, k), generator=g)]
+    special = torch.tensor([0x00, 0x80, 0x7E, 0xFE, *range(0x01, 0x08), *range(0x81, 0x88)], dtype=torch.uint8)
+    q.view(-1)[: min(n * k, 3 * len(special))] = special.repeat(3)[: n * k]
+    q[n // 2] = 0  # an all-zero row
+    scale = 10.0 ** (torch.rand(n, generator=g) * 6 - 4)  # [N] 1e-4 .. 1e2
+    x = (torch.randn(1, 2 * k if silu else k, generator=g) * 2).to(torch.bfloat16)
+    return x.to(device), q.view(FP8).to(device), scale.to(device)
+
+
+def _check_fp8_gemv_decodes(device: torch.device) -> None:
+    from hexgen.kernels import fused, gemv
+
+    for (n, k), silu in [(shape, silu) for shape in _GEMV_SHAPES for silu in (False, True)]:
+        x, q, scale = _fp8_gemv_case(n, k, silu, device, seed=n + k + silu)
+        run = gemv.gemv_silu if silu else gemv.gemv
+        for ahead in (0, 1):
+            convert = run(x, q, (8, 128, 4, ahead, gemv.DECODE_CONVERT), scale)  # [1, N]
+            bits = run(x, q, (8, 128, 4, ahead, gemv.DECODE_BITS), scale)
+            assert torch.equal(bits, convert), f"[{n}, {k}] silu={silu} ahead={ahead}: the decodes differ"
+        xs = fused.silu_mul(x) if silu else x  # [1, K] the kernel's roundings of silu(gate) * up
+        deq = fp8_linear.dequantize(q, scale, torch.float32)  # [N, K]
+        want, size = xs.float() @ deq.t(), xs.float().abs() @ deq.abs().t()  # [1, N] each
+        err = (bits.float() - want).abs()
+        # one bf16 rounding of the output (the interpreter rounds toward zero: up to a whole step), and fp32
+        # summation order against the sizes of the terms
+        assert (err <= want.abs() * 2**-7 + 1e-5 * size).all(), f"[{n}, {k}] silu={silu}: {err.max()}"
+    with pytest.raises(ValueError, match="float8_e4m3fn weight"):
+        gemv.gemv(x[:, :k], torch.zeros(n, k, dtype=torch.bfloat16, device=device), (8, 128, 4, 0, 1))
+
+
+@requires_triton
+def test_fp8_gemv_bit_decode_equals_convert_in_the_interpreter():
+    """The Triton interpreter (no CUDA) or the GPU: the integer decode gives the conversions' bits."""
+    _check_fp8_gemv_decodes(KERNEL_DEVICE)
+
+
+def test_fp8_gemv_tune_candidates_and_decode_choice():
+    from hexgen.config import KernelConfig
+    from hexgen.kernels import gemv
+
+    decodes = {c[4] for c in fp8_linear.CANDIDATES}
+    assert decodes == set(gemv.DECODES)
+    assert len(fp8_linear.CANDIDATES) == len(set(fp8_linear.CANDIDATES))
+    assert KernelConfig.from_flags(["fp8-gemv=convert"]).fp8_gemv == "convert"
+    with pytest.raises(ConfigError, match="kernels.fp8_gemv: 'fast' is not allowed; choose one of auto, bits"):
+        KernelConfig(fp8_gemv="fast")
+    with pytest.raises(ValueError, match="fp8 gemv decode: 'fast'"):
+        fp8_linear.tune([], decode="fast")
 
 
 def _engine_run(cuda_graphs: bool, kv: str = "auto", hetero=(1,)):

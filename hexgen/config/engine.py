@@ -11,7 +11,11 @@ from hexgen.errors import ConfigError
 from hexgen.quantization import check_quantization
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-KERNEL_CHOICES: dict[str, tuple[str, ...]] = {"gemv": ("triton", "auto", "cublas"), "all_reduce": ("symm", "nccl")}
+KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "gemv": ("triton", "auto", "cublas"),
+    "all_reduce": ("symm", "nccl"),
+    "fp8_gemv": ("auto", "bits", "convert"),
+}
 _ON = ("on", "true", "1", "yes")
 _OFF = ("off", "false", "0", "no")
 
@@ -37,6 +41,7 @@ class KernelConfig:
     # decode graphs of 128+ rows as two nano-batches on two streams, one's attention beside the other's GEMMs
     # (CUDA, TP 1 stages; hexgen.engine.nano_batch)
     overlap: bool = False
+    fp8_gemv: str = "auto"  # fp8 weights' GEMV: e4m3 decoded by integer ops ("bits"), conversions, or either by timing
 
     def __post_init__(self) -> None:
         for name, allowed in KERNEL_CHOICES.items():

@@ -75,7 +75,8 @@ class StageRunner:
             load_stage(self.model, model.model_dir, progress=groups.is_leader)
         self.linears = [m for m in self.model.modules() if hasattr(m, "gemv") and not fp8_linear.is_fp8(m)]
         gemv.tune(self.linears, self.kernels.gemv)  # batch-1 linears: the Triton GEMV, timed on these weights
-        fp8_linear.tune([m for m in self.model.modules() if fp8_linear.is_fp8(m)], self.kernels.gemv)
+        fp8 = [m for m in self.model.modules() if fp8_linear.is_fp8(m)]
+        fp8_linear.tune(fp8, self.kernels.gemv, self.kernels.fp8_gemv)
         if self.kernels.cpu_layout:  # on CPU: each shape's weights in the storage order its GEMV reads fastest
             cpu_layout.tune(self.linears)
         self.max_len = engine.max_model_len or self.cfg.max_position_embeddings

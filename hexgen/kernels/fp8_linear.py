@@ -40,9 +40,12 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _MIN_SCALE = 1e-12  # an all-zero row or token gets this scale instead of 0 (its values stay 0)
 # GEMV tiles for fp8 weights: bf16's, and the same byte sizes with twice the columns (a byte per weight)
-CANDIDATES: list[gemv.Config] = list(
+_TILES: list[gemv.Config] = list(
     dict.fromkeys(gemv.CANDIDATES + [(bn, 2 * bk, nw, a) for bn, bk, nw, a in gemv.CANDIDATES if bk <= 2048])
 )
+# each tile with each e4m3 decode (gemv.DECODES): float conversions, or integer operations on the bytes
+CANDIDATES: list[gemv.Fp8Config] = [(*t, d) for d in (gemv.DECODE_BITS, gemv.DECODE_CONVERT) for t in _TILES]
+DECODE_CHOICES = {"auto": tuple(gemv.DECODES), "bits": (gemv.DECODE_BITS,), "convert": (gemv.DECODE_CONVERT,)}
 _RANDOM_ROWS = 4096  # random init: rows generated (in the compute dtype) and quantized at a time
 
 ScaleFn = Callable[[], torch.Tensor]
@@ -208,7 +211,11 @@ def _gemm_shape(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def linear(
-    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, config: gemv.Config | None = None, silu: bool = False
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    config: gemv.Config | gemv.Fp8Config | None = None,
+    silu: bool = False,
 ) -> torch.Tensor:
     """x: [tokens, K] (with ``silu``: [tokens, 2K], gate | up, multiplied as ``fused.silu_mul``);
     w: [N, K] e4m3; scale: [N] fp32 → [tokens, N] in x's dtype, by the path the module docstring names."""
@@ -221,37 +228,64 @@ def linear(
     return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
 
 
-def tune(layers: list[Any], mode: str = "triton") -> dict[tuple[int, int], gemv.Config | None]:
+def tune(layers: list[Any], mode: str = "triton", decode: str = "auto") -> dict[tuple[int, int], gemv.Fp8Config | None]:
     """Set ``layer.gemv`` on fp8 ``layers`` to the fastest Triton GEMV configuration per weight shape (None:
     batch-1 rows take the FP8 GEMM). Only on CUDA cards with FP8 tensor cores, with Triton, unless ``mode`` is
-    ``cublas``; each configuration is checked against the dequantized reference first."""
+    ``cublas``; ``decode`` (``KernelConfig.fp8_gemv``: auto, bits or convert) limits the candidates to one e4m3
+    decode. Each configuration is checked against the dequantized reference first."""
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"fp8 gemv decode: {decode!r} must be one of {', '.join(DECODE_CHOICES)}")
     for layer in layers:
         layer.gemv = None
     if not layers or not layers[0].weight.is_cuda or not tensor_cores(layers[0].weight.device):
         return {}
     if mode == "cublas" or not triton_importable():
         return {}
+    candidates = [c for c in CANDIDATES if c[4] in DECODE_CHOICES[decode]]
     by_shape: dict[tuple[int, int], list[Any]] = defaultdict(list)
     for layer in layers:
         by_shape[tuple(layer.weight.shape)].append(layer)
-    chosen: dict[tuple[int, int], gemv.Config | None] = {}
+    chosen: dict[tuple[int, int], gemv.Fp8Config | None] = {}
     for (n, k), group in by_shape.items():
-        w0, s0 = group[0].weight, group[0].weight_scale
-        x = torch.randn(1, k, device=w0.device, dtype=torch.bfloat16)
-        want = F.linear(x.float(), dequantize(w0, s0, torch.float32))  # [1, N]
-        weights = [m.weight for m in group]
-        times: dict[gemv.Config | None, float] = {}
-        if mode == "auto" and _gemm_shape(x, w0):
-            times[None] = gemv._time_us(lambda a, b, s=s0: scaled_mm(a, b, s), weights, x)
-        for cfg in CANDIDATES:
-            got = gemv.gemv(x, w0, cfg, s0).float()
-            if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
-                log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", cfg, n, k)
-                continue
-            times[cfg] = gemv._time_us(lambda a, b, c=cfg, sc=s0: gemv.gemv(a, b, c, sc), weights, x)
+        times = _time_shape(group, mode, candidates)
         best = min(times, key=lambda c: times[c]) if times else None
         chosen[(n, k)] = best
         for m in group:
             m.gemv = best
-        log.info("fp8 gemv [%d, %d] x%d: %s", n, k, len(group), best or "FP8 GEMM")
+        log.info("fp8 gemv [%d, %d] x%d: %s (%s)", n, k, len(group), _describe(best), _fastest(times))
     return chosen
+
+
+def _time_shape(group: list[Any], mode: str, candidates: list[gemv.Fp8Config]) -> dict[gemv.Fp8Config | None, float]:
+    """Microseconds per call of each candidate (None: the FP8 GEMM, with ``mode`` auto) over the layers of one
+    weight shape; candidates that differ from the dequantized reference are left out."""
+    w0, s0 = group[0].weight, group[0].weight_scale
+    n, k = w0.shape
+    x = torch.randn(1, k, device=w0.device, dtype=torch.bfloat16)
+    want = F.linear(x.float(), dequantize(w0, s0, torch.float32))  # [1, N]
+    weights = [m.weight for m in group]
+    times: dict[gemv.Fp8Config | None, float] = {}
+    if mode == "auto" and _gemm_shape(x, w0):
+        times[None] = gemv._time_us(lambda a, b, s=s0: scaled_mm(a, b, s), weights, x)
+    for cfg in candidates:
+        got = gemv.gemv(x, w0, cfg, s0).float()
+        if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
+            log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", cfg, n, k)
+            continue
+        times[cfg] = gemv._time_us(lambda a, b, c=cfg, sc=s0: gemv.gemv(a, b, c, sc), weights, x)
+    return times
+
+
+def _describe(cfg: gemv.Fp8Config | None) -> str:
+    if cfg is None:
+        return "FP8 GEMM"
+    return f"{cfg[:4]} decode={gemv.DECODES[cfg[4]]}"
+
+
+def _fastest(times: dict[gemv.Fp8Config | None, float]) -> str:
+    """The fastest time of each kind of candidate (FP8 GEMM, each decode), for the tuning log line."""
+    best: dict[str, float] = {}
+    for cfg, t in times.items():
+        kind = "FP8 GEMM" if cfg is None else f"best {gemv.DECODES[cfg[4]]}"
+        best[kind] = min(t, best.get(kind, t))
+    return ", ".join(f"{kind}: {t:.1f} µs" for kind, t in best.items())

@@ -31,6 +31,11 @@ from hexgen.kernels.timing import replay_time
 log = logging.getLogger(__name__)
 
 Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, ahead (0 or 1)
+# An fp8 weight's configuration: a fifth field picks how the kernel turns e4m3 into fp32: DECODE_BITS (integer
+# operations on the bytes, see gemv_kernels) or DECODE_CONVERT (the float conversion instructions)
+Fp8Config = tuple[int, int, int, int, int]
+DECODE_CONVERT, DECODE_BITS = 0, 1
+DECODES = {DECODE_CONVERT: "convert", DECODE_BITS: "bits"}
 _TILES = [
     (2, 1024, 4),
     (4, 512, 4),
@@ -52,17 +57,23 @@ def usable(x: torch.Tensor) -> bool:
 
 
 def gemv(
-    x: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0), scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    config: Config | Fp8Config = (4, 512, 4, 0),
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: [1, K]; w: [N, K] (row-major); scale: None or [N] fp32 row scales (an fp8 weight's), applied before
-    the output's rounding. Returns [1, N] in x's dtype."""
+    the output's rounding; ``config`` an ``Fp8Config`` for e4m3 weights. Returns [1, N] in x's dtype."""
     if w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("gemv: x and w must be contiguous along K")
     return _launch(x, w, config, silu=False, scale=scale)
 
 
 def gemv_silu(
-    gu: torch.Tensor, w: torch.Tensor, config: Config = (4, 512, 4, 0), scale: torch.Tensor | None = None
+    gu: torch.Tensor,
+    w: torch.Tensor,
+    config: Config | Fp8Config = (4, 512, 4, 0),
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """gu: [1, 2K] (gate | up); w: [N, K]. Returns [1, N] = gemv(silu(gate) * up, w, scale) in gu's dtype."""
     k = w.shape[1]
@@ -71,11 +82,25 @@ def gemv_silu(
     return _launch(gu, w, config, silu=True, scale=scale)
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, config: Config, silu: bool, scale: torch.Tensor | None) -> torch.Tensor:
+def decode(config: Config | Fp8Config) -> int:
+    """The e4m3 decode of a configuration: its fifth field, DECODE_CONVERT for a 4-field one."""
+    return config[4] if len(config) > 4 else DECODE_CONVERT
+
+
+def _launch(
+    x: torch.Tensor, w: torch.Tensor, config: Config | Fp8Config, silu: bool, scale: torch.Tensor | None
+) -> torch.Tensor:
     from hexgen.kernels import gemv_kernels as kern
 
     n, k = w.shape
-    bn, bk, nw, ahead = config
+    bn, bk, nw, ahead = config[:4]
+    bits = decode(config)
+    if bits not in DECODES:
+        raise ValueError(f"gemv: config decode {bits} must be one of {sorted(DECODES)}")
+    if bits == DECODE_BITS:
+        if w.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"gemv: the bits decode needs a float8_e4m3fn weight, got {w.dtype}")
+        w = w.view(torch.int8)  # [N, K] the same bytes
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     s = y if scale is None else scale  # unread without a scale
     kern.gemv[(-(-n // bn),)](
@@ -91,6 +116,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, config: Config, silu: bool, scale:
         SILU=silu,
         AHEAD=bool(ahead),
         HAS_SCALE=scale is not None,
+        FP8_BITS=bits == DECODE_BITS,
         num_warps=nw,
         **pdl.launch(x),
     )
