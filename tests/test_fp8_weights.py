@@ -320,7 +320,7 @@ def test_fp8_gemv_bit_decode_equals_convert_on_the_gpu():
 
 @pytest.mark.gpu
 @requires_fp8_card
-@pytest.mark.parametrize("shape", [(1, 64), (7, 4096), (300, 14336), (2, 5000)])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 4096), (300, 14336), (2, 5000), (3, 20000)])
 def test_per_token_quantization_kernel_matches_the_torch_ops(shape):
     """The Triton kernel against the PyTorch ops: the same scales; values one e4m3 step apart at most where
     the two divisions round differently (the interpreter's float8 casts are not the hardware's, so CUDA only)."""
@@ -333,6 +333,26 @@ def test_per_token_quantization_kernel_matches_the_torch_ops(shape):
     a, b = q1.float(), q2.float()
     assert ((a - b).abs() <= b.abs() * 2**-3 + 2**-9).all()
     assert (a != b).float().mean().item() < 1e-3
+
+
+@requires_triton
+@pytest.mark.parametrize("m,k", [(3, 64), (5, 1000), (2, 14336), (2, 16400)])
+def test_silu_inside_the_quantization_equals_silu_then_quantization(m, k):
+    """The MLP's down projection input: SiLU(gate) * up computed inside the per-token quantization kernel
+    gives the bits of ``fused.silu_mul`` followed by the quantization (rows past the one-pass limit take those
+    two kernels). The interpreter without CUDA, compiled on a GPU."""
+    from hexgen.kernels import fused
+
+    g = torch.Generator().manual_seed(k)
+    gu = (torch.randn(m, 2 * k, generator=g) * 3).to(torch.bfloat16).to(KERNEL_DEVICE)
+    gu[0] = 0  # an all-zero row: the minimum scale, zeros out
+    q1, s1 = fp8_linear.quantize_tokens(gu, kernel=True, silu=True)
+    q2, s2 = fp8_linear.quantize_tokens(fused.silu_mul(gu), kernel=True)
+    assert q1.shape == (m, k) and s1.shape == (m, 1)
+    assert torch.equal(s1, s2)
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8))
+    q3, s3 = fp8_linear.quantize_tokens(gu.cpu(), kernel=False, silu=True)  # the PyTorch ops, on the CPU
+    torch.testing.assert_close(s1.cpu(), s3, atol=0, rtol=2e-2)
 
 
 # --- the batch-1 GEMV's e4m3 decodes: bits (integer ops) against convert (float conversions) -----------------

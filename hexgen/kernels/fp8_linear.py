@@ -157,45 +157,60 @@ def tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and gemm_mode(device) != ""
 
 
-def quantize_tokens(x: torch.Tensor, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] → (q [M, K] e4m3, scale [M, 1] fp32), dynamic per-token (row) scales. ``kernel`` (default:
-    on CUDA with Triton): one Triton kernel instead of the PyTorch ops below, the same values up to the last
-    bit of the division."""
+def quantize_tokens(
+    x: torch.Tensor, kernel: bool | None = None, silu: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] → (q [M, K] e4m3, scale [M, 1] fp32), dynamic per-token (row) scales. With ``silu`` x is the
+    MLP's gate | up [M, 2K] and the rows quantized are ``fused.silu_mul(x)``'s. ``kernel`` (default: on CUDA
+    with Triton): one Triton kernel instead of the PyTorch ops below, the same values up to the last bit of the
+    division."""
     if kernel is None:
         kernel = x.is_cuda and triton_importable()
     if kernel and x.shape[0] > 0:
-        return _quantize_tokens_kernel(x)
+        return _quantize_tokens_kernel(x, silu)
+    if silu:
+        x = fused.silu_mul_ref(x)  # [M, K]
     xf = x.float()
     s = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)  # [M, 1]
     return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
-def _quantize_tokens_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_tokens_kernel(x: torch.Tensor, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from hexgen.kernels import fp8_quant_kernels as kern
 
     if x.stride(1) != 1:
         x = x.contiguous()
-    m, k = x.shape
+    m, k = x.shape[0], x.shape[1] // 2 if silu else x.shape[1]
+    if silu and k > kern.ONCE_MAX:
+        x, silu = fused.silu_mul(x), False  # [M, K]
     q = torch.empty(m, k, dtype=FP8, device=x.device)
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    block = min(4096, 1 << (max(1, k) - 1).bit_length())
-    kern.quantize_rows[(m,)](
-        x, q, s, k, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, BLOCK=block, num_warps=4
-    )
+    block = 1 << (max(1, k) - 1).bit_length()
+    args = (x, q, s, k, x.stride(0), q.stride(0))
+    if k <= kern.ONCE_MAX:  # the row read once and held: 4 warps up to 2,048 values, 16 from 8,192
+        warps = min(16, max(4, block // 512))
+        kern.quantize_rows_once[(m,)](
+            *args, FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, BLOCK=block, SILU=silu, num_warps=warps
+        )
+    else:
+        kern.quantize_rows[(m,)](*args, FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, BLOCK=4096, num_warps=4)
     return q, s
 
 
-def scaled_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def scaled_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, silu: bool = False) -> torch.Tensor:
     """The FP8 tensor-core GEMM: x [M, K] quantized per token, w [N, K] e4m3, scale [N] → [M, N] x.dtype.
+    With ``silu`` x is gate | up [M, 2K], multiplied as ``fused.silu_mul`` inside the quantization kernel.
     Without row-wise scales (``gemm_mode``): x over one scale, the weight's row scales applied after."""
     if gemm_mode(x.device) == "tensorwise":
+        if silu:
+            x = fused.silu_mul(x)  # [M, K]
         xf = x.float()
         xs = (xf.abs().amax() / FP8_MAX).clamp(min=_MIN_SCALE)  # [] one scale for the whole input
         xq = (xf / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         one = torch.ones((), device=x.device)
         y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=one, out_dtype=torch.bfloat16)  # [M, N]
         return (y * scale.to(y.dtype)).to(x.dtype)
-    xq, xs = quantize_tokens(x)
+    xq, xs = quantize_tokens(x, silu=silu)
     y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=scale[None, :], out_dtype=torch.bfloat16)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -206,8 +221,9 @@ def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Te
     return (xq.float() * xs) @ (w.float() * scale.float()[:, None]).t()
 
 
-def _gemm_shape(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return x.shape[1] % 16 == 0 and w.shape[0] % 16 == 0
+def _gemm_shape(w: torch.Tensor) -> bool:
+    """Whether the FP8 GEMM takes w [N, K] (and its input [M, K]): N and K multiples of 16."""
+    return w.shape[1] % 16 == 0 and w.shape[0] % 16 == 0
 
 
 def linear(
@@ -221,10 +237,10 @@ def linear(
     w: [N, K] e4m3; scale: [N] fp32 → [tokens, N] in x's dtype, by the path the module docstring names."""
     if config is not None and gemv.usable(x):
         return gemv.gemv_silu(x, w, config, scale) if silu else gemv.gemv(x, w, config, scale)  # [1, N]
+    if x.is_cuda and tensor_cores(x.device) and _gemm_shape(w):
+        return scaled_mm(x, w, scale, silu)
     if silu:
         x = fused.silu_mul(x)  # [tokens, K]
-    if x.is_cuda and tensor_cores(x.device) and _gemm_shape(x, w):
-        return scaled_mm(x, w, scale)
     return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
 
 
@@ -265,7 +281,7 @@ def _time_shape(group: list[Any], mode: str, candidates: list[gemv.Fp8Config]) -
     want = F.linear(x.float(), dequantize(w0, s0, torch.float32))  # [1, N]
     weights = [m.weight for m in group]
     times: dict[gemv.Fp8Config | None, float] = {}
-    if mode == "auto" and _gemm_shape(x, w0):
+    if mode == "auto" and _gemm_shape(w0):
         times[None] = gemv._time_us(lambda a, b, s=s0: scaled_mm(a, b, s), weights, x)
     for cfg in candidates:
         got = gemv.gemv(x, w0, cfg, s0).float()
