@@ -32,7 +32,16 @@ def quantize_rows(X, Q, S, K, stride_x, stride_q, FP8_MAX: tl.constexpr, MIN_SCA
 
 @triton.jit
 def quantize_rows_once(
-    X, Q, S, K, stride_x, stride_q, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr, SILU: tl.constexpr
+    X,
+    Q,
+    S,
+    K,
+    stride_x,
+    stride_q,
+    FP8_MAX: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SILU: tl.constexpr,
 ):
     """``quantize_rows`` for rows that fit one BLOCK (K ≤ BLOCK): the row is read once and held. With SILU, X
     is the MLP's gate | up [M, 2K] and the row quantized is silu(gate) * up, rounded as ``fused.silu_mul``
