@@ -13,7 +13,7 @@ import os
 import triton
 from triton.backends.compiler import GPUTarget
 
-from hexgen.kernels import fused_kernels, gemv_kernels, paged_decode
+from hexgen.kernels import fp8_quant_kernels, fused_kernels, gemv_kernels, paged_decode
 from hexgen.kernels import paged_decode_kernels as kern
 
 
@@ -75,6 +75,16 @@ def batch1(dtype: str, target: GPUTarget, pdl: bool) -> None:
     _compile(fused_kernels.silu_mul, sig, dict(BLOCK=1024, PDL=pdl), target, num_warps=4, launch_pdl=pdl)
 
 
+def fp8_quantize(dtype: str, target: GPUTarget) -> None:
+    """The per-token activation quantization of the FP8 GEMMs: one pass (with and without SiLU) and two."""
+    sig = {"X": f"*{dtype}", "Q": "*fp8e4nv", "S": "*fp32", "K": "i32", "stride_x": "i32", "stride_q": "i32"}
+    limits = dict(FP8_MAX=448.0, MIN_SCALE=1e-12)
+    for silu in (False, True):
+        _compile(fp8_quant_kernels.quantize_rows_once, sig, dict(limits, BLOCK=16384, SILU=silu), target,
+                 num_warps=16)
+    _compile(fp8_quant_kernels.quantize_rows, sig, dict(limits, BLOCK=4096), target, num_warps=4)
+
+
 def prefill(dtype: str, group: int, d: int, target: GPUTarget, fp8: bool = False):
     ptr = f"*{dtype}"
     cache, scale = _cache(dtype, fp8)
@@ -114,7 +124,8 @@ def main() -> None:
     for dtype in ("bf16", "fp16"):
         for pdl in (False, True):
             batch1(dtype, target, pdl)
-        print(f"sm_{args.arch} {dtype} GEMV and fused kernels, with and without PDL: ok", flush=True)
+        fp8_quantize(dtype, target)
+        print(f"sm_{args.arch} {dtype} GEMV, fused and FP8 quantization kernels, with and without PDL: ok", flush=True)
 
 
 if __name__ == "__main__":
