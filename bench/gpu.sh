@@ -48,7 +48,8 @@
 #   overlap          Llama-3.1-8B shape (random weights, bf16), two-stream decode steps (--kernel overlap=on) against
 #                    one stream: the decode step of 512 sequences at contexts 300 and 700 replayed from its graph
 #                    (scripts/profile_steps.py), then REQUESTS (1,000) requests all at once (max-num-seqs 1024,
-#                    budget 16384, no HF) of each, ROUNDS (1) times alternating; EXTRA goes to those runs
+#                    budget 16384, no HF) of each, ROUNDS (1) times alternating; EXTRA goes to those runs;
+#                    STEPS=0 skips the step profile
 #   uneven-emulated  2 GPUs, cuda:1 cut to EMU (40:80 SMs:GiB) as in CLUSTER (config/clusters/h200x2-emulated.toml):
 #                    per model of UNEVEN_MODELS (llama-3.1-8b llama-2-13b, random weights), uneven TP 2 at the
 #                    planner's ratio, even TP 2 and the planner's best two-stage PP layout on REQUESTS (1,000)
@@ -260,6 +261,7 @@ planner_auto() {
 overlap() {
   local M8="--preset llama-3.1-8b --random-weights --dtype bf16 --cuda-graphs" v r
   for v in on off; do
+    [ "${STEPS:-1}" = 1 ] || break
     step 200 $PY scripts/profile_steps.py --preset llama-3.1-8b --max-seqs 512 --budget 16384 --ctx 300 700 \
       --reps 20 --kernel overlap=$v > "$OUT/steps_overlap_$v.log" 2>&1
     echo "--- decode steps, overlap=$v"; grep "^{" "$OUT/steps_overlap_$v.log" | cut -c1-400
