@@ -73,6 +73,8 @@ def test_resolve_turns_off_what_cannot_run_on_cpu():
     assert resolve(got, CPU) == got  # resolving twice changes nothing
     assert not resolve(KernelConfig(cpu_layout=False, decode_groups=False), CPU).decode_groups
     assert resolve(KernelConfig(), CPU) != REFERENCE  # the CPU layout and grouping stay on by default
+    assert not resolve(KernelConfig(overlap=True), CPU).overlap  # two CUDA streams: nothing to overlap on a CPU
+    assert KernelConfig.from_flags(["overlap=on"]).overlap
 
 
 def _stage(kernels: KernelConfig):
