@@ -290,7 +290,7 @@ def _time_shape(group: list[Any], mode: str, candidates: list[gemv.Fp8Config]) -
             log.warning("fp8 gemv %s on [%d, %d]: failed to run (%s); not used", _describe(cfg), n, k, e)
             continue
         if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
-            log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", cfg, n, k)
+            log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", _describe(cfg), n, k)
             continue
         times[cfg] = gemv._time_us(lambda a, b, c=cfg, sc=s0: gemv.gemv(a, b, c, sc), weights, x)
     return times
