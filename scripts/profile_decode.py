@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's time goes (GPU). One process per TP rank; prints JSON and writes it to $OUT.
 
-    python3 scripts/profile_decode.py --tp 1 [--ctx 256] [--loop]   # --loop: the engine's own step loop too
+    python3 scripts/profile_decode.py --tp 1 [--ctx 256] [--loop] [--quantization fp8]   # --loop: the engine's own step loop too
 
 Per setting (fused kernels off / on, cuBLAS or Triton GEMV; KernelConfig.fused, .gemv): the captured
 decode graph's replay time (CUDA events, back to back), the serial step (forward + logits + argmax +
@@ -31,7 +31,9 @@ from hexgen.config import EngineConfig, Layout, preset  # noqa: E402
 from hexgen.engine.cuda_graph import DecodeGraphs  # noqa: E402
 from hexgen.engine.plan import StepPlan  # noqa: E402
 from hexgen.engine.runner import ModelSpec, StageRunner  # noqa: E402
+from hexgen.kernels import fp8_linear  # noqa: E402
 from hexgen.kernels.choice import resolve  # noqa: E402
+from hexgen.kernels.gemv import describe as gemv_describe  # noqa: E402
 from hexgen.kernels.gemv import tune as tune_gemv  # noqa: E402
 from hexgen.kernels.timing import graph_time, replay_time  # noqa: E402
 from hexgen.parallel.groups import PipelineGroups  # noqa: E402
@@ -54,6 +56,8 @@ def _use_kernels(r: StageRunner, fused_on: bool, gemv: str) -> dict:
     r.kernels = resolve(dataclasses.replace(r.engine.kernels, fused=fused_on, gemv=gemv), r.device)
     r.model.set_kernels(r.kernels)
     choice = tune_gemv(r.linears, r.kernels.gemv)
+    fp8 = [m for m in r.model.modules() if fp8_linear.is_fp8(m)]
+    choice.update(fp8_linear.tune(fp8, r.kernels.gemv, r.kernels.fp8_gemv))
     r.graphs = _fresh_graphs(r)
     return choice
 
@@ -115,7 +119,7 @@ def _setting(r: StageRunner, ctx: int, fused_on: bool, gemv: str, n: int = 60) -
         graph.replay()
         calls.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    res = {"fused": fused_on, "gemv": gemv, "gemv_choice": {f"{k[0]}x{k[1]}": v for k, v in choice.items()},
+    res = {"fused": fused_on, "gemv": gemv, "gemv_choice": {gemv_describe(k): v for k, v in choice.items()},
            "graph_replay_ms": round(replay_s * 1e3, 3),
            "serial_step_ms": round(1e3 * statistics.median(serial), 3),
            "host_enqueue_ms": round(1e3 * statistics.median(enqueue), 3),
@@ -236,7 +240,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
     groups = PipelineGroups(layout, rank, f"tcp://127.0.0.1:{port}", dev)
     model = ModelSpec(preset=args.preset, random_weights=True)
     engine = EngineConfig(dtype="bfloat16", device="cuda", cuda_graphs=True, max_num_seqs=args.max_seqs,
-                          gpu_memory_fraction=0.5)
+                          gpu_memory_fraction=0.5, quantization=args.quantization)
     runner = StageRunner(model, engine, groups)
     res = {"gpu": torch.cuda.get_device_name(dev), "tp": args.tp, "ctx": args.ctx,
            "fast_all_reduce": groups.tp.fast is not None}
@@ -266,6 +270,7 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-2-7b")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--max-seqs", type=int, default=64)
+    ap.add_argument("--quantization", default="auto", choices=["auto", "fp8"], help="weights (EngineConfig.quantization)")
     ap.add_argument("--loop", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=160)
     ap.add_argument("--loop-gemv", default="triton", choices=["cublas", "triton", "auto"])

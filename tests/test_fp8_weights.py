@@ -320,6 +320,33 @@ def test_fp8_gemv_bit_decode_equals_convert_on_the_gpu():
 
 @pytest.mark.gpu
 @requires_fp8_card
+def test_silu_fed_layers_are_tuned_as_they_run_on_the_gpu():
+    """A layer fed gate | up (the fused MLP's down projection) is timed and checked through gemv_silu: its
+    tuned configuration gives silu(gate) * up times the weight, fp8 and bf16."""
+    import torch.nn.functional as F
+
+    from hexgen.kernels import fused, gemv
+
+    dev = torch.device("cuda", 0)
+    x, q, scale = _fp8_gemv_case(512, 4096, True, dev, seed=5)  # x [1, 8192] gate | up
+    xs = fused.silu_mul(x).float()  # [1, 4096] the kernels' roundings of silu(gate) * up
+    layer = torch.nn.Module()
+    layer.weight, layer.weight_scale, layer.silu_input = q, scale, True
+    assert list(fp8_linear.tune([layer])) == [(512, 4096, True)] and layer.gemv is not None
+    got = fp8_linear.linear(x, q, scale, layer.gemv, silu=True).float()  # [1, 512]
+    deq = fp8_linear.dequantize(q, scale, torch.float32)  # [512, 4096]
+    want, size = xs @ deq.t(), xs.abs() @ deq.abs().t()
+    assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-5 * size).all()
+    plain = torch.nn.Module()
+    plain.weight, plain.silu_input = (torch.randn(512, 4096, device=dev) * 0.02).to(torch.bfloat16), True
+    assert list(gemv.tune([plain])) == [(512, 4096, True)] and plain.gemv is not None
+    got = gemv.linear_silu(x, plain.weight, plain.gemv).float()
+    want = F.linear(fused.silu_mul(x), plain.weight).float()
+    assert torch.allclose(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.gpu
+@requires_fp8_card
 @pytest.mark.parametrize("shape", [(1, 64), (7, 4096), (300, 14336), (2, 5000), (3, 20000)])
 def test_per_token_quantization_kernel_matches_the_torch_ops(shape):
     """The Triton kernel against the PyTorch ops: the same scales; values one e4m3 step apart at most where

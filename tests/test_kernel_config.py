@@ -179,3 +179,22 @@ def test_no_environment_switches_below_the_cli_and_settings():
                 found.append(f"{rel}:{n}: {line.strip()}")
     assert found == []
     assert "os.environ" in (root / "hexgen/wire/settings.py").read_text(encoding="utf-8")  # the scan sees reads
+
+
+def test_gemv_tuning_groups_the_silu_fed_down_projection_apart():
+    """With fused kernels the MLP's down projection runs gemv_silu on gate | up, so the GEMV tuners
+    (hexgen.kernels.gemv.groups) time it that way, apart from the plain layers; with them off it is plain."""
+    from hexgen.kernels import gemv
+
+    for fused_on in (True, False):
+        cfg, model = _stage(KernelConfig(fused=fused_on))
+        linears = [m for m in model.modules() if hasattr(m, "gemv")]
+        downs = [layer.mlp.down for layer in model.layers]
+        h, inter = cfg.hidden_size, cfg.intermediate_size
+        keys = gemv.groups(linears)
+        assert keys[(h, inter, fused_on)] == downs
+        assert all(group == downs for (_, _, silu), group in keys.items() if silu)
+        assert sum(len(g) for g in keys.values()) == len(linears)
+    assert gemv.probe(downs[0].weight, True, torch.float32).shape == (1, 2 * inter)
+    assert gemv.probe(downs[0].weight, False, torch.float32).shape == (1, inter)
+    assert gemv.describe((h, inter, True)) == f"[{h}, {inter}] (SiLU input)"

@@ -21,7 +21,6 @@ attribute (the parallel linears register it as None); ``convert`` turns those in
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -244,11 +243,12 @@ def linear(
     return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
 
 
-def tune(layers: list[Any], mode: str = "triton", decode: str = "auto") -> dict[tuple[int, int], gemv.Fp8Config | None]:
-    """Set ``layer.gemv`` on fp8 ``layers`` to the fastest Triton GEMV configuration per weight shape (None:
-    batch-1 rows take the FP8 GEMM). Only on CUDA cards with FP8 tensor cores, with Triton, unless ``mode`` is
-    ``cublas``; ``decode`` (``KernelConfig.fp8_gemv``: auto, bits or convert) limits the candidates to one e4m3
-    decode. Each configuration is checked against the dequantized reference first."""
+def tune(layers: list[Any], mode: str = "triton", decode: str = "auto") -> dict[gemv.Key, gemv.Fp8Config | None]:
+    """Set ``layer.gemv`` on fp8 ``layers`` to the fastest Triton GEMV configuration per group
+    (``gemv.groups``: weight shape, and whether the layer is fed gate | up; None: batch-1 rows take the FP8
+    GEMM). Only on CUDA cards with FP8 tensor cores, with Triton, unless ``mode`` is ``cublas``; ``decode``
+    (``KernelConfig.fp8_gemv``: auto, bits or convert) limits the candidates to one e4m3 decode. Each
+    configuration is checked against the dequantized reference first."""
     if decode not in DECODE_CHOICES:
         raise ValueError(f"fp8 gemv decode: {decode!r} must be one of {', '.join(DECODE_CHOICES)}")
     for layer in layers:
@@ -258,41 +258,42 @@ def tune(layers: list[Any], mode: str = "triton", decode: str = "auto") -> dict[
     if mode == "cublas" or not triton_importable():
         return {}
     candidates = [c for c in CANDIDATES if c[4] in DECODE_CHOICES[decode]]
-    by_shape: dict[tuple[int, int], list[Any]] = defaultdict(list)
-    for layer in layers:
-        by_shape[tuple(layer.weight.shape)].append(layer)
-    chosen: dict[tuple[int, int], gemv.Fp8Config | None] = {}
-    for (n, k), group in by_shape.items():
-        times = _time_shape(group, mode, candidates)
+    chosen: dict[gemv.Key, gemv.Fp8Config | None] = {}
+    for key, group in gemv.groups(layers).items():
+        times = _time_group(group, key[2], mode, candidates)
         best = min(times, key=lambda c: times[c]) if times else None
-        chosen[(n, k)] = best
+        chosen[key] = best
         for m in group:
             m.gemv = best
-        log.info("fp8 gemv [%d, %d] x%d: %s (%s)", n, k, len(group), _describe(best), _fastest(times))
+        log.info("fp8 gemv %s x%d: %s (%s)", gemv.describe(key), len(group), _describe(best), _fastest(times))
     return chosen
 
 
-def _time_shape(group: list[Any], mode: str, candidates: list[gemv.Fp8Config]) -> dict[gemv.Fp8Config | None, float]:
+def _time_group(
+    group: list[Any], silu: bool, mode: str, candidates: list[gemv.Fp8Config]
+) -> dict[gemv.Fp8Config | None, float]:
     """Microseconds per call of each candidate (None: the FP8 GEMM, with ``mode`` auto) over the layers of one
-    weight shape; candidates that fail to run or differ from the dequantized reference are left out."""
+    group, called as they run (``silu``: on a gate | up row); candidates that fail to run or differ from the
+    dequantized reference are left out."""
     w0, s0 = group[0].weight, group[0].weight_scale
-    n, k = w0.shape
-    x = torch.randn(1, k, device=w0.device, dtype=torch.bfloat16)
-    want = F.linear(x.float(), dequantize(w0, s0, torch.float32))  # [1, N]
+    x = gemv.probe(w0, silu, torch.bfloat16)  # [1, K] or [1, 2K]
+    where = gemv.describe((w0.shape[0], w0.shape[1], silu))
+    want = F.linear(fused.silu_mul(x).float() if silu else x.float(), dequantize(w0, s0, torch.float32))  # [1, N]
     weights = [m.weight for m in group]
     times: dict[gemv.Fp8Config | None, float] = {}
     if mode == "auto" and _gemm_shape(w0):
-        times[None] = gemv._time_us(lambda a, b, s=s0: scaled_mm(a, b, s), weights, x)
+        times[None] = gemv._time_us(lambda a, b, s=s0: scaled_mm(a, b, s, silu), weights, x)
+    run = gemv.gemv_silu if silu else gemv.gemv
     for cfg in candidates:
         try:
-            got = gemv.gemv(x, w0, cfg, s0).float()
+            got = run(x, w0, cfg, s0).float()
         except Exception as e:  # a variant this device's Triton cannot build or launch: the others remain
-            log.warning("fp8 gemv %s on [%d, %d]: failed to run (%s); not used", _describe(cfg), n, k, e)
+            log.warning("fp8 gemv %s on %s: failed to run (%s); not used", _describe(cfg), where, e)
             continue
         if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
-            log.warning("fp8 gemv %s on [%d, %d]: differs from the reference; not used", _describe(cfg), n, k)
+            log.warning("fp8 gemv %s on %s: differs from the reference; not used", _describe(cfg), where)
             continue
-        times[cfg] = gemv._time_us(lambda a, b, c=cfg, sc=s0: gemv.gemv(a, b, c, sc), weights, x)
+        times[cfg] = gemv._time_us(lambda a, b, c=cfg, sc=s0, f=run: f(a, b, c, sc), weights, x)
     return times
 
 

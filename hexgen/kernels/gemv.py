@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -161,40 +162,65 @@ def _time_us(fn, weights: list[torch.Tensor], x: torch.Tensor, reps: int = 5) ->
     return start.elapsed_time(end) * 1e3 / (reps * len(weights))
 
 
-def tune(layers: list[torch.nn.Module], mode: str = "triton") -> dict[tuple[int, int], Config | None]:
+L = TypeVar("L")
+Key = tuple[int, int, bool]  # a tuning group: the weight's N and K, and whether it is fed gate | up (SiLU inside)
+
+
+def groups(layers: list[L]) -> dict[Key, list[L]]:
+    """``layers`` by weight shape and by how they are called: a layer with ``silu_input`` set runs
+    ``gemv_silu`` on a [1, 2K] gate | up row, whose cost (SiLU per K slice in every program) depends on the
+    configuration, so it is timed that way, apart from plain layers of its shape."""
+    by_key: dict[Key, list[L]] = defaultdict(list)
+    for layer in layers:
+        n, k = layer.weight.shape
+        by_key[(n, k, bool(getattr(layer, "silu_input", False)))].append(layer)
+    return by_key
+
+
+def probe(w: torch.Tensor, silu: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A random input row for tuning ``w`` [N, K]: [1, K], or with ``silu`` the [1, 2K] gate | up row."""
+    return torch.randn(1, 2 * w.shape[1] if silu else w.shape[1], device=w.device, dtype=dtype)
+
+
+def describe(key: Key) -> str:
+    return f"[{key[0]}, {key[1]}]" + (" (SiLU input)" if key[2] else "")
+
+
+def tune(layers: list[torch.nn.Module], mode: str = "triton") -> dict[Key, Config | None]:
     """Set ``layer.gemv`` on every layer (each has ``weight`` [N, K]) to the fastest candidate of ``mode``
-    (``KernelConfig.gemv``; see the module docstring), timed per weight shape over all layers of that shape.
-    cuBLAS everywhere without CUDA or triton, for fp32 weights, or with mode ``cublas``."""
+    (``KernelConfig.gemv``; see the module docstring), timed per group (``groups``) over all its layers, each
+    as it is called (``linear`` or ``linear_silu``). cuBLAS everywhere without CUDA or triton, for fp32
+    weights, or with mode ``cublas``."""
     for layer in layers:
         layer.gemv = None
     if not layers or mode == "cublas" or not triton_importable() or not layers[0].weight.is_cuda:
         return {}
-    by_shape: dict[tuple[int, int], list[torch.nn.Module]] = defaultdict(list)
-    for layer in layers:
-        by_shape[tuple(layer.weight.shape)].append(layer)
-    chosen: dict[tuple[int, int], Config | None] = {}
-    for (n, k), group in by_shape.items():
+    chosen: dict[Key, Config | None] = {}
+    for key, group in groups(layers).items():
         weights = [m.weight for m in group]
         if weights[0].dtype not in (torch.bfloat16, torch.float16):
-            chosen[(n, k)] = None
+            chosen[key] = None
             continue
-        x = torch.randn(1, k, device=weights[0].device, dtype=weights[0].dtype)
-        want = F.linear(x, weights[0]).float()
-        times: dict[Config | None, float] = {None: _time_us(F.linear, weights, x)} if mode == "auto" else {}
+        silu = key[2]
+        x = probe(weights[0], silu, weights[0].dtype)
+        want = linear_silu(x, weights[0]).float() if silu else F.linear(x, weights[0]).float()
+        run = gemv_silu if silu else gemv
+        times: dict[Config | None, float] = {}
+        if mode == "auto":
+            times[None] = _time_us(linear_silu if silu else F.linear, weights, x)
         for cfg in CANDIDATES:
-            got = gemv(x, weights[0], cfg).float()
+            got = run(x, weights[0], cfg).float()
             if not torch.allclose(got, want, atol=5e-2 * want.abs().max().item() + 1e-2, rtol=2e-2):
-                log.warning("gemv %s on [%d, %d]: differs from cuBLAS; not used", cfg, n, k)
+                log.warning("gemv %s on %s: differs from cuBLAS; not used", cfg, describe(key))
                 continue
-            times[cfg] = _time_us(lambda a, b, c=cfg: gemv(a, b, c), weights, x)
+            times[cfg] = _time_us(lambda a, b, c=cfg, f=run: f(a, b, c), weights, x)
         best = min(times, key=times.get) if times else None
-        chosen[(n, k)] = best
+        chosen[key] = best
         for m in group:
             m.gemv = best
         log.info(
-            "gemv [%d, %d] x%d: %s (%s)",
-            n,
-            k,
+            "gemv %s x%d: %s (%s)",
+            describe(key),
             len(group),
             best or "cuBLAS",
             ", ".join(f"{c or 'cuBLAS'}: {t:.1f} µs" for c, t in times.items()),

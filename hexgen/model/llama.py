@@ -153,6 +153,7 @@ class DecoderLayer(nn.Module):
 
     def set_kernels(self, kernels: KernelConfig) -> None:
         self.fast = self.input_norm.fast = self.post_norm.fast = self.mlp.fast = kernels.fused
+        self.mlp.down.silu_input = kernels.fused  # what the GEMV tuners time it with
         self.attn.through_cache = kernels.fused and kernels.prefill_kernel
 
     def forward(

@@ -119,6 +119,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_local), requires_grad=False)
         self.weight_scale: nn.Parameter | None = None  # [out_features] fp32 with fp8 weights, whole on every rank
         self.gemv: Config | None = None
+        self.silu_input = False  # called through forward_silu (the MLP's down projection with fused kernels)
 
     def load(self, get_slice: SliceFn, get_scale: ScaleFn | None = None) -> None:
         n = self.weight.shape[1]
