@@ -4,9 +4,10 @@ At batch 1 a linear layer is a pass over its weight. With its best configuration
 Llama-2-7B's shapes faster than cuBLAS for most of them, and in a whole captured decode step the kernel
 everywhere beats the per-shape best of the two (hence ``gemv="triton"`` by default).
 ``tune`` times the configurations on a stage's real weights (every layer's matrix of a shape in turn, so
-L2 holds none of them; captured in a CUDA graph and replayed, as the decode steps run) and sets each layer's
-``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K, num_warps, ahead) configuration (``ahead``: the
-loop loads the next tile before it multiplies the current one).
+L2 holds none of them; captured in a CUDA graph and replayed, as the decode steps run; a layer fed gate | up
+through ``gemv_silu``, whose SiLU every program recomputes per K slice, so wider tiles pay there) and sets
+each layer's ``gemv`` attribute: None for cuBLAS, or a (BLOCK_N, BLOCK_K, num_warps, ahead) configuration
+(``ahead``: the loop loads the next tile before it multiplies the current one).
 ``linear(x, w, config)`` applies it to one-row inputs. ``KernelConfig.gemv`` picks the candidates: ``triton``
 (default) the kernel's configurations, ``auto`` those and cuBLAS, ``cublas`` none.
 
