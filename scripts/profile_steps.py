@@ -1,12 +1,14 @@
 """Where a throughput run's time goes (GPU, TP 1): the cost of each kind of step the engine runs under load.
 
     python3 scripts/profile_steps.py [--preset llama-2-7b] [--max-seqs 256] [--budget 4096] [--ctx 300 700 1200]
-        [--kernel NAME=VALUE ...]
+        [--kernel NAME=VALUE ...] [--decode-only] [--sm-carveout SMS]
 
 For each context length: a decode step of ``--max-seqs`` sequences replayed from its CUDA graph, and the same
 step's attention alone (the paged decode kernel, one layer, times the layers); then an eager mixed step
 (``max-seqs - 1`` decode rows plus one prefill chunk filling the token budget) and an eager prefill-only step
-of the budget. Times are CUDA-event medians over repeats after warm-up. Prints one JSON line and writes it to
+of the budget (``--decode-only`` skips those two). ``--sm-carveout`` leaves that many SMs out of every cuBLAS
+GEMM the graphs capture (PyTorch's SM carveout), for trying SM partitions between the two halves of
+``--kernel overlap=on``. Times are CUDA-event medians over repeats after warm-up. Prints one JSON line and writes it to
 $OUT/profile_steps.json when OUT is set. Together with the step counts of a bench run (decode tokens ÷
 sequences per step, prefill tokens ÷ budget) this says which step kind the run's time goes to.
 """
@@ -131,8 +133,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--kernel", action="append", default=[], metavar="NAME=VALUE",
                     help="a kernel setting (hexgen.config.KernelConfig), e.g. overlap=on; repeatable")
+    ap.add_argument("--decode-only", action="store_true", help="skip the eager mixed and prefill steps")
+    ap.add_argument("--sm-carveout", type=int, default=0, metavar="SMS",
+                    help="SMs every captured cuBLAS GEMM leaves free (torch._C._set_sm_carveout_experimental)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
+    if args.sm_carveout:
+        torch._C._set_sm_carveout_experimental(args.sm_carveout)
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
@@ -172,8 +179,9 @@ def main() -> None:
             row["decode_attention_TBps"] = round(live / (att * 1e-3) / 1e12, 3)
         chunk = args.budget - (b - 1)
         mixed = _plan(0, [ctx] * (b - 1), [(chunk, chunk)], blocks)
-        row["eager_mixed_ms"] = round(_median_ms(lambda: _eager_step(r, mixed), args.reps), 3)
-        row["mixed_chunk_tokens"] = chunk
+        if not args.decode_only:
+            row["eager_mixed_ms"] = round(_median_ms(lambda: _eager_step(r, mixed), args.reps), 3)
+            row["mixed_chunk_tokens"] = chunk
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         if args.kernels and cuda and ctx == args.ctx[0]:
@@ -181,8 +189,10 @@ def main() -> None:
             _kernel_table("decode (graph)", lambda: _graph_step(r, dec))
     n_pre = max(1, args.budget // 1024)
     pre = _plan(0, [], [(args.budget // n_pre, args.budget // n_pre)] * n_pre, blocks)
-    res["eager_prefill_ms"] = round(_median_ms(lambda: _eager_step(r, pre), args.reps), 3)
-    res["prefill_tokens"] = pre.num_tokens
+    if not args.decode_only:
+        res["eager_prefill_ms"] = round(_median_ms(lambda: _eager_step(r, pre), args.reps), 3)
+        res["prefill_tokens"] = pre.num_tokens
+    res["sm_carveout"] = args.sm_carveout
     text = json.dumps(res)
     print("STEPS " + text, flush=True)
     out = os.environ.get("OUT")
