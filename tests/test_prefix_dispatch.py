@@ -1,8 +1,9 @@
 """Cache-aware dispatch end to end: redis-server, a head and two one-stage CPU pipelines of a tiny random
 Llama. Conversations resend their history turn after turn, one request at a time; with the head's prefix
-routing on, every later turn reuses its history's blocks on the pipeline that served the last turn, so its
-prompt-token hit rate is higher than with routing off (plain pull by capacity, where a turn lands on
-whichever pipeline reads first)."""
+routing on, every later turn reuses its history's blocks on the pipeline that served the last turn. With
+routing off (plain pull by capacity) a turn lands on whichever pipeline reads first: by chance sometimes
+where its history is, so the comparison is at least as high, and the check that routing works is that no
+later turn misses."""
 from __future__ import annotations
 
 import asyncio
@@ -62,13 +63,15 @@ def held_somewhere(dep: Deployment, ids: list[int]) -> bool:
         r.close()
 
 
-def conversation_hit_rate(dep: Deployment) -> float:
-    """Prompt tokens of turns after the first that the prefix cache supplied, over their prompt tokens."""
+def conversation_hit_rate(dep: Deployment) -> tuple[float, list[int]]:
+    """Prompt tokens of turns after the first that the prefix cache supplied, over their prompt tokens; and
+    the cached tokens of each of those turns."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(dep.model_dir)
     prompts = [f"conversation {c}: " + " ".join(WORDS[c:] + WORDS[:c]) * 3 for c in range(CONVERSATIONS)]
     cached = total = 0
+    per_turn: list[int] = []
 
     async def ask(prompt: str):
         async with HexGenClient(dep.url, block_ms=500, timeout_s=120) as client:
@@ -80,21 +83,24 @@ def conversation_hit_rate(dep: Deployment) -> float:
             if turn:
                 cached += res.cached_tokens
                 total += res.prompt_tokens
+                per_turn.append(res.cached_tokens)
             # the next turn resends this one with the reply and a new question
             wait_until(lambda p=prompts[c]: held_somewhere(dep, tok(p)["input_ids"] + [0]), 15.0,
                        what="the pipeline's summary shows the conversation")
             prompts[c] = prompts[c] + res.text + f" and then {WORDS[turn]} again?"
-    return cached / total
+    return cached / total, per_turn
 
 
 def test_routing_beats_pull_by_capacity_on_conversations(tmp_path):
-    rates = {}
+    rates, hits = {}, {}
     for routing in (True, False):
         dep = deploy(str(tmp_path / f"routing-{routing}"), routing)
         try:
-            rates[routing] = conversation_hit_rate(dep)
+            rates[routing], hits[routing] = conversation_hit_rate(dep)
         finally:
             dep.stop()
-    print(f"prompt-token hit rate of later turns: routing on {rates[True]:.3f}, off {rates[False]:.3f}")
-    assert rates[True] > rates[False], rates
-    assert rates[True] > 0.5, rates  # every later turn finds most of its history where it is sent
+    print(f"prompt-token hit rate of later turns: routing on {rates[True]:.3f}, off {rates[False]:.3f}; "
+          f"cached tokens per later turn: on {hits[True]}, off {hits[False]}")
+    assert all(n > 0 for n in hits[True]), hits  # routed: every later turn is sent where its history is
+    assert rates[True] >= rates[False], rates
+    assert rates[True] > 0.5, rates  # and finds most of its history there
