@@ -1,6 +1,8 @@
 """Where a batch-1 decode step's time goes (GPU). One process per TP rank; prints JSON and writes it to $OUT.
 
-    python3 scripts/profile_decode.py --tp 1 [--ctx 256] [--loop] [--quantization fp8]   # --loop: the engine's own step loop too
+    python3 scripts/profile_decode.py --tp 1 [--ctx 256] [--loop] [--quantization fp8]
+
+(``--loop``: the engine's own step loop too; ``--quantization fp8``: FP8 weights, their GEMVs tuned as well.)
 
 Per setting (fused kernels off / on, cuBLAS or Triton GEMV; KernelConfig.fused, .gemv): the captured
 decode graph's replay time (CUDA events, back to back), the serial step (forward + logits + argmax +
@@ -270,7 +272,8 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-2-7b")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--max-seqs", type=int, default=64)
-    ap.add_argument("--quantization", default="auto", choices=["auto", "fp8"], help="weights (EngineConfig.quantization)")
+    ap.add_argument("--quantization", default="auto", choices=["auto", "fp8"],
+                    help="weights (EngineConfig.quantization)")
     ap.add_argument("--loop", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=160)
     ap.add_argument("--loop-gemv", default="triton", choices=["cublas", "triton", "auto"])

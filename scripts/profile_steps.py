@@ -8,8 +8,8 @@ step's attention alone (the paged decode kernel, one layer, times the layers); t
 (``max-seqs - 1`` decode rows plus one prefill chunk filling the token budget) and an eager prefill-only step
 of the budget (``--decode-only`` skips those two). ``--sm-carveout`` leaves that many SMs out of every cuBLAS
 GEMM the graphs capture (PyTorch's SM carveout), for trying SM partitions between the two halves of
-``--kernel overlap=on``. Times are CUDA-event medians over repeats after warm-up. Prints one JSON line and writes it to
-$OUT/profile_steps.json when OUT is set. Together with the step counts of a bench run (decode tokens ÷
+``--kernel overlap=on``. Times are CUDA-event medians over repeats after warm-up. Prints one JSON line and
+writes it to $OUT/profile_steps.json when OUT is set. Together with the step counts of a bench run (decode tokens ÷
 sequences per step, prefill tokens ÷ budget) this says which step kind the run's time goes to.
 """
 from __future__ import annotations
